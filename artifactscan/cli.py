@@ -1,0 +1,163 @@
+"""The ``artifactscan`` command line: a thin Typer layer over the library.
+
+Each command parses flags, calls one library function, and renders its dataclass result. Library errors
+(:class:`ArtifactScanError`) become one red line on stderr and exit code 1; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import ArtifactScanError
+
+app = typer.Typer(
+    name="artifactscan",
+    help=(
+        "Find, explain and fix the high-norm 'artifact' tokens of Vision Transformers "
+        "(Darcet et al., 'Vision Transformers Need Registers', ICLR 2024).\n\n"
+        "Run any command with no MODEL/IMAGES to use the embedded default: the calibration phantom (a small ViT whose "
+        "artifacts were built in, so the right answer is known) on the photos in sample_images/."
+    ),
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def run_command(debug: bool, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; turn expected failures into one clear line and exit 1 (traceback only with --debug)."""
+    try:
+        return fn()
+    except ArtifactScanError as exc:
+        if debug:
+            traceback.print_exc()
+        stderr.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        stderr.print("[red]interrupted[/red]")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # an unexpected failure: still one line, with the way to get details
+        if debug or os.environ.get("ARTIFACTSCAN_DEBUG"):
+            traceback.print_exc()
+        else:
+            stderr.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc} "
+                         "(run again with --debug for the traceback)", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        stdout.print(f"artifactscan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Find, explain and fix the high-norm artifact tokens of Vision Transformers."""
+
+
+# ----------------------------------------------------------------------------------------------- shared options
+MODEL_HELP = (
+    "The ViT to scan: a built-in name (phantom, demo, demo-reg4), a checkpoint file (.safetensors/.pt; bare state "
+    "dicts need --arch), a timm name with pretrained tag (vit_large_patch14_dinov2.lvd142m) or an hf-hub: id. "
+    "Default: the calibration phantom."
+)
+IMAGES_HELP = (
+    "An image folder (searched recursively), a single image, or synthetic[:N] for the built-in labelled data set. "
+    "Default: the photos in sample_images/."
+)
+THRESHOLD_HELP = (
+    "'auto' (default): per layer, fit a 2-component mixture to log-norms and flag the upper group only when the "
+    "distribution is clearly bimodal (a minority >= 4x the bulk, Ashman's D >= 3, a real valley); a unimodal layer "
+    "gets no outliers. A number (e.g. 150, the paper's value for DINOv2 ViT-g) flags every patch token above it."
+)
+
+ArchOpt = typer.Option(None, "--arch", help="timm architecture for a bare state dict, e.g. vit_small_patch16_224.")
+ArchKwargsOpt = typer.Option(None, "--arch-kwargs", help='JSON of timm.create_model overrides, e.g. \'{"reg_tokens": 4}\'.')
+TrustOpt = typer.Option(False, "--trust-checkpoint",
+                        help="Allow loading a whole pickled nn.Module. Unpickling runs code from the file: only for "
+                             "files you trust.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")
+BatchOpt = typer.Option(32, "--batch-size", "-b", help="Images per forward pass.")
+WorkersOpt = typer.Option(0, "--workers", help="DataLoader worker processes for image decoding.")
+ImgSizeOpt = typer.Option(None, "--img-size", help="Resize inputs to this square size instead of the model's own "
+                                                   "(position embeddings are resampled).")
+DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+
+
+@app.command()
+def norms(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    images: Optional[str] = typer.Argument(None, help=IMAGES_HELP, show_default=False),
+    threshold: str = typer.Option("auto", "--threshold", "-t", help=THRESHOLD_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.json, outliers.csv and figures here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
+    maps: int = typer.Option(6, "--maps", help="Per-image norm maps to keep (first N images)."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures into --out."),
+    arch: Optional[str] = ArchOpt,
+    arch_kwargs: Optional[str] = ArchKwargsOpt,
+    trust_checkpoint: bool = TrustOpt,
+    img_size: Optional[int] = ImgSizeOpt,
+    device: str = DeviceOpt,
+    batch_size: int = BatchOpt,
+    workers: int = WorkersOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Per-layer patch-token norms of a ViT; flag the high-norm outliers (the paper's Fig 3 and 4a).
+
+    Hooks every transformer block, measures the L2 norm of every token of the residual stream (before the final
+    LayerNorm; the final normalised output is its own row), keeps streaming histograms (memory does not grow with
+    the number of images) and prints, per layer: median, p99, max, max/median, threshold, % patch tokens flagged,
+    images with >= 1 outlier, fraction above the paper's 150, and the prefix (CLS/register) norms apart.
+
+    Examples:
+
+      artifactscan norms                                   # the calibration phantom on sample_images/
+
+      artifactscan norms demo sample_images/ --out report/
+
+      artifactscan norms ckpt.safetensors imgs/ --arch deit3_small_patch16_224 --json > report.json
+    """
+    from .loading import parse_arch_kwargs
+    from .report import render_scan, write_scan_outputs
+    from .scan import scan
+
+    def work() -> None:
+        report = scan(model, images, threshold=threshold, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                      trust_checkpoint=trust_checkpoint, img_size=img_size, device=device, batch_size=batch_size,
+                      num_workers=workers, num_maps=maps, progress=not json_out and sys.stderr.isatty(),
+                      warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
+        if out is not None:
+            written = write_scan_outputs(report, out, figures=figures)
+        if json_out:
+            sys.stdout.write(report.to_json() + "\n")
+            return
+        render_scan(report, stdout)
+        if out is not None:
+            stdout.print(f"wrote {len(written)} files to {out}/ (report.json, outliers.csv"
+                         f"{', figures' if figures else ''})")
+
+    run_command(debug, work)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,534 @@
+"""``scan()``: per-layer patch-token norms of a ViT over a set of images, with outliers flagged.
+
+The whole pass streams: per batch the model runs once, the hooks keep only token norms, and those go into fixed-size
+histograms (:mod:`artifactscan.stats`). Per-outlier records are the only thing that grows, and only with the number
+of outliers. With the adaptive threshold the final value is known only at the end, so records are collected above a
+provisional bar (half the running estimate) and filtered at the end; if the final threshold falls below a bar that
+was used, the records are re-collected in a second pass, so they are always exact.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .capture import NormCapture, row_names
+from .errors import InputError
+from .images import ImageFolderDataset, SkippedImage, collate_skip_bad, discover_images
+from .loading import LoadedModel, load_model
+from .stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
+from .thresholds import PAPER_THRESHOLD, AutoRule, ThresholdDecision, auto_threshold, fixed_threshold, parse_threshold
+
+SCHEMA = "artifactscan.scan/1"
+DEFAULT_SYNTHETIC_IMAGES = 256
+
+
+# ----------------------------------------------------------------------------------------------- result types
+@dataclass
+class OutlierRecord:
+    """One flagged patch token: which image, which layer (block index), where on the patch grid, how large."""
+
+    image: str
+    image_index: int
+    layer: int
+    row: int
+    col: int
+    norm: float
+
+
+@dataclass
+class Histogram:
+    """Sparse log-spaced histogram of patch-token norms: bin ``i`` spans
+    ``10**(log10_min + i*bin_width)`` to ``10**(log10_min + (i+1)*bin_width)``."""
+
+    log10_min: float
+    bin_width: float
+    bins: list[int]
+    counts: list[int]
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor) -> "Histogram":
+        nz = torch.nonzero(counts).flatten()
+        return cls(LOG10_MIN, BIN_WIDTH_LOG10, nz.tolist(), counts[nz].tolist())
+
+    def dense(self) -> torch.Tensor:
+        out = torch.zeros(NUM_BINS, dtype=torch.int64)
+        out[torch.tensor(self.bins, dtype=torch.long)] = torch.tensor(self.counts, dtype=torch.int64)
+        return out
+
+
+@dataclass
+class LayerReport:
+    """Statistics of one captured row. ``index`` is the block index; the final normalised output has
+    ``index == num_blocks`` and ``is_final_norm``. Fractions are of patch tokens (prefix tokens are apart)."""
+
+    index: int
+    name: str
+    is_final_norm: bool
+    median: float
+    p99: float
+    max: float
+    max_over_median: float
+    threshold: float | None
+    threshold_reason: str
+    num_outliers: int
+    outlier_fraction: float
+    images_with_outliers: int
+    image_fraction_with_outliers: float
+    fraction_above_150: float
+    prefix: list[PrefixTokenStats]
+    histogram: Histogram
+    bimodality: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSummary:
+    name: str
+    source: str
+    arch: str | None
+    kind: str
+    num_blocks: int
+    num_prefix_tokens: int
+    num_cls_tokens: int
+    num_register_tokens: int
+    patch_size: list[int]
+    grid_size: list[int]
+    input_size: list[int]
+    calibration_note: str | None = None
+
+
+@dataclass
+class ImageSummary:
+    source: str
+    num_found: int
+    num_scanned: int
+    skipped: list[SkippedImage]
+
+
+@dataclass
+class NormMap:
+    """Patch-norm grid of one image at one layer, with the flagged patches (for the per-image figures)."""
+
+    image: str
+    image_index: int
+    layer: int
+    norms: list[list[float]]
+    flagged: list[list[bool]]
+
+
+@dataclass
+class ScanReport:
+    """Everything ``artifactscan norms`` found. Serialises to ``report.json`` (schema: README, 'report.json')."""
+
+    model: ModelSummary
+    images: ImageSummary
+    threshold_mode: str
+    threshold_rule: str
+    layers: list[LayerReport]
+    onset_layer: int | None
+    headline: str
+    outliers: list[OutlierRecord]
+    outlier_records_complete: bool
+    maps: list[NormMap]
+    notes: list[str]
+    schema: str = SCHEMA
+    artifactscan_version: str = __version__
+
+    @property
+    def last_block(self) -> LayerReport:
+        return [lay for lay in self.layers if not lay.is_final_norm][-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        from .report import to_jsonable
+
+        return to_jsonable(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ScanReport":
+        from .report import from_jsonable
+
+        return from_jsonable(cls, data)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None -> cuda when available else cpu; refuse a CUDA device that is absent."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device} asked for CUDA, but no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
+
+
+class _NormalizedTensors(Dataset):
+    """Images already given as tensors in [0, 1] (the synthetic set, or a notebook batch)."""
+
+    def __init__(self, source: Dataset | torch.Tensor, mean: Sequence[float], std: Sequence[float], size: tuple[int, int]):
+        self.source = source
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        item = self.source[index]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if tuple(x.shape[-2:]) != self.size:
+            x = torch.nn.functional.interpolate(x[None].float(), size=self.size, mode="bicubic",
+                                                align_corners=False)[0].clamp(0, 1)
+        return (x - self.mean) / self.std, index
+
+
+def _parse_synthetic(spec: str) -> int | None:
+    if spec == "synthetic":
+        return DEFAULT_SYNTHETIC_IMAGES
+    if spec.startswith("synthetic:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n <= 0:
+            raise InputError(f"{spec!r}: write synthetic:N with N a positive number of images")
+        return n
+    return None
+
+
+@dataclass
+class ImageSource:
+    dataset: Dataset
+    names: list[str]
+    description: str
+    collate: Callable | None
+    num_found: int
+    folder_dataset: ImageFolderDataset | None = None
+
+
+def default_images() -> Path:
+    """The photos shipped in ``sample_images/`` (next to the package in a source checkout)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "sample_images", here / "sample_images"):
+        if candidate.is_dir():
+            return candidate
+    raise InputError("sample_images/ is not next to this install; pass an IMAGES folder")
+
+
+def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torch.Tensor | None,
+                      loaded: LoadedModel) -> ImageSource:
+    """Build the dataset for ``images``: a folder / file / list of files, ``synthetic[:N]``, a Dataset or a tensor."""
+    cfg = loaded.data_config
+    size = loaded.input_size
+    if images is None:
+        images = default_images()
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise InputError(f"image tensor must be shaped [N, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+        ds = _NormalizedTensors(images, cfg["mean"], cfg["std"], size)
+        return ImageSource(ds, [f"tensor[{i}]" for i in range(len(images))], "tensor", None, len(images))
+    if isinstance(images, Dataset):
+        ds = _NormalizedTensors(images, cfg["mean"], cfg["std"], size)
+        n = len(images)  # type: ignore[arg-type]
+        return ImageSource(ds, [f"{type(images).__name__}[{i}]" for i in range(n)], type(images).__name__, None, n)
+    if isinstance(images, (str, Path)) and (n_syn := _parse_synthetic(str(images))) is not None:
+        from .synthetic import SyntheticShapes
+
+        syn = SyntheticShapes(n_syn, seed=0, img_size=size[0], split="val")
+        ds = _NormalizedTensors(syn, cfg["mean"], cfg["std"], size)
+        return ImageSource(ds, [f"synthetic[{i}]" for i in range(n_syn)], f"synthetic:{n_syn} (built-in data set)",
+                           None, n_syn)
+    if isinstance(images, (str, Path)):
+        paths = discover_images(images)
+        description = str(images)
+    else:
+        paths = [Path(p) for p in images]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise InputError(f"image file {missing[0]} does not exist")
+        if not paths:
+            raise InputError("the list of images is empty")
+        description = f"{len(paths)} files"
+    import timm.data
+
+    transform = timm.data.create_transform(
+        input_size=cfg["input_size"], interpolation=cfg.get("interpolation", "bicubic"), mean=cfg["mean"],
+        std=cfg["std"], crop_pct=cfg.get("crop_pct", 1.0), crop_mode=cfg.get("crop_mode", "center"),
+        is_training=False)
+    folder = ImageFolderDataset(paths, transform)
+    return ImageSource(folder, [str(p) for p in paths], description, collate_skip_bad, len(paths), folder)
+
+
+# ----------------------------------------------------------------------------------------------- the pass
+class _Progress:
+    """A rich progress bar on stderr (so ``--json`` stdout stays clean), or nothing."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("img"), TimeRemainingColumn(), console=Console(stderr=True),
+                                transient=True)
+            self.task = self.bar.add_task(label, total=total)
+
+    def __enter__(self) -> "_Progress":
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def advance(self, n: int) -> None:
+        if self.bar:
+            self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+
+def _batches(source: ImageSource, batch_size: int, num_workers: int):
+    loader = DataLoader(source.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=source.collate)
+    for batch in loader:
+        if source.collate is collate_skip_bad:
+            images, indices, skipped = batch
+        else:
+            (images, indices), skipped = batch, []
+        yield images, indices, skipped
+
+
+@dataclass
+class _Candidates:
+    """Per-row candidate outlier tokens: (image index, patch index, norm)."""
+
+    image: list[torch.Tensor] = field(default_factory=list)
+    patch: list[torch.Tensor] = field(default_factory=list)
+    norm: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, norms: torch.Tensor, image_ids: torch.Tensor, bar: float) -> None:
+        hit = torch.nonzero(norms > bar)
+        if len(hit):
+            self.image.append(image_ids[hit[:, 0]])
+            self.patch.append(hit[:, 1])
+            self.norm.append(norms[hit[:, 0], hit[:, 1]])
+
+    def prune(self, bar: float) -> None:
+        if not self.norm:
+            return
+        img, pat, nrm = (torch.cat(x) for x in (self.image, self.patch, self.norm))
+        keep = nrm > bar
+        self.image, self.patch, self.norm = [img[keep]], [pat[keep]], [nrm[keep]]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.norm:
+            e = torch.empty(0)
+            return e.long(), e.long(), e.double()
+        return torch.cat(self.image), torch.cat(self.patch), torch.cat(self.norm)
+
+
+def _refresh_bars(stats: NormStatistics, rule: AutoRule, bars: torch.Tensor, max_bar: torch.Tensor,
+                  cands: list[_Candidates]) -> None:
+    for r in range(stats.num_rows):
+        estimate = auto_threshold(stats.patch_counts[r], rule).value
+        # Half the running estimate leaves room for it to move; without an estimate keep only new extremes.
+        bar = 0.5 * estimate if estimate is not None else float(stats.patch_max[r])
+        bars[r] = bar
+        max_bar[r] = max(float(max_bar[r]), bar)
+        cands[r].prune(bar)
+
+
+def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, batch_size: int, num_workers: int,
+               stats: NormStatistics | None, bars: torch.Tensor, rule: AutoRule | None, adaptive: bool,
+               max_bar: torch.Tensor, map_indices: set[int], maps: dict[int, torch.Tensor],
+               skipped: list[tuple[int, str]], progress: bool, label: str) -> list[_Candidates]:
+    P = loaded.num_prefix_tokens
+    gh, gw = loaded.grid_size
+    L = len(loaded.blocks) + 1
+    cands = [_Candidates() for _ in range(L)]
+    seen_batches = 0
+    with NormCapture(loaded) as cap, _Progress(progress, source.num_found, label) as bar:
+        for images, indices, bad in _batches(source, batch_size, num_workers):
+            skipped.extend(bad)
+            bar.advance(len(indices) + len(bad))
+            if images is None:
+                continue
+            norms = cap.run(images.to(device, non_blocking=True)).cpu()  # [L, B, T]
+            if norms.shape[-1] != P + gh * gw:
+                raise InputError(f"model produced {norms.shape[-1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
+                                 "pass --img-size to match the model")
+            if stats is not None:
+                stats.update(norms)
+            patches = norms[:, :, P:].double()
+            for r in range(L):
+                cands[r].add(patches[r], indices, float(bars[r]))
+            for j, idx in enumerate(indices.tolist()):
+                if idx in map_indices:
+                    maps[idx] = patches[:, j].reshape(L, gh, gw).float()
+            seen_batches += 1
+            if adaptive and stats is not None and (seen_batches & (seen_batches - 1) == 0 or seen_batches % 16 == 0):
+                _refresh_bars(stats, rule, bars, max_bar, cands)  # type: ignore[arg-type]
+    return cands
+
+
+# ----------------------------------------------------------------------------------------------- scan()
+def scan(
+    model: str | Path | LoadedModel | torch.nn.Module | None = None,
+    images: str | Path | Sequence[str | Path] | Dataset | torch.Tensor | None = None,
+    *,
+    threshold: str | float | None = "auto",
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+    img_size: int | None = None,
+    device: str | None = "auto",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    num_maps: int = 6,
+    rule: AutoRule | None = None,
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> ScanReport:
+    """Scan a ViT's patch-token norms, layer by layer, and flag the high-norm outliers.
+
+    Args:
+        model: anything :func:`artifactscan.load_model` accepts (``None``: the embedded default, the calibration
+            phantom), or an already loaded model.
+        images: a folder or file, a list of files, ``"synthetic:N"`` (the built-in labelled data set), a Dataset of
+            ``[0, 1]`` tensors or an ``[N, 3, H, W]`` tensor. ``None``: the photos in ``sample_images/``.
+        threshold: ``"auto"`` (the adaptive bimodal rule, per layer) or a number (fixed, e.g. the paper's 150).
+        batch_size / num_workers / device: the pass's DataLoader and device (``auto``: CUDA when available).
+        num_maps: how many images keep their norm grids for the per-image figures.
+        progress: draw a progress bar on stderr.
+        warn: called with a one-line message for each skipped image (default: print to stderr).
+
+    Returns:
+        A :class:`ScanReport`.
+    """
+    try:
+        fixed = parse_threshold(threshold)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if batch_size <= 0:
+        raise InputError(f"--batch-size must be positive, got {batch_size}")
+    rule = rule or AutoRule()
+    loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
+                        img_size=img_size)
+    dev = resolve_device(device)
+    loaded.model.to(dev)
+    source = make_image_source(images, loaded)
+    num_blocks = len(loaded.blocks)
+    L = num_blocks + 1
+    fixed_list = (PAPER_THRESHOLD,) + ((fixed,) if fixed is not None and fixed != PAPER_THRESHOLD else ())
+    stats = NormStatistics(L, loaded.prefix_names, fixed_list)
+
+    # Pass 1: statistics + candidate records above a provisional bar.
+    adaptive = fixed is None
+    bars = torch.zeros(L, dtype=torch.float64) if adaptive else torch.full((L,), float(fixed), dtype=torch.float64)
+    max_bar = bars.clone()
+    map_indices = set(range(min(num_maps, source.num_found)))
+    maps: dict[int, torch.Tensor] = {}
+    skipped: list[tuple[int, str]] = []
+    cands = _scan_pass(loaded, source, dev, batch_size, num_workers, stats, bars, rule, adaptive, max_bar,
+                       map_indices, maps, skipped, progress, "scanning")
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    for idx, reason in skipped:
+        warn(f"skipped {source.names[idx]}: {reason}")
+    if stats.num_images == 0:
+        raise InputError(f"none of the {source.num_found} images could be read ({len(skipped)} skipped); "
+                         "nothing to scan")
+
+    decisions = [fixed_threshold(fixed) if fixed is not None else auto_threshold(stats.patch_counts[r], rule)
+                 for r in range(L)]
+
+    # Pass 2 only when a final auto threshold fell below a provisional bar: re-collect those rows exactly.
+    redo = [r for r, d in enumerate(decisions) if adaptive and d.value is not None and d.value <= float(max_bar[r])]
+    if redo:
+        exact_bars = torch.full((L,), float("inf"), dtype=torch.float64)
+        for r in redo:
+            exact_bars[r] = decisions[r].value * (1 - 1e-9)  # type: ignore[operator]
+        again = _scan_pass(loaded, source, dev, batch_size, num_workers, None, exact_bars, None, False,
+                           exact_bars.clone(), set(), {}, [], progress, "collecting outliers")
+        for r in redo:
+            cands[r] = again[r]
+
+    names = row_names(num_blocks)
+    gh, gw = loaded.grid_size
+    layers: list[LayerReport] = []
+    records: list[OutlierRecord] = []
+    flagged_maps: dict[int, torch.Tensor] = {i: torch.zeros(L, gh, gw, dtype=torch.bool) for i in maps}
+    n_img, n_tok = stats.num_images, stats.num_patch_tokens
+    for r, d in enumerate(decisions):
+        img, pat, nrm = cands[r].tensors()
+        if d.value is None:
+            keep = torch.zeros_like(nrm, dtype=torch.bool)
+            n_out, n_img_out = 0, 0
+        elif d.method == "fixed":
+            keep = nrm > d.value
+            n_out, n_img_out = stats.fixed_hits(r, d.value)
+        else:
+            keep = bin_index(nrm) >= d.edge_index  # same rule the histogram counts use: records == counts
+            n_out, n_img_out = stats.tokens_above_bin(r, d.edge_index), stats.images_above_bin(r, d.edge_index)
+        for i, p, v in zip(img[keep].tolist(), pat[keep].tolist(), nrm[keep].tolist()):
+            records.append(OutlierRecord(source.names[i], i, r, p // gw, p % gw, float(v)))
+            if i in flagged_maps:
+                flagged_maps[i][r, p // gw, p % gw] = True
+        median = stats.median(r)
+        above_paper, _ = stats.fixed_hits(r, PAPER_THRESHOLD)
+        layers.append(LayerReport(
+            index=r, name=names[r], is_final_norm=r == num_blocks, median=median, p99=stats.quantile(r, 0.99),
+            max=float(stats.patch_max[r]), max_over_median=float(stats.patch_max[r]) / median if median else math.nan,
+            threshold=d.value, threshold_reason=d.reason, num_outliers=n_out, outlier_fraction=n_out / n_tok,
+            images_with_outliers=n_img_out, image_fraction_with_outliers=n_img_out / n_img,
+            fraction_above_150=above_paper / n_tok, prefix=stats.prefix_stats(r),
+            histogram=Histogram.from_counts(stats.patch_counts[r]), bimodality=d.details))
+    records.sort(key=lambda o: (o.image_index, o.layer, o.row, o.col))
+
+    onset = next((lay.index for lay in layers if not lay.is_final_norm and lay.num_outliers > 0), None)
+    map_layer = num_blocks - 1
+    norm_maps = [NormMap(source.names[i], i, map_layer, maps[i][map_layer].tolist(),
+                         flagged_maps[i][map_layer].tolist()) for i in sorted(maps)]
+    folder = source.folder_dataset
+    skipped_records = folder.skipped_images(skipped) if folder else [SkippedImage(source.names[i], r) for i, r in skipped]
+    report = ScanReport(
+        model=_model_summary(loaded),
+        images=ImageSummary(source.description, source.num_found, stats.num_images, skipped_records),
+        threshold_mode="fixed" if fixed is not None else "auto",
+        threshold_rule=(f"fixed: norm > {fixed:g}" if fixed is not None else
+                        f"auto: 2-component mixture on log-norms per layer; outliers only when bimodal "
+                        f"(upper group <= {rule.max_outlier_fraction:.0%} of tokens, >= {rule.min_ratio:g}x the bulk, "
+                        f"Ashman's D >= {rule.min_separation:g}, valley <= {rule.max_valley:g} of its peak)"),
+        layers=layers, onset_layer=onset, headline="", outliers=records, outlier_records_complete=True,
+        maps=norm_maps, notes=list(loaded.notes))
+    from .report import headline
+
+    report.headline = headline(report)
+    return report
+
+
+def _model_summary(loaded: LoadedModel) -> ModelSummary:
+    return ModelSummary(
+        name=loaded.name, source=loaded.source, arch=loaded.arch, kind=loaded.kind, num_blocks=len(loaded.blocks),
+        num_prefix_tokens=loaded.num_prefix_tokens, num_cls_tokens=loaded.num_cls_tokens,
+        num_register_tokens=loaded.num_register_tokens, patch_size=list(loaded.patch_size),
+        grid_size=list(loaded.grid_size), input_size=list(loaded.input_size),
+        calibration_note=loaded.notes[0] if loaded.is_phantom else None)
