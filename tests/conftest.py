@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random-init timm ViTs (built in milliseconds) and small image folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("COLUMNS", "200")  # stable rich tables in CliRunner output
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_IMAGES = REPO / "sample_images"
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5)
+
+
+def tiny_vit(seed: int = 0, **overrides):
+    import timm
+
+    torch.manual_seed(seed)
+    kwargs = {**TINY, **overrides}
+    return timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs).eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """Eight small RGB photos-like images (smooth gradients + noise), one grayscale, one non-square."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        h, w = (40, 56) if i == 3 else (48, 48)
+        yy, xx = np.mgrid[0:h, 0:w]
+        arr = np.stack([(xx * 4 + i * 20) % 256, (yy * 5) % 256, np.full_like(xx, 90 + 10 * i)], -1)
+        arr = np.clip(arr + rng.normal(0, 8, arr.shape), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)
+        if i == 5:
+            img = img.convert("L")
+        img.save(d / f"img{i}.png")
+    return d
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path: Path) -> Path:
+    """A bare state dict of the tiny ViT (needs --arch + --arch-kwargs)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit().state_dict().items()}, str(path))
+    return path
