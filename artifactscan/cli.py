@@ -155,6 +155,45 @@ def norms(
     run_command(debug, work)
 
 
+@app.command()
+def phantom(
+    describe: bool = typer.Option(False, "--describe", help="Say what was built into the shipped phantom and why."),
+    build: bool = typer.Option(False, "--build", help="Rebuild the phantom from a trained baseline."),
+    base: str = typer.Option("demo", "--from", help="Baseline to build from (the demo architecture)."),
+    onset: int = typer.Option(2, "--onset", help="Block (0-based) whose artifact units plant the outliers."),
+    fraction: float = typer.Option(0.02, "--fraction", help="Fraction of patch tokens planted per image (max 0.02)."),
+    units: int = typer.Option(4, "--units", help="Number of artifact hidden units."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where --build writes the .safetensors file."),
+    debug: bool = DebugOpt,
+) -> None:
+    """The calibration phantom: a ViT whose artifact tokens were built in, so the right answer is known.
+
+    No pretrained ViT can be downloaded here, and small ViTs trained here grow no artifacts, so artifactscan ships
+    the trained demo baseline with the paper's mechanism added at one block: a few hidden units fire on the <= 2%
+    most redundant patches of each image and overwrite them with a large vector carrying a global summary.
+    Its findings are facts about this construction, never about real models.
+
+    Examples:
+
+      artifactscan phantom --describe
+
+      artifactscan phantom --build --from demo --out artifactscan/weights/phantom.safetensors
+    """
+    from .phantom import build_phantom, describe_phantom
+
+    def work() -> None:
+        if build:
+            _, spec, path = build_phantom(base, out, onset=onset, fraction=fraction, units=units)
+            stdout.print(f"built the phantom from {base}: onset block {spec.onset}, {spec.planted_per_image} of "
+                         f"{spec.num_patches} patch tokens planted per image, gain {spec.gain:g} "
+                         f"({spec.gain_over_median:g}x the baseline's median norm)"
+                         + (f"; wrote {path}" if path else " (not saved: pass --out)"))
+            return
+        stdout.print(describe_phantom())
+
+    run_command(debug, work)
+
+
 def main() -> None:
     app()
 
