@@ -135,13 +135,15 @@ def norms(
     """
     from .loading import parse_arch_kwargs
     from .report import render_scan, write_scan_outputs
-    from .scan import scan
+    from .scan import distributed_world, scan
 
     def work() -> None:
         report = scan(model, images, threshold=threshold, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                       trust_checkpoint=trust_checkpoint, img_size=img_size, device=device, batch_size=batch_size,
                       num_workers=workers, num_maps=maps, progress=not json_out and sys.stderr.isatty(),
                       warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
+        if distributed_world()[1] != 0:
+            return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
         if out is not None:
             written = write_scan_outputs(report, out, figures=figures)
         if json_out:

@@ -390,6 +390,53 @@ def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, b
     return cands
 
 
+# ----------------------------------------------------------------------------------------------- torch.distributed
+def distributed_world() -> tuple[int, int]:
+    """``(world_size, rank)``; joins the process group when launched by torchrun (WORLD_SIZE > 1 in the env)."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 1, 0
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 1, 0
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return dist.get_world_size(), dist.get_rank()
+
+
+def _merge_across_ranks(stats: NormStatistics, max_bar: torch.Tensor, device: torch.device) -> None:
+    """Exact merge: counts and sums add, maxima take the max; every rank ends with the global statistics."""
+    import torch.distributed as dist
+
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    for name, tensor in stats.tensors().items():
+        t = tensor.to(comm)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if name in NormStatistics._MAXED else dist.ReduceOp.SUM)
+        tensor.copy_(t.cpu())
+    bar = max_bar.to(comm)
+    dist.all_reduce(bar, op=dist.ReduceOp.MAX)
+    max_bar.copy_(bar.cpu())
+    counts = torch.tensor([stats.num_images, stats.num_patches_per_image or 0], dtype=torch.int64, device=comm)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    patches = torch.tensor([stats.num_patches_per_image or 0], dtype=torch.int64, device=comm)
+    dist.all_reduce(patches, op=dist.ReduceOp.MAX)
+    stats.num_images = int(counts[0])
+    stats.num_patches_per_image = int(patches[0]) or None
+
+
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- scan()
 def scan(
     model: str | Path | LoadedModel | torch.nn.Module | None = None,
@@ -436,6 +483,15 @@ def scan(
     dev = resolve_device(device)
     loaded.model.to(dev)
     source = make_image_source(images, loaded)
+    world, rank = distributed_world()
+    local = source
+    if world > 1:  # each rank scans every world-th image; the statistics merge exactly afterwards
+        from dataclasses import replace
+
+        from torch.utils.data import Subset
+
+        shard = Subset(source.dataset, range(rank, source.num_found, world))
+        local = replace(source, dataset=shard, num_found=len(shard))
     num_blocks = len(loaded.blocks)
     L = num_blocks + 1
     fixed_list = (PAPER_THRESHOLD,) + ((fixed,) if fixed is not None and fixed != PAPER_THRESHOLD else ())
@@ -448,10 +504,14 @@ def scan(
     map_indices = set(range(min(num_maps, source.num_found)))
     maps: dict[int, torch.Tensor] = {}
     skipped: list[tuple[int, str]] = []
-    cands = _scan_pass(loaded, source, dev, batch_size, num_workers, stats, bars, rule, adaptive, max_bar,
-                       map_indices, maps, skipped, progress, "scanning")
+    cands = _scan_pass(loaded, local, dev, batch_size, num_workers, stats, bars, rule, adaptive, max_bar,
+                       map_indices, maps, skipped, progress and rank == 0, "scanning")
+    if world > 1:
+        _merge_across_ranks(stats, max_bar, dev)
+        skipped = sorted(s for part in _gather(skipped) for s in part)
+        maps = {k: v for part in _gather(maps) for k, v in part.items()}
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
-    for idx, reason in skipped:
+    for idx, reason in skipped if rank == 0 else []:
         warn(f"skipped {source.names[idx]}: {reason}")
     if stats.num_images == 0:
         raise InputError(f"none of the {source.num_found} images could be read ({len(skipped)} skipped); "
@@ -466,8 +526,8 @@ def scan(
         exact_bars = torch.full((L,), float("inf"), dtype=torch.float64)
         for r in redo:
             exact_bars[r] = decisions[r].value * (1 - 1e-9)  # type: ignore[operator]
-        again = _scan_pass(loaded, source, dev, batch_size, num_workers, None, exact_bars, None, False,
-                           exact_bars.clone(), set(), {}, [], progress, "collecting outliers")
+        again = _scan_pass(loaded, local, dev, batch_size, num_workers, None, exact_bars, None, False,
+                           exact_bars.clone(), set(), {}, [], progress and rank == 0, "collecting outliers")
         for r in redo:
             cands[r] = again[r]
 
@@ -501,6 +561,11 @@ def scan(
             images_with_outliers=n_img_out, image_fraction_with_outliers=n_img_out / n_img,
             fraction_above_150=above_paper / n_tok, prefix=stats.prefix_stats(r),
             histogram=Histogram.from_counts(stats.patch_counts[r]), bimodality=d.details))
+    if world > 1:  # per-outlier records gather to every rank (rank 0 reports); maps' flags are rebuilt from them
+        records = [o for part in _gather(records) for o in part]
+        for o in records:
+            if o.image_index in flagged_maps:
+                flagged_maps[o.image_index][o.layer, o.row, o.col] = True
     records.sort(key=lambda o: (o.image_index, o.layer, o.row, o.col))
 
     onset = next((lay.index for lay in layers if not lay.is_final_norm and lay.num_outliers > 0), None)
