@@ -6,6 +6,7 @@ Each command parses flags, calls one library function, and renders its dataclass
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -28,7 +29,7 @@ app = typer.Typer(
     no_args_is_help=False,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 stdout = Console()
@@ -138,6 +139,8 @@ def norms(
     from .scan import distributed_world, scan
 
     def work() -> None:
+        if model is not None and Path(model).is_dir():
+            return _emergence(model)
         report = scan(model, images, threshold=threshold, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                       trust_checkpoint=trust_checkpoint, img_size=img_size, device=device, batch_size=batch_size,
                       num_workers=workers, num_maps=maps, progress=not json_out and sys.stderr.isatty(),
@@ -153,6 +156,74 @@ def norms(
         if out is not None:
             stdout.print(f"wrote {len(written)} files to {out}/ (report.json, outliers.csv"
                          f"{', figures' if figures else ''})")
+
+    def _emergence(run_dir: str) -> None:
+        from .compare import scan_run
+        from .report import atomic_write_text, render_emergence
+
+        result = scan_run(run_dir, images, threshold=threshold, device=device, batch_size=batch_size,
+                          progress=not json_out and sys.stderr.isatty(), img_size=img_size)
+        text = json.dumps(result.to_dict(), indent=2)
+        if out is not None:
+            atomic_write_text(out / "emergence.json", text)
+            if figures:
+                from .plots import save_emergence_figure
+
+                save_emergence_figure(result, out)
+        if json_out:
+            sys.stdout.write(text + "\n")
+        else:
+            render_emergence(result, stdout)
+
+    run_command(debug, work)
+
+
+@app.command()
+def compare(
+    models_and_images: list[str] = typer.Argument(..., metavar="MODEL... IMAGES",
+                                                  help="Two or more models (as for `norms`), then the image folder "
+                                                       "(or synthetic[:N]) they are all scanned on."),
+    threshold: str = typer.Option("auto", "--threshold", "-t", help=THRESHOLD_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write compare.json and compare.png here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON on stdout and nothing else."),
+    device: str = DeviceOpt,
+    batch_size: int = BatchOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Scan several models on the same images: one table, one figure (the paper's Fig 4c and 7).
+
+    Models of different sizes, or with and without registers. Besides outlier statistics it reports what registers
+    change even where no artifact exists: attention mass on prefix tokens and register norms. On synthetic[:N] it
+    also says whether flagged tokens sit on background or on objects (content).
+
+    Example:
+
+      artifactscan compare demo demo-reg4 phantom synthetic:256
+    """
+    from .compare import compare as compare_models
+    from .report import atomic_write_text, render_compare
+
+    def work() -> None:
+        if len(models_and_images) < 3:
+            from .errors import InputError
+
+            raise InputError("compare needs at least two models and then the images: "
+                             "artifactscan compare MODEL_A MODEL_B IMAGES")
+        *models, images = models_and_images
+        result = compare_models(models, images, threshold=threshold, device=device, batch_size=batch_size,
+                                progress=not json_out and sys.stderr.isatty())
+        data = result.to_dict()
+        data.pop("reports")
+        text = json.dumps(data, indent=2)
+        if out is not None:
+            atomic_write_text(out / "compare.json", text)
+            from .plots import save_compare_figure
+
+            save_compare_figure(result, out)
+        if json_out:
+            sys.stdout.write(text + "\n")
+        else:
+            render_compare(result, stdout)
 
     run_command(debug, work)
 
@@ -202,3 +273,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+from . import cli_probe  # noqa: E402,F401

@@ -206,3 +206,70 @@ def find_checkpoints(run_dir: str | Path) -> dict[str, list[tuple[int | None, Pa
     for items in groups.values():
         items.sort(key=lambda sp: (sp[0] is None, sp[0] or 0))
     return groups
+
+
+@dataclass
+class EmergencePoint:
+    """One checkpoint of a run: per-block outlier fraction and max/median ratio."""
+
+    step: int | None
+    checkpoint: str
+    onset_layer: int | None
+    outlier_fraction: list[float]
+    max_over_median: list[float]
+
+
+@dataclass
+class EmergenceGroup:
+    """Checkpoints of one architecture, in training order."""
+
+    architecture: str
+    registers: int
+    points: list[EmergencePoint]
+
+
+@dataclass
+class EmergenceReport:
+    """Norm statistics over training (the paper's Fig 4b) for every architecture found in a run folder."""
+
+    run_dir: str
+    images: str
+    groups: list[EmergenceGroup]
+    notes: list[str]
+    schema: str = "artifactscan.emergence/1"
+
+    def to_dict(self) -> dict[str, Any]:
+        from .report import to_jsonable
+
+        return to_jsonable(self)
+
+
+def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float = "auto", device: str = "auto",
+             batch_size: int = 64, progress: bool = False, **scan_kwargs: Any) -> EmergenceReport:
+    """Scan every checkpoint of a training run (e.g. a train-reg run folder) on the same images.
+
+    Checkpoints of different architectures (e.g. the 0- and 4-register models of one train-reg run) are grouped
+    apart, and the report says so.
+    """
+    groups = find_checkpoints(run_dir)
+    out_groups, source = [], ""
+    for key, items in groups.items():
+        points = []
+        registers = 0
+        for step, path in items:
+            loaded = load_model(path)
+            registers = loaded.num_register_tokens
+            report = scan(loaded, images, threshold=threshold, device=device, batch_size=batch_size,
+                          progress=progress, num_maps=0, **scan_kwargs)
+            source = report.images.source
+            blocks = [lay for lay in report.layers if not lay.is_final_norm]
+            points.append(EmergencePoint(step, str(path), report.onset_layer,
+                                         [lay.outlier_fraction for lay in blocks],
+                                         [lay.max_over_median for lay in blocks]))
+        out_groups.append(EmergenceGroup(key, registers, points))
+    notes = []
+    if len(out_groups) > 1:
+        notes.append(f"{run_dir} holds checkpoints of {len(out_groups)} different architectures; each is its own "
+                     "series: " + "; ".join(f"{g.registers} registers ({len(g.points)} checkpoints)"
+                                           for g in out_groups))
+    return EmergenceReport(str(run_dir), source, out_groups, notes)

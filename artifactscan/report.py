@@ -47,7 +47,7 @@ def to_jsonable(obj: Any) -> Any:
 def from_jsonable(cls: Any, data: Any) -> Any:
     """Inverse of :func:`to_jsonable` for the typed result dataclasses (uses their type hints)."""
     if data is None:
-        return None
+        return math.nan if cls is float else None  # to_jsonable wrote a non-finite float as null
     origin = typing.get_origin(cls)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(cls) if a is not type(None)]
@@ -62,8 +62,6 @@ def from_jsonable(cls: Any, data: Any) -> Any:
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: from_jsonable(hints[k], v) for k, v in data.items() if k in names})
-    if cls is float and data is None:
-        return math.nan
     return data
 
 
@@ -175,3 +173,44 @@ def render_scan(report: "ScanReport", console: "Console") -> None:
     if report.onset_layer is not None:
         console.print(f"[dim]{NOT_AN_ARTIFACT_HINT}[/dim]")
     console.print(f"[dim]Threshold rule - {report.threshold_rule}[/dim]")
+
+
+def render_compare(report: Any, console: "Console") -> None:
+    """One row per model: the comparison table and the verdict."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    table = Table(title=f"{len(report.rows)} models on {report.images}", title_justify="left", header_style="bold")
+    for col in ("model", "registers", "onset", "% flagged (last)", "images", "max/med", "peak % flagged",
+                "attn on prefix", "register norm", "flagged on background"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in report.rows:
+        att = " ".join(f"{k}={100 * v:.1f}%" for k, v in r.prefix_attention.items()) or "-"
+        table.add_row(r.label, str(r.registers), "-" if r.onset_layer is None else str(r.onset_layer),
+                      _pct(r.outlier_fraction), _pct(r.image_fraction_with_outliers), f"{r.max_over_median:.1f}x",
+                      _pct(r.peak_outlier_fraction), att,
+                      "-" if r.register_norm_mean is None else f"{r.register_norm_mean:.3g}",
+                      "-" if r.flagged_on_background is None else f"{r.flagged_on_background:.0%}")
+    console.print(table)
+    console.print(Panel(report.verdict, title="verdict", style="bold"))
+    for note in report.notes:
+        console.print(f"[dim]{note}[/dim]")
+
+
+def render_emergence(report: Any, console: "Console") -> None:
+    from rich.table import Table
+
+    for group in report.groups:
+        table = Table(title=f"{group.architecture} ({group.registers} registers): outliers over training",
+                      title_justify="left", header_style="bold")
+        table.add_column("step", justify="right")
+        table.add_column("onset", justify="right")
+        n = len(group.points[0].outlier_fraction) if group.points else 0
+        for b in range(n):
+            table.add_column(f"b{b} %/ratio", justify="right")
+        for p in group.points:
+            table.add_row("-" if p.step is None else str(p.step), "-" if p.onset_layer is None else str(p.onset_layer),
+                          *[f"{100 * f:.1f}/{r:.1f}x" for f, r in zip(p.outlier_fraction, p.max_over_median)])
+        console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]{note}[/yellow]")

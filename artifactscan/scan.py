@@ -59,6 +59,8 @@ class Histogram:
         return cls(LOG10_MIN, BIN_WIDTH_LOG10, nz.tolist(), counts[nz].tolist())
 
     def dense(self) -> torch.Tensor:
+        if (self.log10_min, self.bin_width) != (LOG10_MIN, BIN_WIDTH_LOG10):
+            raise ValueError("this histogram was written with other bins than this version of artifactscan uses")
         out = torch.zeros(NUM_BINS, dtype=torch.int64)
         out[torch.tensor(self.bins, dtype=torch.long)] = torch.tensor(self.counts, dtype=torch.int64)
         return out
@@ -552,11 +554,13 @@ def scan(
             records.append(OutlierRecord(source.names[i], i, r, p // gw, p % gw, float(v)))
             if i in flagged_maps:
                 flagged_maps[i][r, p // gw, p % gw] = True
-        median = stats.median(r)
+        # Quantiles interpolate inside a 0.58%-wide bin; never report one above the exact maximum.
+        row_max = float(stats.patch_max[r])
+        median = min(stats.median(r), row_max)
         above_paper, _ = stats.fixed_hits(r, PAPER_THRESHOLD)
         layers.append(LayerReport(
-            index=r, name=names[r], is_final_norm=r == num_blocks, median=median, p99=stats.quantile(r, 0.99),
-            max=float(stats.patch_max[r]), max_over_median=float(stats.patch_max[r]) / median if median else math.nan,
+            index=r, name=names[r], is_final_norm=r == num_blocks, median=median, p99=min(stats.quantile(r, 0.99), row_max),
+            max=row_max, max_over_median=row_max / median if median else math.nan,
             threshold=d.value, threshold_reason=d.reason, num_outliers=n_out, outlier_fraction=n_out / n_tok,
             images_with_outliers=n_img_out, image_fraction_with_outliers=n_img_out / n_img,
             fraction_above_150=above_paper / n_tok, prefix=stats.prefix_stats(r),
