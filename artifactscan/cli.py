@@ -229,6 +229,70 @@ def compare(
 
 
 @app.command()
+def fix(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    images: Optional[str] = typer.Argument(None, help=IMAGES_HELP, show_default=False),
+    test_time_registers: bool = typer.Option(True, "--test-time-registers/--no-test-time-registers",
+                                             help="The training-free repair (the only method so far)."),
+    top_k: int = typer.Option(4, "--top-k", help="Number of register neurons to move onto the register."),
+    max_layer: Optional[int] = typer.Option(None, "--max-layer",
+                                            help="Highest block searched for neurons (default: the onset layer)."),
+    threshold: str = typer.Option("auto", "--threshold", "-t", help=THRESHOLD_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Save the fixed model (same weights + neuron list) as a self-describing "
+                                            ".safetensors that every command loads with the repair applied."),
+    json_out: bool = typer.Option(False, "--json", help="Print the fix report as JSON on stdout and nothing else."),
+    device: str = DeviceOpt,
+    batch_size: int = BatchOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Training-free repair: a test-time register (Jiang et al. 2025, "Vision Transformers Don't Need Trained Registers").
+
+    Finds the "register neurons" - MLP hidden units (post-activation) in blocks up to the onset layer whose mean
+    absolute activation at outlier positions ranks highest - then, at inference, inserts one extra zero-initialised
+    token after the prefix tokens and moves those neurons' activation onto it (zero on every other token; on the
+    register, the maximum over the image's tokens; per neuron and per image). Prints the before/after scan and how
+    much the model's own outputs change (pooled-feature cosine, top-1 agreement).
+
+    Example:
+
+      artifactscan fix phantom sample_images/ --out phantom-fixed.safetensors
+    """
+    from .fix import fix as run_fix
+
+    def work() -> None:
+        if not test_time_registers:
+            from .errors import InputError
+
+            raise InputError("the only repair implemented is --test-time-registers")
+        result = run_fix(model, images, top_k=top_k, max_layer=max_layer, threshold=threshold, out=out,
+                         device=device, batch_size=batch_size)
+        if json_out:
+            sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+            return
+        from rich.panel import Panel
+        from rich.table import Table
+
+        if result.neurons:
+            table = Table(title="register neurons", title_justify="left", header_style="bold")
+            for col in ("site", "unit", "mean |act| at outliers", "at normal patches"):
+                table.add_column(col, justify="left" if col == "site" else "right")
+            for n in result.neurons:
+                table.add_row(n.site, str(n.index), f"{n.outlier_activation:.3g}", f"{n.normal_activation:.3g}")
+            stdout.print(table)
+            stdout.print(f"last block: {result.before_outlier_fraction:.2%} -> {result.after_outlier_fraction:.2%} "
+                         f"outliers; max/median {result.before_max_over_median:.1f}x -> "
+                         f"{result.after_max_over_median:.1f}x")
+        stdout.print(Panel(result.verdict, title="verdict", style="bold"))
+        for note in result.notes:
+            stdout.print(f"[dim]{note}[/dim]")
+        if result.saved_to:
+            stdout.print(f"saved the fixed model to {result.saved_to}")
+
+    run_command(debug, work)
+
+
+@app.command()
 def phantom(
     describe: bool = typer.Option(False, "--describe", help="Say what was built into the shipped phantom and why."),
     build: bool = typer.Option(False, "--build", help="Rebuild the phantom from a trained baseline."),

@@ -242,7 +242,12 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     _load_into(model, state_dict, arch_name, path)
     data_config = dict(meta.data_config) if meta and meta.data_config else timm.data.resolve_model_data_config(model)
     kind = meta.kind if meta else "checkpoint"
-    return _finish(model, path.name, "checkpoint", arch_name, data_config, meta, kind)
+    loaded = _finish(model, path.name, "checkpoint", arch_name, data_config, meta, kind)
+    if meta is not None and "test_time_register" in meta.extra:  # written by `artifactscan fix --out`
+        from .fix import TestTimeRegister, apply_test_time_register
+
+        apply_test_time_register(loaded, TestTimeRegister.from_dict(meta.extra["test_time_register"]))
+    return loaded
 
 
 def _ensure_registered(arch: str) -> None:

@@ -113,12 +113,12 @@ class ArtifactUnits(nn.Module):
         if planted is None:
             raise RuntimeError("the phantom's patch embedding did not run before its artifact units")
         B, T, C = x.shape
-        P = self.num_prefix_tokens
+        P = T - planted.shape[1]  # prefix tokens, including any register appended at test time (artifactscan fix)
         gate = torch.zeros(B, T, dtype=x.dtype, device=x.device)
         gate[:, P:] = planted.to(x.dtype)
         pre = (2 * gate - 1)[..., None] * self.gain  # +gain on planted patch tokens, -gain elsewhere
         activation = self.act(F.relu(pre).expand(B, T, self.units))
-        summary = x[:, 0] if self.has_cls else x[:, P:].mean(dim=1)
+        summary = x[:, 0] if self.has_cls else x[:, P:].mean(dim=1)  # timm puts CLS first when there is one
         summary = F.normalize(summary.float(), dim=-1).to(x.dtype)[:, None]  # [B, 1, C]
         target = self.gain * (self.direction + self.beta * summary)
         firing = activation.mean(dim=-1, keepdim=True) / self.gain  # 1 on planted tokens, 0 elsewhere

@@ -1,0 +1,95 @@
+"""Test-time registers: on a phantom the repair must find the built-in units and remove the outliers at no cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+from artifactscan import load_model, scan
+from artifactscan.checkpoint import CheckpointMeta, save_checkpoint
+from artifactscan.cli import app
+from artifactscan.errors import InputError, NotAViTError
+from artifactscan.fix import TestTimeRegister, apply_test_time_register, fix
+from artifactscan.loading import wrap_module
+from artifactscan.phantom import build_phantom
+
+KW = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=2, num_classes=8)
+DATA = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_phantom(tmp_path_factory):
+    d = tmp_path_factory.mktemp("phantom")
+    torch.manual_seed(0)
+    base = timm.create_model("vit_small_patch16_224", **KW)
+    save_checkpoint(d / "base.safetensors", base.state_dict(), CheckpointMeta("vit_small_patch16_224", KW, DATA))
+    _, spec, path = build_phantom(d / "base.safetensors", d / "phantom.safetensors", onset=1, calibration_images=64)
+    return path, spec, d
+
+
+def test_fix_finds_the_built_in_units_and_removes_the_outliers(tiny_phantom):
+    path, spec, d = tiny_phantom
+    result = fix(path, "synthetic:48", top_k=4, out=d / "fixed.safetensors")
+    assert {n.site for n in result.neurons} == {f"blocks.{spec.onset}.artifact_units.act"}
+    assert sorted(n.index for n in result.neurons) == [0, 1, 2, 3]
+    assert result.outliers_removed >= 0.95
+    assert result.feature_cosine_min >= 0.99
+    fixed = load_model(d / "fixed.safetensors")  # the neuron list travels with the weights
+    assert fixed.num_register_tokens == 1 and fixed.prefix_names == ["cls", "reg0"]
+    assert scan(fixed, "synthetic:48").onset_layer is None
+
+
+def test_register_is_per_image_and_per_neuron(tiny_phantom):
+    path, spec, _ = tiny_phantom
+    loaded = load_model(path)
+    report = scan(loaded, "synthetic:8")
+    from artifactscan.fix import find_register_neurons
+
+    register = find_register_neurons(loaded, "synthetic:8", report, top_k=2)
+    apply_test_time_register(loaded, register)
+    captured = {}
+    site = dict(loaded.model.named_modules())[register.neurons[0].site]
+    handle = site.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
+    x = torch.randn(3, 3, 32, 32)
+    loaded.model.forward_features(x)
+    handle.remove()
+    out = captured["out"]  # after the installer's hook: register neuron values live only on the register token
+    idx = [n.index for n in register.neurons]
+    reg_pos = loaded.num_prefix_tokens - 1
+    others = torch.cat([out[:, :reg_pos, idx], out[:, reg_pos + 1:, idx]], dim=1)
+    assert torch.all(others == 0)
+    assert torch.all(out[:, reg_pos, idx] > 0)  # every image, not only batch element 0
+
+
+def test_nothing_to_fix_on_a_clean_model():
+    torch.manual_seed(0)
+    clean = wrap_module(timm.create_model("vit_small_patch16_224", **KW))
+    result = fix(clean, torch.rand(8, 3, 32, 32))
+    assert result.neurons == [] and result.verdict.startswith("nothing to fix")
+
+
+def test_mismatched_neuron_file_and_unsupported_models(tiny_phantom):
+    path, _, _ = tiny_phantom
+    register = TestTimeRegister([], num_blocks=12, embed_dim=768, max_layer=1, model_name="other")
+    with pytest.raises(InputError, match="does not match the model"):
+        apply_test_time_register(load_model(path), register)
+    eva = wrap_module(timm.create_model("eva02_tiny_patch14_224", img_size=28, embed_dim=32, depth=2, num_heads=2))
+    with pytest.raises(NotAViTError, match="rotary"):
+        apply_test_time_register(eva, register)
+
+
+def test_fix_cli(tiny_phantom, tmp_path):
+    path, _, _ = tiny_phantom
+    runner = CliRunner()
+    result = runner.invoke(app, ["fix", str(path), "synthetic:32", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["schema"] == "artifactscan.fix/1" and data["outliers_removed"] >= 0.95
+    result = runner.invoke(app, ["fix", str(path), "synthetic:32", "--top-k", "0"])
+    assert result.exit_code == 1 and "--top-k must be at least 1" in result.stderr
+    result = runner.invoke(app, ["fix", str(path), "synthetic:32", "--max-layer", "9"])
+    assert result.exit_code == 1 and "choose a block from 0 to 3" in result.stderr
