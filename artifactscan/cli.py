@@ -331,11 +331,13 @@ def phantom(
     run_command(debug, work)
 
 
+# Commands defined in their own modules register themselves on `app` when imported.
+from . import cli_report  # noqa: E402,F401
+
+
 def main() -> None:
     app()
 
 
 if __name__ == "__main__":
     main()
-
-from . import cli_probe  # noqa: E402,F401
