@@ -292,6 +292,102 @@ def fix(
     run_command(debug, work)
 
 
+@app.command("train-reg")
+def train_reg(
+    data: Optional[str] = typer.Option(None, "--data", help="ImageFolder root (class sub-folders; a val/ folder is "
+                                                            "used when present). Default: the built-in synthetic set."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="timm VisionTransformer name (default: the demo ViT)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="demo (CPU-sized, synthetic) or imagenet (the "
+                                                                "architecture's own size, DeiT-like recipe)."),
+    registers: str = typer.Option("4", "--registers", "-r", help="Registers of the twin (4), or a list for the "
+                                                                "ablation: 0,1,2,4,8."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="A trained 0-register checkpoint of the same "
+                                                                     "architecture: train only the register model."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<date>-<arch>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs over --data (instead of --steps)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps per model."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Batch per process."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warm-up then cosine)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Override: number of blocks."),
+    dim: Optional[int] = typer.Option(None, "--dim", help="Override: embedding width."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="Override: attention heads."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Override: input size."),
+    patch: Optional[int] = typer.Option(None, "--patch", help="Override: patch size."),
+    no_cls: bool = typer.Option(False, "--no-cls", help="No CLS token: average pooling over patch tokens."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (GPU)."),
+    device: str = DeviceOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON on stdout and nothing else."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Retrain with registers and confirm - or honestly fail to confirm - that they remove the artifacts.
+
+    Trains the same ViT twice from the same seed, initial weights and data order: without registers and with N
+    (timm's reg_tokens: after CLS, no position embedding, discarded at the output). Then scans both with the norms
+    core on held-out images and prints the verdict side by side: outlier fraction, max/median ratio and onset layer
+    per model, attention mass on prefix tokens, register norms, and (on the built-in data, whose object masks are
+    known) whether flagged tokens sit on background or on objects. If the baseline grew no outliers the verdict says
+    the experiment cannot confirm the fix. GPU: bf16 autocast, fused AdamW, SDPA; multi-GPU through torchrun (DDP).
+
+    Examples:
+
+      artifactscan train-reg                                    # CPU demo on the built-in data set
+
+      artifactscan train-reg --data imagenet100/ --arch vit_small_patch16_224 --registers 4 --epochs 100
+
+      torchrun --nproc-per-node 8 -m artifactscan train-reg --data imagenet/ --arch vit_base_patch16_224
+
+      artifactscan train-reg --resume runs/2026-11-23-vit-small/
+    """
+    from . import training
+    from .compare import verdict_for_run
+    from .report import atomic_write_text, render_compare
+
+    def work() -> None:
+        if resume is not None:
+            config_path = resume / "config.json"
+            if not config_path.is_file():
+                from .errors import TrainingError
+
+                raise TrainingError(f"{resume} is not a train-reg run folder (no config.json); nothing to resume")
+            config = training.TrainConfig.from_dict(json.loads(config_path.read_text())).replace(
+                **({"device": device} if device != "auto" else {}))
+            regs = json.loads((resume / "train_reg.json").read_text())["registers"] if (
+                resume / "train_reg.json").is_file() else registers
+            run_dir = resume
+        else:
+            config = training.get_preset(
+                preset, data=data, arch=arch, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, depth=depth,
+                embed_dim=dim, num_heads=heads, img_size=img_size, patch_size=patch,
+                class_token=False if no_cls else None, compile=compile_model or None,
+                device=device if device != "auto" else None)
+            regs = registers
+            run_dir = out or Path("runs") / f"{__import__('datetime').date.today()}-{config.arch.split('_patch')[0]}"
+        result = training.train_reg(config, run_dir, regs, baseline_checkpoint=baseline, resume=resume is not None,
+                                    progress=not json_out)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # rank 0 scans and reports
+        verdict = verdict_for_run(result, device=device, progress=not json_out and sys.stderr.isatty())
+        text = json.dumps(verdict.to_dict(), indent=2)
+        atomic_write_text(Path(run_dir) / "verdict.json", text)
+        from .plots import save_compare_figure
+
+        save_compare_figure(verdict.comparison, Path(run_dir))
+        if len(result.variants) > 2:
+            from .plots import save_register_ablation_figure
+
+            save_register_ablation_figure(verdict.comparison, Path(run_dir))
+        if json_out:
+            sys.stdout.write(text + "\n")
+            return
+        render_compare(verdict.comparison, stdout)
+        stdout.print("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in
+                                                       verdict.validation_accuracy.items()))
+        stdout.print(f"run folder: {run_dir} (verdict.json, compare.png, checkpoints per model)")
+
+    run_command(debug, work)
+
+
 @app.command()
 def phantom(
     describe: bool = typer.Option(False, "--describe", help="Say what was built into the shipped phantom and why."),
@@ -332,6 +428,7 @@ def phantom(
 
 
 # Commands defined in their own modules register themselves on `app` when imported.
+from . import cli_probe  # noqa: E402,F401
 from . import cli_report  # noqa: E402,F401
 
 

@@ -273,3 +273,44 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
                      "series: " + "; ".join(f"{g.registers} registers ({len(g.points)} checkpoints)"
                                            for g in out_groups))
     return EmergenceReport(str(run_dir), source, out_groups, notes)
+
+
+@dataclass
+class TrainRegVerdict:
+    """train-reg's final comparison: the trained variants scanned side by side on held-out images."""
+
+    run_dir: str
+    images: str
+    comparison: CompareReport
+    validation_accuracy: dict[str, float]
+    schema: str = "artifactscan.train_reg_verdict/1"
+
+    @property
+    def verdict(self) -> str:
+        return self.comparison.verdict
+
+    def to_dict(self) -> dict[str, Any]:
+        from .report import to_jsonable
+
+        data = to_jsonable(self)
+        data["comparison"].pop("reports", None)
+        data["verdict"] = self.verdict
+        return data
+
+
+def held_out_images(config: Any) -> str:
+    """Images no variant trained on: the built-in validation split, or the data set's held-out folder."""
+    if config.data is None:
+        return "synthetic:512"
+    val = Path(config.data) / "val"
+    return str(val) if val.is_dir() else str(config.data)
+
+
+def verdict_for_run(result: Any, images: Any = None, *, device: str = "auto", batch_size: int = 64,
+                    progress: bool = False) -> TrainRegVerdict:
+    """Scan every variant of a :class:`~artifactscan.training.TrainRegResult` and judge what registers did."""
+    images = images if images is not None else held_out_images(result.config)
+    models = {f"reg{v.registers}": v.checkpoint for v in result.variants}
+    comparison = compare(models, images, device=device, batch_size=batch_size, progress=progress)
+    accuracy = {f"reg{v.registers}": v.val_acc for v in result.variants}
+    return TrainRegVerdict(str(result.run_dir), comparison.images, comparison, accuracy)

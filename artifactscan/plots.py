@@ -774,6 +774,17 @@ def save_compare_figure(result: CompareReport, out_dir: str | Path, fmt: str = "
     return _save_one(fig, out / f"compare.{fmt.lower().lstrip('.')}", dpi)
 
 
+def save_register_ablation_figure(result: CompareReport, out_dir: str | Path, fmt: str = "png", dpi: int = 150
+                                  ) -> list[Path]:
+    """Write ``register_ablation.<fmt>`` (:func:`plot_register_ablation`, the paper's Fig 8) for a comparison whose
+    models differ in their number of registers."""
+    reports = {row.registers: result.reports[row.label] for row in result.rows if row.label in result.reports}
+    if len(reports) < 2:
+        return []
+    fig, _ = plot_register_ablation(reports, title=f"register ablation on {result.images}")
+    return _save_one(fig, Path(out_dir) / f"register_ablation.{fmt.lower().lstrip('.')}", dpi)
+
+
 def save_emergence_figure(result: EmergenceReport, out_dir: str | Path, fmt: str = "png", dpi: int = 150
                           ) -> list[Path]:
     """Write ``emergence.<fmt>`` (:func:`plot_emergence`) and return its path."""
