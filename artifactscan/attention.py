@@ -13,7 +13,7 @@ attention map over the patch grid.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,11 +33,16 @@ def _attention_module(block: nn.Module) -> nn.Module:
 class AttentionCapture:
     """Context manager: ``with AttentionCapture(loaded, blocks=[3, 5]) as cap: model(x); cap.probs[3]``."""
 
-    def __init__(self, loaded: LoadedModel, blocks: Sequence[int] | None = None):
+    def __init__(self, loaded: LoadedModel, blocks: Sequence[int] | None = None,
+                 on_probs: Callable[[int, torch.Tensor], None] | None = None):
+        """``on_probs(block, probs)``, when given, is called with each block's ``[B, heads, T, T]`` probabilities
+        as they are computed, instead of keeping them in ``self.probs`` (reduce on the fly: one block's
+        probabilities alive at a time instead of every captured block's)."""
         n = len(loaded.blocks)
         self.block_ids = list(range(n)) if blocks is None else [b % n for b in blocks]
         self.attns = [_attention_module(loaded.blocks[b]) for b in self.block_ids]
         self.probs: dict[int, torch.Tensor] = {}
+        self.on_probs = on_probs
         self._saved: list[bool] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -50,7 +55,10 @@ class AttentionCapture:
 
     def _hook(self, block: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            self.probs[block] = inputs[0].detach().float()
+            if self.on_probs is not None:
+                self.on_probs(block, inputs[0].detach())
+            else:
+                self.probs[block] = inputs[0].detach().float()
         return hook
 
     def __exit__(self, *exc: object) -> None:

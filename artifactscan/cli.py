@@ -428,6 +428,7 @@ def phantom(
 
 
 # Commands defined in their own modules register themselves on `app` when imported.
+from . import cli_attention  # noqa: E402,F401
 from . import cli_probe  # noqa: E402,F401
 from . import cli_report  # noqa: E402,F401
 

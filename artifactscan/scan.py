@@ -387,7 +387,8 @@ def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, b
                 if idx in map_indices:
                     maps[idx] = patches[:, j].reshape(L, gh, gw).float()
             seen_batches += 1
-            if adaptive and stats is not None and (seen_batches & (seen_batches - 1) == 0 or seen_batches % 16 == 0):
+            # Provisional bars at batches 1, 2, 4, 8, ...: a handful of cheap fits per scan, however long.
+            if adaptive and stats is not None and seen_batches & (seen_batches - 1) == 0:
                 _refresh_bars(stats, rule, bars, max_bar, cands)  # type: ignore[arg-type]
     return cands
 
