@@ -33,6 +33,7 @@ from . import __version__
 from .attention import AttentionCapture
 from .errors import InputError, NotAViTError
 from .loading import LoadedModel, load_model
+from .report import JsonResult
 from .scan import (
     ImageSummary,
     ModelSummary,
@@ -115,7 +116,7 @@ class AttentionMap:
 
 
 @dataclass
-class AttentionReport:
+class AttentionReport(JsonResult):
     """Everything ``artifactscan attention`` found. Serialises to ``attention.json``."""
 
     model: ModelSummary
@@ -134,21 +135,6 @@ class AttentionReport:
     schema: str = SCHEMA
     artifactscan_version: str = __version__
 
-    def to_dict(self) -> dict[str, Any]:
-        from .report import to_jsonable
-
-        return to_jsonable(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        import json
-
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AttentionReport":
-        from .report import from_jsonable
-
-        return from_jsonable(cls, data)
 
     def maps_for(self, query: str | None = None) -> list[AttentionMap]:
         """The kept maps of one query (default: the selected query), one per kept image."""

@@ -316,6 +316,9 @@ def train_reg(
     patch: Optional[int] = typer.Option(None, "--patch", help="Override: patch size."),
     no_cls: bool = typer.Option(False, "--no-cls", help="No CLS token: average pooling over patch tokens."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (GPU)."),
+    scan_images: Optional[str] = typer.Option(None, "--scan-images", help="Held-out images the verdict scans "
+                                              "(default: synthetic:512 of the built-in validation split, or the "
+                                              "data set's val/ folder)."),
     device: str = DeviceOpt,
     json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON on stdout and nothing else."),
     debug: bool = DebugOpt,
@@ -367,7 +370,7 @@ def train_reg(
                                     progress=not json_out)
         if int(os.environ.get("RANK", "0")) != 0:
             return  # rank 0 scans and reports
-        verdict = verdict_for_run(result, device=device, progress=not json_out and sys.stderr.isatty())
+        verdict = verdict_for_run(result, scan_images, device=device, progress=not json_out and sys.stderr.isatty())
         text = json.dumps(verdict.to_dict(), indent=2)
         atomic_write_text(Path(run_dir) / "verdict.json", text)
         from .plots import save_compare_figure

@@ -20,6 +20,7 @@ from .checkpoint import read_meta
 from .errors import InputError
 from .loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from .scan import ScanReport, _batches, make_image_source, resolve_device, scan
+from .report import JsonResult
 
 
 @dataclass
@@ -44,7 +45,7 @@ class ModelRow:
 
 
 @dataclass
-class CompareReport:
+class CompareReport(JsonResult):
     images: str
     rows: list[ModelRow]
     verdict: str
@@ -52,10 +53,6 @@ class CompareReport:
     notes: list[str] = field(default_factory=list)
     schema: str = "artifactscan.compare/1"
 
-    def to_dict(self) -> dict[str, Any]:
-        from .report import to_jsonable
-
-        return to_jsonable(self)
 
 
 def _synthetic_count(images: Any) -> int | None:
@@ -229,7 +226,7 @@ class EmergenceGroup:
 
 
 @dataclass
-class EmergenceReport:
+class EmergenceReport(JsonResult):
     """Norm statistics over training (the paper's Fig 4b) for every architecture found in a run folder."""
 
     run_dir: str
@@ -238,10 +235,6 @@ class EmergenceReport:
     notes: list[str]
     schema: str = "artifactscan.emergence/1"
 
-    def to_dict(self) -> dict[str, Any]:
-        from .report import to_jsonable
-
-        return to_jsonable(self)
 
 
 def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float = "auto", device: str = "auto",
@@ -276,7 +269,7 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
 
 
 @dataclass
-class TrainRegVerdict:
+class TrainRegVerdict(JsonResult):
     """train-reg's final comparison: the trained variants scanned side by side on held-out images."""
 
     run_dir: str
@@ -290,9 +283,7 @@ class TrainRegVerdict:
         return self.comparison.verdict
 
     def to_dict(self) -> dict[str, Any]:
-        from .report import to_jsonable
-
-        data = to_jsonable(self)
+        data = super().to_dict()
         data["comparison"].pop("reports", None)
         data["verdict"] = self.verdict
         return data

@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import InputError, NotAViTError
 from .loading import LoadedModel, load_model
+from .report import JsonResult
 
 EXTRA_KEY = "test_time_register"
 
@@ -41,7 +42,7 @@ class RegisterNeuron:
 
 
 @dataclass
-class TestTimeRegister:
+class TestTimeRegister(JsonResult):
     """What ``fix`` installs: the neurons and the model they belong to."""
 
     __test__ = False  # not a pytest test class, despite the name
@@ -52,14 +53,6 @@ class TestTimeRegister:
     max_layer: int
     model_name: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TestTimeRegister":
-        raw = dict(raw)
-        raw["neurons"] = [RegisterNeuron(**n) for n in raw["neurons"]]
-        return cls(**raw)
 
 
 def _neuron_sites(model: nn.Module, max_layer: int) -> dict[str, tuple[int, nn.Module]]:
@@ -207,7 +200,7 @@ def apply_test_time_register(loaded: LoadedModel, register: TestTimeRegister) ->
 
 # ----------------------------------------------------------------------------------------------- the fix command
 @dataclass
-class FixReport:
+class FixReport(JsonResult):
     """Before/after of a test-time register repair."""
 
     model: str
@@ -227,10 +220,6 @@ class FixReport:
     notes: list[str] = field(default_factory=list)
     schema: str = "artifactscan.fix/1"
 
-    def to_dict(self) -> dict[str, Any]:
-        from .report import to_jsonable
-
-        return to_jsonable(self)
 
 
 @torch.inference_mode()

@@ -32,6 +32,7 @@ from .loading import LoadedModel, load_model
 from .scan import ImageSummary, ModelSummary, _batches, _model_summary, _Progress, make_image_source, resolve_device
 from .stats import BIN_WIDTH_LOG10, NUM_BINS, bin_index
 from .thresholds import AutoRule, auto_threshold, fixed_threshold, parse_threshold
+from .report import JsonResult
 
 SCHEMA = "artifactscan.probe/1"
 
@@ -165,7 +166,7 @@ class LabelInfo:
 
 
 @dataclass
-class ProbeReport:
+class ProbeReport(JsonResult):
     """Everything ``artifactscan probe`` found (serialises with :func:`artifactscan.report.to_jsonable`)."""
 
     model: ModelSummary
@@ -194,21 +195,6 @@ class ProbeReport:
     def row(self, name: str) -> TokenTypeRow | None:
         return next((r for r in self.rows if r.name == name), None)
 
-    def to_dict(self) -> dict[str, Any]:
-        from .report import to_jsonable
-
-        return to_jsonable(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        import json
-
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ProbeReport":
-        from .report import from_jsonable
-
-        return from_jsonable(cls, data)
 
 
 # ----------------------------------------------------------------------------------------------- early exit

@@ -65,6 +65,20 @@ def from_jsonable(cls: Any, data: Any) -> Any:
     return data
 
 
+class JsonResult:
+    """Mixin for the typed result dataclasses: ``to_dict`` / ``to_json`` / ``from_dict`` round-trip."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        return from_jsonable(cls, data)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

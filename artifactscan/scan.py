@@ -25,6 +25,7 @@ from .images import ImageFolderDataset, SkippedImage, collate_skip_bad, discover
 from .loading import LoadedModel, load_model
 from .stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
 from .thresholds import PAPER_THRESHOLD, AutoRule, ThresholdDecision, auto_threshold, fixed_threshold, parse_threshold
+from .report import JsonResult
 
 SCHEMA = "artifactscan.scan/1"
 DEFAULT_SYNTHETIC_IMAGES = 256
@@ -126,7 +127,7 @@ class NormMap:
 
 
 @dataclass
-class ScanReport:
+class ScanReport(JsonResult):
     """Everything ``artifactscan norms`` found. Serialises to ``report.json`` (schema: README, 'report.json')."""
 
     model: ModelSummary
@@ -147,21 +148,6 @@ class ScanReport:
     def last_block(self) -> LayerReport:
         return [lay for lay in self.layers if not lay.is_final_norm][-1]
 
-    def to_dict(self) -> dict[str, Any]:
-        from .report import to_jsonable
-
-        return to_jsonable(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        import json
-
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ScanReport":
-        from .report import from_jsonable
-
-        return from_jsonable(cls, data)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
