@@ -175,3 +175,23 @@ def test_eva_family_is_supported():
                               num_heads=2, num_classes=0)
     report = scan(wrap_module(model), torch.rand(4, 3, 28, 28))
     assert report.model.num_cls_tokens == 1 and report.model.grid_size == [2, 2]
+
+
+@pytest.mark.parametrize("arch, prefix, cls, regs", [
+    ("vit_small_patch14_reg4_dinov2", 5, 1, 4),     # DINOv2 with registers (LayerScale, no_embed_class)
+    ("vit_small_patch14_dinov2", 1, 1, 0),
+    ("vit_base_patch16_clip_224", 1, 1, 0),         # CLIP image tower (pre-norm)
+    ("vit_base_patch16_siglip_224", 0, 0, 0),       # SigLIP: no CLS, attention-pool head
+    ("deit3_small_patch16_224", 1, 1, 0),
+    ("vit_base_patch16_reg4_gap_256", 4, 0, 4),     # registers, no CLS
+])
+def test_real_vit_layouts_split_prefix_tokens_by_their_own_counts(arch, prefix, cls, regs):
+    import timm
+
+    patch = 14 if "patch14" in arch else 16
+    model = timm.create_model(arch, pretrained=False, img_size=2 * patch, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=0)
+    report = scan(wrap_module(model, name=arch), torch.rand(3, 3, 2 * patch, 2 * patch))
+    m = report.model
+    assert (m.num_prefix_tokens, m.num_cls_tokens, m.num_register_tokens) == (prefix, cls, regs)
+    assert m.grid_size == [2, 2] and len(report.layers[0].prefix) == prefix
