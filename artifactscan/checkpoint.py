@@ -78,6 +78,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
             save_file(_untie_shared(tensors), tmp, metadata={META_KEY: meta.to_json()})
         else:
             torch.save({"state_dict": tensors, META_KEY: json.loads(meta.to_json())}, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
