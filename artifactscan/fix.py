@@ -5,7 +5,8 @@
    onset layer) and rank the units by their mean absolute activation at outlier positions. The top ``k`` are the
    register neurons.
 2. **Install the register.** At inference one extra zero-initialised token is inserted after the prefix tokens
-   (before block 0, no position embedding, like a trained register); in every register neuron the activation is
+   (before block 0, no position embedding, like a trained register); up to the block of the first register neuron
+   no token attends to it, so image tokens compute exactly what they did there; in every register neuron the activation is
    moved off the image tokens: set to zero on all other tokens and, on the register, to the maximum the neuron
    reached over the image's tokens. This is done per neuron and per image (the reference code edits batch element 0
    only and uses one value per layer).
@@ -157,6 +158,12 @@ class _RegisterInstaller:
                 raise InputError(f"neuron file does not match the model: {loaded.name} has no module {n.site}")
             by_site.setdefault(n.site, []).append(n.index)
         self.handles.append(loaded.model.blocks[0].register_forward_pre_hook(self._insert, with_kwargs=True))
+        # Up to and including the first block with a register neuron (whose attention runs before its MLP fills the
+        # register), image tokens attend as if the register were absent: it is masked out as a key, so they compute
+        # exactly what they did. An untrained extra key would perturb every token.
+        first = min(n.block for n in register.neurons) if register.neurons else -1
+        for block in list(loaded.model.blocks)[:first + 1]:
+            self.handles.append(block.register_forward_pre_hook(self._hide_register, with_kwargs=True))
         for site, idx in by_site.items():
             self.handles.append(modules[site].register_forward_hook(self._move(torch.tensor(sorted(idx)))))
 
@@ -165,6 +172,13 @@ class _RegisterInstaller:
         reg = torch.zeros(x.shape[0], 1, x.shape[2], dtype=x.dtype, device=x.device)
         x = torch.cat([x[:, :self.position], reg, x[:, self.position:]], dim=1)
         return (x,) + tuple(args[1:]), kwargs
+
+    def _hide_register(self, module: nn.Module, args: tuple, kwargs: dict):
+        x = args[0]
+        T = x.shape[1]
+        mask = torch.zeros(1, 1, T, T, dtype=x.dtype, device=x.device)
+        mask[..., self.position] = float("-inf")
+        return args, {**kwargs, "attn_mask": mask}
 
     def _move(self, idx: torch.Tensor):
         pos = self.position

@@ -131,3 +131,18 @@ def test_probe_on_the_clean_demo_is_not_artifact_like():
             threshold = 3 * scan_report.last_block.median
         report = probe("demo", "synthetic:600", layer=-1, threshold=threshold)
         assert report.verdict.label != "artifact-like", report.verdict.summary
+
+
+def test_fix_on_the_phantom_finds_its_units_at_no_cost(phantom):
+    from artifactscan.fix import fix
+
+    spec = phantom_spec(phantom)
+    result = fix("phantom", SAMPLE_IMAGES, top_k=spec.units)
+    assert {n.site for n in result.neurons} == {f"blocks.{spec.onset}.artifact_units.act"}
+    assert result.outliers_removed >= 0.95
+    assert result.feature_cosine_min >= 0.99 and result.prediction_agreement == 1.0
+
+
+def test_fix_on_the_clean_demo_has_nothing_to_fix():
+    result = CliRunner().invoke(app, ["fix", "demo", str(SAMPLE_IMAGES)])
+    assert result.exit_code == 0 and "nothing to fix" in result.output
