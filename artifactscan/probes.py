@@ -61,7 +61,7 @@ MAX_GLOBAL_IMAGES = 5_000
 RANDOM_TOKENS_PER_IMAGE = 4
 TOP_TOKENS_PER_IMAGE = 8
 #: Ridge penalties, as multiples of the mean eigenvalue of X^T X (chosen on held-out training images).
-RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+RIDGE_GRID = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # x the mean eigenvalue of X^T X
 #: Verdict margins (see PROTOCOL).
 REDUNDANCY_MARGIN = 0.02
 POSITION_RATIO = 0.75
