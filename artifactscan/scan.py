@@ -337,10 +337,7 @@ class _Candidates:
 def _refresh_bars(stats: NormStatistics, rule: AutoRule, bars: torch.Tensor, max_bar: torch.Tensor,
                   cands: list[_Candidates]) -> None:
     for r in range(stats.num_rows):
-        # Skip the fit where no token can stand min_ratio x above the bulk yet. Bars only choose which candidates
-        # to keep; a wrong skip costs at most the exact second pass, never a wrong record.
-        plausible = float(stats.patch_max[r]) >= rule.min_ratio * stats.quantile(r, 0.25)
-        estimate = auto_threshold(stats.patch_counts[r], rule).value if plausible else None
+        estimate = auto_threshold(stats.patch_counts[r], rule).value
         # Half the running estimate leaves room for it to move; without an estimate keep only new extremes.
         bar = 0.5 * estimate if estimate is not None else float(stats.patch_max[r])
         bars[r] = bar

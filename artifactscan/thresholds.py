@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .stats import BIN_WIDTH_LOG10, LOG10_MIN, NUM_BINS
+from .stats import BIN_WIDTH_LOG10, LOG10_MIN, NUM_BINS, quantile_from_counts
 
 PAPER_THRESHOLD = 150.0
 COARSEN = 4  # fine histogram bins per bin of the mixture fit
@@ -128,6 +128,13 @@ def auto_threshold(counts: torch.Tensor, rule: AutoRule | None = None) -> Thresh
     lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
     if hi - lo < 3:
         return ThresholdDecision("auto", None, "all norms fall in one narrow band: unimodal")
+    # Exact shortcut, no fit needed: with the upper group a minority, the lower group's median is >= the overall
+    # lower quartile, so an upper group min_ratio x above it needs a token >= min_ratio x that quartile.
+    largest = 10 ** (LOG10_MIN + hi * BIN_WIDTH_LOG10)  # upper edge of the highest occupied bin
+    lower_quartile = quantile_from_counts(counts, 0.25)
+    if largest < rule.min_ratio * lower_quartile:
+        return ThresholdDecision("auto", None, f"unimodal: no token reaches {rule.min_ratio:g}x the lower quartile "
+                                               f"({lower_quartile:.4g})")
     w_fine = counts[lo:hi].numpy()
     x_fine = LOG10_MIN + (np.arange(lo, hi) + 0.5) * BIN_WIDTH_LOG10
     # The mixture is fitted on bins COARSEN times wider (2.3%): plenty for the shape, and much cheaper.
