@@ -85,7 +85,7 @@ def probe_command(
     debug: bool = DebugOpt,
 ) -> None:
     from .loading import parse_arch_kwargs
-    from .probes import probe, render_probe, write_probe_outputs
+    from .probes import distributed_world, probe, render_probe, write_probe_outputs
 
     def work() -> None:
         report = probe(model, data, layer=layer, threshold=threshold, arch=arch,
@@ -94,6 +94,8 @@ def probe_command(
                        min_tokens=min_tokens, min_images=min_images, draws=draws, test_fraction=test_fraction,
                        seed=seed, progress=not json_out and sys.stderr.isatty(),
                        warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
+        if distributed_world()[1] != 0:
+            return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
         written = write_probe_outputs(report, out, figures=figures) if out is not None else []
         if json_out:
             sys.stdout.write(report.to_json() + "\n")

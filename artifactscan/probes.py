@@ -10,7 +10,9 @@ Streaming and memory: the model runs once over the data, only up to the probed b
 bounded, stratified reservoirs (per split x log-norm band, with a per-image cap); the class of a token (normal /
 outlier) is decided at the end, from the same exact histogram and threshold rule as ``artifactscan norms``, and each
 class is then re-sampled in proportion to the exact band counts, so it is a uniform sample of that class. Memory does
-not grow with the number of images. Probes are closed-form ridge fits (torch, on the GPU when present) with the
+not grow with the number of images. Every random choice is keyed by (seed, image index, token index), so under
+``torchrun`` each rank probes its shard of the images and the merged histograms and samples -- hence the report -- are
+those of a single process. Probes are closed-form ridge fits (torch, on the GPU when present) with the
 penalty chosen on a held-out part of the training images.
 """
 
@@ -29,7 +31,8 @@ from . import __version__
 from .errors import InputError
 from .images import SkippedImage, image_folder_labels
 from .loading import LoadedModel, load_model
-from .scan import ImageSummary, ModelSummary, _batches, _model_summary, _Progress, make_image_source, resolve_device
+from .scan import (ImageSummary, ModelSummary, _batches, _model_summary, _Progress, distributed_world,
+                   make_image_source, resolve_device)
 from .stats import BIN_WIDTH_LOG10, NUM_BINS, bin_index
 from .thresholds import AutoRule, auto_threshold, fixed_threshold, parse_threshold
 from .report import JsonResult
@@ -289,8 +292,46 @@ def neighbour_similarity(pe: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------- streaming sample
+_M32 = 0xFFFFFFFF
+#: Streams of the deterministic keys (one per kind of random choice).
+_S_TOKEN, _S_IMAGE, _S_RAND_POS, _S_MATCHED, _S_DRAW_TOKEN, _S_DRAW_SPLIT = range(1, 7)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (int64 tensors holding values in [0, 2^32); products stay below 2^63)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def _hash_keys(seed: int, stream: int, img: torch.Tensor, pos: torch.Tensor | int = 0) -> torch.Tensor:
+    """Uniform keys in [0, 1) (float64, 53 bits) that depend only on (seed, stream, image index, token index).
+
+    Every sampling decision uses these instead of a running generator, so it does not depend on batching or on how
+    the images are sharded across torchrun ranks: the bottom-k of the union of the shards' samples is the bottom-k of
+    the whole stream."""
+    img = torch.as_tensor(img, dtype=torch.int64)
+    pos = torch.as_tensor(pos, dtype=torch.int64)
+    h = _mix32(torch.tensor([(seed & _M32) ^ (stream * 0x9E3779B9 & _M32)], dtype=torch.int64))
+    h = _mix32(h ^ ((seed >> 32) & _M32))
+    h = _mix32(h ^ (img & _M32))
+    h = _mix32(h ^ ((img >> 32) & _M32))
+    h1 = _mix32(h ^ (pos & _M32))
+    h2 = _mix32(h1 ^ 0x85EBCA6B)
+    return ((h1 << 21) | (h2 >> 11)).double() / float(2 ** 53)
+
+
+def _canonical_order(rec: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Row order by (key, image, token position): a total order, so bottom-k never depends on the input order."""
+    order = torch.arange(len(rec["key"]))
+    cols = [rec["key"], rec["img"]] + ([rec["pos"]] if "pos" in rec else [])
+    for col in reversed(cols):
+        order = order[torch.argsort(col[order], stable=True)]
+    return order
+
+
 class _Reservoir:
-    """Uniform bottom-k sample (smallest random keys) of token records, capacity ``cap``."""
+    """Bottom-k sample (smallest deterministic keys, see :func:`_hash_keys`) of token records, capacity ``cap``."""
 
     def __init__(self, cap: int):
         self.cap = cap
@@ -300,9 +341,15 @@ class _Reservoir:
         if self.parts is not None:
             rec = {k: torch.cat([self.parts[k], v]) for k, v in rec.items()}
         if len(rec["key"]) > self.cap:
-            keep = torch.topk(rec["key"], self.cap, largest=False).indices
+            keep = _canonical_order(rec)[: self.cap]
             rec = {k: v[keep] for k, v in rec.items()}
         self.parts = rec
+
+    def finish(self) -> None:
+        """Sort the rows canonically (same order whatever the batching or sharding)."""
+        if self.parts is not None:
+            order = _canonical_order(self.parts)
+            self.parts = {k: v[order] for k, v in self.parts.items()}
 
 
 #: Per-image candidates for the global probe: a uniform reservoir of at most ``cap`` images.
@@ -331,7 +378,7 @@ def _level_fn(fixed: float | None) -> tuple[Callable[[torch.Tensor], torch.Tenso
 
 def _collect(loaded: LoadedModel, source: Any, layer: int, dev: torch.device, fixed: float | None,
              test_mask: torch.Tensor, labels: torch.Tensor | None, batch_size: int, num_workers: int,
-             gen: torch.Generator, progress: bool, max_global_images: int) -> _Collected:
+             seed: int, progress: bool, max_global_images: int, world: int = 1) -> _Collected:
     P = loaded.num_prefix_tokens
     gh, gw = loaded.grid_size
     N = gh * gw
@@ -374,12 +421,14 @@ def _collect(loaded: LoadedModel, source: Any, layer: int, dev: torch.device, fi
                 sims = torch.full((B, N), float("nan"))
             image_max_counts += torch.bincount(levels.amax(1), minlength=n_levels)
             pix = patchify(x.float(), loaded.patch_size).cpu()
-            # --- local reservoirs: per-image cap per band, then bottom-k per (split, band)
+            # --- local reservoirs: per-image cap per band, then bottom-k per (split, band); the keys depend only
+            # on (seed, image index, token index), so neither batching nor torchrun sharding changes the sample
             band = levels // band_bins
-            key = torch.rand(B, N, generator=gen)
+            key = _hash_keys(seed, _S_TOKEN, indices[:, None], torch.arange(N)[None, :])
             n_bands = (n_levels + band_bins - 1) // band_bins
-            group = (torch.arange(B)[:, None] * n_bands + band).reshape(-1).double()
-            order = torch.argsort(group + key.reshape(-1).double())
+            group = (torch.arange(B)[:, None] * n_bands + band).reshape(-1)
+            order = torch.argsort(key.reshape(-1), stable=True)  # ties (never in practice): token order
+            order = order[torch.argsort(group[order], stable=True)]
             g_sorted = group[order]
             first = torch.searchsorted(g_sorted, g_sorted, right=False)
             rank = torch.arange(B * N) - first
@@ -400,10 +449,11 @@ def _collect(loaded: LoadedModel, source: Any, layer: int, dev: torch.device, fi
             if images is not None:
                 R = min(RANDOM_TOKENS_PER_IMAGE, N)
                 K = min(TOP_TOKENS_PER_IMAGE, N)
-                rand_pos = torch.argsort(torch.rand(B, N, generator=gen), dim=1)[:, :R]
+                rand_pos = torch.argsort(_hash_keys(seed, _S_RAND_POS, indices[:, None], torch.arange(N)[None, :]),
+                                         dim=1, stable=True)[:, :R]
                 top_pos = torch.topk(norms, K, dim=1).indices
                 rows = torch.arange(B)[:, None]
-                rec = {"key": torch.rand(B, generator=gen), "img": indices.clone(), "label": labels[indices],
+                rec = {"key": _hash_keys(seed, _S_IMAGE, indices), "img": indices.clone(), "label": labels[indices],
                        "rand": patches[rows, rand_pos].clone(), "rand_level": levels[rows, rand_pos].clone(),
                        "top": patches[rows, top_pos].clone(), "top_level": levels[rows, top_pos].clone()}
                 if loaded.num_cls_tokens:
@@ -413,12 +463,54 @@ def _collect(loaded: LoadedModel, source: Any, layer: int, dev: torch.device, fi
                     rec["reg"] = tokens[:, c:c + loaded.num_register_tokens].mean(1)
                 images.add(rec)
             seen += B
-    return _Collected(counts, capped, sim_hist, image_max_counts, reservoirs, images, seen, skipped, has_pe)
+    col = _Collected(counts, capped, sim_hist, image_max_counts, reservoirs, images, seen, skipped, has_pe)
+    if world > 1:
+        _merge_collected(col, dev)
+    for res in col.reservoirs.values():
+        res.finish()
+    if col.images is not None:
+        col.images.finish()
+    return col
+
+
+def _merge_collected(col: _Collected, dev: torch.device) -> None:
+    """torchrun: every rank ends with the statistics and samples of all images, as if one process had seen them.
+
+    Histograms and counts add (all-reduce); each bounded sample is the bottom-k (by deterministic key) of its shard,
+    so the bottom-k of the union of all ranks' samples is exactly the bottom-k of the whole stream."""
+    import torch.distributed as dist
+
+    from .scan import _gather
+
+    comm = dev if dist.get_backend() == "nccl" else torch.device("cpu")
+    flags = torch.tensor([col.num_images, 0 if col.has_pe else 1], dtype=torch.int64)
+    for t in (col.counts, col.capped, col.sim_hist, col.image_max_counts, flags):
+        c = t.to(comm)
+        dist.all_reduce(c, op=dist.ReduceOp.SUM)
+        t.copy_(c.cpu())
+    col.num_images, col.has_pe = int(flags[0]), int(flags[1]) == 0
+    col.skipped = sorted(s for part in _gather(col.skipped) for s in part)
+    parts = _gather(({k: r.parts for k, r in col.reservoirs.items()},
+                     None if col.images is None else col.images.parts))
+    merged: dict[tuple[int, int], _Reservoir] = {}
+    for res_parts, _ in parts:
+        for k, rec in res_parts.items():
+            if rec is not None:
+                merged.setdefault(k, _Reservoir(BAND_CAPACITY["test" if k[0] else "train"])).add(rec)
+    col.reservoirs = dict(sorted(merged.items()))
+    if col.images is not None:
+        store = _ImageStore(col.images.cap)
+        for _, img_parts in parts:
+            if img_parts is not None:
+                store.add(img_parts)
+        col.images = store
 
 
 def _class_sample(col: _Collected, split: int, is_out: Callable[[torch.Tensor], torch.Tensor], outlier: bool,
-                  limit: int, gen: torch.Generator) -> dict[str, torch.Tensor] | None:
-    """A uniform sample of one class (normal / outlier) in one split, from the band reservoirs (see module doc)."""
+                  limit: int) -> dict[str, torch.Tensor] | None:
+    """A uniform sample of one class (normal / outlier) in one split, from the band reservoirs (see module doc).
+
+    The reservoirs' rows are in canonical (key) order, so the bottom-k of a band is its first k rows."""
     parts, rates = [], []
     level_ids = torch.arange(col.capped.shape[1])
     cls_levels = is_out(level_ids) if outlier else ~is_out(level_ids)
@@ -447,9 +539,8 @@ def _class_sample(col: _Collected, split: int, is_out: Callable[[torch.Tensor], 
         k = min(len(rec["key"]), max(1, round(rate * n_pop)) if rate * n_pop >= 0.5 else 0)
         if k == 0:
             continue
-        keep = torch.topk(rec["key"], k, largest=False).indices
         for name, v in rec.items():
-            out.setdefault(name, []).append(v[keep])
+            out.setdefault(name, []).append(v[:k])
     if not out:
         return None
     return {k: torch.cat(v) for k, v in out.items()}
@@ -598,7 +689,6 @@ def _global_probe(store: _ImageStore, kind: str, is_out: Callable[[torch.Tensor]
     chance = []
     n_avail = 0
     for d in range(draws):
-        g = torch.Generator().manual_seed(seed * 1000 + d)
         if kind in ("cls", "registers"):
             feats = rec["cls" if kind == "cls" else "reg"]
             ok = torch.ones(len(feats), dtype=torch.bool)
@@ -607,7 +697,8 @@ def _global_probe(store: _ImageStore, kind: str, is_out: Callable[[torch.Tensor]
             valid = ~is_out(lv) if kind == "normal" else is_out(lv)  # type: ignore[misc]
             ok = valid.any(1)
             # a uniformly random valid candidate per image: random keys, invalid ones pushed to +inf
-            keys = torch.rand(valid.shape, generator=g).masked_fill(~valid, float("inf"))
+            keys = _hash_keys(seed * 1000 + d, _S_DRAW_TOKEN, rec["img"][:, None],
+                              torch.arange(valid.shape[1])[None, :]).masked_fill(~valid, float("inf"))
             pick = keys.argmin(1)
             feats = cand[torch.arange(len(cand)), pick]
         labels = rec["label"]
@@ -615,7 +706,8 @@ def _global_probe(store: _ImageStore, kind: str, is_out: Callable[[torch.Tensor]
         n_avail = len(idx)
         if n_avail < max(4, min_images) or len(torch.unique(labels[idx])) < 2:
             return n_avail, [], None
-        perm = idx[torch.randperm(len(idx), generator=g)]
+        split_key = _hash_keys(seed * 1000 + d, _S_DRAW_SPLIT, rec["img"][idx])
+        perm = idx[torch.argsort(split_key, stable=True)]  # a random image order that depends only on the indices
         n_test = max(1, round(test_fraction * len(perm)))
         te, tr = perm[:n_test], perm[n_test:]
         # relabel classes to 0..C-1 on the train set
@@ -795,10 +887,19 @@ def probe(
     test_mask = torch.zeros(n, dtype=torch.bool)
     test_mask[torch.randperm(n, generator=gen)[:n_test]] = True
 
-    col = _collect(loaded, source, k, dev, fixed, test_mask, lab, batch_size, num_workers, gen, progress,
-                   max_global_images)
+    world, rank = distributed_world()
+    local = source
+    if world > 1:  # each rank probes every world-th image; statistics and samples merge exactly (_merge_collected)
+        from dataclasses import replace
+
+        from torch.utils.data import Subset
+
+        shard = Subset(source.dataset, range(rank, n, world))
+        local = replace(source, dataset=shard, num_found=len(shard))
+    col = _collect(loaded, local, k, dev, fixed, test_mask, lab, batch_size, num_workers, seed, progress and rank == 0,
+                   max_global_images, world)
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
-    for idx, reason in col.skipped:
+    for idx, reason in col.skipped if rank == 0 else []:
         warn(f"skipped {source.names[idx]}: {reason}")
     if col.num_images < MIN_IMAGES:
         raise InputError(f"only {col.num_images} of {n} images could be read; probe needs at least {MIN_IMAGES}")
@@ -827,8 +928,8 @@ def probe(
     rows: dict[str, TokenTypeRow] = {}
     samples = {}
     for cname, is_o in (("normal", False), ("outlier", True)):
-        tr = _class_sample(col, 0, is_out, is_o, max_train_tokens, gen)
-        te = _class_sample(col, 1, is_out, is_o, max_test_tokens, gen)
+        tr = _class_sample(col, 0, is_out, is_o, max_train_tokens)
+        te = _class_sample(col, 1, is_out, is_o, max_test_tokens)
         samples[cname] = (tr, te)
     n_norm_tokens = n_tokens - n_out
     for cname, total in (("normal", n_norm_tokens), ("outlier", n_out)):
@@ -842,7 +943,8 @@ def probe(
         tr_n, te_n = samples["normal"]
         tr_o = samples["outlier"][0]
         if tr_n is not None and tr_o is not None and len(tr_o["key"]) < len(tr_n["key"]):
-            keep = torch.randperm(len(tr_n["key"]), generator=gen)[: len(tr_o["key"])]
+            mkey = _hash_keys(seed, _S_MATCHED, tr_n["img"], tr_n["pos"])
+            keep = _canonical_order({"key": mkey, "img": tr_n["img"], "pos": tr_n["pos"]})[: len(tr_o["key"])]
             samples["normal (n-matched)"] = ({k2: v[keep] for k2, v in tr_n.items()}, te_n)
         else:
             samples["normal (n-matched)"] = samples["normal"]
