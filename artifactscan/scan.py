@@ -179,13 +179,23 @@ class _NormalizedTensors(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [0, 1] -> resized to the model's input and normalised."""
+        if tuple(x.shape[-2:]) != self.size:
+            x = torch.nn.functional.interpolate(x.float(), size=self.size, mode="bicubic",
+                                                align_corners=False).clamp(0, 1)
+        return (x - self.mean) / self.std
+
     def __getitem__(self, index: int):
         item = self.source[index]
         x = item[0] if isinstance(item, (tuple, list)) else item
-        if tuple(x.shape[-2:]) != self.size:
-            x = torch.nn.functional.interpolate(x[None].float(), size=self.size, mode="bicubic",
-                                                align_corners=False)[0].clamp(0, 1)
-        return (x - self.mean) / self.std, index
+        return self._prepare(x[None])[0], index
+
+    def tensor_batches(self, batch_size: int):
+        """In-memory tensors need no DataLoader: slice and normalise whole batches."""
+        for start in range(0, len(self.source), batch_size):
+            stop = min(start + batch_size, len(self.source))
+            yield self._prepare(self.source[start:stop]), torch.arange(start, stop), []
 
 
 def _parse_synthetic(spec: str) -> int | None:
@@ -295,6 +305,10 @@ class _Progress:
 
 
 def _batches(source: ImageSource, batch_size: int, num_workers: int):
+    ds = source.dataset
+    if isinstance(ds, _NormalizedTensors) and isinstance(ds.source, torch.Tensor):
+        yield from ds.tensor_batches(batch_size)
+        return
     loader = DataLoader(source.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=source.collate)
     for batch in loader:
