@@ -348,26 +348,25 @@ def train_reg(
 
     def work() -> None:
         if resume is not None:
-            config_path = resume / "config.json"
-            if not config_path.is_file():
-                from .errors import TrainingError
-
-                raise TrainingError(f"{resume} is not a train-reg run folder (no config.json); nothing to resume")
-            config = training.TrainConfig.from_dict(json.loads(config_path.read_text())).replace(
-                **({"device": device} if device != "auto" else {}))
-            regs = json.loads((resume / "train_reg.json").read_text())["registers"] if (
-                resume / "train_reg.json").is_file() else registers
+            # Options passed again must match the saved run; only where it runs may change.
+            again = {k: v for k, v in dict(data=data, arch=arch, epochs=epochs, steps=steps, batch_size=batch_size,
+                                            lr=lr, depth=depth, embed_dim=dim, num_heads=heads, img_size=img_size,
+                                            patch_size=patch).items() if v is not None}
+            runtime = {"device": device} if device != "auto" else {}
+            result = training.resume(resume, again or None, progress=not json_out, **runtime)
             run_dir = resume
+            if not isinstance(result, training.TrainRegResult):
+                stdout.print(f"resumed and finished the single-model run in {resume}")
+                return
         else:
             config = training.get_preset(
                 preset, data=data, arch=arch, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, depth=depth,
                 embed_dim=dim, num_heads=heads, img_size=img_size, patch_size=patch,
                 class_token=False if no_cls else None, compile=compile_model or None,
                 device=device if device != "auto" else None)
-            regs = registers
             run_dir = out or Path("runs") / f"{__import__('datetime').date.today()}-{config.arch.split('_patch')[0]}"
-        result = training.train_reg(config, run_dir, regs, baseline_checkpoint=baseline, resume=resume is not None,
-                                    progress=not json_out)
+            result = training.train_reg(config, run_dir, registers, baseline_checkpoint=baseline,
+                                        progress=not json_out)
         if int(os.environ.get("RANK", "0")) != 0:
             return  # rank 0 scans and reports
         verdict = verdict_for_run(result, scan_images, device=device, progress=not json_out and sys.stderr.isatty())

@@ -1314,68 +1314,23 @@ def export_half(src: str | Path, dst: str | Path, *, kind: str = "demo", descrip
 # python -m artifactscan.training (stand-in for the CLI; also what torchrun can launch)
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
+    """Internal entry point of the side-by-side worker processes (``python -m artifactscan.training --_worker``).
+
+    Users train with ``artifactscan train-reg`` (or ``torchrun -m artifactscan train-reg``); one CLI, one set of flags.
+    """
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m artifactscan.training",
-                                description="train-reg: the same ViT with and without register tokens")
-    p.add_argument("--preset", default=None, help="demo (default without --data/--arch) or imagenet")
-    p.add_argument("--out", default=None, help="run folder (default runs/train-reg-<time>)")
-    p.add_argument("--registers", default="4")
-    p.add_argument("--baseline", default=None)
-    p.add_argument("--resume", default=None)
-    p.add_argument("--data", default=None)
-    p.add_argument("--arch", default=None)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--dim", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--patch", type=int)
-    p.add_argument("--no-cls", action="store_true")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--sequential", action="store_true", help="train variants one after another")
+                                description="internal worker of `artifactscan train-reg`; run that command instead")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_resume", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a._worker:
-        return _worker_main(a._worker, a.out, a._resume)
-    try:
-        if a.resume:
-            res = resume(a.resume, progress=True, parallel=False if a.sequential else None)
-        else:
-            cfg = get_preset(
-                a.preset, data=a.data, arch=a.arch, depth=a.depth, embed_dim=a.dim, num_heads=a.heads,
-                img_size=a.img_size, patch_size=a.patch, class_token=False if a.no_cls else None,
-                steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                eval_every=a.eval_every, ckpt_every=a.ckpt_every, device=a.device, num_threads=a.threads,
-                num_workers=a.workers, compile=True if a.compile else None,
-            )
-            if a.data is not None:
-                cfg = cfg.replace(num_classes=None)  # from the class folders
-            out = a.out or f"runs/train-reg-{time.strftime('%Y%m%d-%H%M%S')}"
-            res = train_reg(cfg, out, a.registers, baseline_checkpoint=a.baseline,
-                            parallel=False if a.sequential else None)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(res.to_dict(), indent=2, default=str))
-        return 0
-    except (TrainingError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    a, _ = p.parse_known_args(argv)
+    if not a._worker or not a.out:
+        print("error: train with `artifactscan train-reg` (python -m artifactscan.training is its internal worker)",
+              file=sys.stderr)
         return 2
-    finally:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    return _worker_main(a._worker, a.out, a._resume)
 
 
 if __name__ == "__main__":

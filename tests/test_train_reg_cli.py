@@ -25,6 +25,11 @@ def test_train_reg_pair_and_honest_verdict(tmp_path):
     assert (run / "verdict.json").is_file() and (run / "compare.png").is_file()
     for reg in ("reg0", "reg4"):
         assert (run / reg / "final.safetensors").is_file()
+    # --resume reuses finished variants; an option passed again with another value is refused
+    again = CliRunner().invoke(app, ["train-reg", "--resume", str(run), "--scan-images", "synthetic:8", "--json"])
+    assert again.exit_code == 0, again.output
+    changed = CliRunner().invoke(app, ["train-reg", "--resume", str(run), "--steps", "9"])
+    assert changed.exit_code == 1 and "steps" in changed.stderr
 
 
 def test_train_reg_bad_inputs(tmp_path):
@@ -32,6 +37,6 @@ def test_train_reg_bad_inputs(tmp_path):
     result = runner.invoke(app, ["train-reg", "--registers", "-2"])
     assert result.exit_code == 1 and "--registers must be 0 or more" in result.stderr
     result = runner.invoke(app, ["train-reg", "--resume", str(tmp_path)])
-    assert result.exit_code == 1 and "nothing to resume" in result.stderr
+    assert result.exit_code == 1 and "cannot resume" in result.stderr
     result = runner.invoke(app, ["train-reg", "--arch", "resnet18", "--steps", "1", "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "Traceback" not in result.output
