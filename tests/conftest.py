@@ -59,3 +59,36 @@ def tiny_ckpt(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_vit().state_dict().items()}, str(path))
     return path
+
+
+TINY_DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                    "crop_pct": 1.0}
+
+
+def save_planted_checkpoint(path: Path, positions=(), strength: float = 60.0, **overrides) -> Path:
+    """A self-describing checkpoint of the tiny ViT with high-norm patches planted at ``positions``."""
+    from artifactscan.checkpoint import CheckpointMeta, save_checkpoint
+
+    model = tiny_vit(**overrides)
+    offset = 0 if model.no_embed_class else model.num_prefix_tokens
+    with torch.no_grad():
+        for p in positions:
+            model.pos_embed[0, offset + p] += strength
+    meta = CheckpointMeta("vit_small_patch16_224", {**TINY, **overrides}, TINY_DATA_CONFIG)
+    return save_checkpoint(path, model.state_dict(), meta)
+
+
+def assert_json_close(a, b, rel: float, abs_: float = 1e-12, path: str = "") -> None:
+    """Two JSON reports equal, numbers within ``rel`` (sums taken in another order differ in the last bits)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_json_close(a[k], b[k], rel, abs_, f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_json_close(x, y, rel, abs_, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rel, abs=abs_), path
+    else:
+        assert a == b, path

@@ -7,41 +7,12 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
 
-from artifactscan.checkpoint import CheckpointMeta, save_checkpoint
-
-from .conftest import TINY, tiny_vit
-
-
-def _planted_checkpoint(path):
-    model = tiny_vit()
-    with torch.no_grad():
-        model.pos_embed[0, 1 + 6] += 60.0
-    meta = CheckpointMeta(arch="vit_small_patch16_224", arch_kwargs=dict(TINY),
-                          data_config={"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
-                                       "interpolation": "bilinear", "crop_pct": 1.0})
-    return save_checkpoint(path, model.state_dict(), meta)
-
-
-def _close(a, b, path="") -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), path  # float64 sums added in another order
-    else:
-        assert a == b, path
+from .conftest import assert_json_close, save_planted_checkpoint
 
 
 def test_torchrun_two_ranks_equals_single_process(tmp_path, image_dir):
-    ckpt = _planted_checkpoint(tmp_path / "planted.safetensors")
+    ckpt = save_planted_checkpoint(tmp_path / "planted.safetensors", (6,))
     (image_dir / "broken.png").write_bytes(b"not a png")  # a skipped file must be reported once, by rank 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"
@@ -57,5 +28,5 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, image_dir):
     a = json.loads((single / "report.json").read_text())
     b = json.loads((multi / "report.json").read_text())
     assert a["outliers"] and len(a["images"]["skipped"]) == 1
-    _close(a, b)
+    assert_json_close(a, b, rel=1e-9)
     assert (single / "outliers.csv").read_text() == (multi / "outliers.csv").read_text()
