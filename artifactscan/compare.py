@@ -303,5 +303,8 @@ def verdict_for_run(result: Any, images: Any = None, *, device: str = "auto", ba
     images = images if images is not None else held_out_images(result.config)
     models = {f"reg{v.registers}": v.checkpoint for v in result.variants}
     comparison = compare(models, images, device=device, batch_size=batch_size, progress=progress)
+    if result.config.data is not None and images == str(result.config.data):
+        comparison.notes.append(f"{images} has no val/ folder, so the verdict scanned the training images; pass "
+                                "--scan-images for held-out ones (norm statistics do not need labels).")
     accuracy = {f"reg{v.registers}": v.val_acc for v in result.variants}
     return TrainRegVerdict(str(result.run_dir), comparison.images, comparison, accuracy)

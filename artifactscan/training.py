@@ -1114,6 +1114,8 @@ def train_reg(
             raise TrainingError("with --baseline only register models are trained; pass e.g. --registers 4")
     _validate(config)
     device = _resolve_device(config.device)  # fail before creating any folder
+    if config.data is not None:
+        build_datasets(config)  # a bad data folder fails here, before any worker process starts
     world = int(os.environ.get("WORLD_SIZE", "1"))
     main = int(os.environ.get("RANK", "0")) == 0
     if not resume and main and (out / "train_reg.json").exists():
