@@ -50,10 +50,11 @@ def _make_step(model, device, amp: bool):
 
 
 def bench_register_cost(registers: int, batch: int, repeats: int, warmup: int, device: torch.device,
-                        img_size: int = 32) -> dict:
+                        img_size: int = 32, dim: int = 128) -> dict:
     # The cost of registers is their share of the tokens: 4 of 65 at the demo's 32 px (64 patches), 4 of 197 at
     # 56 px (196 patches, the token count of ViT-S/16 at 224 px, where the paper measures < 2% FLOPs).
-    cfg = get_preset("demo", img_size=img_size)
+    # --dim 384 --img-size 56 has ViT-S/16-at-224's width and token count (6 blocks instead of 12).
+    cfg = get_preset("demo", img_size=img_size, embed_dim=dim, num_heads=max(4, dim // 64))
     amp = device.type == "cuda"
     ds = SyntheticShapes(batch, seed=0, img_size=cfg.img_size)
     x, y, _ = ds.batch(range(batch))
@@ -117,17 +118,19 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=4, help="CUDA only: DataLoader workers for train-reg's loop")
     p.add_argument("--img-size", type=int, default=32,
                    help="input size of the demo architecture (4 px patches): 32 = 64 patches, 56 = 196 patches")
+    p.add_argument("--dim", type=int, default=128, help="embedding width (384 = ViT-S)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     device = torch.device("cuda" if (a.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if a.device == "auto" else a.device))
     out = {"device": str(device), "threads": a.threads, "torch": torch.__version__,
-           "registers": bench_register_cost(a.registers, a.batch, a.repeats, a.warmup, device, a.img_size)}
+           "registers": bench_register_cost(a.registers, a.batch, a.repeats, a.warmup, device, a.img_size,
+                                                    a.dim)}
     r = out["registers"]
     n = (a.img_size // 4) ** 2
     print(f"device {device}, batch {a.batch}, {a.threads} thread(s), {a.repeats} interleaved repeats (median); "
-          f"{a.img_size} px = {n} patches: {a.registers} registers add {a.registers / (n + 1):.1%} tokens")
+          f"width {a.dim}, {a.img_size} px = {n} patches: {a.registers} registers add {a.registers / (n + 1):.1%} tokens")
     print(f"  0 registers: {r['median_step_s']['0'] * 1e3:8.1f} ms/step  ({r['img_per_s']['0']:.0f} img/s)")
     print(f"  {a.registers} registers: {r['median_step_s'][str(a.registers)] * 1e3:8.1f} ms/step  "
           f"({r['img_per_s'][str(a.registers)]:.0f} img/s)")
