@@ -200,8 +200,19 @@ def find_checkpoints(run_dir: str | Path) -> dict[str, list[tuple[int | None, Pa
         groups.setdefault(key, []).append((step, path))
     if not groups:
         raise InputError(f"{run_dir} holds no self-describing checkpoints (.safetensors written by train-reg)")
-    for items in groups.values():
-        items.sort(key=lambda sp: (sp[0] is None, sp[0] or 0))
+    for key, items in groups.items():
+        items.sort(key=lambda sp: (sp[0] is None, sp[0] or 0, sp[1].name.startswith("final")))
+        # A run's final.safetensors repeats its last snapshot (checkpoints/step_N): one point per step and run.
+        seen: set[tuple[int | None, Path]] = set()
+        unique = []
+        for step, path in items:
+            run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            ident = (step, run)
+            if step is not None and ident in seen:
+                continue
+            seen.add(ident)
+            unique.append((step, path))
+        groups[key] = unique
     return groups
 
 

@@ -215,7 +215,8 @@ def render_emergence(report: Any, console: "Console") -> None:
     from rich.table import Table
 
     for group in report.groups:
-        table = Table(title=f"{group.architecture} ({group.registers} registers): outliers over training",
+        table = Table(title=f"{group.architecture.split()[0]} with {group.registers} registers: outliers over training "
+                            "(% flagged / max-over-median per block)",
                       title_justify="left", header_style="bold")
         table.add_column("step", justify="right")
         table.add_column("onset", justify="right")

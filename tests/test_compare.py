@@ -28,6 +28,8 @@ def _run_folder(root):
         with torch.no_grad():
             model.pos_embed[0, 1 + 5] += strength
         _save(root / "reg0" / "checkpoints" / f"step_{step:07d}.safetensors", model, step)
+        if step == 300:  # train-reg also writes the final weights beside the last snapshot: the same point
+            _save(root / "reg0" / "final.safetensors", model, step)
     _save(root / "reg4" / "checkpoints" / "step_0000300.safetensors", tiny_vit(reg_tokens=4), 300, reg_tokens=4)
     (root / "reg0" / "last.pt").write_bytes(b"resume state, not a model checkpoint")
 
