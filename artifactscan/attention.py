@@ -12,7 +12,7 @@ attention map over the patch grid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -86,7 +86,6 @@ class _Accumulator:
     outlier_sum: float = 0.0
     outlier_images: int = 0
     images: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 @torch.inference_mode()

@@ -72,6 +72,22 @@ def root(
     """Find, explain and fix the high-norm artifact tokens of Vision Transformers."""
 
 
+def emit_result(result: Any, out: Optional[Path], filename: str, json_out: bool,
+                render: Callable[[Any], None], figures: Callable[[Any, Path], Any] | None = None) -> None:
+    """Write ``result`` as ``out/filename`` (+ figures), then print it: JSON alone on stdout, or rendered."""
+    from .report import atomic_write_text
+
+    text = json.dumps(result.to_dict(), indent=2)
+    if out is not None:
+        atomic_write_text(out / filename, text)
+        if figures is not None:
+            figures(result, out)
+    if json_out:
+        sys.stdout.write(text + "\n")
+    else:
+        render(result)
+
+
 # ----------------------------------------------------------------------------------------------- shared options
 MODEL_HELP = (
     "The ViT to scan: a built-in name (phantom, demo, demo-reg4), a checkpoint file (.safetensors/.pt; bare state "
@@ -159,21 +175,13 @@ def norms(
 
     def _emergence(run_dir: str) -> None:
         from .compare import scan_run
-        from .report import atomic_write_text, render_emergence
+        from .plots import save_emergence_figure
+        from .report import render_emergence
 
         result = scan_run(run_dir, images, threshold=threshold, device=device, batch_size=batch_size,
                           progress=not json_out and sys.stderr.isatty(), img_size=img_size)
-        text = json.dumps(result.to_dict(), indent=2)
-        if out is not None:
-            atomic_write_text(out / "emergence.json", text)
-            if figures:
-                from .plots import save_emergence_figure
-
-                save_emergence_figure(result, out)
-        if json_out:
-            sys.stdout.write(text + "\n")
-        else:
-            render_emergence(result, stdout)
+        emit_result(result, out, "emergence.json", json_out, lambda r: render_emergence(r, stdout),
+                    save_emergence_figure if figures else None)
 
     run_command(debug, work)
 
@@ -201,7 +209,8 @@ def compare(
       artifactscan compare demo demo-reg4 phantom synthetic:256
     """
     from .compare import compare as compare_models
-    from .report import atomic_write_text, render_compare
+    from .plots import save_compare_figure
+    from .report import render_compare
 
     def work() -> None:
         if len(models_and_images) < 3:
@@ -212,18 +221,7 @@ def compare(
         *models, images = models_and_images
         result = compare_models(models, images, threshold=threshold, device=device, batch_size=batch_size,
                                 progress=not json_out and sys.stderr.isatty())
-        data = result.to_dict()
-        data.pop("reports")
-        text = json.dumps(data, indent=2)
-        if out is not None:
-            atomic_write_text(out / "compare.json", text)
-            from .plots import save_compare_figure
-
-            save_compare_figure(result, out)
-        if json_out:
-            sys.stdout.write(text + "\n")
-        else:
-            render_compare(result, stdout)
+        emit_result(result, out, "compare.json", json_out, lambda r: render_compare(r, stdout), save_compare_figure)
 
     run_command(debug, work)
 
@@ -344,7 +342,8 @@ def train_reg(
     """
     from . import training
     from .compare import verdict_for_run
-    from .report import atomic_write_text, render_compare
+    from .plots import save_compare_figure, save_register_ablation_figure
+    from .report import render_compare
 
     def work() -> None:
         if resume is not None:
@@ -370,22 +369,19 @@ def train_reg(
         if int(os.environ.get("RANK", "0")) != 0:
             return  # rank 0 scans and reports
         verdict = verdict_for_run(result, scan_images, device=device, progress=not json_out and sys.stderr.isatty())
-        text = json.dumps(verdict.to_dict(), indent=2)
-        atomic_write_text(Path(run_dir) / "verdict.json", text)
-        from .plots import save_compare_figure
 
-        save_compare_figure(verdict.comparison, Path(run_dir))
-        if len(result.variants) > 2:
-            from .plots import save_register_ablation_figure
+        def figures(v: Any, folder: Path) -> None:
+            save_compare_figure(v.comparison, folder)
+            if len(result.variants) > 2:
+                save_register_ablation_figure(v.comparison, folder)
 
-            save_register_ablation_figure(verdict.comparison, Path(run_dir))
-        if json_out:
-            sys.stdout.write(text + "\n")
-            return
-        render_compare(verdict.comparison, stdout)
-        stdout.print("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in
-                                                       verdict.validation_accuracy.items()))
-        stdout.print(f"run folder: {run_dir} (verdict.json, compare.png, checkpoints per model)")
+        def render(v: Any) -> None:
+            render_compare(v.comparison, stdout)
+            stdout.print("held-out accuracy: " + ", ".join(f"{k} {a:.1%}" for k, a in
+                                                           v.validation_accuracy.items()))
+            stdout.print(f"run folder: {run_dir} (verdict.json, compare.png, checkpoints per model)")
+
+        emit_result(verdict, Path(run_dir), "verdict.json", json_out, render, figures)
 
     run_command(debug, work)
 

@@ -53,6 +53,11 @@ class CompareReport(JsonResult):
     notes: list[str] = field(default_factory=list)
     schema: str = "artifactscan.compare/1"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The rows and the verdict; each model's full scan stays in memory (``reports``), out of compare.json."""
+        data = super().to_dict()
+        data.pop("reports")
+        return data
 
 
 def _synthetic_count(images: Any) -> int | None:
@@ -295,7 +300,7 @@ class TrainRegVerdict(JsonResult):
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        data["comparison"].pop("reports", None)
+        data["comparison"] = self.comparison.to_dict()
         data["verdict"] = self.verdict
         return data
 
