@@ -7,9 +7,6 @@ normalised output (``forward_features``), reported as its own row.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from torch import nn
 
@@ -74,9 +71,3 @@ class NormCapture:
         self._norms = [None] * len(self.blocks)
         return out
 
-
-@contextmanager
-def capture_norms(loaded: LoadedModel) -> Iterator[NormCapture]:
-    """Functional spelling of :class:`NormCapture`."""
-    with NormCapture(loaded) as cap:
-        yield cap

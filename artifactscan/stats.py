@@ -21,11 +21,6 @@ NUM_BINS = 4000
 BIN_WIDTH_LOG10 = (LOG10_MAX - LOG10_MIN) / NUM_BINS
 
 
-def bin_edges() -> torch.Tensor:
-    """The ``NUM_BINS + 1`` histogram edges in norm units (float64)."""
-    return torch.logspace(LOG10_MIN, LOG10_MAX, NUM_BINS + 1, dtype=torch.float64)
-
-
 def bin_index(values: torch.Tensor) -> torch.Tensor:
     """Histogram bin of each value (clamped into the range; values <= 0 fall into bin 0)."""
     logs = torch.log10(values.double().clamp_min(10**LOG10_MIN))
