@@ -583,10 +583,7 @@ def scan(
         model=_model_summary(loaded),
         images=ImageSummary(source.description, source.num_found, stats.num_images, skipped_records),
         threshold_mode="fixed" if fixed is not None else "auto",
-        threshold_rule=(f"fixed: norm > {fixed:g}" if fixed is not None else
-                        f"auto: 2-component mixture on log-norms per layer; outliers only when bimodal "
-                        f"(upper group <= {rule.max_outlier_fraction:.0%} of tokens, >= {rule.min_ratio:g}x the bulk, "
-                        f"Ashman's D >= {rule.min_separation:g}, valley <= {rule.max_valley:g} of its peak)"),
+        threshold_rule=f"fixed: norm > {fixed:g}" if fixed is not None else rule.describe(),
         layers=layers, onset_layer=onset, headline="", outliers=records, outlier_records_complete=True,
         maps=norm_maps, notes=list(loaded.notes))
     from .report import headline

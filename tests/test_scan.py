@@ -56,7 +56,7 @@ def test_unimodal_model_has_no_outliers():
     report = scan(wrap_module(tiny_vit()), torch.rand(32, 3, 32, 32))
     assert report.onset_layer is None
     assert all(lay.num_outliers == 0 and lay.threshold is None for lay in report.layers)
-    assert "unimodal" in report.layers[0].threshold_reason
+    assert report.layers[0].threshold_reason.startswith("no outliers")
     assert "No high-norm outlier" in report.headline
 
 
@@ -109,13 +109,13 @@ def test_late_outliers_trigger_exact_second_pass():
         def forward(self, t):
             out = self.block(t)
             out = out.clone()
-            out[-2:, 3] *= 40  # the last two images of the batch get a huge token 3 (patch 2)
+            out[-3:, 3] *= 40  # the last three images of the batch get a huge token 3 (patch 2): >= 5 in all
             return out
 
     model.blocks[1] = LateArtifacts(model.blocks[1])
     report = scan(wrap_module(model), x, batch_size=20)
     lay = report.layers[1]
-    assert lay.num_outliers == len([o for o in report.outliers if o.layer == 1]) == 4
+    assert lay.num_outliers == len([o for o in report.outliers if o.layer == 1]) == 6
 
 
 def test_json_round_trip_and_schema():
