@@ -41,7 +41,8 @@ from torch import nn
 from .errors import InputError
 
 ARCH = "artifactscan_phantom_vit"
-MAX_FRACTION = 0.02
+MAX_FRACTION = 0.02  # the shipped phantoms: the paper's ~2% of patch tokens
+CALIBRATION_MAX_FRACTION = 0.08  # calibration builds (artifactscan calibrate) may plant up to 8% of patches
 PHANTOM_KWARGS = ("phantom_onset", "phantom_fraction", "phantom_units", "phantom_gain", "phantom_beta")
 
 
@@ -160,14 +161,17 @@ class PhantomViT(VisionTransformer):
         return self.plant_state.planted
 
 
-def validate_settings(depth: int, onset: int, fraction: float, units: int) -> None:
+def validate_settings(depth: int, onset: int, fraction: float, units: int, gain_over_median: float = 25.0) -> None:
     if not 0 <= onset < depth:
         raise InputError(f"--onset {onset} is outside the model: choose a block from 0 to {depth - 1}")
-    if not 0 < fraction <= MAX_FRACTION:
-        raise InputError(f"--fraction {fraction:g} is outside (0, {MAX_FRACTION:g}]: the paper's artifacts are about "
-                         f"2% of patch tokens; the phantom plants at most {MAX_FRACTION:.0%}")
+    if not 0 < fraction <= CALIBRATION_MAX_FRACTION:
+        raise InputError(f"--fraction {fraction:g} is outside (0, {CALIBRATION_MAX_FRACTION:g}]: the paper's artifacts "
+                         f"are about 2% of patch tokens; a phantom plants at most {CALIBRATION_MAX_FRACTION:.0%}")
     if units < 1:
         raise InputError(f"--units {units} must be at least 1")
+    if not (math.isfinite(gain_over_median) and gain_over_median > 1):
+        raise InputError(f"--gain {gain_over_median:g} must be above 1: planted tokens are written at gain x the "
+                         "baseline's median patch norm, so a gain <= 1 plants nothing above the bulk")
 
 
 @register_model
@@ -207,39 +211,58 @@ def _median_patch_norms(loaded: Any, images: torch.Tensor) -> torch.Tensor:
     return norms.flatten(1).median(dim=1).values  # [rows]
 
 
-def build_phantom(base: str | Path = "demo", out: str | Path | None = None, *, onset: int = 2,
-                  fraction: float = MAX_FRACTION, units: int = 4, gain_over_median: float = 25.0,
-                  beta: float = 0.5, calibration_images: int = 256) -> tuple[PhantomViT, PhantomSpec, Path | None]:
-    """Build the phantom from a trained baseline (deterministic: the same base gives the same file).
-
-    ``gain`` is set to ``gain_over_median`` x the largest median patch norm of the base model's blocks from the onset
-    on, measured on the built-in synthetic data, so planted tokens stand >= 10x above the bulk at every later block.
-    """
-    from .checkpoint import CheckpointMeta, save_checkpoint
-    from .loading import PHANTOM_NOTE, load_model
-    from .synthetic import SyntheticShapes
+def load_baseline(base: Any = "demo") -> Any:
+    """Load and check a phantom's baseline (a self-describing ViT without registers, e.g. ``demo``)."""
+    from .loading import load_model
 
     loaded = load_model(base)
     if loaded.kind == "phantom" or loaded.arch != "vit_small_patch16_224" or loaded.meta is None:
         raise InputError(f"the phantom is built from the shipped demo baseline architecture (a self-describing "
                          f"vit_small_patch16_224 checkpoint such as 'demo'); {loaded.name} is "
                          f"{loaded.arch or type(loaded.model).__name__}")
-    depth = len(loaded.blocks)
-    validate_settings(depth, onset, fraction, units)
     if loaded.num_register_tokens:
         raise InputError("build the phantom from a baseline without registers (e.g. 'demo', not 'demo-reg4')")
-    arch_kwargs = dict(loaded.meta.arch_kwargs)
-    arch_kwargs.update(phantom_onset=onset, phantom_fraction=fraction, phantom_units=units)
-    phantom = PhantomViT(**arch_kwargs).eval()
-    missing, unexpected = phantom.load_state_dict(loaded.model.state_dict(), strict=False)
-    assert not unexpected and all("artifact_units" in k for k in missing), (missing, unexpected)
+    return loaded
+
+
+def baseline_medians(loaded: Any, calibration_images: int = 256) -> torch.Tensor:
+    """Median patch norm per captured row of the clean baseline, on the built-in synthetic validation images."""
+    from .synthetic import SyntheticShapes
 
     h, w = loaded.input_size
     data = SyntheticShapes(calibration_images, seed=1234, img_size=h, split="val")
     mean = torch.tensor(loaded.data_config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(loaded.data_config["std"]).view(1, 3, 1, 1)
     images = (torch.stack([data[i][0] for i in range(len(data))]) - mean) / std
-    medians = _median_patch_norms(loaded, images)  # the clean baseline's scale, per row
+    return _median_patch_norms(loaded, images)
+
+
+def build_phantom(base: Any = "demo", out: str | Path | None = None, *, onset: int = 2,
+                  fraction: float = MAX_FRACTION, units: int = 4, gain_over_median: float = 25.0,
+                  beta: float = 0.5, calibration_images: int = 256,
+                  medians: torch.Tensor | None = None) -> tuple[PhantomViT, PhantomSpec, Path | None]:
+    """Build the phantom from a trained baseline (deterministic: the same base gives the same file).
+
+    ``gain`` is set to ``gain_over_median`` x the largest median patch norm of the base model's blocks from the onset
+    on, measured on the built-in synthetic data, so planted tokens stand >= 10x above the bulk at every later block
+    with the default 25. ``base`` may be an already loaded baseline and ``medians`` its :func:`baseline_medians`
+    (calibration builds many phantoms from one base). ``fraction`` up to 2% for shipped phantoms, up to 8% for
+    calibration builds.
+    """
+    from .checkpoint import CheckpointMeta, save_checkpoint
+    from .loading import PHANTOM_NOTE
+
+    loaded = load_baseline(base)
+    depth = len(loaded.blocks)
+    validate_settings(depth, onset, fraction, units, gain_over_median)
+    arch_kwargs = dict(loaded.meta.arch_kwargs)
+    arch_kwargs.update(phantom_onset=onset, phantom_fraction=fraction, phantom_units=units)
+    phantom = PhantomViT(**arch_kwargs).eval()
+    missing, unexpected = phantom.load_state_dict(loaded.model.state_dict(), strict=False)
+    assert not unexpected and all("artifact_units" in k for k in missing), (missing, unexpected)
+
+    if medians is None:
+        medians = baseline_medians(loaded, calibration_images)  # the clean baseline's scale, per row
     reference = float(medians[onset:depth].max())
     # Three significant digits: the same base gives the same file whatever the thread count's rounding.
     gain = float(f"{gain_over_median * reference:.3g}")
@@ -247,7 +270,7 @@ def build_phantom(base: str | Path = "demo", out: str | Path | None = None, *, o
     units_module.gain.fill_(gain)
     units_module.beta.fill_(beta)
     num_patches = loaded.grid_size[0] * loaded.grid_size[1]
-    spec = PhantomSpec(base=str(base), onset=onset, fraction=fraction, units=units, gain=gain, beta=beta,
+    spec = PhantomSpec(base=base if isinstance(base, str) else loaded.name, onset=onset, fraction=fraction, units=units, gain=gain, beta=beta,
                        gain_over_median=gain_over_median, planted_per_image=planted_count(num_patches, fraction),
                        num_patches=num_patches, calibration_median=reference)
     path = None

@@ -234,9 +234,10 @@ def auto_threshold(counts: torch.Tensor | np.ndarray, rule: AutoRule | None = No
     strength = c["log10_tail_chance"] + c["log10_gap_chance"]  # lower = stronger evidence of a separate group
     accepted = [i for i in range(n) if not fails[i]]
     if not accepted:
-        # The near miss worth showing: the strongest candidate that is at least a group of enough tokens.
+        # The near miss worth showing: of the candidates with enough tokens, the one that failed the fewest tests,
+        # then the strongest evidence (a clean 3x group above a 1.3x gap, not a 2x split inside the bulk).
         pool = [i for i in range(n) if c["n_group"][i] >= rule.min_group_tokens] or list(range(n))
-        best = min(pool, key=lambda i: (strength[i], -c["ratio"][i]))
+        best = min(pool, key=lambda i: (len(fails[i]), strength[i], -c["ratio"][i]))
         details = _describe(c, best)
         details["rejected"] = fails[best]
         return ThresholdDecision("auto", None, f"no outliers: strongest candidate {_group_words(details)}, rejected: "
