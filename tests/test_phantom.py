@@ -103,8 +103,8 @@ def test_cli_default_run_is_the_labelled_phantom():
 def test_cli_describe_and_bad_build():
     result = runner.invoke(app, ["phantom", "--describe"])
     assert result.exit_code == 0 and "artifact_units" in result.output and "redundant" in result.output
-    result = runner.invoke(app, ["phantom", "--build", "--fraction", "0.05"])
-    assert result.exit_code == 1 and "at most 2%" in result.stderr
+    result = runner.invoke(app, ["phantom", "--build", "--fraction", "0.09"])
+    assert result.exit_code == 1 and "at most 8%" in result.stderr
 
 
 def test_probes_on_the_phantom_find_the_built_in_signature(phantom):
