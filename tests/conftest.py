@@ -67,7 +67,7 @@ TINY_DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] *
 
 def save_planted_checkpoint(path: Path, positions=(), strength: float = 60.0, **overrides) -> Path:
     """A self-describing checkpoint of the tiny ViT with high-norm patches planted at ``positions``."""
-    from artifactscan.checkpoint import CheckpointMeta, save_checkpoint
+    from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
 
     model = tiny_vit(**overrides)
     offset = 0 if model.no_embed_class else model.num_prefix_tokens

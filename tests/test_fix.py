@@ -10,12 +10,13 @@ import torch
 from typer.testing import CliRunner
 
 from artifactscan import load_model, scan
-from artifactscan.checkpoint import CheckpointMeta, save_checkpoint
-from artifactscan.cli import app
-from artifactscan.errors import InputError, NotAViTError
-from artifactscan.fix import TestTimeRegister, apply_test_time_register, fix
-from artifactscan.loading import wrap_module
-from artifactscan.phantom import build_phantom
+from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
+from artifactscan.cli.app import app
+from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.models.test_time_register import TestTimeRegister, apply_test_time_register
+from artifactscan.analysis.fix import fix
+from artifactscan.models.loading import wrap_module
+from artifactscan.models.phantom import build_phantom
 
 KW = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=2, num_classes=8)
 DATA = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
@@ -47,7 +48,7 @@ def test_register_is_per_image_and_per_neuron(tiny_phantom):
     path, spec, _ = tiny_phantom
     loaded = load_model(path)
     report = scan(loaded, "synthetic:8")
-    from artifactscan.fix import find_register_neurons
+    from artifactscan.analysis.fix import find_register_neurons
 
     register = find_register_neurons(loaded, "synthetic:8", report, top_k=2)
     apply_test_time_register(loaded, register)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .cli import (
+from artifactscan.cli.app import (
     ArchKwargsOpt,
     ArchOpt,
     DebugOpt,
@@ -26,7 +26,7 @@ from .cli import (
     stderr,
     stdout,
 )
-from .probes import (
+from artifactscan.analysis.probes import (
     DEFAULT_PROBE_IMAGES,
     GLOBAL_DRAWS,
     MIN_GLOBAL_IMAGES,
@@ -84,8 +84,11 @@ def probe_command(
     workers: int = WorkersOpt,
     debug: bool = DebugOpt,
 ) -> None:
-    from .loading import parse_arch_kwargs
-    from .probes import distributed_world, probe, render_probe, write_probe_outputs
+    from artifactscan.models.loading import parse_arch_kwargs
+    from artifactscan.core.progress import distributed_world
+    from artifactscan.analysis.probes import probe
+    from artifactscan.render.text import render_probe
+    from artifactscan.render.outputs import write_probe_outputs
 
     def work() -> None:
         report = probe(model, data, layer=layer, threshold=threshold, arch=arch,

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .cli import DebugOpt, app, run_command, stderr, stdout
+from artifactscan.cli.app import DebugOpt, app, run_command, stderr, stdout
 
 
 @app.command("report")
@@ -37,7 +37,7 @@ def report(
 
       artifactscan report results/ -o report.html
     """
-    from .html_report import write_html_report
+    from artifactscan.render.html_report import write_html_report
 
     def work() -> None:
         summary = write_html_report(results_dir, out, warn=lambda msg: stderr.print(

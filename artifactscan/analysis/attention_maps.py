@@ -29,22 +29,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from . import __version__
-from .attention import AttentionCapture
-from .errors import InputError, NotAViTError
-from .loading import LoadedModel, load_model
-from .report import JsonResult
-from .scan import (
-    ImageSummary,
-    ModelSummary,
-    ScanReport,
-    _batches,
-    _model_summary,
-    _Progress,
-    make_image_source,
-    resolve_device,
-    scan,
-)
+from artifactscan import __version__
+from artifactscan.analysis.attention import AttentionCapture
+from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.core.results import JsonResult
+from artifactscan.analysis.scan import ImageSummary, ModelSummary, ScanReport, model_summary, scan
+from artifactscan.inputs.sources import image_batches, make_image_source
+from artifactscan.core.progress import ProgressBar, resolve_device
 
 SCHEMA = "artifactscan.attention/1"
 HEADS_MODES = ("mean", "all")
@@ -396,8 +388,8 @@ def attention_report(
 
     n_images = 0
     capture.on_probs = on_probs
-    with torch.inference_mode(), capture, _Progress(progress, source.num_found, "attention") as bar:
-        for x, indices, bad in _batches(source, batch_size, num_workers):
+    with torch.inference_mode(), capture, ProgressBar(progress, source.num_found, "attention") as bar:
+        for x, indices, bad in image_batches(source, batch_size, num_workers):
             bar.advance(len(indices) + len(bad))
             if x is None:
                 continue
@@ -443,7 +435,7 @@ def attention_report(
                     "(norms-scan row b-1, the keys this block reads); block 0 reads the patch embedding and has no "
                     "outlier mass")
     report = AttentionReport(
-        model=_model_summary(loaded), images=scan_report.images, query=qinfo,
+        model=model_summary(loaded), images=scan_report.images, query=qinfo,
         query_patch=list(qpatch) if qpatch else None, heads=heads, blocks=list(blocks),
         threshold_mode=scan_report.threshold_mode, threshold_rule=scan_report.threshold_rule,
         outlier_rule=outlier_rule, layers=layer_reports, maps=attention_maps, headline="",

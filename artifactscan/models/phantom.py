@@ -38,7 +38,8 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .errors import InputError
+from artifactscan.core.errors import InputError
+from artifactscan.models.registry import register_architecture
 
 ARCH = "artifactscan_phantom_vit"
 MAX_FRACTION = 0.02
@@ -200,7 +201,7 @@ class PhantomSpec:
 
 
 def _median_patch_norms(loaded: Any, images: torch.Tensor) -> torch.Tensor:
-    from .capture import NormCapture
+    from artifactscan.models.capture import NormCapture
 
     with NormCapture(loaded) as cap:
         norms = cap.run(images)[:, :, loaded.num_prefix_tokens:]
@@ -215,9 +216,9 @@ def build_phantom(base: str | Path = "demo", out: str | Path | None = None, *, o
     ``gain`` is set to ``gain_over_median`` x the largest median patch norm of the base model's blocks from the onset
     on, measured on the built-in synthetic data, so planted tokens stand >= 10x above the bulk at every later block.
     """
-    from .checkpoint import CheckpointMeta, save_checkpoint
-    from .loading import PHANTOM_NOTE, load_model
-    from .synthetic import SyntheticShapes
+    from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
+    from artifactscan.models.loading import PHANTOM_NOTE, load_model
+    from artifactscan.inputs.synthetic import SyntheticShapes
 
     loaded = load_model(base)
     if loaded.kind == "phantom" or loaded.arch != "vit_small_patch16_224" or loaded.meta is None:
@@ -280,7 +281,7 @@ def ground_truth(loaded: Any, images: torch.Tensor) -> torch.Tensor:
 
 def describe_phantom(name: str = "phantom") -> str:
     """Human description of a shipped phantom: what was built in, where, and why."""
-    from .loading import PHANTOM_NOTE, load_model
+    from artifactscan.models.loading import PHANTOM_NOTE, load_model
 
     loaded = load_model(name)
     spec = phantom_spec(loaded)
@@ -304,3 +305,6 @@ def describe_phantom(name: str = "phantom") -> str:
         "artifacts; an instrument that has only seen clean models cannot show it finds anything.",
         "Rebuild: artifactscan phantom --build --from demo --out artifactscan/weights/phantom.safetensors",
     ])
+
+
+register_architecture(ARCH, artifactscan_phantom_vit)

@@ -9,6 +9,7 @@ was used, the records are re-collected in a second pass, so they are always exac
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -18,19 +19,18 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import __version__
-from .capture import NormCapture, row_names
-from .errors import InputError
-from .images import ImageFolderDataset, SkippedImage, collate_skip_bad, discover_images
-from .loading import LoadedModel, load_model
-from .stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
-from .thresholds import PAPER_THRESHOLD, AutoRule, ThresholdDecision, auto_threshold, fixed_threshold, parse_threshold
-from .report import JsonResult
+from artifactscan import __version__
+from artifactscan.analysis.capture import NormCapture, row_names
+from artifactscan.core.errors import InputError
+from artifactscan.core.progress import ProgressBar, distributed_world, gather, resolve_device
+from artifactscan.inputs.images import SkippedImage
+from artifactscan.inputs.sources import ImageSource, image_batches, make_image_source
+from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
+from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, ThresholdDecision, auto_threshold, fixed_threshold, parse_threshold
+from artifactscan.core.results import JsonResult
 
 SCHEMA = "artifactscan.scan/1"
-DEFAULT_SYNTHETIC_IMAGES = 256
-
-
 # ----------------------------------------------------------------------------------------------- result types
 @dataclass
 class OutlierRecord:
@@ -151,174 +151,7 @@ class ScanReport(JsonResult):
 
 
 # ----------------------------------------------------------------------------------------------- inputs
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None -> cuda when available else cpu; refuse a CUDA device that is absent."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device} asked for CUDA, but no CUDA GPU is available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return dev
-
-
-class _NormalizedTensors(Dataset):
-    """Images already given as tensors in [0, 1] (the synthetic set, or a notebook batch)."""
-
-    def __init__(self, source: Dataset | torch.Tensor, mean: Sequence[float], std: Sequence[float], size: tuple[int, int]):
-        self.source = source
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` in [0, 1] -> resized to the model's input and normalised."""
-        if tuple(x.shape[-2:]) != self.size:
-            x = torch.nn.functional.interpolate(x.float(), size=self.size, mode="bicubic",
-                                                align_corners=False).clamp(0, 1)
-        return (x - self.mean) / self.std
-
-    def __getitem__(self, index: int):
-        item = self.source[index]
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        return self._prepare(x[None])[0], index
-
-    def tensor_batches(self, batch_size: int):
-        """In-memory tensors need no DataLoader: slice and normalise whole batches."""
-        for start in range(0, len(self.source), batch_size):
-            stop = min(start + batch_size, len(self.source))
-            yield self._prepare(self.source[start:stop]), torch.arange(start, stop), []
-
-
-def _parse_synthetic(spec: str) -> int | None:
-    if spec == "synthetic":
-        return DEFAULT_SYNTHETIC_IMAGES
-    if spec.startswith("synthetic:"):
-        try:
-            n = int(spec.split(":", 1)[1])
-        except ValueError:
-            n = 0
-        if n <= 0:
-            raise InputError(f"{spec!r}: write synthetic:N with N a positive number of images")
-        return n
-    return None
-
-
-@dataclass
-class ImageSource:
-    dataset: Dataset
-    names: list[str]
-    description: str
-    collate: Callable | None
-    num_found: int
-    folder_dataset: ImageFolderDataset | None = None
-
-
-def default_images() -> Path:
-    """The photos shipped in ``sample_images/`` (next to the package in a source checkout)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "sample_images", here / "sample_images"):
-        if candidate.is_dir():
-            return candidate
-    raise InputError("sample_images/ is not next to this install; pass an IMAGES folder")
-
-
-def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torch.Tensor | None,
-                      loaded: LoadedModel) -> ImageSource:
-    """Build the dataset for ``images``: a folder / file / list of files, ``synthetic[:N]``, a Dataset or a tensor."""
-    cfg = loaded.data_config
-    size = loaded.input_size
-    if images is None:
-        images = default_images()
-    if isinstance(images, torch.Tensor):
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise InputError(f"image tensor must be shaped [N, 3, H, W] in [0, 1], got {tuple(images.shape)}")
-        ds = _NormalizedTensors(images, cfg["mean"], cfg["std"], size)
-        return ImageSource(ds, [f"tensor[{i}]" for i in range(len(images))], "tensor", None, len(images))
-    if isinstance(images, Dataset):
-        ds = _NormalizedTensors(images, cfg["mean"], cfg["std"], size)
-        n = len(images)  # type: ignore[arg-type]
-        return ImageSource(ds, [f"{type(images).__name__}[{i}]" for i in range(n)], type(images).__name__, None, n)
-    if isinstance(images, (str, Path)) and (n_syn := _parse_synthetic(str(images))) is not None:
-        from .synthetic import SyntheticShapes
-
-        syn = SyntheticShapes(n_syn, seed=0, img_size=size[0], split="val")
-        ds = _NormalizedTensors(syn, cfg["mean"], cfg["std"], size)
-        return ImageSource(ds, [f"synthetic[{i}]" for i in range(n_syn)], f"synthetic:{n_syn} (built-in data set)",
-                           None, n_syn)
-    if isinstance(images, (str, Path)):
-        paths = discover_images(images)
-        description = str(images)
-    else:
-        paths = [Path(p) for p in images]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise InputError(f"image file {missing[0]} does not exist")
-        if not paths:
-            raise InputError("the list of images is empty")
-        description = f"{len(paths)} files"
-    import timm.data
-
-    transform = timm.data.create_transform(
-        input_size=cfg["input_size"], interpolation=cfg.get("interpolation", "bicubic"), mean=cfg["mean"],
-        std=cfg["std"], crop_pct=cfg.get("crop_pct", 1.0), crop_mode=cfg.get("crop_mode", "center"),
-        is_training=False)
-    folder = ImageFolderDataset(paths, transform)
-    return ImageSource(folder, [str(p) for p in paths], description, collate_skip_bad, len(paths), folder)
-
-
 # ----------------------------------------------------------------------------------------------- the pass
-class _Progress:
-    """A rich progress bar on stderr (so ``--json`` stdout stays clean), or nothing."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("img"), TimeRemainingColumn(), console=Console(stderr=True),
-                                transient=True)
-            self.task = self.bar.add_task(label, total=total)
-
-    def __enter__(self) -> "_Progress":
-        if self.bar:
-            self.bar.__enter__()
-        return self
-
-    def advance(self, n: int) -> None:
-        if self.bar:
-            self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar:
-            self.bar.__exit__(*exc)
-
-
-def _batches(source: ImageSource, batch_size: int, num_workers: int):
-    ds = source.dataset
-    if isinstance(ds, _NormalizedTensors) and isinstance(ds.source, torch.Tensor):
-        yield from ds.tensor_batches(batch_size)
-        return
-    loader = DataLoader(source.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=source.collate)
-    for batch in loader:
-        if source.collate is collate_skip_bad:
-            images, indices, skipped = batch
-        else:
-            (images, indices), skipped = batch, []
-        yield images, indices, skipped
-
-
 @dataclass
 class _Candidates:
     """Per-row candidate outlier tokens: (image index, patch index, norm)."""
@@ -368,8 +201,8 @@ def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, b
     L = len(loaded.blocks) + 1
     cands = [_Candidates() for _ in range(L)]
     seen_batches = 0
-    with NormCapture(loaded) as cap, _Progress(progress, source.num_found, label) as bar:
-        for images, indices, bad in _batches(source, batch_size, num_workers):
+    with NormCapture(loaded) as cap, ProgressBar(progress, source.num_found, label) as bar:
+        for images, indices, bad in image_batches(source, batch_size, num_workers):
             skipped.extend(bad)
             bar.advance(len(indices) + len(bad))
             if images is None:
@@ -394,24 +227,6 @@ def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, b
 
 
 # ----------------------------------------------------------------------------------------------- torch.distributed
-def distributed_world() -> tuple[int, int]:
-    """``(world_size, rank)``; joins the process group when launched by torchrun (WORLD_SIZE > 1 in the env)."""
-    import os
-
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 1, 0
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return 1, 0
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-    return dist.get_world_size(), dist.get_rank()
-
-
 def _merge_across_ranks(stats: NormStatistics, max_bar: torch.Tensor, device: torch.device) -> None:
     """Exact merge: counts and sums add, maxima take the max; every rank ends with the global statistics."""
     import torch.distributed as dist
@@ -430,14 +245,6 @@ def _merge_across_ranks(stats: NormStatistics, max_bar: torch.Tensor, device: to
     dist.all_reduce(patches, op=dist.ReduceOp.MAX)
     stats.num_images = int(counts[0])
     stats.num_patches_per_image = int(patches[0]) or None
-
-
-def _gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- scan()
@@ -511,8 +318,8 @@ def scan(
                        map_indices, maps, skipped, progress and rank == 0, "scanning")
     if world > 1:
         _merge_across_ranks(stats, max_bar, dev)
-        skipped = sorted(s for part in _gather(skipped) for s in part)
-        maps = {k: v for part in _gather(maps) for k, v in part.items()}
+        skipped = sorted(s for part in gather(skipped) for s in part)
+        maps = {k: v for part in gather(maps) for k, v in part.items()}
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     for idx, reason in skipped if rank == 0 else []:
         warn(f"skipped {source.names[idx]}: {reason}")
@@ -567,7 +374,7 @@ def scan(
             fraction_above_150=above_paper / n_tok, prefix=stats.prefix_stats(r),
             histogram=Histogram.from_counts(stats.patch_counts[r]), bimodality=d.details))
     if world > 1:  # per-outlier records gather to every rank (rank 0 reports); maps' flags are rebuilt from them
-        records = [o for part in _gather(records) for o in part]
+        records = [o for part in gather(records) for o in part]
         for o in records:
             if o.image_index in flagged_maps:
                 flagged_maps[o.image_index][o.layer, o.row, o.col] = True
@@ -580,7 +387,7 @@ def scan(
     folder = source.folder_dataset
     skipped_records = folder.skipped_images(skipped) if folder else [SkippedImage(source.names[i], r) for i, r in skipped]
     report = ScanReport(
-        model=_model_summary(loaded),
+        model=model_summary(loaded),
         images=ImageSummary(source.description, source.num_found, stats.num_images, skipped_records),
         threshold_mode="fixed" if fixed is not None else "auto",
         threshold_rule=(f"fixed: norm > {fixed:g}" if fixed is not None else
@@ -589,16 +396,52 @@ def scan(
                         f"Ashman's D >= {rule.min_separation:g}, valley <= {rule.max_valley:g} of its peak)"),
         layers=layers, onset_layer=onset, headline="", outliers=records, outlier_records_complete=True,
         maps=norm_maps, notes=list(loaded.notes))
-    from .report import headline
-
     report.headline = headline(report)
     return report
 
 
-def _model_summary(loaded: LoadedModel) -> ModelSummary:
+def model_summary(loaded: LoadedModel) -> ModelSummary:
     return ModelSummary(
         name=loaded.name, source=loaded.source, arch=loaded.arch, kind=loaded.kind, num_blocks=len(loaded.blocks),
         num_prefix_tokens=loaded.num_prefix_tokens, num_cls_tokens=loaded.num_cls_tokens,
         num_register_tokens=loaded.num_register_tokens, patch_size=list(loaded.patch_size),
         grid_size=list(loaded.grid_size), input_size=list(loaded.input_size),
         calibration_note=loaded.notes[0] if loaded.is_phantom else None)
+
+
+# ----------------------------------------------------------------------------------------------- words
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def headline(report: ScanReport) -> str:
+    """The one-paragraph verdict shown first in the terminal and stored in the JSON."""
+    last = report.last_block
+    parts = []
+    if report.model.kind == "phantom":
+        parts.append("[CALIBRATION PHANTOM - artifacts built in by construction, not a finding about real models]")
+    if report.onset_layer is None:
+        parts.append(f"No high-norm outlier tokens in any of the {report.model.num_blocks} blocks "
+                     f"({report.images.num_scanned} images, {report.threshold_mode} threshold).")
+        if report.threshold_mode == "auto":
+            parts.append("Every layer's patch-norm distribution is unimodal.")
+    else:
+        parts.append(
+            f"Outliers appear from block {report.onset_layer} of {report.model.num_blocks} (0-based). "
+            f"Last block: {_pct(last.outlier_fraction)} of patch tokens flagged, in "
+            f"{_pct(last.image_fraction_with_outliers)} of images; max/median norm {last.max_over_median:.1f}x.")
+    if report.threshold_mode == "auto":
+        thr = "none (unimodal)" if last.threshold is None else f"{last.threshold:.4g}"
+        parts.append(f"Threshold: adaptive bimodal rule per layer (last block: {thr}).")
+    else:
+        parts.append(f"Threshold: fixed, norm > {last.threshold:g}.")
+    parts.append(f"Paper's fixed 150 would flag {_pct(last.fraction_above_150)} at the last block.")
+    if report.images.skipped:
+        parts.append(f"{len(report.images.skipped)} unreadable image(s) skipped.")
+    return " ".join(parts)
+
+
+
+def load_report(path: str | Path) -> ScanReport:
+    return ScanReport.from_dict(json.loads(Path(path).read_text()))
+

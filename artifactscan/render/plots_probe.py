@@ -14,21 +14,20 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib
 from matplotlib.figure import Figure
+from artifactscan.render.style import COMPACT_STYLE
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from .probes import NeighbourHistogram, ProbeReport
+    from artifactscan.analysis.probes import NeighbourHistogram, ProbeReport
 
 try:  # one tag for every figure of the phantom
-    from .plots import PHANTOM_TAG
+    from artifactscan.render.style import PHANTOM_TAG
 except Exception:  # pragma: no cover - plots.py is optional for this module
     PHANTOM_TAG = "calibration phantom (artifacts built in)"
 
 __all__ = ["plot_probe_bars", "plot_neighbour_similarity", "save_probe_figures"]
 
-_STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
-          "legend.fontsize": 7, "axes.spines.top": False, "axes.spines.right": False}
 # Okabe-Ito: normal = blue, outlier = vermillion, CLS = green, registers = purple
 _COLOURS = {"normal": "#0072B2", "normal (n-matched)": "#56B4E9", "outlier": "#D55E00", "cls": "#009E73",
             "registers": "#CC79A7"}
@@ -45,7 +44,7 @@ def _is_phantom(report: "ProbeReport") -> bool:
 def _ax(ax: "Axes | None", width: float, height: float, ncols: int = 1) -> tuple[Figure, list["Axes"]]:
     if ax is not None:
         return ax.figure, [ax]  # type: ignore[return-value]
-    with matplotlib.rc_context(_STYLE):
+    with matplotlib.rc_context(COMPACT_STYLE):
         fig = Figure(figsize=(width, height), layout="constrained")
         axes = list(fig.subplots(1, ncols, squeeze=False)[0])
     return fig, axes
@@ -61,7 +60,7 @@ def plot_probe_bars(report: "ProbeReport", axes: Sequence["Axes"] | None = None,
 
     Bars of rows with too few tokens are left out and labelled with the row's status ("too few (n=12)").
     """
-    with matplotlib.rc_context(_STYLE):
+    with matplotlib.rc_context(COMPACT_STYLE):
         if axes is None:
             fig, axes = _ax(None, 7.0, 2.4, ncols=3)
         else:
@@ -102,7 +101,7 @@ def plot_neighbour_similarity(report: "ProbeReport", ax: "Axes | None" = None, t
     """Fig 5a: density of the cosine similarity between each input patch embedding and its 4 neighbours, normal vs
     outlier tokens (exact histograms over every token), medians dashed."""
     nb: NeighbourHistogram = report.neighbours
-    with matplotlib.rc_context(_STYLE):
+    with matplotlib.rc_context(COMPACT_STYLE):
         fig, (a,) = _ax(ax, 3.5, 2.4)
         if not nb.available:
             a.text(0.5, 0.5, "no separable patch embedding", ha="center", va="center", transform=a.transAxes)
@@ -135,7 +134,7 @@ def save_probe_figures(report: "ProbeReport", out_dir: str | Path, fmt: str = "p
     for name, (fig, _) in (("probes", plot_probe_bars(report)), ("neighbour_similarity",
                                                                  plot_neighbour_similarity(report))):
         path = out / f"{name}.{fmt.lstrip('.')}"
-        with matplotlib.rc_context(_STYLE):
+        with matplotlib.rc_context(COMPACT_STYLE):
             fig.savefig(path, dpi=dpi)
         fig.clear()
         written.append(path)

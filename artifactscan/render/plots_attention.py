@@ -14,32 +14,15 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .plots import (
-    DOUBLE_WIDTH_IN,
-    _BLACK,
-    _BLUE,
-    _HEATMAP_CMAP,
-    _MARKERS,
-    _ORANGE,
-    _VERMILLION,
-    OKABE_ITO,
-    _close,
-    _load_display_image,
-    _new_figure,
-    _plain_log_ticks,
-    _outline_cells,
-    _save,
-    _style,
-    _tagged,
-    _unique_stems,
-    _wrap,
+from artifactscan.render.style import (
+    DOUBLE_WIDTH_IN, BLACK, BLUE, HEATMAP_CMAP, MARKERS, ORANGE, VERMILLION, OKABE_ITO, close_figure, load_display_image, new_figure, plain_log_ticks, outline_cells, save_figure, plot_style, tag_phantom, unique_stems, wrap_text,
 )
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .attention_maps import AttentionMap, AttentionReport
+    from artifactscan.analysis.attention_maps import AttentionMap, AttentionReport
 
 __all__ = ["plot_attention_image", "plot_attention_heads", "plot_attention_mass", "save_attention_figures"]
 
@@ -69,7 +52,7 @@ def _query_title(query: str) -> str:
 def _mark_query_patch(ax: Axes, query: str) -> None:
     if query.startswith("patch("):
         r, c = (int(v) for v in query[6:-1].split(","))
-        ax.plot([c], [r], marker="*", markersize=9, color="white", markeredgecolor=_BLACK, markeredgewidth=0.6,
+        ax.plot([c], [r], marker="*", markersize=9, color="white", markeredgecolor=BLACK, markeredgewidth=0.6,
                 linestyle="none")
 
 
@@ -88,9 +71,9 @@ def plot_attention_image(amap: AttentionMap, image_path: str | None, data_size: 
     extent = (-0.5, gw - 0.5, gh - 0.5, -0.5)
     b = amap.blocks[li]
     q = _query_title(amap.query)
-    with _style():
-        img = _load_display_image(image_path, aspect_hw)  # type: ignore[arg-type]
-        fig, axes = _new_figure(DOUBLE_WIDTH_IN, 2.55, 3)
+    with plot_style():
+        img = load_display_image(image_path, aspect_hw)  # type: ignore[arg-type]
+        fig, axes = new_figure(DOUBLE_WIDTH_IN, 2.55, 3)
         ax_img, ax_map, ax_ov = axes
         name = Path(str(amap.image)).name or str(amap.image)
         if img is not None:
@@ -100,10 +83,10 @@ def plot_attention_image(amap: AttentionMap, image_path: str | None, data_size: 
             ax_img.set_axis_off()
             ax_img.text(0.5, 0.5, "no image file\n(synthetic or tensor input)", ha="center", va="center",
                         color="0.4", transform=ax_img.transAxes)
-        ax_img.set_title(_wrap(name, 36))
+        ax_img.set_title(wrap_text(name, 36))
 
         vmax = float(att.max()) if att.size and att.max() > 0 else 1.0
-        im = ax_map.imshow(att, cmap=_HEATMAP_CMAP, extent=extent, aspect=cell_aspect, vmin=0.0, vmax=vmax,
+        im = ax_map.imshow(att, cmap=HEATMAP_CMAP, extent=extent, aspect=cell_aspect, vmin=0.0, vmax=vmax,
                            interpolation="nearest")
         _grid_axes(ax_map, gh, gw)
         _mark_query_patch(ax_map, amap.query)
@@ -115,12 +98,12 @@ def plot_attention_image(amap: AttentionMap, image_path: str | None, data_size: 
         if img is not None:
             ax_ov.imshow(img.mean(axis=-1) if img.ndim == 3 else img, cmap="gray", extent=extent,
                          aspect=cell_aspect, interpolation="lanczos")
-            ax_ov.imshow(att, cmap=_HEATMAP_CMAP, extent=extent, aspect=cell_aspect, vmin=0.0, vmax=vmax,
+            ax_ov.imshow(att, cmap=HEATMAP_CMAP, extent=extent, aspect=cell_aspect, vmin=0.0, vmax=vmax,
                          alpha=0.6, interpolation="nearest")
         else:
-            ax_ov.imshow(att, cmap=_HEATMAP_CMAP, extent=extent, aspect=cell_aspect, vmin=0.0, vmax=vmax,
+            ax_ov.imshow(att, cmap=HEATMAP_CMAP, extent=extent, aspect=cell_aspect, vmin=0.0, vmax=vmax,
                          interpolation="nearest")
-        n_flag = _outline_cells(ax_ov, flagged, _VERMILLION)
+        n_flag = outline_cells(ax_ov, flagged, VERMILLION)
         _mark_query_patch(ax_ov, amap.query)
         _grid_axes(ax_ov, gh, gw)
         on_flagged = float(att[flagged].sum()) if n_flag else 0.0
@@ -128,7 +111,7 @@ def plot_attention_image(amap: AttentionMap, image_path: str | None, data_size: 
                         + (f"\n{on_flagged:.0%} of {q}'s attention" if n_flag else
                            ("" if b > 0 else "\n(block 0: no outlier mask)")))
         if title:
-            fig.suptitle(_wrap(title, 100))
+            fig.suptitle(wrap_text(title, 100))
     return fig, list(axes)
 
 
@@ -144,7 +127,7 @@ def plot_attention_heads(amap: AttentionMap, block: int | None = None, *, title:
     nrows = math.ceil(H / ncols)
     from matplotlib.figure import Figure as _Figure
 
-    with _style():
+    with plot_style():
         width = min(DOUBLE_WIDTH_IN, max(3.5, 1.2 * ncols + 0.4))
         fig = _Figure(figsize=(width, 1.25 * nrows + 0.6), layout="constrained")
         grid = fig.subplots(nrows, ncols, squeeze=False)
@@ -154,14 +137,14 @@ def plot_attention_heads(amap: AttentionMap, block: int | None = None, *, title:
                 ax.set_axis_off()
                 continue
             m = per_head[h]
-            ax.imshow(m, cmap=_HEATMAP_CMAP, vmin=0.0, vmax=float(m.max()) if m.max() > 0 else 1.0,
+            ax.imshow(m, cmap=HEATMAP_CMAP, vmin=0.0, vmax=float(m.max()) if m.max() > 0 else 1.0,
                       interpolation="nearest")
-            _outline_cells(ax, flagged, _VERMILLION)
+            outline_cells(ax, flagged, VERMILLION)
             _mark_query_patch(ax, amap.query)
             _grid_axes(ax, gh, gw)
             ax.set_title(f"head {h}: max {m.max():.0%}", fontsize=6.5)
         head = f"{_query_title(amap.query)} attention per head, block {amap.blocks[li]} - {Path(amap.image).name}"
-        fig.suptitle(_wrap(f"{title}\n{head}" if title else head, int(width * 13)))
+        fig.suptitle(wrap_text(f"{title}\n{head}" if title else head, int(width * 13)))
     return fig, axes
 
 
@@ -176,9 +159,9 @@ def plot_attention_mass(report: AttentionReport, axes: Sequence[Axes] | None = N
     def col(values):
         return np.array([math.nan if v is None else float(v) for v in values])
 
-    with _style():
+    with plot_style():
         if axes is None:
-            fig, ax_list = _new_figure(DOUBLE_WIDTH_IN, 2.6, 2)
+            fig, ax_list = new_figure(DOUBLE_WIDTH_IN, 2.6, 2)
         else:
             ax_list = list(axes)
             fig = ax_list[0].figure
@@ -189,14 +172,14 @@ def plot_attention_mass(report: AttentionReport, axes: Sequence[Axes] | None = N
         uniform = frac * col(lay.query.patches for lay in report.layers)
         positive = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in (q_out, p_out, uniform)])
         if positive.size:
-            ax_o.plot(blocks, q_out, marker=_MARKERS[0], color=_VERMILLION, label=f"{q} -> outliers")
-            ax_o.plot(blocks, p_out, marker=_MARKERS[1], color=_BLUE, label="patch queries -> outliers")
-            ax_o.plot(blocks, uniform, linestyle="--", color=_BLACK, linewidth=0.9,
+            ax_o.plot(blocks, q_out, marker=MARKERS[0], color=VERMILLION, label=f"{q} -> outliers")
+            ax_o.plot(blocks, p_out, marker=MARKERS[1], color=BLUE, label="patch queries -> outliers")
+            ax_o.plot(blocks, uniform, linestyle="--", color=BLACK, linewidth=0.9,
                       label="no preference (outlier share of patches)")
             ax_o.set_yscale("log")
             lo, hi = float(positive.min()), float(positive.max())
             ax_o.set_ylim(max(lo / 3, 1e-6), min(hi * 3, 1.5))  # at least a decade, so a flat line reads flat
-            _plain_log_ticks(ax_o.yaxis)
+            plain_log_ticks(ax_o.yaxis)
             ax_o.legend(loc="best")
         else:
             ax_o.text(0.5, 0.5, "no outlier tokens flagged\nat the input of the captured blocks", ha="center",
@@ -208,10 +191,10 @@ def plot_attention_mass(report: AttentionReport, axes: Sequence[Axes] | None = N
         names = list(report.layers[0].query.prefix) if report.layers else []
         if names:
             for i, name in enumerate(names[:8]):
-                ax_p.plot(blocks, [lay.query.prefix[name] for lay in report.layers], marker=_MARKERS[i % 8],
+                ax_p.plot(blocks, [lay.query.prefix[name] for lay in report.layers], marker=MARKERS[i % 8],
                           color=OKABE_ITO[i % len(OKABE_ITO)], label=f"{q} -> {name}")
             ax_p.plot(blocks, [sum(lay.patch_queries.prefix.values()) for lay in report.layers], linestyle="--",
-                      color=_ORANGE if len(names) > 1 else _BLACK, label="patch queries -> all prefix")
+                      color=ORANGE if len(names) > 1 else BLACK, label="patch queries -> all prefix")
             ax_p.set_ylim(0, ax_p.get_ylim()[1] * 1.35)  # room for the legend above the lines
             ax_p.legend(loc="upper right")
         else:
@@ -222,10 +205,10 @@ def plot_attention_mass(report: AttentionReport, axes: Sequence[Axes] | None = N
         ax_p.set_title("attention on prefix tokens")
         for ax in (ax_o, ax_p):
             ax.set_xticks(blocks if len(blocks) <= 16 else blocks[:: math.ceil(len(blocks) / 16)])
-        tagged = _tagged(title or f"{report.model.name}: attention by block (query: {q})",
+        tagged = tag_phantom(title or f"{report.model.name}: attention by block (query: {q})",
                          report.model.kind == "phantom")
         if axes is None and tagged:
-            fig.suptitle(_wrap(tagged, 110))
+            fig.suptitle(wrap_text(tagged, 110))
     return fig, [ax_o, ax_p]
 
 
@@ -246,23 +229,23 @@ def save_attention_figures(report: AttentionReport, out_dir: str | Path, fmt: st
 
     def save(fig: Figure, path: Path) -> None:
         try:
-            written.append(_save(fig, path, dpi))
+            written.append(save_figure(fig, path, dpi))
         finally:
-            _close(fig)
+            close_figure(fig)
 
     save(plot_attention_mass(report)[0], out / f"attention_mass.{fmt}")
     size = tuple(report.model.input_size) if report.model.input_size else None
     main = report.maps_for()
     patch = {m.image_index: m for m in report.maps if m.query.startswith("patch(")}
-    label = _tagged(f"{report.model.name} - query: {_query_title(report.query.name)} ({report.query.reason})",
+    label = tag_phantom(f"{report.model.name} - query: {_query_title(report.query.name)} ({report.query.reason})",
                     phantom)
-    for m, stem in zip(main, _unique_stems(main)):
+    for m, stem in zip(main, unique_stems(main)):
         save(plot_attention_image(m, str(m.image), size, title=label)[0], out / "attention_maps" / f"{stem}.{fmt}")
         if m.image_index in patch:
             pm = patch[m.image_index]
-            save(plot_attention_image(pm, str(pm.image), size, title=_tagged(report.model.name, phantom))[0],
+            save(plot_attention_image(pm, str(pm.image), size, title=tag_phantom(report.model.name, phantom))[0],
                  out / "attention_maps" / f"{stem}_patch.{fmt}")
         if report.heads == "all":
-            save(plot_attention_heads(m, title=_tagged(report.model.name, phantom))[0],
+            save(plot_attention_heads(m, title=tag_phantom(report.model.name, phantom))[0],
                  out / "attention_heads" / f"{stem}.{fmt}")
     return written

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .loading import LoadedModel
+from artifactscan.models.loading import LoadedModel
 
 
 def row_names(num_blocks: int) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .cli import (
+from artifactscan.cli.app import (
     ArchKwargsOpt,
     ArchOpt,
     BatchOpt,
@@ -86,8 +86,8 @@ def attention(
 
       artifactscan attention ckpt.pt imgs/ --arch vit_small_patch16_224 --query-patch 7,7 --json > attention.json
     """
-    from .attention_maps import attention_report
-    from .loading import parse_arch_kwargs
+    from artifactscan.analysis.attention_maps import attention_report
+    from artifactscan.models.loading import parse_arch_kwargs
 
     def work() -> None:
         report = attention_report(
@@ -99,12 +99,12 @@ def attention(
         written: list[Path] = []
         text = report.to_json()
         if out is not None:
-            from .report import atomic_write_text
+            from artifactscan.core.results import atomic_write_text
 
             atomic_write_text(out / "attention.json", text)
             written.append(out / "attention.json")
             if figures:
-                from .plots_attention import save_attention_figures
+                from artifactscan.render.plots_attention import save_attention_figures
 
                 written += save_attention_figures(report, out)
         if json_out:

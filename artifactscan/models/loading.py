@@ -19,8 +19,8 @@ import timm
 import torch
 from torch import nn
 
-from .checkpoint import META_KEY, CheckpointMeta, read_meta
-from .errors import (
+from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, read_meta
+from artifactscan.core.errors import (
     CheckpointMismatchError,
     InputError,
     ModelLoadError,
@@ -28,8 +28,13 @@ from .errors import (
     OfflineError,
     UntrustedCheckpointError,
 )
+from artifactscan.models.registry import (
+    architecture_builder,
+    builtin_weights,
+    install_checkpoint_extensions,
+    unknown_artifactscan_arch,
+)
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 CHECKPOINT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
 HUB_HOST = "huggingface.co"
 
@@ -41,7 +46,7 @@ PHANTOM_NOTE = (
 
 def builtin_models() -> dict[str, Path]:
     """Names of the models shipped inside the package (``demo``, ``demo-reg4``, ``phantom`` ...)."""
-    return {p.name.removesuffix(".safetensors"): p for p in sorted(WEIGHTS_DIR.glob("*.safetensors"))}
+    return builtin_weights()
 
 
 @dataclass
@@ -158,9 +163,14 @@ def _create_pretrained(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _build_arch(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
-    if not timm.is_model(arch):
+    builder = architecture_builder(arch)  # artifactscan's own architectures (the phantom) register there
+    if builder is None and arch.startswith("artifactscan_"):
+        raise unknown_artifactscan_arch(arch)
+    if builder is None and not timm.is_model(arch):
         raise ModelLoadError(f"unknown timm architecture '{arch}'.{_suggest(arch)}")
     try:
+        if builder is not None:
+            return builder(**arch_kwargs)
         return timm.create_model(arch, pretrained=False, **arch_kwargs)
     except TypeError as exc:
         raise ModelLoadError(f"architecture '{arch}' does not accept {arch_kwargs}: {exc}") from exc
@@ -237,23 +247,14 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     kwargs = dict(meta.arch_kwargs) if meta and (arch is None or arch == meta.arch) else {}
     kwargs.update(arch_kwargs)
     arch_name = arch or meta.arch  # type: ignore[union-attr]
-    _ensure_registered(arch_name)
     model = _build_arch(arch_name, kwargs)
     _load_into(model, state_dict, arch_name, path)
     data_config = dict(meta.data_config) if meta and meta.data_config else timm.data.resolve_model_data_config(model)
     kind = meta.kind if meta else "checkpoint"
     loaded = _finish(model, path.name, "checkpoint", arch_name, data_config, meta, kind)
-    if meta is not None and "test_time_register" in meta.extra:  # written by `artifactscan fix --out`
-        from .fix import TestTimeRegister, apply_test_time_register
-
-        apply_test_time_register(loaded, TestTimeRegister.from_dict(meta.extra["test_time_register"]))
+    if meta is not None:  # e.g. the test-time register that `artifactscan fix --out` records
+        install_checkpoint_extensions(loaded, meta.extra)
     return loaded
-
-
-def _ensure_registered(arch: str) -> None:
-    # Architectures artifactscan defines (the calibration phantom) must be registered with timm before lookup.
-    if arch.startswith("artifactscan_"):
-        from . import phantom  # noqa: F401  (registers on import)
 
 
 def _finish(model: nn.Module, name: str, source: str, arch: str | None, data_config: dict[str, Any],

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import NotAViTError
-from .loading import LoadedModel
+from artifactscan.core.errors import NotAViTError
+from artifactscan.models.loading import LoadedModel
 
 
 def _attention_module(block: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import typer
 from rich.console import Console
 
-from .errors import ArtifactScanError
+from artifactscan.core.errors import ArtifactScanError
 
 app = typer.Typer(
     name="artifactscan",
@@ -59,7 +59,7 @@ def run_command(debug: bool, fn: Callable[[], Any]) -> Any:
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from artifactscan import __version__
 
         stdout.print(f"artifactscan {__version__}")
         raise typer.Exit()
@@ -75,7 +75,7 @@ def root(
 def emit_result(result: Any, out: Optional[Path], filename: str, json_out: bool,
                 render: Callable[[Any], None], figures: Callable[[Any, Path], Any] | None = None) -> None:
     """Write ``result`` as ``out/filename`` (+ figures), then print it: JSON alone on stdout, or rendered."""
-    from .report import atomic_write_text
+    from artifactscan.core.results import atomic_write_text
 
     text = json.dumps(result.to_dict(), indent=2)
     if out is not None:
@@ -150,9 +150,11 @@ def norms(
 
       artifactscan norms ckpt.safetensors imgs/ --arch deit3_small_patch16_224 --json > report.json
     """
-    from .loading import parse_arch_kwargs
-    from .report import render_scan, write_scan_outputs
-    from .scan import distributed_world, scan
+    from artifactscan.models.loading import parse_arch_kwargs
+    from artifactscan.render.text import render_scan
+    from artifactscan.render.outputs import write_scan_outputs
+    from artifactscan.core.progress import distributed_world
+    from artifactscan.analysis.scan import scan
 
     def work() -> None:
         if model is not None and Path(model).is_dir():
@@ -174,9 +176,9 @@ def norms(
                          f"{', figures' if figures else ''})")
 
     def _emergence(run_dir: str) -> None:
-        from .compare import scan_run
-        from .plots import save_emergence_figure
-        from .report import render_emergence
+        from artifactscan.analysis.compare import scan_run
+        from artifactscan.render.plots_compare import save_emergence_figure
+        from artifactscan.render.text import render_emergence
 
         result = scan_run(run_dir, images, threshold=threshold, device=device, batch_size=batch_size,
                           progress=not json_out and sys.stderr.isatty(), img_size=img_size)
@@ -208,13 +210,13 @@ def compare(
 
       artifactscan compare demo demo-reg4 phantom synthetic:256
     """
-    from .compare import compare as compare_models
-    from .plots import save_compare_figure
-    from .report import render_compare
+    from artifactscan.analysis.compare import compare as compare_models
+    from artifactscan.render.plots_compare import save_compare_figure
+    from artifactscan.render.text import render_compare
 
     def work() -> None:
         if len(models_and_images) < 3:
-            from .errors import InputError
+            from artifactscan.core.errors import InputError
 
             raise InputError("compare needs at least two models and then the images: "
                              "artifactscan compare MODEL_A MODEL_B IMAGES")
@@ -256,11 +258,11 @@ def fix(
 
       artifactscan fix phantom sample_images/ --out phantom-fixed.safetensors
     """
-    from .fix import fix as run_fix
+    from artifactscan.analysis.fix import fix as run_fix
 
     def work() -> None:
         if not test_time_registers:
-            from .errors import InputError
+            from artifactscan.core.errors import InputError
 
             raise InputError("the only repair implemented is --test-time-registers")
         result = run_fix(model, images, top_k=top_k, max_layer=max_layer, threshold=threshold, out=out,
@@ -340,10 +342,10 @@ def train_reg(
 
       artifactscan train-reg --resume runs/2026-11-23-vit-small/
     """
-    from . import training
-    from .compare import verdict_for_run
-    from .plots import save_compare_figure, save_register_ablation_figure
-    from .report import render_compare
+    from artifactscan.analysis import training
+    from artifactscan.analysis.compare import verdict_for_run
+    from artifactscan.render.plots_compare import save_compare_figure, save_register_ablation_figure
+    from artifactscan.render.text import render_compare
 
     def work() -> None:
         if resume is not None:
@@ -410,7 +412,7 @@ def phantom(
 
       artifactscan phantom --build --from demo --out artifactscan/weights/phantom.safetensors
     """
-    from .phantom import build_phantom, describe_phantom
+    from artifactscan.models.phantom import build_phantom, describe_phantom
 
     def work() -> None:
         if build:
@@ -425,15 +427,5 @@ def phantom(
     run_command(debug, work)
 
 
-# Commands defined in their own modules register themselves on `app` when imported.
-from . import cli_attention  # noqa: E402,F401
-from . import cli_probe  # noqa: E402,F401
-from . import cli_report  # noqa: E402,F401
-
-
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    main()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import InputError
+from artifactscan.core.errors import InputError
 
 NUM_CLASSES = 8
 GRID = 4  # objects are placed in the cells of a GRID×GRID layout, at most one per cell

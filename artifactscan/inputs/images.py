@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
-from .errors import InputError
+from artifactscan.core.errors import InputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import InputError
+from artifactscan.core.errors import InputError
 
 __all__ = ["HtmlReportSummary", "IncludedResult", "build_html_report", "write_html_report", "collect_results"]
 
@@ -420,8 +420,8 @@ def _model_line(model: dict[str, Any], images: dict[str, Any] | None) -> str:
 
 
 def _scan_section(item: _Found, root: Path, figs: _Figures, inc: IncludedResult) -> str:
-    from .plots import _unique_stems
-    from .scan import ScanReport
+    from artifactscan.render.style import unique_stems
+    from artifactscan.analysis.scan import ScanReport
 
     data = item.data
     report = ScanReport.from_dict(data)  # raises on a malformed report -> generic fallback
@@ -463,7 +463,7 @@ def _scan_section(item: _Found, root: Path, figs: _Figures, inc: IncludedResult)
     # per-image maps: maps/<stem>.png, captioned with the image name and layer they show
     captions: dict[Path, str] = {}
     map_paths: list[Path] = []
-    stems = _unique_stems(report.maps) if report.maps else []
+    stems = unique_stems(report.maps) if report.maps else []
     for m, stem in zip(report.maps, stems):
         for p in figs.claim(d / "maps", [stem]):
             captions[p] = f"{m.image} – block {m.layer}"
@@ -911,7 +911,7 @@ def _build(results_dir: str | Path, warn: Callable[[str], None] | None = None) -
     if warnings:
         skipped_html = ('<details class="warn"><summary>' + f"{len(warnings)} warning(s) while building this page"
                         + "</summary><ul>" + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul></details>")
-    from . import __version__
+    from artifactscan import __version__
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"artifactscan report – {root.resolve().name}"
@@ -964,7 +964,7 @@ def write_html_report(results_dir: str | Path, out_path: str | Path | None = Non
     if out.is_dir():
         out = out / "report.html"
     page, summary = _build(root, warn)
-    from .report import atomic_write_text
+    from artifactscan.core.results import atomic_write_text
 
     blocker = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
     if blocker is not None:
