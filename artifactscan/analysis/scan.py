@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from artifactscan import __version__
 from artifactscan.analysis.capture import NormCapture, row_names
@@ -27,7 +27,7 @@ from artifactscan.inputs.images import SkippedImage
 from artifactscan.inputs.sources import ImageSource, image_batches, make_image_source
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
-from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, ThresholdDecision, auto_threshold, fixed_threshold, parse_threshold
+from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, parse_threshold
 from artifactscan.core.results import JsonResult
 
 SCHEMA = "artifactscan.scan/1"

@@ -16,11 +16,13 @@ cannot pass for a finding about a real model.
 from __future__ import annotations
 
 import math
-import re
-import textwrap
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
 from artifactscan.render.style import (
     BLACK,
     BLUE,
@@ -49,25 +51,9 @@ from artifactscan.render.style import (
     wrap_text,
 )
 
-try:
-    import matplotlib
-    import matplotlib.ticker
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
-    from matplotlib import patheffects
-except ImportError as exc:  # pragma: no cover - exercised only without matplotlib
-    raise ImportError(
-        "artifactscan's figures need matplotlib, which is not installed: pip install 'matplotlib>=3.7' "
-        "(or reinstall artifactscan, which depends on it)"
-    ) from exc
-
-import numpy as np
-
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from artifactscan.analysis.compare import CompareReport, EmergenceReport
     from artifactscan.analysis.scan import Histogram, LayerReport, NormMap, ScanReport
 
 __all__ = [

@@ -17,7 +17,6 @@ try:
     import matplotlib
     import matplotlib.ticker
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
     from matplotlib import patheffects
 except ImportError as exc:  # pragma: no cover - exercised only without matplotlib
