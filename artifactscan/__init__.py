@@ -10,11 +10,10 @@ The code is layered, each package importing only from those below it (docs/archi
 ``core`` -> ``inputs`` -> ``models`` -> ``analysis`` -> ``render`` -> ``cli``.
 """
 
-__version__ = "0.1.0"
-
-import sys as _sys  # noqa: E402
+import sys as _sys
 
 from artifactscan.core import thresholds as _thresholds  # noqa: E402
+from artifactscan.core.version import __version__  # noqa: E402
 from artifactscan.core.errors import ArtifactScanError  # noqa: E402
 from artifactscan.core.thresholds import AutoRule  # noqa: E402
 from artifactscan.models.loading import LoadedModel, builtin_models, load_model  # noqa: E402

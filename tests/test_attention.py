@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from artifactscan.analysis.attention import AttentionCapture
 from artifactscan.analysis.attention_maps import attention_report, parse_layers, parse_query_patch
-from artifactscan.cli.app import app
+from artifactscan.cli import app
 from artifactscan.core.errors import InputError, NotAViTError
 from artifactscan.models.loading import wrap_module
 from artifactscan.inputs.sources import make_image_source

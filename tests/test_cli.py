@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from artifactscan.cli.app import app
+from artifactscan.cli import app
 
 from .conftest import TINY
 

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
-from artifactscan.cli.app import app
+from artifactscan.cli import app
 
 from .conftest import TINY, tiny_vit
 

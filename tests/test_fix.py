@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from artifactscan import load_model, scan
 from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
-from artifactscan.cli.app import app
+from artifactscan.cli import app
 from artifactscan.core.errors import InputError, NotAViTError
 from artifactscan.models.test_time_register import TestTimeRegister, apply_test_time_register
 from artifactscan.analysis.fix import fix

@@ -238,7 +238,7 @@ def test_output_path(results, tmp_path):
 
 
 def test_cli(results, tmp_path):
-    from artifactscan.cli.app import app
+    from artifactscan.cli import app
 
     runner = CliRunner()
     out = tmp_path / "made" / "report.html"

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from artifactscan import load_model, scan
-from artifactscan.cli.app import app
+from artifactscan.cli import app
 from artifactscan.core.errors import InputError
 from artifactscan.models.loading import builtin_models
 from artifactscan.models.phantom import build_phantom, ground_truth, phantom_spec

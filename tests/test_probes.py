@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from artifactscan.cli.app import app
+from artifactscan.cli import app
 from artifactscan.core.errors import InputError
 from artifactscan.models.loading import PHANTOM_NOTE, wrap_module
 from artifactscan.analysis.probes import (

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from artifactscan.cli.app import app
+from artifactscan.cli import app
 
 TINY = ["--steps", "4", "--depth", "2", "--dim", "32", "--heads", "2", "--img-size", "16", "--patch", "4",
         "--batch-size", "8", "--scan-images", "synthetic:24"]

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from artifactscan import __version__
+from artifactscan.core.version import __version__
 from artifactscan.analysis.attention import AttentionCapture
 from artifactscan.core.errors import InputError, NotAViTError
 from artifactscan.models.loading import LoadedModel, load_model

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from artifactscan import __version__
+from artifactscan.core.version import __version__
 from artifactscan.analysis.capture import NormCapture, row_names
 from artifactscan.core.errors import InputError
 from artifactscan.core.progress import ProgressBar, distributed_world, gather, resolve_device

@@ -59,7 +59,7 @@ def run_command(debug: bool, fn: Callable[[], Any]) -> Any:
 
 def _version(value: bool) -> None:
     if value:
-        from artifactscan import __version__
+        from artifactscan.core.version import __version__
 
         stdout.print(f"artifactscan {__version__}")
         raise typer.Exit()

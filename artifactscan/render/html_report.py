@@ -234,7 +234,7 @@ def _build(results_dir: str | Path, warn: Callable[[str], None] | None = None) -
     if warnings:
         skipped_html = ('<details class="warn"><summary>' + f"{len(warnings)} warning(s) while building this page"
                         + "</summary><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></details>")
-    from artifactscan import __version__
+    from artifactscan.core.version import __version__
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"artifactscan report – {root.resolve().name}"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-from artifactscan import __version__
+from artifactscan.core.version import __version__
 from artifactscan.analysis.scan import ImageSummary, ModelSummary
 from artifactscan.core.results import JsonResult
 
