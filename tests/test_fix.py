@@ -10,27 +10,13 @@ import torch
 from typer.testing import CliRunner
 
 from artifactscan import load_model, scan
-from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
 from artifactscan.cli import app
 from artifactscan.core.errors import InputError, NotAViTError
 from artifactscan.models.test_time_register import TestTimeRegister, apply_test_time_register
 from artifactscan.analysis.fix import fix
 from artifactscan.models.loading import wrap_module
-from artifactscan.models.phantom import build_phantom
 
-KW = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=2, num_classes=8)
-DATA = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
-
-
-@pytest.fixture(scope="module")
-def tiny_phantom(tmp_path_factory):
-    d = tmp_path_factory.mktemp("phantom")
-    torch.manual_seed(0)
-    base = timm.create_model("vit_small_patch16_224", **KW)
-    save_checkpoint(d / "base.safetensors", base.state_dict(), CheckpointMeta("vit_small_patch16_224", KW, DATA))
-    _, spec, path = build_phantom(d / "base.safetensors", d / "phantom.safetensors", onset=1, calibration_images=64)
-    return path, spec, d
-
+from .conftest import PHANTOM_KW as KW
 
 def test_fix_finds_the_built_in_units_and_removes_the_outliers(tiny_phantom):
     path, spec, d = tiny_phantom

@@ -16,10 +16,8 @@ from artifactscan.core.errors import ModelLoadError
 from artifactscan.models import registry
 from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
 from artifactscan.models.loading import builtin_models, load_model
-from artifactscan.models.phantom import build_phantom
 
-KW = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=2, num_classes=8)
-DATA = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+from .conftest import PHANTOM_DATA as DATA, PHANTOM_KW as KW
 
 FRESH = """
 import json, sys
@@ -32,14 +30,10 @@ print(json.dumps({"fixed_prefix": fixed.prefix_names, "fixed_notes": fixed.notes
 
 
 @pytest.fixture(scope="module")
-def fixed_checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("registry")
-    torch.manual_seed(0)
-    base = timm.create_model("vit_small_patch16_224", **KW)
-    save_checkpoint(d / "base.safetensors", base.state_dict(), CheckpointMeta("vit_small_patch16_224", KW, DATA))
-    _, _, phantom = build_phantom(d / "base.safetensors", d / "phantom.safetensors", onset=1, calibration_images=64)
-    fix(phantom, "synthetic:32", top_k=4, out=d / "fixed.safetensors")
-    return d / "fixed.safetensors"
+def fixed_checkpoint(tiny_phantom):
+    phantom, _, folder = tiny_phantom
+    fix(phantom, "synthetic:32", top_k=4, out=folder / "registry-fixed.safetensors")
+    return folder / "registry-fixed.safetensors"
 
 
 def test_fresh_interpreter_loads_a_fixed_checkpoint_and_the_phantom_by_name(fixed_checkpoint):

@@ -11,6 +11,16 @@ from artifactscan.core.errors import InputError
 from artifactscan.core.results import atomic_write_text
 
 
+def _output_folder(out_dir: str | Path) -> Path:
+    """``out_dir``, created if needed; a folder that cannot be created is a user error, not a traceback."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {out}: {exc.strerror}") from None
+    return out
+
+
 def write_outliers_csv(report: ScanReport, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -22,11 +32,7 @@ def write_outliers_csv(report: ScanReport, path: Path) -> None:
 
 def write_scan_outputs(report: ScanReport, out_dir: str | Path, figures: bool = True) -> list[Path]:
     """Write ``report.json``, ``outliers.csv`` and the figures into ``out_dir``; return the paths written."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder {out}: {exc.strerror}") from None
+    out = _output_folder(out_dir)
     written = [out / "report.json", out / "outliers.csv"]
     atomic_write_text(written[0], report.to_json())
     write_outliers_csv(report, written[1])
@@ -39,11 +45,7 @@ def write_scan_outputs(report: ScanReport, out_dir: str | Path, figures: bool = 
 
 def write_probe_outputs(report: ProbeReport, out_dir: str | Path, figures: bool = True) -> list[Path]:
     """Write ``report.json`` and the probe figures into ``out_dir``; return the paths written."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder {out}: {exc.strerror}") from None
+    out = _output_folder(out_dir)
     written = [out / "report.json"]
     atomic_write_text(written[0], report.to_json())
     if figures:
