@@ -128,7 +128,7 @@ class NormMap:
 
 @dataclass
 class ScanReport(JsonResult):
-    """Everything ``artifactscan norms`` found. Serialises to ``report.json`` (schema: README, 'report.json')."""
+    """Everything ``artifactscan norms`` found. Serialises to ``report.json`` (schema: docs/json-schemas.md)."""
 
     model: ModelSummary
     images: ImageSummary

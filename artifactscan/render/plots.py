@@ -1,4 +1,4 @@
-"""Publication-quality figures of a scan: norm histograms, per-layer distributions, per-image maps, comparisons.
+"""Publication-quality figures of a scan: norm histograms, per-layer distributions, per-image maps.
 
 Every plotting function draws into the ``ax`` / ``axes`` it is given, or builds its own figure, and returns
 ``(fig, ax)`` (``(fig, axes)`` for the two-panel figures, with ``axes`` a list). Figures are built as bare

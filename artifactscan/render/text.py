@@ -1,4 +1,4 @@
-"""Terminal rendering: the rich tables and panels the CLI prints for scan, compare and emergence results."""
+"""Terminal rendering: the rich tables and panels the CLI prints for scan, compare, emergence and probe results."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Darcet et al. (2024) show that artifact tokens (Sec. 2.2) sit on *redundant* pat
 local information* (position and pixels, Fig. 5b) and *hold global information* (Table 1). A norm rule alone also
 flags content tokens (saturated object patches reach 5-7x the median norm in small trained ViTs), so this module
 measures those signatures at one layer and calls the flagged tokens artifact-like, content-like or inconclusive.
-The exact protocol is :data:`PROTOCOL` (also in ``artifactscan probe --help``, the README and every report).
+The exact protocol is :data:`PROTOCOL` (also in ``artifactscan probe --help``, docs/probe-protocol.md and every report).
 
 Streaming and memory: the model runs once over the data, only up to the probed block (early exit). Tokens go into
 bounded, stratified reservoirs (per split x log-norm band, with a per-image cap); the class of a token (normal /
