@@ -18,6 +18,7 @@ from artifactscan.models.loading import wrap_module
 
 from .conftest import PHANTOM_KW as KW
 
+
 def test_fix_finds_the_built_in_units_and_removes_the_outliers(tiny_phantom):
     path, spec, d = tiny_phantom
     result = fix(path, "synthetic:48", top_k=4, out=d / "fixed.safetensors")

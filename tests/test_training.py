@@ -350,5 +350,3 @@ def test_module_entry_point_is_only_the_worker(capsys):
 
     assert main(["--preset", "demo"]) == 2
     assert "artifactscan train-reg" in capsys.readouterr().err
-
-

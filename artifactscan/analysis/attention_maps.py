@@ -127,7 +127,6 @@ class AttentionReport(JsonResult):
     schema: str = SCHEMA
     artifactscan_version: str = __version__
 
-
     def maps_for(self, query: str | None = None) -> list[AttentionMap]:
         """The kept maps of one query (default: the selected query), one per kept image."""
         q = query or self.query.name

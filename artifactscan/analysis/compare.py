@@ -23,6 +23,8 @@ from artifactscan.analysis.scan import ScanReport, scan
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.core.progress import resolve_device
 from artifactscan.core.results import JsonResult
+from artifactscan.inputs.sources import parse_synthetic
+from artifactscan.inputs.synthetic import SyntheticShapes
 
 
 @dataclass
@@ -64,16 +66,12 @@ class CompareReport(JsonResult):
 
 def _synthetic_count(images: Any) -> int | None:
     if isinstance(images, str) and images.startswith("synthetic"):
-        from artifactscan.inputs.sources import parse_synthetic
-
         return parse_synthetic(images)
     return None
 
 
 def _object_location(report: ScanReport, loaded: LoadedModel, n_synthetic: int) -> tuple[float | None, int]:
     """Fraction of last-block flagged tokens that sit on pure-background patches of the synthetic images."""
-    from artifactscan.inputs.synthetic import SyntheticShapes
-
     last = report.last_block.index
     records = [o for o in report.outliers if o.layer == last]
     if not records:
@@ -252,7 +250,6 @@ class EmergenceReport(JsonResult):
     groups: list[EmergenceGroup]
     notes: list[str]
     schema: str = "artifactscan.emergence/1"
-
 
 
 def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float = "auto", device: str = "auto",

@@ -34,6 +34,11 @@ from artifactscan.models.test_time_register import (
     apply_test_time_register,
     check_supported,
 )
+from artifactscan.inputs.sources import image_batches, make_image_source
+from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
+from artifactscan.core.progress import resolve_device
+from artifactscan.analysis.scan import scan
+
 
 def _neuron_sites(model: nn.Module, max_layer: int) -> dict[str, tuple[int, nn.Module]]:
     """Post-activation modules (``*.act``) of blocks 0..max_layer, by module path."""
@@ -52,8 +57,6 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
                           max_layer: int | None = None, device: torch.device | str = "cpu",
                           batch_size: int = 32) -> TestTimeRegister:
     """Rank MLP hidden units by mean |activation| at the outlier positions of ``report`` (a scan of ``images``)."""
-    from artifactscan.inputs.sources import image_batches, make_image_source
-
     num_blocks = len(loaded.blocks)
     if report.onset_layer is None:
         raise InputError("nothing to fix: the scan found no outlier tokens")
@@ -137,11 +140,8 @@ class FixReport(JsonResult):
     schema: str = "artifactscan.fix/1"
 
 
-
 @torch.inference_mode()
 def _outputs(loaded: LoadedModel, images: Any, device: torch.device, batch_size: int) -> tuple[torch.Tensor, ...]:
-    from artifactscan.inputs.sources import image_batches, make_image_source
-
     source = make_image_source(images, loaded)
     feats, logits = [], []
     for x, _, _ in image_batches(source, batch_size, 0):
@@ -157,10 +157,6 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
         threshold: str | float = "auto", out: str | Path | None = None, device: str = "auto",
         batch_size: int = 32) -> FixReport:
     """Find the register neurons on ``images``, install a test-time register, and report before vs after."""
-    from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
-    from artifactscan.core.progress import resolve_device
-    from artifactscan.analysis.scan import scan
-
     dev = resolve_device(device)
     loaded = load_model(model)
     check_supported(loaded)

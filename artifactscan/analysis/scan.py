@@ -32,6 +32,8 @@ from artifactscan.core.results import JsonResult
 
 SCHEMA = "artifactscan.scan/1"
 # ----------------------------------------------------------------------------------------------- result types
+
+
 @dataclass
 class OutlierRecord:
     """One flagged patch token: which image, which layer (block index), where on the patch grid, how large."""
@@ -147,7 +149,6 @@ class ScanReport(JsonResult):
     @property
     def last_block(self) -> LayerReport:
         return [lay for lay in self.layers if not lay.is_final_norm][-1]
-
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -441,7 +442,5 @@ def headline(report: ScanReport) -> str:
     return " ".join(parts)
 
 
-
 def load_report(path: str | Path) -> ScanReport:
     return ScanReport.from_dict(json.loads(Path(path).read_text()))
-

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from artifactscan.core.errors import InputError
 from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images
+from artifactscan.inputs.synthetic import SyntheticShapes
 
 DEFAULT_SYNTHETIC_IMAGES = 256
 
@@ -104,8 +105,6 @@ def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torc
         n = len(images)  # type: ignore[arg-type]
         return ImageSource(ds, [f"{type(images).__name__}[{i}]" for i in range(n)], type(images).__name__, None, n)
     if isinstance(images, (str, Path)) and (n_syn := parse_synthetic(str(images))) is not None:
-        from artifactscan.inputs.synthetic import SyntheticShapes
-
         syn = SyntheticShapes(n_syn, seed=0, img_size=size[0], split="val")
         ds = NormalizedTensors(syn, cfg["mean"], cfg["std"], size)
         return ImageSource(ds, [f"synthetic[{i}]" for i in range(n_syn)], f"synthetic:{n_syn} (built-in data set)",
@@ -144,6 +143,3 @@ def image_batches(source: ImageSource, batch_size: int, num_workers: int):
         else:
             (images, indices), skipped = batch, []
         yield images, indices, skipped
-
-
-

@@ -70,4 +70,3 @@ class NormCapture:
         out = torch.stack(rows)  # type: ignore[arg-type]
         self._norms = [None] * len(self.blocks)
         return out
-

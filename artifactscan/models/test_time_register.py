@@ -123,7 +123,6 @@ def apply_test_time_register(loaded: LoadedModel, register: TestTimeRegister) ->
     return loaded
 
 
-
 def _install_from_checkpoint(loaded: LoadedModel, data: Any) -> None:
     apply_test_time_register(loaded, TestTimeRegister.from_dict(data))
 

@@ -42,6 +42,8 @@ from artifactscan.render.html_sections import (
     scan_section,
     training_section,
 )
+from artifactscan.core.version import __version__
+from artifactscan.core.results import atomic_write_text
 
 __all__ = ["HtmlReportSummary", "IncludedResult", "build_html_report", "write_html_report", "collect_results"]
 
@@ -234,7 +236,6 @@ def _build(results_dir: str | Path, warn: Callable[[str], None] | None = None) -
     if warnings:
         skipped_html = ('<details class="warn"><summary>' + f"{len(warnings)} warning(s) while building this page"
                         + "</summary><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></details>")
-    from artifactscan.core.version import __version__
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"artifactscan report – {root.resolve().name}"
@@ -287,7 +288,6 @@ def write_html_report(results_dir: str | Path, out_path: str | Path | None = Non
     if out.is_dir():
         out = out / "report.html"
     page, summary = _build(root, warn)
-    from artifactscan.core.results import atomic_write_text
 
     blocker = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
     if blocker is not None:

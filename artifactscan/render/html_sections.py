@@ -29,6 +29,8 @@ from artifactscan.render.html_parts import (
     text_headline,
     verdict_box,
 )
+from artifactscan.render.style import unique_stems
+from artifactscan.analysis.scan import ScanReport
 
 
 def model_line(model: dict[str, Any], images: dict[str, Any] | None) -> str:
@@ -52,9 +54,6 @@ def model_line(model: dict[str, Any], images: dict[str, Any] | None) -> str:
 
 
 def scan_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: IncludedResult) -> str:
-    from artifactscan.render.style import unique_stems
-    from artifactscan.analysis.scan import ScanReport
-
     data = item.data
     report = ScanReport.from_dict(data)  # raises on a malformed report -> generic fallback
     n_images = report.images.num_scanned

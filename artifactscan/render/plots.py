@@ -66,6 +66,8 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
 def _hist_arrays(hist: Histogram) -> tuple[np.ndarray, np.ndarray, float, float]:
     """(bin indices, counts) of the non-empty bins, sorted, plus ``log10_min`` and ``bin_width``.
 

@@ -15,7 +15,24 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from artifactscan.render.style import (
-    DOUBLE_WIDTH_IN, BLACK, BLUE, HEATMAP_CMAP, MARKERS, ORANGE, VERMILLION, OKABE_ITO, close_figure, load_display_image, new_figure, plain_log_ticks, outline_cells, save_figure, plot_style, tag_phantom, unique_stems, wrap_text,
+    BLACK,
+    BLUE,
+    DOUBLE_WIDTH_IN,
+    HEATMAP_CMAP,
+    MARKERS,
+    OKABE_ITO,
+    ORANGE,
+    VERMILLION,
+    close_figure,
+    load_display_image,
+    new_figure,
+    outline_cells,
+    plain_log_ticks,
+    plot_style,
+    save_figure,
+    tag_phantom,
+    unique_stems,
+    wrap_text,
 )
 
 if TYPE_CHECKING:

@@ -239,4 +239,3 @@ def save_emergence_figure(result: EmergenceReport, out_dir: str | Path, fmt: str
     out = Path(out_dir)
     fig, _ = plot_emergence(result, title=f"{Path(str(result.run_dir)).name}: artifacts over training")
     return _save_one(fig, out / f"emergence.{fmt.lower().lstrip('.')}", dpi)
-

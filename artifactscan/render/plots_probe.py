@@ -14,17 +14,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib
 from matplotlib.figure import Figure
-from artifactscan.render.style import COMPACT_STYLE
+from artifactscan.render.style import COMPACT_STYLE, PHANTOM_TAG
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
     from artifactscan.analysis.probes import NeighbourHistogram, ProbeReport
 
-try:  # one tag for every figure of the phantom
-    from artifactscan.render.style import PHANTOM_TAG
-except Exception:  # pragma: no cover - plots.py is optional for this module
-    PHANTOM_TAG = "calibration phantom (artifacts built in)"
 
 __all__ = ["plot_probe_bars", "plot_neighbour_similarity", "save_probe_figures"]
 

@@ -248,4 +248,3 @@ def save_figure(fig: Figure, path: Path, dpi: int) -> Path:
     with plot_style():
         fig.savefig(path, dpi=dpi)
     return path
-

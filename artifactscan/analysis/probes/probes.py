@@ -66,12 +66,15 @@ from artifactscan.analysis.probes.sampling import (
 )
 from artifactscan.analysis.probes.ridge import fit_ridge
 from artifactscan.analysis.probes.verdict import decide_verdict
+from artifactscan.inputs.synthetic import SyntheticShapes
 
 # ----------------------------------------------------------------------------------------------- result types
 # ----------------------------------------------------------------------------------------------- early exit
 #: Per-image candidates for the global probe: a uniform reservoir of at most ``cap`` images.
 # ----------------------------------------------------------------------------------------------- ridge
 # ----------------------------------------------------------------------------------------------- probes
+
+
 def _local_metrics(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], grid: tuple[int, int],
                    device: torch.device, seed: int) -> dict[str, float]:
     gh, gw = grid
@@ -155,7 +158,6 @@ def _resolve_labels(images: Any, source: Any, labels: Sequence[int] | None) -> t
         lab = torch.as_tensor(list(labels), dtype=torch.long)
         return lab, LabelInfo("given", int(len(torch.unique(lab))), [], True, "")
     inner = getattr(source.dataset, "source", None)
-    from artifactscan.inputs.synthetic import SyntheticShapes
 
     if isinstance(inner, SyntheticShapes):
         lab = torch.tensor([inner.label(i) for i in range(n)], dtype=torch.long)

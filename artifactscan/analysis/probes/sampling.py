@@ -23,11 +23,11 @@ from artifactscan.analysis.probes.types import (
     TOKENS_PER_IMAGE,
     TOP_TOKENS_PER_IMAGE,
 )
+from artifactscan.core.progress import gather
 
 _M32 = 0xFFFFFFFF
 #: Streams of the deterministic keys (one per kind of random choice).
 STREAM_TOKEN, STREAM_IMAGE, STREAM_RAND_POS, STREAM_MATCHED, STREAM_DRAW_TOKEN, STREAM_DRAW_SPLIT = range(1, 7)
-
 
 
 class _StopForward(Exception):
@@ -301,8 +301,6 @@ def merge_collected(col: Collected, dev: torch.device) -> None:
     Histograms and counts add (all-reduce); each bounded sample is the bottom-k (by deterministic key) of its shard,
     so the bottom-k of the union of all ranks' samples is exactly the bottom-k of the whole stream."""
     import torch.distributed as dist
-
-    from artifactscan.core.progress import gather
 
     comm = dev if dist.get_backend() == "nccl" else torch.device("cpu")
     flags = torch.tensor([col.num_images, 0 if col.has_pe else 1], dtype=torch.int64)

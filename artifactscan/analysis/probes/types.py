@@ -83,7 +83,6 @@ Rows with fewer than the minimum tokens (local: {MIN_LOCAL_TOKENS} held-out toke
 say 'too few (n=...)' instead of a number."""
 
 
-
 @dataclass
 class TokenTypeRow:
     """One row of the table (``normal``, ``normal (n-matched)``, ``outlier``, ``cls``, ``registers``).

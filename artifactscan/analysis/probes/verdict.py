@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 from artifactscan.analysis.probes.types import (
     POSITION_MIN_DROP,
     POSITION_RATIO,

@@ -13,6 +13,7 @@ from artifactscan.models.checkpoint import CheckpointMeta, read_meta, save_check
 from artifactscan.core.errors import TrainingError
 from artifactscan.analysis.training.config import RUNTIME_FIELDS, TrainConfig
 
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     import tempfile
 

@@ -19,6 +19,8 @@ from artifactscan.analysis.training.config import (
     SYNTHETIC_STD,
     TrainConfig,
 )
+from artifactscan.inputs.synthetic import NUM_CLASSES, make_splits
+
 
 class ImageFolderData(torch.utils.data.Dataset):
     """Images in ``root/<class>/*`` → ``(float 3×S×S in [0, 1], label)``.
@@ -107,8 +109,6 @@ def build_datasets(config: TrainConfig, world: int = 1):
     with ``val/`` (and ``train/``) sub-folders when present, else a deterministic ``val_fraction`` split.
     """
     if config.data is None:
-        from artifactscan.inputs.synthetic import NUM_CLASSES, make_splits
-
         train, val = make_splits(config.train_size, config.val_size, seed=config.seed, img_size=config.img_size)
         data_config = dict(input_size=[3, config.img_size, config.img_size], mean=list(SYNTHETIC_MEAN),
                            std=list(SYNTHETIC_STD), interpolation="bilinear", crop_pct=1.0)

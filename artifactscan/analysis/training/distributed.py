@@ -9,6 +9,7 @@ import torch
 
 from artifactscan.core.errors import TrainingError
 
+
 @dataclass
 class DistState:
     rank: int = 0

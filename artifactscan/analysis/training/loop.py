@@ -33,6 +33,7 @@ from artifactscan.analysis.training.checkpointing import (
     write_json,
 )
 
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, config: TrainConfig, device: torch.device, mean: torch.Tensor,
              std: torch.Tensor, d: DistState | None = None, batch_size: int = 256) -> tuple[float, float]:

@@ -11,6 +11,7 @@ import torch.nn as nn
 from artifactscan.core.errors import TrainingError
 from artifactscan.analysis.training.config import TrainConfig
 
+
 def build_model(config: TrainConfig, registers: int | None = None, *, seed: int | None = None) -> nn.Module:
     """Create the (untrained) timm ViT described by ``config`` with ``registers`` register tokens.
 

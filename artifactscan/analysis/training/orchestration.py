@@ -27,6 +27,7 @@ from artifactscan.analysis.training.distributed import resolve_train_device
 from artifactscan.analysis.training.checkpointing import check_same_config, write_json
 from artifactscan.analysis.training.loop import TrainResult, evaluate, train_model
 
+
 @dataclass
 class RegVariant:
     """One model of a ``train_reg`` comparison."""

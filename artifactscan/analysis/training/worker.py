@@ -10,6 +10,7 @@ from typing import Sequence
 
 from artifactscan.analysis.training.orchestration import worker_main
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Internal entry point of the side-by-side worker processes (``python -m artifactscan.analysis.training --_worker``).
 
