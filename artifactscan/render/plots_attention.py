@@ -14,26 +14,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from artifactscan.render.style import (
-    BLACK,
-    BLUE,
-    DOUBLE_WIDTH_IN,
-    HEATMAP_CMAP,
-    MARKERS,
-    OKABE_ITO,
-    ORANGE,
-    VERMILLION,
-    close_figure,
-    load_display_image,
-    new_figure,
-    outline_cells,
-    plain_log_ticks,
-    plot_style,
-    save_figure,
-    tag_phantom,
-    unique_stems,
-    wrap_text,
-)
+from artifactscan.render.style import (BLACK, BLUE, DOUBLE_WIDTH_IN, HEATMAP_CMAP, MARKERS, OKABE_ITO, ORANGE,
+                                       VERMILLION, close_figure, load_display_image, new_figure, outline_cells,
+                                       plain_log_ticks, plot_style, save_figure, tag_phantom, unique_stems, wrap_text)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
