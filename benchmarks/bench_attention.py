@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import timm
 
-    from artifactscan.attention_maps import attention_report
-    from artifactscan.loading import load_model, wrap_module
-    from artifactscan.scan import resolve_device, scan
+    from artifactscan.analysis.attention_maps import attention_report
+    from artifactscan.models.loading import load_model, wrap_module
+    from artifactscan.core.progress import resolve_device
+    from artifactscan.analysis.scan import scan
 
     dev = resolve_device(args.device)
     if args.model:

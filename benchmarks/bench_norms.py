@@ -29,7 +29,7 @@ def _forward_only(loaded, batches, device):
 
 def time_overhead(model, n: int, batch_size: int, device: str, repeats: int) -> dict:
     from artifactscan import load_model, scan
-    from artifactscan.scan import resolve_device
+    from artifactscan.core.progress import resolve_device
 
     dev = resolve_device(device)
     loaded = load_model(model)  # a name, or an already LoadedModel
@@ -89,7 +89,7 @@ def main() -> None:
         if model.startswith("vit_"):
             import timm
 
-            from artifactscan.loading import wrap_module
+            from artifactscan.models.loading import wrap_module
 
             # Random init: same compute per token as the pretrained model, which cannot be downloaded here.
             m = wrap_module(timm.create_model(model, pretrained=False), name=model)

@@ -28,10 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifactscan.errors import ModelLoadError  # noqa: E402
-from artifactscan.loading import LoadedModel, load_model, wrap_module  # noqa: E402
-from artifactscan.probes import LayerTap, fit_ridge, patchify, probe  # noqa: E402
-from artifactscan.scan import _batches, make_image_source, resolve_device  # noqa: E402
+from artifactscan.core.errors import ModelLoadError  # noqa: E402
+from artifactscan.models.loading import LoadedModel, load_model, wrap_module  # noqa: E402
+from artifactscan.analysis.probes import LayerTap, fit_ridge, patchify, probe  # noqa: E402
+from artifactscan.inputs.sources import image_batches, make_image_source
+from artifactscan.core.progress import resolve_device  # noqa: E402
 
 
 def default_model() -> tuple[LoadedModel, str]:
@@ -51,7 +52,7 @@ def collect(loaded: LoadedModel, images: int, device: torch.device, layer: int, 
     P, g = loaded.num_prefix_tokens, torch.Generator().manual_seed(0)
     feats, pos, pix, img, glob = [], [], [], [], []
     with LayerTap(loaded, layer) as tap:
-        for x, idx, _ in _batches(source, 128, 0):
+        for x, idx, _ in image_batches(source, 128, 0):
             tokens, _ = tap.run(x.to(device))
             tokens = tokens.float().cpu()
             patches = tokens[:, P:]
@@ -158,7 +159,7 @@ def main() -> None:
           f"(target: the three together >= 10x, each at equal or better accuracy) -> {'PASS' if all_ok else 'FAIL'}")
 
     # ---------------------------------------------------------------- 2. early exit
-    x = next(iter(_batches(make_image_source("synthetic:128", loaded), 128, 0)))[0].to(dev)
+    x = next(iter(image_batches(make_image_source("synthetic:128", loaded), 128, 0)))[0].to(dev)
 
     def full():
         with torch.inference_mode():

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from artifactscan.synthetic import SyntheticShapes  # noqa: E402
-from artifactscan.training import build_model, get_preset, train_model  # noqa: E402
+from artifactscan.inputs.synthetic import SyntheticShapes  # noqa: E402
+from artifactscan.analysis.training import build_model, get_preset, train_model  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

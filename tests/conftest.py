@@ -67,7 +67,7 @@ TINY_DATA_CONFIG = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] *
 
 def save_planted_checkpoint(path: Path, positions=(), strength: float = 60.0, **overrides) -> Path:
     """A self-describing checkpoint of the tiny ViT with high-norm patches planted at ``positions``."""
-    from artifactscan.checkpoint import CheckpointMeta, save_checkpoint
+    from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
 
     model = tiny_vit(**overrides)
     offset = 0 if model.no_embed_class else model.num_prefix_tokens
@@ -92,3 +92,26 @@ def assert_json_close(a, b, rel: float, abs_: float = 1e-12, path: str = "") -> 
         assert a == pytest.approx(b, rel=rel, abs=abs_), path
     else:
         assert a == b, path
+
+
+# A tiny calibration phantom (fix and registry tests)
+PHANTOM_KW = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=2, num_classes=8)
+PHANTOM_DATA = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                "crop_pct": 1.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_phantom(tmp_path_factory):
+    """A 4-block phantom (outliers planted from block 1) built from a random ViT: ``(path, spec, folder)``."""
+    import timm
+
+    from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
+    from artifactscan.models.phantom import build_phantom
+
+    d = tmp_path_factory.mktemp("phantom")
+    torch.manual_seed(0)
+    base = timm.create_model("vit_small_patch16_224", **PHANTOM_KW)
+    meta = CheckpointMeta("vit_small_patch16_224", PHANTOM_KW, PHANTOM_DATA)
+    save_checkpoint(d / "base.safetensors", base.state_dict(), meta)
+    _, spec, path = build_phantom(d / "base.safetensors", d / "phantom.safetensors", onset=1, calibration_images=64)
+    return path, spec, d

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from artifactscan.attention import AttentionCapture
-from artifactscan.attention_maps import attention_report, parse_layers, parse_query_patch
+from artifactscan.analysis.attention import AttentionCapture
+from artifactscan.analysis.attention_maps import attention_report, parse_layers, parse_query_patch
 from artifactscan.cli import app
-from artifactscan.errors import InputError, NotAViTError
-from artifactscan.loading import wrap_module
-from artifactscan.scan import make_image_source, scan
+from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.models.loading import wrap_module
+from artifactscan.inputs.sources import make_image_source
+from artifactscan.analysis.scan import scan
 
 from .conftest import TINY, tiny_vit
 

@@ -7,7 +7,7 @@ import json
 import torch
 from typer.testing import CliRunner
 
-from artifactscan.checkpoint import CheckpointMeta, save_checkpoint
+from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
 from artifactscan.cli import app
 
 from .conftest import TINY, tiny_vit

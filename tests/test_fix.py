@@ -10,25 +10,13 @@ import torch
 from typer.testing import CliRunner
 
 from artifactscan import load_model, scan
-from artifactscan.checkpoint import CheckpointMeta, save_checkpoint
 from artifactscan.cli import app
-from artifactscan.errors import InputError, NotAViTError
-from artifactscan.fix import TestTimeRegister, apply_test_time_register, fix
-from artifactscan.loading import wrap_module
-from artifactscan.phantom import build_phantom
+from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.models.test_time_register import TestTimeRegister, apply_test_time_register
+from artifactscan.analysis.fix import fix
+from artifactscan.models.loading import wrap_module
 
-KW = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=2, num_classes=8)
-DATA = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
-
-
-@pytest.fixture(scope="module")
-def tiny_phantom(tmp_path_factory):
-    d = tmp_path_factory.mktemp("phantom")
-    torch.manual_seed(0)
-    base = timm.create_model("vit_small_patch16_224", **KW)
-    save_checkpoint(d / "base.safetensors", base.state_dict(), CheckpointMeta("vit_small_patch16_224", KW, DATA))
-    _, spec, path = build_phantom(d / "base.safetensors", d / "phantom.safetensors", onset=1, calibration_images=64)
-    return path, spec, d
+from .conftest import PHANTOM_KW as KW
 
 
 def test_fix_finds_the_built_in_units_and_removes_the_outliers(tiny_phantom):
@@ -47,7 +35,7 @@ def test_register_is_per_image_and_per_neuron(tiny_phantom):
     path, spec, _ = tiny_phantom
     loaded = load_model(path)
     report = scan(loaded, "synthetic:8")
-    from artifactscan.fix import find_register_neurons
+    from artifactscan.analysis.fix import find_register_neurons
 
     register = find_register_neurons(loaded, "synthetic:8", report, top_k=2)
     apply_test_time_register(loaded, register)

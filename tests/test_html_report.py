@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from artifactscan.errors import InputError
-from artifactscan.html_report import build_html_report, write_html_report
+from artifactscan.core.errors import InputError
+from artifactscan.render.html_report import build_html_report, write_html_report
 
 EVIL = "<b>x</b>.png"
 
@@ -33,8 +33,8 @@ EVIL = "<b>x</b>.png"
 def _tiny_scan(plant: bool):
     import timm
 
-    from artifactscan.loading import wrap_module
-    from artifactscan.scan import scan
+    from artifactscan.models.loading import wrap_module
+    from artifactscan.analysis.scan import scan
 
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
@@ -48,8 +48,9 @@ def _tiny_scan(plant: bool):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    from artifactscan.compare import CompareReport, EmergenceGroup, EmergencePoint, EmergenceReport, ModelRow
-    from artifactscan.report import atomic_write_text, write_scan_outputs
+    from artifactscan.analysis.compare import CompareReport, EmergenceGroup, EmergencePoint, EmergenceReport, ModelRow
+    from artifactscan.core.results import atomic_write_text
+    from artifactscan.render.outputs import write_scan_outputs
 
     root = tmp_path_factory.mktemp("results")
     report = _tiny_scan(plant=True)
@@ -152,7 +153,7 @@ def _lead(text: str) -> str:
 
 
 def test_headline_tables_and_figures_of_the_scan(page, results, tmp_path):
-    from artifactscan.report import load_report
+    from artifactscan.analysis.scan import load_report
 
     text, summary, _ = page
     assert "CANNOT CONFIRM THE FIX" in _lead(text)  # a comparison's verdict leads the page

@@ -14,8 +14,8 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from artifactscan.errors import InputError
-from artifactscan.images import (
+from artifactscan.core.errors import InputError
+from artifactscan.inputs.images import (
     IMAGE_EXTENSIONS,
     BadSample,
     ImageFolderDataset,

@@ -8,10 +8,10 @@ import pytest
 import timm
 import torch
 
-from artifactscan.checkpoint import CheckpointMeta, read_meta, save_checkpoint
-from artifactscan.errors import (CheckpointMismatchError, InputError, ModelLoadError, NotAViTError, OfflineError,
+from artifactscan.models.checkpoint import CheckpointMeta, read_meta, save_checkpoint
+from artifactscan.core.errors import (CheckpointMismatchError, InputError, ModelLoadError, NotAViTError, OfflineError,
                                  UntrustedCheckpointError)
-from artifactscan.loading import load_model, parse_arch_kwargs, wrap_module
+from artifactscan.models.loading import load_model, parse_arch_kwargs, wrap_module
 
 from .conftest import TINY, tiny_vit
 
@@ -83,7 +83,7 @@ def test_non_vit_checkpoint_is_refused(tmp_path):
 
 
 def test_hub_model_offline_fails_fast_with_advice(monkeypatch):
-    import artifactscan.loading as loading
+    import artifactscan.models.loading as loading
 
     monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HOME", "/nonexistent-cache")

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from artifactscan import load_model, scan
 from artifactscan.cli import app
-from artifactscan.errors import InputError
-from artifactscan.loading import builtin_models
-from artifactscan.phantom import build_phantom, ground_truth, phantom_spec
-from artifactscan.scan import make_image_source
+from artifactscan.core.errors import InputError
+from artifactscan.models.loading import builtin_models
+from artifactscan.models.phantom import build_phantom, ground_truth, phantom_spec
+from artifactscan.inputs.sources import make_image_source
 
 from .conftest import SAMPLE_IMAGES
 
@@ -109,7 +109,7 @@ def test_cli_describe_and_bad_build():
 
 def test_probes_on_the_phantom_find_the_built_in_signature(phantom):
     """Outliers swamp their patch content with a global summary: the probes must see exactly that."""
-    from artifactscan.probes import probe
+    from artifactscan.analysis.probes import probe
 
     report = probe(phantom, "synthetic:1200", layer=-1)
     normal, outlier = report.row("normal (n-matched)") or report.row("normal"), report.row("outlier")
@@ -124,7 +124,7 @@ def test_probes_on_the_phantom_find_the_built_in_signature(phantom):
 
 def test_probe_on_the_clean_demo_is_not_artifact_like():
     """A plain norm rule on the demo baseline: whatever it flags must not be called an artifact."""
-    from artifactscan.probes import probe
+    from artifactscan.analysis.probes import probe
 
     for threshold in ("auto", None):
         if threshold is None:  # a plain "3x the median" rule, as in emergence.md, flags the largest (object) tokens
@@ -135,7 +135,7 @@ def test_probe_on_the_clean_demo_is_not_artifact_like():
 
 
 def test_fix_on_the_phantom_finds_its_units_at_no_cost(phantom):
-    from artifactscan.fix import fix
+    from artifactscan.analysis.fix import fix
 
     spec = phantom_spec(phantom)
     result = fix("phantom", SAMPLE_IMAGES, top_k=spec.units)

@@ -17,8 +17,9 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from artifactscan import plots  # noqa: E402
-from artifactscan.images import SkippedImage  # noqa: E402
-from artifactscan.scan import (  # noqa: E402
+from artifactscan.render import plots as scan_plots, style  # noqa: E402
+from artifactscan.inputs.images import SkippedImage  # noqa: E402
+from artifactscan.analysis.scan import (  # noqa: E402
     Histogram,
     ImageSummary,
     LayerReport,
@@ -26,7 +27,7 @@ from artifactscan.scan import (  # noqa: E402
     NormMap,
     ScanReport,
 )
-from artifactscan.stats import NUM_BINS, bin_index  # noqa: E402
+from artifactscan.core.stats import NUM_BINS, bin_index  # noqa: E402
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_images"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -137,8 +138,8 @@ def test_norm_histogram_threshold_paper_line_and_log_axes():
     thr_labels = [k for k in lines if k.startswith("threshold (auto) = ")]
     assert len(thr_labels) == 1
     assert lines[thr_labels[0]] == pytest.approx(last.threshold)
-    assert thr_labels[0].endswith(f"= {plots._fmt(last.threshold)}")
-    assert plots._fmt(1000.0) == "1000" and plots._fmt(192.34) == "192" and plots._fmt(0.01234) == "0.0123"
+    assert thr_labels[0].endswith(f"= {style.format_number(last.threshold)}")
+    assert style.format_number(1000.0) == "1000" and style.format_number(192.34) == "192" and style.format_number(0.01234) == "0.0123"
     lo, hi = ax.get_xlim()
     if lo <= 150 <= hi:
         assert lines["paper's 150"] == 150
@@ -148,7 +149,7 @@ def test_norm_histogram_threshold_paper_line_and_log_axes():
     # ~80-120 coarse bars, and the bulk and the artifacts are both drawn
     bars = [p for p in ax.patches if isinstance(p, Rectangle)]
     assert 40 <= len(bars) <= 125
-    edges, counts = plots._rebin(last.histogram, 100)
+    edges, counts = scan_plots._rebin(last.histogram, 100)
     assert 80 <= len(counts) <= 120
     assert counts.sum() == sum(last.histogram.counts)
     fig.savefig(Path("/dev/null"), format="png")  # renders
@@ -303,12 +304,12 @@ def test_register_ablation():
 
 # ----------------------------------------------------------------------------------------------- files
 def test_stems():
-    assert plots._stem("photos/cat 1.jpg", 0) == "cat_1"
-    assert plots._stem("tensor[3]", 3) == "tensor_3"
-    assert plots._stem("C:\\data\\x.png", 0) == "x"
-    assert plots._stem("???", 7) == "image_7"
+    assert style.file_stem("photos/cat 1.jpg", 0) == "cat_1"
+    assert style.file_stem("tensor[3]", 3) == "tensor_3"
+    assert style.file_stem("C:\\data\\x.png", 0) == "x"
+    assert style.file_stem("???", 7) == "image_7"
     maps = [NormMap(n, i, 0, [[1.0]], [[False]]) for i, n in enumerate(["a/cat.jpg", "b/cat.png", "B/CAT.jpg"])]
-    stems = plots._unique_stems(maps)
+    stems = style.unique_stems(maps)
     assert len({s.lower() for s in stems}) == 3 and stems[0] == "cat"
 
 
@@ -338,7 +339,7 @@ def test_save_scan_figures_phantom_tags_every_figure(tmp_path, monkeypatch):
         titles.append(_all_titles(fig))
         return path
 
-    monkeypatch.setattr(plots, "_save", spy)
+    monkeypatch.setattr(scan_plots, "save_figure", spy)
     phantom = make_report(kind="phantom", image_names=[str(SAMPLE_DIR / "coffee.jpg"), "tensor[1]"])
     paths = plots.save_scan_figures(phantom, tmp_path, dpi=60)
     assert len(titles) == len(paths) == 2 + 2
@@ -361,8 +362,9 @@ def test_save_scan_figures_closes_pyplot_figures(tmp_path, monkeypatch):
         made.append(fig)
         return fig, list(axes[0])
 
-    monkeypatch.setattr(plots, "_new_figure", via_pyplot)
-    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: path)
+    monkeypatch.setattr(scan_plots, "new_figure", via_pyplot)
+    monkeypatch.setattr(style, "new_figure", via_pyplot)  # one_ax (style) makes the single-axes figures
+    monkeypatch.setattr(scan_plots, "save_figure", lambda fig, path, dpi: path)
     plots.save_scan_figures(make_report(image_names=["tensor[0]"]), tmp_path, dpi=60)
     assert len(made) == 3 and plt.get_fignums() == []
 
@@ -377,16 +379,16 @@ def test_save_scan_figures_svg(tmp_path):
 
 def test_clear_import_error_without_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.delitem(sys.modules, "artifactscan.plots")
+    monkeypatch.delitem(sys.modules, "artifactscan.render.style")
     with pytest.raises(ImportError, match="pip install 'matplotlib"):
-        importlib.import_module("artifactscan.plots")
+        importlib.import_module("artifactscan.render.style")
 
 
 # ----------------------------------------------------------------------------------------------- with a real scan
 def test_figures_of_a_real_scan(tmp_path):
     timm = pytest.importorskip("timm")
-    from artifactscan.loading import wrap_module
-    from artifactscan.scan import scan
+    from artifactscan.models.loading import wrap_module
+    from artifactscan.analysis.scan import scan
 
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
@@ -402,7 +404,7 @@ def test_figures_of_a_real_scan(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- compare / emergence
 def test_save_compare_and_emergence_figures(tmp_path):
-    from artifactscan.compare import CompareReport, EmergenceGroup, EmergencePoint, EmergenceReport
+    from artifactscan.analysis.compare import CompareReport, EmergenceGroup, EmergencePoint, EmergenceReport
 
     reports = {"0 reg": make_report(image_names=["tensor[0]"]),
                "4 reg": make_report(artifacts_from=None, image_names=["tensor[0]"], seed=1)}

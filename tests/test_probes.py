@@ -16,20 +16,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 from artifactscan.cli import app
-from artifactscan.errors import InputError
-from artifactscan.loading import PHANTOM_NOTE, wrap_module
-from artifactscan.probes import (
-    PROTOCOL,
-    LayerTap,
-    ProbeReport,
-    _local_metrics,
-    fit_ridge,
-    neighbour_similarity,
-    patchify,
-    probe,
-    render_probe,
-    resolve_layer,
+from artifactscan.core.errors import InputError
+from artifactscan.models.loading import PHANTOM_NOTE, wrap_module
+from artifactscan.analysis.probes import (
+    PROTOCOL, LayerTap, ProbeReport, fit_ridge, neighbour_similarity, patchify, probe, resolve_layer,
 )
+from artifactscan.analysis.probes.probes import _local_metrics
+from artifactscan.render.text import render_probe
 
 from .conftest import TINY
 
@@ -288,7 +281,7 @@ def test_json_round_trip_and_phantom_note(artifact_report):
 
 
 def test_figures(artifact_report, tmp_path):
-    from artifactscan.plots_probe import plot_neighbour_similarity, plot_probe_bars, save_probe_figures
+    from artifactscan.render.plots_probe import plot_neighbour_similarity, plot_probe_bars, save_probe_figures
 
     fig, axes = plot_probe_bars(artifact_report)
     assert len(axes) == 3

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from artifactscan import scan
-from artifactscan.loading import wrap_module
-from artifactscan.scan import ScanReport
-from artifactscan.stats import NormStatistics
+from artifactscan.models.loading import wrap_module
+from artifactscan.analysis.scan import ScanReport
+from artifactscan.core.stats import NormStatistics
 
 from .conftest import tiny_vit
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from artifactscan.errors import InputError
-from artifactscan.synthetic import (
+from artifactscan.core.errors import InputError
+from artifactscan.inputs.synthetic import (
     CLASS_NAMES,
     COLOURS,
     NUM_CLASSES,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from artifactscan.stats import NUM_BINS, bin_index
+from artifactscan.core.stats import NUM_BINS, bin_index
 from artifactscan.thresholds import AutoRule, auto_threshold, threshold_norms
 
 from .threshold_battery import battery, evaluate, markdown_table
@@ -103,7 +103,7 @@ def test_rule_constants_are_the_documented_ones():
 def test_real_negatives_stay_clean_on_sample_images(name):
     """Trained small ViTs (no artifacts grew: docs/experiments.md) and a random-init ViT-S/16 at 224 px."""
     from artifactscan import scan
-    from artifactscan.loading import wrap_module
+    from artifactscan.models.loading import wrap_module
 
     if name.startswith("random"):
         import timm

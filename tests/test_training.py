@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from artifactscan.checkpoint import read_meta
-from artifactscan.errors import InputError, TrainingError
-from artifactscan.training import (
+from artifactscan.models.checkpoint import read_meta
+from artifactscan.core.errors import InputError, TrainingError
+from artifactscan.analysis.training import (
     PRESETS,
     StepBatchSampler,
     TrainConfig,
@@ -218,7 +218,7 @@ def test_ddp_two_processes_gloo(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ image folders
 def test_image_folder_training_with_deterministic_split(tmp_path):
-    from artifactscan.synthetic import write_image_folder
+    from artifactscan.inputs.synthetic import write_image_folder
 
     root = write_image_folder(tmp_path / "shapes", 60, seed=0)
     cfg = tiny(data=str(root), num_classes=None, steps=2, eval_every=2, batch_size=8)
@@ -229,7 +229,7 @@ def test_image_folder_training_with_deterministic_split(tmp_path):
 
 
 def test_image_folder_with_train_and_val_subfolders(tmp_path):
-    from artifactscan.synthetic import write_image_folder
+    from artifactscan.inputs.synthetic import write_image_folder
 
     write_image_folder(tmp_path / "d" / "train", 40, seed=0)
     write_image_folder(tmp_path / "d" / "val", 10, seed=0, split="val")
@@ -346,9 +346,7 @@ def test_resume_a_train_reg_folder(tmp_path):
 
 
 def test_module_entry_point_is_only_the_worker(capsys):
-    from artifactscan.training import main
+    from artifactscan.analysis.training.worker import main
 
     assert main(["--preset", "demo"]) == 2
     assert "artifactscan train-reg" in capsys.readouterr().err
-
-

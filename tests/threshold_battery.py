@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-RESOLUTION = 10 ** 0.0025  # one histogram bin (artifactscan.stats.BIN_WIDTH_LOG10)
+RESOLUTION = 10 ** 0.0025  # one histogram bin (artifactscan.core.stats.BIN_WIDTH_LOG10)
 MIN_GAP, MIN_RATIO = 1.5, 2.5
 
 

@@ -1,0 +1,200 @@
+"""Training-free repair with a test-time register (Jiang et al. 2025, "Vision Transformers Don't Need Trained Registers").
+
+1. **Find the register neurons.** Scan the model; where outlier tokens exist, record every MLP hidden unit's
+   post-activation (the output of each ``*.act`` module of blocks ``0 .. max_layer``; ``max_layer`` defaults to the
+   onset layer) and rank the units by their mean absolute activation at outlier positions. The top ``k`` are the
+   register neurons.
+2. **Install the register.** At inference one extra zero-initialised token is inserted after the prefix tokens
+   (before block 0, no position embedding, like a trained register); up to the block of the first register neuron
+   no token attends to it, so image tokens compute exactly what they did there; in every register neuron the activation is
+   moved off the image tokens: set to zero on all other tokens and, on the register, to the maximum the neuron
+   reached over the image's tokens. This is done per neuron and per image (the reference code edits batch element 0
+   only and uses one value per layer).
+
+The neuron list is saved with the weights in a self-describing checkpoint (``meta.extra["test_time_register"]``), so
+every command loads the fixed model by path with the repair applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.core.results import JsonResult
+from artifactscan.models.test_time_register import (
+    EXTRA_KEY,
+    RegisterNeuron,
+    TestTimeRegister,
+    apply_test_time_register,
+    check_supported,
+)
+from artifactscan.inputs.sources import image_batches, make_image_source
+from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
+from artifactscan.core.progress import resolve_device
+from artifactscan.analysis.scan import scan
+
+
+def _neuron_sites(model: nn.Module, max_layer: int) -> dict[str, tuple[int, nn.Module]]:
+    """Post-activation modules (``*.act``) of blocks 0..max_layer, by module path."""
+    sites = {}
+    for b in range(max_layer + 1):
+        for name, module in model.blocks[b].named_modules():
+            if name.split(".")[-1] == "act":
+                sites[f"blocks.{b}.{name}"] = (b, module)
+    if not sites:
+        raise NotAViTError("no MLP activation modules (`*.act`) found in the blocks; cannot locate register neurons")
+    return sites
+
+
+@torch.inference_mode()
+def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_k: int = 4,
+                          max_layer: int | None = None, device: torch.device | str = "cpu",
+                          batch_size: int = 32) -> TestTimeRegister:
+    """Rank MLP hidden units by mean |activation| at the outlier positions of ``report`` (a scan of ``images``)."""
+    num_blocks = len(loaded.blocks)
+    if report.onset_layer is None:
+        raise InputError("nothing to fix: the scan found no outlier tokens")
+    max_layer = report.onset_layer if max_layer is None else max_layer
+    if not 0 <= max_layer < num_blocks:
+        raise InputError(f"--max-layer {max_layer} is outside the model: choose a block from 0 to {num_blocks - 1}")
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
+    sites = _neuron_sites(loaded.model, max_layer)
+    P = loaded.num_prefix_tokens
+    gh, gw = loaded.grid_size
+    outlier_pos: dict[int, set[int]] = {}
+    for o in report.outliers:  # positions flagged at any block from the onset on (tokens stay in place)
+        if o.layer < num_blocks:
+            outlier_pos.setdefault(o.image_index, set()).add(o.row * gw + o.col)
+
+    sums: dict[str, list[torch.Tensor]] = {}
+    captured: dict[str, torch.Tensor] = {}
+    handles = [module.register_forward_hook(lambda m, i, out, name=name: captured.__setitem__(name, out.detach()))
+               for name, (_, module) in sites.items()]
+    try:
+        source = make_image_source(images, loaded)
+        for x, indices, _ in image_batches(source, batch_size, 0):
+            if x is None:
+                continue
+            loaded.model.forward_features(x.to(device))
+            mask = torch.zeros(len(indices), gh * gw, dtype=torch.bool)
+            for j, i in enumerate(indices.tolist()):
+                for p in outlier_pos.get(i, ()):
+                    mask[j, p] = True
+            mask = mask.to(device)
+            for name, act in captured.items():
+                patches = act[:, P:].abs().float()  # [B, N, H]
+                out_sum = (patches * mask[..., None]).sum(dim=(0, 1))
+                norm_sum = (patches * (~mask)[..., None]).sum(dim=(0, 1))
+                acc = sums.setdefault(name, [torch.zeros_like(out_sum), torch.zeros_like(norm_sum)])
+                acc[0] += out_sum
+                acc[1] += norm_sum
+            n_out = int(mask.sum())
+            n_norm = int((~mask).sum())
+            sums.setdefault("__counts__", [torch.zeros(1), torch.zeros(1)])
+            sums["__counts__"][0] += n_out
+            sums["__counts__"][1] += n_norm
+    finally:
+        for h in handles:
+            h.remove()
+    n_out, n_norm = (float(c) for c in sums.pop("__counts__"))
+    if n_out == 0:
+        raise InputError("nothing to fix: no outlier positions among the images")
+    candidates = []
+    for name, (out_sum, norm_sum) in sums.items():
+        block = sites[name][0]
+        scores = out_sum / n_out
+        normal = norm_sum / max(n_norm, 1.0)
+        for idx in torch.argsort(scores, descending=True)[:top_k].tolist():
+            candidates.append(RegisterNeuron(block, name, idx, float(scores[idx]), float(normal[idx])))
+    candidates.sort(key=lambda n: -n.outlier_activation)
+    return TestTimeRegister(candidates[:top_k], num_blocks, int(loaded.model.embed_dim), max_layer, loaded.name)
+
+
+# ----------------------------------------------------------------------------------------------- the fix command
+@dataclass
+class FixReport(JsonResult):
+    """Before/after of a test-time register repair."""
+
+    model: str
+    images: str
+    neurons: list[RegisterNeuron]
+    max_layer: int
+    before_outlier_fraction: float
+    after_outlier_fraction: float
+    before_max_over_median: float
+    after_max_over_median: float
+    outliers_removed: float
+    prediction_agreement: float | None
+    feature_cosine_mean: float
+    feature_cosine_min: float
+    verdict: str
+    saved_to: str | None = None
+    notes: list[str] = field(default_factory=list)
+    schema: str = "artifactscan.fix/1"
+
+
+@torch.inference_mode()
+def _outputs(loaded: LoadedModel, images: Any, device: torch.device, batch_size: int) -> tuple[torch.Tensor, ...]:
+    source = make_image_source(images, loaded)
+    feats, logits = [], []
+    for x, _, _ in image_batches(source, batch_size, 0):
+        if x is None:
+            continue
+        tokens = loaded.model.forward_features(x.to(device))
+        feats.append(loaded.model.forward_head(tokens, pre_logits=True).float().cpu())
+        logits.append(loaded.model.forward_head(tokens).float().cpu())
+    return torch.cat(feats), torch.cat(logits)
+
+
+def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int | None = None,
+        threshold: str | float = "auto", out: str | Path | None = None, device: str = "auto",
+        batch_size: int = 32) -> FixReport:
+    """Find the register neurons on ``images``, install a test-time register, and report before vs after."""
+    dev = resolve_device(device)
+    loaded = load_model(model)
+    check_supported(loaded)
+    if loaded.meta is not None and EXTRA_KEY in loaded.meta.extra:
+        raise InputError(f"{loaded.name} already carries a test-time register; fix the original model instead")
+    loaded.model.to(dev)
+    before = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0)
+    if before.onset_layer is None:
+        return FixReport(loaded.name, before.images.source, [], -1, 0.0, 0.0, before.last_block.max_over_median,
+                         before.last_block.max_over_median, 0.0, None, 1.0, 1.0,
+                         "nothing to fix: the scan found no outlier tokens", notes=list(loaded.notes))
+    register = find_register_neurons(loaded, images, before, top_k=top_k, max_layer=max_layer, device=dev,
+                                     batch_size=batch_size)
+    feats0, logits0 = _outputs(loaded, images, dev, batch_size)
+    apply_test_time_register(loaded, register)
+    after = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0)
+    feats1, logits1 = _outputs(loaded, images, dev, batch_size)
+    cos = torch.nn.functional.cosine_similarity(feats0, feats1, dim=-1)
+    agreement = (float((logits0.argmax(-1) == logits1.argmax(-1)).float().mean())
+                 if logits0.shape[-1] > 1 and logits0.shape[-1] != feats0.shape[-1] else None)
+    b_frac = sum(lay.num_outliers for lay in before.layers if not lay.is_final_norm)
+    a_frac = sum(lay.num_outliers for lay in after.layers if not lay.is_final_norm)
+    removed = 1 - a_frac / b_frac if b_frac else 0.0
+    saved = None
+    if out is not None:
+        if loaded.meta is None:
+            raise InputError("--out needs a model loaded from a self-describing checkpoint or built-in name; "
+                             "the neuron list is printed in the JSON report instead")
+        extra = dict(loaded.meta.extra)
+        extra[EXTRA_KEY] = register.to_dict()
+        meta = CheckpointMeta(**{**asdict(loaded.meta), "extra": extra,
+                                 "description": (loaded.meta.description + " + test-time register").strip()})
+        saved = str(save_checkpoint(out, loaded.model.state_dict(), meta))
+    verdict = (f"The test-time register removed {removed:.0%} of the outlier tokens (last block "
+               f"{before.last_block.outlier_fraction:.2%} -> {after.last_block.outlier_fraction:.2%}); the model's "
+               f"pooled features keep cosine {float(cos.mean()):.4f} (min {float(cos.min()):.4f}) with the original's"
+               + (f", top-1 agreement {agreement:.1%}." if agreement is not None else "."))
+    return FixReport(loaded.name, before.images.source, register.neurons, register.max_layer,
+                     before.last_block.outlier_fraction, after.last_block.outlier_fraction,
+                     before.last_block.max_over_median, after.last_block.max_over_median, removed, agreement,
+                     float(cos.mean()), float(cos.min()), verdict, saved, list(loaded.notes))

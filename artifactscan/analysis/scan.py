@@ -1,0 +1,443 @@
+"""``scan()``: per-layer patch-token norms of a ViT over a set of images, with outliers flagged.
+
+The whole pass streams: per batch the model runs once, the hooks keep only token norms, and those go into fixed-size
+histograms (:mod:`artifactscan.stats`). Per-outlier records are the only thing that grows, and only with the number
+of outliers. With the adaptive threshold the final value is known only at the end, so records are collected above a
+provisional bar (half the running estimate) and filtered at the end; if the final threshold falls below a bar that
+was used, the records are re-collected in a second pass, so they are always exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from artifactscan.core.version import __version__
+from artifactscan.analysis.capture import NormCapture, row_names
+from artifactscan.core.errors import InputError
+from artifactscan.core.progress import ProgressBar, distributed_world, gather, resolve_device
+from artifactscan.inputs.images import SkippedImage
+from artifactscan.inputs.sources import ImageSource, image_batches, make_image_source
+from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
+from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, parse_threshold
+from artifactscan.core.results import JsonResult
+
+SCHEMA = "artifactscan.scan/1"
+# ----------------------------------------------------------------------------------------------- result types
+
+
+@dataclass
+class OutlierRecord:
+    """One flagged patch token: which image, which layer (block index), where on the patch grid, how large."""
+
+    image: str
+    image_index: int
+    layer: int
+    row: int
+    col: int
+    norm: float
+
+
+@dataclass
+class Histogram:
+    """Sparse log-spaced histogram of patch-token norms: bin ``i`` spans
+    ``10**(log10_min + i*bin_width)`` to ``10**(log10_min + (i+1)*bin_width)``."""
+
+    log10_min: float
+    bin_width: float
+    bins: list[int]
+    counts: list[int]
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor) -> "Histogram":
+        nz = torch.nonzero(counts).flatten()
+        return cls(LOG10_MIN, BIN_WIDTH_LOG10, nz.tolist(), counts[nz].tolist())
+
+    def dense(self) -> torch.Tensor:
+        if (self.log10_min, self.bin_width) != (LOG10_MIN, BIN_WIDTH_LOG10):
+            raise ValueError("this histogram was written with other bins than this version of artifactscan uses")
+        out = torch.zeros(NUM_BINS, dtype=torch.int64)
+        out[torch.tensor(self.bins, dtype=torch.long)] = torch.tensor(self.counts, dtype=torch.int64)
+        return out
+
+
+@dataclass
+class LayerReport:
+    """Statistics of one captured row. ``index`` is the block index; the final normalised output has
+    ``index == num_blocks`` and ``is_final_norm``. Fractions are of patch tokens (prefix tokens are apart)."""
+
+    index: int
+    name: str
+    is_final_norm: bool
+    median: float
+    p99: float
+    max: float
+    max_over_median: float
+    threshold: float | None
+    threshold_reason: str
+    num_outliers: int
+    outlier_fraction: float
+    images_with_outliers: int
+    image_fraction_with_outliers: float
+    fraction_above_150: float
+    prefix: list[PrefixTokenStats]
+    histogram: Histogram
+    bimodality: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSummary:
+    name: str
+    source: str
+    arch: str | None
+    kind: str
+    num_blocks: int
+    num_prefix_tokens: int
+    num_cls_tokens: int
+    num_register_tokens: int
+    patch_size: list[int]
+    grid_size: list[int]
+    input_size: list[int]
+    calibration_note: str | None = None
+
+
+@dataclass
+class ImageSummary:
+    source: str
+    num_found: int
+    num_scanned: int
+    skipped: list[SkippedImage]
+
+
+@dataclass
+class NormMap:
+    """Patch-norm grid of one image at one layer, with the flagged patches (for the per-image figures)."""
+
+    image: str
+    image_index: int
+    layer: int
+    norms: list[list[float]]
+    flagged: list[list[bool]]
+
+
+@dataclass
+class ScanReport(JsonResult):
+    """Everything ``artifactscan norms`` found. Serialises to ``report.json`` (schema: docs/json-schemas.md)."""
+
+    model: ModelSummary
+    images: ImageSummary
+    threshold_mode: str
+    threshold_rule: str
+    layers: list[LayerReport]
+    onset_layer: int | None
+    headline: str
+    outliers: list[OutlierRecord]
+    outlier_records_complete: bool
+    maps: list[NormMap]
+    notes: list[str]
+    schema: str = SCHEMA
+    artifactscan_version: str = __version__
+
+    @property
+    def last_block(self) -> LayerReport:
+        return [lay for lay in self.layers if not lay.is_final_norm][-1]
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+# ----------------------------------------------------------------------------------------------- the pass
+@dataclass
+class _Candidates:
+    """Per-row candidate outlier tokens: (image index, patch index, norm)."""
+
+    image: list[torch.Tensor] = field(default_factory=list)
+    patch: list[torch.Tensor] = field(default_factory=list)
+    norm: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, norms: torch.Tensor, image_ids: torch.Tensor, bar: float) -> None:
+        hit = torch.nonzero(norms > bar)
+        if len(hit):
+            self.image.append(image_ids[hit[:, 0]])
+            self.patch.append(hit[:, 1])
+            self.norm.append(norms[hit[:, 0], hit[:, 1]])
+
+    def prune(self, bar: float) -> None:
+        if not self.norm:
+            return
+        img, pat, nrm = (torch.cat(x) for x in (self.image, self.patch, self.norm))
+        keep = nrm > bar
+        self.image, self.patch, self.norm = [img[keep]], [pat[keep]], [nrm[keep]]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.norm:
+            e = torch.empty(0)
+            return e.long(), e.long(), e.double()
+        return torch.cat(self.image), torch.cat(self.patch), torch.cat(self.norm)
+
+
+def _refresh_bars(stats: NormStatistics, rule: AutoRule, bars: torch.Tensor, max_bar: torch.Tensor,
+                  cands: list[_Candidates]) -> None:
+    for r in range(stats.num_rows):
+        estimate = auto_threshold(stats.patch_counts[r], rule).value
+        # Half the running estimate leaves room for it to move; without an estimate keep only new extremes.
+        bar = 0.5 * estimate if estimate is not None else float(stats.patch_max[r])
+        bars[r] = bar
+        max_bar[r] = max(float(max_bar[r]), bar)
+        cands[r].prune(bar)
+
+
+def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, batch_size: int, num_workers: int,
+               stats: NormStatistics | None, bars: torch.Tensor, rule: AutoRule | None, adaptive: bool,
+               max_bar: torch.Tensor, map_indices: set[int], maps: dict[int, torch.Tensor],
+               skipped: list[tuple[int, str]], progress: bool, label: str) -> list[_Candidates]:
+    P = loaded.num_prefix_tokens
+    gh, gw = loaded.grid_size
+    L = len(loaded.blocks) + 1
+    cands = [_Candidates() for _ in range(L)]
+    seen_batches = 0
+    with NormCapture(loaded) as cap, ProgressBar(progress, source.num_found, label) as bar:
+        for images, indices, bad in image_batches(source, batch_size, num_workers):
+            skipped.extend(bad)
+            bar.advance(len(indices) + len(bad))
+            if images is None:
+                continue
+            norms = cap.run(images.to(device, non_blocking=True)).cpu()  # [L, B, T]
+            if norms.shape[-1] != P + gh * gw:
+                raise InputError(f"model produced {norms.shape[-1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
+                                 "pass --img-size to match the model")
+            if stats is not None:
+                stats.update(norms)
+            patches = norms[:, :, P:].double()
+            for r in range(L):
+                cands[r].add(patches[r], indices, float(bars[r]))
+            for j, idx in enumerate(indices.tolist()):
+                if idx in map_indices:
+                    maps[idx] = patches[:, j].reshape(L, gh, gw).float()
+            seen_batches += 1
+            # Provisional bars at batches 1, 2, 4, 8, ...: a handful of cheap fits per scan, however long.
+            if adaptive and stats is not None and seen_batches & (seen_batches - 1) == 0:
+                _refresh_bars(stats, rule, bars, max_bar, cands)  # type: ignore[arg-type]
+    return cands
+
+
+# ----------------------------------------------------------------------------------------------- torch.distributed
+def _merge_across_ranks(stats: NormStatistics, max_bar: torch.Tensor, device: torch.device) -> None:
+    """Exact merge: counts and sums add, maxima take the max; every rank ends with the global statistics."""
+    import torch.distributed as dist
+
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    for name, tensor in stats.tensors().items():
+        t = tensor.to(comm)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if name in NormStatistics._MAXED else dist.ReduceOp.SUM)
+        tensor.copy_(t.cpu())
+    bar = max_bar.to(comm)
+    dist.all_reduce(bar, op=dist.ReduceOp.MAX)
+    max_bar.copy_(bar.cpu())
+    counts = torch.tensor([stats.num_images, stats.num_patches_per_image or 0], dtype=torch.int64, device=comm)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    patches = torch.tensor([stats.num_patches_per_image or 0], dtype=torch.int64, device=comm)
+    dist.all_reduce(patches, op=dist.ReduceOp.MAX)
+    stats.num_images = int(counts[0])
+    stats.num_patches_per_image = int(patches[0]) or None
+
+
+# ----------------------------------------------------------------------------------------------- scan()
+def scan(
+    model: str | Path | LoadedModel | torch.nn.Module | None = None,
+    images: str | Path | Sequence[str | Path] | Dataset | torch.Tensor | None = None,
+    *,
+    threshold: str | float | None = "auto",
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+    img_size: int | None = None,
+    device: str | None = "auto",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    num_maps: int = 6,
+    rule: AutoRule | None = None,
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> ScanReport:
+    """Scan a ViT's patch-token norms, layer by layer, and flag the high-norm outliers.
+
+    Args:
+        model: anything :func:`artifactscan.load_model` accepts (``None``: the embedded default, the calibration
+            phantom), or an already loaded model.
+        images: a folder or file, a list of files, ``"synthetic:N"`` (the built-in labelled data set), a Dataset of
+            ``[0, 1]`` tensors or an ``[N, 3, H, W]`` tensor. ``None``: the photos in ``sample_images/``.
+        threshold: ``"auto"`` (the adaptive bimodal rule, per layer) or a number (fixed, e.g. the paper's 150).
+        batch_size / num_workers / device: the pass's DataLoader and device (``auto``: CUDA when available).
+        num_maps: how many images keep their norm grids for the per-image figures.
+        progress: draw a progress bar on stderr.
+        warn: called with a one-line message for each skipped image (default: print to stderr).
+
+    Returns:
+        A :class:`ScanReport`.
+    """
+    try:
+        fixed = parse_threshold(threshold)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if batch_size <= 0:
+        raise InputError(f"--batch-size must be positive, got {batch_size}")
+    rule = rule or AutoRule()
+    loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
+                        img_size=img_size)
+    dev = resolve_device(device)
+    loaded.model.to(dev)
+    source = make_image_source(images, loaded)
+    world, rank = distributed_world()
+    local = source
+    if world > 1:  # each rank scans every world-th image; the statistics merge exactly afterwards
+        from dataclasses import replace
+
+        from torch.utils.data import Subset
+
+        shard = Subset(source.dataset, range(rank, source.num_found, world))
+        local = replace(source, dataset=shard, num_found=len(shard))
+    num_blocks = len(loaded.blocks)
+    L = num_blocks + 1
+    fixed_list = (PAPER_THRESHOLD,) + ((fixed,) if fixed is not None and fixed != PAPER_THRESHOLD else ())
+    stats = NormStatistics(L, loaded.prefix_names, fixed_list)
+
+    # Pass 1: statistics + candidate records above a provisional bar.
+    adaptive = fixed is None
+    bars = torch.zeros(L, dtype=torch.float64) if adaptive else torch.full((L,), float(fixed), dtype=torch.float64)
+    max_bar = bars.clone()
+    map_indices = set(range(min(num_maps, source.num_found)))
+    maps: dict[int, torch.Tensor] = {}
+    skipped: list[tuple[int, str]] = []
+    cands = _scan_pass(loaded, local, dev, batch_size, num_workers, stats, bars, rule, adaptive, max_bar,
+                       map_indices, maps, skipped, progress and rank == 0, "scanning")
+    if world > 1:
+        _merge_across_ranks(stats, max_bar, dev)
+        skipped = sorted(s for part in gather(skipped) for s in part)
+        maps = {k: v for part in gather(maps) for k, v in part.items()}
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    for idx, reason in skipped if rank == 0 else []:
+        warn(f"skipped {source.names[idx]}: {reason}")
+    if stats.num_images == 0:
+        raise InputError(f"none of the {source.num_found} images could be read ({len(skipped)} skipped); "
+                         "nothing to scan")
+
+    decisions = [fixed_threshold(fixed) if fixed is not None else auto_threshold(stats.patch_counts[r], rule)
+                 for r in range(L)]
+
+    # Pass 2 only when a final auto threshold fell below a provisional bar: re-collect those rows exactly.
+    redo = [r for r, d in enumerate(decisions) if adaptive and d.value is not None and d.value <= float(max_bar[r])]
+    if redo:
+        exact_bars = torch.full((L,), float("inf"), dtype=torch.float64)
+        for r in redo:
+            exact_bars[r] = decisions[r].value * (1 - 1e-9)  # type: ignore[operator]
+        again = _scan_pass(loaded, local, dev, batch_size, num_workers, None, exact_bars, None, False,
+                           exact_bars.clone(), set(), {}, [], progress and rank == 0, "collecting outliers")
+        for r in redo:
+            cands[r] = again[r]
+
+    names = row_names(num_blocks)
+    gh, gw = loaded.grid_size
+    layers: list[LayerReport] = []
+    records: list[OutlierRecord] = []
+    flagged_maps: dict[int, torch.Tensor] = {i: torch.zeros(L, gh, gw, dtype=torch.bool) for i in maps}
+    n_img, n_tok = stats.num_images, stats.num_patch_tokens
+    for r, d in enumerate(decisions):
+        img, pat, nrm = cands[r].tensors()
+        if d.value is None:
+            keep = torch.zeros_like(nrm, dtype=torch.bool)
+            n_out, n_img_out = 0, 0
+        elif d.method == "fixed":
+            keep = nrm > d.value
+            n_out, n_img_out = stats.fixed_hits(r, d.value)
+        else:
+            keep = bin_index(nrm) >= d.edge_index  # same rule the histogram counts use: records == counts
+            n_out, n_img_out = stats.tokens_above_bin(r, d.edge_index), stats.images_above_bin(r, d.edge_index)
+        for i, p, v in zip(img[keep].tolist(), pat[keep].tolist(), nrm[keep].tolist()):
+            records.append(OutlierRecord(source.names[i], i, r, p // gw, p % gw, float(v)))
+            if i in flagged_maps:
+                flagged_maps[i][r, p // gw, p % gw] = True
+        # Quantiles interpolate inside a 0.58%-wide bin; never report one above the exact maximum.
+        row_max = float(stats.patch_max[r])
+        median = min(stats.median(r), row_max)
+        above_paper, _ = stats.fixed_hits(r, PAPER_THRESHOLD)
+        layers.append(LayerReport(
+            index=r, name=names[r], is_final_norm=r == num_blocks, median=median, p99=min(stats.quantile(r, 0.99), row_max),
+            max=row_max, max_over_median=row_max / median if median else math.nan,
+            threshold=d.value, threshold_reason=d.reason, num_outliers=n_out, outlier_fraction=n_out / n_tok,
+            images_with_outliers=n_img_out, image_fraction_with_outliers=n_img_out / n_img,
+            fraction_above_150=above_paper / n_tok, prefix=stats.prefix_stats(r),
+            histogram=Histogram.from_counts(stats.patch_counts[r]), bimodality=d.details))
+    if world > 1:  # per-outlier records gather to every rank (rank 0 reports); maps' flags are rebuilt from them
+        records = [o for part in gather(records) for o in part]
+        for o in records:
+            if o.image_index in flagged_maps:
+                flagged_maps[o.image_index][o.layer, o.row, o.col] = True
+    records.sort(key=lambda o: (o.image_index, o.layer, o.row, o.col))
+
+    onset = next((lay.index for lay in layers if not lay.is_final_norm and lay.num_outliers > 0), None)
+    map_layer = num_blocks - 1
+    norm_maps = [NormMap(source.names[i], i, map_layer, maps[i][map_layer].tolist(),
+                         flagged_maps[i][map_layer].tolist()) for i in sorted(maps)]
+    folder = source.folder_dataset
+    skipped_records = folder.skipped_images(skipped) if folder else [SkippedImage(source.names[i], r) for i, r in skipped]
+    report = ScanReport(
+        model=model_summary(loaded),
+        images=ImageSummary(source.description, source.num_found, stats.num_images, skipped_records),
+        threshold_mode="fixed" if fixed is not None else "auto",
+        threshold_rule=f"fixed: norm > {fixed:g}" if fixed is not None else rule.describe(),
+        layers=layers, onset_layer=onset, headline="", outliers=records, outlier_records_complete=True,
+        maps=norm_maps, notes=list(loaded.notes))
+    report.headline = headline(report)
+    return report
+
+
+def model_summary(loaded: LoadedModel) -> ModelSummary:
+    return ModelSummary(
+        name=loaded.name, source=loaded.source, arch=loaded.arch, kind=loaded.kind, num_blocks=len(loaded.blocks),
+        num_prefix_tokens=loaded.num_prefix_tokens, num_cls_tokens=loaded.num_cls_tokens,
+        num_register_tokens=loaded.num_register_tokens, patch_size=list(loaded.patch_size),
+        grid_size=list(loaded.grid_size), input_size=list(loaded.input_size),
+        calibration_note=loaded.notes[0] if loaded.is_phantom else None)
+
+
+# ----------------------------------------------------------------------------------------------- words
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def headline(report: ScanReport) -> str:
+    """The one-paragraph verdict shown first in the terminal and stored in the JSON."""
+    last = report.last_block
+    parts = []
+    if report.model.kind == "phantom":
+        parts.append("[CALIBRATION PHANTOM - artifacts built in by construction, not a finding about real models]")
+    if report.onset_layer is None:
+        parts.append(f"No high-norm outlier tokens in any of the {report.model.num_blocks} blocks "
+                     f"({report.images.num_scanned} images, {report.threshold_mode} threshold).")
+        if report.threshold_mode == "auto":
+            parts.append("Every layer's patch-norm distribution is unimodal.")
+    else:
+        parts.append(
+            f"Outliers appear from block {report.onset_layer} of {report.model.num_blocks} (0-based). "
+            f"Last block: {_pct(last.outlier_fraction)} of patch tokens flagged, in "
+            f"{_pct(last.image_fraction_with_outliers)} of images; max/median norm {last.max_over_median:.1f}x.")
+    if report.threshold_mode == "auto":
+        thr = "none (unimodal)" if last.threshold is None else f"{last.threshold:.4g}"
+        parts.append(f"Threshold: adaptive bimodal rule per layer (last block: {thr}).")
+    else:
+        parts.append(f"Threshold: fixed, norm > {last.threshold:g}.")
+    parts.append(f"Paper's fixed 150 would flag {_pct(last.fraction_above_150)} at the last block.")
+    if report.images.skipped:
+        parts.append(f"{len(report.images.skipped)} unreadable image(s) skipped.")
+    return " ".join(parts)
+
+
+def load_report(path: str | Path) -> ScanReport:
+    return ScanReport.from_dict(json.loads(Path(path).read_text()))

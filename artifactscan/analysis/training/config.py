@@ -1,0 +1,231 @@
+"""What a training run computes: :class:`TrainConfig`, its presets and the checks that resolve it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from artifactscan.core.errors import TrainingError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+SYNTHETIC_MEAN = (0.5, 0.5, 0.5)
+
+
+SYNTHETIC_STD = (0.5, 0.5, 0.5)
+
+
+# Fields that may differ between a run and its resumption (where/how it runs, not what it computes).
+RUNTIME_FIELDS = frozenset({"device", "compile", "num_threads", "num_workers", "progress_every"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (JSON-serialisable; saved as ``config.json`` in the run folder).
+
+    The defaults are the ``demo`` preset: a 1.2M-parameter ViT on 32 px synthetic images, the recipe measured in
+    ``shared/research/emergence.md`` (≈110 img/s on one CPU thread). ``batch_size`` is *per process*: under torchrun
+    with ``W`` processes the global batch is ``W × batch_size``.
+    """
+
+    # model
+    arch: str = "vit_small_patch16_224"
+    # None = the architecture's own value (resolved by resolve_config before training and then stored)
+    img_size: int | None = 32
+    patch_size: int | None = 4
+    embed_dim: int | None = 128
+    depth: int | None = 6
+    num_heads: int | None = 4
+    num_classes: int | None = 8  # None → number of class folders in --data
+    class_token: bool = True
+    global_pool: str = "token"  # "token" (CLS) or "avg" (--no-cls)
+    registers: int = 0
+    init_values: float | None = None  # LayerScale init (None = off)
+    # data
+    data: str | None = None  # None → built-in synthetic shapes; else an ImageFolder root
+    train_size: int = 102_400  # synthetic only: images per epoch (generated on the fly)
+    val_size: int = 2048  # synthetic only: held-out images
+    val_fraction: float = 0.1  # ImageFolder without val/: share held out (deterministic split)
+    # schedule
+    steps: int | None = 1600
+    epochs: float | None = None  # used when steps is None
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.0  # cosine decays to lr × min_lr_ratio
+    clip_grad: float | None = 3.0
+    seed: int = 0
+    # bookkeeping
+    eval_every: int = 200
+    ckpt_every: int = 200  # resume file + intermediate snapshot every N steps
+    keep_ckpts: int = 8  # intermediate snapshots kept (thinned evenly when exceeded)
+    # runtime (may change on resume)
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False
+    num_threads: int | None = None
+    num_workers: int = 0
+    progress_every: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TrainingError(f"unknown training option(s) {sorted(unknown)}; see TrainConfig for valid names")
+        return dataclasses.replace(self, **changes)
+
+    def model_kwargs(self, registers: int | None = None) -> dict[str, Any]:
+        """Keyword overrides for ``timm.create_model`` (also stored as ``arch_kwargs`` in every checkpoint).
+
+        ``no_embed_class=True`` as in timm's ``*_reg4`` models: neither CLS nor registers get a position embedding,
+        so the 0- and N-register models have identically shaped ``pos_embed`` and can share their initial weights.
+        """
+        reg = self.registers if registers is None else registers
+        pool = self.global_pool if self.class_token else ("avg" if self.global_pool == "token" else self.global_pool)
+        kw: dict[str, Any] = dict(
+            num_classes=self.num_classes,
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            reg_tokens=int(reg),
+            class_token=self.class_token,
+            global_pool=pool,
+            no_embed_class=True,
+        )
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if self.init_values is not None:
+            kw["init_values"] = self.init_values
+        return kw
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define *what* is computed (used to refuse resuming with a different config)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # Real data (--data / --arch): the architecture's own size (e.g. ViT-S/16 at 224 px), DeiT-like recipe;
+    # batch is per process, so 8 GPUs × 128 = 1024 as in DeiT.
+    "imagenet": TrainConfig(
+        img_size=None, patch_size=None, embed_dim=None, depth=None, num_heads=None, num_classes=None,
+        steps=None, epochs=100, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_steps=2000, clip_grad=3.0,
+        eval_every=2000, ckpt_every=5000, keep_ckpts=10, num_workers=8, progress_every=20,
+    ),
+    # The recipe of emergence.md run A (+ cosine decay): 1600 steps × 64 = 102,400 images, each seen once;
+    # ≈ 20–25 min per model on one CPU thread (≈ 80 img/s measured on this 2-core VM), both models side by side.
+    "demo": TrainConfig(),
+}
+
+
+def get_preset(name: str | None = None, **overrides: Any) -> TrainConfig:
+    """A copy of preset ``name`` with ``overrides`` applied (``None`` values are ignored, so CLI options can be
+    passed straight through).
+
+    ``name=None`` picks ``"demo"`` (the CPU demo on synthetic data) unless ``data`` or ``arch`` is given, then
+    ``"imagenet"`` (the architecture's own size). ``epochs`` without ``steps`` clears the preset's step count.
+    """
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if name is None:
+        name = "imagenet" if ("data" in changes or "arch" in changes) else "demo"
+    if name not in PRESETS:
+        raise TrainingError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if "epochs" in changes and "steps" not in changes:
+        changes["steps"] = None
+    if changes.get("class_token") is False and "global_pool" not in changes:
+        changes["global_pool"] = "avg"
+    return PRESETS[name].replace(**changes)
+
+
+def parse_registers(spec: str | int | Sequence[int]) -> list[int]:
+    """``"4"`` → ``[4]``, ``"0,1,2,4,8"`` → ``[0, 1, 2, 4, 8]``; refuses negative or non-integer counts."""
+    if isinstance(spec, int):
+        items: list[Any] = [spec]
+    elif isinstance(spec, str):
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        items = list(spec)
+    out: list[int] = []
+    for item in items:
+        try:
+            n = int(item)
+        except (TypeError, ValueError):
+            raise TrainingError(f"--registers expects integers like 4 or 0,1,2,4,8, got {item!r}") from None
+        if n < 0:
+            raise TrainingError(f"--registers must be 0 or more, got {n}; use e.g. --registers 4 or 0,1,2,4,8")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise TrainingError("--registers is empty; use e.g. --registers 4 or 0,1,2,4,8")
+    return out
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill the ``None`` model sizes from the architecture itself (built on the meta device: no memory, no time),
+    and refuse architectures that are not ViTs before any data is read."""
+    import timm
+
+    if not timm.is_model(config.arch):
+        raise TrainingError(
+            f"unknown timm architecture {config.arch!r}; use a ViT name such as vit_small_patch16_224"
+        )
+    if None not in (config.img_size, config.patch_size, config.embed_dim, config.depth, config.num_heads):
+        return config
+    try:
+        with torch.device("meta"):
+            m = timm.create_model(config.arch, pretrained=False, num_classes=0)
+    except TypeError as exc:
+        raise TrainingError(f"{config.arch} cannot be built ({exc}); use a ViT such as vit_small_patch16_224")
+    if not hasattr(m, "blocks") or not hasattr(m, "num_prefix_tokens") or not hasattr(m, "patch_embed"):
+        raise TrainingError(
+            f"{config.arch} is not a timm VisionTransformer (no blocks / prefix tokens); "
+            f"use a ViT such as vit_small_patch16_224"
+        )
+    pe = m.patch_embed
+    found = dict(
+        img_size=int(pe.img_size[0]) if getattr(pe, "img_size", None) else 224,
+        patch_size=int(pe.patch_size[0]),
+        embed_dim=int(m.embed_dim),
+        depth=len(m.blocks),
+        num_heads=int(m.blocks[0].attn.num_heads),
+    )
+    return config.replace(**{k: v for k, v in found.items() if getattr(config, k) is None})
+
+
+def validate_config(config: TrainConfig) -> None:
+    if config.registers < 0:
+        raise TrainingError(f"registers must be 0 or more, got {config.registers}; use e.g. --registers 4")
+    if config.batch_size < 1:
+        raise TrainingError(f"batch size must be positive, got {config.batch_size}")
+    if config.steps is None and config.epochs is None:
+        raise TrainingError("give either --steps or --epochs")
+    if config.steps is not None and config.steps < 1:
+        raise TrainingError(f"--steps must be positive, got {config.steps}")
+    if config.img_size % config.patch_size:
+        raise TrainingError(
+            f"--img-size {config.img_size} is not a multiple of --patch {config.patch_size}; pick a divisor"
+        )
+    if config.embed_dim % config.num_heads:
+        raise TrainingError(f"--dim {config.embed_dim} is not divisible by --heads {config.num_heads}")

@@ -1,0 +1,366 @@
+"""``train_reg``: the same model trained with 0, 4, ... registers, side by side in child processes or one after the
+other, resumable as a whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from artifactscan.models.checkpoint import read_meta
+from artifactscan.core.errors import InputError, TrainingError
+from artifactscan.analysis.training.config import (
+    RUNTIME_FIELDS,
+    TrainConfig,
+    parse_registers,
+    resolve_config,
+    validate_config,
+)
+from artifactscan.analysis.training.model import build_model
+from artifactscan.analysis.training.data import build_datasets
+from artifactscan.analysis.training.distributed import resolve_train_device
+from artifactscan.analysis.training.checkpointing import check_same_config, write_json
+from artifactscan.analysis.training.loop import TrainResult, evaluate, train_model
+
+
+@dataclass
+class RegVariant:
+    """One model of a ``train_reg`` comparison."""
+
+    registers: int
+    checkpoint: Path  # final weights (self-describing .safetensors, or the given baseline checkpoint)
+    run_dir: Path | None  # None for a baseline given with --baseline
+    val_acc: float
+    trained: bool  # False when the baseline came from --baseline
+    steps: int | None = None
+    wall_s: float | None = None
+    img_per_s: float | None = None
+    checkpoints: list[Path] = field(default_factory=list)  # intermediate snapshots
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["checkpoint"] = str(self.checkpoint)
+        d["run_dir"] = str(self.run_dir) if self.run_dir else None
+        d["checkpoints"] = [str(p) for p in self.checkpoints]
+        return d
+
+
+@dataclass
+class TrainRegResult:
+    """The hook for the verdict step: scan ``variant.checkpoint`` of every variant with the norms core.
+
+    ``variants`` is sorted by register count; ``baseline`` is the 0-register model.
+    """
+
+    run_dir: Path
+    config: TrainConfig
+    variants: list[RegVariant]
+    comparison_path: Path
+
+    @property
+    def baseline(self) -> RegVariant:
+        return self.variant(0)
+
+    def variant(self, registers: int) -> RegVariant:
+        for v in self.variants:
+            if v.registers == registers:
+                return v
+        raise KeyError(f"no variant with {registers} registers")
+
+    def checkpoints(self) -> dict[int, Path]:
+        return {v.registers: v.checkpoint for v in self.variants}
+
+    def to_dict(self) -> dict[str, Any]:
+        base = next((v for v in self.variants if v.registers == 0), None)
+        ratios = {}
+        if base is not None and base.img_per_s:
+            ratios = {str(v.registers): base.img_per_s / v.img_per_s for v in self.variants if v.img_per_s}
+        return {
+            "run_dir": str(self.run_dir),
+            "config": self.config.to_dict(),
+            "variants": [v.to_dict() for v in self.variants],
+            "step_time_ratio_vs_reg0": ratios,
+        }
+
+
+def evaluate_checkpoint(path: str | Path, config: TrainConfig, device: str = "cpu") -> tuple[float, float]:
+    """Held-out ``(loss, accuracy)`` of a self-describing checkpoint on ``config``'s validation data."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_meta(path)
+    if meta is None:
+        raise TrainingError(f"{path} is not a self-describing artifactscan checkpoint; train it with train-reg")
+    dev = resolve_train_device(device)
+    cfg = config.replace(registers=int(meta.arch_kwargs.get("reg_tokens", 0)))
+    _, val_ds, _, data_config, _ = build_datasets(cfg)
+    model = build_model(cfg).to(dev)
+    if path.suffix == ".safetensors":
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    mean = torch.tensor(data_config["mean"], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(data_config["std"], device=dev).view(1, 3, 1, 1)
+    return evaluate(model, val_ds, cfg, dev, mean, std)
+
+
+def check_baseline(path: Path, config: TrainConfig) -> None:
+    if not path.is_file():
+        raise TrainingError(f"baseline checkpoint {path} does not exist; pass the final.safetensors of a 0-register run")
+    meta = read_meta(path)
+    if meta is None:
+        raise TrainingError(f"{path} is not a self-describing artifactscan checkpoint; use one written by train-reg")
+    want = config.model_kwargs(0)
+    got = dict(meta.arch_kwargs)
+    diffs = [k for k in want if got.get(k) != want[k]]
+    if meta.arch != config.arch or diffs:
+        shown = ", ".join(f"{k}={got.get(k)!r} (want {want[k]!r})" for k in diffs[:3]) or f"arch {meta.arch}"
+        raise TrainingError(f"baseline {path} does not match the requested model: {shown}; use matching options")
+
+
+def worker_main(config_path: str, run_dir: str, resume: bool) -> int:
+    """Entry point of a side-by-side child process: train one variant, stream JSON events on stdout."""
+    config = TrainConfig.from_dict(json.loads(Path(config_path).read_text()))
+
+    def emit(ev: dict) -> None:
+        sys.stdout.write(json.dumps(ev) + "\n")
+        sys.stdout.flush()
+
+    try:
+        res = train_model(config, run_dir, resume=resume, progress=False, on_event=emit)
+    except (TrainingError, InputError) as exc:
+        emit({"type": "error", "kind": type(exc).__name__, "message": str(exc)})
+        return 2
+    emit({"type": "done", "result": res.to_dict()})
+    return 0
+
+
+def variant_from_result(reg: int, r: dict) -> RegVariant:
+    return RegVariant(
+        registers=reg, checkpoint=Path(r["final_checkpoint"]), run_dir=Path(r["run_dir"]), val_acc=r["val_acc"],
+        trained=True, steps=r["steps"], wall_s=r["wall_s"], img_per_s=r["img_per_s"],
+        checkpoints=[Path(p) for p in r["checkpoints"]],
+    )
+
+
+def train_reg(
+    config: TrainConfig,
+    out_dir: str | Path,
+    registers: str | int | Sequence[int] = 4,
+    *,
+    baseline_checkpoint: str | Path | None = None,
+    parallel: bool | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainRegResult:
+    """Train the controlled comparison: the same ViT with 0 and with N register tokens (or an ablation list).
+
+    ``registers=4`` trains ``[0, 4]``; ``"0,1,2,4,8"`` trains all five. With ``baseline_checkpoint`` (a
+    0-register ``final.safetensors`` of the same architecture) the 0-register model is not retrained. Every variant
+    uses the same seed, initial shared weights and batch order. Layout::
+
+        out_dir/config.json, out_dir/train_reg.json, out_dir/reg{N}/..., out_dir/comparison.json
+
+    Args:
+        parallel: run variants as side-by-side single-threaded processes. ``None`` = yes on CPU with ≥ 2 cores
+            outside torchrun; ignored on CUDA (variants share the GPU sequentially).
+        resume: continue the variants of an interrupted ``train_reg`` folder (finished ones are reused).
+    Returns:
+        :class:`TrainRegResult` listing each variant's final checkpoint — scan them for the verdict.
+    """
+    out = Path(out_dir)
+    config = resolve_config(config)
+    regs = parse_registers(registers)
+    if baseline_checkpoint is None and 0 not in regs:
+        regs = [0] + regs
+    if baseline_checkpoint is not None:
+        baseline_checkpoint = Path(baseline_checkpoint)
+        check_baseline(baseline_checkpoint, config)
+        regs = [r for r in regs if r != 0]
+        if not regs:
+            raise TrainingError("with --baseline only register models are trained; pass e.g. --registers 4")
+    validate_config(config)
+    device = resolve_train_device(config.device)  # fail before creating any folder
+    if config.data is not None:
+        build_datasets(config)  # a bad data folder fails here, before any worker process starts
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not resume and main and (out / "train_reg.json").exists():
+        raise TrainingError(f"{out} already holds a train-reg run; pass --resume {out} or choose a new folder")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", config.to_dict())
+        write_json(out / "train_reg.json", {
+            "registers": regs, "baseline_checkpoint": str(baseline_checkpoint) if baseline_checkpoint else None,
+        })
+
+    jobs: list[tuple[int, Path, bool]] = []
+    done: dict[int, RegVariant] = {}
+    for reg in regs:
+        vdir = out / f"reg{reg}"
+        if resume and (vdir / "final.safetensors").is_file() and (vdir / "result.json").is_file():
+            r = json.loads((vdir / "result.json").read_text())
+            if "final_checkpoint" in r:
+                done[reg] = variant_from_result(reg, r)
+                continue
+        jobs.append((reg, vdir, resume and (vdir / "last.pt").is_file()))
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if parallel is None:
+        parallel = device.type == "cpu" and world == 1 and cores >= 2 and len(jobs) > 1
+    if parallel and (device.type != "cpu" or world > 1):
+        parallel = False
+
+    if jobs and parallel:
+        done.update(run_parallel(config, jobs, cores, progress))
+    else:
+        for reg, vdir, res in jobs:
+            r = train_model(config.replace(registers=reg), vdir, resume=res, progress=progress, label=f"reg{reg}")
+            done[reg] = variant_from_result(reg, r.to_dict())
+
+    if baseline_checkpoint is not None:
+        _, acc = evaluate_checkpoint(baseline_checkpoint, config, device=str(device)) if main else (0.0, float("nan"))
+        done[0] = RegVariant(registers=0, checkpoint=baseline_checkpoint, run_dir=None, val_acc=acc, trained=False)
+    result = TrainRegResult(run_dir=out, config=config, variants=[done[r] for r in sorted(done)],
+                            comparison_path=out / "comparison.json")
+    if main:
+        write_json(result.comparison_path, result.to_dict())
+    return result
+
+
+def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[int, RegVariant]:
+    """Run the variants as side-by-side child processes (``python -m artifactscan.analysis.training --_worker``).
+
+    Children are plain subprocesses (not multiprocessing) so this works from any entry point (scripts, stdin,
+    notebooks); each streams JSON events on stdout, which feed one progress bar per variant here.
+    """
+    import queue as queue_mod
+    import subprocess
+    import threading
+
+    n_proc = min(len(jobs), cores)
+    threads = config.num_threads or max(1, cores // n_proc)
+    events: queue_mod.Queue = queue_mod.Queue()
+    bars = None
+    if progress:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bars = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]} img/s"),
+            TimeRemainingColumn(), console=Console(stderr=True),
+        )
+        bars.start()
+    tasks: dict[str, Any] = {}
+    results: dict[int, RegVariant] = {}
+    errors: list[str] = []
+    waiting = list(jobs)
+    running: dict[str, tuple[int, subprocess.Popen]] = {}
+
+    def pump(label: str, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            try:
+                events.put({"label": label, **json.loads(line)})
+            except ValueError:
+                pass
+        events.put({"label": label, "type": "exit", "rc": proc.wait()})
+
+    def launch(reg: int, vdir: Path, res: bool) -> None:
+        label = f"reg{reg}"
+        vdir.mkdir(parents=True, exist_ok=True)
+        cfg_path = vdir / "worker-config.json"
+        write_json(cfg_path, config.replace(registers=reg, num_threads=threads).to_dict())
+        cmd = [sys.executable, "-m", "artifactscan.analysis.training", "--_worker", str(cfg_path), "--out", str(vdir)]
+        if res:
+            cmd.append("--_resume")
+        pkg_parent = str(Path(__file__).resolve().parent.parent)  # so the child imports this same artifactscan
+        pypath = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WORLD_SIZE": "1", "RANK": "0", "PYTHONPATH": pypath}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        running[label] = (reg, proc)
+        if bars is not None:
+            tasks[label] = bars.add_task(label, total=config.steps or None, loss="-", acc="-", ips="-")
+        threading.Thread(target=pump, args=(label, proc), daemon=True).start()
+
+    try:
+        while waiting and len(running) < n_proc:
+            launch(*waiting.pop(0))
+        while running:
+            ev = events.get()
+            label, kind = ev["label"], ev["type"]
+            if kind == "step" and bars is not None:
+                bars.update(tasks[label], completed=ev["step"], loss=f"{ev['loss']:.3f}",
+                            ips=f"{ev['img_per_s']:.0f}")
+            elif kind == "eval" and bars is not None:
+                bars.update(tasks[label], acc=f"{ev['val_acc']:.3f}")
+                bars.console.print(f"{label} step {ev['step']}: loss {ev['loss']:.3f}  val acc {ev['val_acc']:.3f}"
+                                   f"  {ev['img_per_s']:.0f} img/s")
+            elif kind == "done":
+                reg = running[label][0]
+                results[reg] = variant_from_result(reg, ev["result"])
+            elif kind == "error":
+                errors.append(ev["message"])
+            elif kind == "exit":
+                reg, _ = running.pop(label)
+                if reg not in results and not errors:
+                    errors.append(f"training the {reg}-register model crashed (exit code {ev['rc']}); "
+                                  f"see the messages above, then --resume the run folder")
+                if errors:  # stop the others: the comparison is incomplete anyway
+                    for _, p in running.values():
+                        p.terminate()
+                elif waiting:
+                    launch(*waiting.pop(0))
+    finally:
+        for _, p in running.values():
+            p.terminate()
+        if bars is not None:
+            bars.stop()
+    if errors:
+        raise TrainingError(errors[0])
+    return results
+
+
+def resume(
+    run_dir: str | Path,
+    expected: TrainConfig | dict | None = None,
+    *,
+    progress: bool = True,
+    parallel: bool | None = None,
+    **runtime: Any,
+) -> TrainResult | TrainRegResult:
+    """Continue a killed run to the same result an uninterrupted one would have reached.
+
+    ``run_dir`` is either a ``train_reg`` folder (with ``train_reg.json``) or a single-model folder (with
+    ``last.pt``). ``expected`` holds options the user passed again (a dict of changed fields, or a full config):
+    if any of them differs from the saved config the resume is refused. ``runtime`` may change where it runs
+    (``device``, ``num_threads``, ``num_workers``, ``compile``).
+    """
+    run_dir = Path(run_dir)
+    bad = set(runtime) - RUNTIME_FIELDS
+    if bad:
+        raise TrainingError(f"only {sorted(RUNTIME_FIELDS)} can change on --resume, not {sorted(bad)}")
+    if (run_dir / "train_reg.json").is_file():
+        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        check_same_config(config.to_dict(), expected, run_dir)
+        spec = json.loads((run_dir / "train_reg.json").read_text())
+        started = [d for d in run_dir.glob("reg*") if (d / "last.pt").is_file() or (d / "final.safetensors").is_file()]
+        if not started:
+            raise TrainingError(f"cannot resume: {run_dir} has no checkpoint yet; start a fresh run instead")
+        regs = spec["registers"]
+        return train_reg(config.replace(**runtime), run_dir, regs, baseline_checkpoint=spec["baseline_checkpoint"],
+                         parallel=parallel, resume=True, progress=progress)
+    if (run_dir / "last.pt").is_file():
+        blob = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+        config = TrainConfig.from_dict(json.loads(blob["resume"]["config"]))
+        check_same_config(config.to_dict(), expected, run_dir)
+        return train_model(config.replace(**runtime), run_dir, resume=True, progress=progress)
+    if (run_dir / "config.json").is_file():
+        raise TrainingError(f"cannot resume: {run_dir} has no checkpoint yet (last.pt); start a fresh run instead")
+    raise TrainingError(f"cannot resume: {run_dir} is not an artifactscan run folder (no config.json/last.pt)")

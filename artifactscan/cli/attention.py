@@ -1,0 +1,155 @@
+"""``artifactscan attention``: attention maps and the attention mass on outlier tokens (a thin Typer layer over
+:func:`artifactscan.attention_maps.attention_report`).
+
+Registered on the shared app by ``from . import cli_attention`` at the bottom of :mod:`artifactscan.cli`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from artifactscan.cli.app import (
+    ArchKwargsOpt,
+    ArchOpt,
+    BatchOpt,
+    DebugOpt,
+    DeviceOpt,
+    IMAGES_HELP,
+    ImgSizeOpt,
+    MODEL_HELP,
+    THRESHOLD_HELP,
+    TrustOpt,
+    WorkersOpt,
+    app,
+    run_command,
+    stderr,
+    stdout,
+)
+
+
+@app.command("attention")
+def attention(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    images: Optional[str] = typer.Argument(None, help=IMAGES_HELP, show_default=False),
+    layers: str = typer.Option("all", "--layers", "-l",
+                               help="Blocks to capture: 'all' or a comma list such as 0,5,-1 (negative counts from "
+                                    "the end). Only these blocks lose the fused attention kernel, only for the pass."),
+    heads: str = typer.Option("mean", "--heads",
+                              help="'mean': maps averaged over heads. 'all': one map per head (the paper's Fig 9; "
+                                   "writes per-head figures)."),
+    query: str = typer.Option("auto", "--query", "-q",
+                              help="Whose attention: 'auto' (CLS; the first register when the model has no CLS; the "
+                                   "mean of all patch queries when it has no prefix tokens), 'cls', 'regK' or 'mean'."),
+    query_patch: Optional[str] = typer.Option(None, "--query-patch", metavar="ROW,COL",
+                                              help="Also map the attention of this patch (0-based grid position)."),
+    threshold: str = typer.Option("auto", "--threshold", "-t", help=THRESHOLD_HELP),
+    maps: int = typer.Option(6, "--maps", help="Keep attention maps (and figures) for the first N images; the mass "
+                                               "statistics always use every image."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write attention.json and figures here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures into --out."),
+    arch: Optional[str] = ArchOpt,
+    arch_kwargs: Optional[str] = ArchKwargsOpt,
+    trust_checkpoint: bool = TrustOpt,
+    img_size: Optional[int] = ImgSizeOpt,
+    device: str = DeviceOpt,
+    batch_size: int = BatchOpt,
+    workers: int = WorkersOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Where the CLS token looks, and how much attention the high-norm outlier tokens attract (the paper's Fig 2
+    and Fig 9).
+
+    Two passes. First the norms scan (same --threshold) flags the outlier patch tokens of every image. Then the
+    chosen blocks run with timm's explicit attention (their fused kernel is off for the pass and restored after;
+    other blocks keep it) and their attention probabilities are reduced on the fly, so memory does not grow with
+    the number of images.
+
+    Per block it reports the mass the query (CLS, or the fallback it names) puts on each prefix token, on all
+    patches and on the outlier tokens, next to the outliers' share of the patches: a spike is mass >> share
+    (spike = outliers' share of the patch-directed attention / their share of the patches; 1 = no preference).
+    The outliers for block b are those flagged at its input (the norms scan's row b-1, the keys it reads); block 0
+    reads the patch embedding and has none.
+
+    With --out: attention.json, attention_mass.png, and per kept image attention_maps/IMAGE.png (image, query
+    map, outlier overlay at the last captured block), plus attention_heads/IMAGE.png with --heads all.
+
+    Examples:
+
+      artifactscan attention                                          # the calibration phantom on sample_images/
+
+      artifactscan attention demo-reg4 sample_images/ --layers -1 --heads all --out attn/
+
+      artifactscan attention ckpt.pt imgs/ --arch vit_small_patch16_224 --query-patch 7,7 --json > attention.json
+    """
+    from artifactscan.analysis.attention_maps import attention_report
+    from artifactscan.models.loading import parse_arch_kwargs
+
+    def work() -> None:
+        report = attention_report(
+            model, images, layers=layers, threshold=threshold, query=query, query_patch=query_patch, heads=heads,
+            maps=maps, device=device, batch_size=batch_size, num_workers=workers, arch=arch,
+            arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint, img_size=img_size,
+            progress=not json_out and sys.stderr.isatty(),
+            warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
+        written: list[Path] = []
+        text = report.to_json()
+        if out is not None:
+            from artifactscan.core.results import atomic_write_text
+
+            atomic_write_text(out / "attention.json", text)
+            written.append(out / "attention.json")
+            if figures:
+                from artifactscan.render.plots_attention import save_attention_figures
+
+                written += save_attention_figures(report, out)
+        if json_out:
+            sys.stdout.write(text + "\n")
+            return
+        render_attention(report)
+        if out is not None:
+            stdout.print(f"wrote {len(written)} files to {out}/ (attention.json{', figures' if figures else ''})")
+
+    run_command(debug, work)
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def render_attention(report) -> None:
+    """The per-block table, the query used and the headline, for humans."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    m = report.model
+    prefix = f"{m.num_cls_tokens} CLS + {m.num_register_tokens} register" if m.num_prefix_tokens else "no prefix"
+    q = report.query
+    title = (f"{m.name} - {m.num_blocks} blocks, {prefix} tokens, {m.grid_size[0]}x{m.grid_size[1]} patches - "
+             f"{report.images.num_scanned} images - query: {q.name}")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for col in ("block", "outliers (% patches)", f"{q.name} -> outliers", "spike", "patch q. -> outliers",
+                "spike ", f"{q.name} -> prefix", f"{q.name} -> patches"):
+        table.add_column(col, justify="left" if col in ("block", f"{q.name} -> prefix") else "right")
+    for lay in report.layers:
+        s, p = lay.query, lay.patch_queries
+        spike = s.spike or 0.0
+        style = "bold red" if spike >= 5 else ""
+        prefix_text = " ".join(f"{k}={100 * v:.1f}%" for k, v in list(s.prefix.items())[:5])
+        if len(s.prefix) > 5:
+            prefix_text += f" (+{len(s.prefix) - 5})"
+        table.add_row(str(lay.block), "no mask" if lay.outlier_fraction is None else _pct(lay.outlier_fraction, 2),
+                      _pct(s.outliers), "-" if s.spike is None else f"{s.spike:.3g}x", _pct(p.outliers),
+                      "-" if p.spike is None else f"{p.spike:.3g}x", prefix_text or "-", _pct(s.patches),
+                      style=style)
+    stdout.print(table)
+    stdout.print(f"query: {q.name} - {q.reason}" + (f"; also mapped: patch {report.query_patch[0]},"
+                                                     f"{report.query_patch[1]}" if report.query_patch else ""))
+    if m.kind == "phantom":
+        stdout.print(Panel(m.calibration_note or "", title="calibration phantom", style="yellow"))
+    stdout.print(Panel(report.headline, title="attention on outliers", style="bold"))
+    stdout.print(f"[dim]Outliers - {report.outlier_rule}. Threshold rule - {report.threshold_rule}[/dim]")

@@ -1,0 +1,51 @@
+"""``artifactscan report RESULTS_DIR -o report.html``: one self-contained HTML page for a results folder.
+
+A thin Typer layer over :func:`artifactscan.html_report.write_html_report`. Registered on the shared app by
+``from . import cli_report`` at the bottom of :mod:`artifactscan.cli`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from artifactscan.cli.app import DebugOpt, app, run_command, stderr, stdout
+
+
+@app.command("report")
+def report(
+    results_dir: Path = typer.Argument(..., metavar="RESULTS_DIR", show_default=False,
+                                       help="A folder written by `norms --out`, `compare --out`, `probe --out`, "
+                                            "train-reg ... (searched recursively)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", show_default=False,
+                                       help="The HTML file to write (default: RESULTS_DIR/report.html). Missing "
+                                            "folders are created."),
+    debug: bool = DebugOpt,
+) -> None:
+    """One self-contained HTML page of every result in a folder: scans, probes, attention, fixes, comparisons.
+
+    Figures are embedded, styling is inline, and no network or JavaScript is needed: mail it, print it, archive it.
+    The page opens with the headline verdict (and a banner when a result comes from the calibration phantom), then
+    one section per result with its tables and figures. Files are recognised by their "schema" key, so results of
+    newer kinds show up too. Unreadable JSON files are skipped with a warning.
+
+    Examples:
+
+      artifactscan norms demo sample_images/ --out results/demo
+
+      artifactscan report results/ -o report.html
+    """
+    from artifactscan.render.html_report import write_html_report
+
+    def work() -> None:
+        summary = write_html_report(results_dir, out, warn=lambda msg: stderr.print(
+            f"[yellow]warning:[/yellow] {msg}", highlight=False, soft_wrap=True))
+        if summary.phantom:
+            stdout.print("[yellow]note:[/yellow] includes calibration-phantom results (artifacts built in by "
+                         "construction); the page says so at the top.", highlight=False)
+        stdout.print(f"wrote {summary.out_path} ({summary.describe()}, {summary.bytes / 1024:.0f} KiB)",
+                     highlight=False, soft_wrap=True)
+
+    run_command(debug, work)

@@ -1,0 +1,381 @@
+"""Image-folder input shared by every command: find images, decode them robustly, batch them, skip bad ones.
+
+* :func:`discover_images` turns a file or folder argument into a sorted, deterministic list of image paths.
+* :func:`load_rgb` decodes one file to an 8-bit RGB :class:`PIL.Image.Image`, whatever its mode, and raises
+  :class:`ImageSkipped` (an :class:`~artifactscan.errors.InputError`) with a short reason for files that
+  cannot be used (corrupt, truncated, decompression bomb, unreadable).
+* :class:`ImageFolderDataset` + :func:`collate_skip_bad` feed a ``DataLoader``; bad files are dropped from
+  their batch and reported back as ``(index, reason)`` pairs so a scan can warn, count them in its report
+  and carry on.
+* :func:`image_folder_labels` reads class labels from an ImageFolder layout (``root/<class>/.../img.jpg``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset, default_collate
+
+from artifactscan.core.errors import InputError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageSkipped",
+    "SkippedImage",
+    "BadSample",
+    "discover_images",
+    "load_rgb",
+    "ImageFolderDataset",
+    "collate_skip_bad",
+    "image_folder_labels",
+]
+
+#: Lower-case file suffixes treated as images (matched case-insensitively).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+)
+_ACCEPTED = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+#: Background used where an image has transparency (alpha channel, tRNS chunk, transparent palette entry).
+_BACKGROUND = (255, 255, 255)
+
+
+class ImageSkipped(InputError):
+    """One image file cannot be used; ``reason`` is a short human-readable cause (no path).
+
+    Raised by :func:`load_rgb`. Scanning code catches it, warns, records a :class:`SkippedImage` and goes on.
+    """
+
+    def __init__(self, reason: str, path: str | os.PathLike[str] | None = None):
+        self.reason = reason
+        self.path = None if path is None else str(path)
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"skipped {where}{reason}; re-export the file or remove it from the folder")
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """A file left out of a scan, for reports (JSON-friendly: both fields are strings)."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """Sentinel returned by :class:`ImageFolderDataset` for a file that could not be loaded.
+
+    :func:`collate_skip_bad` removes it from the batch and reports ``(index, reason)``.
+    """
+
+    index: int
+    reason: str
+
+
+# --------------------------------------------------------------------------------------------- discovery
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _is_hidden(name: str) -> bool:
+    # Dot-files include macOS "._photo.jpg" resource forks, which carry an image suffix but are not images.
+    return name.startswith(".")
+
+
+def discover_images(path: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+    """Return the image files named by ``path``: one image file, or every image in a folder.
+
+    Folders are walked recursively (unless ``recursive=False``) without following symlinked folders; hidden
+    files and folders (names starting with ``.``) are ignored. Suffixes are matched case-insensitively
+    against :data:`IMAGE_EXTENSIONS`. The result is sorted by the path relative to the folder, compared
+    component by component, so the order is the same on every machine and every run.
+
+    Raises :class:`InputError` when the path does not exist, is a file with another suffix, or is a folder
+    with no image files in it (empty, or holding only other kinds of files).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"{p} does not exist; pass an image file or a folder of images")
+    if p.is_file():
+        if not _is_image_name(p.name):
+            raise InputError(
+                f"{p} is not an image file by its extension; pass a file ending in one of: {_ACCEPTED}"
+            )
+        return [p]
+    if not p.is_dir():
+        raise InputError(f"{p} is neither a file nor a folder; pass an image file or a folder of images")
+
+    found: list[tuple[tuple[str, ...], Path]] = []
+    n_other = 0
+    other_suffixes: set[str] = set()
+    subdirs_with_images = False
+    try:
+        walker = os.walk(p, onerror=None)
+        for dirpath, dirnames, filenames in walker:
+            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+            rel_dir = Path(dirpath).relative_to(p).parts
+            is_top = not rel_dir
+            if not is_top and not recursive:
+                if any(_is_image_name(f) and not _is_hidden(f) for f in filenames):
+                    subdirs_with_images = True
+                    break
+                continue
+            for name in filenames:
+                if _is_hidden(name):
+                    continue
+                if _is_image_name(name):
+                    found.append((rel_dir + (name,), Path(dirpath) / name))
+                else:
+                    n_other += 1
+                    other_suffixes.add(Path(name).suffix.lower() or "(none)")
+            if not recursive and is_top and found:
+                break
+    except PermissionError as e:  # pragma: no cover - os.walk reports most of these via onerror
+        raise InputError(f"cannot read folder {p}: {e.strerror}; check its permissions") from e
+
+    if not found:
+        if subdirs_with_images:
+            raise InputError(
+                f"no images directly in {p}, only in sub-folders; scan recursively (drop --no-recursive)"
+            )
+        if n_other == 0:
+            raise InputError(f"folder {p} is empty; put image files ({_ACCEPTED}) in it")
+        shown = ", ".join(sorted(other_suffixes)[:8])
+        raise InputError(
+            f"folder {p} has {n_other} file(s) but no images (found {shown}); "
+            f"accepted extensions: {_ACCEPTED}"
+        )
+    found.sort(key=lambda t: t[0])
+    return [fp for _, fp in found]
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+def _skip_reason(exc: BaseException) -> str:
+    """A short, path-free reason for a decoding failure."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", msg)
+        size = f" ({m.group(1)} pixels, limit {m.group(2)})" if m else ""
+        return f"too large, over Pillow's decompression bomb limit{size}"
+    if isinstance(exc, UnidentifiedImageError):
+        return "corrupt or not an image (Pillow cannot identify it)"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, MemoryError):
+        return "out of memory while decoding"
+    if isinstance(exc, OSError) and "truncated" in msg.lower():
+        return "truncated file"
+    if isinstance(exc, (OSError, SyntaxError, ValueError, EOFError)):
+        return f"corrupt image ({type(exc).__name__}: {msg})" if msg else f"corrupt image ({type(exc).__name__})"
+    return f"cannot decode ({type(exc).__name__}: {msg})" if msg else f"cannot decode ({type(exc).__name__})"
+
+
+def _gray_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Rescale a single-channel 16-bit / 32-bit / float array to uint8 without clipping."""
+    if mode.startswith("I;16"):
+        # Unsigned 16-bit container: map its full range 0..65535 linearly onto 0..255.
+        scaled = arr.astype(np.float64) * (255.0 / 65535.0)
+        return np.rint(scaled).astype(np.uint8)
+
+    a = arr.astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, dtype=np.uint8)
+    lo, hi = float(a[finite].min()), float(a[finite].max())
+    a = np.where(finite, a, lo)  # NaN / inf -> darkest finite value
+    if mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scaled = a * 255.0  # float image in [0, 1]
+    elif mode == "I" and lo >= 0 and hi <= 255:
+        scaled = a  # 8-bit data stored in a 32-bit container
+    elif mode == "I" and lo >= 0 and hi <= 65535:
+        scaled = a * (255.0 / 65535.0)  # 16-bit data (older Pillow decodes 16-bit PNGs as "I")
+    elif hi > lo:
+        scaled = (a - lo) * (255.0 / (hi - lo))  # arbitrary range: stretch min..max onto 0..255
+    else:
+        scaled = np.zeros_like(a)  # constant image with no known range
+    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+
+
+def _has_transparency(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB" and "transparency" not in im.info:
+        return im.copy()
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return Image.fromarray(_gray_to_uint8(np.asarray(im), mode), mode="L").convert("RGB")
+    if _has_transparency(im):
+        if mode in ("RGBa", "La"):  # premultiplied alpha
+            im = im.convert("RGBA" if mode == "RGBa" else "LA")
+        rgba = im.convert("RGBA")  # handles P/L/RGB + tRNS and LA/PA
+        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    # 1, L, P, CMYK, YCbCr, RGBX, HSV, ...: Pillow's own conversion (CMYK uses the naive formula, no ICC).
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode an image file into an 8-bit RGB :class:`PIL.Image.Image` that no longer needs the file.
+
+    Mode handling:
+
+    * ``L`` / ``1`` / ``P`` / ``CMYK`` / ``YCbCr`` / ``RGBX``: converted with Pillow (grayscale is replicated
+      to three channels; CMYK uses Pillow's plain formula, ICC profiles are ignored).
+    * Transparency (``RGBA``, ``LA``, ``PA``, palette or ``tRNS`` transparency): **composited on a white
+      background**, so fully transparent pixels become white rather than whatever colour hides under alpha 0.
+    * 16-bit ``I;16*``: rescaled linearly from 0..65535 to 0..255 (full-range scaling, never clipped).
+    * 32-bit ``I``: values within 0..255 kept, within 0..65535 scaled as 16-bit, otherwise min..max stretched.
+    * Float ``F``: values within 0..1 multiplied by 255, otherwise min..max stretched; NaN/inf become the
+      darkest finite value.
+    * EXIF orientation is applied, so phone photos come out upright. Multi-frame files (GIF, TIFF) give
+      their first frame.
+
+    Raises :class:`ImageSkipped` with a short reason for files that are corrupt, truncated, unreadable or
+    over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``; the
+    ``DecompressionBombWarning`` issued between 1x and 2x that limit is turned into an error for this
+    call only, via ``warnings.catch_warnings``, which restores the previous filters on exit).
+    Truncated files raise because Pillow's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False`` is
+    respected; a program that sets it to ``True`` opts in to loading them padded with grey.
+    """
+    p = Path(path)
+    try:
+        if p.stat().st_size == 0:
+            raise ImageSkipped("empty file (0 bytes)", p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                im.load()
+                try:
+                    im = ImageOps.exif_transpose(im)
+                except Exception:  # broken EXIF must not cost us an otherwise good image
+                    pass
+                mode = im.mode
+                try:
+                    return _to_rgb(im)
+                except (ValueError, TypeError) as e:
+                    raise ImageSkipped(f"unsupported colour mode {mode} ({e})", p) from e
+    except ImageSkipped:
+        raise
+    except FileNotFoundError as e:
+        raise ImageSkipped("file disappeared or does not exist", p) from e
+    except Exception as e:  # Pillow plugins raise many types (OSError, SyntaxError, ValueError, struct.error...)
+        raise ImageSkipped(_skip_reason(e), p) from e
+
+
+# -------------------------------------------------------------------------------------------------- batches
+
+
+def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """Default transform: ``(3, H, W)`` float tensor in [0, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class ImageFolderDataset(Dataset):
+    """Map-style dataset over image paths; item ``i`` is ``(transform(load_rgb(paths[i])), i)``.
+
+    A file that :func:`load_rgb` rejects yields a :class:`BadSample` instead; use ``collate_fn=
+    collate_skip_bad`` so the DataLoader drops it and reports it. ``transform`` receives an RGB PIL image
+    and should return a fixed-size tensor (default: un-normalised ``(3, H, W)`` float tensor in [0, 1],
+    which only batches when all images have the same size). Errors raised by ``transform`` itself are
+    not caught. The dataset is picklable (paths are stored as strings) as long as ``transform`` is, so it
+    works with ``num_workers > 0``.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], transform: Callable[[Image.Image], Any] | None = None):
+        self.paths: list[str] = [str(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            img = load_rgb(self.paths[index])
+        except ImageSkipped as e:
+            return BadSample(int(index), e.reason)
+        x = self.transform(img) if self.transform is not None else _pil_to_tensor(img)
+        return x, int(index)
+
+    def skipped_images(self, skipped: Sequence[tuple[int, str]]) -> list[SkippedImage]:
+        """Turn the ``(index, reason)`` pairs from :func:`collate_skip_bad` into :class:`SkippedImage` records."""
+        return [SkippedImage(self.paths[i], reason) for i, reason in skipped]
+
+
+def collate_skip_bad(batch: Sequence[Any]) -> tuple[Any, torch.Tensor, list[tuple[int, str]]]:
+    """``collate_fn`` for :class:`ImageFolderDataset` that drops bad samples.
+
+    Returns ``(images, indices, skipped)``: ``images`` is the default-collated batch of the good items
+    (a ``(B, ...)`` tensor) or ``None`` when every item in the batch was bad; ``indices`` is a ``long``
+    tensor of the good items' dataset indices (same order as ``images``); ``skipped`` lists
+    ``(index, reason)`` for the bad ones.
+    """
+    good = [b for b in batch if not isinstance(b, BadSample)]
+    skipped = [(b.index, b.reason) for b in batch if isinstance(b, BadSample)]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), skipped
+    images = default_collate([x for x, _ in good])
+    indices = torch.tensor([i for _, i in good], dtype=torch.long)
+    return images, indices, skipped
+
+
+# --------------------------------------------------------------------------------------------------- labels
+
+
+def _relative_parts(path: Path, root: Path) -> tuple[str, ...] | None:
+    try:
+        return path.relative_to(root).parts
+    except ValueError:
+        pass
+    try:
+        return path.resolve().relative_to(root.resolve()).parts
+    except (ValueError, OSError):
+        return None
+
+
+def image_folder_labels(
+    root: str | os.PathLike[str], paths: Sequence[str | os.PathLike[str]]
+) -> tuple[list[int] | None, list[str] | None]:
+    """Class labels from an ImageFolder layout: the first-level sub-folder of each image under ``root``.
+
+    Returns ``(labels, class_names)`` with ``class_names`` sorted by name (as torchvision's ``ImageFolder``
+    does; only sub-folders that contain images count) and ``labels[i]`` the index of ``paths[i]``'s class.
+    Returns ``(None, None)`` when ``root`` is a single file or every image sits directly in ``root``.
+
+    Raises :class:`InputError` when some images sit directly in ``root`` and others in sub-folders (the
+    labels would be ambiguous) or when a path is not inside ``root``.
+    """
+    root_p = Path(root).expanduser()
+    if root_p.is_file() or not paths:
+        return None, None
+    first_level: list[str | None] = []
+    for path in paths:
+        parts = _relative_parts(Path(path).expanduser(), root_p)
+        if parts is None or not parts:
+            raise InputError(f"{path} is not inside {root_p}; pass the folder the images were found in")
+        first_level.append(parts[0] if len(parts) > 1 else None)
+    n_loose = sum(c is None for c in first_level)
+    if n_loose == len(first_level):
+        return None, None
+    if n_loose:
+        raise InputError(
+            f"{root_p} mixes {n_loose} image(s) directly in the folder with images in class sub-folders; "
+            "move every image into a sub-folder named after its class (ImageFolder layout)"
+        )
+    class_names = sorted(set(first_level))  # type: ignore[arg-type]
+    lookup = {name: i for i, name in enumerate(class_names)}
+    return [lookup[c] for c in first_level], class_names  # type: ignore[index]

@@ -1,0 +1,7 @@
+"""Layer 3, models: the checkpoint format, loading, the registry of what the loader can build, the shipped models.
+
+The built-in registrants are imported here, so they have registered with :mod:`artifactscan.models.registry` before
+any module of this package is used, whatever the caller imported first.
+"""
+
+from artifactscan.models import demo, phantom, test_time_register  # noqa: F401  (they register themselves)

@@ -1,0 +1,130 @@
+"""The test-time register (Jiang et al. 2025): one extra token that the register neurons' activation is moved onto.
+
+``artifactscan fix`` (:mod:`artifactscan.analysis.fix`) finds the neurons; this module installs them on a model and
+registers itself with the loader as a checkpoint extension, so a checkpoint written by ``fix --out`` (which records
+the neurons in ``meta.extra["test_time_register"]``) loads with the repair applied, whatever was imported first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.core.results import JsonResult
+from artifactscan.models.loading import LoadedModel
+from artifactscan.models.registry import register_checkpoint_extension
+
+EXTRA_KEY = "test_time_register"
+
+
+@dataclass
+class RegisterNeuron:
+    """One MLP hidden unit: where it lives and how it behaves at outlier vs normal patch positions."""
+
+    block: int
+    site: str  # module path inside the model, e.g. "blocks.2.mlp.act"
+    index: int
+    outlier_activation: float  # mean |activation| at outlier positions
+    normal_activation: float  # mean |activation| at normal patch positions
+
+
+@dataclass
+class TestTimeRegister(JsonResult):
+    """What ``fix`` installs: the neurons and the model they belong to."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    neurons: list[RegisterNeuron]
+    num_blocks: int
+    embed_dim: int
+    max_layer: int
+    model_name: str
+
+
+def check_supported(loaded: LoadedModel) -> None:
+    """Refuse models an inserted token would silently change (anything but a timm ``VisionTransformer``)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    # Rotary-embedding models (Eva) tie token positions to fixed prefix counts inside attention; an inserted token
+    # would shift them, so refuse rather than silently change the model.
+    if not isinstance(loaded.model, VisionTransformer):
+        raise NotAViTError(f"{loaded.name}: test-time registers are supported for timm VisionTransformer models; "
+                           "rotary-embedding models (Eva) are not")
+
+
+class _RegisterInstaller:
+    """Hooks that insert the register token before block 0 and move the register neurons' activation onto it."""
+
+    def __init__(self, loaded: LoadedModel, register: TestTimeRegister):
+        self.position = loaded.num_prefix_tokens  # after CLS and trained registers, before the patches
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        modules = dict(loaded.model.named_modules())
+        by_site: dict[str, list[int]] = {}
+        for n in register.neurons:
+            if n.site not in modules:
+                raise InputError(f"neuron file does not match the model: {loaded.name} has no module {n.site}")
+            by_site.setdefault(n.site, []).append(n.index)
+        self.handles.append(loaded.model.blocks[0].register_forward_pre_hook(self._insert, with_kwargs=True))
+        # Up to and including the first block with a register neuron (whose attention runs before its MLP fills the
+        # register), image tokens attend as if the register were absent: it is masked out as a key, so they compute
+        # exactly what they did. An untrained extra key would perturb every token.
+        first = min(n.block for n in register.neurons) if register.neurons else -1
+        for block in list(loaded.model.blocks)[:first + 1]:
+            self.handles.append(block.register_forward_pre_hook(self._hide_register, with_kwargs=True))
+        for site, idx in by_site.items():
+            self.handles.append(modules[site].register_forward_hook(self._move(torch.tensor(sorted(idx)))))
+
+    def _insert(self, module: nn.Module, args: tuple, kwargs: dict):
+        x = args[0]
+        reg = torch.zeros(x.shape[0], 1, x.shape[2], dtype=x.dtype, device=x.device)
+        x = torch.cat([x[:, :self.position], reg, x[:, self.position:]], dim=1)
+        return (x,) + tuple(args[1:]), kwargs
+
+    def _hide_register(self, module: nn.Module, args: tuple, kwargs: dict):
+        x = args[0]
+        T = x.shape[1]
+        mask = torch.zeros(1, 1, T, T, dtype=x.dtype, device=x.device)
+        mask[..., self.position] = float("-inf")
+        return args, {**kwargs, "attn_mask": mask}
+
+    def _move(self, idx: torch.Tensor):
+        pos = self.position
+
+        def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+            if idx.max() >= out.shape[-1]:
+                raise InputError(f"neuron file does not match the model: neuron {int(idx.max())} of a layer with "
+                                 f"{out.shape[-1]} units")
+            out = out.clone()
+            i = idx.to(out.device)
+            peak = out[:, :, i].amax(dim=1)  # [B, k]: per image and per neuron
+            out[:, :, i] = 0
+            out[:, pos, i] = peak
+            return out
+        return hook
+
+
+def apply_test_time_register(loaded: LoadedModel, register: TestTimeRegister) -> LoadedModel:
+    """Install the register on ``loaded`` (in place) and return it; its token counts include the new register."""
+    check_supported(loaded)
+    if register.num_blocks != len(loaded.blocks) or register.embed_dim != int(loaded.model.embed_dim):
+        raise InputError(f"neuron file does not match the model: it was made for {register.num_blocks} blocks of "
+                         f"width {register.embed_dim}, {loaded.name} has {len(loaded.blocks)} of width "
+                         f"{int(loaded.model.embed_dim)}")
+    _RegisterInstaller(loaded, register)
+    loaded.model.num_prefix_tokens += 1  # so average pooling and every downstream split skip the register
+    loaded.num_prefix_tokens += 1
+    loaded.num_register_tokens += 1
+    loaded.notes.append(f"test-time register installed (Jiang et al. 2025): {len(register.neurons)} neurons moved "
+                        f"onto token reg{loaded.num_register_tokens - 1}")
+    return loaded
+
+
+def _install_from_checkpoint(loaded: LoadedModel, data: Any) -> None:
+    apply_test_time_register(loaded, TestTimeRegister.from_dict(data))
+
+
+register_checkpoint_extension(EXTRA_KEY, _install_from_checkpoint)

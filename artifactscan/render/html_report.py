@@ -1,0 +1,307 @@
+"""One self-contained HTML page for a results folder (``artifactscan report RESULTS_DIR -o report.html``).
+
+The page gathers every artifactscan result found under the folder (searched recursively): norm scans
+(``report.json`` with schema ``artifactscan.scan/...``), model comparisons, emergence over training, probe reports,
+attention and fix reports, and train-reg run folders. Files are recognised by their ``"schema"`` key (train-reg runs,
+which write plain JSON, by their file names), so one folder may hold several results with the same file name. A
+result of a kind this module does not know yet is still shown: its headline/verdict if it has one, else a compact
+table of its top-level values.
+
+Figures are embedded as base64 data URIs and the styling is inline CSS: the file opens anywhere, offline, needs no
+JavaScript and prints like a paper. All text from the results is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from artifactscan.core.errors import InputError
+from artifactscan.render.html_parts import (
+    FigureEmbedder,
+    FoundResult,
+    HtmlReportSummary,
+    IncludedResult,
+    KIND_ORDER,
+    KIND_TITLES,
+    PHANTOM_BANNER,
+    collect_results,
+    esc,
+    html_table,
+    is_phantom_data,
+    rel_path,
+    slug,
+)
+from artifactscan.render.html_sections import (
+    compare_section,
+    emergence_section,
+    generic_section,
+    probe_section,
+    scan_section,
+    training_section,
+)
+from artifactscan.core.version import __version__
+from artifactscan.core.results import atomic_write_text
+
+__all__ = ["HtmlReportSummary", "IncludedResult", "build_html_report", "write_html_report", "collect_results"]
+
+# ----------------------------------------------------------------------------------------------- summary types
+# ----------------------------------------------------------------------------------------------- small helpers
+# ----------------------------------------------------------------------------------------------- discovery
+# ----------------------------------------------------------------------------------------------- figures
+# ----------------------------------------------------------------------------------------------- tables
+# ----------------------------------------------------------------------------------------------- sections
+_RENDERERS: dict[str, Callable[[FoundResult, Path, FigureEmbedder, IncludedResult], str]] = {
+    "scan": scan_section, "compare": compare_section, "emergence": emergence_section, "probe": probe_section,
+    "train-reg": training_section, "training": training_section,
+}
+
+
+# ----------------------------------------------------------------------------------------------- page
+_CSS = """
+:root { --ink: #1b1b1b; --dim: #666; --rule: #222; --thin: #bbb; --red: #a4161a; --redbg: #fbeaea;
+        --green: #1d5e2f; --greenbg: #edf6ef; --warnbg: #fff4d6; --warn: #7a5200; }
+* { box-sizing: border-box; }
+html { background: #f4f3ef; }
+body { font-family: "Charter", "Bitstream Charter", "Georgia", "Cambria", "Times New Roman", serif; color: var(--ink);
+       line-height: 1.45; font-size: 16px; max-width: 62rem; margin: 1.5rem auto; padding: 2.2rem 2.6rem;
+       background: #fff; box-shadow: 0 1px 4px rgba(0,0,0,.12); }
+h1 { font-size: 1.7rem; margin: 0 0 .2rem; font-weight: 600; }
+h2 { font-size: 1.3rem; margin: 2.2rem 0 .4rem; padding-top: .6rem; border-top: 2px solid var(--rule); }
+h2 .kind { font-variant: small-caps; letter-spacing: .04em; color: var(--dim); font-weight: normal; margin-right: .4rem; }
+h3 { font-size: 1.05rem; margin: 1.2rem 0 .3rem; }
+h4 { font-size: .98rem; margin: 1rem 0 .3rem; font-style: italic; font-weight: normal; }
+p { margin: .4rem 0; }
+code, .path { font-family: "DejaVu Sans Mono", "Menlo", "Consolas", monospace; font-size: .82em; overflow-wrap: anywhere; }
+.subtitle { color: var(--dim); margin: 0 0 1rem; font-size: .92rem; overflow-wrap: anywhere; }
+.meta { color: #333; overflow-wrap: anywhere; }
+.dim { color: var(--dim); }
+.small { font-size: .85rem; }
+.banner { border: 3px solid var(--red); background: var(--redbg); color: #5c0b0e; padding: .8rem 1rem;
+          margin: 1rem 0; font-size: 1.02rem; }
+.banner b { color: var(--red); font-size: 1.05rem; letter-spacing: .02em; }
+.badge { display: inline-block; font-family: sans-serif; font-size: .68rem; font-weight: bold; letter-spacing: .05em;
+         text-transform: uppercase; color: #fff; background: var(--red); border-radius: 3px; padding: .1rem .35rem;
+         vertical-align: middle; margin-left: .4rem; }
+.lead { border-left: 5px solid var(--rule); background: #f7f7f5; padding: .7rem 1rem; margin: 1rem 0; font-size: 1.08rem; }
+.lead .label, .verdict .label { display: block; font-family: sans-serif; font-size: .7rem; font-weight: bold;
+         letter-spacing: .08em; text-transform: uppercase; color: var(--dim); margin-bottom: .15rem; }
+.lead .from { text-transform: none; letter-spacing: 0; font-weight: normal; }
+.verdict { border-left: 4px solid #888; background: #f7f7f5; padding: .5rem .8rem; margin: .6rem 0; }
+.verdict.flagged { border-color: var(--red); background: var(--redbg); }
+.verdict.clean { border-color: var(--green); background: var(--greenbg); }
+.warn { background: var(--warnbg); color: var(--warn); padding: .3rem .6rem; }
+.tablewrap { overflow-x: auto; margin: .6rem 0 .8rem; }
+table { border-collapse: collapse; font-size: .86rem; font-variant-numeric: tabular-nums; }
+table caption { caption-side: bottom; text-align: left; font-size: .8rem; color: var(--dim); padding-top: .3rem; }
+thead tr { border-top: 2px solid var(--rule); border-bottom: 1px solid var(--rule); }
+tbody tr:last-child { border-bottom: 2px solid var(--rule); }
+th { font-weight: 600; text-align: left; padding: .25rem .55rem; white-space: nowrap; }
+td { padding: .18rem .55rem; vertical-align: top; overflow-wrap: anywhere; }
+td.num { text-align: right; white-space: nowrap; }
+th.num { text-align: right; white-space: normal; vertical-align: bottom; min-width: 3.5em; }
+thead th { vertical-align: bottom; }
+tr.flagged td { color: var(--red); font-weight: 600; }
+tr.final td { color: var(--dim); font-style: italic; }
+table.keys { margin: .5rem 0; }
+table.keys th { color: #333; font-weight: 600; vertical-align: top; border: none; }
+table.keys tr { border: none; }
+table.keys tbody tr:last-child { border-bottom: 1px solid var(--thin); }
+table.keys tbody tr:first-child { border-top: 1px solid var(--thin); }
+.facts { font-size: .92rem; }
+ul.notes { font-size: .9rem; color: #333; margin: .4rem 0; padding-left: 1.3rem; }
+details { margin: .5rem 0; }
+summary { cursor: pointer; font-style: italic; }
+.figrow { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; margin: .6rem 0; }
+.figrow:empty { display: none; }
+figure { margin: 0; }
+figure.fig { flex: 1 1 26rem; max-width: 100%; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid #e4e4e4; background: #fff; }
+figcaption { font-size: .78rem; color: var(--dim); margin-top: .2rem; overflow-wrap: anywhere; }
+figcaption .path { display: block; font-size: .72rem; color: #999; }
+.maps { display: grid; grid-template-columns: repeat(auto-fill, minmax(14rem, 1fr)); gap: .8rem; }
+.maps figure.fig { flex: none; }
+nav.toc table { width: 100%; }
+nav.toc td:nth-child(3) { font-size: .82rem; color: #333; }
+nav.toc a { color: inherit; }
+footer { margin-top: 2.5rem; border-top: 1px solid var(--thin); padding-top: .5rem; font-size: .8rem; color: var(--dim); }
+@media print {
+  html { background: #fff; }
+  body { box-shadow: none; margin: 0; padding: 0; max-width: none; font-size: 11pt; }
+  figure, table, .banner, .verdict { break-inside: avoid; page-break-inside: avoid; }
+  h2 { break-after: avoid; page-break-after: avoid; }
+  details > summary { display: none; }
+  details { display: block; }
+  a { color: inherit; text-decoration: none; }
+  .banner, .verdict, tr.flagged td { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
+}
+"""
+
+
+def _build(results_dir: str | Path, warn: Callable[[str], None] | None = None) -> tuple[str, HtmlReportSummary]:
+    root = Path(results_dir).expanduser()
+    warnings: list[str] = []
+
+    def _warn(msg: str) -> None:
+        warnings.append(msg)
+        if warn is not None:
+            warn(msg)
+
+    if not root.exists():
+        raise InputError(f"results folder {root} does not exist; pass the folder given to "
+                         "`artifactscan norms ... --out DIR` (or compare/probe --out)")
+    if not root.is_dir():
+        raise InputError(f"{root} is a file, not a results folder; pass the folder that holds it "
+                         f"(e.g. `artifactscan report {root.parent}`)")
+    try:
+        found, skipped, by_dir = collect_results(root, _warn)
+    except OSError as exc:
+        raise InputError(f"cannot read results folder {root}: {exc.strerror or exc}") from None
+    if not found:
+        extra = f" ({len(skipped)} unreadable JSON file(s) skipped)" if skipped else ""
+        raise InputError(f"nothing to report: {root} holds no artifactscan results{extra}; run "
+                         f"`artifactscan norms MODEL IMAGES --out {root}` first (or compare/probe/train-reg --out)")
+    found.sort(key=lambda f: (KIND_ORDER.index(f.kind) if f.kind in KIND_ORDER else len(KIND_ORDER),
+                              rel_path(f.path, root)))
+    figs = FigureEmbedder(root, by_dir, _warn)
+    sections: list[str] = []
+    included: list[IncludedResult] = []
+    for i, item in enumerate(found):
+        rel = rel_path(item.path, root)
+        inc = IncludedResult(kind=item.kind, path=rel, title=rel, headline="", schema=item.schema,
+                             phantom=is_phantom_data(item.data))
+        renderer = _RENDERERS.get(item.kind, generic_section)
+        try:
+            body = renderer(item, root, figs, inc)
+        except Exception as exc:  # a malformed or newer-version file: still show what it holds
+            if renderer is generic_section:
+                raise
+            _warn(f"{rel}: could not read it as a {item.kind} result ({type(exc).__name__}: {exc}); shown as raw values")
+            inc.figures.clear()
+            body = generic_section(item, root, figs, inc)
+        badge = '<span class="badge">calibration phantom</span>' if inc.phantom else ""
+        schema = f" · schema <code>{esc(item.schema)}</code>" if item.schema else ""
+        sections.append(
+            f'<section id="{slug(i)}"><h2><span class="kind">{esc(KIND_TITLES.get(item.kind, item.kind))}</span>'
+            f"{esc(inc.title)}{badge}</h2>"
+            f'<p class="subtitle"><code>{esc(rel)}</code>{schema}</p>\n{body}</section>')
+        included.append(inc)
+
+    # figures nobody claimed (e.g. a new kind's extra plots): shown at the end, by folder
+    leftovers = figs.leftovers()
+    if leftovers:
+        parts = ['<section id="other-figures"><h2><span class="kind">Other figures</span>found in the results '
+                 "folder</h2>"]
+        for d, paths in leftovers.items():
+            parts.append(f"<h4><code>{esc(rel_path(d, root))}/</code></h4>"
+                         f'<div class="maps">{figs.render(paths, cls="fig map")}</div>')
+        sections.append("\n".join(parts) + "</section>")
+
+    # the page's headline: a comparison's verdict, else the first scan's headline, else any result's; results on a
+    # real model before those on the calibration phantom
+    ranked = sorted((r for r in included if r.headline), key=lambda r: r.phantom)
+    lead_item = (next((r for r in ranked if r.kind == "compare"), None)
+                 or next((r for r in ranked if r.kind == "scan"), None)
+                 or next(iter(ranked), None))
+    lead = lead_item.headline if lead_item else ""
+    lead_from = ""
+    if lead_item is not None and len(included) > 1:
+        lead_from = f' <span class="from">from <code>{esc(lead_item.path)}</code></span>'
+    if lead_item is not None and lead_item.phantom:
+        lead_from += ' <span class="badge">calibration phantom</span>'
+    phantoms = [r for r in included if r.phantom]
+    banner = ""
+    if phantoms:
+        which = ("This result is" if len(included) == 1 else
+                 "Every result here is" if len(phantoms) == len(included) else
+                 f"{len(phantoms)} of the {len(included)} results here are")
+        banner = f'<div class="banner" role="alert"><b>⚠ {esc(PHANTOM_BANNER.format(which=which))}</b>'
+        notes = {(r.get("model") or {}).get("calibration_note") for r in (f.data for f in found)
+                 if isinstance(r, dict) and isinstance(r.get("model"), dict)}
+        notes.discard(None)
+        if notes:
+            banner += "".join(f'<br><span class="small">{esc(n)}</span>' for n in sorted(notes))
+        banner += "</div>"
+    phantom_badge = ' <span class="badge">phantom</span>'
+    toc_rows = [[f'<a href="#{slug(i)}">{esc(KIND_TITLES.get(r.kind, r.kind))}</a>',
+                 f"{esc(r.title)}{phantom_badge if r.phantom else ''}"
+                 f'<br><span class="path">{esc(r.path)}</span>',
+                 esc(r.headline if len(r.headline) <= 260 else r.headline[:260] + "…") or '<span class="dim">–</span>']
+                for i, r in enumerate(included)]
+    toc = ('<nav class="toc"><h3>Contents</h3>'
+           + html_table(["kind", "result", "headline"], toc_rows, num_from=99) + "</nav>")
+    skipped_html = ""
+    if warnings:
+        skipped_html = ('<details class="warn"><summary>' + f"{len(warnings)} warning(s) while building this page"
+                        + "</summary><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></details>")
+
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = f"artifactscan report – {root.resolve().name}"
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="artifactscan {esc(__version__)}">
+<title>{esc(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<header>
+<h1>High-norm artifact tokens: results</h1>
+<p class="subtitle">Results folder <code>{esc(root.resolve())}</code> · {len(included)} result(s), {figs.count} figure(s)
+· built {esc(now)} by artifactscan {esc(__version__)}</p>
+</header>
+{banner}
+<div class="lead"><span class="label">headline{lead_from}</span>{esc(lead) or '<span class="dim">no headline in these results</span>'}</div>
+{skipped_html}
+{toc}
+{''.join(sections)}
+<footer>Method: Darcet, Oquab, Mairal &amp; Bojanowski, “Vision Transformers Need Registers”, ICLR 2024. A high norm alone
+does not prove an artifact: content tokens can be large too; the probe results test the paper's other signatures.
+This page is self-contained: figures are embedded and it needs no network or scripts.</footer>
+</body>
+</html>
+"""
+    summary = HtmlReportSummary(results_dir=root, out_path=None, headline=lead, results=included, figures=figs.count,
+                                phantom=bool(phantoms), warnings=warnings, skipped=skipped)
+    return page, summary
+
+
+def build_html_report(results_dir: str | Path, warn: Callable[[str], None] | None = None) -> str:
+    """The HTML page for every artifactscan result under ``results_dir`` (searched recursively).
+
+    Raises :class:`InputError` when the folder is missing or holds no artifactscan results. Unreadable JSON files and
+    figures are skipped; each is reported through ``warn`` (and listed on the page).
+    """
+    return _build(results_dir, warn)[0]
+
+
+def write_html_report(results_dir: str | Path, out_path: str | Path | None = None,
+                      warn: Callable[[str], None] | None = None) -> HtmlReportSummary:
+    """Build the page and write it to ``out_path`` (default ``RESULTS_DIR/report.html``; an existing folder gets
+    ``report.html`` inside it; missing parent folders are created). Returns what went into it."""
+    root = Path(results_dir).expanduser()
+    out = root / "report.html" if out_path is None else Path(out_path).expanduser()
+    if out.is_dir():
+        out = out / "report.html"
+    page, summary = _build(root, warn)
+
+    blocker = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"cannot write the report to {out}: {blocker} is a file, not a folder; choose another -o path")
+
+    try:
+        atomic_write_text(out, page)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise InputError(f"cannot write the report to {out}: {reason}; choose another -o path") from None
+    try:
+        os.chmod(out, 0o644)  # mkstemp made it private; a report is meant to be shared
+    except OSError:
+        pass
+    summary.out_path = out
+    summary.bytes = len(page.encode("utf-8"))
+    return summary

@@ -1,0 +1,55 @@
+"""Writing a measurement's files: ``report.json``, ``outliers.csv`` and the figures of a scan; the probe's files."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from artifactscan.analysis.probes.types import ProbeReport
+from artifactscan.analysis.scan import ScanReport
+from artifactscan.core.errors import InputError
+from artifactscan.core.results import atomic_write_text
+
+
+def _output_folder(out_dir: str | Path) -> Path:
+    """``out_dir``, created if needed; a folder that cannot be created is a user error, not a traceback."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {out}: {exc.strerror}") from None
+    return out
+
+
+def write_outliers_csv(report: ScanReport, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "image_index", "layer", "row", "col", "norm"])
+        for o in report.outliers:
+            writer.writerow([o.image, o.image_index, o.layer, o.row, o.col, f"{o.norm:.6g}"])
+
+
+def write_scan_outputs(report: ScanReport, out_dir: str | Path, figures: bool = True) -> list[Path]:
+    """Write ``report.json``, ``outliers.csv`` and the figures into ``out_dir``; return the paths written."""
+    out = _output_folder(out_dir)
+    written = [out / "report.json", out / "outliers.csv"]
+    atomic_write_text(written[0], report.to_json())
+    write_outliers_csv(report, written[1])
+    if figures:
+        from artifactscan.render.plots import save_scan_figures
+
+        written += save_scan_figures(report, out)
+    return written
+
+
+def write_probe_outputs(report: ProbeReport, out_dir: str | Path, figures: bool = True) -> list[Path]:
+    """Write ``report.json`` and the probe figures into ``out_dir``; return the paths written."""
+    out = _output_folder(out_dir)
+    written = [out / "report.json"]
+    atomic_write_text(written[0], report.to_json())
+    if figures:
+        from artifactscan.render.plots_probe import save_probe_figures
+
+        written += save_probe_figures(report, out)
+    return written
