@@ -9,6 +9,7 @@ import torch
 
 from artifactscan import scan
 from artifactscan.models.loading import wrap_module
+from artifactscan.core.errors import ArtifactScanError
 from artifactscan.analysis.scan import ScanReport
 from artifactscan.core.stats import NormStatistics
 
@@ -121,7 +122,7 @@ def test_late_outliers_trigger_exact_second_pass():
 def test_json_round_trip_and_schema():
     report = scan(wrap_module(_planted_model()), torch.rand(6, 3, 32, 32))
     data = json.loads(report.to_json())
-    assert data["schema"] == "artifactscan.scan/1"
+    assert data["schema"] == "artifactscan.scan/2"
     for key in ("index", "median", "p99", "max", "threshold", "outlier_fraction", "images_with_outliers", "prefix"):
         assert key in data["layers"][0]
     assert set(data["outliers"][0]) >= {"image", "layer", "row", "col", "norm"}
@@ -195,3 +196,15 @@ def test_real_vit_layouts_split_prefix_tokens_by_their_own_counts(arch, prefix, 
     m = report.model
     assert (m.num_prefix_tokens, m.num_cls_tokens, m.num_register_tokens) == (prefix, cls, regs)
     assert m.grid_size == [2, 2] and len(report.layers[0].prefix) == prefix
+
+
+def test_reads_a_version_1_report_and_refuses_an_unknown_schema():
+    """Readers accept the previous schema (the mixture rule's bimodality keys) and name the unknown one."""
+    data = json.loads(scan(wrap_module(_planted_model()), torch.rand(6, 3, 32, 32)).to_json())
+    data["schema"] = "artifactscan.scan/1"
+    for layer in data["layers"]:
+        layer["bimodality"] = {"lower_median": 1.0, "upper_median": 20.0, "ashman_d": 9.0}
+    assert ScanReport.from_dict(data).layers[0].bimodality["ashman_d"] == 9.0
+    data["schema"] = "artifactscan.scan/9"
+    with pytest.raises(ArtifactScanError, match="scan/9"):
+        ScanReport.from_dict(data)

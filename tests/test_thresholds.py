@@ -116,3 +116,38 @@ def test_real_negatives_stay_clean_on_sample_images(name):
     assert report.onset_layer is None
     assert all(layer.threshold is None and layer.threshold_reason.startswith("no outliers")
                for layer in report.layers)
+
+
+def test_scan_shows_a_rejected_group_as_a_near_miss():
+    """A layer whose token 3 sits at 1.8x: no outliers, and the terminal output says which group was rejected."""
+    from rich.console import Console
+
+    from artifactscan import scan
+    from artifactscan.models.loading import wrap_module
+    from artifactscan.render.text import near_misses, render_scan
+
+    from .conftest import tiny_vit
+
+    model = tiny_vit(img_size=64)
+
+    class Lift(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, t):
+            out = self.block(t).clone()
+            out[:, 5] = out[:, 5] / out[:, 5].norm(dim=-1, keepdim=True) * out.norm(dim=-1).median() * 1.8
+            return out
+
+    model.blocks[1] = Lift(model.blocks[1])
+    report = scan(wrap_module(model), torch.rand(64, 3, 64, 64), num_maps=0)
+    layer = report.layers[1]
+    assert layer.threshold is None
+    assert layer.bimodality["group_tokens"] == 64 and "ratio" in " ".join(layer.bimodality["rejected"])
+    lines = near_misses(report)
+    assert any(line.startswith("block 1: a 1.8x group of 1.56% of tokens (64)") for line in lines), lines
+    assert not any(line.startswith("block 0") for line in lines)  # nothing near 1.5x there: JSON only
+    console = Console(record=True, width=200)
+    render_scan(report, console)
+    assert "Near misses" in console.export_text()

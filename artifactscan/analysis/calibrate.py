@@ -13,6 +13,7 @@ see, not what real models contain.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -41,6 +42,7 @@ class CalibrationCell:
     gain: float
     fraction: float
     planted_per_image: int
+    planted_share: float  # planted_per_image / patches per image: what the layer actually holds
     ratio: float
     ratio_at_onset: float
     precision: float
@@ -102,7 +104,7 @@ def _cell_metrics(norms: torch.Tensor, truth: torch.Tensor, flagged: torch.Tenso
     first = detected[0] if detected else None
     recalls = [float((flagged[b] & truth).sum()) / max(int(truth.sum()), 1) for b in range(onset, num_blocks)]
     return dict(ratio=min(ratios), ratio_at_onset=ratios[0], block_ratios=ratios, block_recalls=recalls,
-                precision=tp / n_flag if n_flag else (1.0 if n_true == 0 else 0.0),
+                precision=tp / n_flag if n_flag else math.nan,  # nothing flagged: precision undefined (null)
                 recall=tp / n_true if n_true else 1.0, detected_onset=first,
                 onset_error=None if first is None else first - onset,
                 blocks_detected=sum(1 for b in range(onset, num_blocks) if bool(flagged[b].any())),
@@ -172,7 +174,9 @@ def calibrate(
                     flagged[b] = bin_index(norms[b]) >= decision.edge_index
             truth = ground_truth(model, normalised).reshape(num_images, -1)
             metrics = _cell_metrics(norms, truth, flagged, onset, depth)
-            cells.append(CalibrationCell(gain=g, fraction=f, planted_per_image=planted_count(gh * gw, f), **metrics))
+            k = planted_count(gh * gw, f)
+            cells.append(CalibrationCell(gain=g, fraction=f, planted_per_image=k, planted_share=k / (gh * gw),
+                                         **metrics))
             if progress:
                 progress(len(cells), total)
     blind_below, found_from = _limits(cells)

@@ -30,7 +30,11 @@ from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index,
 from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, parse_threshold
 from artifactscan.core.results import JsonResult
 
-SCHEMA = "artifactscan.scan/1"
+# /2: layers[].bimodality describes the separated-group rule's accepted group or its strongest rejected candidate
+# (keys: group_tokens, group_share, ratio, gap, log10_gap_chance, tail_expected_tokens, log10_tail_chance, tail_shape,
+# threshold | rejected). /1 files (the old mixture rule's keys) are read as they are.
+SCHEMA = "artifactscan.scan/2"
+READABLE_SCHEMAS = ("artifactscan.scan/1", SCHEMA)
 # ----------------------------------------------------------------------------------------------- result types
 
 
@@ -149,6 +153,15 @@ class ScanReport(JsonResult):
     @property
     def last_block(self) -> LayerReport:
         return [lay for lay in self.layers if not lay.is_final_norm][-1]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ScanReport":
+        """Read a scan result back; this version reads schemas /1 and /2 (docs/json-schemas.md)."""
+        schema = data.get("schema", SCHEMA)
+        if schema not in READABLE_SCHEMAS:
+            raise InputError(f"a scan report of schema {schema!r}; this version of artifactscan reads "
+                             f"{', '.join(READABLE_SCHEMAS)}")
+        return super().from_dict(data)
 
 
 # ----------------------------------------------------------------------------------------------- inputs

@@ -99,9 +99,11 @@ IMAGES_HELP = (
     "Default: the photos in sample_images/."
 )
 THRESHOLD_HELP = (
-    "'auto' (default): per layer, fit a 2-component mixture to log-norms and flag the upper group only when the "
-    "distribution is clearly bimodal (a minority >= 4x the bulk, Ashman's D >= 3, a real valley); a unimodal layer "
-    "gets no outliers. A number (e.g. 150, the paper's value for DINOv2 ViT-g) flags every patch token above it."
+    "'auto' (default): per layer, flag a separated group above the bulk: >= 5 tokens and <= 50% of the layer, median "
+    ">= 2.5x the bulk's, above an empty gap >= 1.5x (bulk's largest -> group's smallest norm) that a unimodal density "
+    "would not leave and the bulk's fitted tail would not reach; otherwise no outliers (the strongest rejected "
+    "candidate is shown as a near miss). A number (e.g. 150, the paper's value for DINOv2 ViT-g) flags every patch "
+    "token above it. Detection limit: artifactscan calibrate."
 )
 
 ArchOpt = typer.Option(None, "--arch", help="timm architecture for a bare state dict, e.g. vit_small_patch16_224.")
@@ -394,8 +396,11 @@ def phantom(
     build: bool = typer.Option(False, "--build", help="Rebuild the phantom from a trained baseline."),
     base: str = typer.Option("demo", "--from", help="Baseline to build from (the demo architecture)."),
     onset: int = typer.Option(2, "--onset", help="Block (0-based) whose artifact units plant the outliers."),
-    fraction: float = typer.Option(0.02, "--fraction", help="Fraction of patch tokens planted per image (max 0.02)."),
+    fraction: float = typer.Option(0.02, "--fraction", help="Fraction of patch tokens planted per image (the shipped "
+                                   "phantoms: 0.02; calibration builds up to 0.08)."),
     units: int = typer.Option(4, "--units", help="Number of artifact hidden units."),
+    gain: float = typer.Option(25.0, "--gain", help="Planting strength: planted tokens are written at gain x the "
+                               "baseline's largest median patch norm from the onset on (> 1; the shipped phantom: 25)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where --build writes the .safetensors file."),
     debug: bool = DebugOpt,
 ) -> None:
@@ -416,7 +421,8 @@ def phantom(
 
     def work() -> None:
         if build:
-            _, spec, path = build_phantom(base, out, onset=onset, fraction=fraction, units=units)
+            _, spec, path = build_phantom(base, out, onset=onset, fraction=fraction, units=units,
+                                          gain_over_median=gain)
             stdout.print(f"built the phantom from {base}: onset block {spec.onset}, {spec.planted_per_image} of "
                          f"{spec.num_patches} patch tokens planted per image, gain {spec.gain:g} "
                          f"({spec.gain_over_median:g}x the baseline's median norm)"

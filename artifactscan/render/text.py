@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
 
+from rich.markup import escape
+
 from artifactscan.analysis.probes.types import ProbeReport
 from artifactscan.analysis.scan import ScanReport
 
@@ -18,6 +20,45 @@ NOT_AN_ARTIFACT_HINT = (
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
+
+
+NEAR_MISS_MIN_RATIO = 1.5  # the terminal lists rejected groups from 1.5x the bulk; report.json keeps every layer's
+
+
+def near_misses(report: ScanReport, min_ratio: float = NEAR_MISS_MIN_RATIO) -> list[str]:
+    """One line per layer without outliers whose strongest candidate group (``bimodality["rejected"]``) stands at
+    least ``min_ratio`` x above the bulk: the groups a user may want to look at ("a 1.8x group of 0.4% of tokens,
+    rejected: ratio 1.8x < 2.5x"). Smaller candidates (a split inside the bulk) stay in the JSON only."""
+    out = []
+    for lay in report.layers:
+        d = lay.bimodality or {}
+        if lay.threshold is None and d.get("rejected") and d.get("ratio", 0) >= min_ratio:
+            out.append(f"{lay.name}: a {d['ratio']:.1f}x group of {_pct(d['group_share'])} of tokens "
+                       f"({d['group_tokens']}) above a {d['gap']:.2f}x gap - rejected: {'; '.join(d['rejected'])}")
+    return out
+
+
+def render_calibration(report: Any, console: "Console") -> None:
+    """The detection-limit table of ``artifactscan calibrate`` and its headline."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    table = Table(title=f"Detection limit: phantoms built from {report.base}, onset block {report.onset} of "
+                        f"{report.num_blocks}, scanned on {report.images}", title_justify="left", header_style="bold")
+    for col in ("gain", "planted", "ratio (weakest block)", "ratio (onset)", "precision", "recall", "onset error",
+                "blocks found"):
+        table.add_column(col, justify="right")
+    for c in report.cells:
+        found = c.recall >= 0.95 and c.precision >= 0.95 and c.onset_error == 0
+        table.add_row(f"{c.gain:g}x", f"{c.planted_per_image}/image ({_pct(c.planted_share)})", f"{c.ratio:.2f}x",
+                      f"{c.ratio_at_onset:.2f}x", "-" if c.precision != c.precision else f"{c.precision:.2f}",
+                      f"{c.recall:.2f}",
+                      "-" if c.onset_error is None else f"{c.onset_error:+d}",
+                      f"{c.blocks_detected}/{c.blocks_planted}", style="" if found else "red")
+    console.print(table)
+    console.print(Panel(report.headline, title="detection limit (calibration phantoms)", style="bold"))
+    for note in report.notes:
+        console.print(f"[dim]{escape(note)}[/dim]", highlight=False)
 
 
 def render_scan(report: ScanReport, console: "Console") -> None:
@@ -46,6 +87,11 @@ def render_scan(report: ScanReport, console: "Console") -> None:
             f"{lay.images_with_outliers}/{report.images.num_scanned}", _pct(lay.fraction_above_150),
             prefix_text or "-", style=style)
     console.print(table)
+    near = near_misses(report)
+    if near:
+        console.print("[dim]Near misses (a candidate group the rule rejected, and why):[/dim]", highlight=False)
+        for line in near:
+            console.print(f"[dim]  {escape(line)}[/dim]", highlight=False, soft_wrap=True)
     if report.model.kind == "phantom":
         console.print(Panel(report.model.calibration_note or "", title="calibration phantom", style="yellow"))
     console.print(Panel(report.headline, title="verdict", style="bold"))
