@@ -56,6 +56,7 @@ class ImageDiscovery:
     image: str
     index: int
     path: str | None
+    size: list[int]  # [width, height] of the image the boxes are in
     box: list[float]
     box_patches: list[int]
     seed: list[int]  # [row, col] on the patch grid
@@ -250,8 +251,9 @@ def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: in
         if r["index"] in kept_norms:
             m = is_flagged(kept_norms[r["index"]].double())
             out = [[p // gw, p % gw] for p in torch.nonzero(m).flatten().tolist()]
-        images.append(ImageDiscovery(item.name, r["index"], item.path, box, bp, [r["seed"] // gw, r["seed"] % gw],
-                                     r["norm"], flagged, r["outside"], gts, best, correct, c_ok, r_ok, out))
+        images.append(ImageDiscovery(item.name, r["index"], item.path, [int(w), int(h)], box, bp,
+                                     [r["seed"] // gw, r["seed"] % gw], r["norm"], flagged, r["outside"], gts, best,
+                                     correct, c_ok, r_ok, out))
     images.sort(key=lambda d: d.index)
 
     scored = [d for d in images if d.correct is not None]
