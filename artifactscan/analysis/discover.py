@@ -172,7 +172,10 @@ def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: in
                   device: str | torch.device = "auto", batch_size: int = 32, num_workers: int = 0, keep: int = 6,
                   random_seed: int = 0, progress: bool = False, skipped: list[str] | None = None) -> DiscoveryRun:
     """LOST with ``loaded`` on every image of ``data``; CorLoc, baselines and where the seeds fell."""
-    fixed = parse_threshold(threshold)
+    try:
+        fixed = parse_threshold(threshold)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     rule = rule or AutoRule()
     b = resolve_block(block, len(loaded.blocks))
     gh, gw = loaded.grid_size
@@ -301,6 +304,9 @@ def discover(
     random_seed: int = 0,
     fix_top_k: int = 4,
     img_size: int | None = None,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    trust_checkpoint: bool = False,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> DiscoverReport:
@@ -319,6 +325,8 @@ def discover(
         threshold: the norms scan's rule that flags outlier tokens: ``"auto"`` or a number.
         keep: images whose outlier maps are kept for figures.
         random_seed: the random-box baseline's seed.
+        fix_top_k: with ``compare=["fix"]``, the register neurons moved onto the register.
+        img_size, arch, arch_kwargs, trust_checkpoint: as for :func:`artifactscan.load_model`, for every model.
 
     Returns:
         A :class:`DiscoverReport` with one :class:`DiscoveryRun` per model (and per fix).
@@ -341,7 +349,8 @@ def discover(
         raise InputError(str(exc)) from None
     specs = list(models) if isinstance(models, (list, tuple)) else [models]
     dev = resolve_device(device)
-    loaded_first = load_model(specs[0], img_size=img_size)
+    load_options = dict(img_size=img_size, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    loaded_first = load_model(specs[0], **load_options)
     if isinstance(data, BoxedData):
         boxed = data
     else:
@@ -352,7 +361,7 @@ def discover(
     options = dict(block=block, features=features, k=k, threshold=threshold, device=dev, batch_size=batch_size,
                    num_workers=num_workers, keep=keep, random_seed=random_seed, progress=progress)
     for i, spec in enumerate(specs):
-        loaded = loaded_first if i == 0 else load_model(spec, img_size=img_size)
+        loaded = loaded_first if i == 0 else load_model(spec, **load_options)
         if features != "tokens":
             fused_qkv(loaded, resolve_block(block, len(loaded.blocks)))  # refuse before any pass
         runs.append(discovery_run(loaded, boxed, label=loaded.name, skipped=skipped if i == 0 else None, **options))

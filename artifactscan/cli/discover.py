@@ -11,11 +11,14 @@ from typing import Optional
 import typer
 
 from artifactscan.cli.app import (
+    ArchKwargsOpt,
+    ArchOpt,
     BatchOpt,
     DebugOpt,
     DeviceOpt,
     ImgSizeOpt,
     THRESHOLD_HELP,
+    TrustOpt,
     WorkersOpt,
     app,
     run_command,
@@ -73,6 +76,9 @@ def discover(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write discover.json and discover.png here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write discover.png into --out."),
+    arch: Optional[str] = ArchOpt,
+    arch_kwargs: Optional[str] = ArchKwargsOpt,
+    trust_checkpoint: bool = TrustOpt,
     img_size: Optional[int] = ImgSizeOpt,
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
@@ -108,13 +114,15 @@ def discover(
       artifactscan discover vit_small_patch14_reg4_dinov2.lvd142m VOC2007/ --features keys --json > voc.json
     """
     from artifactscan.analysis.discover import discover as run_discover
+    from artifactscan.models.loading import parse_arch_kwargs
 
     def work() -> None:
         models, data = split_args(list(args or []))
         report = run_discover(
             models, data, compare=[compare] if compare else [], block=block, features=features, k=k,
             threshold=threshold, image_root=image_root, device=device, batch_size=batch_size, num_workers=workers,
-            keep=figure_images, random_seed=seed, fix_top_k=top_k, img_size=img_size,
+            keep=figure_images, random_seed=seed, fix_top_k=top_k, img_size=img_size, arch=arch,
+            arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint,
             progress=not json_out and sys.stderr.isatty(),
             warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
         written: list[Path] = []
