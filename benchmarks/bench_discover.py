@@ -1,7 +1,7 @@
 """Cost of `artifactscan discover` over the forward pass that produces the features LOST reads.
 
 Side by side in one process, same images (the built-in synthetic-objects set, pre-rendered at the model's input
-size and kept in memory), device and batch size, interleaved repeats, median:
+size and kept in memory), device and batch size, interleaved repeats (the order rotated each repeat), median:
 
 * features: the forward pass up to the chosen block with its keys taken (:class:`FeatureCapture`), over the same
   batches :func:`discovery_run` iterates (normalisation included);
@@ -99,8 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     for fn in runs.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
+    names = list(runs)
+    for rep in range(args.repeats):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate: no run always goes first
+            fn = runs[name]
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)

@@ -98,6 +98,7 @@ class DiscoveryRun:
     seed_outside_mask: int
     images: list[ImageDiscovery]
     notes: list[str] = field(default_factory=list)
+    repairs: str | None = None  # the label of the run this one repairs (with --compare fix)
 
 
 @dataclass
@@ -407,7 +408,9 @@ def _with_fix(loaded: LoadedModel, boxed: BoxedData, fixed: float | None, dev: t
     register = find_register_neurons(loaded, images, before, device=dev, batch_size=batch_size, top_k=top_k)
     name = loaded.name
     apply_test_time_register(loaded, register)
-    return discovery_run(loaded, boxed, label=f"{name} + test-time register", **options)
+    run = discovery_run(loaded, boxed, label=f"{name} + test-time register", **options)
+    run.repairs = name
+    return run
 
 
 # ----------------------------------------------------------------------------------------------- words
@@ -436,11 +439,30 @@ def run_sentence(run: DiscoveryRun) -> str:
     return text + "."
 
 
+def fix_effect(before: DiscoveryRun, after: DiscoveryRun) -> str | None:
+    """What the repair did to the images whose seed was an outlier token before it, in one sentence."""
+    hit = [(a, b) for a, b in zip(before.images, after.images) if a.seed_flagged and a.index == b.index]
+    if not hit or before.corloc is None:
+        return None
+    moved = sum(a.seed != b.seed for a, b in hit)
+    ok = sum(bool(b.correct) for _, b in hit)
+    iou_a = float(np.mean([a.iou for a, _ in hit]))
+    iou_b = float(np.mean([b.iou for _, b in hit]))
+    return (f"On the {len(hit)} image(s) whose seed was an outlier token in {before.label}, the test-time register "
+            f"moved {moved} seed(s) elsewhere; mean IoU there {iou_a:.2f} -> {iou_b:.2f}, {ok} of them now found "
+            f"(IoU >= {CORLOC_IOU:g}).")
+
+
 def discover_headline(report: DiscoverReport) -> str:
     parts = []
     if any(r.model.kind == "phantom" for r in report.runs):
         parts.append("[CALIBRATION PHANTOM - artifacts built in by construction, not a finding about real models]")
-    parts += [run_sentence(r) for r in report.runs]
+    by_label = {r.label: r for r in report.runs}
+    for r in report.runs:
+        parts.append(run_sentence(r))
+        effect = fix_effect(by_label[r.repairs], r) if r.repairs in by_label else None
+        if effect:
+            parts.append(effect)
     scored = [r for r in report.runs if r.corloc is not None]
     if len(scored) >= 2:
         a, z = scored[0], scored[1:]

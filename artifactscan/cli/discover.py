@@ -146,8 +146,8 @@ def discover(
     run_command(debug, work)
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def render_discover(report) -> None:
@@ -160,17 +160,26 @@ def render_discover(report) -> None:
     title = (f"LOST on {first.features} of block {first.block} (k={first.k}) - {d.description} - "
              f"{first.num_images} images")
     table = Table(title=title, title_justify="left", header_style="bold")
-    for col in ("run", "CorLoc", "centre", "random", "IoU", "seed=outl.", "outl.", "xshare", "CorLoc|outl.",
-                "CorLoc|else"):
-        table.add_column(col, justify="left" if col == "run" else "right")
+    table.add_column("")
     for r in report.runs:
-        table.add_row(r.label, _pct(r.corloc), _pct(r.corloc_centre), _pct(r.corloc_random),
-                      "-" if r.mean_iou is None else f"{r.mean_iou:.2f}",
-                      f"{r.seeds_on_outliers}/{r.num_images}" if r.threshold is not None else "none",
-                      _pct(r.outlier_share) if r.threshold is not None else "-",
-                      "-" if r.seed_outlier_enrichment is None else f"{r.seed_outlier_enrichment:.1f}x",
-                      _pct(r.corloc_seed_on_outlier), _pct(r.corloc_seed_elsewhere),
-                      style="bold red" if (r.seed_outlier_enrichment or 0) >= 5 else "")
+        table.add_column(r.label, justify="right")
+    runs = report.runs
+    flagged = [r.threshold is not None for r in runs]
+    rows = [
+        ("CorLoc (LOST)", [_pct(r.corloc) for r in runs]),
+        ("CorLoc, centred box", [_pct(r.corloc_centre) for r in runs]),
+        ("CorLoc, random box", [_pct(r.corloc_random) for r in runs]),
+        ("mean IoU", ["-" if r.mean_iou is None else f"{r.mean_iou:.2f}" for r in runs]),
+        ("seeds on outlier tokens", [f"{r.seeds_on_outliers}/{r.num_images}" if f else "none flagged"
+                                     for r, f in zip(runs, flagged)]),
+        ("outliers' share of tokens", [_pct(r.outlier_share, 2) if f else "-" for r, f in zip(runs, flagged)]),
+        ("seed rate / share", ["-" if r.seed_outlier_enrichment is None else f"{r.seed_outlier_enrichment:.1f}x"
+                               for r in runs]),
+        ("CorLoc, seed on an outlier", [_pct(r.corloc_seed_on_outlier) for r in runs]),
+        ("CorLoc, seed elsewhere", [_pct(r.corloc_seed_elsewhere) for r in runs]),
+    ]
+    for name, cells in rows:
+        table.add_row(name, *cells, style="bold" if name == "CorLoc (LOST)" else "")
     stdout.print(table)
     if any(r.model.kind == "phantom" for r in report.runs):
         note = next(r.model.calibration_note for r in report.runs if r.model.kind == "phantom")
@@ -178,8 +187,5 @@ def render_discover(report) -> None:
     stdout.print(Panel(report.headline, title="object discovery", style="bold"))
     for n in report.notes:
         stdout.print(f"[dim]note: {n}[/dim]")
-    stdout.print("[dim]seed=outl.: images whose seed is a flagged outlier token; outl.: flagged share of patch "
-                 "tokens; xshare: the first over the second; CorLoc|outl. / |else: CorLoc of those images / the "
-                 "rest[/dim]")
     stdout.print(f"[dim]CorLoc - {report.corloc_rule}. Baselines - {report.baselines}. Outliers - read at "
                  f"{first.outlier_source}; {report.threshold_rule}[/dim]")
