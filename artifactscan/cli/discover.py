@@ -21,6 +21,7 @@ from artifactscan.cli.app import (
     TrustOpt,
     WorkersOpt,
     app,
+    emit_result,
     run_command,
     stderr,
     stdout,
@@ -125,23 +126,12 @@ def discover(
             arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint,
             progress=not json_out and sys.stderr.isatty(),
             warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
-        written: list[Path] = []
-        text = report.to_json()
-        if out is not None:
-            from artifactscan.core.results import atomic_write_text
+        from artifactscan.render.plots_discover import save_discover_figure
 
-            atomic_write_text(out / "discover.json", text)
-            written.append(out / "discover.json")
-            if figures:
-                from artifactscan.render.plots_discover import save_discover_figure
-
-                written += save_discover_figure(report, out)
-        if json_out:
-            sys.stdout.write(text + "\n")
-            return
-        render_discover(report)
-        if out is not None:
-            stdout.print(f"wrote {len(written)} files to {out}/ ({', '.join(p.name for p in written)})")
+        emit_result(report, out, "discover.json", json_out, render_discover,
+                    save_discover_figure if figures else None)
+        if out is not None and not json_out:
+            stdout.print(f"wrote discover.json{' and discover.png' if figures else ''} to {out}/")
 
     run_command(debug, work)
 

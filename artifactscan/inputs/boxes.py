@@ -98,20 +98,6 @@ class ResizeNormalise:
         return (x - self.mean) / self.std
 
 
-def _parse_count(spec: str, prefix: str) -> int | None:
-    if spec == prefix:
-        return DEFAULT_OBJECT_IMAGES
-    if spec.startswith(prefix + ":"):
-        try:
-            n = int(spec.split(":", 1)[1])
-        except ValueError:
-            n = 0
-        if n <= 0:
-            raise InputError(f"{spec!r}: write {prefix}:N with N a positive number of images")
-        return n
-    return None
-
-
 def check_box(box: Sequence[float], width: float, height: float, where: str) -> list[float]:
     """A box inside its image (clipped when within 1 px outside), or InputError naming ``where``."""
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -227,7 +213,7 @@ def load_box_data(data: str | Path | None, img_size: int, image_root: str | Path
     if data is None:
         data = f"synthetic-objects:{DEFAULT_OBJECT_IMAGES}"
     spec = str(data)
-    n = _parse_count(spec, "synthetic-objects")
+    n = parse_synthetic(spec, "synthetic-objects", DEFAULT_OBJECT_IMAGES)
     if n is not None:
         ds = SyntheticObjects(n, seed=0, img_size=img_size, split="val")
         items = [BoxedItem(f"synthetic-objects[{i}]", None, img_size, img_size,
