@@ -86,31 +86,52 @@ def test_synthetic_objects_are_several_patches_wide_and_deterministic():
     assert np.allclose(inside, inside[:, :1])  # a flat colour inside its box
 
 
-def _manual_boxes(loaded, x: torch.Tensor, block: int, k: int):
-    """Keys of ``block`` taken by a plain hook, prefix cut by the model's count, LOST per image (the reference)."""
+def _manual_boxes(loaded, x: torch.Tensor, block: int, k: int, which: int = 1):
+    """q/k/v (``which`` 0/1/2) of ``block`` taken by a plain hook, prefix cut by the model's count, LOST per image
+    (the reference)."""
     taken = {}
     h = loaded.blocks[block].attn.qkv.register_forward_hook(lambda m, i, o: taken.__setitem__("qkv", o))
     with torch.inference_mode():
         loaded.model.forward_features(x)
     h.remove()
     B, T, three_d = taken["qkv"].shape
-    keys = taken["qkv"].reshape(B, T, 3, three_d // 3)[:, :, 1]
+    keys = taken["qkv"].reshape(B, T, 3, three_d // 3)[:, :, which]
     P = loaded.num_prefix_tokens
     return [lost_reference(keys[b, P:], loaded.grid_size, k) for b in range(B)]
 
 
-def test_discovery_uses_the_models_prefix_count_not_token_0():
+@pytest.mark.parametrize("features,which,block", [("keys", 1, -1), ("queries", 0, 1), ("values", 2, 0)])
+def test_discovery_uses_the_models_prefix_count_not_token_0(features, which, block):
     model = tiny_vit(reg_tokens=2, class_token=False, global_pool="avg", patch_size=4)  # 2 registers, no CLS
     loaded = wrap_module(model, data_config={"input_size": (3, 32, 32), "mean": [0.5] * 3, "std": [0.5] * 3})
     assert loaded.num_prefix_tokens == 2 and loaded.num_cls_tokens == 0
     data = load_box_data("synthetic-objects:10", img_size=32)
-    run = discovery_run(loaded, data, label="tiny", block=-1, device="cpu", batch_size=4, k=5)
+    run = discovery_run(loaded, data, label="tiny", block=block, features=features, device="cpu", batch_size=4, k=5)
     x = torch.stack([data.image_source(loaded).dataset[i][0] for i in range(10)])
-    want = _manual_boxes(loaded, x, len(loaded.blocks) - 1, 5)
+    want = _manual_boxes(loaded, x, block % len(loaded.blocks), 5, which)
     gw = loaded.grid_size[1]
     for d, (seed, box, _) in zip(run.images, want):
         assert d.seed == [seed // gw, seed % gw]
         assert d.box_patches == box
+
+
+def test_the_pass_stops_at_the_chosen_block():
+    loaded = load_model("demo")
+    ran = []
+    handle = loaded.blocks[-1].register_forward_hook(lambda *a: ran.append(1))
+    try:
+        with FeatureCapture(loaded, 1, "keys") as cap:
+            feats, resid = cap.run(torch.zeros(2, 3, 32, 32))
+    finally:
+        handle.remove()
+    assert ran == [] and feats.shape == resid.shape == (2, loaded.num_prefix_tokens + 64, loaded.model.embed_dim)
+    assert not loaded.blocks[1]._forward_pre_hooks and not loaded.blocks[1].attn.qkv._forward_hooks  # removed
+
+
+def test_shapes_set_gives_its_squares_as_boxes():
+    data = load_box_data("synthetic:3", img_size=32)
+    assert data.kind == "synthetic" and all(it.boxes for it in data.items)
+    assert all(b[2] - b[0] == b[3] - b[1] <= 4 for it in data.items for b in it.boxes)
 
 
 def test_batch_size_does_not_change_the_boxes():
