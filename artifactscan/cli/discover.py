@@ -147,8 +147,8 @@ def render_discover(report) -> None:
 
     d = report.data
     first = report.runs[0]
-    title = (f"LOST on {first.features} of block {first.block} (k={first.k}) - {d.description} - "
-             f"{first.num_images} images")
+    stdout.print(f"data: {d.description}", highlight=False)
+    title = f"LOST on {first.features} of block {first.block}, k={first.k}"
     table = Table(title=title, title_justify="left", header_style="bold")
     table.add_column("")
     for r in report.runs:
@@ -168,6 +168,8 @@ def render_discover(report) -> None:
         ("CorLoc, seed on an outlier", [_pct(r.corloc_seed_on_outlier) for r in runs]),
         ("CorLoc, seed elsewhere", [_pct(r.corloc_seed_elsewhere) for r in runs]),
     ]
+    if not any(r.num_scored for r in runs):  # no ground truth: no CorLoc rows
+        rows = [row for row in rows if not row[0].startswith(("CorLoc", "mean IoU"))]
     for name, cells in rows:
         table.add_row(name, *cells, style="bold" if name == "CorLoc (LOST)" else "")
     stdout.print(table)
