@@ -170,6 +170,11 @@ def test_seed_flags_agree_with_the_norms_scan(tmp_path):
         for d in run.images:
             assert d.seed_flagged == ((d.index, d.seed[0] * gw + d.seed[1]) in flagged)
         assert run.outlier_share == pytest.approx(report.layers[row].outlier_fraction)
+    # a fixed threshold flags exactly the seeds above it
+    run = discover(loaded, data, threshold=30.0, device="cpu").runs[0]
+    assert run.threshold == 30.0
+    flags = [d.seed_flagged for d in run.images]
+    assert flags == [d.seed_norm > 30.0 for d in run.images] and any(flags) and not all(flags)
 
 
 def test_compare_fix_installs_the_register_and_excludes_it(tiny_phantom):
