@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from artifactscan.analysis.fix import find_register_neurons
 from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, fused_qkv, lost_batched
 from artifactscan.analysis.scan import ModelSummary, model_summary, scan
 from artifactscan.core.errors import InputError
@@ -38,9 +39,10 @@ from artifactscan.core.results import JsonResult
 from artifactscan.core.stats import NormStatistics, bin_index
 from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, parse_threshold
 from artifactscan.core.version import __version__
-from artifactscan.inputs.boxes import BoxedData, load_box_data
+from artifactscan.inputs.boxes import DEFAULT_OBJECT_IMAGES, BoxedData, load_box_data
 from artifactscan.inputs.sources import image_batches
 from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.models.test_time_register import EXTRA_KEY, apply_test_time_register, check_supported
 
 SCHEMA = "artifactscan.discover/1"
 CORLOC_IOU = 0.5
@@ -343,7 +345,7 @@ def discover(
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     if keep < 0:
-        raise InputError(f"--figures-images must be >= 0, got {keep}")
+        raise InputError(f"--figure-images must be >= 0, got {keep}")
     try:
         fixed = parse_threshold(threshold)
     except ValueError as exc:
@@ -377,7 +379,8 @@ def discover(
         for s in skipped:
             warn(f"skipped {s}")
     report = DiscoverReport(
-        data=DataSummary(boxed.kind, str(data) if not isinstance(data, BoxedData) else boxed.kind,
+        data=DataSummary(boxed.kind, boxed.kind if isinstance(data, BoxedData) else
+                         str(data) if data is not None else f"synthetic-objects:{DEFAULT_OBJECT_IMAGES}",
                          boxed.description, len(boxed.items), boxed.has_boxes,
                          boxed.items[0].width if boxed.synthetic is not None else None, skipped),
         threshold_mode="fixed" if fixed is not None else "auto",
@@ -394,9 +397,6 @@ def discover(
 def _with_fix(loaded: LoadedModel, boxed: BoxedData, fixed: float | None, dev: torch.device, batch_size: int,
               top_k: int, options: dict[str, Any]) -> DiscoveryRun | str:
     """The same discovery with a test-time register installed, or a note saying why there is none."""
-    from artifactscan.analysis.fix import find_register_neurons
-    from artifactscan.models.test_time_register import EXTRA_KEY, apply_test_time_register, check_supported
-
     check_supported(loaded)
     if loaded.meta is not None and EXTRA_KEY in loaded.meta.extra:
         return f"{loaded.name} already carries a test-time register; --compare fix adds none"

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from matplotlib import patheffects
+from matplotlib.patches import Rectangle
 
 from artifactscan.render.style import (BLACK, BLUE, GREEN, VERMILLION, YELLOW, close_figure, new_figure, plot_style,
                                        save_figure, tag_phantom)
@@ -28,6 +30,7 @@ MAX_IMAGES = 6
 
 def _pixels(report: DiscoverReport, d: ImageDiscovery) -> np.ndarray | None:
     """The image in the pixels its boxes are in (H x W x 3), or None when it cannot be read any more."""
+    # local imports, as in render.style.load_display_image: the figure modules do not need the data path at import
     data = report.data
     if d.path is not None:
         from artifactscan.inputs.images import load_rgb
@@ -55,9 +58,6 @@ def _pixels(report: DiscoverReport, d: ImageDiscovery) -> np.ndarray | None:
 
 
 def _rect(ax: Axes, box: list[float], colour: str, style: str = "-", width: float = 1.4) -> None:
-    from matplotlib.patches import Rectangle
-    from matplotlib import patheffects
-
     x0, y0, x1, y1 = box
     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=width,
                            linestyle=style, path_effects=[patheffects.withStroke(linewidth=width + 1.2,
