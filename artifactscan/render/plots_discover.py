@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib import patheffects
-from matplotlib.patches import Rectangle
 
 from artifactscan.render.style import (BLACK, BLUE, GREEN, VERMILLION, YELLOW, close_figure, new_figure, plot_style,
                                        save_figure, tag_phantom)
+from matplotlib import patheffects  # noqa: E402  (after style, which says how to install matplotlib when missing)
+from matplotlib.patches import Rectangle  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
