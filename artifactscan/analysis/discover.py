@@ -465,6 +465,5 @@ def discover_headline(report: DiscoverReport) -> str:
             parts.append(effect)
     scored = [r for r in report.runs if r.corloc is not None]
     if len(scored) >= 2:
-        a, z = scored[0], scored[1:]
-        parts.append("CorLoc " + " -> ".join(f"{r.label} {_pct(r.corloc)}" for r in [a, *z]) + ".")
+        parts.append("CorLoc side by side: " + ", ".join(f"{r.label} {_pct(r.corloc)}" for r in scored) + ".")
     return " ".join(parts)
