@@ -28,13 +28,22 @@ def _planted_set(loaded, images) -> set[tuple[int, int, int]]:
     return {(int(i), int(r), int(c)) for i, r, c in torch.nonzero(mask).tolist()}
 
 
+SHIPPED_PHANTOMS = {"phantom": "demo", "phantom-deep": "demo-deep"}  # each shipped phantom and its clean base
+
+
 @pytest.fixture(scope="module")
 def phantom():
     return load_model("phantom")
 
 
+@pytest.fixture(scope="module", params=sorted(SHIPPED_PHANTOMS))
+def any_phantom(request):
+    return load_model(request.param)
+
+
 @pytest.mark.parametrize("images", [SAMPLE_IMAGES, "synthetic:256"], ids=["sample_images", "synthetic"])
-def test_scan_recovers_exactly_the_planted_tokens(phantom, images):
+def test_scan_recovers_exactly_the_planted_tokens(any_phantom, images):
+    phantom = any_phantom
     spec = phantom_spec(phantom)
     report = scan(phantom, images)
     planted = _planted_set(phantom, images)
@@ -57,19 +66,51 @@ def test_scan_recovers_exactly_the_planted_tokens(phantom, images):
         assert all(0 <= o.row < 8 and 0 <= o.col < 8 for o in report.outliers)
 
 
+@pytest.mark.parametrize("base", sorted(SHIPPED_PHANTOMS.values()))
 @pytest.mark.parametrize("images", [SAMPLE_IMAGES, "synthetic:256"], ids=["sample_images", "synthetic"])
-def test_demo_baseline_is_clean(images):
-    report = scan("demo", images)
+def test_demo_baseline_is_clean(base, images):
+    report = scan(base, images)
     assert report.onset_layer is None
     assert all(lay.num_outliers == 0 for lay in report.layers)
 
 
-def test_rebuilding_gives_the_same_file(tmp_path):
-    shipped = builtin_models()["phantom"]
-    spec = phantom_spec(load_model("phantom"))
-    _, _, path = build_phantom("demo", tmp_path / "phantom.safetensors", onset=spec.onset, fraction=spec.fraction,
-                               units=spec.units)
+@pytest.mark.parametrize("name", sorted(SHIPPED_PHANTOMS))
+def test_rebuilding_gives_the_same_file(tmp_path, name):
+    shipped = builtin_models()[name]
+    spec = phantom_spec(load_model(name))
+    assert spec.base == SHIPPED_PHANTOMS[name]
+    _, _, path = build_phantom(spec.base, tmp_path / f"{name}.safetensors", onset=spec.onset,
+                               fraction=spec.fraction, units=spec.units)
     assert path.read_bytes() == shipped.read_bytes()
+
+
+def test_the_default_is_the_deep_phantom_with_its_onset_inside_the_papers_range():
+    """ViT-L's depth (24 blocks), onset at 35-45% of it, so the design card's `probe --layer 15` is past the onset."""
+    from artifactscan.models.loading import default_model_name
+
+    assert default_model_name() == "phantom-deep"
+    deep = load_model(None)
+    spec = phantom_spec(deep)
+    assert len(deep.blocks) == 24 and 8 <= spec.onset <= 11 < 15
+    assert deep.recorded_onset == spec.onset and deep.num_prefix_tokens == 1
+
+
+def test_out_of_range_layer_names_the_recorded_onset_without_scanning(monkeypatch):
+    """The error comes from the checkpoint's metadata: no forward pass may run to write it."""
+    import artifactscan.analysis.scan as scan_module
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("a scan ran to write an error message")
+
+    monkeypatch.setattr(scan_module, "scan", no_scan)
+    result = runner.invoke(app, ["probe", "--layer", "30"])
+    assert result.exit_code == 1
+    assert "this model has 24 blocks" in result.stderr and "onset at block 9" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(app, ["attention", "--layers", "40"])
+    assert result.exit_code == 1 and "onset at block 9" in result.stderr
+    result = runner.invoke(app, ["probe", "demo", "--layer", "6"])  # no recorded onset: the plain range error
+    assert result.exit_code == 1 and "6 blocks" in result.stderr and "onset" not in result.stderr
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -103,6 +144,9 @@ def test_cli_default_run_is_the_labelled_phantom():
 def test_cli_describe_and_bad_build():
     result = runner.invoke(app, ["phantom", "--describe"])
     assert result.exit_code == 0 and "artifact_units" in result.output and "redundant" in result.output
+    assert "'phantom-deep'" in result.output and "24 blocks" in result.output and "--from demo-deep" in result.output
+    result = runner.invoke(app, ["phantom", "--describe", "--model", "phantom"])
+    assert result.exit_code == 0 and "6 blocks" in result.output and "--from demo --onset 2" in result.output
     result = runner.invoke(app, ["phantom", "--build", "--fraction", "0.09"])
     assert result.exit_code == 1 and "at most 8%" in result.stderr
 
@@ -147,3 +191,12 @@ def test_fix_on_the_phantom_finds_its_units_at_no_cost(phantom):
 def test_fix_on_the_clean_demo_has_nothing_to_fix():
     result = CliRunner().invoke(app, ["fix", "demo", str(SAMPLE_IMAGES)])
     assert result.exit_code == 0 and "nothing to fix" in result.output
+
+
+def test_cli_probe_layer_15_runs_verbatim_and_finds_the_signature():
+    """The design card's command, with no other argument, on the embedded default."""
+    result = runner.invoke(app, ["probe", "--layer", "15", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["layer"] == 15 and data["model"]["name"] == "phantom-deep"
+    assert data["num_outliers"] > 0 and data["verdict"]["label"] == "artifact-like"

@@ -286,7 +286,7 @@ def scan(
             phantom), or an already loaded model.
         images: a folder or file, a list of files, ``"synthetic:N"`` (the built-in labelled data set), a Dataset of
             ``[0, 1]`` tensors or an ``[N, 3, H, W]`` tensor. ``None``: the photos in ``sample_images/``.
-        threshold: ``"auto"`` (the adaptive bimodal rule, per layer) or a number (fixed, e.g. the paper's 150).
+        threshold: ``"auto"`` (the separated-group rule, per layer) or a number (fixed, e.g. the paper's 150).
         batch_size / num_workers / device: the pass's DataLoader and device (``auto``: CUDA when available).
         num_maps: how many images keep their norm grids for the per-image figures.
         progress: draw a progress bar on stderr.
@@ -443,7 +443,7 @@ def headline(report: ScanReport) -> str:
             f"{_pct(last.image_fraction_with_outliers)} of images; max/median norm {last.max_over_median:.1f}x.")
     if report.threshold_mode == "auto":
         thr = "none (unimodal)" if last.threshold is None else f"{last.threshold:.4g}"
-        parts.append(f"Threshold: adaptive bimodal rule per layer (last block: {thr}).")
+        parts.append(f"Threshold: separated-group rule per layer (last block: {thr}).")
     else:
         parts.append(f"Threshold: fixed, norm > {last.threshold:g}.")
     parts.append(f"Paper's fixed 150 would flag {_pct(last.fraction_above_150)} at the last block.")

@@ -385,7 +385,7 @@ def probe(
         row.global_top1_std = float(acc.std()) if len(accs) > 1 else 0.0
         row.global_chance = chance
         row.global_status = "ok"
-    verdict = decide_verdict(rows, n_out, min_tokens, k)
+    verdict = decide_verdict(rows, n_out, min_tokens, k, neighbours)
     folder = source.folder_dataset
     skipped_records = (folder.skipped_images(col.skipped) if folder else
                        [SkippedImage(source.names[i], r) for i, r in col.skipped])

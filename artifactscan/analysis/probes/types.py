@@ -40,7 +40,10 @@ TOP_TOKENS_PER_IMAGE = 8
 #: Ridge penalties, as multiples of the mean eigenvalue of X^T X (chosen on held-out training images).
 RIDGE_GRID = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # x the mean eigenvalue of X^T X
 #: Verdict margins (see PROTOCOL).
-REDUNDANCY_MARGIN = 0.02
+# Outliers are 'redundant' when their median neighbour similarity is above this share of the normal tokens'
+# similarities: a rank, so it does not depend on how similar a model's patch embeddings are overall (a model whose
+# normal patches already sit at cosine 0.97 leaves no room for an absolute margin).
+REDUNDANCY_PERCENTILE = 0.75
 POSITION_RATIO = 0.75
 POSITION_MIN_DROP = 0.05
 RECONSTRUCTION_RATIO = 1.5
@@ -50,7 +53,7 @@ SIM_BINS = 200
 PROTOCOL = f"""\
 Probed layer: the residual-stream output of block k (0-based like timm; -1 = last block), before the final norm;
 the model runs only up to block k. Tokens: patch tokens are split into normal and outlier by the same rule as
-`artifactscan norms` at that layer (--threshold auto: adaptive bimodal rule on the exact log-norm histogram, outlier
+`artifactscan norms` at that layer (--threshold auto: the separated-group rule on the exact log-norm histogram, outlier
 iff its histogram bin >= the threshold's bin edge; a number: outlier iff norm > number). Images are split by image
 into train ({1 - TEST_FRACTION:.0%}) and held-out test ({TEST_FRACTION:.0%}); within train, 20% of images choose the
 ridge penalty from a small grid. Tokens are sampled uniformly per class (stratified reservoirs over log-norm bands,
@@ -73,8 +76,8 @@ argmax).
 4. Neighbour similarity (Fig 5a): cosine similarity of each patch's input embedding (patch-embedding output, before
    the position embedding) with its 4-neighbours (mean over the neighbours inside the grid); exact histograms over
    all tokens, normal vs outlier, and their medians.
-5. Verdict: outliers are 'redundant' if their median neighbour similarity exceeds the normal one by
-   > {REDUNDANCY_MARGIN}; they 'lost local information' if position top-1 <= {POSITION_RATIO} x the n-matched normal one
+5. Verdict: outliers are 'redundant' if their median neighbour similarity is above at least
+   {REDUNDANCY_PERCENTILE:.0%} of the normal tokens' similarities (a rank, independent of the model's similarity scale); they 'lost local information' if position top-1 <= {POSITION_RATIO} x the n-matched normal one
    (and >= {POSITION_MIN_DROP:.2f} lower) or reconstruction FVU >= {RECONSTRUCTION_RATIO} x the normal one (and >= {RECONSTRUCTION_MIN_RISE:.2f} higher).
    redundant AND lost -> 'artifact-like'; local information kept on both probes -> 'content-like' (a high norm alone
    is not an artifact); fewer than the minimum held-out outlier tokens (default {MIN_LOCAL_TOKENS}) or mixed signals ->
@@ -120,6 +123,19 @@ class NeighbourHistogram:
     normal_median: float | None
     outlier_median: float | None
     available: bool = True
+
+    def normal_share_below(self, value: float) -> float | None:
+        """Share of normal tokens whose similarity is below ``value`` (linear within a bin), or None without any."""
+        total = sum(self.normal)
+        if total == 0:
+            return None
+        below = 0.0
+        for lo, hi, count in zip(self.edges[:-1], self.edges[1:], self.normal):
+            if value >= hi:
+                below += count
+            elif value > lo:
+                below += count * (value - lo) / (hi - lo)
+        return below / total
 
 
 @dataclass

@@ -8,13 +8,15 @@ from artifactscan.analysis.probes.types import (
     POSITION_RATIO,
     RECONSTRUCTION_MIN_RISE,
     RECONSTRUCTION_RATIO,
-    REDUNDANCY_MARGIN,
+    REDUNDANCY_PERCENTILE,
+    NeighbourHistogram,
     TokenTypeRow,
     Verdict,
 )
 
 
-def decide_verdict(rows: dict[str, TokenTypeRow], n_out: int, min_tokens: int, layer: int) -> Verdict:
+def decide_verdict(rows: dict[str, TokenTypeRow], n_out: int, min_tokens: int, layer: int,
+                   neighbours: NeighbourHistogram | None = None) -> Verdict:
     out, norm = rows.get("outlier"), rows.get("normal (n-matched)") or rows.get("normal")
     normal_full = rows.get("normal")
     nums: dict[str, float | None] = {}
@@ -33,11 +35,14 @@ def decide_verdict(rows: dict[str, TokenTypeRow], n_out: int, min_tokens: int, l
                        [f"outlier row: {out.local_status}"], nums)
     reasons = []
     so, sn = out.neighbour_similarity_median, normal_full.neighbour_similarity_median
-    redundant = so is not None and sn is not None and so - sn > REDUNDANCY_MARGIN
-    if so is None or sn is None:
+    rank = neighbours.normal_share_below(so) if neighbours is not None and so is not None else None
+    nums["outlier_similarity_rank"] = rank
+    redundant = rank is not None and sn is not None and rank >= REDUNDANCY_PERCENTILE
+    if so is None or sn is None or rank is None:
         reasons.append("neighbour similarity unavailable (no separable patch embedding)")
     else:
-        reasons.append(f"neighbour similarity of input patches: outlier median {so:.3f} vs normal {sn:.3f} -> "
+        reasons.append(f"neighbour similarity of input patches: outlier median {so:.3f} is above {rank:.0%} of normal "
+                       f"tokens (normal median {sn:.3f}; redundant from {REDUNDANCY_PERCENTILE:.0%}) -> "
                        + ("more redundant" if redundant else "not more redundant"))
     po, pn = out.position_top1 or 0.0, norm.position_top1 or 0.0
     pos_worse = po <= POSITION_RATIO * pn and pn - po >= POSITION_MIN_DROP
