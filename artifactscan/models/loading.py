@@ -284,6 +284,9 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     loaded.inferred, loaded.layout = inferred, (ckpt.layout if ckpt.layout != "timm" else None)
     if ckpt.weights:
         loaded.weights = f"{ckpt.weights} ({ckpt.wrapper})"
+        other = "raw" if ckpt.weights == "ema" else "ema"
+        loaded.notes.append(f"loaded the {ckpt.weights} weights ({ckpt.wrapper}) of a checkpoint holding EMA and raw "
+                            f"ones; --weights {other} loads the others")
     dropped = native.describe_dropped(ckpt)
     if ckpt.layout != "timm":
         loaded.notes.append(f"converted from the {ckpt.layout} key layout by timm's converter"
@@ -368,6 +371,8 @@ def load_model(
         InputError, ModelLoadError and subclasses, with a message that says what to do.
     """
     arch_kwargs = dict(arch_kwargs or {})
+    if weights is not None and weights not in native.WEIGHT_CHOICES:
+        raise InputError(f"--weights must be one of {', '.join(native.WEIGHT_CHOICES)}, got {weights!r}")
     if isinstance(spec, LoadedModel):
         loaded = spec
     elif isinstance(spec, nn.Module):

@@ -172,7 +172,7 @@ def unwrap(blob: Any, weights: str | None = None, name: str = "checkpoint") -> N
         chosen, label2 = _choose(options, weights)
         label = label2 or label
         sd = clean_state_dict({k[len(chosen) + 1:]: v for k, v in sd.items() if k.startswith(chosen + ".")})
-        wrapper = f"{wrapper}[{chosen}.]" if wrapper else f"{chosen}."
+        wrapper = f"{wrapper}: {chosen}." if wrapper else f"{chosen}."
     dropped: dict[str, int] = {}
     if any(k.startswith("backbone.") for k in sd):
         rest = [k for k in sd if not k.startswith("backbone.")]
