@@ -223,7 +223,11 @@ def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: 
             continue
         candidate = _facts_of(_meta_shapes(arch))
         kwargs = fit_kwargs(facts, candidate)
-        if _meta_shapes(arch, tuple(sorted(kwargs.items()))) == shapes:
+        try:
+            fits = _meta_shapes(arch, tuple(sorted(kwargs.items()))) == shapes
+        except (AssertionError, TypeError, ValueError):  # e.g. token pooling asked of a model without CLS
+            fits = False
+        if fits:
             matches.append((arch, family, kwargs))
     if not matches:
         raise ModelLoadError(f"{name}: its shapes ({facts.brief()}) match no known ViT configuration; closest: "
