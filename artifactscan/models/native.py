@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,9 @@ def read_torch_file(path: Path, trust: bool) -> Any:
                 f"{path.name} is a TorchScript archive (e.g. OpenAI's CLIP .pt), and loading it executes its code. "
                 "If you trust the file, add --trust-checkpoint (its state dict is then loaded like any other).")
         try:
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # torch.jit's deprecation notice is not the user's concern here
+                warnings.simplefilter("ignore")
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         except Exception as exc:
             raise ModelLoadError(f"{path} is not a loadable TorchScript archive: {exc}") from exc
     try:
