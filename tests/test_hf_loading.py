@@ -31,6 +31,8 @@ def _cases():
             **SMALL, image_size=28, patch_size=14, num_register_tokens=3)), None, 28, (1, 3)),
         "vit": (lambda: T.ViTModel(T.ViTConfig(**SMALL, image_size=32, patch_size=8)),
                 lambda: T.ViTImageProcessor(size={"height": 32, "width": 32}), 32, (1, 0)),
+        "vit_classifier": (lambda: T.ViTForImageClassification(T.ViTConfig(**SMALL, image_size=32, patch_size=8,
+                                                                            num_labels=3)), None, 32, (1, 0)),
         "clip_vision": (lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**SMALL, image_size=32, patch_size=8)),
                         lambda: T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32), 32, (1, 0)),
         "clip": (lambda: T.CLIPModel(T.CLIPConfig(text_config=dict(SMALL, vocab_size=50, max_position_embeddings=8),
