@@ -55,6 +55,16 @@ def cli_error(path, *args) -> str:
     return lines[0]
 
 
+def fast_random(arch: str, **kwargs):
+    """A real-size random model without timm's slow truncated-normal init (torch's default init, random tokens)."""
+    model = timm.create_model(arch, pretrained=False, weight_init="skip", **kwargs).eval()
+    with torch.no_grad():
+        for name in ("cls_token", "reg_token", "pos_embed"):
+            if getattr(model, name, None) is not None:
+                getattr(model, name).normal_(0, 0.1)
+    return model
+
+
 def dinov2_native(model) -> dict[str, torch.Tensor]:
     """The DINOv2 repo's key layout of a timm reg DINOv2 (inverse of timm's converter): registers as
     `register_tokens`, the CLS position row inside `pos_embed`, a `mask_token`."""
@@ -164,14 +174,14 @@ def test_mae_encoder_and_full_pretrain(tmp_path):
 
 
 def test_bare_timm_state_dict_needs_no_arch(tmp_path):
-    """The design card's command on `torch.save(timm_vit.state_dict())` of a real ViT-Ti/16 size."""
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    """The design card's command on `torch.save(timm_vit.state_dict())` of a real ViT-Ti/16 (at 64 px: 4x4 grid)."""
+    model = fast_random("vit_tiny_patch16_224", img_size=64)
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
     loaded = load_model(path)
     assert loaded.arch == "vit_tiny_patch16_224" and loaded.inferred["num_heads"] == 3
-    assert loaded.inferred["equivalent"] == ["deit_tiny_patch16_224"]
-    assert_same_norms(loaded, model, 224, n=1)
+    assert loaded.inferred["equivalent"] == ["deit_tiny_patch16_224"] and loaded.input_size == (64, 64)
+    assert_same_norms(loaded, model, 64)
     report = cli_model(path)
     assert report["inferred"]["arch"] == "vit_tiny_patch16_224" and report["num_blocks"] == 12
 
@@ -206,3 +216,14 @@ def test_pickled_module_message_and_weights_elsewhere(tmp_path):
     assert "pickled Python objects" in cli_error(path) and "--trust-checkpoint" in cli_error(path)
     assert "chooses between the EMA and raw" in cli_error("demo", "--weights", "raw")
     assert "--weights must be one of ema, raw" in cli_error(path, "--weights", "best")
+
+
+def test_dinov2_hub_file_needs_no_arch(tmp_path):
+    """A real-size DINOv2 ViT-S/14 reg4 file in the repo's layout (at 56 px): inferred, registers counted."""
+    model = fast_random(DINO, num_classes=0, img_size=56)
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(dinov2_native(model), path)  # (timm's own reading of this layout is checked at tiny size above)
+    loaded = load_model(path)
+    assert loaded.arch == DINO and loaded.inferred["arch_kwargs"] == {"num_classes": 0, "img_size": 56}
+    assert (loaded.num_cls_tokens, loaded.num_register_tokens, loaded.input_size) == (1, 4, (56, 56))
+    assert_same_norms(loaded, model, 56)  # the CLS position row folded back: the original's forward

@@ -178,6 +178,11 @@ def _build_arch(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
     try:
         if builder is not None:
             return builder(**arch_kwargs)
+        if "weight_init" not in arch_kwargs:
+            try:  # every weight is loaded next: skip timm's initialisation (seconds for a large ViT on CPU)
+                return timm.create_model(arch, pretrained=False, weight_init="skip", **arch_kwargs)
+            except TypeError:
+                pass  # not a VisionTransformer, or a bad kwarg: the plain call below says which
         return timm.create_model(arch, pretrained=False, **arch_kwargs)
     except TypeError as exc:
         raise ModelLoadError(f"architecture '{arch}' does not accept {arch_kwargs}: {exc}") from exc
