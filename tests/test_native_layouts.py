@@ -227,3 +227,20 @@ def test_dinov2_hub_file_needs_no_arch(tmp_path):
     assert loaded.arch == DINO and loaded.inferred["arch_kwargs"] == {"num_classes": 0, "img_size": 56}
     assert (loaded.num_cls_tokens, loaded.num_register_tokens, loaded.input_size) == (1, 4, (56, 56))
     assert_same_norms(loaded, model, 56)  # the CLS position row folded back: the original's forward
+
+
+def test_timm_hub_folder_and_fix_out_of_a_converted_file(tmp_path, dino_files):
+    from timm.models._hub import save_for_hf  # how timm writes a hub repo: config.json naming the architecture
+
+    model = randomize(timm.create_model(VIT, pretrained=False, num_classes=5, **SMALL_KW))
+    save_for_hf(model, str(tmp_path / "timm-repo"), model_config={"img_size": 32})
+    loaded = load_model(tmp_path / "timm-repo")  # timm's local-dir: loader, not the transformers converter
+    assert loaded.source == "local-dir"
+    assert_same_norms(loaded, model, 32)
+    # a converted native file now describes itself, so what `fix --out` would save reloads without --arch
+    from artifactscan.models.checkpoint import save_checkpoint
+
+    hub, *_ = dino_files
+    native_loaded = load_model(hub, arch=DINO, arch_kwargs=DINO_KW)
+    saved = save_checkpoint(tmp_path / "fixed.safetensors", native_loaded.model.state_dict(), native_loaded.meta)
+    assert_same_norms(load_model(saved), native_loaded.model, 28)

@@ -65,6 +65,14 @@ def is_model_folder(path: str | Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def is_timm_folder(path: str | Path) -> bool:
+    """A timm hub folder (``config.json`` naming a timm ``architecture``), loaded by timm's ``local-dir:``."""
+    try:
+        return "architecture" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
     """(vision config, whole config, model_type) of a folder."""
     try:
@@ -256,8 +264,10 @@ def hub_folder(repo_id: str, online: bool) -> Path:
                                       allow_patterns=["config.json", "preprocessor_config.json", "*.safetensors",
                                                       "*.safetensors.index.json"]))
     except Exception as exc:
-        where = "the hub is unreachable and it is not in the local Hugging Face cache" if not online else str(exc)
+        taken = f"'{repo_id}' is not a file or folder here, so it was taken as a Hugging Face model id"
+        if online:
+            raise ModelLoadError(f"{taken}, and the hub could not give it: {str(exc).splitlines()[0]}") from exc
         raise OfflineError(
-            f"'{repo_id}' is not a file or folder here, so it was taken as a Hugging Face model id; {where}. Pass a "
-            "local file or save_pretrained folder instead (or `hf-hub:ORG/NAME` for timm's hub models)."
+            f"{taken}; the hub is unreachable and it is not in the local Hugging Face cache. Pass a local file or "
+            "save_pretrained folder instead (or `hf-hub:ORG/NAME` for timm's hub models)."
         ) from exc

@@ -150,7 +150,7 @@ def _create_pretrained(name: str, **kwargs: Any) -> nn.Module:
     """timm.create_model(pretrained=True), failing fast and clearly when the hub is unreachable."""
     import huggingface_hub.constants as hub_constants
 
-    online = _hub_reachable()
+    online = name.startswith("local-dir:") or _hub_reachable()
     saved = hub_constants.HF_HUB_OFFLINE
     if not online:
         hub_constants.HF_HUB_OFFLINE = True  # use only the local cache instead of retrying for a minute
@@ -300,6 +300,9 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
         loaded.notes.append(dropped)
     if inferred is not None:
         loaded.notes.append(f"architecture inferred from the shapes: {arch_name} {kwargs or ''}".rstrip())
+    if meta is None:  # now known: a checkpoint saved from this model (`fix --out`) describes itself
+        loaded.meta = CheckpointMeta(arch_name, dict(kwargs), dict(loaded.data_config), kind="checkpoint",
+                                     description=f"loaded from {path.name}")
     if meta is not None:  # e.g. the test-time register that `artifactscan fix --out` records
         install_checkpoint_extensions(loaded, meta.extra)
     return loaded
@@ -393,11 +396,14 @@ def load_model(
             if not hf.is_model_folder(path):
                 raise InputError(f"{spec} is a folder without a config.json; pass a checkpoint file (.safetensors / "
                                  ".pt), a Hugging Face save_pretrained folder or a model name")
-            loaded = _load_hf_folder(path, spec, "hf-folder")
+            if hf.is_timm_folder(path):  # a timm hub snapshot: timm's own loader
+                loaded = _load_named(f"local-dir:{path}", arch_kwargs)
+            else:
+                loaded = _load_hf_folder(path, spec, "hf-folder")
         elif path.is_file():
             loaded = _load_checkpoint(path, arch, arch_kwargs, trust_checkpoint, weights)
-        elif spec.startswith("hf-hub:"):
-            loaded = _load_named(spec, arch_kwargs)
+        elif spec.startswith("hf-hub:") or spec.startswith("timm/"):  # timm's hub repos need timm's loader
+            loaded = _load_named(spec if spec.startswith("hf-hub:") else f"hf-hub:{spec}", arch_kwargs)
         elif hf.looks_like_hub_id(spec):
             loaded = _load_hf_folder(hf.hub_folder(spec, online=_hub_reachable()), spec, "hf-transformers")
         elif _looks_like_path(spec):
@@ -435,9 +441,9 @@ def default_model_name() -> str:
 
 
 def _load_named(spec: str, arch_kwargs: dict[str, Any]) -> LoadedModel:
-    if spec.startswith("hf-hub:"):  # timm's own hub loading
+    if spec.startswith(("hf-hub:", "local-dir:")):  # timm's own hub / hub-folder loading
         model = _create_pretrained(spec, **arch_kwargs)
-        source = "hf-hub"
+        source = spec.split(":", 1)[0]
     else:
         if not timm.is_model(spec):
             raise ModelLoadError(f"unknown model '{spec}': not a built-in ({', '.join(builtin_models()) or 'none'}), "
