@@ -58,10 +58,11 @@ def cli_error(path, *args) -> str:
 def fast_random(arch: str, **kwargs):
     """A real-size random model without timm's slow truncated-normal init (torch's default init, random tokens)."""
     model = timm.create_model(arch, pretrained=False, weight_init="skip", **kwargs).eval()
-    with torch.no_grad():
-        for name in ("cls_token", "reg_token", "pos_embed"):
-            if getattr(model, name, None) is not None:
-                getattr(model, name).normal_(0, 0.1)
+    with torch.no_grad():  # what timm's init would have set (left empty by weight_init="skip")
+        for name, p in model.named_parameters():
+            if name in ("cls_token", "reg_token", "pos_embed") or name.endswith("gamma"):
+                p.normal_(0, 0.1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
     return model
 
 

@@ -281,7 +281,13 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     else:
         arch_name, kwargs = arch, {**_fit_file(timm_sd, arch_kwargs), **arch_kwargs}  # type: ignore[assignment]
     model = _build_arch(arch_name, kwargs)
-    state_dict = ckpt.state_dict if ckpt.layout == "timm" else native.to_timm(ckpt.state_dict, ckpt.layout, model)
+    try:
+        state_dict = ckpt.state_dict if ckpt.layout == "timm" else native.to_timm(ckpt.state_dict, ckpt.layout, model)
+    except (RuntimeError, ValueError, KeyError) as exc:  # timm's resampling of a pos-embed that cannot fit
+        raise CheckpointMismatchError(
+            f"{path.name} ({ckpt.layout} layout) does not fit --arch {arch_name}: timm's converter failed on it "
+            f"({str(exc).splitlines()[0]}). Check --arch (CLS / registers / position embedding of this family)."
+        ) from exc
     _load_into(model, state_dict, arch_name, path, ckpt)
     data_config = dict(meta.data_config) if meta and meta.data_config else timm.data.resolve_model_data_config(model)
     kind = meta.kind if meta else "checkpoint"
@@ -290,7 +296,8 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     if ckpt.weights:
         loaded.weights = f"{ckpt.weights} ({ckpt.wrapper})"
         other = "raw" if ckpt.weights == "ema" else "ema"
-        loaded.notes.append(f"loaded the {ckpt.weights} weights ({ckpt.wrapper}) of a checkpoint holding EMA and raw "
+        shown = "EMA" if ckpt.weights == "ema" else "raw"
+        loaded.notes.append(f"loaded the {shown} weights ({ckpt.wrapper}) of a checkpoint holding EMA and raw "
                             f"ones; --weights {other} loads the others")
     dropped = native.describe_dropped(ckpt)
     if ckpt.layout != "timm":
