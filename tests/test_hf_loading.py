@@ -13,7 +13,7 @@ from artifactscan.core.errors import OfflineError
 from artifactscan.models.loading import load_model
 
 from .conftest import loaded_block_norms, randomize
-from .test_native_layouts import cli_model
+from .test_native_layouts import cli_error, cli_model
 
 T = pytest.importorskip("transformers")
 
@@ -123,6 +123,7 @@ def test_hub_ids(hf_folder, tmp_path, monkeypatch):
         load_model("someorg/not-cached")
     with pytest.raises(OfflineError, match="unreachable"):
         load_model("hf-hub:timm/vit_tiny_patch16_224.augreg_in21k")  # timm's hub loading, not a path
+    assert "taken as a Hugging Face model id" in cli_error("someorg/not-cached")
     assert time.monotonic() - start < 10
     # an existing path always wins over an id of the same spelling
     monkeypatch.chdir(tmp_path)

@@ -129,6 +129,9 @@ def test_deit3_original_gamma_keys(tmp_path):
     loaded = load_model(path, arch=DEIT3, arch_kwargs=SMALL_KW)
     assert loaded.layout == "deit3" and loaded.model.num_classes == 7
     assert_same_norms(loaded, ref, 32)
+    # the wrong family (position rows for CLS) cannot be converted: one line, not an internal error
+    line = cli_error(path, "--arch", VIT, "--arch-kwargs", json.dumps(SMALL_KW))
+    assert "(deit3 layout) does not fit --arch vit_small_patch16_224" in line
 
 
 def test_timm_train_checkpoint_uses_recorded_arch_and_args(tmp_path):

@@ -34,7 +34,6 @@ SUPPORTED = {
 _ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
         "silu": "silu", "relu": "relu"}
 _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic"}  # PIL codes (1 = LANCZOS: nearest we have)
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # transformers' config defaults, which `save_pretrained` leaves out of config.json when unchanged
 _DEFAULTS = {
     "dinov2": dict(layer_norm_eps=1e-6, hidden_act="gelu"), "vit": dict(layer_norm_eps=1e-12, hidden_act="gelu"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -201,8 +201,6 @@ class Match:
     act: str
 
     def inferred(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return {"arch": self.arch, "arch_kwargs": self.kwargs, **asdict(self.facts), "num_heads": self.num_heads,
                 "activation": self.act, "equivalent": self.equivalent}
 

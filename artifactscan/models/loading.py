@@ -27,7 +27,6 @@ from artifactscan.core.errors import (
     ModelLoadError,
     NotAViTError,
     OfflineError,
-    UntrustedCheckpointError,
 )
 from artifactscan.models.registry import (
     architecture_builder,
