@@ -31,6 +31,9 @@ def _cases():
             **SMALL, image_size=28, patch_size=14, num_register_tokens=3)), None, 28, (1, 3)),
         "vit": (lambda: T.ViTModel(T.ViTConfig(**SMALL, image_size=32, patch_size=8)),
                 lambda: T.ViTImageProcessor(size={"height": 32, "width": 32}), 32, (1, 0)),
+        # a large epsilon, so that ignoring the config's layer_norm_eps would show in the norms
+        "vit_eps": (lambda: T.ViTModel(T.ViTConfig(**SMALL, image_size=32, patch_size=8, layer_norm_eps=0.05)),
+                    None, 32, (1, 0)),
         "vit_classifier": (lambda: T.ViTForImageClassification(T.ViTConfig(**SMALL, image_size=32, patch_size=8,
                                                                             num_labels=3)), None, 32, (1, 0)),
         "clip_vision": (lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**SMALL, image_size=32, patch_size=8)),
