@@ -75,6 +75,10 @@ def test_openai_and_openclip_share_keys_so_activation_is_refused():
         match(sd)
     ckpt = native.unwrap(sd)
     assert ckpt.layout == "openai_clip" and ckpt.dropped["CLIP text tower"] > 0
+    # what an OpenAI TorchScript archive tells beyond its shapes: QuickGELU
+    timm_sd = native.to_timm(ckpt.state_dict, ckpt.layout)
+    m = infer.infer_architecture(timm_sd, ckpt.layout, activation="QuickGELU")
+    assert (m.arch, m.act, m.kwargs["num_classes"]) == ("vit_base_patch16_clip_quickgelu_224", "QuickGELU", 512)
 
 
 def test_unknown_configuration_is_refused_not_guessed():

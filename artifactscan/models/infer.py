@@ -205,8 +205,12 @@ class Match:
                 "activation": self.act, "equivalent": self.equivalent}
 
 
-def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: str = "the state dict") -> Match:
+def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: str = "the state dict",
+                       activation: str | None = None) -> Match:
     """The unique known timm architecture whose keys and shapes are exactly this state dict's.
+
+    ``activation`` (a timm activation class name such as ``QuickGELU``) is what the file's provenance says when its
+    shapes cannot: OpenAI's TorchScript archives are all QuickGELU. It only chooses among shape matches.
 
     Raises:
         ModelLoadError naming the closest candidates and ``--arch`` when none or several (disagreeing on heads or
@@ -237,6 +241,8 @@ def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: 
     groups: dict[tuple[int, str], list[tuple[str, str, dict[str, Any]]]] = {}
     for m in matches:
         groups.setdefault(_heads_and_act(m[0]), []).append(m)
+    if activation is not None and len(groups) > 1:
+        groups = {key: ms for key, ms in groups.items() if key[1] == activation} or groups
     if len(groups) > 1:
         options = "; ".join(f"{', '.join(a for a, _, _ in ms)} ({h} heads, {act})" for (h, act), ms in groups.items())
         raise ModelLoadError(f"{name} ({facts.brief()}) fits several known architectures that its shapes cannot tell "

@@ -266,6 +266,7 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     if isinstance(blob, nn.Module):
         return wrap_module(blob, name=path.name, source="pickled-module")
     ckpt = native.unwrap(blob, weights, name=path.name)
+    ckpt.torchscript = path.suffix != ".safetensors" and native.is_torchscript(path)
     timm_sd = native.to_timm(ckpt.state_dict, ckpt.layout) if ckpt.layout != "timm" else ckpt.state_dict
     inferred = None
     if arch is None and meta is None and ckpt.train_arch:
@@ -273,7 +274,8 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
         kwargs = {**_fit_file(timm_sd, arch_kwargs), **_train_kwargs(ckpt.train_args), **arch_kwargs}
     elif arch is None and meta is None:
         what = "a training checkpoint" if ckpt.is_wrapped else "a bare state dict"
-        match = infer.infer_architecture(timm_sd, ckpt.layout, f"{path.name} ({what})")
+        act = "QuickGELU" if ckpt.torchscript and ckpt.layout == "openai_clip" else None  # OpenAI's archives
+        match = infer.infer_architecture(timm_sd, ckpt.layout, f"{path.name} ({what})", activation=act)
         arch_name, kwargs, inferred = match.arch, {**match.kwargs, **arch_kwargs}, match.inferred()
     elif meta is not None and (arch is None or arch == meta.arch):
         arch_name, kwargs = meta.arch, {**meta.arch_kwargs, **arch_kwargs}

@@ -64,6 +64,7 @@ class NativeCheckpoint:
     train_arch: str | None = None
     train_args: dict[str, Any] = field(default_factory=dict)
     top_keys: list[str] = field(default_factory=list)
+    torchscript: bool = False
 
     @property
     def is_wrapped(self) -> bool:
