@@ -72,3 +72,21 @@ def test_openai_torchscript_needs_trust(tmp_path):
     loaded = load_model(path, arch=arch, arch_kwargs=KW, trust_checkpoint=True)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded_block_norms(loaded, x), reference_norms(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_openclip_with_a_timm_trunk_needs_no_arch(tmp_path):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    model = CLIP(16, CLIPVisionCfg(timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=False, timm_pool="",
+                                   timm_proj="linear"),
+                 CLIPTextCfg(context_length=8, vocab_size=50, width=32, heads=2, layers=1)).eval()
+    path = tmp_path / "open_clip_model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = load_model(path)  # visual.trunk.* is a timm ViT-Ti/16: inferred from its shapes
+    assert (loaded.arch, loaded.layout) == ("vit_tiny_patch16_224", "openclip_timm")
+    assert any("1 keys of the OpenCLIP projection head" in n for n in loaded.notes)
+    x = torch.randn(1, 3, 224, 224)
+    ref = hooked_block_norms(list(model.visual.trunk.blocks), model.encode_image, x)
+    torch.testing.assert_close(loaded_block_norms(loaded, x), ref, rtol=1e-4, atol=1e-4)

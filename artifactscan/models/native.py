@@ -39,6 +39,7 @@ _TEXT_TOWER = re.compile(r"^(transformer\.|token_embedding\.|positional_embeddin
 _OPENAI_META = re.compile(r"^(input_resolution|context_length|vocab_size)$")
 _MAE_DECODER = re.compile(r"^(decoder_|mask_token$)")
 _SSL_HEADS = re.compile(r"^(dino_head\.|ibot_head\.|head\.)")
+_OPENCLIP_HEAD = re.compile(r"^visual\.head\.")
 
 
 @dataclass
@@ -216,6 +217,8 @@ def drop_non_encoder(sd: dict[str, torch.Tensor], layout: str) -> tuple[dict[str
     rules: list[tuple[str, re.Pattern[str]]] = []
     if layout in ("openai_clip", "openclip_timm"):
         rules = [("CLIP text tower", _TEXT_TOWER), ("OpenAI metadata", _OPENAI_META)]
+        if layout == "openclip_timm":
+            rules.append(("OpenCLIP projection head", _OPENCLIP_HEAD))
     elif layout == "mae":
         rules = [("MAE decoder", _MAE_DECODER)]
     kept, dropped = {}, {}
@@ -239,9 +242,9 @@ def to_timm(sd: dict[str, torch.Tensor], layout: str, model: nn.Module | None = 
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    if layout == "openai_clip":
-        # timm keeps only `visual.*` and maps `visual.proj` to the head; other keys were dropped by name above.
-        unknown = [k for k in sd if not k.startswith("visual.")]
+    if layout in ("openai_clip", "openclip_timm"):
+        # timm keeps only `visual.*` (`visual.trunk.*`); other keys were dropped by name above.
+        unknown = [k for k in sd if not k.startswith("visual.trunk." if layout == "openclip_timm" else "visual.")]
         if unknown:
             raise ModelLoadError(f"unexpected keys outside the image tower: {', '.join(unknown[:4])}")
     if model is None:
