@@ -256,12 +256,15 @@ def looks_like_hub_id(spec: str) -> bool:
 
 def hub_folder(repo_id: str, online: bool) -> Path:
     """The local folder of a Hugging Face model id: downloaded when online, else from the local cache only."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
+    patterns = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json"]
     try:
-        return Path(snapshot_download(repo_id, local_files_only=not online,
-                                      allow_patterns=["config.json", "preprocessor_config.json", "*.safetensors",
-                                                      "*.safetensors.index.json"]))
+        if not online:
+            patterns += ["pytorch_model*.bin"]
+        elif not any(f.endswith(".safetensors") for f in list_repo_files(repo_id)):
+            patterns += ["pytorch_model*.bin"]  # older repos: PyTorch weights only (read with weights_only)
+        return Path(snapshot_download(repo_id, local_files_only=not online, allow_patterns=patterns))
     except Exception as exc:
         taken = f"'{repo_id}' is not a file or folder here, so it was taken as a Hugging Face model id"
         if online:
