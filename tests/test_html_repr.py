@@ -29,3 +29,8 @@ def test_probe_report_html_has_verdict():
     page = report._repr_html_()
     assert html.escape(report.verdict.summary) in page
     assert "<b>rows</b>" in page and "layer" in page
+    # probe/2 added model.weights / layout / inferred; a /1 report without them still reads
+    old = report.to_dict()
+    old["schema"] = "artifactscan.probe/1"
+    old["model"] = {k: v for k, v in old["model"].items() if k not in ("weights", "layout", "inferred")}
+    assert type(report).from_dict(old).model.weights is None

@@ -38,7 +38,7 @@ from artifactscan.analysis.scan import ImageSummary, ModelSummary, ScanReport, m
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.core.progress import ProgressBar, resolve_device
 
-SCHEMA = "artifactscan.attention/1"
+SCHEMA = "artifactscan.attention/2"
 HEADS_MODES = ("mean", "all")
 
 
