@@ -95,9 +95,11 @@ def read_torch_file(path: Path, trust: bool) -> Any:
                 return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         except Exception as exc:
             raise ModelLoadError(f"{path} is not a loadable TorchScript archive: {exc}") from exc
+    # Memory-mapped where the format allows: a training checkpoint's optimizer state is never read into memory.
+    mmap = zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if not trust:
             found = _unsafe_globals(path)
@@ -105,7 +107,7 @@ def read_torch_file(path: Path, trust: bool) -> Any:
                 f"{path.name} holds pickled Python objects{found} that weights_only loading refuses, because "
                 "unpickling runs code from the file. Save `model.state_dict()` instead, or, if you trust the file, "
                 "add --trust-checkpoint.") from exc
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
 
