@@ -115,3 +115,40 @@ def tiny_phantom(tmp_path_factory):
     save_checkpoint(d / "base.safetensors", base.state_dict(), meta)
     _, spec, path = build_phantom(d / "base.safetensors", d / "phantom.safetensors", onset=1, calibration_images=64)
     return path, spec, d
+
+
+def randomize(model, scale: float = 0.2, seed: int = 0):
+    """Every parameter drawn afresh (layer scales, position rows and biases too), so conversions are tested."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model.eval()
+
+
+def hooked_block_norms(blocks, forward, x, batch_first: bool = True) -> torch.Tensor:
+    """``[num_blocks, B, T]`` token norms at each block's output, from any model's own forward."""
+    out: list = [None] * len(blocks)
+
+    def hook(i):
+        def fn(module, inputs, output):
+            t = output[0] if isinstance(output, (tuple, list)) else output
+            out[i] = torch.linalg.vector_norm((t if batch_first else t.transpose(0, 1)).float(), dim=-1)
+        return fn
+
+    handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            forward(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(out)
+
+
+def loaded_block_norms(loaded, x) -> torch.Tensor:
+    """``[num_blocks, B, T]`` through artifactscan's own capture."""
+    from artifactscan.models.capture import NormCapture
+
+    with NormCapture(loaded) as cap:
+        return cap.run(x)[:-1]

@@ -122,13 +122,17 @@ def test_late_outliers_trigger_exact_second_pass():
 def test_json_round_trip_and_schema():
     report = scan(wrap_module(_planted_model()), torch.rand(6, 3, 32, 32))
     data = json.loads(report.to_json())
-    assert data["schema"] == "artifactscan.scan/2"
+    assert data["schema"] == "artifactscan.scan/3"
+    assert data["model"]["weights"] is None and data["model"]["inferred"] is None
     for key in ("index", "median", "p99", "max", "threshold", "outlier_fraction", "images_with_outliers", "prefix"):
         assert key in data["layers"][0]
     assert set(data["outliers"][0]) >= {"image", "layer", "row", "col", "norm"}
     again = ScanReport.from_dict(data)
     assert again.to_json() == report.to_json()
     assert isinstance(again.layers[0].prefix[0].mean, float)
+    old = {**data, "schema": "artifactscan.scan/2",
+           "model": {k: v for k, v in data["model"].items() if k not in ("weights", "layout", "inferred")}}
+    assert ScanReport.from_dict(old).model.weights is None  # /2 reports have no weights/layout/inferred keys
 
 
 def test_statistics_merge_equals_single_stream():

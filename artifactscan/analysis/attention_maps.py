@@ -38,7 +38,7 @@ from artifactscan.analysis.scan import ImageSummary, ModelSummary, ScanReport, m
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.core.progress import ProgressBar, resolve_device
 
-SCHEMA = "artifactscan.attention/1"
+SCHEMA = "artifactscan.attention/2"
 HEADS_MODES = ("mean", "all")
 
 
@@ -289,6 +289,7 @@ def attention_report(
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
     img_size: int | None = None,
+    weights: str | None = None,
     scan_report: ScanReport | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
@@ -323,7 +324,7 @@ def attention_report(
     if heads not in HEADS_MODES:
         raise InputError(f"--heads {heads!r}: use 'mean' (average over heads) or 'all' (one map per head)")
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                        img_size=img_size)
+                        img_size=img_size, weights=weights)
     num_blocks = len(loaded.blocks)
     blocks = parse_layers(layers, num_blocks, loaded.layer_range_hint())
     qinfo = select_query(loaded, query)

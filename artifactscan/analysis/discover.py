@@ -44,7 +44,7 @@ from artifactscan.inputs.sources import image_batches
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.models.test_time_register import EXTRA_KEY, apply_test_time_register, check_supported
 
-SCHEMA = "artifactscan.discover/1"
+SCHEMA = "artifactscan.discover/2"
 CORLOC_IOU = 0.5
 COMPARE_CHOICES = ("fix",)
 
@@ -310,6 +310,7 @@ def discover(
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
+    weights: str | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> DiscoverReport:
@@ -329,7 +330,8 @@ def discover(
         keep: images whose outlier maps are kept for figures.
         random_seed: the random-box baseline's seed.
         fix_top_k: with ``compare=["fix"]``, the register neurons moved onto the register.
-        img_size, arch, arch_kwargs, trust_checkpoint: as for :func:`artifactscan.load_model`, for every model.
+        img_size, arch, arch_kwargs, trust_checkpoint, weights: as for :func:`artifactscan.load_model`, for every
+            model.
 
     Returns:
         A :class:`DiscoverReport` with one :class:`DiscoveryRun` per model (and per fix).
@@ -352,7 +354,8 @@ def discover(
         raise InputError(str(exc)) from None
     specs = list(models) if isinstance(models, (list, tuple)) else [models]
     dev = resolve_device(device)
-    load_options = dict(img_size=img_size, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    load_options = dict(img_size=img_size, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
+                        weights=weights)
     loaded_first = load_model(specs[0], **load_options)
     if isinstance(data, BoxedData):
         boxed = data

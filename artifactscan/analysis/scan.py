@@ -33,8 +33,8 @@ from artifactscan.core.results import JsonResult
 # /2: layers[].bimodality describes the separated-group rule's accepted group or its strongest rejected candidate
 # (keys: group_tokens, group_share, ratio, gap, log10_gap_chance, tail_expected_tokens, log10_tail_chance, tail_shape,
 # threshold | rejected). /1 files (the old mixture rule's keys) are read as they are.
-SCHEMA = "artifactscan.scan/2"
-READABLE_SCHEMAS = ("artifactscan.scan/1", SCHEMA)
+SCHEMA = "artifactscan.scan/3"
+READABLE_SCHEMAS = ("artifactscan.scan/1", "artifactscan.scan/2", SCHEMA)
 # ----------------------------------------------------------------------------------------------- result types
 
 
@@ -111,6 +111,9 @@ class ModelSummary:
     grid_size: list[int]
     input_size: list[int]
     calibration_note: str | None = None
+    weights: str | None = None
+    layout: str | None = None
+    inferred: dict[str, Any] | None = None
 
 
 @dataclass
@@ -156,7 +159,7 @@ class ScanReport(JsonResult):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ScanReport":
-        """Read a scan result back; this version reads schemas /1 and /2 (docs/json-schemas.md)."""
+        """Read a scan result back; this version reads schemas /1, /2 and /3 (docs/json-schemas.md)."""
         schema = data.get("schema", SCHEMA)
         if schema not in READABLE_SCHEMAS:
             raise InputError(f"a scan report of schema {schema!r}; this version of artifactscan reads "
@@ -271,6 +274,7 @@ def scan(
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
     img_size: int | None = None,
+    weights: str | None = None,
     device: str | None = "auto",
     batch_size: int = 32,
     num_workers: int = 0,
@@ -303,7 +307,7 @@ def scan(
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     rule = rule or AutoRule()
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                        img_size=img_size)
+                        img_size=img_size, weights=weights)
     dev = resolve_device(device)
     loaded.model.to(dev)
     source = make_image_source(images, loaded)
@@ -417,7 +421,8 @@ def model_summary(loaded: LoadedModel) -> ModelSummary:
         num_prefix_tokens=loaded.num_prefix_tokens, num_cls_tokens=loaded.num_cls_tokens,
         num_register_tokens=loaded.num_register_tokens, patch_size=list(loaded.patch_size),
         grid_size=list(loaded.grid_size), input_size=list(loaded.input_size),
-        calibration_note=loaded.notes[0] if loaded.is_phantom else None)
+        calibration_note=loaded.notes[0] if loaded.is_phantom else None, weights=loaded.weights,
+        layout=loaded.layout, inferred=loaded.inferred)
 
 
 # ----------------------------------------------------------------------------------------------- words

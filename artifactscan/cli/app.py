@@ -90,9 +90,11 @@ def emit_result(result: Any, out: Optional[Path], filename: str, json_out: bool,
 
 # ----------------------------------------------------------------------------------------------- shared options
 MODEL_HELP = (
-    "The ViT to scan: a built-in name (phantom, demo, demo-reg4), a checkpoint file (.safetensors/.pt; bare state "
-    "dicts need --arch), a timm name with pretrained tag (vit_large_patch14_dinov2.lvd142m) or an hf-hub: id. "
-    "Default: the calibration phantom."
+    "The ViT to scan: a built-in name (phantom, demo, demo-reg4), a checkpoint file in timm, DINOv2, DeiT-III, MAE, "
+    "OpenCLIP/OpenAI or timm-training layout (a bare state dict's architecture is inferred when its shapes are "
+    "unambiguous, else pass --arch), a Hugging Face save_pretrained folder, a timm name with pretrained tag "
+    "(vit_large_patch14_dinov2.lvd142m), an hf-hub:ORG/NAME id (timm) or ORG/NAME (transformers). An existing path "
+    "always wins. Default: the calibration phantom (docs/loading.md)."
 )
 IMAGES_HELP = (
     "An image folder (searched recursively), a single image, or synthetic[:N] for the built-in labelled data set. "
@@ -109,8 +111,10 @@ THRESHOLD_HELP = (
 ArchOpt = typer.Option(None, "--arch", help="timm architecture for a bare state dict, e.g. vit_small_patch16_224.")
 ArchKwargsOpt = typer.Option(None, "--arch-kwargs", help='JSON of timm.create_model overrides, e.g. \'{"reg_tokens": 4}\'.')
 TrustOpt = typer.Option(False, "--trust-checkpoint",
-                        help="Allow loading a whole pickled nn.Module. Unpickling runs code from the file: only for "
-                             "files you trust.")
+                        help="Allow loading a whole pickled nn.Module or a TorchScript archive (OpenAI's CLIP .pt). "
+                             "Both run code from the file: only for files you trust.")
+WeightsOpt = typer.Option(None, "--weights", help="ema or raw: which weights of a checkpoint holding both "
+                                                  "(default: ema, as timm does; the report names the ones loaded).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")
 BatchOpt = typer.Option(32, "--batch-size", "-b", help="Images per forward pass.")
 WorkersOpt = typer.Option(0, "--workers", help="DataLoader worker processes for image decoding.")
@@ -131,6 +135,7 @@ def norms(
     arch: Optional[str] = ArchOpt,
     arch_kwargs: Optional[str] = ArchKwargsOpt,
     trust_checkpoint: bool = TrustOpt,
+    weights: Optional[str] = WeightsOpt,
     img_size: Optional[int] = ImgSizeOpt,
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
@@ -150,8 +155,11 @@ def norms(
 
       artifactscan norms demo sample_images/ --out report/
 
-      artifactscan norms ckpt.safetensors imgs/ --arch deit3_small_patch16_224 --json > report.json
+      artifactscan norms dinov2_vits14_reg4_pretrain.pth imgs/ --json > report.json   # architecture inferred
+
+      artifactscan norms ckpt.pth imgs/ --arch deit3_small_patch16_224 --weights raw
     """
+    from artifactscan.models.hf import is_model_folder
     from artifactscan.models.loading import parse_arch_kwargs
     from artifactscan.render.text import render_scan
     from artifactscan.render.outputs import write_scan_outputs
@@ -159,10 +167,11 @@ def norms(
     from artifactscan.analysis.scan import scan
 
     def work() -> None:
-        if model is not None and Path(model).is_dir():
+        if model is not None and Path(model).is_dir() and not is_model_folder(model):
             return _emergence(model)
         report = scan(model, images, threshold=threshold, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                      trust_checkpoint=trust_checkpoint, img_size=img_size, device=device, batch_size=batch_size,
+                      trust_checkpoint=trust_checkpoint, weights=weights, img_size=img_size, device=device,
+                      batch_size=batch_size,
                       num_workers=workers, num_maps=maps, progress=not json_out and sys.stderr.isatty(),
                       warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
         if distributed_world()[1] != 0:

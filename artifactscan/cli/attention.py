@@ -23,6 +23,7 @@ from artifactscan.cli.app import (
     MODEL_HELP,
     THRESHOLD_HELP,
     TrustOpt,
+    WeightsOpt,
     WorkersOpt,
     app,
     run_command,
@@ -55,6 +56,7 @@ def attention(
     arch: Optional[str] = ArchOpt,
     arch_kwargs: Optional[str] = ArchKwargsOpt,
     trust_checkpoint: bool = TrustOpt,
+    weights: Optional[str] = WeightsOpt,
     img_size: Optional[int] = ImgSizeOpt,
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
@@ -94,7 +96,7 @@ def attention(
             model, images, layers=layers, threshold=threshold, query=query, query_patch=query_patch, heads=heads,
             maps=maps, device=device, batch_size=batch_size, num_workers=workers, arch=arch,
             arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint, img_size=img_size,
-            progress=not json_out and sys.stderr.isatty(),
+            weights=weights, progress=not json_out and sys.stderr.isatty(),
             warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
         written: list[Path] = []
         text = report.to_json()

@@ -19,6 +19,7 @@ from artifactscan.cli.app import (
     ImgSizeOpt,
     THRESHOLD_HELP,
     TrustOpt,
+    WeightsOpt,
     WorkersOpt,
     app,
     emit_result,
@@ -80,6 +81,7 @@ def discover(
     arch: Optional[str] = ArchOpt,
     arch_kwargs: Optional[str] = ArchKwargsOpt,
     trust_checkpoint: bool = TrustOpt,
+    weights: Optional[str] = WeightsOpt,
     img_size: Optional[int] = ImgSizeOpt,
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
@@ -123,7 +125,7 @@ def discover(
             models, data, compare=[compare] if compare else [], block=block, features=features, k=k,
             threshold=threshold, image_root=image_root, device=device, batch_size=batch_size, num_workers=workers,
             keep=figure_images, random_seed=seed, fix_top_k=top_k, img_size=img_size, arch=arch,
-            arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint,
+            arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint, weights=weights,
             progress=not json_out and sys.stderr.isatty(),
             warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
         from artifactscan.render.plots_discover import save_discover_figure

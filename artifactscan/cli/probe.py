@@ -20,6 +20,7 @@ from artifactscan.cli.app import (
     MODEL_HELP,
     THRESHOLD_HELP,
     TrustOpt,
+    WeightsOpt,
     WorkersOpt,
     app,
     run_command,
@@ -78,6 +79,7 @@ def probe_command(
     arch: Optional[str] = ArchOpt,
     arch_kwargs: Optional[str] = ArchKwargsOpt,
     trust_checkpoint: bool = TrustOpt,
+    weights: Optional[str] = WeightsOpt,
     img_size: Optional[int] = ImgSizeOpt,
     device: str = DeviceOpt,
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
@@ -93,7 +95,7 @@ def probe_command(
     def work() -> None:
         report = probe(model, data, layer=layer, threshold=threshold, arch=arch,
                        arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint,
-                       img_size=img_size, device=device, batch_size=batch_size, num_workers=workers,
+                       weights=weights, img_size=img_size, device=device, batch_size=batch_size, num_workers=workers,
                        min_tokens=min_tokens, min_images=min_images, draws=draws, test_fraction=test_fraction,
                        seed=seed, progress=not json_out and sys.stderr.isatty(),
                        warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))

@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from artifactscan.core.html import result_html
+
 
 def to_jsonable(obj: Any) -> Any:
     """Dataclasses -> dicts, recursively; non-finite floats -> None (JSON has no NaN)."""
@@ -65,6 +67,10 @@ class JsonResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Any:
         return from_jsonable(cls, data)
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the result as its headline and an HTML table (:mod:`artifactscan.core.html`)."""
+        return result_html(self)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

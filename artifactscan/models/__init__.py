@@ -4,4 +4,4 @@ The built-in registrants are imported here, so they have registered with :mod:`a
 any module of this package is used, whatever the caller imported first.
 """
 
-from artifactscan.models import demo, phantom, test_time_register  # noqa: F401  (they register themselves)
+from artifactscan.models import demo, hf, phantom, test_time_register  # noqa: F401  (they register themselves)

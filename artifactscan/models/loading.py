@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
-import pickle
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+from artifactscan.models import hf, infer, native
 from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, read_meta
 from artifactscan.core.errors import (
     CheckpointMismatchError,
@@ -26,7 +27,6 @@ from artifactscan.core.errors import (
     ModelLoadError,
     NotAViTError,
     OfflineError,
-    UntrustedCheckpointError,
 )
 from artifactscan.models.registry import (
     architecture_builder,
@@ -62,6 +62,9 @@ class LoadedModel:
         num_register_tokens: register tokens (after CLS in timm's layout).
         data_config: timm preprocessing config (input_size, mean, std, interpolation, crop_pct).
         meta: the checkpoint's own metadata, when it had some.
+        weights: which weights a checkpoint holding EMA and raw ones gave (``"ema (state_dict_ema)"``), else None.
+        inferred: for a bare state dict, what its shapes said and the known architecture they matched.
+        layout: the file's native key layout when it was converted (``dinov2``, ``openai_clip``, ``hf:dinov2`` ...).
     """
 
     model: nn.Module
@@ -75,6 +78,9 @@ class LoadedModel:
     meta: CheckpointMeta | None = None
     kind: str = "model"
     notes: list[str] = field(default_factory=list)
+    weights: str | None = None
+    inferred: dict[str, Any] | None = None
+    layout: str | None = None
 
     @property
     def prefix_names(self) -> list[str]:
@@ -160,7 +166,7 @@ def _create_pretrained(name: str, **kwargs: Any) -> nn.Module:
     """timm.create_model(pretrained=True), failing fast and clearly when the hub is unreachable."""
     import huggingface_hub.constants as hub_constants
 
-    online = _hub_reachable()
+    online = name.startswith("local-dir:") or _hub_reachable()
     saved = hub_constants.HF_HUB_OFFLINE
     if not online:
         hub_constants.HF_HUB_OFFLINE = True  # use only the local cache instead of retrying for a minute
@@ -188,27 +194,22 @@ def _build_arch(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
     try:
         if builder is not None:
             return builder(**arch_kwargs)
+        if "weight_init" not in arch_kwargs:
+            try:  # every weight is loaded next: skip timm's initialisation (seconds for a large ViT on CPU)
+                return timm.create_model(arch, pretrained=False, weight_init="skip", **arch_kwargs)
+            except TypeError:
+                pass  # not a VisionTransformer, or a bad kwarg: the plain call below says which
         return timm.create_model(arch, pretrained=False, **arch_kwargs)
     except TypeError as exc:
         raise ModelLoadError(f"architecture '{arch}' does not accept {arch_kwargs}: {exc}") from exc
 
 
-def _extract_state_dict(blob: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    meta = blob.get(META_KEY) if isinstance(blob, dict) else None
-    for key in ("state_dict", "model", "model_state_dict", "module", "model_ema"):
-        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
-            blob = blob[key]
-            break
-    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
-        raise ModelLoadError("checkpoint holds no state dict of tensors (looked for 'state_dict', 'model', ...)")
-    # DDP / torch.compile wrappers prefix every key; strip them so timm's names match.
-    for prefix in ("module.", "_orig_mod."):
-        if blob and all(k.startswith(prefix) for k in blob):
-            blob = {k[len(prefix):]: v for k, v in blob.items()}
-    return blob, meta if isinstance(meta, dict) else None
+_TIMM_VIT_KEY = re.compile(r"^(cls_token|reg_token|pos_embed|patch_embed\.|blocks\.\d+\.|norm\.|fc_norm\.|norm_pre\.|"
+                           r"head\.|attn_pool\.)")
 
 
-def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, path: Path) -> None:
+def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, path: Path,
+               native_ckpt: native.NativeCheckpoint | None = None) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -220,55 +221,113 @@ def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str,
             if keys:
                 shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
                 parts.append(f"{len(keys)} {label}: {shown}")
-        raise CheckpointMismatchError(
-            f"{path.name} does not match --arch {arch}: " + "; ".join(parts)
-            + ". Check --arch and --arch-kwargs (e.g. img_size, reg_tokens)."
-        )
+        foreign = [k for k in missing + unexpected if not _TIMM_VIT_KEY.match(k)]
+        if foreign or not hasattr(model, "patch_embed"):
+            where = native_ckpt.top_keys if native_ckpt and native_ckpt.is_wrapped else sorted(
+                {k.split(".")[0] for k in state_dict})
+            advice = (f" The file's top-level keys: {', '.join(where[:8])}; its layout is not one artifactscan "
+                      "converts (docs/loading.md lists them).")
+        else:  # every differing key is one timm's ViT has for some setting: a kwarg can fix it
+            advice = " Check --arch and --arch-kwargs (e.g. img_size, reg_tokens, num_classes, depth)."
+        raise CheckpointMismatchError(f"{path.name} does not match --arch {arch}: " + "; ".join(parts) + "." + advice)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()})
 
 
-def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], trust: bool) -> LoadedModel:
-    meta: CheckpointMeta | None = None
+def _read(path: Path, trust: bool) -> tuple[Any, CheckpointMeta | None]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            state_dict = load_file(str(path))
-            meta = read_meta(path)
+            return load_file(str(path)), read_meta(path)
         except Exception as exc:  # safetensors raises its own error types for damaged headers
             raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from exc
-    else:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if not trust:
-                raise UntrustedCheckpointError(
-                    f"{path.name} is a pickled Python object (e.g. a whole nn.Module), and unpickling runs arbitrary "
-                    "code. Save `model.state_dict()` instead and pass --arch, or, if you trust the file, add "
-                    "--trust-checkpoint."
-                ) from exc
-            blob = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
-        if isinstance(blob, nn.Module):
-            loaded = wrap_module(blob, name=path.name, source="pickled-module")
-            return loaded
-        state_dict, raw_meta = _extract_state_dict(blob)
-        meta = CheckpointMeta.from_dict(raw_meta) if raw_meta else None
+    blob = native.read_torch_file(path, trust)
+    raw_meta = blob.get(META_KEY) if isinstance(blob, dict) else None
+    if isinstance(raw_meta, dict):
+        blob = {k: v for k, v in blob.items() if k != META_KEY}
+        return blob, CheckpointMeta.from_dict(raw_meta)
+    return blob, None
 
-    if arch is None and meta is None:
-        raise ModelLoadError(
-            f"{path.name} is a bare state dict and does not record its architecture: pass --arch TIMM_NAME "
-            "(and --arch-kwargs JSON if it was built with non-default arguments)."
-        )
-    kwargs = dict(meta.arch_kwargs) if meta and (arch is None or arch == meta.arch) else {}
-    kwargs.update(arch_kwargs)
-    arch_name = arch or meta.arch  # type: ignore[union-attr]
+
+def _train_kwargs(args: dict[str, Any]) -> dict[str, Any]:
+    """timm train.py's recorded arguments that shape the model."""
+    kwargs = dict(args.get("model_kwargs") or {})
+    if args.get("img_size"):
+        kwargs.setdefault("img_size", args["img_size"])
+    elif args.get("input_size"):
+        kwargs.setdefault("img_size", tuple(args["input_size"][-2:]))
+    if args.get("in_chans"):
+        kwargs.setdefault("in_chans", args["in_chans"])
+    return kwargs
+
+
+def _fit_file(timm_sd: dict[str, torch.Tensor], user_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """img_size and num_classes read from a file's shapes (they are not the architecture), unless given."""
+    try:
+        facts = infer.read_facts(timm_sd)
+    except ModelLoadError:
+        return {}
+    out: dict[str, Any] = {}
+    if "num_classes" not in user_kwargs and "head.weight" in timm_sd:
+        out["num_classes"] = facts.num_classes
+    elif "num_classes" not in user_kwargs and not any(k.startswith("head.") for k in timm_sd):
+        out["num_classes"] = 0  # the tool needs the encoder; a missing classifier head is fine
+    if "img_size" not in user_kwargs and facts.img_size:
+        out["img_size"] = facts.img_size
+    return out
+
+
+def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], trust: bool,
+                     weights: str | None = None) -> LoadedModel:
+    blob, meta = _read(path, trust)
+    if isinstance(blob, nn.Module):
+        return wrap_module(blob, name=path.name, source="pickled-module")
+    ckpt = native.unwrap(blob, weights, name=path.name)
+    ckpt.torchscript = path.suffix != ".safetensors" and native.is_torchscript(path)
+    timm_sd = native.to_timm(ckpt.state_dict, ckpt.layout) if ckpt.layout != "timm" else ckpt.state_dict
+    inferred = None
+    if arch is None and meta is None and ckpt.train_arch:
+        arch_name = ckpt.train_arch  # timm train.py records what it trained
+        kwargs = {**_fit_file(timm_sd, arch_kwargs), **_train_kwargs(ckpt.train_args), **arch_kwargs}
+    elif arch is None and meta is None:
+        what = "a training checkpoint" if ckpt.is_wrapped else "a bare state dict"
+        act = "QuickGELU" if ckpt.torchscript and ckpt.layout == "openai_clip" else None  # OpenAI's archives
+        match = infer.infer_architecture(timm_sd, ckpt.layout, f"{path.name} ({what})", activation=act)
+        arch_name, kwargs, inferred = match.arch, {**match.kwargs, **arch_kwargs}, match.inferred()
+    elif meta is not None and (arch is None or arch == meta.arch):
+        arch_name, kwargs = meta.arch, {**meta.arch_kwargs, **arch_kwargs}
+    else:
+        arch_name, kwargs = arch, {**_fit_file(timm_sd, arch_kwargs), **arch_kwargs}  # type: ignore[assignment]
     model = _build_arch(arch_name, kwargs)
-    _load_into(model, state_dict, arch_name, path)
+    try:
+        state_dict = ckpt.state_dict if ckpt.layout == "timm" else native.to_timm(ckpt.state_dict, ckpt.layout, model)
+    except (RuntimeError, ValueError, KeyError) as exc:  # timm's resampling of a pos-embed that cannot fit
+        raise CheckpointMismatchError(
+            f"{path.name} ({ckpt.layout} layout) does not fit --arch {arch_name}: timm's converter failed on it "
+            f"({str(exc).splitlines()[0]}). Check --arch (CLS / registers / position embedding of this family)."
+        ) from exc
+    _load_into(model, state_dict, arch_name, path, ckpt)
     data_config = dict(meta.data_config) if meta and meta.data_config else timm.data.resolve_model_data_config(model)
     kind = meta.kind if meta else "checkpoint"
     loaded = _finish(model, path.name, "checkpoint", arch_name, data_config, meta, kind)
+    loaded.inferred, loaded.layout = inferred, (ckpt.layout if ckpt.layout != "timm" else None)
+    if ckpt.weights:
+        loaded.weights = f"{ckpt.weights} ({ckpt.wrapper})"
+        other = "raw" if ckpt.weights == "ema" else "ema"
+        shown = "EMA" if ckpt.weights == "ema" else "raw"
+        loaded.notes.append(f"loaded the {shown} weights ({ckpt.wrapper}) of a checkpoint holding EMA and raw "
+                            f"ones; --weights {other} loads the others")
+    dropped = native.describe_dropped(ckpt)
+    if ckpt.layout != "timm":
+        loaded.notes.append(f"converted from the {ckpt.layout} key layout by timm's converter"
+                            + (f"; {dropped}" if dropped else ""))
+    elif dropped:
+        loaded.notes.append(dropped)
+    if inferred is not None:
+        loaded.notes.append(f"architecture inferred from the shapes: {arch_name} {kwargs or ''}".rstrip())
+    if meta is None:  # now known: a checkpoint saved from this model (`fix --out`) describes itself
+        loaded.meta = CheckpointMeta(arch_name, dict(kwargs), dict(loaded.data_config), kind="checkpoint",
+                                     description=f"loaded from {path.name}")
     if meta is not None:  # e.g. the test-time register that `artifactscan fix --out` records
         install_checkpoint_extensions(loaded, meta.extra)
     return loaded
@@ -310,7 +369,10 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return "/" in spec or "\\" in spec or Path(spec).suffix.lower() in CHECKPOINT_SUFFIXES
+    """A path the user meant (and that does not exist), as opposed to a hub id: ``ORG/NAME`` is an id."""
+    if spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec:
+        return True
+    return Path(spec).suffix.lower() in CHECKPOINT_SUFFIXES or spec.count("/") > 1
 
 
 def load_model(
@@ -320,21 +382,30 @@ def load_model(
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
     img_size: int | None = None,
+    weights: str | None = None,
 ) -> LoadedModel:
-    """Load a ViT from a built-in name, a checkpoint file, a timm name or an ``hf-hub:`` id.
+    """Load a ViT from a built-in name, a checkpoint file or folder, a timm name or a hub id.
+
+    What ``spec`` is, in this order: a built-in name; an existing path (a checkpoint file in any layout
+    docs/loading.md lists, or a Hugging Face ``save_pretrained`` folder); ``hf-hub:ORG/NAME`` (timm's hub loading);
+    a bare ``ORG/NAME`` (a Hugging Face transformers id, from the local cache when offline); a timm name.
 
     Args:
-        spec: ``None`` (the embedded default), ``"demo"``/``"phantom"``..., a ``.safetensors``/``.pt`` path, a timm
-            name with optional pretrained tag (``vit_large_patch14_dinov2.lvd142m``) or ``hf-hub:org/name``.
-        arch: timm architecture for a bare state dict (overrides the checkpoint's own).
+        spec: ``None`` (the embedded default), ``"demo"``/``"phantom"``..., a ``.safetensors``/``.pt`` path or HF
+            folder, a timm name with optional pretrained tag (``vit_large_patch14_dinov2.lvd142m``),
+            ``hf-hub:org/name`` or ``org/name``.
+        arch: timm architecture for a bare state dict (default: inferred from its shapes, when unambiguous).
         arch_kwargs: ``timm.create_model`` overrides, e.g. ``{"reg_tokens": 4}``.
-        trust_checkpoint: allow unpickling a whole ``nn.Module`` (runs code from the file).
+        trust_checkpoint: allow unpickling a whole ``nn.Module`` or loading TorchScript (runs code from the file).
         img_size: resize inputs to this square size (the model's position embeddings are resampled when it allows).
+        weights: ``"ema"`` or ``"raw"``, for a checkpoint holding both (default: EMA, as timm does).
 
     Raises:
         InputError, ModelLoadError and subclasses, with a message that says what to do.
     """
     arch_kwargs = dict(arch_kwargs or {})
+    if weights is not None and weights not in native.WEIGHT_CHOICES:
+        raise InputError(f"--weights must be one of {', '.join(native.WEIGHT_CHOICES)}, got {weights!r}")
     if isinstance(spec, LoadedModel):
         loaded = spec
     elif isinstance(spec, nn.Module):
@@ -347,15 +418,41 @@ def load_model(
             loaded = _load_checkpoint(builtins[spec], arch, arch_kwargs, trust=False)
             loaded.name, loaded.source = spec, "builtin"
         elif path.is_dir():
-            raise InputError(f"{spec} is a folder; pass a checkpoint file (.safetensors / .pt) or a model name")
+            if not hf.is_model_folder(path):
+                raise InputError(f"{spec} is a folder without a config.json; pass a checkpoint file (.safetensors / "
+                                 ".pt), a Hugging Face save_pretrained folder or a model name")
+            if hf.is_timm_folder(path):  # a timm hub snapshot: timm's own loader
+                loaded = _load_named(f"local-dir:{path}", arch_kwargs)
+            else:
+                loaded = _load_hf_folder(path, spec, "hf-folder")
         elif path.is_file():
-            loaded = _load_checkpoint(path, arch, arch_kwargs, trust_checkpoint)
+            loaded = _load_checkpoint(path, arch, arch_kwargs, trust_checkpoint, weights)
+        elif spec.startswith("hf-hub:") or spec.startswith("timm/"):  # timm's hub repos need timm's loader
+            loaded = _load_named(spec if spec.startswith("hf-hub:") else f"hf-hub:{spec}", arch_kwargs)
+        elif hf.looks_like_hub_id(spec):
+            loaded = _load_hf_folder(hf.hub_folder(spec, online=_hub_reachable()), spec, "hf-transformers")
         elif _looks_like_path(spec):
             raise InputError(f"model file {spec} does not exist")
         else:
             loaded = _load_named(spec, arch_kwargs)
+    if weights is not None and loaded.source != "checkpoint":
+        raise InputError(f"--weights {weights} chooses between the EMA and raw weights of a checkpoint file; "
+                         f"{loaded.name} is not one (drop --weights)")
     if img_size is not None:
         _resize_input(loaded, img_size)
+    return loaded
+
+
+def _load_hf_folder(folder: Path, name: str, source: str) -> LoadedModel:
+    model, kwargs, config, notes = hf.load_folder(folder)
+    if config is None:
+        config = timm.data.resolve_model_data_config(model)
+        notes.append("no preprocessor_config.json: timm's default preprocessing")
+    loaded = _finish(model, name, source, hf.ARCH, config, None, "pretrained")
+    loaded.notes.extend(notes)
+    loaded.layout = "hf:" + json.loads((folder / "config.json").read_text()).get("model_type", "")
+    loaded.meta = CheckpointMeta(hf.ARCH, kwargs, dict(loaded.data_config), kind="pretrained",
+                                 description=f"converted from {name}")
     return loaded
 
 
@@ -373,9 +470,9 @@ def default_model_name() -> str:
 
 
 def _load_named(spec: str, arch_kwargs: dict[str, Any]) -> LoadedModel:
-    if spec.startswith("hf-hub:"):
+    if spec.startswith(("hf-hub:", "local-dir:")):  # timm's own hub / hub-folder loading
         model = _create_pretrained(spec, **arch_kwargs)
-        source = "hf-hub"
+        source = spec.split(":", 1)[0]
     else:
         if not timm.is_model(spec):
             raise ModelLoadError(f"unknown model '{spec}': not a built-in ({', '.join(builtin_models()) or 'none'}), "

@@ -95,6 +95,9 @@ def render_scan(report: ScanReport, console: "Console") -> None:
     if report.model.kind == "phantom":
         console.print(Panel(report.model.calibration_note or "", title="calibration phantom", style="yellow"))
     console.print(Panel(report.headline, title="verdict", style="bold"))
+    for note in report.notes:  # how the model was loaded: converted layout, inferred architecture, EMA or raw
+        if note != report.model.calibration_note:
+            console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
     if report.onset_layer is not None:
         console.print(f"[dim]{NOT_AN_ARTIFACT_HINT}[/dim]")
     console.print(f"[dim]Threshold rule - {report.threshold_rule}[/dim]")

@@ -190,6 +190,7 @@ def probe(
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
     img_size: int | None = None,
+    weights: str | None = None,
     device: str | None = "auto",
     batch_size: int = 64,
     num_workers: int = 0,
@@ -236,7 +237,7 @@ def probe(
         raise InputError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
     rule = rule or AutoRule()
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                        img_size=img_size)
+                        img_size=img_size, weights=weights)
     num_blocks = len(loaded.blocks)
     k = resolve_layer(layer, num_blocks, loaded.layer_range_hint())
     dev = resolve_device(device)

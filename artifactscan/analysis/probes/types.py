@@ -1,4 +1,4 @@
-"""The probe's protocol constants (:data:`PROTOCOL`) and its result types (``artifactscan.probe/1``)."""
+"""The probe's protocol constants (:data:`PROTOCOL`) and its result types (``artifactscan.probe/2``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from artifactscan.core.version import __version__
 from artifactscan.analysis.scan import ImageSummary, ModelSummary
 from artifactscan.core.results import JsonResult
 
-SCHEMA = "artifactscan.probe/1"
+SCHEMA = "artifactscan.probe/2"
 
 #: Fewer held-out outlier (or normal) tokens than this and a local-probe row says "too few (n=...)".
 MIN_LOCAL_TOKENS = 50

@@ -1,0 +1,275 @@
+"""Hugging Face ``transformers`` ViTs (a ``save_pretrained`` folder, or a hub id) as timm ``VisionTransformer``s.
+
+One internal representation: a Dinov2, Dinov2WithRegisters, ViT, CLIP (vision tower of ``CLIPVisionModel`` or
+``CLIPModel``) or SigLIP vision folder is read from its ``config.json`` and weight files and converted into the
+equivalent timm ``VisionTransformer`` (q/k/v fused into ``qkv``, layer scales, the CLS position row folded like timm's
+DINOv2 converter), so every command (probe, attention, fix, train-reg) works on it unchanged. ``transformers`` itself
+is not needed to load (the ``artifactscan[hf]`` extra installs it to check the conversion against the HF model).
+Both the transformers 4 key names (``attention.attention.query``, ``intermediate.dense``, hub files) and the 5 ones
+(``attention.q_proj``, ``mlp.fc1``) are read. Preprocessing comes from the folder's ``preprocessor_config.json``.
+
+The converted model is built by the registered architecture ``artifactscan_vit`` (plain JSON kwargs, including the
+LayerNorm epsilon and activation of the HF config), so a checkpoint saved from it (``fix --out``) reloads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from artifactscan.core.errors import ModelLoadError, OfflineError
+from artifactscan.models.registry import register_architecture
+
+ARCH = "artifactscan_vit"
+SUPPORTED = {
+    "dinov2": "Dinov2", "dinov2_with_registers": "Dinov2WithRegisters", "vit": "ViT", "clip": "CLIPModel",
+    "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel",
+}
+_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+        "silu": "silu", "relu": "relu"}
+_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic"}  # PIL codes (1 = LANCZOS: nearest we have)
+# transformers' config defaults, which `save_pretrained` leaves out of config.json when unchanged
+_DEFAULTS = {
+    "dinov2": dict(layer_norm_eps=1e-6, hidden_act="gelu"), "vit": dict(layer_norm_eps=1e-12, hidden_act="gelu"),
+    "clip": dict(layer_norm_eps=1e-5, hidden_act="quick_gelu"),
+    "siglip": dict(layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh"),
+}
+
+
+def build_vit(norm_eps: float = 1e-6, act: str = "gelu", mlp: str = "mlp", **kwargs: Any) -> nn.Module:
+    """A timm ``VisionTransformer`` from JSON-able arguments (``norm_eps``, ``act``, ``mlp``: ``mlp`` / ``swiglu``)."""
+    from timm.layers import SwiGLUPacked, get_act_layer
+    from timm.models.vision_transformer import VisionTransformer
+
+    extra: dict[str, Any] = {"norm_layer": partial(nn.LayerNorm, eps=norm_eps)}
+    if mlp == "swiglu":
+        extra.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+    else:
+        extra["act_layer"] = get_act_layer(act)
+    return VisionTransformer(**kwargs, **extra)
+
+
+register_architecture(ARCH, build_vit)
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """A Hugging Face model folder: ``config.json`` next to weights (not a training run's folder)."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def is_timm_folder(path: str | Path) -> bool:
+    """A timm hub folder (``config.json`` naming a timm ``architecture``), loaded by timm's ``local-dir:``."""
+    try:
+        return "architecture" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(vision config, whole config, model_type) of a folder."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{folder}/config.json is not readable JSON: {exc}") from exc
+    model_type = config.get("model_type", "")
+    if model_type not in SUPPORTED:
+        raise ModelLoadError(f"{folder} is a Hugging Face {model_type or 'unknown'} model; artifactscan converts "
+                             f"{', '.join(sorted(set(SUPPORTED.values())))} (config model_type: "
+                             f"{', '.join(sorted(SUPPORTED))})")
+    vision = config.get("vision_config", config) if model_type in ("clip", "siglip") else config
+    return vision, config, model_type
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        from safetensors.torch import load_file
+
+        out: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            out.update(load_file(str(shard)))
+        return out
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ModelLoadError(f"{folder} has config.json but no weights (model.safetensors or pytorch_model.bin)")
+    out = {}
+    for b in bins:
+        out.update(torch.load(b, map_location="cpu", weights_only=True))
+    return out
+
+
+_LAYER = re.compile(r"^(?:encoder\.layers?|layers)\.(\d+)\.(.+)$")
+_BLOCK_KEYS = [  # (HF suffix pattern, timm suffix), transformers 4 and 5 names; first match wins
+    (r"attention\.attention\.query\.|attention\.q_proj\.|self_attn\.q_proj\.", "attn.q."),
+    (r"attention\.attention\.key\.|attention\.k_proj\.|self_attn\.k_proj\.", "attn.k."),
+    (r"attention\.attention\.value\.|attention\.v_proj\.|self_attn\.v_proj\.", "attn.v."),
+    (r"attention\.output\.dense\.|attention\.o_proj\.|self_attn\.out_proj\.", "attn.proj."),
+    (r"norm1\.|layernorm_before\.|layer_norm1\.", "norm1."),
+    (r"norm2\.|layernorm_after\.|layer_norm2\.", "norm2."),
+    (r"intermediate\.dense\.|mlp\.fc1\.|mlp\.weights_in\.", "mlp.fc1."),
+    (r"output\.dense\.|mlp\.fc2\.|mlp\.weights_out\.", "mlp.fc2."),
+    (r"layer_scale1\.lambda1$", "ls1.gamma"),
+    (r"layer_scale2\.lambda1$", "ls2.gamma"),
+]
+_TOP_KEYS = {
+    "embeddings.cls_token": "cls_token", "embeddings.class_embedding": "cls_token",
+    "embeddings.position_embeddings": "pos_embed", "embeddings.position_embedding.weight": "pos_embed",
+    "embeddings.register_tokens": "reg_token",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+    "pre_layrnorm.weight": "norm_pre.weight", "pre_layrnorm.bias": "norm_pre.bias",
+    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+    "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias",
+}
+_PREFIXES = ("vision_model.", "dinov2.", "vit.", "model.")
+_NOT_ENCODER = re.compile(r"^(text_model\.|visual_projection|text_projection|logit_scale|logit_bias|classifier\.|"
+                          r"pooler\.|head\.|embeddings\.mask_token$)")
+
+
+def convert_state_dict(hf: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """HF vision-encoder keys -> timm ``VisionTransformer`` keys; returns (state dict, dropped key counts)."""
+    hf = dict(hf)
+    for prefix in _PREFIXES:  # task models wrap the encoder (Dinov2ForImageClassification: `dinov2.`)
+        if any(k.startswith(prefix) for k in hf) and not any(k.startswith("embeddings.") for k in hf):
+            hf = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in hf.items()}
+    out: dict[str, torch.Tensor] = {}
+    dropped: dict[str, int] = {}
+    unknown = []
+    for k, v in hf.items():
+        if k in _TOP_KEYS:
+            out[_TOP_KEYS[k]] = v
+        elif m := _LAYER.match(k):
+            i, rest = m.groups()
+            for pattern, target in _BLOCK_KEYS:
+                if mm := re.match(pattern, rest):
+                    out[f"blocks.{i}.{target}{rest[mm.end():]}"] = v
+                    break
+            else:
+                unknown.append(k)
+        elif _NOT_ENCODER.match(k):
+            what = k.split(".")[0]
+            dropped[what] = dropped.get(what, 0) + 1
+        else:
+            unknown.append(k)
+    if unknown:
+        raise ModelLoadError(f"unexpected keys in the Hugging Face weights: {', '.join(unknown[:4])}"
+                             + (f" (+{len(unknown) - 4} more)" if len(unknown) > 4 else ""))
+    if "cls_token" in out and out["cls_token"].dim() == 1:  # CLIP's class_embedding
+        out["cls_token"] = out["cls_token"][None, None]
+    if out.get("pos_embed") is not None and out["pos_embed"].dim() == 2:  # CLIP / SigLIP nn.Embedding
+        out["pos_embed"] = out["pos_embed"][None]
+    if "reg_token" in out:  # as timm's DINOv2 converter: registers and CLS outside the position grid
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
+    for i in sorted({int(k.split(".")[1]) for k in out if k.startswith("blocks.")}):
+        for part in ("weight", "bias"):
+            qkv = [out.pop(f"blocks.{i}.attn.{n}.{part}", None) for n in "qkv"]
+            if all(t is not None for t in qkv):
+                out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat(qkv, 0)  # type: ignore[arg-type]
+    return out, dropped
+
+
+def model_kwargs(vision: dict[str, Any], model_type: str, sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``artifactscan_vit`` kwargs of the equivalent timm model (sizes from the weights, the rest from the config)."""
+    width = sd["patch_embed.proj.weight"].shape[0]
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    size = vision.get("image_size", 224)
+    defaults = {**dict(num_attention_heads=12), **_DEFAULTS[model_type.split("_")[0]]}
+    vision = {**defaults, **vision}
+    swiglu = bool(vision.get("use_swiglu_ffn", False))
+    act = "silu" if swiglu else vision["hidden_act"]
+    if act not in _ACT:
+        raise ModelLoadError(f"activation {act!r} of this Hugging Face model has no timm equivalent here")
+    has_cls = "cls_token" in sd
+    return dict(
+        img_size=int(size), patch_size=int(patch), in_chans=int(sd["patch_embed.proj.weight"].shape[1]),
+        num_classes=0, global_pool="token" if has_cls else "avg", fc_norm=False, embed_dim=int(width),
+        depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+        num_heads=int(vision["num_attention_heads"]),
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        init_values=1.0 if "blocks.0.ls1.gamma" in sd else None, class_token=has_cls,
+        reg_tokens=int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0,
+        no_embed_class="reg_token" in sd, pre_norm="norm_pre.weight" in sd,
+        norm_eps=float(vision["layer_norm_eps"]),
+        act=_ACT[act], mlp="swiglu" if swiglu else "mlp")
+
+
+def data_config(folder: Path, size: int) -> dict[str, Any] | None:
+    """timm-style preprocessing from ``preprocessor_config.json`` (``None`` when the folder has none)."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    pp = json.loads(path.read_text())
+    crop = pp.get("crop_size") if pp.get("do_center_crop", False) else None
+    resize = pp.get("size") or {}
+    def side(d: Any) -> int | None:
+        if isinstance(d, int):
+            return d
+        if isinstance(d, dict):
+            return d.get("height") or d.get("shortest_edge")
+        return None
+    out_side = side(crop) or side(resize) or size
+    short = side(resize) or out_side
+    return {"input_size": (3, int(out_side), int(out_side)), "mean": tuple(pp.get("image_mean", (0.5,) * 3)),
+            "std": tuple(pp.get("image_std", (0.5,) * 3)),
+            "interpolation": _RESAMPLE.get(int(pp.get("resample", 3)), "bicubic"),
+            "crop_pct": float(out_side) / float(short) if crop else 1.0}
+
+
+def load_folder(folder: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any] | None, list[str]]:
+    """(timm model with the weights, its ``artifactscan_vit`` kwargs, data config or None, notes)."""
+    vision, _, model_type = _read_config(folder)
+    sd, dropped = convert_state_dict(_read_weights(folder))
+    if "patch_embed.proj.weight" not in sd:
+        raise ModelLoadError(f"{folder}: the weights hold no vision encoder (no patch embedding)")
+    kwargs = model_kwargs(vision, model_type, sd)
+    model = build_vit(**kwargs)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or wrong:
+        raise ModelLoadError(f"{folder}: converted {SUPPORTED[model_type]} weights do not fit the equivalent timm "
+                             f"ViT (missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    notes = [f"converted from the Hugging Face {SUPPORTED[model_type]} layout"]
+    if dropped:
+        notes.append("dropped, as not part of the image encoder: "
+                     + ", ".join(f"{what} ({n} keys)" for what, n in sorted(dropped.items())))
+    return model, kwargs, data_config(folder, kwargs["img_size"]), notes
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """``ORG/NAME`` (one slash, no file suffix, not starting like a path)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec)) and not spec.endswith(
+        (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".json"))
+
+
+def hub_folder(repo_id: str, online: bool) -> Path:
+    """The local folder of a Hugging Face model id: downloaded when online, else from the local cache only."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    patterns = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json"]
+    try:
+        if not online:
+            patterns += ["pytorch_model*.bin"]
+        elif not any(f.endswith(".safetensors") for f in list_repo_files(repo_id)):
+            patterns += ["pytorch_model*.bin"]  # older repos: PyTorch weights only (read with weights_only)
+        return Path(snapshot_download(repo_id, local_files_only=not online, allow_patterns=patterns))
+    except Exception as exc:
+        taken = f"'{repo_id}' is not a file or folder here, so it was taken as a Hugging Face model id"
+        if online:
+            raise ModelLoadError(f"{taken}, and the hub could not give it: {str(exc).splitlines()[0]}") from exc
+        raise OfflineError(
+            f"{taken}; the hub is unreachable and it is not in the local Hugging Face cache. Pass a local file or "
+            "save_pretrained folder instead (or `hf-hub:ORG/NAME` for timm's hub models)."
+        ) from exc
