@@ -113,7 +113,12 @@ TrustOpt = typer.Option(False, "--trust-checkpoint",
                              "files you trust.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")
 BatchOpt = typer.Option(32, "--batch-size", "-b", help="Images per forward pass.")
-WorkersOpt = typer.Option(0, "--workers", help="DataLoader worker processes for image decoding.")
+WorkersOpt = typer.Option("auto", "--workers", help="DataLoader processes decoding images: 'auto' (one per core, at "
+                          "most 8, none under 64 images) or a number (0: decode on the main process).")
+ExactDecodeOpt = typer.Option(False, "--exact-decode", help="Decode image files in full. Default: only as large as the "
+                              "model needs (JPEG draft / integer reduce to >= 2x its resize), docs/data-path.md.")
+GpuDecodeOpt = typer.Option(False, "--gpu-decode", help="With a CUDA device: decode JPEGs on it in batches "
+                            "(TorchCodec / nvJPEG; a failed batch falls back to Pillow file by file).")
 ImgSizeOpt = typer.Option(None, "--img-size", help="Resize inputs to this square size instead of the model's own "
                                                    "(position embeddings are resampled).")
 DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
@@ -134,7 +139,9 @@ def norms(
     img_size: Optional[int] = ImgSizeOpt,
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
-    workers: int = WorkersOpt,
+    workers: str = WorkersOpt,
+    exact_decode: bool = ExactDecodeOpt,
+    gpu_decode: bool = GpuDecodeOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Per-layer patch-token norms of a ViT; flag the high-norm outliers (the paper's Fig 3 and 4a).
@@ -164,6 +171,7 @@ def norms(
         report = scan(model, images, threshold=threshold, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
                       trust_checkpoint=trust_checkpoint, img_size=img_size, device=device, batch_size=batch_size,
                       num_workers=workers, num_maps=maps, progress=not json_out and sys.stderr.isatty(),
+                      exact_decode=exact_decode, gpu_decode=gpu_decode,
                       warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
         if distributed_world()[1] != 0:
             return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
