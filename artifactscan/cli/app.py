@@ -208,6 +208,9 @@ def compare(
     json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON on stdout and nothing else."),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
+    workers: str = WorkersOpt,
+    exact_decode: bool = ExactDecodeOpt,
+    gpu_decode: bool = GpuDecodeOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Scan several models on the same images: one table, one figure (the paper's Fig 4c and 7).
@@ -232,7 +235,8 @@ def compare(
                              "artifactscan compare MODEL_A MODEL_B IMAGES")
         *models, images = models_and_images
         result = compare_models(models, images, threshold=threshold, device=device, batch_size=batch_size,
-                                progress=not json_out and sys.stderr.isatty())
+                                progress=not json_out and sys.stderr.isatty(), num_workers=workers,
+                                exact_decode=exact_decode, gpu_decode=gpu_decode)
         emit_result(result, out, "compare.json", json_out, lambda r: render_compare(r, stdout), save_compare_figure)
 
     run_command(debug, work)
@@ -254,6 +258,9 @@ def fix(
     json_out: bool = typer.Option(False, "--json", help="Print the fix report as JSON on stdout and nothing else."),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
+    workers: str = WorkersOpt,
+    exact_decode: bool = ExactDecodeOpt,
+    gpu_decode: bool = GpuDecodeOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Training-free repair: a test-time register (Jiang et al. 2025, "Vision Transformers Don't Need Trained Registers").
@@ -276,7 +283,8 @@ def fix(
 
             raise InputError("the only repair implemented is --test-time-registers")
         result = run_fix(model, images, top_k=top_k, max_layer=max_layer, threshold=threshold, out=out,
-                         device=device, batch_size=batch_size)
+                         device=device, batch_size=batch_size, num_workers=workers, exact_decode=exact_decode,
+                         gpu_decode=gpu_decode)
         if json_out:
             sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
             return

@@ -109,7 +109,7 @@ def apply_exif_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
     if orientation == 6:
         return torch.rot90(img, -1, dims=(-2, -1))
     if orientation == 7:
-        return torch.rot90(img, 1, dims=(-2, -1)).flip(-2)
+        return torch.rot90(img, 1, dims=(-2, -1)).flip(-1)
     if orientation == 8:
         return torch.rot90(img, 1, dims=(-2, -1))
     return img
