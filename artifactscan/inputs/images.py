@@ -35,6 +35,7 @@ __all__ = [
     "discover_images",
     "load_rgb",
     "reduced_decode_size",
+    "upright_size",
     "ImageFolderDataset",
     "collate_skip_bad",
     "image_folder_labels",
@@ -244,6 +245,24 @@ def reduced_decode_size(size: tuple[int, int], min_side: int | None) -> tuple[in
 def _reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
     """Largest integer factor that keeps the short side >= ``min_side`` (1: no reduction)."""
     return max(1, min(size) // min_side) if min_side else 1
+
+
+def upright_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` of the image :func:`load_rgb` would return in full, read from the header alone (EXIF
+    orientations 5-8 swap the two). Raises :class:`ImageSkipped` when the header cannot be read."""
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except Exception:
+                orientation = 1
+    except FileNotFoundError as e:
+        raise ImageSkipped("file disappeared or does not exist", p) from e
+    except Exception as e:
+        raise ImageSkipped(_skip_reason(e), p) from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def load_rgb(path: str | os.PathLike[str], min_side: int | None = None) -> Image.Image:
