@@ -5,6 +5,7 @@
    with its interpolation, tensor) on the same files. Interleaved, median of --repeats, ratio printed (target <= 1.2x).
    Folders: --images generated 1600x1200 JPEGs (photo-like: sample_images/ upscaled, with sensor noise), and a PNG
    variant of the same pictures (PNG has no reduced decode: the limit decodes in full as well).
+   The same on 16 of the files splits the time into a fixed start-up cost and a cost per image.
 2. In one process: images/s of a ViT-S/16 at 224 px (random init: same compute as the pretrained one) for decoding
    alone (the limit loop at 224), the bare forward on ready tensors, and `scan()` on the folder.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -47,7 +49,7 @@ for p in sorted(Path(folder).iterdir()):
     f = min(im.size) // min_side
     if f > 1:
         im = im.reduce(f)
-    x = torch.from_numpy(np.asarray(im.resize((size, size), resample))).permute(2, 0, 1).float().div_(255)
+    x = torch.from_numpy(np.array(im.resize((size, size), resample))).permute(2, 0, 1).float().div_(255)
     n += 1
 print(n)
 """
@@ -61,10 +63,14 @@ def make_folder(folder: Path, n: int, fmt: str = "jpeg") -> Path:
     return write_photo_folder(folder, n, photos, fmt=fmt)
 
 
-def _timed(cmd: list[str], env: dict[str, str]) -> float:
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, all its processes) of one whole process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def whole_process(folder: Path, repeats: int, device: str, extra: list[str] | None = None,
@@ -83,13 +89,18 @@ def whole_process(folder: Path, repeats: int, device: str, extra: list[str] | No
     variants = variants or {"norms": []}
     cmds = {"limit": limit, **{k: norms + v + (extra or []) for k, v in variants.items()}}
     times: dict[str, list[float]] = {k: [] for k in cmds}
+    cpu: dict[str, list[float]] = {k: [] for k in cmds}
     for k, c in cmds.items():  # warm the page cache and the .pyc files once
         _timed(c, env)
     for _ in range(repeats):
         for k, c in cmds.items():
-            times[k].append(_timed(c, env))
+            wall, used = _timed(c, env)
+            times[k].append(wall)
+            cpu[k].append(used)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"median_s": med, "all_s": times, "ratio": {k: med[k] / med["limit"] for k in med if k != "limit"}}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return {"median_s": med, "all_s": times, "ratio": {k: med[k] / med["limit"] for k in med if k != "limit"},
+            "median_cpu_s": med_cpu, "cpu_ratio": {k: med_cpu[k] / med_cpu["limit"] for k in med if k != "limit"}}
 
 
 def vit_images_per_second(folder: Path, n: int, device: str, batch_size: int = 32) -> dict:
@@ -136,6 +147,12 @@ def vit_images_per_second(folder: Path, n: int, device: str, batch_size: int = 3
             "scan_img_s": scanned}
 
 
+def _print(r: dict) -> None:
+    for k, v in r["median_s"].items():
+        vs = f"   {r['ratio'][k]:.2f}x the limit (CPU time {r['cpu_ratio'][k]:.2f}x)" if k in r["ratio"] else ""
+        print(f"{k:>24} {v:7.2f}s wall {r['median_cpu_s'][k]:7.2f}s CPU" + vs, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=400)
@@ -162,8 +179,21 @@ def main() -> None:
               f"{results['cores']} cores, median of {args.repeats} (target <= 1.2x)", flush=True)
         r = whole_process(jpeg, args.repeats, str(dev), variants=variants)
         results["jpeg"] = r
-        for k, v in r["median_s"].items():
-            print(f"{k:>24} {v:7.2f}s" + (f"   {r['ratio'][k]:.2f}x the limit" if k in r["ratio"] else ""))
+        _print(r)
+        small = base / "jpeg16"
+        small.mkdir(exist_ok=True)
+        for f in sorted(jpeg.iterdir())[:16]:
+            if not (small / f.name).exists():
+                os.symlink(f, small / f.name)
+        print("== the same on 16 of the files: the fixed start-up cost, and the cost per image beyond it", flush=True)
+        s = whole_process(small, args.repeats, str(dev), variants={"norms": []})
+        results["jpeg16"] = s
+        _print(s)
+        per_image = {k: (r["median_s"][k] - s["median_s"][k]) / (args.images - 16) for k in s["median_s"]}
+        results["per_image_ratio"] = per_image["norms"] / per_image["limit"]
+        print(f"  per image beyond start-up: limit {1e3 * per_image['limit']:.2f} ms, norms "
+              f"{1e3 * per_image['norms']:.2f} ms: {results['per_image_ratio']:.2f}x; start-up: limit "
+              f"{s['median_s']['limit']:.2f}s, norms {s['median_s']['norms']:.2f}s (16 images)", flush=True)
         if not args.skip_png:
             png = base / "png"
             if not png.is_dir() or len(list(png.iterdir())) != args.images:
@@ -171,8 +201,7 @@ def main() -> None:
             print(f"== the same as PNG (no draft: full decode, then an integer reduce)", flush=True)
             r = whole_process(png, args.repeats, str(dev), variants={"norms": []})
             results["png"] = r
-            for k, v in r["median_s"].items():
-                print(f"{k:>24} {v:7.2f}s" + (f"   {r['ratio'][k]:.2f}x the limit" if k in r["ratio"] else ""))
+            _print(r)
         n_vit = args.vit_images or (args.images if dev.type == "cuda" else 96)
         print(f"== ViT-S/16 at 224 px, {n_vit} JPEGs, images/s", flush=True)
         v = vit_images_per_second(jpeg, n_vit, str(dev))

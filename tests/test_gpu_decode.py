@@ -149,3 +149,20 @@ def test_unsupported_crop_mode_refused(folder):
     cfg = {**source.data_config, "crop_mode": "border"}
     with pytest.raises(InputError, match="--gpu-decode supports"):
         GpuJpegDecoder(cfg, torch.device("cpu"), source.folder_dataset, decode=pillow_batch_decoder)
+
+
+def test_torchcodec_decoder_on_the_cpu_matches_pillow(folder):
+    """The real decoder (TorchCodec, here on the CPU): upright by itself, the same pixels as the Pillow path."""
+    pytest.importorskip("torchcodec.decoders")
+    from artifactscan.inputs.gpu_decode import torchcodec_decode
+
+    loaded = load_model("demo")
+    source = make_image_source(folder, loaded, exact_decode=True)
+    decoder = GpuJpegDecoder(source.data_config, torch.device("cpu"), source.folder_dataset,
+                             decode=torchcodec_decode, applies_exif=True)
+    (images, indices, skipped), = _batches(source, source.folder_dataset, decoder)
+    ref_images, ref_indices, _ = _pillow(source)
+    assert indices.tolist() == ref_indices.tolist() and decoder.fallbacks == 0
+    std = torch.tensor(source.data_config["std"]).view(1, 3, 1, 1)
+    diff = ((images - ref_images) * std).abs().mean(dim=(1, 2, 3))
+    assert float(diff.max()) < 0.01  # every image, the rotated one included
