@@ -166,3 +166,14 @@ def test_torchcodec_decoder_on_the_cpu_matches_pillow(folder):
     std = torch.tensor(source.data_config["std"]).view(1, 3, 1, 1)
     diff = ((images - ref_images) * std).abs().mean(dim=(1, 2, 3))
     assert float(diff.max()) < 0.01  # every image, the rotated one included
+
+
+def test_gpu_decode_without_cuda_is_one_clear_line():
+    from typer.testing import CliRunner
+
+    from artifactscan.cli import app
+
+    res = CliRunner().invoke(app, ["norms", "phantom", str(SAMPLE_IMAGES), "--gpu-decode", "--device", "cpu", "--json"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "--gpu-decode" in lines[0] and "--device cuda" in lines[0]

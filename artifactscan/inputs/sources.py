@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from artifactscan.core.errors import InputError
+from artifactscan.inputs.gpu_decode import GpuJpegDecoder, collate_encoded, encoded_view
 from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images
 from artifactscan.inputs.synthetic import SyntheticShapes
 
@@ -217,9 +218,10 @@ def image_batches(source: ImageSource, batch_size: int, num_workers: int | str |
         workers = auto_workers(len(ds), batch_size) if source.folder_dataset is not None else 0
     dev = torch.device(device) if device is not None else None
     cuda = dev is not None and dev.type == "cuda"
+    if source.gpu_decode and source.folder_dataset is not None and not cuda:
+        raise InputError(f"--gpu-decode decodes on a CUDA device, and this pass runs on {dev or 'the CPU'}; "
+                         "pass --device cuda or drop --gpu-decode")
     if cuda and source.gpu_decode and source.folder_dataset is not None:
-        from artifactscan.inputs.gpu_decode import GpuJpegDecoder, collate_encoded, encoded_view
-
         decoder = GpuJpegDecoder(source.data_config or {}, dev, source.folder_dataset)
         loader = _loader(source, "encoded", lambda: encoded_view(ds, source.folder_dataset), collate_encoded,
                          batch_size, workers, True)
