@@ -350,3 +350,49 @@ def test_module_entry_point_is_only_the_worker(capsys):
 
     assert main(["--preset", "demo"]) == 2
     assert "artifactscan train-reg" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ large photos
+def _photo_classes(root, n_per_class=8, size=(400, 300)):
+    from artifactscan.inputs.synthetic import write_photo_folder
+    from .conftest import SAMPLE_IMAGES
+
+    for c, names in (("a", ["astronaut.jpg", "coffee.jpg"]), ("b", ["chelsea.jpg", "rocket.jpg"])):
+        write_photo_folder(root / c, n_per_class, [SAMPLE_IMAGES / n for n in names], size=size, seed=ord(c))
+    return root
+
+
+def test_image_folder_crops_decode_reduced_and_match_full_decode(tmp_path):
+    from artifactscan.analysis.training.data import ImageFolderData, scan_image_folder
+
+    classes, files, labels = scan_image_folder(_photo_classes(tmp_path / "photos"))
+    train = ImageFolderData(files, labels, classes, 16, True, seed=3, crop_pct=1.0)
+    a = torch.stack([train.load(i, epoch=1)[0] for i in range(len(files))])
+    b = torch.stack([train.load(i, epoch=1)[0] for i in range(len(files))])
+    assert torch.equal(a, b)  # seeded crops: the same pixels every time (what --resume relies on)
+    import artifactscan.analysis.training.data as data_module
+
+    full = ImageFolderData(files, labels, classes, 16, True, seed=3, crop_pct=1.0)
+    full._decode = lambda i, _min_side: data_module.ImageFolderData._decode(full, i, None)  # exact decode
+    c = torch.stack([full.load(i, epoch=1)[0] for i in range(len(files))])
+    assert float((a - c).abs().mean()) < 0.02  # the same crops: only resampling differs
+
+
+def test_resume_with_an_image_folder_is_bit_identical(tmp_path):
+    root = _photo_classes(tmp_path / "photos", n_per_class=12)
+    cfg = tiny(data=str(root), num_classes=None, steps=6, ckpt_every=100, batch_size=4, eval_every=6, img_size=16)
+    full = train_model(cfg, tmp_path / "full", progress=False)
+    train_model(cfg, tmp_path / "part", progress=False, stop_at_step=3)
+    resumed = resume(tmp_path / "part", progress=False)
+    a, _ = _load(full.final_checkpoint)
+    b, _ = _load(resumed.final_checkpoint)
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), k
+
+
+def test_error_unreadable_training_image(tmp_path):
+    root = _photo_classes(tmp_path / "photos", n_per_class=4, size=(64, 48))
+    (root / "a" / "photo0000.jpg").write_bytes(b"not an image")
+    with pytest.raises(InputError, match=r"cannot read image .*photo0000.jpg \(corrupt.*delete or replace the file"):
+        train_model(tiny(data=str(root), num_classes=None, steps=2, eval_every=2, batch_size=2), tmp_path / "run",
+                    progress=False)

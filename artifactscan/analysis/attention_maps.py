@@ -284,7 +284,9 @@ def attention_report(
     maps: int = 6,
     device: str | None = "auto",
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: int | str = "auto",
+    exact_decode: bool = False,
+    gpu_decode: bool = False,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
@@ -336,14 +338,15 @@ def attention_report(
     # Pass 1: the norms scan flags outliers (or a given report is reused).
     if scan_report is None:
         scan_report = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size,
-                           num_workers=num_workers, num_maps=0, progress=progress, warn=warn)
+                           num_workers=num_workers, num_maps=0, progress=progress, warn=warn,
+                           exact_decode=exact_decode, gpu_decode=gpu_decode)
     else:
         _check_scan_report(scan_report, loaded)
     loaded.model.to(dev)
     flagged = _outlier_index(scan_report)
 
     # Pass 2: attention, reduced block by block as the probabilities appear.
-    source = make_image_source(images, loaded)
+    source = make_image_source(images, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)
     P = loaded.num_prefix_tokens
     N = gh * gw
     names = loaded.prefix_names
@@ -389,7 +392,7 @@ def attention_report(
     n_images = 0
     capture.on_probs = on_probs
     with torch.inference_mode(), capture, ProgressBar(progress, source.num_found, "attention") as bar:
-        for x, indices, bad in image_batches(source, batch_size, num_workers):
+        for x, indices, bad in image_batches(source, batch_size, num_workers, dev):
             bar.advance(len(indices) + len(bad))
             if x is None:
                 continue

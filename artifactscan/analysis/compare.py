@@ -121,19 +121,25 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
         loaded = load_model(spec)
         report = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size,
                       progress=progress, **scan_kwargs)
-        mass = prefix_attention(loaded, images, dev, batch_size)
+        mass = prefix_attention(loaded, images, dev, batch_size, **{k: v for k, v in scan_kwargs.items()
+                                                                    if k in _DECODE_KEYS})
         rows.append(_row(label, loaded, report, mass, n_syn))
         reports[label] = report
     source = next(iter(reports.values())).images.source
     return CompareReport(images=source, rows=rows, verdict=register_verdict(rows), reports=reports)
 
 
-def prefix_attention(loaded: LoadedModel, images: Any, device: torch.device, batch_size: int) -> dict[str, float]:
+_DECODE_KEYS = ("num_workers", "exact_decode", "gpu_decode")
+
+
+def prefix_attention(loaded: LoadedModel, images: Any, device: torch.device, batch_size: int,
+                     num_workers: int | str = "auto", exact_decode: bool = False,
+                     gpu_decode: bool = False) -> dict[str, float]:
     """Last block: mean attention mass of patch queries on CLS and (summed) on the registers."""
     if not loaded.num_prefix_tokens:
         return {}
-    source = make_image_source(images, loaded)
-    batches = (x for x, _, _ in image_batches(source, batch_size, 0) if x is not None)
+    source = make_image_source(images, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)
+    batches = (x for x, _, _ in image_batches(source, batch_size, num_workers, device) if x is not None)
     last = attention_mass(loaded, batches, blocks=[-1], device=device)[0]
     out = {"cls": last.prefix_mass.get("cls", 0.0)} if loaded.num_cls_tokens else {}
     if loaded.num_register_tokens:

@@ -55,8 +55,10 @@ def _neuron_sites(model: nn.Module, max_layer: int) -> dict[str, tuple[int, nn.M
 @torch.inference_mode()
 def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_k: int = 4,
                           max_layer: int | None = None, device: torch.device | str = "cpu",
-                          batch_size: int = 32) -> TestTimeRegister:
-    """Rank MLP hidden units by mean |activation| at the outlier positions of ``report`` (a scan of ``images``)."""
+                          batch_size: int = 32, **decode: Any) -> TestTimeRegister:
+    """Rank MLP hidden units by mean |activation| at the outlier positions of ``report`` (a scan of ``images``).
+
+    ``decode``: ``num_workers`` / ``exact_decode`` / ``gpu_decode``, as for :func:`artifactscan.scan`."""
     num_blocks = len(loaded.blocks)
     if report.onset_layer is None:
         raise InputError("nothing to fix: the scan found no outlier tokens")
@@ -78,8 +80,9 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
     handles = [module.register_forward_hook(lambda m, i, out, name=name: captured.__setitem__(name, out.detach()))
                for name, (_, module) in sites.items()]
     try:
-        source = make_image_source(images, loaded)
-        for x, indices, _ in image_batches(source, batch_size, 0):
+        source = make_image_source(images, loaded, exact_decode=decode.get("exact_decode", False),
+                                   gpu_decode=decode.get("gpu_decode", False))
+        for x, indices, _ in image_batches(source, batch_size, decode.get("num_workers", "auto"), device):
             if x is None:
                 continue
             loaded.model.forward_features(x.to(device))
@@ -141,10 +144,12 @@ class FixReport(JsonResult):
 
 
 @torch.inference_mode()
-def _outputs(loaded: LoadedModel, images: Any, device: torch.device, batch_size: int) -> tuple[torch.Tensor, ...]:
-    source = make_image_source(images, loaded)
+def _outputs(loaded: LoadedModel, images: Any, device: torch.device, batch_size: int,
+             **decode: Any) -> tuple[torch.Tensor, ...]:
+    source = make_image_source(images, loaded, exact_decode=decode.get("exact_decode", False),
+                               gpu_decode=decode.get("gpu_decode", False))
     feats, logits = [], []
-    for x, _, _ in image_batches(source, batch_size, 0):
+    for x, _, _ in image_batches(source, batch_size, decode.get("num_workers", "auto"), device):
         if x is None:
             continue
         tokens = loaded.model.forward_features(x.to(device))
@@ -155,25 +160,30 @@ def _outputs(loaded: LoadedModel, images: Any, device: torch.device, batch_size:
 
 def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int | None = None,
         threshold: str | float = "auto", out: str | Path | None = None, device: str = "auto",
-        batch_size: int = 32) -> FixReport:
-    """Find the register neurons on ``images``, install a test-time register, and report before vs after."""
+        batch_size: int = 32, num_workers: int | str = "auto", exact_decode: bool = False,
+        gpu_decode: bool = False) -> FixReport:
+    """Find the register neurons on ``images``, install a test-time register, and report before vs after.
+
+    ``num_workers`` / ``exact_decode`` / ``gpu_decode``: how image files are decoded, as for :func:`artifactscan.scan`.
+    """
+    decode = dict(num_workers=num_workers, exact_decode=exact_decode, gpu_decode=gpu_decode)
     dev = resolve_device(device)
     loaded = load_model(model)
     check_supported(loaded)
     if loaded.meta is not None and EXTRA_KEY in loaded.meta.extra:
         raise InputError(f"{loaded.name} already carries a test-time register; fix the original model instead")
     loaded.model.to(dev)
-    before = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0)
+    before = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0, **decode)
     if before.onset_layer is None:
         return FixReport(loaded.name, before.images.source, [], -1, 0.0, 0.0, before.last_block.max_over_median,
                          before.last_block.max_over_median, 0.0, None, 1.0, 1.0,
                          "nothing to fix: the scan found no outlier tokens", notes=list(loaded.notes))
     register = find_register_neurons(loaded, images, before, top_k=top_k, max_layer=max_layer, device=dev,
-                                     batch_size=batch_size)
-    feats0, logits0 = _outputs(loaded, images, dev, batch_size)
+                                     batch_size=batch_size, **decode)
+    feats0, logits0 = _outputs(loaded, images, dev, batch_size, **decode)
     apply_test_time_register(loaded, register)
-    after = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0)
-    feats1, logits1 = _outputs(loaded, images, dev, batch_size)
+    after = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0, **decode)
+    feats1, logits1 = _outputs(loaded, images, dev, batch_size, **decode)
     cos = torch.nn.functional.cosine_similarity(feats0, feats1, dim=-1)
     agreement = (float((logits0.argmax(-1) == logits1.argmax(-1)).float().mean())
                  if logits0.shape[-1] > 1 and logits0.shape[-1] != feats0.shape[-1] else None)

@@ -24,7 +24,7 @@ from artifactscan.analysis.capture import NormCapture, row_names
 from artifactscan.core.errors import InputError
 from artifactscan.core.progress import ProgressBar, distributed_world, gather, resolve_device
 from artifactscan.inputs.images import SkippedImage
-from artifactscan.inputs.sources import ImageSource, image_batches, make_image_source
+from artifactscan.inputs.sources import ImageSource, image_batches, make_image_source, parse_workers
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
 from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, parse_threshold
@@ -209,7 +209,7 @@ def _refresh_bars(stats: NormStatistics, rule: AutoRule, bars: torch.Tensor, max
         cands[r].prune(bar)
 
 
-def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, batch_size: int, num_workers: int,
+def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, batch_size: int, num_workers: int | str,
                stats: NormStatistics | None, bars: torch.Tensor, rule: AutoRule | None, adaptive: bool,
                max_bar: torch.Tensor, map_indices: set[int], maps: dict[int, torch.Tensor],
                skipped: list[tuple[int, str]], progress: bool, label: str) -> list[_Candidates]:
@@ -219,7 +219,7 @@ def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, b
     cands = [_Candidates() for _ in range(L)]
     seen_batches = 0
     with NormCapture(loaded) as cap, ProgressBar(progress, source.num_found, label) as bar:
-        for images, indices, bad in image_batches(source, batch_size, num_workers):
+        for images, indices, bad in image_batches(source, batch_size, num_workers, device):
             skipped.extend(bad)
             bar.advance(len(indices) + len(bad))
             if images is None:
@@ -277,11 +277,13 @@ def scan(
     weights: str | None = None,
     device: str | None = "auto",
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: int | str = "auto",
     num_maps: int = 6,
     rule: AutoRule | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
+    exact_decode: bool = False,
+    gpu_decode: bool = False,
 ) -> ScanReport:
     """Scan a ViT's patch-token norms, layer by layer, and flag the high-norm outliers.
 
@@ -291,7 +293,10 @@ def scan(
         images: a folder or file, a list of files, ``"synthetic:N"`` (the built-in labelled data set), a Dataset of
             ``[0, 1]`` tensors or an ``[N, 3, H, W]`` tensor. ``None``: the photos in ``sample_images/``.
         threshold: ``"auto"`` (the separated-group rule, per layer) or a number (fixed, e.g. the paper's 150).
-        batch_size / num_workers / device: the pass's DataLoader and device (``auto``: CUDA when available).
+        batch_size / num_workers / device: the pass's DataLoader and device (``auto``: CUDA when available;
+            ``num_workers="auto"``: :func:`artifactscan.inputs.sources.auto_workers`).
+        exact_decode: decode image files in full (default: only as large as the model needs, docs/data-path.md).
+        gpu_decode: with a CUDA device, decode JPEGs on it (TorchCodec / nvJPEG; per-file Pillow fallback).
         num_maps: how many images keep their norm grids for the per-image figures.
         progress: draw a progress bar on stderr.
         warn: called with a one-line message for each skipped image (default: print to stderr).
@@ -305,12 +310,13 @@ def scan(
         raise InputError(str(exc)) from None
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
+    parse_workers(num_workers)
     rule = rule or AutoRule()
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
                         img_size=img_size, weights=weights)
     dev = resolve_device(device)
     loaded.model.to(dev)
-    source = make_image_source(images, loaded)
+    source = make_image_source(images, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)
     world, rank = distributed_world()
     local = source
     if world > 1:  # each rank scans every world-th image; the statistics merge exactly afterwards

@@ -117,7 +117,12 @@ WeightsOpt = typer.Option(None, "--weights", help="ema or raw: which weights of 
                                                   "(default: ema, as timm does; the report names the ones loaded).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")
 BatchOpt = typer.Option(32, "--batch-size", "-b", help="Images per forward pass.")
-WorkersOpt = typer.Option(0, "--workers", help="DataLoader worker processes for image decoding.")
+WorkersOpt = typer.Option("auto", "--workers", help="DataLoader processes decoding images: 'auto' (one per core, at "
+                          "most 8, none under 64 images) or a number (0: decode on the main process).")
+ExactDecodeOpt = typer.Option(False, "--exact-decode", help="Decode image files in full. Default: only as large as the "
+                              "model needs (JPEG draft / integer reduce to >= 2x its resize), docs/data-path.md.")
+GpuDecodeOpt = typer.Option(False, "--gpu-decode", help="With a CUDA device: decode JPEGs on it in batches "
+                            "(TorchCodec / nvJPEG; a failed batch falls back to Pillow file by file).")
 ImgSizeOpt = typer.Option(None, "--img-size", help="Resize inputs to this square size instead of the model's own "
                                                    "(position embeddings are resampled).")
 DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
@@ -139,7 +144,9 @@ def norms(
     img_size: Optional[int] = ImgSizeOpt,
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
-    workers: int = WorkersOpt,
+    workers: str = WorkersOpt,
+    exact_decode: bool = ExactDecodeOpt,
+    gpu_decode: bool = GpuDecodeOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Per-layer patch-token norms of a ViT; flag the high-norm outliers (the paper's Fig 3 and 4a).
@@ -173,6 +180,7 @@ def norms(
                       trust_checkpoint=trust_checkpoint, weights=weights, img_size=img_size, device=device,
                       batch_size=batch_size,
                       num_workers=workers, num_maps=maps, progress=not json_out and sys.stderr.isatty(),
+                      exact_decode=exact_decode, gpu_decode=gpu_decode,
                       warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
         if distributed_world()[1] != 0:
             return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
@@ -209,6 +217,9 @@ def compare(
     json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON on stdout and nothing else."),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
+    workers: str = WorkersOpt,
+    exact_decode: bool = ExactDecodeOpt,
+    gpu_decode: bool = GpuDecodeOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Scan several models on the same images: one table, one figure (the paper's Fig 4c and 7).
@@ -233,7 +244,8 @@ def compare(
                              "artifactscan compare MODEL_A MODEL_B IMAGES")
         *models, images = models_and_images
         result = compare_models(models, images, threshold=threshold, device=device, batch_size=batch_size,
-                                progress=not json_out and sys.stderr.isatty())
+                                progress=not json_out and sys.stderr.isatty(), num_workers=workers,
+                                exact_decode=exact_decode, gpu_decode=gpu_decode)
         emit_result(result, out, "compare.json", json_out, lambda r: render_compare(r, stdout), save_compare_figure)
 
     run_command(debug, work)
@@ -255,6 +267,9 @@ def fix(
     json_out: bool = typer.Option(False, "--json", help="Print the fix report as JSON on stdout and nothing else."),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
+    workers: str = WorkersOpt,
+    exact_decode: bool = ExactDecodeOpt,
+    gpu_decode: bool = GpuDecodeOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Training-free repair: a test-time register (Jiang et al. 2025, "Vision Transformers Don't Need Trained Registers").
@@ -277,7 +292,8 @@ def fix(
 
             raise InputError("the only repair implemented is --test-time-registers")
         result = run_fix(model, images, top_k=top_k, max_layer=max_layer, threshold=threshold, out=out,
-                         device=device, batch_size=batch_size)
+                         device=device, batch_size=batch_size, num_workers=workers, exact_decode=exact_decode,
+                         gpu_decode=gpu_decode)
         if json_out:
             sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
             return

@@ -24,6 +24,8 @@ from artifactscan.cli.app import (
     THRESHOLD_HELP,
     TrustOpt,
     WeightsOpt,
+    ExactDecodeOpt,
+    GpuDecodeOpt,
     WorkersOpt,
     app,
     run_command,
@@ -60,7 +62,9 @@ def attention(
     img_size: Optional[int] = ImgSizeOpt,
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
-    workers: int = WorkersOpt,
+    workers: str = WorkersOpt,
+    exact_decode: bool = ExactDecodeOpt,
+    gpu_decode: bool = GpuDecodeOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Where the CLS token looks, and how much attention the high-norm outlier tokens attract (the paper's Fig 2
@@ -95,6 +99,7 @@ def attention(
         report = attention_report(
             model, images, layers=layers, threshold=threshold, query=query, query_patch=query_patch, heads=heads,
             maps=maps, device=device, batch_size=batch_size, num_workers=workers, arch=arch,
+            exact_decode=exact_decode, gpu_decode=gpu_decode,
             arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint, img_size=img_size,
             weights=weights, progress=not json_out and sys.stderr.isatty(),
             warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))

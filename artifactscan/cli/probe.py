@@ -21,6 +21,8 @@ from artifactscan.cli.app import (
     THRESHOLD_HELP,
     TrustOpt,
     WeightsOpt,
+    ExactDecodeOpt,
+    GpuDecodeOpt,
     WorkersOpt,
     app,
     run_command,
@@ -83,7 +85,9 @@ def probe_command(
     img_size: Optional[int] = ImgSizeOpt,
     device: str = DeviceOpt,
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
-    workers: int = WorkersOpt,
+    workers: str = WorkersOpt,
+    exact_decode: bool = ExactDecodeOpt,
+    gpu_decode: bool = GpuDecodeOpt,
     debug: bool = DebugOpt,
 ) -> None:
     from artifactscan.models.loading import parse_arch_kwargs
@@ -96,6 +100,7 @@ def probe_command(
         report = probe(model, data, layer=layer, threshold=threshold, arch=arch,
                        arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint,
                        weights=weights, img_size=img_size, device=device, batch_size=batch_size, num_workers=workers,
+                       exact_decode=exact_decode, gpu_decode=gpu_decode,
                        min_tokens=min_tokens, min_images=min_images, draws=draws, test_fraction=test_fraction,
                        seed=seed, progress=not json_out and sys.stderr.isatty(),
                        warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))

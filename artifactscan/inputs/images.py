@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -33,6 +34,8 @@ __all__ = [
     "BadSample",
     "discover_images",
     "load_rgb",
+    "reduced_decode_size",
+    "upright_size",
     "ImageFolderDataset",
     "collate_skip_bad",
     "image_folder_labels",
@@ -228,8 +231,48 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+def reduced_decode_size(size: tuple[int, int], min_side: int | None) -> tuple[int, int] | None:
+    """The smallest ``(w, h)`` with the aspect of ``size`` whose short side is at least ``min_side``, or ``None``
+    when the image is not at least twice that large (nothing to gain from decoding it smaller)."""
+    w, h = size
+    short = min(w, h)
+    if not min_side or short < 2 * min_side:
+        return None
+    scale = min_side / short
+    return max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
+
+
+def _reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
+    """Largest integer factor that keeps the short side >= ``min_side`` (1: no reduction)."""
+    return max(1, min(size) // min_side) if min_side else 1
+
+
+def upright_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` of the image :func:`load_rgb` would return in full, read from the header alone (EXIF
+    orientations 5-8 swap the two). Raises :class:`ImageSkipped` when the header cannot be read."""
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except Exception:
+                orientation = 1
+    except FileNotFoundError as e:
+        raise ImageSkipped("file disappeared or does not exist", p) from e
+    except Exception as e:
+        raise ImageSkipped(_skip_reason(e), p) from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def load_rgb(path: str | os.PathLike[str], min_side: int | None = None) -> Image.Image:
     """Decode an image file into an 8-bit RGB :class:`PIL.Image.Image` that no longer needs the file.
+
+    ``min_side`` (default ``None``: full decode) asks only for the resolution a model needs: the result's short
+    side is at least ``min_side`` (callers pass twice the short side their resize targets, so the model's own
+    interpolation still does the final step) and may be smaller than the file's. JPEGs are decoded at that size
+    directly (Pillow's ``draft``: libjpeg's DCT-domain scaling by 1/2, 1/4 or 1/8); other formats are decoded in
+    full and then reduced by an integer factor (``Image.reduce``, a box filter) before they are returned.
 
     Mode handling:
 
@@ -258,6 +301,8 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
+                if im.format in ("JPEG", "MPO") and (want := reduced_decode_size(im.size, min_side)):
+                    im.draft(im.mode, want)  # EXIF rotation below swaps w and h: the short side is the same
                 im.load()
                 try:
                     im = ImageOps.exif_transpose(im)
@@ -265,9 +310,11 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
                     pass
                 mode = im.mode
                 try:
-                    return _to_rgb(im)
+                    rgb = _to_rgb(im)
                 except (ValueError, TypeError) as e:
                     raise ImageSkipped(f"unsupported colour mode {mode} ({e})", p) from e
+                factor = _reduce_factor(rgb.size, min_side)
+                return rgb.reduce(factor) if factor > 1 else rgb
     except ImageSkipped:
         raise
     except FileNotFoundError as e:
@@ -286,26 +333,28 @@ def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class ImageFolderDataset(Dataset):
-    """Map-style dataset over image paths; item ``i`` is ``(transform(load_rgb(paths[i])), i)``.
+    """Map-style dataset over image paths; item ``i`` is ``(transform(load_rgb(paths[i], min_side)), i)``.
 
     A file that :func:`load_rgb` rejects yields a :class:`BadSample` instead; use ``collate_fn=
     collate_skip_bad`` so the DataLoader drops it and reports it. ``transform`` receives an RGB PIL image
     and should return a fixed-size tensor (default: un-normalised ``(3, H, W)`` float tensor in [0, 1],
     which only batches when all images have the same size). Errors raised by ``transform`` itself are
     not caught. The dataset is picklable (paths are stored as strings) as long as ``transform`` is, so it
-    works with ``num_workers > 0``.
+    works with ``num_workers > 0``. ``min_side``: decode at reduced size (see :func:`load_rgb`); ``None``: in full.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], transform: Callable[[Image.Image], Any] | None = None):
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], transform: Callable[[Image.Image], Any] | None = None,
+                 min_side: int | None = None):
         self.paths: list[str] = [str(p) for p in paths]
         self.transform = transform
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            img = load_rgb(self.paths[index])
+            img = load_rgb(self.paths[index], self.min_side)
         except ImageSkipped as e:
             return BadSample(int(index), e.reason)
         x = self.transform(img) if self.transform is not None else _pil_to_tensor(img)

@@ -1,13 +1,20 @@
 """Where a measurement's images come from, and how they are batched.
 
 ``make_image_source`` turns what the user passed (a folder, a file list, ``synthetic[:N]``, a Dataset of ``[0, 1]``
-tensors or an ``[N, 3, H, W]`` tensor) into an :class:`ImageSource` preprocessed for one model; ``batches`` yields
-``(images, indices, skipped)`` from it, without a DataLoader for in-memory tensors.
+tensors or an ``[N, 3, H, W]`` tensor) into an :class:`ImageSource` preprocessed for one model; ``image_batches``
+yields ``(images, indices, skipped)`` from it, without a DataLoader for in-memory tensors.
+
+Image files are decoded only as large as the model needs (twice the short side its resize targets; ``exact_decode``
+decodes in full), by ``workers`` DataLoader processes (``auto``: :func:`auto_workers`) that persist across the passes
+over one source; on CUDA batches are pinned and copied with ``non_blocking``. ``gpu_decode`` decodes JPEGs on the
+device (:mod:`artifactscan.inputs.gpu_decode`). docs/data-path.md has the measurements behind these choices.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from artifactscan.core.errors import InputError
+from artifactscan.inputs.gpu_decode import GpuJpegDecoder, collate_encoded, encoded_view
 from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images
 from artifactscan.inputs.synthetic import SyntheticShapes
 
@@ -75,6 +83,55 @@ class ImageSource:
     collate: Callable | None
     num_found: int
     folder_dataset: ImageFolderDataset | None = None
+    data_config: dict[str, Any] | None = None
+    gpu_decode: bool = False
+    # DataLoaders (and so their persistent workers) reused by every pass over this source, keyed by their settings.
+    loaders: dict[tuple, DataLoader] = field(default_factory=dict, init=False, repr=False)
+
+
+def parse_workers(value: int | str | None) -> int | None:
+    """``--workers``: ``auto`` (or ``None``) -> ``None``; a whole number >= 0 -> that number; else :class:`InputError`."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if isinstance(value, float) or n < 0:
+        raise InputError(f"--workers {value}: use auto or a whole number of worker processes >= 0 "
+                         "(0 decodes on the main process)")
+    return n
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
+#: Below this many image files ``--workers auto`` decodes on the main process: starting workers costs more.
+MIN_IMAGES_FOR_WORKERS = 64
+#: ``--workers auto`` never starts more than this many processes (decoding a batch is rarely the bottleneck past it).
+MAX_AUTO_WORKERS = 8
+
+
+def auto_workers(num_images: int, batch_size: int, cores: int | None = None) -> int:
+    """``--workers auto``: one decoding process per core (at most :data:`MAX_AUTO_WORKERS`), as long as each gets at
+    least two batches; none for small folders (< :data:`MIN_IMAGES_FOR_WORKERS` images) or a single core."""
+    cores = available_cores() if cores is None else cores
+    if cores < 2 or num_images < MIN_IMAGES_FOR_WORKERS:
+        return 0
+    return max(0, min(cores, MAX_AUTO_WORKERS, math.ceil(num_images / batch_size) // 2))
+
+
+def decode_min_side(cfg: dict[str, Any]) -> int:
+    """The short side a reduced decode keeps: twice the largest edge the eval transform resizes to, so the model's
+    own interpolation does the last step from at least 2x (timm: ``floor(input_size / crop_pct)``)."""
+    crop_pct = cfg.get("crop_pct") or 1.0
+    h, w = cfg["input_size"][-2:]
+    return 2 * max(math.floor(h / crop_pct), math.floor(w / crop_pct))
 
 
 def default_images() -> Path:
@@ -87,10 +144,12 @@ def default_images() -> Path:
 
 
 def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torch.Tensor | None,
-                      loaded: Any) -> ImageSource:
+                      loaded: Any, *, exact_decode: bool = False, gpu_decode: bool = False) -> ImageSource:
     """Build the dataset for ``images``: a folder / file / list of files, ``synthetic[:N]``, a Dataset or a tensor.
 
     ``loaded`` is the model the images are prepared for (a ``LoadedModel``: its ``data_config`` and ``input_size``).
+    Image files are decoded at reduced size (:func:`decode_min_side`) unless ``exact_decode``; ``gpu_decode`` marks
+    the source for JPEG decoding on the device (used by :func:`image_batches` when it is given a CUDA device).
     """
     cfg = loaded.data_config
     size = loaded.input_size
@@ -127,20 +186,63 @@ def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torc
         input_size=cfg["input_size"], interpolation=cfg.get("interpolation", "bicubic"), mean=cfg["mean"],
         std=cfg["std"], crop_pct=cfg.get("crop_pct", 1.0), crop_mode=cfg.get("crop_mode", "center"),
         is_training=False)
-    folder = ImageFolderDataset(paths, transform)
-    return ImageSource(folder, [str(p) for p in paths], description, collate_skip_bad, len(paths), folder)
+    folder = ImageFolderDataset(paths, transform, None if exact_decode else decode_min_side(cfg))
+    return ImageSource(folder, [str(p) for p in paths], description, collate_skip_bad, len(paths), folder,
+                       dict(cfg), gpu_decode)
 
 
-def image_batches(source: ImageSource, batch_size: int, num_workers: int):
+def _loader(source: ImageSource, kind: str, dataset: Callable[[], Dataset], collate: Callable | None,
+            batch_size: int, workers: int, pin: bool) -> DataLoader:
+    key = (kind, batch_size, workers, pin)
+    if key not in source.loaders:
+        extra = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+        source.loaders[key] = DataLoader(dataset(), batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=collate, pin_memory=pin, **extra)
+    return source.loaders[key]
+
+
+def image_batches(source: ImageSource, batch_size: int, num_workers: int | str | None = "auto",
+                  device: torch.device | str | None = None):
+    """Yield ``(images, indices, skipped)`` batches of ``source``: ``images`` normalised ``[B, 3, H, W]`` (``None``
+    when every file of the batch was skipped), ``indices`` into ``source.names``, ``skipped`` ``(index, reason)``.
+
+    ``num_workers``: ``auto`` (:func:`auto_workers`, image folders only; other sources decode on the main process)
+    or a number of DataLoader processes, kept alive across passes over the same source. ``device``: with CUDA, host
+    batches are pinned and ``images`` arrive on the device (``non_blocking`` copy); elsewhere they stay on the CPU.
+    """
     ds = source.dataset
     if isinstance(ds, NormalizedTensors) and isinstance(ds.source, torch.Tensor):
         yield from ds.tensor_batches(batch_size)
         return
-    loader = DataLoader(source.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=source.collate)
-    for batch in loader:
-        if source.collate is collate_skip_bad:
-            images, indices, skipped = batch
-        else:
-            (images, indices), skipped = batch, []
-        yield images, indices, skipped
+    workers = parse_workers(num_workers)
+    if workers is None:
+        workers = auto_workers(len(ds), batch_size) if source.folder_dataset is not None else 0
+    dev = torch.device(device) if device is not None else None
+    cuda = dev is not None and dev.type == "cuda"
+    if source.gpu_decode and source.folder_dataset is not None and not cuda:
+        raise InputError(f"--gpu-decode decodes on a CUDA device, and this pass runs on {dev or 'the CPU'}; "
+                         "pass --device cuda or drop --gpu-decode")
+    if cuda and source.gpu_decode and source.folder_dataset is not None:
+        decoder = GpuJpegDecoder(source.data_config or {}, dev, source.folder_dataset)
+        loader = _loader(source, "encoded", lambda: encoded_view(ds, source.folder_dataset), collate_encoded,
+                         batch_size, workers, True)
+        for batch in loader:
+            yield decoder(*batch)
+        return
+    loader = _loader(source, "decoded", lambda: ds, source.collate, batch_size, workers, cuda)
+    threads = torch.get_num_threads()
+    if workers > 0 and not cuda:
+        # The forward shares the cores with the decoding processes: more intra-op threads than free cores make
+        # every OpenMP barrier wait for a descheduled thread (a 2-thread forward ran 6x slower than 1 thread here).
+        torch.set_num_threads(max(1, min(threads, available_cores() - workers)))
+    try:
+        for batch in loader:
+            if source.collate is collate_skip_bad:
+                images, indices, skipped = batch
+            else:
+                (images, indices), skipped = batch, []
+            if cuda and images is not None:
+                images = images.to(dev, non_blocking=True)
+            yield images, indices, skipped
+    finally:
+        torch.set_num_threads(threads)

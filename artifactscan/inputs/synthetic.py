@@ -216,3 +216,36 @@ def write_image_folder(
         arr = (img.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
         Image.fromarray(arr).save(out / CLASS_NAMES[label] / f"{split}_{i:06d}.png")
     return out
+
+
+def write_photo_folder(out_dir: str | Path, num_images: int, photos: list[str | Path], size: tuple[int, int] = (1600, 1200),
+                       fmt: str = "jpeg", seed: int = 0, quality: int = 90) -> Path:
+    """Write ``num_images`` real-size, photo-like files (for data-path tests and benchmarks).
+
+    Each is one of ``photos``, randomly cropped (60-100% per side), maybe flipped, upscaled to ``size`` (bicubic), with
+    Gaussian sensor noise (sd 4 of 255) so the file carries the fine detail a reduced decode drops. ``fmt``: ``jpeg``
+    (``quality``) or ``png``. A pure function of ``seed``. Returns ``out_dir``.
+    """
+    from PIL import Image
+
+    if fmt not in ("jpeg", "png"):
+        raise InputError(f"photo format {fmt!r}: use jpeg or png")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sources = [Image.open(p).convert("RGB") for p in photos]
+    for i in range(num_images):
+        src = sources[i % len(sources)]
+        w, h = src.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        im = src.crop((left, top, left + cw, top + ch)).resize(size, Image.BICUBIC)
+        if rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        noisy = np.asarray(im, dtype=np.float32) + rng.normal(0, 4, (size[1], size[0], 1))
+        img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+        if fmt == "jpeg":
+            img.save(out / f"photo{i:04d}.jpg", quality=quality)
+        else:
+            img.save(out / f"photo{i:04d}.png", compress_level=1)
+    return out

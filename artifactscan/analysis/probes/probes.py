@@ -193,7 +193,9 @@ def probe(
     weights: str | None = None,
     device: str | None = "auto",
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: int | str = "auto",
+    exact_decode: bool = False,
+    gpu_decode: bool = False,
     min_tokens: int = MIN_LOCAL_TOKENS,
     min_images: int = MIN_GLOBAL_IMAGES,
     draws: int = GLOBAL_DRAWS,
@@ -244,7 +246,7 @@ def probe(
     loaded.model.to(dev)
     if data is None:
         data = f"synthetic:{DEFAULT_PROBE_IMAGES}"
-    source = make_image_source(data, loaded)
+    source = make_image_source(data, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)
     n = source.num_found
     if n < MIN_IMAGES:
         raise InputError(f"probe needs at least {MIN_IMAGES} images to split them into train and held-out test "

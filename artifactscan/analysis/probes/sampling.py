@@ -200,7 +200,7 @@ def level_fn(fixed: float | None) -> tuple[Callable[[torch.Tensor], torch.Tensor
 
 
 def collect_tokens(loaded: LoadedModel, source: Any, layer: int, dev: torch.device, fixed: float | None,
-             test_mask: torch.Tensor, labels: torch.Tensor | None, batch_size: int, num_workers: int,
+             test_mask: torch.Tensor, labels: torch.Tensor | None, batch_size: int, num_workers: int | str,
              seed: int, progress: bool, max_global_images: int, world: int = 1) -> Collected:
     P = loaded.num_prefix_tokens
     gh, gw = loaded.grid_size
@@ -216,7 +216,7 @@ def collect_tokens(loaded: LoadedModel, source: Any, layer: int, dev: torch.devi
     seen = 0
     has_pe = True
     with LayerTap(loaded, layer) as tap, ProgressBar(progress, source.num_found, f"probing block {layer}") as bar:
-        for x, indices, bad in image_batches(source, batch_size, num_workers):
+        for x, indices, bad in image_batches(source, batch_size, num_workers, dev):
             skipped.extend(bad)
             bar.advance(len(indices) + len(bad))
             if x is None:

@@ -19,6 +19,7 @@ from artifactscan.analysis.training.config import (
     SYNTHETIC_STD,
     TrainConfig,
 )
+from artifactscan.inputs.images import ImageSkipped, load_rgb, upright_size
 from artifactscan.inputs.synthetic import NUM_CLASSES, make_splits
 
 
@@ -28,6 +29,12 @@ class ImageFolderData(torch.utils.data.Dataset):
     ``train=True`` applies a random-resized crop + horizontal flip whose randomness comes from ``(seed, epoch,
     index)`` rather than a global RNG, so a resumed run and every DataLoader worker see the same augmentations.
     ``train=False`` resizes the short side to ``S / crop_pct`` and centre-crops (timm's eval transform).
+
+    Files are decoded by :func:`artifactscan.inputs.images.load_rgb` (the scans' decoder: every colour mode, EXIF
+    orientation, decompression-bomb limit), only as large as needed: at least 2x the short side the crop is resized
+    to. The random crop is drawn on the full-size (upright) dimensions from the header, then scaled to the decoded
+    size, so the crops are those of a full decode and a resumed run decodes exactly the same pixels. A file that
+    cannot be read stops training with an :class:`InputError` naming it.
     """
 
     def __init__(self, files: list[Path], labels: list[int], classes: list[str], img_size: int, train: bool,
@@ -38,19 +45,27 @@ class ImageFolderData(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def load(self, index: int, epoch: int = 0) -> tuple[torch.Tensor, int]:
-        from PIL import Image
+    def _unreadable(self, index: int, exc: ImageSkipped) -> InputError:
+        return InputError(f"cannot read image {self.files[index]} ({exc.reason}); delete or replace the file")
+
+    def _decode(self, index: int, min_side: int | None) -> torch.Tensor:
         import torchvision.transforms.functional as TF
 
         try:
-            with Image.open(self.files[index]) as im:
-                img = TF.pil_to_tensor(im.convert("RGB"))
-        except OSError as exc:
-            raise InputError(f"cannot read image {self.files[index]} ({exc}); delete or replace the file") from None
+            return TF.pil_to_tensor(load_rgb(self.files[index], min_side))
+        except ImageSkipped as exc:
+            raise self._unreadable(index, exc) from None
+
+    def load(self, index: int, epoch: int = 0) -> tuple[torch.Tensor, int]:
+        import torchvision.transforms.functional as TF
+
         s = self.img_size
         if self.train:
             g = np.random.default_rng([self.seed, epoch, index])
-            h, w = img.shape[-2:]
+            try:
+                w, h = upright_size(self.files[index])
+            except ImageSkipped as exc:
+                raise self._unreadable(index, exc) from None
             for _ in range(10):
                 area = h * w * g.uniform(0.35, 1.0)
                 ratio = math.exp(g.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -61,10 +76,16 @@ class ImageFolderData(torch.utils.data.Dataset):
             else:
                 ch, cw = min(h, w), min(h, w)
                 top, left = (h - ch) // 2, (w - cw) // 2
+            # Keep >= 2 s pixels across the crop's short side: the image's short side may shrink by min(ch, cw) / 2s.
+            img = self._decode(index, math.ceil(min(h, w) * 2 * s / min(ch, cw)))
+            sy, sx = img.shape[-2] / h, img.shape[-1] / w
+            top, left = int(top * sy), int(left * sx)
+            ch, cw = max(1, min(round(ch * sy), img.shape[-2] - top)), max(1, min(round(cw * sx), img.shape[-1] - left))
             img = TF.resized_crop(img, top, left, ch, cw, [s, s], antialias=True)
             if g.random() < 0.5:
                 img = TF.hflip(img)
         else:
+            img = self._decode(index, 2 * int(math.floor(s / self.crop_pct)))
             img = TF.resize(img, int(math.floor(s / self.crop_pct)), antialias=True)
             img = TF.center_crop(img, [s, s])
         return img.float().div_(255.0), self.labels[index]
