@@ -40,7 +40,7 @@ from artifactscan.core.stats import NormStatistics, bin_index
 from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, parse_threshold
 from artifactscan.core.version import __version__
 from artifactscan.inputs.boxes import DEFAULT_OBJECT_IMAGES, BoxedData, load_box_data
-from artifactscan.inputs.sources import image_batches
+from artifactscan.inputs.sources import image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.models.test_time_register import EXTRA_KEY, apply_test_time_register, check_supported
 
@@ -172,7 +172,8 @@ def _rate(hits: int, n: int) -> float | None:
 # ----------------------------------------------------------------------------------------------- one run
 def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: int = -1, features: str = "keys",
                   k: int | None = None, threshold: str | float | None = "auto", rule: AutoRule | None = None,
-                  device: str | torch.device = "auto", batch_size: int = 32, num_workers: int = 0, keep: int = 6,
+                  device: str | torch.device = "auto", batch_size: int = 32, num_workers: int | str = "auto",
+                  keep: int = 6,
                   random_seed: int = 0, progress: bool = False, skipped: list[str] | None = None) -> DiscoveryRun:
     """LOST with ``loaded`` on every image of ``data``; CorLoc, baselines and where the seeds fell."""
     try:
@@ -302,7 +303,7 @@ def discover(
     image_root: str | Path | None = None,
     device: str | None = "auto",
     batch_size: int = 32,
-    num_workers: int = 0,
+    num_workers: int | str = "auto",
     keep: int = 6,
     random_seed: int = 0,
     fix_top_k: int = 4,
@@ -346,6 +347,7 @@ def discover(
                          "models pass several: artifactscan discover MODEL_A MODEL_B DATA")
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
+    parse_workers(num_workers)  # a bad --workers fails before any model loads
     if keep < 0:
         raise InputError(f"--figure-images must be >= 0, got {keep}")
     try:

@@ -85,7 +85,7 @@ def discover(
     img_size: Optional[int] = ImgSizeOpt,
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
-    workers: int = WorkersOpt,
+    workers: str = WorkersOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Unsupervised object discovery with LOST, scored with CorLoc: do artifact tokens break it (the registers
