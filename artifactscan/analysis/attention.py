@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.errors import NotAViTError
 from artifactscan.models.loading import LoadedModel
 
@@ -88,7 +89,7 @@ class _Accumulator:
     images: int = 0
 
 
-@torch.inference_mode()
+@measurement_mode()
 def attention_mass(loaded: LoadedModel, batches, outlier_masks=None, blocks: Sequence[int] | None = None,
                    device: torch.device | str = "cpu") -> list[AttentionMass]:
     """Mean attention mass from patch queries onto prefix tokens (and onto flagged outlier patches) per block.

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.version import __version__
 from artifactscan.analysis.attention import AttentionCapture
 from artifactscan.core.errors import InputError, NotAViTError
@@ -391,7 +392,7 @@ def attention_report(
 
     n_images = 0
     capture.on_probs = on_probs
-    with torch.inference_mode(), capture, ProgressBar(progress, source.num_found, "attention") as bar:
+    with measurement_mode(), capture, ProgressBar(progress, source.num_found, "attention") as bar:
         for x, indices, bad in image_batches(source, batch_size, num_workers, dev):
             bar.advance(len(indices) + len(bad))
             if x is None:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from artifactscan.core.numerics import measurement_mode
 from artifactscan.analysis.fix import find_register_neurons
 from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, fused_qkv, lost_batched
 from artifactscan.analysis.scan import ModelSummary, model_summary, scan
@@ -199,7 +200,7 @@ def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: in
     rows: list[dict[str, Any]] = []
     kept_norms: dict[int, torch.Tensor] = {}
     skipped = [] if skipped is None else skipped
-    with torch.inference_mode(), FeatureCapture(loaded, b, features) as cap, \
+    with measurement_mode(), FeatureCapture(loaded, b, features) as cap, \
             ProgressBar(progress, source.num_found, f"discover {label}") as bar:
         for x, indices, bad in image_batches(source, batch_size, num_workers):
             bar.advance(len(indices) + len(bad))

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.errors import InputError, NotAViTError
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.results import JsonResult
@@ -52,7 +53,7 @@ def _neuron_sites(model: nn.Module, max_layer: int) -> dict[str, tuple[int, nn.M
     return sites
 
 
-@torch.inference_mode()
+@measurement_mode()
 def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_k: int = 4,
                           max_layer: int | None = None, device: torch.device | str = "cpu",
                           batch_size: int = 32, **decode: Any) -> TestTimeRegister:
@@ -143,7 +144,7 @@ class FixReport(JsonResult):
     schema: str = "artifactscan.fix/1"
 
 
-@torch.inference_mode()
+@measurement_mode()
 def _outputs(loaded: LoadedModel, images: Any, device: torch.device, batch_size: int,
              **decode: Any) -> tuple[torch.Tensor, ...]:
     source = make_image_source(images, loaded, exact_decode=decode.get("exact_decode", False),

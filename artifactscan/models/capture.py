@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from artifactscan.core.numerics import measurement_mode
 from artifactscan.models.loading import LoadedModel
 
 
@@ -58,7 +59,7 @@ class NormCapture:
             self._norms[index] = _token_norms(output)
         return hook
 
-    @torch.inference_mode()
+    @measurement_mode()
     def run(self, images: torch.Tensor) -> torch.Tensor:
         """One forward pass; returns norms shaped ``[num_blocks + 1, B, T]`` (last row: final normalised output)."""
         if not self._handles:

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.errors import InputError
 from artifactscan.models.loading import LoadedModel
 from artifactscan.inputs.sources import image_batches
@@ -76,7 +77,7 @@ class LayerTap:
             h.remove()
         self._handles.clear()
 
-    @torch.inference_mode()
+    @measurement_mode()
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._out = self._pe = None
         try:
