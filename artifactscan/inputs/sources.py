@@ -7,7 +7,7 @@ tensors or an ``[N, 3, H, W]`` tensor) into an :class:`ImageSource` preprocessed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -74,6 +74,7 @@ class ImageSource:
     collate: Callable | None
     num_found: int
     folder_dataset: ImageFolderDataset | None = None
+    other_files: dict[str, int] = field(default_factory=dict)  # files in the folder that are not images, by suffix
 
 
 def default_images() -> Path:
@@ -109,8 +110,9 @@ def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torc
         ds = NormalizedTensors(syn, cfg["mean"], cfg["std"], size)
         return ImageSource(ds, [f"synthetic[{i}]" for i in range(n_syn)], f"synthetic:{n_syn} (built-in data set)",
                            None, n_syn)
+    other: dict[str, int] = {}
     if isinstance(images, (str, Path)):
-        paths = discover_images(images)
+        paths = discover_images(images, other_files=other)
         description = str(images)
     else:
         paths = [Path(p) for p in images]
@@ -127,7 +129,7 @@ def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torc
         std=cfg["std"], crop_pct=cfg.get("crop_pct", 1.0), crop_mode=cfg.get("crop_mode", "center"),
         is_training=False)
     folder = ImageFolderDataset(paths, transform)
-    return ImageSource(folder, [str(p) for p in paths], description, collate_skip_bad, len(paths), folder)
+    return ImageSource(folder, [str(p) for p in paths], description, collate_skip_bad, len(paths), folder, other)
 
 
 def image_batches(source: ImageSource, batch_size: int, num_workers: int):

@@ -21,9 +21,11 @@ from torch import nn
 
 from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, read_meta
 from artifactscan.core.errors import (
+    CheckpointMetadataError,
     CheckpointMismatchError,
     InputError,
     ModelLoadError,
+    NonFiniteError,
     NotAViTError,
     OfflineError,
     UntrustedCheckpointError,
@@ -75,6 +77,7 @@ class LoadedModel:
     meta: CheckpointMeta | None = None
     kind: str = "model"
     notes: list[str] = field(default_factory=list)
+    nonfinite_tensors: list[str] = field(default_factory=list)  # "name (n NaN, m Inf)", checked at load time
 
     @property
     def prefix_names(self) -> list[str]:
@@ -172,8 +175,49 @@ def _build_arch(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
         if builder is not None:
             return builder(**arch_kwargs)
         return timm.create_model(arch, pretrained=False, **arch_kwargs)
-    except TypeError as exc:
-        raise ModelLoadError(f"architecture '{arch}' does not accept {arch_kwargs}: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as exc:
+        raise ModelLoadError(f"architecture '{arch}' does not accept {arch_kwargs}: {exc or type(exc).__name__}; "
+                             "check --arch-kwargs (or the checkpoint's arch_kwargs)") from exc
+
+
+def _reason(exc: BaseException, path: Path) -> str:
+    """Why a checkpoint could not be read, never empty (an empty file's EOFError has no message)."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty (0 bytes); it was probably cut short while being written"
+    except OSError:
+        pass
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else f"{type(exc).__name__} (truncated or not a checkpoint)"
+
+
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding NaN or Inf, as ``"pos_embed (2 NaN, 0 Inf)"``."""
+    found = []
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not (t.is_floating_point() or t.is_complex()):
+                continue
+            n_bad = int((~torch.isfinite(t)).sum())
+            if n_bad:
+                n_nan = int(torch.isnan(t).sum())
+                found.append(f"{name} ({n_nan} NaN, {n_bad - n_nan} Inf)")
+    return found
+
+
+def _check_finite(loaded: LoadedModel, allow: bool) -> None:
+    loaded.nonfinite_tensors = nonfinite_tensors(loaded.model)
+    bad = loaded.nonfinite_tensors
+    if not bad:
+        return
+    shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+    if not allow:
+        raise NonFiniteError(f"{loaded.name} has non-finite weights (NaN/Inf) in {len(bad)} tensor(s): {shown}; every "
+                             "norm it produces would be meaningless. Repair or re-export the checkpoint, or pass "
+                             "--allow-nonfinite to scan it anyway")
+    note = f"NON-FINITE WEIGHTS in {len(bad)} tensor(s): {shown} (scanned with --allow-nonfinite)"
+    if note not in loaded.notes:
+        loaded.notes.append(note)
 
 
 def _extract_state_dict(blob: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -188,7 +232,7 @@ def _extract_state_dict(blob: Any) -> tuple[dict[str, torch.Tensor], dict[str, A
     for prefix in ("module.", "_orig_mod."):
         if blob and all(k.startswith(prefix) for k in blob):
             blob = {k[len(prefix):]: v for k, v in blob.items()}
-    return blob, meta if isinstance(meta, dict) else None
+    return blob, meta
 
 
 def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, path: Path) -> None:
@@ -218,8 +262,10 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
         try:
             state_dict = load_file(str(path))
             meta = read_meta(path)
+        except CheckpointMetadataError as exc:
+            raise CheckpointMetadataError(exc.field, exc.why, path.name) from None
         except Exception as exc:  # safetensors raises its own error types for damaged headers
-            raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from exc
+            raise ModelLoadError(f"{path} is not a readable safetensors file: {_reason(exc, path)}") from exc
     else:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -232,12 +278,15 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
                 ) from exc
             blob = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:
-            raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+            raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint: {_reason(exc, path)}") from exc
         if isinstance(blob, nn.Module):
             loaded = wrap_module(blob, name=path.name, source="pickled-module")
             return loaded
         state_dict, raw_meta = _extract_state_dict(blob)
-        meta = CheckpointMeta.from_dict(raw_meta) if raw_meta else None
+        try:
+            meta = CheckpointMeta.from_dict(raw_meta) if raw_meta is not None else None
+        except CheckpointMetadataError as exc:
+            raise CheckpointMetadataError(exc.field, exc.why, path.name) from None
 
     if arch is None and meta is None:
         raise ModelLoadError(
@@ -253,7 +302,10 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     kind = meta.kind if meta else "checkpoint"
     loaded = _finish(model, path.name, "checkpoint", arch_name, data_config, meta, kind)
     if meta is not None:  # e.g. the test-time register that `artifactscan fix --out` records
-        install_checkpoint_extensions(loaded, meta.extra)
+        try:
+            install_checkpoint_extensions(loaded, meta.extra)
+        except CheckpointMetadataError as exc:
+            raise CheckpointMetadataError(exc.field, exc.why, path.name) from None
     return loaded
 
 
@@ -303,6 +355,7 @@ def load_model(
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
     img_size: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> LoadedModel:
     """Load a ViT from a built-in name, a checkpoint file, a timm name or an ``hf-hub:`` id.
 
@@ -313,6 +366,8 @@ def load_model(
         arch_kwargs: ``timm.create_model`` overrides, e.g. ``{"reg_tokens": 4}``.
         trust_checkpoint: allow unpickling a whole ``nn.Module`` (runs code from the file).
         img_size: resize inputs to this square size (the model's position embeddings are resampled when it allows).
+        allow_nonfinite: load weights that hold NaN/Inf (named in ``nonfinite_tensors`` and the notes) instead of
+            raising :class:`NonFiniteError`.
 
     Raises:
         InputError, ModelLoadError and subclasses, with a message that says what to do.
@@ -320,6 +375,8 @@ def load_model(
     arch_kwargs = dict(arch_kwargs or {})
     if isinstance(spec, LoadedModel):
         loaded = spec
+        if loaded.nonfinite_tensors:
+            _check_finite(loaded, allow_nonfinite)
     elif isinstance(spec, nn.Module):
         loaded = wrap_module(spec)
     else:
@@ -337,6 +394,8 @@ def load_model(
             raise InputError(f"model file {spec} does not exist")
         else:
             loaded = _load_named(spec, arch_kwargs)
+    if not isinstance(spec, LoadedModel):
+        _check_finite(loaded, allow_nonfinite)  # where NaN starts: name the tensors before anything runs
     if img_size is not None:
         _resize_input(loaded, img_size)
     return loaded
