@@ -18,11 +18,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
+
+try:  # Typer >= 0.25 vendors click; its exceptions are that copy's, not the click package's
+    from typer import _click as click  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - older Typer on top of click
+    import click  # type: ignore[no-redef]
 
 from artifactscan.core.errors import ArtifactScanError
 from artifactscan.core.files import check_output_file, display_name, output_folder

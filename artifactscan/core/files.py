@@ -168,18 +168,30 @@ def check_output_file(path: str | os.PathLike[str], flag: str = "--out", suffixe
     """
     p = Path(path).expanduser()
     shown = display_name(p)
+    if p.is_dir():
+        example = display_name(p / ("out" + (suffixes[0] if suffixes else "")))
+        raise InputError(f"{flag} {shown} is a folder; pass a file name such as {example}")
     if suffixes and p.suffix.lower() not in suffixes:
         raise InputError(f"{flag} {shown}: the file name must end in {' or '.join(suffixes)}")
-    if p.is_dir():
-        raise InputError(f"{flag} {shown} is a folder; pass a file name such as {display_name(p / ('out' + (suffixes[0] if suffixes else '')))}")
     base = _nearest_existing(p.parent)
     if not base.is_dir():
         raise InputError(f"{flag} {shown}: {display_name(base)} is a file, not a folder; choose another path")
     if base == p.parent:
         _probe_writable(base, f"{flag} {shown}")
-    elif not os.access(base, os.W_OK | os.X_OK):
-        raise InputError(f"cannot create the folder for {flag} {shown}: {display_name(base)} is not writable; "
-                         "choose another path")
+        return p
+    missing = [a for a in reversed(p.parent.parents) if not os.path.lexists(a)] + [p.parent]
+    made: list[Path] = []
+    try:  # the only sure test: create the missing folders (then remove them again; the write recreates them)
+        for folder in missing:
+            folder.mkdir()
+            made.append(folder)
+        _probe_writable(p.parent, f"{flag} {shown}")
+    except OSError as exc:
+        raise InputError(f"cannot create the folder for {flag} {shown}: {_why(exc)}; choose another path") from None
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return p
 
 
