@@ -283,3 +283,22 @@ def test_fail_above_on_a_run_folder_judges_the_latest_checkpoint(tmp_path):
     check(invoke("norms", run, "synthetic:8", "--fail-above", "0.01"), 3, "step_0000300.safetensors (step 300)")
     no_partial_files(run)
     assert set(tree(run)) == {f"reg0/checkpoints/step_{s:07d}.safetensors" for s in (100, 200, 300)}
+
+
+def test_memory_estimate_refuses_with_a_batch_size_that_fits():
+    from artifactscan.analysis.memory import activation_bytes, check_fits
+    from artifactscan.core.errors import ResourceError
+    from artifactscan.models.loading import load_model
+
+    loaded = load_model("demo")
+    need, per_image = activation_bytes(loaded, 32)
+    assert need == 32 * per_image and per_image > 0
+    check_fits(loaded, 32, torch.device("cpu"), available=need)  # exactly enough: runs
+    with pytest.raises(ResourceError, match="use --batch-size 3 or smaller"):
+        check_fits(loaded, 32, torch.device("cpu"), available=3 * per_image + 1)
+    attn, _ = activation_bytes(loaded, 32, explicit_attention=True)
+    assert attn > need  # captured attention holds heads x T x T more
+
+
+def test_attention_at_an_img_size_that_cannot_fit():
+    check(invoke("attention", "phantom", "synthetic:2", "--img-size", "4096"), 1, "GiB of activations")

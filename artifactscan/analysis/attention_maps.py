@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from artifactscan.core.version import __version__
 from artifactscan.analysis.attention import AttentionCapture
 from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.analysis.memory import check_fits
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.results import JsonResult
 from artifactscan.analysis.scan import ImageSummary, ModelSummary, ScanReport, model_summary, scan
@@ -331,6 +332,7 @@ def attention_report(
     qpatch = parse_query_patch(query_patch, (gh, gw))
     capture = AttentionCapture(loaded, blocks)  # raises NotAViTError before any work when a block cannot be captured
     dev = resolve_device(device)
+    check_fits(loaded, batch_size, dev, explicit_attention=True)  # captured blocks hold heads x T x T probabilities
 
     # Pass 1: the norms scan flags outliers (or a given report is reused).
     if scan_report is None:
