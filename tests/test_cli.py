@@ -90,4 +90,4 @@ def test_debug_shows_traceback(tmp_path, tiny_ckpt):
 def test_help_teaches():
     result = invoke("norms", "--help")
     assert result.exit_code == 0
-    assert "bimodal" in result.output and "--threshold" in result.output
+    assert "separated" in result.output and "--threshold" in result.output  # the auto rule: a separated group

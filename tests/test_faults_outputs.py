@@ -24,14 +24,14 @@ PROC = Path("/proc/artifactscan-cannot-write-here")
 
 
 # ----------------------------------------------------------------------------------------------- validated first
-@pytest.mark.parametrize("command", ["norms", "compare", "probe", "attention", "calibrate"])
+@pytest.mark.parametrize("command", ["norms", "compare", "probe", "attention", "calibrate", "discover"])
 def test_out_that_is_a_file_is_refused_before_any_model_runs(command, tmp_path, monkeypatch):
     forbid_models(monkeypatch)
     out = tmp_path / "taken"
     out.write_text("the user's file")
     args = {"norms": ("norms", "demo", "synthetic:4"), "compare": ("compare", "demo", "demo-reg4", "synthetic:4"),
             "probe": ("probe", "demo", "synthetic:4"), "attention": ("attention", "demo", "synthetic:4"),
-            "calibrate": ("calibrate",)}[command]
+            "calibrate": ("calibrate",), "discover": ("discover", "demo", "synthetic-objects:4")}[command]
     check(invoke(*args, "--out", out), 1, "exists and is not a folder")
     assert out.read_text() == "the user's file"
 

@@ -135,7 +135,7 @@ class AttentionReport(JsonResult):
 
 
 # ----------------------------------------------------------------------------------------------- parsing
-def parse_layers(spec: str | Sequence[int] | None, num_blocks: int) -> list[int]:
+def parse_layers(spec: str | Sequence[int] | None, num_blocks: int, hint: str = "") -> list[int]:
     """``None``/``"all"`` -> every block; ``"0,5,-1"`` or a list of ints (negatives count from the end) -> sorted,
     de-duplicated block indices. Out of range -> InputError naming the valid range."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
@@ -156,7 +156,7 @@ def parse_layers(spec: str | Sequence[int] | None, num_blocks: int) -> list[int]
         raise InputError(f"--layers is empty; {valid}")
     bad = [b for b in items if not -num_blocks <= b < num_blocks]
     if bad:
-        raise InputError(f"--layers {bad[0]} is out of range; {valid}")
+        raise InputError(f"--layers {bad[0]} is out of range; {valid}{hint}")
     return sorted({b % num_blocks for b in items})
 
 
@@ -326,7 +326,7 @@ def attention_report(
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
                         img_size=img_size)
     num_blocks = len(loaded.blocks)
-    blocks = parse_layers(layers, num_blocks)
+    blocks = parse_layers(layers, num_blocks, loaded.layer_range_hint())
     qinfo = select_query(loaded, query)
     gh, gw = loaded.grid_size
     qpatch = parse_query_patch(query_patch, (gh, gw))

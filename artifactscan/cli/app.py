@@ -562,7 +562,10 @@ def train_reg(
 
 @app.command()
 def phantom(
-    describe: bool = typer.Option(False, "--describe", help="Say what was built into the shipped phantom and why."),
+    describe: bool = typer.Option(False, "--describe", help="Say what was built into a shipped phantom and why."),
+    name: Optional[str] = typer.Option(None, "--model", "-m", help="Which shipped phantom --describe explains: "
+                                       "phantom-deep (the default model: 24 blocks, onset block 9) or phantom "
+                                       "(6 blocks, onset block 2)."),
     build: bool = typer.Option(False, "--build", help="Rebuild the phantom from a trained baseline."),
     base: str = typer.Option("demo", "--from", help="Baseline to build from (the demo architecture)."),
     onset: int = typer.Option(2, "--onset", help="Block (0-based) whose artifact units plant the outliers."),
@@ -577,15 +580,19 @@ def phantom(
     """The calibration phantom: a ViT whose artifact tokens were built in, so the right answer is known.
 
     No pretrained ViT can be downloaded here, and small ViTs trained here grow no artifacts, so artifactscan ships
-    the trained demo baseline with the paper's mechanism added at one block: a few hidden units fire on the <= 2%
+    genuinely trained baselines with the paper's mechanism added at one block: a few hidden units fire on the <= 2%
     most redundant patches of each image and overwrite them with a large vector carrying a global summary.
-    Its findings are facts about this construction, never about real models.
+    Two are shipped: phantom-deep (the default model: 24 blocks like ViT-L, onset block 9, so the paper's
+    `probe --layer 15` lands inside the artifact range) and phantom (6 blocks, onset block 2; fast, for tests and
+    calibration). Their findings are facts about this construction, never about real models.
 
     Examples:
 
       artifactscan phantom --describe
 
-      artifactscan phantom --build --from demo --out artifactscan/weights/phantom.safetensors
+      artifactscan phantom --describe --model phantom
+
+      artifactscan phantom --build --from demo-deep --onset 9 --out artifactscan/weights/phantom-deep.safetensors
     """
     from artifactscan.models.phantom import build_phantom, describe_phantom
 
@@ -600,7 +607,7 @@ def phantom(
                        f"{spec.gain:g} ({spec.gain_over_median:g}x the baseline's median norm)"
                        + (f"; wrote {path}" if path else " (not saved: pass --out)"))
             return
-        stdout.print(describe_phantom())
+        stdout.print(describe_phantom(name))
 
     run_command(debug, work)
 

@@ -52,16 +52,17 @@ class NormalizedTensors(Dataset):
             yield self._prepare(self.source[start:stop]), torch.arange(start, stop), []
 
 
-def parse_synthetic(spec: str) -> int | None:
-    if spec == "synthetic":
-        return DEFAULT_SYNTHETIC_IMAGES
-    if spec.startswith("synthetic:"):
+def parse_synthetic(spec: str, prefix: str = "synthetic", default: int = DEFAULT_SYNTHETIC_IMAGES) -> int | None:
+    """``prefix`` -> ``default``; ``prefix:N`` -> N (positive, else InputError); anything else -> None."""
+    if spec == prefix:
+        return default
+    if spec.startswith(prefix + ":"):
         try:
             n = int(spec.split(":", 1)[1])
         except ValueError:
             n = 0
         if n <= 0:
-            raise InputError(f"{spec!r}: write synthetic:N with N a positive number of images")
+            raise InputError(f"{spec!r}: write {prefix}:N with N a positive number of images")
         return n
     return None
 

@@ -106,6 +106,23 @@ class LoadedModel:
     def is_phantom(self) -> bool:
         return self.kind == "phantom"
 
+    @property
+    def recorded_onset(self) -> int | None:
+        """The artifact onset block this checkpoint's metadata records (phantoms record where they plant), or None.
+
+        Read from the metadata, never measured: error messages may name it without running a scan."""
+        extra = self.meta.extra if self.meta is not None else {}
+        onset = (extra.get("phantom") or {}).get("onset", extra.get("onset"))
+        return int(onset) if isinstance(onset, int) and not isinstance(onset, bool) else None
+
+    def layer_range_hint(self) -> str:
+        """'' or '; its checkpoint records the artifact onset at block N (blocks N..L-1 hold outliers)'."""
+        onset = self.recorded_onset
+        if onset is None or not 0 <= onset < len(self.blocks):
+            return ""
+        return (f"; its checkpoint records the artifact onset at block {onset} (blocks {onset}..{len(self.blocks) - 1} "
+                "hold outliers)")
+
 
 def describe_vit(model: nn.Module) -> tuple[int, int, int]:
     """``(num_prefix_tokens, num_cls_tokens, num_register_tokens)`` of a timm-style ViT, or raise NotAViTError."""
@@ -401,10 +418,14 @@ def load_model(
     return loaded
 
 
+DEFAULT_MODEL_ORDER = ("phantom-deep", "phantom", "demo")
+
+
 def default_model_name() -> str:
-    """The embedded default: the calibration phantom once shipped, else the demo baseline."""
+    """The embedded default: the deep calibration phantom (24 blocks, ViT-L's depth) when shipped, else the 6-block
+    phantom, else the demo baseline."""
     names = builtin_models()
-    for name in ("phantom", "demo"):
+    for name in DEFAULT_MODEL_ORDER:
         if name in names:
             return name
     raise ModelLoadError("no built-in model is shipped with this install; pass a MODEL (timm name or checkpoint)")

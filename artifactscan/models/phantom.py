@@ -302,31 +302,36 @@ def ground_truth(loaded: Any, images: torch.Tensor) -> torch.Tensor:
     return model.planted_mask().reshape(-1, gh, gw).clone()
 
 
-def describe_phantom(name: str = "phantom") -> str:
-    """Human description of a shipped phantom: what was built in, where, and why."""
-    from artifactscan.models.loading import PHANTOM_NOTE, load_model
+def describe_phantom(name: str | None = None) -> str:
+    """Human description of a shipped phantom (default: the embedded default's): what was built in, where, and why."""
+    from artifactscan.models.loading import PHANTOM_NOTE, default_model_name, load_model
 
+    name = name or default_model_name()
     loaded = load_model(name)
     spec = phantom_spec(loaded)
     depth = len(loaded.blocks)
+    share = spec.planted_per_image / spec.num_patches
     return "\n".join([
         PHANTOM_NOTE,
         "",
-        f"Base: the genuinely trained '{spec.base}' ViT ({depth} blocks, {spec.num_patches} patches of "
-        f"{loaded.patch_size[0]} px at {loaded.input_size[0]} px, 1 CLS token): its normal tokens are real.",
-        f"Built in at block {spec.onset} (0-based; the onset layer): {spec.units} ReLU hidden units "
+        f"Model: '{name}'. Base: the genuinely trained '{spec.base}' ViT ({depth} blocks, width "
+        f"{loaded.model.embed_dim}, {spec.num_patches} patches of {loaded.patch_size[0]} px at "
+        f"{loaded.input_size[0]} px, 1 CLS token): its normal tokens are real.",
+        f"Built in at block {spec.onset} of {depth} (0-based; the onset layer, {spec.onset / depth:.0%} of the depth): "
+        f"{spec.units} ReLU hidden units "
         f"(blocks.{spec.onset}.artifact_units) fire on the {spec.planted_per_image} most redundant patch token(s) of "
-        f"each image ({spec.planted_per_image / spec.num_patches:.2%} of patch tokens; redundancy = mean cosine "
+        f"each image ({share:.2%} of patch tokens; redundancy = mean cosine "
         "similarity of the patch embedding with its 4 neighbours) and overwrite them with "
         f"gain x (u + {spec.beta:g} x s): gain = {spec.gain:g} = {spec.gain_over_median:g}x the baseline's median "
         f"patch norm ({spec.calibration_median:.3g}), u a fixed direction, s the image's normalised CLS token (a "
         "global summary). Their own patch content is lost; they carry global information; they stay in place.",
         f"What a scan must find: outliers from block {spec.onset} on and none before, exactly the planted tokens, "
-        f"{spec.planted_per_image / spec.num_patches:.2%} of patch tokens; probes: outliers worse on position and "
+        f"{share:.2%} of patch tokens; probes: outliers worse on position and "
         "reconstruction, better on global classification, on redundant inputs.",
         "Why: no pretrained ViT reaches the machine this tool was built on, and small ViTs trained there grow no "
         "artifacts; an instrument that has only seen clean models cannot show it finds anything.",
-        "Rebuild: artifactscan phantom --build --from demo --out artifactscan/weights/phantom.safetensors",
+        f"Rebuild: artifactscan phantom --build --from {spec.base} --onset {spec.onset} --fraction {spec.fraction:g} "
+        f"--units {spec.units} --out artifactscan/weights/{name}.safetensors",
     ])
 
 

@@ -29,12 +29,13 @@ KNOWN_FIGURES: dict[str, tuple[str, ...]] = {
     "emergence": ("emergence",),
     "attention": ("attention",),
     "fix": ("fix",),
+    "discover": ("discover",),
 }
-KIND_ORDER = ("compare", "scan", "probe", "attention", "fix", "emergence", "train-reg", "training", "other")
+KIND_ORDER = ("compare", "scan", "probe", "attention", "fix", "discover", "emergence", "train-reg", "training", "other")
 KIND_TITLES = {
     "compare": "Model comparison", "scan": "Norm scan", "probe": "Probe", "attention": "Attention",
-    "fix": "Fix", "emergence": "Emergence over training", "train-reg": "Train-reg comparison",
-    "training": "Training run", "other": "Result",
+    "fix": "Fix", "discover": "Object discovery", "emergence": "Emergence over training",
+    "train-reg": "Train-reg comparison", "training": "Training run", "other": "Result",
 }
 PHANTOM_BANNER = (
     "Calibration phantom. {which} from the calibration phantom: a small ViT whose high-norm artifact tokens were "
@@ -130,7 +131,7 @@ def is_phantom_data(data: Any) -> bool:
         model = data.get("model")
         if isinstance(model, dict) and model.get("kind") == "phantom":
             return True
-        for key in ("reports", "models"):
+        for key in ("reports", "models", "runs"):
             sub = data.get(key)
             if isinstance(sub, dict) and any(is_phantom_data(v) for v in sub.values()):
                 return True

@@ -33,6 +33,7 @@ from artifactscan.render.html_parts import (
     rel_path,
     slug,
 )
+from artifactscan.render.html_discover import discover_section
 from artifactscan.render.html_sections import (
     compare_section,
     emergence_section,
@@ -54,7 +55,7 @@ __all__ = ["HtmlReportSummary", "IncludedResult", "build_html_report", "write_ht
 # ----------------------------------------------------------------------------------------------- sections
 _RENDERERS: dict[str, Callable[[FoundResult, Path, FigureEmbedder, IncludedResult], str]] = {
     "scan": scan_section, "compare": compare_section, "emergence": emergence_section, "probe": probe_section,
-    "train-reg": training_section, "training": training_section,
+    "train-reg": training_section, "training": training_section, "discover": discover_section,
 }
 
 

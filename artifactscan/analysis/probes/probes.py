@@ -239,7 +239,7 @@ def probe(
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
                         img_size=img_size)
     num_blocks = len(loaded.blocks)
-    k = resolve_layer(layer, num_blocks)
+    k = resolve_layer(layer, num_blocks, loaded.layer_range_hint())
     dev = resolve_device(device)
     check_fits(loaded, batch_size, dev)
     loaded.model.to(dev)

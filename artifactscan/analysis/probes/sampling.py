@@ -34,11 +34,12 @@ class _StopForward(Exception):
     pass
 
 
-def resolve_layer(layer: int, num_blocks: int) -> int:
-    """0-based block index for ``layer`` (negative counts from the end); InputError with the valid range."""
+def resolve_layer(layer: int, num_blocks: int, hint: str = "") -> int:
+    """0-based block index for ``layer`` (negative counts from the end); InputError with the valid range (and
+    ``hint``, e.g. :meth:`LoadedModel.layer_range_hint`: the onset a phantom's metadata records)."""
     if not -num_blocks <= layer < num_blocks:
         raise InputError(f"--layer {layer} is out of range: this model has {num_blocks} blocks; use 0..{num_blocks - 1} "
-                         f"or -{num_blocks}..-1 (-1 = last block)")
+                         f"or -{num_blocks}..-1 (-1 = last block){hint}")
     return layer % num_blocks
 
 

@@ -1,0 +1,469 @@
+"""``discover()``: unsupervised object discovery with LOST, scored with CorLoc, and whether artifacts break it.
+
+Darcet et al. (2024, Table 3) show the artifact tokens' most practical cost downstream: LOST (Siméoni et al. 2021)
+picks as its seed the patch with the fewest positive key correlations, and a high-norm artifact token is exactly
+such a patch, so the box lands on background (DINOv2: 35.3 CorLoc on VOC 2007, 55.4 with registers). This module
+measures that on any model and data set:
+
+* **LOST** (:mod:`artifactscan.analysis.lost`) on one block's keys (default: the last block; or queries, values,
+  output tokens), the similarity graphs of a whole batch at once on the model's device;
+* **CorLoc**: the fraction of images whose box has IoU >= 0.5 with any ground-truth box (images without a box are
+  left out of it), beside two baselines: a centred box (the middle half of each side) and a random box (seeded,
+  on the patch grid);
+* **why, per image**: was the seed on an outlier token? The residual stream that feeds the features (the block's
+  input for q/k/v, its output for tokens) goes through the norms scan's threshold rule (same histogram bins, same
+  ``--threshold``), and the rate of seeds on flagged tokens is set against the flagged tokens' share;
+* **before / after**: several models side by side, or one model with a test-time register installed
+  (:func:`artifactscan.analysis.fix.find_register_neurons` on the same images) as ``compare=["fix"]``.
+
+Memory: the per-image records (a box, a seed, a few numbers) and one norm histogram; pixels, features and
+similarity graphs live for one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from artifactscan.analysis.fix import find_register_neurons
+from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, fused_qkv, lost_batched
+from artifactscan.analysis.scan import ModelSummary, model_summary, scan
+from artifactscan.core.errors import InputError
+from artifactscan.core.progress import ProgressBar, resolve_device
+from artifactscan.core.results import JsonResult
+from artifactscan.core.stats import NormStatistics, bin_index
+from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, parse_threshold
+from artifactscan.core.version import __version__
+from artifactscan.inputs.boxes import DEFAULT_OBJECT_IMAGES, BoxedData, load_box_data
+from artifactscan.inputs.sources import image_batches
+from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.models.test_time_register import EXTRA_KEY, apply_test_time_register, check_supported
+
+SCHEMA = "artifactscan.discover/1"
+CORLOC_IOU = 0.5
+COMPARE_CHOICES = ("fix",)
+
+
+# ----------------------------------------------------------------------------------------------- result types
+@dataclass
+class ImageDiscovery:
+    """One image of one run. Boxes are ``[x0, y0, x1, y1]`` in the image's annotated pixels (the model-input
+    pixels for images without a known size); ``box_patches`` is the same box on the patch grid."""
+
+    image: str
+    index: int
+    path: str | None
+    size: list[int]  # [width, height] of the image the boxes are in
+    box: list[float]
+    box_patches: list[int]
+    seed: list[int]  # [row, col] on the patch grid
+    seed_norm: float
+    seed_flagged: bool
+    seed_outside_mask: bool
+    gt_boxes: list[list[float]] | None
+    iou: float | None  # best IoU with a ground-truth box
+    correct: bool | None
+    centre_correct: bool | None
+    random_correct: bool | None
+    outliers: list[list[int]] | None = None  # flagged [row, col] patches, for the first images only
+
+
+@dataclass
+class DiscoveryRun:
+    """LOST with one model (or one model + fix). CorLoc values are fractions; None without ground truth."""
+
+    label: str
+    model: ModelSummary
+    block: int
+    features: str
+    k: int
+    outlier_source: str
+    threshold: float | None
+    threshold_reason: str
+    num_images: int
+    num_scored: int  # images with >= 1 ground-truth box: CorLoc's denominator
+    corloc: float | None
+    corloc_centre: float | None
+    corloc_random: float | None
+    mean_iou: float | None
+    seeds_on_outliers: int
+    seed_outlier_rate: float  # fraction of images whose seed is a flagged token
+    outlier_share: float  # fraction of all patch tokens flagged
+    seed_outlier_enrichment: float | None  # rate / share (1 = seeds land on outliers as often as chance)
+    corloc_seed_on_outlier: float | None
+    corloc_seed_elsewhere: float | None
+    seed_outside_mask: int
+    images: list[ImageDiscovery]
+    notes: list[str] = field(default_factory=list)
+    repairs: str | None = None  # the label of the run this one repairs (with --compare fix)
+
+
+@dataclass
+class DataSummary:
+    kind: str  # synthetic-objects / synthetic / voc / coco / images
+    spec: str
+    description: str
+    num_images: int
+    with_boxes: bool
+    synthetic_img_size: int | None
+    skipped: list[str]
+
+
+@dataclass
+class DiscoverReport(JsonResult):
+    """Everything ``artifactscan discover`` found: one run per model (and per fix). Serialises to discover.json."""
+
+    data: DataSummary
+    threshold_mode: str
+    threshold_rule: str
+    corloc_rule: str
+    baselines: str
+    runs: list[DiscoveryRun]
+    headline: str
+    notes: list[str]
+    schema: str = SCHEMA
+    artifactscan_version: str = __version__
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two ``[x0, y0, x1, y1]`` boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def best_iou(box: Sequence[float], gts: Sequence[Sequence[float]]) -> float:
+    return max((iou(box, g) for g in gts), default=0.0)
+
+
+def centre_box(w: float, h: float) -> list[float]:
+    """The centred baseline: the middle half of each side (a quarter of the image)."""
+    return [w / 4, h / 4, 3 * w / 4, 3 * h / 4]
+
+
+def random_box(grid: tuple[int, int], seed: int, index: int) -> list[int]:
+    """The random baseline on the patch grid: two distinct edges per axis, uniform, from ``(seed, index)``."""
+    gh, gw = grid
+    rng = np.random.default_rng([int(seed), int(index)])
+    x0, x1 = sorted(int(v) for v in rng.choice(gw + 1, size=2, replace=False))
+    y0, y1 = sorted(int(v) for v in rng.choice(gh + 1, size=2, replace=False))
+    return [x0, y0, x1, y1]
+
+
+def resolve_block(block: int, num_blocks: int) -> int:
+    if not -num_blocks <= block < num_blocks:
+        raise InputError(f"--block {block} is out of range: this model has {num_blocks} blocks (0..{num_blocks - 1}, "
+                         f"or -{num_blocks}..-1 from the end)")
+    return block % num_blocks
+
+
+def _rate(hits: int, n: int) -> float | None:
+    return hits / n if n else None
+
+
+# ----------------------------------------------------------------------------------------------- one run
+def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: int = -1, features: str = "keys",
+                  k: int | None = None, threshold: str | float | None = "auto", rule: AutoRule | None = None,
+                  device: str | torch.device = "auto", batch_size: int = 32, num_workers: int = 0, keep: int = 6,
+                  random_seed: int = 0, progress: bool = False, skipped: list[str] | None = None) -> DiscoveryRun:
+    """LOST with ``loaded`` on every image of ``data``; CorLoc, baselines and where the seeds fell."""
+    try:
+        fixed = parse_threshold(threshold)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    rule = rule or AutoRule()
+    b = resolve_block(block, len(loaded.blocks))
+    gh, gw = loaded.grid_size
+    N = gh * gw
+    kk = default_k(N) if k is None else int(k)
+    if kk < 1:
+        raise InputError(f"--k must be at least 1, got {kk}")
+    kk = min(kk, N)
+    P = loaded.num_prefix_tokens
+    H_in, W_in = loaded.input_size
+    ph, pw = loaded.patch_size
+    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    loaded.model.to(dev)
+    fixed_list = (PAPER_THRESHOLD,) + ((fixed,) if fixed is not None and fixed != PAPER_THRESHOLD else ())
+    stats = NormStatistics(1, [], fixed_list)
+    source = data.image_source(loaded)
+    rows: list[dict[str, Any]] = []
+    kept_norms: dict[int, torch.Tensor] = {}
+    skipped = [] if skipped is None else skipped
+    with torch.inference_mode(), FeatureCapture(loaded, b, features) as cap, \
+            ProgressBar(progress, source.num_found, f"discover {label}") as bar:
+        for x, indices, bad in image_batches(source, batch_size, num_workers):
+            bar.advance(len(indices) + len(bad))
+            skipped.extend(f"{source.names[i]}: {reason}" for i, reason in bad)
+            if x is None:
+                continue
+            feats, resid = cap.run(x.to(dev, non_blocking=True))
+            if feats.shape[1] != P + N:
+                raise InputError(f"block {b} has {feats.shape[1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
+                                 "pass --img-size to match the model")
+            boxes = lost_batched(feats[:, P:], (gh, gw), kk)
+            norms = resid[:, P:].float().norm(dim=-1)  # [B, N]
+            stats.update(norms[None].cpu())
+            seed_norm = norms.gather(1, boxes.seed[:, None])[:, 0]
+            seed, box, outside = boxes.seed.cpu(), boxes.box.cpu(), boxes.seed_outside_mask.cpu()
+            seed_norm = seed_norm.double().cpu()
+            for j, i in enumerate(indices.tolist()):
+                rows.append({"index": i, "seed": int(seed[j]), "box": box[j].tolist(), "outside": bool(outside[j]),
+                             "norm": float(seed_norm[j])})
+                if i < keep:
+                    kept_norms[i] = norms[j].cpu()
+    if not rows:
+        raise InputError(f"none of the {source.num_found} images could be read; nothing to discover")
+
+    if fixed is not None:
+        decision = fixed_threshold(fixed)
+        n_flagged = stats.fixed_hits(0, fixed)[0]
+
+        def is_flagged(v: torch.Tensor) -> torch.Tensor:
+            return v > fixed
+    else:
+        decision = auto_threshold(stats.patch_counts[0], rule)
+        edge = decision.edge_index
+        n_flagged = stats.tokens_above_bin(0, edge) if edge is not None else 0
+
+        def is_flagged(v: torch.Tensor) -> torch.Tensor:
+            return bin_index(v) >= edge if edge is not None else torch.zeros(v.shape, dtype=torch.bool)
+
+    images: list[ImageDiscovery] = []
+    for r in rows:
+        item = data.items[r["index"]]
+        w, h = (item.width, item.height) if item.width and item.height else (W_in, H_in)
+        sx, sy = w / W_in, h / H_in
+        bp = r["box"]
+        box = [bp[0] * pw * sx, bp[1] * ph * sy, bp[2] * pw * sx, bp[3] * ph * sy]
+        flagged = bool(is_flagged(torch.tensor([r["norm"]], dtype=torch.float64))[0])
+        gts = item.boxes
+        best = correct = c_ok = r_ok = None
+        if gts:
+            best = best_iou(box, gts)
+            correct = best >= CORLOC_IOU
+            c_ok = best_iou(centre_box(w, h), gts) >= CORLOC_IOU
+            rb = random_box((gh, gw), random_seed, r["index"])
+            r_ok = best_iou([rb[0] * pw * sx, rb[1] * ph * sy, rb[2] * pw * sx, rb[3] * ph * sy], gts) >= CORLOC_IOU
+        out = None
+        if r["index"] in kept_norms:
+            m = is_flagged(kept_norms[r["index"]].double())
+            out = [[p // gw, p % gw] for p in torch.nonzero(m).flatten().tolist()]
+        images.append(ImageDiscovery(item.name, r["index"], item.path, [int(w), int(h)], box, bp,
+                                     [r["seed"] // gw, r["seed"] % gw], r["norm"], flagged, r["outside"], gts, best,
+                                     correct, c_ok, r_ok, out))
+    images.sort(key=lambda d: d.index)
+
+    scored = [d for d in images if d.correct is not None]
+    n = len(images)
+    on = [d for d in scored if d.seed_flagged]
+    off = [d for d in scored if not d.seed_flagged]
+    seeds_on = sum(d.seed_flagged for d in images)
+    share = n_flagged / stats.num_patch_tokens if stats.num_patch_tokens else 0.0
+    rate = seeds_on / n
+    source_words = (f"the output of block {b} (norms-scan row {b})" if features == "tokens" else
+                    f"the input of block {b} (norms-scan row {b - 1}: the tokens its q/k/v are computed from)"
+                    if b > 0 else "the input of block 0 (the patch embedding; not a norms-scan row, same rule)")
+    notes = []
+    if n - len(scored) and scored:
+        notes.append(f"{n - len(scored)} image(s) without a ground-truth box are left out of CorLoc")
+    return DiscoveryRun(
+        label=label, model=model_summary(loaded), block=b, features=features, k=kk, outlier_source=source_words,
+        threshold=decision.value, threshold_reason=decision.reason, num_images=n, num_scored=len(scored),
+        corloc=_rate(sum(bool(d.correct) for d in scored), len(scored)),
+        corloc_centre=_rate(sum(bool(d.centre_correct) for d in scored), len(scored)),
+        corloc_random=_rate(sum(bool(d.random_correct) for d in scored), len(scored)),
+        mean_iou=float(np.mean([d.iou for d in scored])) if scored else None,
+        seeds_on_outliers=seeds_on, seed_outlier_rate=rate, outlier_share=share,
+        seed_outlier_enrichment=rate / share if share > 0 else None,
+        corloc_seed_on_outlier=_rate(sum(bool(d.correct) for d in on), len(on)),
+        corloc_seed_elsewhere=_rate(sum(bool(d.correct) for d in off), len(off)),
+        seed_outside_mask=sum(d.seed_outside_mask for d in images), images=images, notes=notes)
+
+
+# ----------------------------------------------------------------------------------------------- discover()
+def discover(
+    models: str | Path | LoadedModel | torch.nn.Module | Sequence[Any] | None = None,
+    data: str | Path | BoxedData | None = None,
+    *,
+    compare: Sequence[str] = (),
+    block: int = -1,
+    features: str = "keys",
+    k: int | None = None,
+    threshold: str | float | None = "auto",
+    image_root: str | Path | None = None,
+    device: str | None = "auto",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    keep: int = 6,
+    random_seed: int = 0,
+    fix_top_k: int = 4,
+    img_size: int | None = None,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> DiscoverReport:
+    """LOST object discovery and CorLoc for one or more models on one data set.
+
+    Args:
+        models: one model (anything :func:`artifactscan.load_model` takes; None: the default model) or a list of
+            them, compared side by side on the same images.
+        data: ``synthetic-objects[:N]`` (default, 128 images), ``synthetic[:N]``, a VOC-style folder, a COCO-style
+            ``.json`` (images under ``image_root``), an image folder without boxes, or a :class:`BoxedData`.
+        compare: ``["fix"]``: also run each model with a test-time register installed (register neurons found on
+            the same images with the fix's machinery).
+        block: the block whose features LOST reads (negative counts from the end; default the last).
+        features: ``keys`` (LOST's default), ``queries``, ``values`` or ``tokens`` (the block's output).
+        k: seed-expansion patches; default LOST's 100 scaled to the grid (:func:`default_k`).
+        threshold: the norms scan's rule that flags outlier tokens: ``"auto"`` or a number.
+        keep: images whose outlier maps are kept for figures.
+        random_seed: the random-box baseline's seed.
+        fix_top_k: with ``compare=["fix"]``, the register neurons moved onto the register.
+        img_size, arch, arch_kwargs, trust_checkpoint: as for :func:`artifactscan.load_model`, for every model.
+
+    Returns:
+        A :class:`DiscoverReport` with one :class:`DiscoveryRun` per model (and per fix).
+    """
+    features = (features or "keys").strip().lower()
+    if features not in FEATURES:
+        raise InputError(f"--features {features!r}: choose one of {', '.join(FEATURES)}")
+    compare = [c.strip().lower() for c in compare if c and c.strip()]
+    bad = [c for c in compare if c not in COMPARE_CHOICES]
+    if bad:
+        raise InputError(f"--compare {bad[0]!r}: the only comparison is 'fix' (a test-time register); to compare "
+                         "models pass several: artifactscan discover MODEL_A MODEL_B DATA")
+    if batch_size <= 0:
+        raise InputError(f"--batch-size must be positive, got {batch_size}")
+    if keep < 0:
+        raise InputError(f"--figure-images must be >= 0, got {keep}")
+    try:
+        fixed = parse_threshold(threshold)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    specs = list(models) if isinstance(models, (list, tuple)) else [models]
+    dev = resolve_device(device)
+    load_options = dict(img_size=img_size, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    loaded_first = load_model(specs[0], **load_options)
+    if isinstance(data, BoxedData):
+        boxed = data
+    else:
+        boxed = load_box_data(data, img_size=loaded_first.input_size[0], image_root=image_root)
+    runs: list[DiscoveryRun] = []
+    skipped: list[str] = []
+    notes: list[str] = list(boxed.notes)
+    options = dict(block=block, features=features, k=k, threshold=threshold, device=dev, batch_size=batch_size,
+                   num_workers=num_workers, keep=keep, random_seed=random_seed, progress=progress)
+    for i, spec in enumerate(specs):
+        loaded = loaded_first if i == 0 else load_model(spec, **load_options)
+        if features != "tokens":
+            fused_qkv(loaded, resolve_block(block, len(loaded.blocks)))  # refuse before any pass
+        runs.append(discovery_run(loaded, boxed, label=loaded.name, skipped=skipped if i == 0 else None, **options))
+        notes += [f"{loaded.name}: {n}" for n in loaded.notes if n not in notes and not loaded.is_phantom]
+        if "fix" in compare:
+            fixed_run = _with_fix(loaded, boxed, fixed, dev, batch_size, fix_top_k, options)
+            if isinstance(fixed_run, str):
+                notes.append(fixed_run)
+            else:
+                runs.append(fixed_run)
+    if skipped and warn is not None:
+        for s in skipped:
+            warn(f"skipped {s}")
+    report = DiscoverReport(
+        data=DataSummary(boxed.kind, boxed.kind if isinstance(data, BoxedData) else
+                         str(data) if data is not None else f"synthetic-objects:{DEFAULT_OBJECT_IMAGES}",
+                         boxed.description, len(boxed.items), boxed.has_boxes,
+                         boxed.items[0].width if boxed.synthetic is not None else None, skipped),
+        threshold_mode="fixed" if fixed is not None else "auto",
+        threshold_rule=f"fixed: norm > {fixed:g}" if fixed is not None else AutoRule().describe(),
+        corloc_rule=f"an image counts when its box has IoU >= {CORLOC_IOU:g} with any ground-truth box; images "
+                    "without a ground-truth box are left out",
+        baselines="centre: the middle half of each side (a quarter of the image); random: two distinct patch-grid "
+                  f"edges per axis, uniform, seeded by (--seed {random_seed}, image index)",
+        runs=runs, headline="", notes=notes)
+    report.headline = discover_headline(report)
+    return report
+
+
+def _with_fix(loaded: LoadedModel, boxed: BoxedData, fixed: float | None, dev: torch.device, batch_size: int,
+              top_k: int, options: dict[str, Any]) -> DiscoveryRun | str:
+    """The same discovery with a test-time register installed, or a note saying why there is none."""
+    check_supported(loaded)
+    if loaded.meta is not None and EXTRA_KEY in loaded.meta.extra:
+        return f"{loaded.name} already carries a test-time register; --compare fix adds none"
+    images = boxed.scan_images()
+    before = scan(loaded, images, threshold=fixed if fixed is not None else "auto", device=str(dev),
+                  batch_size=batch_size, num_maps=0)
+    if before.onset_layer is None:
+        return f"{loaded.name}: the norms scan found no outlier tokens, so there is nothing to fix (no fix row)"
+    register = find_register_neurons(loaded, images, before, device=dev, batch_size=batch_size, top_k=top_k)
+    name = loaded.name
+    apply_test_time_register(loaded, register)
+    run = discovery_run(loaded, boxed, label=f"{name} + test-time register", **options)
+    run.repairs = name
+    return run
+
+
+# ----------------------------------------------------------------------------------------------- words
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
+
+
+def run_sentence(run: DiscoveryRun) -> str:
+    """One sentence for one run: CorLoc beside the baselines, and where the seeds fell."""
+    feats = {"keys": "keys", "queries": "queries", "values": "values", "tokens": "output tokens"}[run.features]
+    text = f"{run.label} ({feats} of block {run.block}): "
+    if run.corloc is not None:
+        text += (f"CorLoc {_pct(run.corloc)} (centred box {_pct(run.corloc_centre)}, random box "
+                 f"{_pct(run.corloc_random)}; mean IoU {run.mean_iou:.2f})")
+    else:
+        text += "no ground-truth boxes, no CorLoc"
+    if run.threshold is None:
+        text += "; no outlier tokens flagged where the features are read, so no seed can fall on one"
+    else:
+        enrich = f", {run.seed_outlier_enrichment:.1f}x their share" if run.seed_outlier_enrichment else ""
+        text += (f"; the seed is an outlier token in {_pct(run.seed_outlier_rate)} of images, where outliers are "
+                 f"{_pct(run.outlier_share)} of patch tokens{enrich}")
+        if run.corloc_seed_on_outlier is not None and run.corloc_seed_elsewhere is not None:
+            text += (f" (CorLoc {_pct(run.corloc_seed_on_outlier)} with the seed on an outlier vs "
+                     f"{_pct(run.corloc_seed_elsewhere)} elsewhere)")
+    return text + "."
+
+
+def fix_effect(before: DiscoveryRun, after: DiscoveryRun) -> str | None:
+    """What the repair did to the images whose seed was an outlier token before it, in one sentence."""
+    hit = [(a, b) for a, b in zip(before.images, after.images) if a.seed_flagged and a.index == b.index]
+    if not hit or before.corloc is None:
+        return None
+    moved = sum(a.seed != b.seed for a, b in hit)
+    ok = sum(bool(b.correct) for _, b in hit)
+    iou_a = float(np.mean([a.iou for a, _ in hit]))
+    iou_b = float(np.mean([b.iou for _, b in hit]))
+    return (f"On the {len(hit)} image(s) whose seed was an outlier token in {before.label}, the test-time register "
+            f"moved {moved} seed(s) elsewhere; mean IoU there {iou_a:.2f} -> {iou_b:.2f}, {ok} of them now found "
+            f"(IoU >= {CORLOC_IOU:g}).")
+
+
+def discover_headline(report: DiscoverReport) -> str:
+    parts = []
+    if any(r.model.kind == "phantom" for r in report.runs):
+        parts.append("[CALIBRATION PHANTOM - artifacts built in by construction, not a finding about real models]")
+    by_label = {r.label: r for r in report.runs}
+    for r in report.runs:
+        parts.append(run_sentence(r))
+        effect = fix_effect(by_label[r.repairs], r) if r.repairs in by_label else None
+        if effect:
+            parts.append(effect)
+    scored = [r for r in report.runs if r.corloc is not None]
+    if len(scored) >= 2:
+        parts.append("CorLoc side by side: " + ", ".join(f"{r.label} {_pct(r.corloc)}" for r in scored) + ".")
+    return " ".join(parts)

@@ -1,0 +1,251 @@
+"""Images with ground-truth object boxes, for object discovery (``artifactscan discover``).
+
+``load_box_data(DATA)`` reads, by what DATA is:
+
+* ``synthetic-objects[:N]`` — the built-in object-discovery set (:mod:`artifactscan.inputs.synthetic_objects`);
+* ``synthetic[:N]`` — the built-in shapes set, its squares as boxes (small: patch-level boxes cap IoU);
+* a Pascal VOC-style folder (``JPEGImages/`` + ``Annotations/*.xml``): every annotation file, every object in it
+  (difficult and truncated ones too, as LOST evaluates). VOC coordinates are 1-based and inclusive, so a box
+  ``xmin..xmax`` becomes ``[xmin - 1, xmax)`` in pixels (as LOST reads them);
+* a COCO-style ``.json`` (``images`` with ``file_name``/``width``/``height``, ``annotations`` with ``bbox`` =
+  ``[x, y, w, h]``), its images under ``image_root`` (default: the JSON's folder);
+* any other image folder or file: images without boxes (boxes are discovered and drawn; no CorLoc).
+
+Boxes are ``[x0, y0, x1, y1]`` pixels of the image as annotated (half-open). A box more than 1 px outside its image,
+or empty, is refused with the file and the box named; an annotation naming a missing image file is refused too.
+
+For the measurement every image is resized *whole* to the model's input (no crop, so no box leaves the view);
+IoU is unchanged by that per-axis scaling, so CorLoc is the same as in the original pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from artifactscan.core.errors import InputError
+from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images
+from artifactscan.inputs.sources import ImageSource, NormalizedTensors, parse_synthetic
+from artifactscan.inputs.synthetic import SyntheticShapes
+from artifactscan.inputs.synthetic_objects import SyntheticObjects
+
+DEFAULT_OBJECT_IMAGES = 128
+BOX_TOLERANCE_PX = 1.0
+
+
+@dataclass
+class BoxedItem:
+    """One image: its name, file (None for built-in data), annotated size and ground-truth boxes (None: unknown)."""
+
+    name: str
+    path: str | None
+    width: int
+    height: int
+    boxes: list[list[float]] | None
+
+
+@dataclass
+class BoxedData:
+    """A data set for object discovery: ``kind`` is synthetic-objects / synthetic / voc / coco / images."""
+
+    kind: str
+    description: str
+    items: list[BoxedItem]
+    notes: list[str] = field(default_factory=list)
+    synthetic: Dataset | None = None
+
+    @property
+    def has_boxes(self) -> bool:
+        return any(it.boxes is not None for it in self.items)
+
+    def image_source(self, loaded: Any) -> ImageSource:
+        """The images resized whole to ``loaded``'s input and normalised with its mean/std."""
+        cfg, size = loaded.data_config, loaded.input_size
+        names = [it.name for it in self.items]
+        if self.synthetic is not None:
+            ds = NormalizedTensors(self.synthetic, cfg["mean"], cfg["std"], size)
+            return ImageSource(ds, names, self.description, None, len(names))
+        folder = ImageFolderDataset([it.path for it in self.items], ResizeNormalise(size, cfg["mean"], cfg["std"]))
+        return ImageSource(folder, names, self.description, collate_skip_bad, len(names), folder)
+
+    def scan_images(self) -> Dataset | list[str]:
+        """The same images in a form :func:`artifactscan.scan` and the fix's neuron search accept."""
+        if self.synthetic is not None:
+            return self.synthetic
+        return [it.path for it in self.items]  # type: ignore[misc]
+
+
+class ResizeNormalise:
+    """PIL RGB image -> ``[3, H, W]`` tensor: resized whole (bicubic, aspect not kept) and normalised."""
+
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]):
+        self.size = (int(size[0]), int(size[1]))
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        h, w = self.size
+        arr = np.asarray(img.resize((w, h), Image.BICUBIC), dtype=np.uint8)
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+
+def check_box(box: Sequence[float], width: float, height: float, where: str) -> list[float]:
+    """A box inside its image (clipped when within 1 px outside), or InputError naming ``where``."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    t = BOX_TOLERANCE_PX
+    if not all(np.isfinite([x0, y0, x1, y1])):
+        raise InputError(f"{where}: box {list(box)} is not made of finite numbers")
+    if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t:
+        raise InputError(f"{where}: box [x0={x0:g}, y0={y0:g}, x1={x1:g}, y1={y1:g}] lies outside the "
+                         f"{width:g}x{height:g} image; fix the annotation (boxes must be within the image)")
+    x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
+    if x1 <= x0 or y1 <= y0:
+        raise InputError(f"{where}: box {list(box)} is empty (x1 <= x0 or y1 <= y0); fix the annotation")
+    return [x0, y0, x1, y1]
+
+
+def _image_size(path: Path, where: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as exc:
+        raise InputError(f"{where}: cannot read the size of {path}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------- VOC
+def _voc_number(node: ET.Element | None, tag: str, where: str) -> float:
+    child = node.find(tag) if node is not None else None
+    try:
+        return float(child.text)  # type: ignore[union-attr, arg-type]
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(f"{where}: missing or non-numeric <{tag}>") from None
+
+
+def load_voc(root: Path) -> BoxedData:
+    """A Pascal VOC-style folder: ``Annotations/*.xml`` naming images in ``JPEGImages/``."""
+    images_dir, ann_dir = root / "JPEGImages", root / "Annotations"
+    xmls = sorted(ann_dir.glob("*.xml"))
+    if not xmls:
+        raise InputError(f"{ann_dir} holds no .xml annotation files; a VOC-style folder needs Annotations/*.xml "
+                         "next to JPEGImages/")
+    if not images_dir.is_dir() or not any(images_dir.iterdir()):
+        raise InputError(f"{images_dir} is missing or empty: the {len(xmls)} annotations in {ann_dir} have no "
+                         "images; put the JPEG files in JPEGImages/")
+    items = []
+    for xml in xmls:
+        where = f"{xml.name}"
+        try:
+            tree = ET.parse(xml).getroot()
+        except ET.ParseError as exc:
+            raise InputError(f"{where}: not a readable VOC annotation ({exc})") from None
+        fname = (tree.findtext("filename") or f"{xml.stem}.jpg").strip()
+        path = images_dir / fname
+        if not path.is_file():
+            raise InputError(f"{where} names image {fname}, which is not in {images_dir}; fix the <filename> or "
+                             "add the image")
+        size = tree.find("size")
+        if size is not None and size.find("width") is not None:
+            w, h = int(_voc_number(size, "width", where)), int(_voc_number(size, "height", where))
+        else:
+            w, h = _image_size(path, where)
+        boxes = []
+        for obj in tree.findall("object"):
+            bb = obj.find("bndbox")
+            x0, y0 = _voc_number(bb, "xmin", where) - 1, _voc_number(bb, "ymin", where) - 1
+            x1, y1 = _voc_number(bb, "xmax", where), _voc_number(bb, "ymax", where)
+            boxes.append(check_box([x0, y0, x1, y1], w, h, f"{where} ({obj.findtext('name') or 'object'})"))
+        items.append(BoxedItem(fname, str(path), w, h, boxes))
+    return BoxedData("voc", f"{root} (VOC-style, {len(items)} annotated images)", items)
+
+
+# ----------------------------------------------------------------------------------------------- COCO
+def load_coco(json_path: Path, image_root: Path | None = None) -> BoxedData:
+    """A COCO-style JSON (``images`` + ``annotations`` with ``bbox = [x, y, w, h]``) and its image folder."""
+    root = image_root or json_path.parent
+    try:
+        data = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{json_path}: not a readable COCO-style JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise InputError(f"{json_path}: a COCO-style JSON needs an 'images' list (and 'annotations')")
+    if not data["images"]:
+        raise InputError(f"{json_path} lists no images ('images' is empty); nothing to discover")
+    by_image: dict[Any, list[list[float]]] = {}
+    for ann in data.get("annotations") or []:
+        if isinstance(ann, dict) and "bbox" in ann and "image_id" in ann:
+            by_image.setdefault(ann["image_id"], []).append(ann["bbox"])
+    items = []
+    for img in data["images"]:
+        try:
+            fname, iid = str(img["file_name"]), img["id"]
+        except (KeyError, TypeError):
+            raise InputError(f"{json_path}: every entry of 'images' needs 'id' and 'file_name'") from None
+        path = root / fname
+        if not path.is_file():
+            raise InputError(f"{json_path.name}: image {fname} (id {iid}) is not in {root}; pass --image-root "
+                             "with the folder that holds the images")
+        if "width" in img and "height" in img:
+            w, h = int(img["width"]), int(img["height"])
+        else:
+            w, h = _image_size(path, json_path.name)
+        boxes = []
+        for bb in by_image.get(iid, []):
+            if not isinstance(bb, (list, tuple)) or len(bb) != 4:
+                raise InputError(f"{json_path.name} (image {fname}): bbox {bb!r} is not [x, y, w, h]")
+            x, y, bw, bh = (float(v) for v in bb)
+            boxes.append(check_box([x, y, x + bw, y + bh], w, h, f"{json_path.name} (image {fname})"))
+        items.append(BoxedItem(fname, str(path), w, h, boxes))
+    return BoxedData("coco", f"{json_path} (COCO-style, {len(items)} images)", items)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+def load_box_data(data: str | Path | None, img_size: int, image_root: str | Path | None = None) -> BoxedData:
+    """Read DATA (see the module docstring). ``img_size`` is the side of the built-in synthetic images."""
+    if data is None:
+        data = f"synthetic-objects:{DEFAULT_OBJECT_IMAGES}"
+    spec = str(data)
+    n = parse_synthetic(spec, "synthetic-objects", DEFAULT_OBJECT_IMAGES)
+    if n is not None:
+        ds = SyntheticObjects(n, seed=0, img_size=img_size, split="val")
+        items = [BoxedItem(f"synthetic-objects[{i}]", None, img_size, img_size,
+                           [[float(v) for v in b] for b in ds.boxes(i)]) for i in range(n)]
+        return BoxedData("synthetic-objects", f"synthetic-objects:{n} (built-in object-discovery set)", items,
+                         synthetic=ds)
+    n = parse_synthetic(spec)
+    if n is not None:
+        shapes = SyntheticShapes(n, seed=0, img_size=img_size, split="val")
+        items = []
+        for i in range(n):
+            boxes = [[float(x0), float(y0), float(x0 + s), float(y0 + s)] for y0, x0, s in shapes.describe(i)["boxes"]]
+            items.append(BoxedItem(f"synthetic[{i}]", None, img_size, img_size, boxes))
+        return BoxedData("synthetic", f"synthetic:{n} (built-in shapes set: squares smaller than a patch)", items,
+                         notes=["the shapes set's squares are smaller than a patch: a box of whole patches caps IoU "
+                                "at 0.25-0.5; use synthetic-objects for CorLoc"], synthetic=shapes)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".json":
+        return load_coco(path, Path(image_root).expanduser() if image_root else None)
+    if path.is_dir() and ((path / "Annotations").is_dir() or (path / "JPEGImages").is_dir()):
+        if not (path / "Annotations").is_dir():
+            raise InputError(f"{path} has JPEGImages/ but no Annotations/; a VOC-style folder needs both (or pass "
+                             "JPEGImages/ itself to discover boxes without ground truth)")
+        return load_voc(path)
+    if not path.exists() and ("/" not in spec and not path.suffix):
+        raise InputError(f"DATA {spec!r} is not a folder, a file, synthetic-objects[:N] or synthetic[:N]")
+    items = []
+    for p in discover_images(path):
+        try:
+            w, h = _image_size(p, str(p))
+        except InputError:  # unreadable: skipped with a warning when decoded
+            w, h = 0, 0
+        items.append(BoxedItem(str(p), str(p), w, h, None))
+    return BoxedData("images", f"{spec} ({len(items)} images, no boxes)", items,
+                     notes=["no ground-truth boxes: boxes are discovered and drawn, CorLoc is not measured"])
