@@ -27,7 +27,7 @@ def test_nan_weights_are_refused_naming_the_tensor(tmp_path, image_dir):
     ckpt = save_tiny(tmp_path / "nan.safetensors", _two_nans)
     out = tmp_path / "out"
     line = check(invoke("norms", ckpt, image_dir, "--out", out), 1, "non-finite weights")
-    assert "pos_embed (2 NaN, 0 Inf)" in line and "--allow-nonfinite" in line
+    assert "pos_embed (2 NaN, 0 Inf)" in line and "norms --allow-nonfinite" in line
     assert not out.exists()  # nothing ran, and the folder it had created for the run is gone again
 
 
@@ -302,3 +302,12 @@ def test_memory_estimate_refuses_with_a_batch_size_that_fits():
 
 def test_attention_at_an_img_size_that_cannot_fit():
     check(invoke("attention", "phantom", "synthetic:2", "--img-size", "4096"), 1, "GiB of activations")
+
+
+def test_nonfinite_activations_refused_by_compare_and_fix(tmp_path):
+    bad = save_tiny(tmp_path / "overflow.safetensors", lambda m: m.pos_embed[0, 6].fill_(3e38))
+    good = save_tiny(tmp_path / "good.safetensors")
+    check(invoke("compare", good, bad, "synthetic:4"), 1, "non-finite token norms")
+    out = tmp_path / "fixed.safetensors"
+    check(invoke("fix", bad, "synthetic:4", "--out", out), 1, "nothing to fix")
+    assert not out.exists()

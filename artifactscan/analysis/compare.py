@@ -18,7 +18,7 @@ import torch
 
 from artifactscan.analysis.attention import attention_mass
 from artifactscan.models.checkpoint import read_meta
-from artifactscan.core.errors import InputError, ModelLoadError
+from artifactscan.core.errors import InputError, ModelLoadError, NonFiniteError
 from artifactscan.core.files import display_name, name_hex
 from artifactscan.models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from artifactscan.analysis.scan import ScanReport, scan
@@ -123,6 +123,10 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
         loaded = load_model(spec)
         report = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size,
                       progress=progress, **scan_kwargs)
+        problem = report.nonfinite_problem()
+        if problem:  # a comparison of invalid statistics would read as a finding
+            raise NonFiniteError(f"{label}: {problem}; its statistics are not valid, so the comparison is refused "
+                                 f"(artifactscan norms {label} --allow-nonfinite shows where they start)")
         mass = prefix_attention(loaded, images, dev, batch_size)
         rows.append(_row(label, loaded, report, mass, n_syn))
         reports[label] = report

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.results import JsonResult
 from artifactscan.models.test_time_register import (
@@ -164,6 +164,10 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
         raise InputError(f"{loaded.name} already carries a test-time register; fix the original model instead")
     loaded.model.to(dev)
     before = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0)
+    problem = before.nonfinite_problem()
+    if problem:
+        raise NonFiniteError(f"{loaded.name}: {problem}; nothing to fix from a pass whose norms are not finite "
+                             "(artifactscan norms --allow-nonfinite shows where they start)")
     if before.onset_layer is None:
         return FixReport(loaded.name, before.images.source, [], -1, 0.0, 0.0, before.last_block.max_over_median,
                          before.last_block.max_over_median, 0.0, None, 1.0, 1.0,

@@ -230,8 +230,8 @@ def _check_finite(loaded: LoadedModel, allow: bool) -> None:
     shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
     if not allow:
         raise NonFiniteError(f"{loaded.name} has non-finite weights (NaN/Inf) in {len(bad)} tensor(s): {shown}; every "
-                             "norm it produces would be meaningless. Repair or re-export the checkpoint, or pass "
-                             "--allow-nonfinite to scan it anyway")
+                             "norm it produces would be meaningless. Repair or re-export the checkpoint (`artifactscan "
+                             "norms --allow-nonfinite` scans it anyway, to see where the values lead)")
     note = f"NON-FINITE WEIGHTS in {len(bad)} tensor(s): {shown} (scanned with --allow-nonfinite)"
     if note not in loaded.notes:
         loaded.notes.append(note)
