@@ -311,3 +311,6 @@ def test_nonfinite_activations_refused_by_compare_and_fix(tmp_path):
     out = tmp_path / "fixed.safetensors"
     check(invoke("fix", bad, "synthetic:4", "--out", out), 1, "nothing to fix")
     assert not out.exists()
+    attn = tmp_path / "attn"
+    check(invoke("attention", bad, "synthetic:4", "--out", attn), 1, "attention maps of such a pass mean nothing")
+    assert not attn.exists()

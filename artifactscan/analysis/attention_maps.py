@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from artifactscan.core.version import __version__
 from artifactscan.analysis.attention import AttentionCapture
-from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
 from artifactscan.analysis.memory import check_fits
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.results import JsonResult
@@ -340,6 +340,10 @@ def attention_report(
                            num_workers=num_workers, num_maps=0, progress=progress, warn=warn)
     else:
         _check_scan_report(scan_report, loaded)
+    problem = scan_report.nonfinite_problem()
+    if problem:
+        raise NonFiniteError(f"{loaded.name}: {problem}; attention maps of such a pass mean nothing "
+                             "(artifactscan norms --allow-nonfinite shows where the values start)")
     loaded.model.to(dev)
     flagged = _outlier_index(scan_report)
 
