@@ -314,3 +314,24 @@ def test_nonfinite_activations_refused_by_compare_and_fix(tmp_path):
     attn = tmp_path / "attn"
     check(invoke("attention", bad, "synthetic:4", "--out", attn), 1, "attention maps of such a pass mean nothing")
     assert not attn.exists()
+
+
+def test_readers_accept_the_previous_schemas(tmp_path, image_dir):
+    from artifactscan.analysis.compare import EmergenceReport
+    from artifactscan.analysis.scan import ScanReport
+
+    result = invoke("norms", "demo", image_dir, "--json")
+    check(result, 0)
+    data = json.loads(result.stdout)
+    assert data["schema"] == "artifactscan.scan/3"
+    old = json.loads(json.dumps(data))
+    old["schema"] = "artifactscan.scan/2"
+    old.pop("nonfinite_weights")
+    old["images"].pop("num_other_files")
+    for lay in old["layers"]:
+        lay.pop("num_nonfinite")
+    back = ScanReport.from_dict(old)
+    assert back.num_nonfinite == 0 and back.nonfinite_problem() is None and back.images.num_other_files == 0
+    em = EmergenceReport.from_dict({"run_dir": "r", "images": "synthetic:8", "groups": [], "notes": [],
+                                    "schema": "artifactscan.emergence/1"})
+    assert em.skipped == []
