@@ -266,3 +266,16 @@ def test_fixed_checkpoint_path_messages_are_literal(tmp_path, tiny_ckpt, image_d
     result = invoke("norms", tiny_ckpt, image_dir, *ARGS, "--out", out, "--no-figures")
     check(result, 0)
     assert "[red]x[/red]" in result.stdout and (out / "report.json").is_file()
+
+
+def test_report_html_inside_a_run_folder_goes_with_that_run(tmp_path, image_dir):
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "mine.txt").write_text("mine")
+    check(_norms("demo", image_dir, out, "--maps", "1"), 0)
+    check(invoke("report", out), 0)  # default: out/report.html, joins the scan's manifest
+    assert "report.html" in manifest(out)["files"] and manifest(out)["command"] == "norms"
+    assert "report.json" in manifest(out)["files"]
+    check(_norms("demo", image_dir, out, "--no-figures"), 0)
+    assert not (out / "report.html").exists()  # the page of the previous run went with it
+    assert sorted(p.name for p in out.iterdir() if p.name[0] != ".") == ["mine.txt", "outliers.csv", "report.json"]

@@ -42,9 +42,15 @@ def report(
     def work() -> None:
         from artifactscan.core.files import check_output_file
 
+        from artifactscan.core.files import MANIFEST_NAME, output_folder
+
         target = results_dir / "report.html" if out is None else (out / "report.html" if out.is_dir() else out)
         check_output_file(target, "--out")  # before the folder is read, not after
-        summary = write_html_report(results_dir, out, warn=warn)
+        # Into a folder a run owns (it has a manifest): take its lock and join its manifest, so the next run there
+        # removes this page with the rest of the outputs it was made from.
+        managed = (target.parent / MANIFEST_NAME).is_file()
+        with output_folder(target.parent if managed else None, "report", add_to_previous=True):
+            summary = write_html_report(results_dir, out, warn=warn)
         if summary.phantom:
             print_line(stdout, "note:", "yellow", "includes calibration-phantom results (artifacts built in by "
                        "construction); the page says so at the top.")

@@ -212,11 +212,15 @@ class OutputFolder:
     files in the folder are never touched.
     """
 
-    def __init__(self, path: str | os.PathLike[str], command: str, flag: str = "--out", manifest: bool = True):
+    def __init__(self, path: str | os.PathLike[str], command: str, flag: str = "--out", manifest: bool = True,
+                 add_to_previous: bool = False):
         self.path = Path(path).expanduser()
         self.command = command
         self.flag = flag
         self.manifest = manifest  # False: validate and lock only (a train-reg run folder manages its own files)
+        # True: this run's files join the previous run's (``report`` writing report.html into a scan's folder: the
+        # page is derived from that run, so the next run into the folder removes it with the rest)
+        self.add_to_previous = add_to_previous
         self.files: list[str] = []
         self._lock_fd: int | None = None
         self._created: list[Path] = []
@@ -314,6 +318,11 @@ class OutputFolder:
             return
         self._began = True
         old = self.previous_files()
+        if self.add_to_previous:
+            self.files = list(old)
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                self.command = json.loads(self.manifest_path.read_text()).get("command", self.command)
+            old = []
         folders: set[Path] = set()
         for name in old:
             target = self.path / name
@@ -389,10 +398,10 @@ class OutputFolder:
 
 @contextlib.contextmanager
 def output_folder(path: str | os.PathLike[str] | None, command: str, flag: str = "--out",
-                  manifest: bool = True) -> Iterator[OutputFolder | None]:
+                  manifest: bool = True, add_to_previous: bool = False) -> Iterator[OutputFolder | None]:
     """:class:`OutputFolder` for ``path``, or nothing when there is no ``--out``."""
     if path is None:
         yield None
         return
-    with OutputFolder(path, command, flag, manifest) as folder:
+    with OutputFolder(path, command, flag, manifest, add_to_previous) as folder:
         yield folder
