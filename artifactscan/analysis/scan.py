@@ -25,7 +25,7 @@ from artifactscan.analysis.memory import check_fits
 from artifactscan.core.errors import InputError
 from artifactscan.core.files import display_name, name_hex
 from artifactscan.core.progress import ProgressBar, distributed_world, gather, resolve_device
-from artifactscan.inputs.images import SkippedImage
+from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES, SkippedImage
 from artifactscan.inputs.sources import ImageSource, image_batches, make_image_source
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
@@ -370,7 +370,9 @@ def scan(
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     for idx, reason in skipped if rank == 0 else []:
         warn(f"skipped {display_name(source.names[idx])}: {reason}")
-    if source.other_files and rank == 0:
+    if rank == 0 and any(s in UNDECODED_IMAGE_SUFFIXES for s in source.other_files):
+        # Said once when something looks like an image we leave out (.svg, .heic ...); a README beside the photos
+        # is only counted (images.num_other_files).
         n_other = sum(source.other_files.values())
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(source.other_files.items(), key=lambda kv: -kv[1])[:6])
         warn(f"ignored {n_other} file(s) that are not images ({kinds})")

@@ -29,6 +29,7 @@ from artifactscan.core.files import display_name, name_hex
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "UNDECODED_IMAGE_SUFFIXES",
     "ImageSkipped",
     "SkippedImage",
     "BadSample",
@@ -53,6 +54,11 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
 ) + ((".avif",) if _pillow_decodes("avif") else ())
 _ACCEPTED = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+#: Suffixes of image formats left out (not decoded here): a folder holding them gets a warning with the count.
+UNDECODED_IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".svg", ".svgz", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".exr", ".hdr", ".psd", ".raw", ".dng",
+     ".cr2", ".cr3", ".nef", ".arw", ".orf", ".ico", ".tga", ".eps", ".pdf"} - set(IMAGE_EXTENSIONS))
 
 #: Background used where an image has transparency (alpha channel, tRNS chunk, transparent palette entry).
 _BACKGROUND = (255, 255, 255)
