@@ -335,3 +335,11 @@ def test_readers_accept_the_previous_schemas(tmp_path, image_dir):
     em = EmergenceReport.from_dict({"run_dir": "r", "images": "synthetic:8", "groups": [], "notes": [],
                                     "schema": "artifactscan.emergence/1"})
     assert em.skipped == []
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--top-k", "0"), "--top-k must be at least 1"),
+    (("--max-layer", "99"), "--max-layer 99 is outside the model"),
+])
+def test_fix_options_are_checked_even_when_there_is_nothing_to_fix(args, match):
+    check(invoke("fix", "demo", "synthetic:4", *args), 1, match)

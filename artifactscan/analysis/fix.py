@@ -157,9 +157,14 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
         threshold: str | float = "auto", out: str | Path | None = None, device: str = "auto",
         batch_size: int = 32) -> FixReport:
     """Find the register neurons on ``images``, install a test-time register, and report before vs after."""
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
     dev = resolve_device(device)
     loaded = load_model(model)
     check_supported(loaded)
+    if max_layer is not None and not 0 <= max_layer < len(loaded.blocks):
+        raise InputError(f"--max-layer {max_layer} is outside the model: choose a block from 0 to "
+                         f"{len(loaded.blocks) - 1}")
     if loaded.meta is not None and EXTRA_KEY in loaded.meta.extra:
         raise InputError(f"{loaded.name} already carries a test-time register; fix the original model instead")
     loaded.model.to(dev)
