@@ -134,10 +134,11 @@ def test_sigterm_to_train_reg_stops_both_variants_and_resume_matches(tmp_path):
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("reg", "step"))]
     assert proc.returncode == 130, err
     assert lines[-1].startswith("interrupted:") and "--resume" in lines[-1] and "Traceback" not in err, err
-    for reg in ("reg0", "reg4"):
+    stopped = [reg for reg in ("reg0", "reg4") if not (run / reg / "final.safetensors").exists()]
+    assert stopped, "both variants finished before the signal: nothing was interrupted"  # (a very fast machine)
+    for reg in stopped:
         state = torch.load(run / reg / "last.pt", weights_only=True)["resume"]
-        assert 0 < state["step"] < 200
-        assert not (run / reg / "final.safetensors").exists()
+        assert 0 < state["step"] < 200, state["step"]
     again = _cli("--resume", str(run), "--json")
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
