@@ -314,6 +314,7 @@ def test_nonfinite_activations_refused_by_compare_and_fix(tmp_path):
     attn = tmp_path / "attn"
     check(invoke("attention", bad, "synthetic:4", "--out", attn), 1, "attention maps of such a pass mean nothing")
     assert not attn.exists()
+    check(invoke("probe", bad, "synthetic:16", "--layer", "0"), 1, "probes of them would mean nothing")
 
 
 def test_readers_accept_the_previous_schemas(tmp_path, image_dir):
