@@ -344,3 +344,17 @@ def test_readers_accept_the_previous_schemas(tmp_path, image_dir):
 ])
 def test_fix_options_are_checked_even_when_there_is_nothing_to_fix(args, match):
     check(invoke("fix", "demo", "synthetic:4", *args), 1, match)
+
+
+def test_a_diverged_checkpoint_in_a_run_is_named_and_fails_the_command(tmp_path):
+    run = _run(tmp_path)
+    save_tiny(run / "reg0" / "checkpoints" / "step_0000400.safetensors", _two_nans, {"step": 400})
+    out = tmp_path / "out"
+    line = check(invoke("norms", run, "synthetic:8", "--out", out), 1, "1 checkpoint(s) of the run hold non-finite")
+    assert "step_0000400.safetensors" in line and "pos_embed (2 NaN, 0 Inf)" in line
+    data = json.loads((out / "emergence.json").read_text())  # written first: the other points are still there
+    assert [p["step"] for p in data["groups"][0]["points"]] == [100, 200, 300]
+    assert data["skipped"][0]["reason"].startswith("non-finite: ")
+    result = invoke("norms", run, "synthetic:8", "--json", "--allow-nonfinite")
+    check(result, 0)
+    assert [p["step"] for p in json.loads(result.stdout)["groups"][0]["points"]] == [100, 200, 300, 400]

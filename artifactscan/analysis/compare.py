@@ -201,6 +201,9 @@ class SkippedCheckpoint:
     path_hex: str | None = None
 
 
+NONFINITE_REASON = "non-finite: "  # how a skipped checkpoint's reason starts when its weights or norms held NaN/Inf
+
+
 def _is_resume_state(path: Path) -> bool:
     return path.name == "last.pt"  # train-reg's resume state: optimizer + weights of the newest step, not a snapshot
 
@@ -297,6 +300,7 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
     file and reason) and listed in ``skipped``; a checkpoint that loads but fails to build is skipped the same way.
     """
     skipped: list[SkippedCheckpoint] = []
+    nonfinite_notes: list[str] = []
     groups = find_checkpoints(run_dir, skipped)
     out_groups, source = [], ""
     for key, items in groups.items():
@@ -305,12 +309,21 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
         for step, path in items:
             try:
                 loaded = load_model(path, allow_nonfinite=allow_nonfinite)
+            except NonFiniteError as exc:  # e.g. a training run that diverged: named, and the command fails
+                skipped.append(SkippedCheckpoint(display_name(path), f"{NONFINITE_REASON}{exc}", name_hex(path)))
+                continue
             except ModelLoadError as exc:
                 skipped.append(SkippedCheckpoint(display_name(path), str(exc), name_hex(path)))
                 continue
             registers = loaded.num_register_tokens
             report = scan(loaded, images, threshold=threshold, device=device, batch_size=batch_size,
-                          progress=progress, num_maps=0, **scan_kwargs)
+                          progress=progress, num_maps=0, allow_nonfinite=allow_nonfinite, **scan_kwargs)
+            problem = report.nonfinite_problem()
+            if problem and not allow_nonfinite:
+                skipped.append(SkippedCheckpoint(display_name(path), NONFINITE_REASON + problem, name_hex(path)))
+                continue
+            if problem:
+                nonfinite_notes.append(f"{display_name(path)}: {problem} (kept: --allow-nonfinite)")
             source = report.images.source
             blocks = [lay for lay in report.layers if not lay.is_final_norm]
             points.append(EmergencePoint(step, display_name(path), report.onset_layer,
@@ -322,7 +335,9 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
     for s in skipped:
         say(f"skipped checkpoint {s.path}: {s.reason}")
     if not out_groups:
-        raise InputError(f"none of the checkpoints in {display_name(run_dir)} could be scanned ({len(skipped)} skipped)")
+        why = f"; first: {skipped[0].path}: {skipped[0].reason}" if skipped else ""
+        raise InputError(f"none of the checkpoints in {display_name(run_dir)} could be scanned ({len(skipped)} "
+                         f"skipped{why})")
     notes = []
     if len(out_groups) > 1:
         notes.append(f"{run_dir} holds checkpoints of {len(out_groups)} different architectures; each is its own "
@@ -330,6 +345,7 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
                                            for g in out_groups))
     if skipped:
         notes.append(f"{len(skipped)} checkpoint file(s) skipped (listed under 'skipped' with the reason)")
+    notes.extend(nonfinite_notes)
     return EmergenceReport(display_name(run_dir), source, out_groups, notes, skipped)
 
 

@@ -330,6 +330,13 @@ def norms(
                           allow_nonfinite=allow_nonfinite)
         emit_result(result, out, "emergence.json", json_out, lambda r: render_emergence(r, stdout),
                     save_emergence_figure if figures else None)
+        from artifactscan.analysis.compare import NONFINITE_REASON
+
+        bad = [s for s in result.skipped if s.reason.startswith(NONFINITE_REASON)]
+        if bad:
+            raise NonFiniteError(f"{len(bad)} checkpoint(s) of the run hold non-finite weights or norms (first: "
+                                 f"{bad[0].path}: {bad[0].reason[len(NONFINITE_REASON):]}); they are listed under "
+                                 "'skipped' (--allow-nonfinite scans them anyway)")
         if fail_above is not None:
             over = [(g, g.points[-1]) for g in result.groups if g.points and g.points[-1].outlier_fraction
                     and g.points[-1].outlier_fraction[-1] > fail_above]
