@@ -32,7 +32,8 @@ from torch.utils.data import Dataset
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.version import __version__
 from artifactscan.analysis.attention import AttentionCapture
-from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
+from artifactscan.analysis.memory import check_fits
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.results import JsonResult
 from artifactscan.analysis.scan import ImageSummary, ModelSummary, ScanReport, model_summary, scan
@@ -335,6 +336,7 @@ def attention_report(
     qpatch = parse_query_patch(query_patch, (gh, gw))
     capture = AttentionCapture(loaded, blocks)  # raises NotAViTError before any work when a block cannot be captured
     dev = resolve_device(device)
+    check_fits(loaded, batch_size, dev, explicit_attention=True)  # captured blocks hold heads x T x T probabilities
 
     # Pass 1: the norms scan flags outliers (or a given report is reused).
     if scan_report is None:
@@ -343,6 +345,10 @@ def attention_report(
                            exact_decode=exact_decode, gpu_decode=gpu_decode)
     else:
         _check_scan_report(scan_report, loaded)
+    problem = scan_report.nonfinite_problem()
+    if problem:
+        raise NonFiniteError(f"{loaded.name}: {problem}; attention maps of such a pass mean nothing "
+                             "(artifactscan norms --allow-nonfinite shows where the values start)")
     loaded.model.to(dev)
     flagged = _outlier_index(scan_report)
 

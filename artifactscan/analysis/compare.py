@@ -9,15 +9,17 @@ a norm rule alone flags object (content) tokens too.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from artifactscan.analysis.attention import attention_mass
 from artifactscan.models.checkpoint import read_meta
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, ModelLoadError, NonFiniteError
+from artifactscan.core.files import display_name, name_hex
 from artifactscan.models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
 from artifactscan.analysis.scan import ScanReport, scan
 from artifactscan.inputs.sources import image_batches, make_image_source
@@ -121,6 +123,10 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
         loaded = load_model(spec)
         report = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size,
                       progress=progress, **scan_kwargs)
+        problem = report.nonfinite_problem()
+        if problem:  # a comparison of invalid statistics would read as a finding
+            raise NonFiniteError(f"{label}: {problem}; its statistics are not valid, so the comparison is refused "
+                                 f"(artifactscan norms {label} --allow-nonfinite shows where they start)")
         mass = prefix_attention(loaded, images, dev, batch_size, **{k: v for k, v in scan_kwargs.items()
                                                                     if k in _DECODE_KEYS})
         rows.append(_row(label, loaded, report, mass, n_syn))
@@ -192,16 +198,46 @@ def register_verdict(rows: list[ModelRow]) -> str:
 _STEP = re.compile(r"(\d+)")
 
 
-def find_checkpoints(run_dir: str | Path) -> dict[str, list[tuple[int | None, Path]]]:
-    """Self-describing checkpoints under ``run_dir``, grouped by architecture and sorted by training step."""
+@dataclass
+class SkippedCheckpoint:
+    """A checkpoint file of a run folder left out of the series, and why (``path_hex``: the exact name's bytes)."""
+
+    path: str
+    reason: str
+    path_hex: str | None = None
+
+
+NONFINITE_REASON = "non-finite: "  # how a skipped checkpoint's reason starts when its weights or norms held NaN/Inf
+
+
+def _is_resume_state(path: Path) -> bool:
+    return path.name == "last.pt"  # train-reg's resume state: optimizer + weights of the newest step, not a snapshot
+
+
+def find_checkpoints(run_dir: str | Path, skipped: list[SkippedCheckpoint] | None = None
+                     ) -> dict[str, list[tuple[int | None, Path]]]:
+    """Self-describing checkpoints under ``run_dir``, grouped by architecture and sorted by training step.
+
+    Files with a checkpoint suffix that cannot be used (unreadable, truncated, no artifactscan metadata, malformed
+    metadata) are appended to ``skipped`` with the reason, never dropped silently.
+    """
     root = Path(run_dir)
     groups: dict[str, list[tuple[int | None, Path]]] = {}
-    for path in sorted(p for p in root.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()
+                       and not p.name.startswith(".") and not _is_resume_state(p)):
         try:
             meta = read_meta(path)
-        except Exception:
+            reason = None if meta is not None else ("no artifactscan metadata (not a self-describing checkpoint; "
+                                                    "scan it alone with --arch)")
+        except Exception as exc:  # damaged files raise many types: each is a reason, not a crash
             meta = None
-        if meta is None:  # resume states and foreign files are not model checkpoints
+            text = " ".join(str(exc).split())
+            reason = "unreadable: " + (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+            if path.stat().st_size == 0:
+                reason = "unreadable: the file is empty (0 bytes)"
+        if meta is None:
+            if skipped is not None:
+                skipped.append(SkippedCheckpoint(display_name(path), reason or "", name_hex(path)))
             continue
         key = meta.arch + " " + ",".join(f"{k}={v}" for k, v in sorted(meta.arch_kwargs.items()))
         step = meta.step
@@ -210,7 +246,8 @@ def find_checkpoints(run_dir: str | Path) -> dict[str, list[tuple[int | None, Pa
             step = int(digits[-1]) if digits else None
         groups.setdefault(key, []).append((step, path))
     if not groups:
-        raise InputError(f"{run_dir} holds no self-describing checkpoints (.safetensors written by train-reg)")
+        why = f" ({len(skipped)} skipped: {display_name(Path(skipped[0].path).name)}: {skipped[0].reason})" if skipped else ""
+        raise InputError(f"{run_dir} holds no self-describing checkpoints (.safetensors written by train-reg){why}")
     for key, items in groups.items():
         items.sort(key=lambda sp: (sp[0] is None, sp[0] or 0, sp[1].name.startswith("final")))
         # A run's final.safetensors repeats its last snapshot (checkpoints/step_N): one point per step and run.
@@ -255,38 +292,67 @@ class EmergenceReport(JsonResult):
     images: str
     groups: list[EmergenceGroup]
     notes: list[str]
-    schema: str = "artifactscan.emergence/1"
+    skipped: list[SkippedCheckpoint] = field(default_factory=list)  # /2: checkpoint files left out, with the reason
+    schema: str = "artifactscan.emergence/2"
 
 
 def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float = "auto", device: str = "auto",
-             batch_size: int = 64, progress: bool = False, **scan_kwargs: Any) -> EmergenceReport:
+             batch_size: int = 64, progress: bool = False, warn: Callable[[str], None] | None = None,
+             allow_nonfinite: bool = False, **scan_kwargs: Any) -> EmergenceReport:
     """Scan every checkpoint of a training run (e.g. a train-reg run folder) on the same images.
 
     Checkpoints of different architectures (e.g. the 0- and 4-register models of one train-reg run) are grouped
-    apart, and the report says so.
+    apart, and the report says so. Checkpoint files that cannot be used are warned about (``warn``: one line each,
+    file and reason) and listed in ``skipped``; a checkpoint that loads but fails to build is skipped the same way.
     """
-    groups = find_checkpoints(run_dir)
+    skipped: list[SkippedCheckpoint] = []
+    nonfinite_notes: list[str] = []
+    groups = find_checkpoints(run_dir, skipped)
     out_groups, source = [], ""
     for key, items in groups.items():
         points = []
         registers = 0
         for step, path in items:
-            loaded = load_model(path)
+            try:
+                loaded = load_model(path, allow_nonfinite=allow_nonfinite)
+            except NonFiniteError as exc:  # e.g. a training run that diverged: named, and the command fails
+                skipped.append(SkippedCheckpoint(display_name(path), f"{NONFINITE_REASON}{exc}", name_hex(path)))
+                continue
+            except ModelLoadError as exc:
+                skipped.append(SkippedCheckpoint(display_name(path), str(exc), name_hex(path)))
+                continue
             registers = loaded.num_register_tokens
             report = scan(loaded, images, threshold=threshold, device=device, batch_size=batch_size,
-                          progress=progress, num_maps=0, **scan_kwargs)
+                          progress=progress, num_maps=0, allow_nonfinite=allow_nonfinite, **scan_kwargs)
+            problem = report.nonfinite_problem()
+            if problem and not allow_nonfinite:
+                skipped.append(SkippedCheckpoint(display_name(path), NONFINITE_REASON + problem, name_hex(path)))
+                continue
+            if problem:
+                nonfinite_notes.append(f"{display_name(path)}: {problem} (kept: --allow-nonfinite)")
             source = report.images.source
             blocks = [lay for lay in report.layers if not lay.is_final_norm]
-            points.append(EmergencePoint(step, str(path), report.onset_layer,
+            points.append(EmergencePoint(step, display_name(path), report.onset_layer,
                                          [lay.outlier_fraction for lay in blocks],
                                          [lay.max_over_median for lay in blocks]))
-        out_groups.append(EmergenceGroup(key, registers, points))
+        if points:
+            out_groups.append(EmergenceGroup(key, registers, points))
+    say = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    for s in skipped:
+        say(f"skipped checkpoint {s.path}: {s.reason}")
+    if not out_groups:
+        why = f"; first: {skipped[0].path}: {skipped[0].reason}" if skipped else ""
+        raise InputError(f"none of the checkpoints in {display_name(run_dir)} could be scanned ({len(skipped)} "
+                         f"skipped{why})")
     notes = []
     if len(out_groups) > 1:
         notes.append(f"{run_dir} holds checkpoints of {len(out_groups)} different architectures; each is its own "
                      "series: " + "; ".join(f"{g.registers} registers ({len(g.points)} checkpoints)"
                                            for g in out_groups))
-    return EmergenceReport(str(run_dir), source, out_groups, notes)
+    if skipped:
+        notes.append(f"{len(skipped)} checkpoint file(s) skipped (listed under 'skipped' with the reason)")
+    notes.extend(nonfinite_notes)
+    return EmergenceReport(display_name(run_dir), source, out_groups, notes, skipped)
 
 
 @dataclass

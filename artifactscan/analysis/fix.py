@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.results import JsonResult
 from artifactscan.models.test_time_register import (
@@ -168,13 +168,22 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
     ``num_workers`` / ``exact_decode`` / ``gpu_decode``: how image files are decoded, as for :func:`artifactscan.scan`.
     """
     decode = dict(num_workers=num_workers, exact_decode=exact_decode, gpu_decode=gpu_decode)
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
     dev = resolve_device(device)
     loaded = load_model(model)
     check_supported(loaded)
+    if max_layer is not None and not 0 <= max_layer < len(loaded.blocks):
+        raise InputError(f"--max-layer {max_layer} is outside the model: choose a block from 0 to "
+                         f"{len(loaded.blocks) - 1}")
     if loaded.meta is not None and EXTRA_KEY in loaded.meta.extra:
         raise InputError(f"{loaded.name} already carries a test-time register; fix the original model instead")
     loaded.model.to(dev)
     before = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0, **decode)
+    problem = before.nonfinite_problem()
+    if problem:
+        raise NonFiniteError(f"{loaded.name}: {problem}; nothing to fix from a pass whose norms are not finite "
+                             "(artifactscan norms --allow-nonfinite shows where they start)")
     if before.onset_layer is None:
         return FixReport(loaded.name, before.images.source, [], -1, 0.0, 0.0, before.last_block.max_over_median,
                          before.last_block.max_over_median, 0.0, None, 1.0, 1.0,

@@ -21,9 +21,11 @@ from torch.utils.data import Dataset
 
 from artifactscan.core.version import __version__
 from artifactscan.analysis.capture import NormCapture, row_names
+from artifactscan.analysis.memory import check_fits
 from artifactscan.core.errors import InputError
+from artifactscan.core.files import display_name, name_hex
 from artifactscan.core.progress import ProgressBar, distributed_world, gather, resolve_device
-from artifactscan.inputs.images import SkippedImage
+from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES, SkippedImage
 from artifactscan.inputs.sources import ImageSource, image_batches, make_image_source, parse_workers
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
@@ -33,6 +35,9 @@ from artifactscan.core.results import JsonResult
 # /2: layers[].bimodality describes the separated-group rule's accepted group or its strongest rejected candidate
 # (keys: group_tokens, group_share, ratio, gap, log10_gap_chance, tail_expected_tokens, log10_tail_chance, tail_shape,
 # threshold | rejected). /1 files (the old mixture rule's keys) are read as they are.
+# /3: model.weights, model.layout, model.inferred (how a checkpoint was loaded), layers[].num_nonfinite,
+# nonfinite_weights, images.num_other_files, and *_hex beside file names that are not printable UTF-8
+# (outliers[].image_hex, maps[].image_hex, images.skipped[].path_hex). /1 and /2 read with defaults.
 SCHEMA = "artifactscan.scan/3"
 READABLE_SCHEMAS = ("artifactscan.scan/1", "artifactscan.scan/2", SCHEMA)
 # ----------------------------------------------------------------------------------------------- result types
@@ -48,6 +53,7 @@ class OutlierRecord:
     row: int
     col: int
     norm: float
+    image_hex: str | None = None  # the file name's exact bytes when ``image`` had to be escaped
 
 
 @dataclass
@@ -95,6 +101,7 @@ class LayerReport:
     prefix: list[PrefixTokenStats]
     histogram: Histogram
     bimodality: dict[str, Any] = field(default_factory=dict)
+    num_nonfinite: int = 0  # token norms (prefix included) that were NaN or Inf
 
 
 @dataclass
@@ -122,6 +129,7 @@ class ImageSummary:
     num_found: int
     num_scanned: int
     skipped: list[SkippedImage]
+    num_other_files: int = 0  # files in the folder left out because they are not images
 
 
 @dataclass
@@ -133,6 +141,7 @@ class NormMap:
     layer: int
     norms: list[list[float]]
     flagged: list[list[bool]]
+    image_hex: str | None = None
 
 
 @dataclass
@@ -150,12 +159,30 @@ class ScanReport(JsonResult):
     outlier_records_complete: bool
     maps: list[NormMap]
     notes: list[str]
+    nonfinite_weights: list[str] = field(default_factory=list)  # tensors with NaN/Inf (--allow-nonfinite)
     schema: str = SCHEMA
     artifactscan_version: str = __version__
 
     @property
     def last_block(self) -> LayerReport:
         return [lay for lay in self.layers if not lay.is_final_norm][-1]
+
+    @property
+    def num_nonfinite(self) -> int:
+        return sum(lay.num_nonfinite for lay in self.layers)
+
+    def nonfinite_problem(self) -> str | None:
+        """One line saying what is not finite (weights named, activations counted per layer), or ``None``."""
+        parts = []
+        if self.nonfinite_weights:
+            shown = ", ".join(self.nonfinite_weights[:4]) + (f" (+{len(self.nonfinite_weights) - 4} more)"
+                                                             if len(self.nonfinite_weights) > 4 else "")
+            parts.append(f"non-finite weights in {len(self.nonfinite_weights)} tensor(s): {shown}")
+        bad = [lay for lay in self.layers if lay.num_nonfinite]
+        if bad:
+            parts.append(f"{self.num_nonfinite} non-finite token norms (NaN/Inf) in {len(bad)} of {len(self.layers)} "
+                         f"rows, from {bad[0].name} on")
+        return "; ".join(parts) or None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ScanReport":
@@ -284,6 +311,7 @@ def scan(
     warn: Callable[[str], None] | None = None,
     exact_decode: bool = False,
     gpu_decode: bool = False,
+    allow_nonfinite: bool = False,
 ) -> ScanReport:
     """Scan a ViT's patch-token norms, layer by layer, and flag the high-norm outliers.
 
@@ -300,6 +328,9 @@ def scan(
         num_maps: how many images keep their norm grids for the per-image figures.
         progress: draw a progress bar on stderr.
         warn: called with a one-line message for each skipped image (default: print to stderr).
+        allow_nonfinite: scan a model with NaN/Inf weights instead of refusing it (:class:`NonFiniteError`).
+            Non-finite token norms are always counted per layer (``num_nonfinite``) and put first in the headline;
+            :meth:`ScanReport.nonfinite_problem` says what was found.
 
     Returns:
         A :class:`ScanReport`.
@@ -311,10 +342,13 @@ def scan(
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     parse_workers(num_workers)
+    if num_maps < 0:
+        raise InputError(f"--maps must be 0 or more (the number of images that keep a norm map), got {num_maps}")
     rule = rule or AutoRule()
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                        img_size=img_size, weights=weights)
+                        img_size=img_size, weights=weights, allow_nonfinite=allow_nonfinite)
     dev = resolve_device(device)
+    check_fits(loaded, batch_size, dev)
     loaded.model.to(dev)
     source = make_image_source(images, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)
     world, rank = distributed_world()
@@ -346,7 +380,13 @@ def scan(
         maps = {k: v for part in gather(maps) for k, v in part.items()}
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     for idx, reason in skipped if rank == 0 else []:
-        warn(f"skipped {source.names[idx]}: {reason}")
+        warn(f"skipped {display_name(source.names[idx])}: {reason}")
+    if rank == 0 and any(s in UNDECODED_IMAGE_SUFFIXES for s in source.other_files):
+        # Said once when something looks like an image we leave out (.svg, .heic ...); a README beside the photos
+        # is only counted (images.num_other_files).
+        n_other = sum(source.other_files.values())
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(source.other_files.items(), key=lambda kv: -kv[1])[:6])
+        warn(f"ignored {n_other} file(s) that are not images ({kinds})")
     if stats.num_images == 0:
         raise InputError(f"none of the {source.num_found} images could be read ({len(skipped)} skipped); "
                          "nothing to scan")
@@ -367,6 +407,14 @@ def scan(
 
     names = row_names(num_blocks)
     gh, gw = loaded.grid_size
+    shown_cache: dict[int, tuple[str, str | None]] = {}
+
+    def shown(i: int) -> tuple[str, str | None]:
+        """An image's printable name and, when that had to escape it, its exact bytes as hex."""
+        if i not in shown_cache:
+            shown_cache[i] = (display_name(source.names[i]), name_hex(source.names[i]))
+        return shown_cache[i]
+
     layers: list[LayerReport] = []
     records: list[OutlierRecord] = []
     flagged_maps: dict[int, torch.Tensor] = {i: torch.zeros(L, gh, gw, dtype=torch.bool) for i in maps}
@@ -383,7 +431,8 @@ def scan(
             keep = bin_index(nrm) >= d.edge_index  # same rule the histogram counts use: records == counts
             n_out, n_img_out = stats.tokens_above_bin(r, d.edge_index), stats.images_above_bin(r, d.edge_index)
         for i, p, v in zip(img[keep].tolist(), pat[keep].tolist(), nrm[keep].tolist()):
-            records.append(OutlierRecord(source.names[i], i, r, p // gw, p % gw, float(v)))
+            name, hex_name = shown(i)
+            records.append(OutlierRecord(name, i, r, p // gw, p % gw, float(v), hex_name))
             if i in flagged_maps:
                 flagged_maps[i][r, p // gw, p % gw] = True
         # Quantiles interpolate inside a 0.58%-wide bin; never report one above the exact maximum.
@@ -396,7 +445,8 @@ def scan(
             threshold=d.value, threshold_reason=d.reason, num_outliers=n_out, outlier_fraction=n_out / n_tok,
             images_with_outliers=n_img_out, image_fraction_with_outliers=n_img_out / n_img,
             fraction_above_150=above_paper / n_tok, prefix=stats.prefix_stats(r),
-            histogram=Histogram.from_counts(stats.patch_counts[r]), bimodality=d.details))
+            histogram=Histogram.from_counts(stats.patch_counts[r]), bimodality=d.details,
+            num_nonfinite=int(stats.nonfinite[r])))
     if world > 1:  # per-outlier records gather to every rank (rank 0 reports); maps' flags are rebuilt from them
         records = [o for part in gather(records) for o in part]
         for o in records:
@@ -406,17 +456,19 @@ def scan(
 
     onset = next((lay.index for lay in layers if not lay.is_final_norm and lay.num_outliers > 0), None)
     map_layer = num_blocks - 1
-    norm_maps = [NormMap(source.names[i], i, map_layer, maps[i][map_layer].tolist(),
-                         flagged_maps[i][map_layer].tolist()) for i in sorted(maps)]
+    norm_maps = [NormMap(shown(i)[0], i, map_layer, maps[i][map_layer].tolist(),
+                         flagged_maps[i][map_layer].tolist(), shown(i)[1]) for i in sorted(maps)]
     folder = source.folder_dataset
-    skipped_records = folder.skipped_images(skipped) if folder else [SkippedImage(source.names[i], r) for i, r in skipped]
+    skipped_records = (folder.skipped_images(skipped) if folder
+                       else [SkippedImage.of(source.names[i], r) for i, r in skipped])
     report = ScanReport(
         model=model_summary(loaded),
-        images=ImageSummary(source.description, source.num_found, stats.num_images, skipped_records),
+        images=ImageSummary(display_name(source.description), source.num_found, stats.num_images, skipped_records,
+                            sum(source.other_files.values())),
         threshold_mode="fixed" if fixed is not None else "auto",
         threshold_rule=f"fixed: norm > {fixed:g}" if fixed is not None else rule.describe(),
         layers=layers, onset_layer=onset, headline="", outliers=records, outlier_records_complete=True,
-        maps=norm_maps, notes=list(loaded.notes))
+        maps=norm_maps, notes=list(loaded.notes), nonfinite_weights=list(loaded.nonfinite_tensors))
     report.headline = headline(report)
     return report
 
@@ -440,9 +492,14 @@ def headline(report: ScanReport) -> str:
     """The one-paragraph verdict shown first in the terminal and stored in the JSON."""
     last = report.last_block
     parts = []
+    problem = report.nonfinite_problem()
+    if problem:  # never "clean": NaN norms fall outside every histogram bin and every threshold test
+        parts.append(f"NON-FINITE VALUES - THESE STATISTICS ARE NOT VALID: {problem}.")
     if report.model.kind == "phantom":
         parts.append("[CALIBRATION PHANTOM - artifacts built in by construction, not a finding about real models]")
-    if report.onset_layer is None:
+    if problem:
+        pass  # no verdict on outliers: the numbers below are about a broken pass
+    elif report.onset_layer is None:
         parts.append(f"No high-norm outlier tokens in any of the {report.model.num_blocks} blocks "
                      f"({report.images.num_scanned} images, {report.threshold_mode} threshold).")
         if report.threshold_mode == "auto":

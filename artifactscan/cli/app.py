@@ -1,24 +1,80 @@
 """The ``artifactscan`` command line: a thin Typer layer over the library.
 
-Each command parses flags, calls one library function, and renders its dataclass result. Library errors
-(:class:`ArtifactScanError`) become one red line on stderr and exit code 1; ``--debug`` shows the traceback.
+Each command parses flags, calls one library function, and renders its dataclass result. Exit codes (the same for
+every command; docs/reliability.md): 0 done; 1 a user error - library errors (:class:`ArtifactScanError`) and bad
+command lines - as one red line on stderr; 2 an internal error (a bug: the line asks for ``--debug``, which shows the
+traceback); 3 a gate failed (``norms --fail-above``); 130 interrupted (SIGINT or SIGTERM).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
+
+try:  # Typer >= 0.25 vendors click; its exceptions are that copy's, not the click package's
+    from typer import _click as click  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - older Typer on top of click
+    import click  # type: ignore[no-redef]
 
 from artifactscan.core.errors import ArtifactScanError
+from artifactscan.core.files import check_output_file, display_name, output_folder
+
+EXIT_OK, EXIT_USER, EXIT_INTERNAL, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def one_line(text: Any) -> str:
+    """Any message as one printable line: newlines folded, control characters and non-UTF-8 bytes escaped."""
+    return display_name(" ".join(str(text).split("\n")).strip())
+
+
+def print_line(console: Console, label: str, style: str, message: Any) -> None:
+    """``label: message`` on one line; the message is never read as rich markup (paths may hold ``[bold]``)."""
+    console.print(Text.assemble((label, style), " ", one_line(message)), soft_wrap=True, highlight=False)
+
+
+class _Group(TyperGroup):
+    """The app's click group: a bad command line is a user error too (one line, exit 1), not click's exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except click.exceptions.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "artifactscan"
+            print_line(stderr, "error:", "bold red", f"{exc.format_message()} (see: {where} --help)")
+            if not standalone_mode:
+                raise
+            sys.exit(EXIT_USER)
+        except click.exceptions.ClickException as exc:
+            print_line(stderr, "error:", "bold red", exc.format_message())
+            if not standalone_mode:
+                raise
+            sys.exit(EXIT_USER)
+        except click.exceptions.Abort:
+            print_line(stderr, "interrupted", "red", "")
+            if not standalone_mode:
+                raise
+            sys.exit(EXIT_INTERRUPTED)
+        code = rv if isinstance(rv, int) and not isinstance(rv, bool) else EXIT_OK
+        if standalone_mode:
+            sys.exit(code)
+        return rv
+
 
 app = typer.Typer(
+    cls=_Group,
     name="artifactscan",
     help=(
         "Find, explain and fix the high-norm 'artifact' tokens of Vision Transformers "
@@ -36,25 +92,55 @@ stdout = Console()
 stderr = Console(stderr=True)
 
 
-def run_command(debug: bool, fn: Callable[[], Any]) -> Any:
-    """Run ``fn``; turn expected failures into one clear line and exit 1 (traceback only with --debug)."""
+def warn(message: Any) -> None:
+    """One warning line on stderr (file names in it printed literally, escaped)."""
+    print_line(stderr, "warning:", "yellow", message)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops a command the way Ctrl-C does (cleanup runs, exit 130); train-reg installs its own handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
     try:
-        return fn()
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(debug: bool, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; turn failures into one clear line and the documented exit code (traceback only with --debug)."""
+    debug = debug or bool(os.environ.get("ARTIFACTSCAN_DEBUG"))
+    try:
+        with _sigterm_interrupts():
+            return fn()
     except ArtifactScanError as exc:
         if debug:
             traceback.print_exc()
-        stderr.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        code = getattr(exc, "exit_code", EXIT_USER)
+        label = {EXIT_GATE: "gate failed:", EXIT_INTERRUPTED: "interrupted:"}.get(code, "error:")
+        print_line(stderr, label, "bold red", exc)
+        raise typer.Exit(code) from None
     except KeyboardInterrupt:
-        stderr.print("[red]interrupted[/red]")
-        raise typer.Exit(130) from None
-    except Exception as exc:  # an unexpected failure: still one line, with the way to get details
-        if debug or os.environ.get("ARTIFACTSCAN_DEBUG"):
+        print_line(stderr, "interrupted", "red", "(outputs written so far are complete; nothing is half-written)")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as exc:  # an unexpected failure: a bug. Still one line, with the way to get details
+        if debug:
             traceback.print_exc()
         else:
-            stderr.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc} "
-                         "(run again with --debug for the traceback)", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+            print_line(stderr, "internal error:", "bold red", f"{type(exc).__name__}: {exc} (a bug in artifactscan; "
+                       "run again with --debug for the traceback and report it)")
+        raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _version(value: bool) -> None:
@@ -78,7 +164,7 @@ def emit_result(result: Any, out: Optional[Path], filename: str, json_out: bool,
     from artifactscan.core.results import atomic_write_text
 
     text = json.dumps(result.to_dict(), indent=2)
-    if out is not None:
+    if out is not None:  # inside an output_folder(...) block: the folder was validated and locked before the work
         atomic_write_text(out / filename, text)
         if figures is not None:
             figures(result, out)
@@ -126,6 +212,33 @@ GpuDecodeOpt = typer.Option(False, "--gpu-decode", help="With a CUDA device: dec
 ImgSizeOpt = typer.Option(None, "--img-size", help="Resize inputs to this square size instead of the model's own "
                                                    "(position embeddings are resampled).")
 DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+AllowNonFiniteOpt = typer.Option(False, "--allow-nonfinite",
+                                 help="Scan a model whose weights or token norms hold NaN/Inf instead of stopping with "
+                                      "exit code 1 (the report still says so first, loudly).")
+
+
+def check_fraction(value: float | None, flag: str) -> None:
+    if value is not None and not (0.0 <= value <= 1.0):
+        from artifactscan.core.errors import InputError
+
+        raise InputError(f"{flag} takes a fraction between 0 and 1 (e.g. 0.01 for 1%), got {value:g}")
+
+
+def swapped_arguments_hint(model: str, images: Optional[str]) -> None:
+    """``norms imgs/ demo``: a folder of images where the model goes. Say so, with the command to type."""
+    from artifactscan.core.errors import InputError
+    from artifactscan.inputs.images import IMAGE_EXTENSIONS
+    from artifactscan.models.loading import CHECKPOINT_SUFFIXES
+
+    folder = Path(model)
+    holds_checkpoints = any(p.suffix in CHECKPOINT_SUFFIXES for p in folder.rglob("*") if p.is_file())
+    if holds_checkpoints:
+        return
+    holds_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*") if p.is_file())
+    if holds_images:
+        swapped = f"artifactscan norms {images} {model}" if images else f"artifactscan norms MODEL {model}"
+        raise InputError(f"{model} is a folder of images, not a model or a training run (MODEL comes first, then "
+                         f"IMAGES): did you mean `{swapped}`?")
 
 
 @app.command()
@@ -137,6 +250,11 @@ def norms(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
     maps: int = typer.Option(6, "--maps", help="Per-image norm maps to keep (first N images)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures into --out."),
+    fail_above: Optional[float] = typer.Option(
+        None, "--fail-above", metavar="FRACTION",
+        help="A gate for CI: exit with code 3 when the last block's outlier fraction exceeds FRACTION (e.g. 0.01). "
+             "The report and --out files are still written. For a run folder: the latest checkpoint of each model."),
+    allow_nonfinite: bool = AllowNonFiniteOpt,
     arch: Optional[str] = ArchOpt,
     arch_kwargs: Optional[str] = ArchKwargsOpt,
     trust_checkpoint: bool = TrustOpt,
@@ -165,34 +283,58 @@ def norms(
       artifactscan norms dinov2_vits14_reg4_pretrain.pth imgs/ --json > report.json   # architecture inferred
 
       artifactscan norms ckpt.pth imgs/ --arch deit3_small_patch16_224 --weights raw
+
+      artifactscan norms my_vit.safetensors val/ --fail-above 0.01        # CI: exit 3 if > 1% outliers
+
+    Exit codes: 0 done; 1 a user error (or NaN/Inf weights or norms, unless --allow-nonfinite); 2 a bug; 3 the
+    --fail-above gate failed; 130 interrupted.
     """
     from artifactscan.models.hf import is_model_folder
     from artifactscan.models.loading import parse_arch_kwargs
     from artifactscan.render.text import render_scan
     from artifactscan.render.outputs import write_scan_outputs
+    from artifactscan.core.errors import GateFailedError, NonFiniteError
     from artifactscan.core.progress import distributed_world
     from artifactscan.analysis.scan import scan
 
     def work() -> None:
-        if model is not None and Path(model).is_dir() and not is_model_folder(model):
-            return _emergence(model)
-        report = scan(model, images, threshold=threshold, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                      trust_checkpoint=trust_checkpoint, weights=weights, img_size=img_size, device=device,
-                      batch_size=batch_size,
-                      num_workers=workers, num_maps=maps, progress=not json_out and sys.stderr.isatty(),
-                      exact_decode=exact_decode, gpu_decode=gpu_decode,
-                      warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
-        if distributed_world()[1] != 0:
-            return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
-        if out is not None:
-            written = write_scan_outputs(report, out, figures=figures)
-        if json_out:
-            sys.stdout.write(report.to_json() + "\n")
-            return
-        render_scan(report, stdout)
-        if out is not None:
-            stdout.print(f"wrote {len(written)} files to {out}/ (report.json, outliers.csv"
-                         f"{', figures' if figures else ''})")
+        check_fraction(fail_above, "--fail-above")
+        if maps < 0:
+            from artifactscan.core.errors import InputError
+
+            raise InputError(f"--maps must be 0 or more (the number of images that keep a norm map), got {maps}")
+        is_run = model is not None and Path(model).is_dir() and not is_model_folder(model)
+        if is_run:
+            swapped_arguments_hint(model, images)  # type: ignore[arg-type]
+        rank = distributed_world()[1]
+        mine = out if rank == 0 else None  # under torchrun rank 0 alone owns --out
+        with output_folder(mine, "norms"):  # validated and locked before any model runs
+            if is_run:
+                return _emergence(model)  # type: ignore[arg-type]
+            report = scan(model, images, threshold=threshold, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                          trust_checkpoint=trust_checkpoint, weights=weights, img_size=img_size, device=device,
+                          batch_size=batch_size, num_workers=workers, num_maps=maps,
+                          progress=not json_out and sys.stderr.isatty(), exact_decode=exact_decode,
+                          gpu_decode=gpu_decode, warn=warn, allow_nonfinite=allow_nonfinite)
+            if rank != 0:
+                return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
+            if out is not None:
+                written = write_scan_outputs(report, out, figures=figures)
+            if json_out:
+                sys.stdout.write(report.to_json() + "\n")
+            else:
+                render_scan(report, stdout)
+                if out is not None:
+                    print_line(stdout, "wrote", "", f"{len(written)} files to {out}/ (report.json, outliers.csv"
+                               f"{', figures' if figures else ''})")
+        problem = report.nonfinite_problem()
+        if problem and not allow_nonfinite:
+            raise NonFiniteError(f"{problem}: the statistics above are not valid; find where the values start (e.g. "
+                                 "fp16 overflow: try --device cpu), or pass --allow-nonfinite to accept the report")
+        last = report.last_block
+        if fail_above is not None and last.outlier_fraction > fail_above:
+            raise GateFailedError(f"{last.name}: {last.outlier_fraction:.2%} of patch tokens are outliers, above "
+                                  f"--fail-above {fail_above:g} ({fail_above:.2%})")
 
     def _emergence(run_dir: str) -> None:
         from artifactscan.analysis.compare import scan_run
@@ -200,9 +342,25 @@ def norms(
         from artifactscan.render.text import render_emergence
 
         result = scan_run(run_dir, images, threshold=threshold, device=device, batch_size=batch_size,
-                          progress=not json_out and sys.stderr.isatty(), img_size=img_size)
+                          progress=not json_out and sys.stderr.isatty(), img_size=img_size, warn=warn,
+                          allow_nonfinite=allow_nonfinite)
         emit_result(result, out, "emergence.json", json_out, lambda r: render_emergence(r, stdout),
                     save_emergence_figure if figures else None)
+        from artifactscan.analysis.compare import NONFINITE_REASON
+
+        bad = [s for s in result.skipped if s.reason.startswith(NONFINITE_REASON)]
+        if bad:
+            raise NonFiniteError(f"{len(bad)} checkpoint(s) of the run hold non-finite weights or norms (first: "
+                                 f"{bad[0].path}: {bad[0].reason[len(NONFINITE_REASON):]}); they are listed under "
+                                 "'skipped' (--allow-nonfinite scans them anyway)")
+        if fail_above is not None:
+            over = [(g, g.points[-1]) for g in result.groups if g.points and g.points[-1].outlier_fraction
+                    and g.points[-1].outlier_fraction[-1] > fail_above]
+            if over:
+                g, p = over[0]
+                raise GateFailedError(f"{Path(p.checkpoint).name} (step {p.step}): {p.outlier_fraction[-1]:.2%} of "
+                                      f"last-block patch tokens are outliers, above --fail-above {fail_above:g}"
+                                      + (f" (+{len(over) - 1} more models)" if len(over) > 1 else ""))
 
     run_command(debug, work)
 
@@ -243,10 +401,12 @@ def compare(
             raise InputError("compare needs at least two models and then the images: "
                              "artifactscan compare MODEL_A MODEL_B IMAGES")
         *models, images = models_and_images
-        result = compare_models(models, images, threshold=threshold, device=device, batch_size=batch_size,
-                                progress=not json_out and sys.stderr.isatty(), num_workers=workers,
-                                exact_decode=exact_decode, gpu_decode=gpu_decode)
-        emit_result(result, out, "compare.json", json_out, lambda r: render_compare(r, stdout), save_compare_figure)
+        with output_folder(out, "compare"):
+            result = compare_models(models, images, threshold=threshold, device=device, batch_size=batch_size,
+                                    progress=not json_out and sys.stderr.isatty(), num_workers=workers,
+                                    exact_decode=exact_decode, gpu_decode=gpu_decode)
+            emit_result(result, out, "compare.json", json_out, lambda r: render_compare(r, stdout),
+                        save_compare_figure)
 
     run_command(debug, work)
 
@@ -263,7 +423,8 @@ def fix(
     threshold: str = typer.Option("auto", "--threshold", "-t", help=THRESHOLD_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="Save the fixed model (same weights + neuron list) as a self-describing "
-                                            ".safetensors that every command loads with the repair applied."),
+                                            "checkpoint that every command loads with the repair applied: a file "
+                                            "name ending in .safetensors (or .pt for the PyTorch layout)."),
     json_out: bool = typer.Option(False, "--json", help="Print the fix report as JSON on stdout and nothing else."),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
@@ -291,6 +452,8 @@ def fix(
             from artifactscan.core.errors import InputError
 
             raise InputError("the only repair implemented is --test-time-registers")
+        if out is not None:
+            check_output_file(out, "--out", (".safetensors", ".pt"))  # before minutes of work, not after
         result = run_fix(model, images, top_k=top_k, max_layer=max_layer, threshold=threshold, out=out,
                          device=device, batch_size=batch_size, num_workers=workers, exact_decode=exact_decode,
                          gpu_decode=gpu_decode)
@@ -312,9 +475,9 @@ def fix(
                          f"{result.after_max_over_median:.1f}x")
         stdout.print(Panel(result.verdict, title="verdict", style="bold"))
         for note in result.notes:
-            stdout.print(f"[dim]{note}[/dim]")
+            stdout.print(Text(one_line(note), style="dim"))
         if result.saved_to:
-            stdout.print(f"saved the fixed model to {result.saved_to}")
+            print_line(stdout, "saved the fixed model to", "", result.saved_to)
 
     run_command(debug, work)
 
@@ -375,17 +538,25 @@ def train_reg(
     from artifactscan.render.text import render_compare
 
     def work() -> None:
+        main_rank = int(os.environ.get("RANK", "0")) == 0
         if resume is not None:
             # Options passed again must match the saved run; only where it runs may change.
             again = {k: v for k, v in dict(data=data, arch=arch, epochs=epochs, steps=steps, batch_size=batch_size,
                                             lr=lr, depth=depth, embed_dim=dim, num_heads=heads, img_size=img_size,
                                             patch_size=patch).items() if v is not None}
             runtime = {"device": device} if device != "auto" else {}
-            result = training.resume(resume, again or None, progress=not json_out, **runtime)
-            run_dir = resume
-            if not isinstance(result, training.TrainRegResult):
-                stdout.print(f"resumed and finished the single-model run in {resume}")
-                return
+            if not resume.is_dir():
+                from artifactscan.core.errors import TrainingError
+
+                raise TrainingError(f"cannot resume: {display_name(resume)} is not a folder; pass the run "
+                                    "folder train-reg wrote")
+            with output_folder(resume if main_rank else None, "train-reg", "--resume", manifest=False):
+                result = training.resume(resume, again or None, progress=not json_out, **runtime)
+                run_dir = resume
+                if not isinstance(result, training.TrainRegResult):
+                    print_line(stdout, "resumed", "", f"and finished the single-model run in {resume}")
+                    return
+                _verdict(result, run_dir, main_rank)
         else:
             config = training.get_preset(
                 preset, data=data, arch=arch, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, depth=depth,
@@ -393,9 +564,14 @@ def train_reg(
                 class_token=False if no_cls else None, compile=compile_model or None,
                 device=device if device != "auto" else None)
             run_dir = out or Path("runs") / f"{__import__('datetime').date.today()}-{config.arch.split('_patch')[0]}"
-            result = training.train_reg(config, run_dir, registers, baseline_checkpoint=baseline,
-                                        progress=not json_out)
-        if int(os.environ.get("RANK", "0")) != 0:
+            # The run folder is validated and locked first: a second train-reg into it fails at once, not mid-run.
+            with output_folder(run_dir if main_rank else None, "train-reg", manifest=False):
+                result = training.train_reg(config, run_dir, registers, baseline_checkpoint=baseline,
+                                            progress=not json_out)
+                _verdict(result, run_dir, main_rank)
+
+    def _verdict(result: Any, run_dir: Path, main_rank: bool) -> None:
+        if not main_rank:
             return  # rank 0 scans and reports
         verdict = verdict_for_run(result, scan_images, device=device, progress=not json_out and sys.stderr.isatty())
 
@@ -408,7 +584,7 @@ def train_reg(
             render_compare(v.comparison, stdout)
             stdout.print("held-out accuracy: " + ", ".join(f"{k} {a:.1%}" for k, a in
                                                            v.validation_accuracy.items()))
-            stdout.print(f"run folder: {run_dir} (verdict.json, compare.png, checkpoints per model)")
+            print_line(stdout, "run folder:", "", f"{run_dir} (verdict.json, compare.png, checkpoints per model)")
 
         emit_result(verdict, Path(run_dir), "verdict.json", json_out, render, figures)
 
@@ -453,12 +629,14 @@ def phantom(
 
     def work() -> None:
         if build:
+            if out is not None:
+                check_output_file(out, "--out", (".safetensors", ".pt"))
             _, spec, path = build_phantom(base, out, onset=onset, fraction=fraction, units=units,
                                           gain_over_median=gain)
-            stdout.print(f"built the phantom from {base}: onset block {spec.onset}, {spec.planted_per_image} of "
-                         f"{spec.num_patches} patch tokens planted per image, gain {spec.gain:g} "
-                         f"({spec.gain_over_median:g}x the baseline's median norm)"
-                         + (f"; wrote {path}" if path else " (not saved: pass --out)"))
+            print_line(stdout, "built", "", f"the phantom from {base}: onset block {spec.onset}, "
+                       f"{spec.planted_per_image} of {spec.num_patches} patch tokens planted per image, gain "
+                       f"{spec.gain:g} ({spec.gain_over_median:g}x the baseline's median norm)"
+                       + (f"; wrote {path}" if path else " (not saved: pass --out)"))
             return
         stdout.print(describe_phantom(name))
 

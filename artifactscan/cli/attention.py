@@ -28,10 +28,12 @@ from artifactscan.cli.app import (
     GpuDecodeOpt,
     WorkersOpt,
     app,
+    print_line,
     run_command,
-    stderr,
     stdout,
+    warn,
 )
+from artifactscan.core.files import output_folder
 
 
 @app.command("attention")
@@ -96,30 +98,35 @@ def attention(
     from artifactscan.models.loading import parse_arch_kwargs
 
     def work() -> None:
-        report = attention_report(
-            model, images, layers=layers, threshold=threshold, query=query, query_patch=query_patch, heads=heads,
-            maps=maps, device=device, batch_size=batch_size, num_workers=workers, arch=arch,
-            exact_decode=exact_decode, gpu_decode=gpu_decode,
-            arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint, img_size=img_size,
-            weights=weights, progress=not json_out and sys.stderr.isatty(),
-            warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
-        written: list[Path] = []
-        text = report.to_json()
-        if out is not None:
-            from artifactscan.core.results import atomic_write_text
+        if maps < 0:
+            from artifactscan.core.errors import InputError
 
-            atomic_write_text(out / "attention.json", text)
-            written.append(out / "attention.json")
-            if figures:
-                from artifactscan.render.plots_attention import save_attention_figures
+            raise InputError(f"--maps must be 0 or more (the number of images that keep attention maps), got {maps}")
+        with output_folder(out, "attention"):  # validated and locked before any model runs
+            report = attention_report(
+                model, images, layers=layers, threshold=threshold, query=query, query_patch=query_patch, heads=heads,
+                maps=maps, device=device, batch_size=batch_size, num_workers=workers, arch=arch,
+                exact_decode=exact_decode, gpu_decode=gpu_decode,
+                arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint, img_size=img_size,
+                weights=weights, progress=not json_out and sys.stderr.isatty(), warn=warn)
+            written: list[Path] = []
+            text = report.to_json()
+            if out is not None:
+                from artifactscan.core.files import atomic_write_text
 
-                written += save_attention_figures(report, out)
-        if json_out:
-            sys.stdout.write(text + "\n")
-            return
-        render_attention(report)
-        if out is not None:
-            stdout.print(f"wrote {len(written)} files to {out}/ (attention.json{', figures' if figures else ''})")
+                atomic_write_text(out / "attention.json", text)
+                written.append(out / "attention.json")
+                if figures:
+                    from artifactscan.render.plots_attention import save_attention_figures
+
+                    written += save_attention_figures(report, out)
+            if json_out:
+                sys.stdout.write(text + "\n")
+                return
+            render_attention(report)
+            if out is not None:
+                print_line(stdout, "wrote", "", f"{len(written)} files to {out}/ (attention.json"
+                           f"{', figures' if figures else ''})")
 
     run_command(debug, work)
 
@@ -130,6 +137,7 @@ def _pct(x: float | None, digits: int = 1) -> str:
 
 def render_attention(report) -> None:
     """The per-block table, the query used and the headline, for humans."""
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
 
@@ -138,7 +146,7 @@ def render_attention(report) -> None:
     q = report.query
     title = (f"{m.name} - {m.num_blocks} blocks, {prefix} tokens, {m.grid_size[0]}x{m.grid_size[1]} patches - "
              f"{report.images.num_scanned} images - query: {q.name}")
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(title=escape(title), title_justify="left", header_style="bold")
     for col in ("block", "outliers (% patches)", f"{q.name} -> outliers", "spike", "patch q. -> outliers",
                 "spike ", f"{q.name} -> prefix", f"{q.name} -> patches"):
         table.add_column(col, justify="left" if col in ("block", f"{q.name} -> prefix") else "right")

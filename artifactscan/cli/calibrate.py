@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from artifactscan.cli.app import DebugOpt, app, emit_result, run_command, stderr, stdout
+from artifactscan.core.files import output_folder
 
 
 @app.command("calibrate")
@@ -47,14 +48,11 @@ def calibrate_command(
 
     def work() -> None:
         grid_gains, grid_fractions = parse_grid(gains, "gains"), parse_grid(fractions, "fractions")
-        if out is not None and out.exists() and not out.is_dir():
-            from artifactscan.core.errors import InputError
-
-            raise InputError(f"--out {out} exists and is not a folder")
-        with stderr.status("building and scanning phantoms ...") if not json_out else _null():
-            result = calibrate(base, gains=grid_gains, fractions=grid_fractions, onset=onset, num_images=images)
-        emit_result(result, out, "calibration.json", json_out, lambda r: render_calibration(r, stdout),
-                    save_calibration_figure)
+        with output_folder(out, "calibrate"):  # validated and locked before any phantom is built
+            with stderr.status("building and scanning phantoms ...") if not json_out else _null():
+                result = calibrate(base, gains=grid_gains, fractions=grid_fractions, onset=onset, num_images=images)
+            emit_result(result, out, "calibration.json", json_out, lambda r: render_calibration(r, stdout),
+                        save_calibration_figure)
 
     run_command(debug, work)
 

@@ -23,10 +23,12 @@ from artifactscan.cli.app import (
     WorkersOpt,
     app,
     emit_result,
+    print_line,
     run_command,
-    stderr,
     stdout,
+    warn,
 )
+from artifactscan.core.files import output_folder
 
 ARGS_HELP = (
     "Zero or more models (as for `norms`; default: the embedded default model), then DATA: synthetic-objects[:N] "
@@ -121,19 +123,19 @@ def discover(
 
     def work() -> None:
         models, data = split_args(list(args or []))
-        report = run_discover(
-            models, data, compare=[compare] if compare else [], block=block, features=features, k=k,
-            threshold=threshold, image_root=image_root, device=device, batch_size=batch_size, num_workers=workers,
-            keep=figure_images, random_seed=seed, fix_top_k=top_k, img_size=img_size, arch=arch,
-            arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint, weights=weights,
-            progress=not json_out and sys.stderr.isatty(),
-            warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
-        from artifactscan.render.plots_discover import save_discover_figure
+        with output_folder(out, "discover"):  # validated and locked before any model runs
+            report = run_discover(
+                models, data, compare=[compare] if compare else [], block=block, features=features, k=k,
+                threshold=threshold, image_root=image_root, device=device, batch_size=batch_size,
+                num_workers=workers, keep=figure_images, random_seed=seed, fix_top_k=top_k, img_size=img_size,
+                arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint, weights=weights,
+                progress=not json_out and sys.stderr.isatty(), warn=warn)
+            from artifactscan.render.plots_discover import save_discover_figure
 
-        emit_result(report, out, "discover.json", json_out, render_discover,
-                    save_discover_figure if figures else None)
-        if out is not None and not json_out:
-            stdout.print(f"wrote discover.json{' and discover.png' if figures else ''} to {out}/")
+            emit_result(report, out, "discover.json", json_out, render_discover,
+                        save_discover_figure if figures else None)
+            if out is not None and not json_out:
+                print_line(stdout, "wrote", "", f"discover.json{' and discover.png' if figures else ''} to {out}/")
 
     run_command(debug, work)
 

@@ -25,10 +25,12 @@ from artifactscan.cli.app import (
     GpuDecodeOpt,
     WorkersOpt,
     app,
+    print_line,
     run_command,
-    stderr,
     stdout,
+    warn,
 )
+from artifactscan.core.files import output_folder
 from artifactscan.analysis.probes import (
     DEFAULT_PROBE_IMAGES,
     GLOBAL_DRAWS,
@@ -56,7 +58,8 @@ def _probe_help() -> str:
         "  artifactscan probe --layer 15\n\n"
         "  artifactscan probe model.pt data/ --arch vit_small_patch16_224 --layer 9 --out probe/\n\n"
         "  artifactscan probe vit_base_patch14_dinov2.lvd142m imagenette/ --layer -1 --device cuda --json\n\n"
-        "Exit codes: 0 on any finding (artifact-like, content-like, inconclusive, clean); 1 on bad input.\n\n"
+        "Exit codes: 0 on any finding (artifact-like, content-like, inconclusive, clean); 1 on bad input; 2 a bug; "
+        "130 interrupted.\n\n"
         "PROTOCOL\n\n" + protocol
     )
 
@@ -97,21 +100,23 @@ def probe_command(
     from artifactscan.render.outputs import write_probe_outputs
 
     def work() -> None:
-        report = probe(model, data, layer=layer, threshold=threshold, arch=arch,
-                       arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint,
-                       weights=weights, img_size=img_size, device=device, batch_size=batch_size, num_workers=workers,
-                       exact_decode=exact_decode, gpu_decode=gpu_decode,
-                       min_tokens=min_tokens, min_images=min_images, draws=draws, test_fraction=test_fraction,
-                       seed=seed, progress=not json_out and sys.stderr.isatty(),
-                       warn=lambda msg: stderr.print(f"[yellow]warning:[/yellow] {msg}", highlight=False))
-        if distributed_world()[1] != 0:
-            return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
-        written = write_probe_outputs(report, out, figures=figures) if out is not None else []
-        if json_out:
-            sys.stdout.write(report.to_json() + "\n")
-            return
-        render_probe(report, stdout)
-        if out is not None:
-            stdout.print(f"wrote {len(written)} files to {out}/ (report.json{', figures' if figures else ''})")
+        rank = distributed_world()[1]
+        with output_folder(out if rank == 0 else None, "probe"):  # validated and locked before any model runs
+            report = probe(model, data, layer=layer, threshold=threshold, arch=arch,
+                           arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint,
+                           weights=weights, img_size=img_size, device=device, batch_size=batch_size,
+                           num_workers=workers, exact_decode=exact_decode, gpu_decode=gpu_decode,
+                           min_tokens=min_tokens, min_images=min_images, draws=draws, test_fraction=test_fraction,
+                           seed=seed, progress=not json_out and sys.stderr.isatty(), warn=warn)
+            if rank != 0:
+                return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
+            written = write_probe_outputs(report, out, figures=figures) if out is not None else []
+            if json_out:
+                sys.stdout.write(report.to_json() + "\n")
+                return
+            render_probe(report, stdout)
+            if out is not None:
+                print_line(stdout, "wrote", "", f"{len(written)} files to {out}/ (report.json"
+                           f"{', figures' if figures else ''})")
 
     run_command(debug, work)

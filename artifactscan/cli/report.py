@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from artifactscan.cli.app import DebugOpt, app, run_command, stderr, stdout
+from artifactscan.cli.app import DebugOpt, app, print_line, run_command, stdout, warn
 
 
 @app.command("report")
@@ -40,12 +40,20 @@ def report(
     from artifactscan.render.html_report import write_html_report
 
     def work() -> None:
-        summary = write_html_report(results_dir, out, warn=lambda msg: stderr.print(
-            f"[yellow]warning:[/yellow] {msg}", highlight=False, soft_wrap=True))
+        from artifactscan.core.files import check_output_file
+
+        from artifactscan.core.files import MANIFEST_NAME, output_folder
+
+        target = results_dir / "report.html" if out is None else (out / "report.html" if out.is_dir() else out)
+        check_output_file(target, "--out")  # before the folder is read, not after
+        # Into a folder a run owns (it has a manifest): take its lock and join its manifest, so the next run there
+        # removes this page with the rest of the outputs it was made from.
+        managed = (target.parent / MANIFEST_NAME).is_file()
+        with output_folder(target.parent if managed else None, "report", add_to_previous=True):
+            summary = write_html_report(results_dir, out, warn=warn)
         if summary.phantom:
-            stdout.print("[yellow]note:[/yellow] includes calibration-phantom results (artifacts built in by "
-                         "construction); the page says so at the top.", highlight=False)
-        stdout.print(f"wrote {summary.out_path} ({summary.describe()}, {summary.bytes / 1024:.0f} KiB)",
-                     highlight=False, soft_wrap=True)
+            print_line(stdout, "note:", "yellow", "includes calibration-phantom results (artifacts built in by "
+                       "construction); the page says so at the top.")
+        print_line(stdout, "wrote", "", f"{summary.out_path} ({summary.describe()}, {summary.bytes / 1024:.0f} KiB)")
 
     run_command(debug, work)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -73,9 +71,5 @@ class JsonResult:
         return result_html(self)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+# Atomic writes live in core/files.py (with the output-folder manifest); kept here under the documented name.
+from artifactscan.core.files import atomic_write_text  # noqa: E402,F401

@@ -78,6 +78,8 @@ class NormStatistics:
         self.prefix_max = torch.zeros(L, P, dtype=torch.float64)
         self.fixed_token_hits = torch.zeros(L, F, dtype=torch.int64)
         self.fixed_image_hits = torch.zeros(L, F, dtype=torch.int64)
+        # Token norms that are NaN or Inf (any token, prefix included): they make every other number meaningless.
+        self.nonfinite = torch.zeros(L, dtype=torch.int64)
         self.num_images = 0
         self.num_patches_per_image: int | None = None
 
@@ -89,6 +91,7 @@ class NormStatistics:
         if L != self.num_rows:
             raise ValueError(f"expected {self.num_rows} rows of norms, got {L}")
         norms = norms.detach().to("cpu", torch.float64)
+        self.nonfinite += (~torch.isfinite(norms)).sum(dim=(1, 2))
         patches = norms[:, :, P:]
         N = patches.shape[-1]
         if self.num_patches_per_image is None:
@@ -115,7 +118,7 @@ class NormStatistics:
         self.num_images += B
 
     _SUMMED = ("patch_counts", "image_max_counts", "patch_sum", "prefix_sum", "prefix_sumsq",
-               "fixed_token_hits", "fixed_image_hits")
+               "fixed_token_hits", "fixed_image_hits", "nonfinite")
     _MAXED = ("patch_max", "prefix_max")
 
     def merge(self, other: "NormStatistics") -> None:

@@ -26,9 +26,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
 from artifactscan.core.errors import InputError
+from artifactscan.core.files import display_name, name_hex
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "UNDECODED_IMAGE_SUFFIXES",
     "ImageSkipped",
     "SkippedImage",
     "BadSample",
@@ -41,11 +43,25 @@ __all__ = [
     "image_folder_labels",
 ]
 
-#: Lower-case file suffixes treated as images (matched case-insensitively).
+def _pillow_decodes(feature: str) -> bool:
+    try:
+        from PIL import features
+
+        return bool(features.check(feature))
+    except Exception:  # an old Pillow without the feature name
+        return False
+
+
+#: Lower-case file suffixes treated as images (matched case-insensitively); ``.avif`` where this Pillow decodes it.
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-)
+) + ((".avif",) if _pillow_decodes("avif") else ())
 _ACCEPTED = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+#: Suffixes of image formats left out (not decoded here): a folder holding them gets a warning with the count.
+UNDECODED_IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".svg", ".svgz", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".exr", ".hdr", ".psd", ".raw", ".dng",
+     ".cr2", ".cr3", ".nef", ".arw", ".orf", ".ico", ".tga", ".eps", ".pdf"} - set(IMAGE_EXTENSIONS))
 
 #: Background used where an image has transparency (alpha channel, tRNS chunk, transparent palette entry).
 _BACKGROUND = (255, 255, 255)
@@ -60,16 +76,25 @@ class ImageSkipped(InputError):
     def __init__(self, reason: str, path: str | os.PathLike[str] | None = None):
         self.reason = reason
         self.path = None if path is None else str(path)
-        where = f"{self.path}: " if self.path else ""
+        where = f"{display_name(self.path)}: " if self.path else ""
         super().__init__(f"skipped {where}{reason}; re-export the file or remove it from the folder")
 
 
 @dataclass(frozen=True)
 class SkippedImage:
-    """A file left out of a scan, for reports (JSON-friendly: both fields are strings)."""
+    """A file left out of a scan, for reports (JSON-friendly strings).
+
+    ``path`` is printable (:func:`artifactscan.core.files.display_name`: control characters and bytes that are not
+    UTF-8 escaped); ``path_hex`` holds the name's exact bytes as hex when they differ from ``path``.
+    """
 
     path: str
     reason: str
+    path_hex: str | None = None
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str], reason: str) -> "SkippedImage":
+        return cls(display_name(path), reason, name_hex(path))
 
 
 @dataclass(frozen=True)
@@ -95,7 +120,8 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def discover_images(path: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+def discover_images(path: str | os.PathLike[str], recursive: bool = True,
+                    other_files: dict[str, int] | None = None) -> list[Path]:
     """Return the image files named by ``path``: one image file, or every image in a folder.
 
     Folders are walked recursively (unless ``recursive=False``) without following symlinked folders; hidden
@@ -103,12 +129,15 @@ def discover_images(path: str | os.PathLike[str], recursive: bool = True) -> lis
     against :data:`IMAGE_EXTENSIONS`. The result is sorted by the path relative to the folder, compared
     component by component, so the order is the same on every machine and every run.
 
+    ``other_files``, when given, is filled with the count of files left out because they are not images, by
+    suffix (``{".svg": 2, ".txt": 1}``), so callers can say what was ignored.
+
     Raises :class:`InputError` when the path does not exist, is a file with another suffix, or is a folder
     with no image files in it (empty, or holding only other kinds of files).
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise InputError(f"{p} does not exist; pass an image file or a folder of images")
+        raise InputError(f"{display_name(p)} does not exist; pass an image file or a folder of images")
     if p.is_file():
         if not _is_image_name(p.name):
             raise InputError(
@@ -140,7 +169,10 @@ def discover_images(path: str | os.PathLike[str], recursive: bool = True) -> lis
                     found.append((rel_dir + (name,), Path(dirpath) / name))
                 else:
                     n_other += 1
-                    other_suffixes.add(Path(name).suffix.lower() or "(none)")
+                    suffix = Path(name).suffix.lower() or "(none)"
+                    other_suffixes.add(suffix)
+                    if other_files is not None:
+                        other_files[suffix] = other_files.get(suffix, 0) + 1
             if not recursive and is_top and found:
                 break
     except PermissionError as e:  # pragma: no cover - os.walk reports most of these via onerror
@@ -362,7 +394,7 @@ class ImageFolderDataset(Dataset):
 
     def skipped_images(self, skipped: Sequence[tuple[int, str]]) -> list[SkippedImage]:
         """Turn the ``(index, reason)`` pairs from :func:`collate_skip_bad` into :class:`SkippedImage` records."""
-        return [SkippedImage(self.paths[i], reason) for i, reason in skipped]
+        return [SkippedImage.of(self.paths[i], reason) for i, reason in skipped]
 
 
 def collate_skip_bad(batch: Sequence[Any]) -> tuple[Any, torch.Tensor, list[tuple[int, str]]]:

@@ -85,6 +85,7 @@ class ImageSource:
     folder_dataset: ImageFolderDataset | None = None
     data_config: dict[str, Any] | None = None
     gpu_decode: bool = False
+    other_files: dict[str, int] = field(default_factory=dict)  # files in the folder that are not images, by suffix
     # DataLoaders (and so their persistent workers) reused by every pass over this source, keyed by their settings.
     loaders: dict[tuple, DataLoader] = field(default_factory=dict, init=False, repr=False)
 
@@ -169,8 +170,9 @@ def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torc
         ds = NormalizedTensors(syn, cfg["mean"], cfg["std"], size)
         return ImageSource(ds, [f"synthetic[{i}]" for i in range(n_syn)], f"synthetic:{n_syn} (built-in data set)",
                            None, n_syn)
+    other: dict[str, int] = {}
     if isinstance(images, (str, Path)):
-        paths = discover_images(images)
+        paths = discover_images(images, other_files=other)
         description = str(images)
     else:
         paths = [Path(p) for p in images]
@@ -188,7 +190,7 @@ def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torc
         is_training=False)
     folder = ImageFolderDataset(paths, transform, None if exact_decode else decode_min_side(cfg))
     return ImageSource(folder, [str(p) for p in paths], description, collate_skip_bad, len(paths), folder,
-                       dict(cfg), gpu_decode)
+                       dict(cfg), gpu_decode, other)
 
 
 def _loader(source: ImageSource, kind: str, dataset: Callable[[], Dataset], collate: Callable | None,

@@ -14,13 +14,14 @@ A checkpoint is a ``.safetensors`` file (preferred) or a ``.pt`` file whose head
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from artifactscan.core.errors import CheckpointMetadataError
 
 FORMAT_NAME = "artifactscan-checkpoint"
 FORMAT_VERSION = 1
@@ -56,33 +57,103 @@ class CheckpointMeta:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "CheckpointMeta":
+        """Read and validate; malformed fields raise ``checkpoint metadata invalid: <field>: <why>``."""
+        validate_meta(raw)
         known = {f for f in cls.__dataclass_fields__}  # ignore keys written by newer versions
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+# arch_kwargs keys whose values are sizes: positive integers (or >= 0 where zero means "none").
+_POSITIVE_KWARGS = ("depth", "embed_dim", "num_heads", "patch_size")
+_COUNT_KWARGS = ("reg_tokens", "num_classes")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _type(v: Any) -> str:
+    return type(v).__name__ if v is not None else "null"
+
+
+def validate_meta(raw: Any) -> None:
+    """Check the fields a loader relies on; raise :class:`CheckpointMetadataError` naming the first bad one."""
+    def bad(field_name: str, why: str) -> CheckpointMetadataError:
+        return CheckpointMetadataError(field_name, why)
+
+    if not isinstance(raw, dict):
+        raise bad(META_KEY, f"must be a JSON object, got {_type(raw)}")
+    arch = raw.get("arch")
+    if not isinstance(arch, str) or not arch.strip():
+        raise bad("arch", "missing or not a non-empty string" if arch is None or isinstance(arch, str)
+                  else f"must be a string, got {_type(arch)}")
+    for key in ("arch_kwargs", "data_config", "extra"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise bad(key, f"must be a JSON object, got {_type(raw[key])}")
+    kwargs = raw.get("arch_kwargs", {})
+    for key in _POSITIVE_KWARGS + _COUNT_KWARGS:
+        if key in kwargs:
+            v, least = kwargs[key], 1 if key in _POSITIVE_KWARGS else 0
+            if not _is_int(v) or v < least:
+                raise bad(f"arch_kwargs.{key}", f"must be an integer >= {least}, got {v!r}")
+    if "img_size" in kwargs:
+        v = kwargs["img_size"]
+        sizes = v if isinstance(v, (list, tuple)) else [v]
+        if not sizes or len(sizes) > 2 or not all(_is_int(x) and x > 0 for x in sizes):
+            raise bad("arch_kwargs.img_size", f"must be a positive integer or [height, width], got {v!r}")
+    config = raw.get("data_config", {})
+    if config:
+        if "input_size" not in config:
+            raise bad("data_config.input_size", "missing (expected [3, height, width])")
+        size = config["input_size"]
+        if (not isinstance(size, (list, tuple)) or len(size) != 3 or not all(_is_int(x) and x > 0 for x in size)):
+            raise bad("data_config.input_size", f"must be [3, height, width] of positive integers, got {size!r}")
+        for key in ("mean", "std"):
+            if key in config:
+                v = config[key]
+                if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_number(x) for x in v):
+                    raise bad(f"data_config.{key}", f"must be 3 finite numbers (one per channel), got {v!r}")
+                if key == "std" and not all(x > 0 for x in v):
+                    raise bad("data_config.std", f"must be positive (images are divided by it), got {v!r}")
+        if "crop_pct" in config and not (_is_number(config["crop_pct"]) and config["crop_pct"] > 0):
+            raise bad("data_config.crop_pct", f"must be a positive number, got {config['crop_pct']!r}")
+        if "interpolation" in config and not isinstance(config["interpolation"], str):
+            raise bad("data_config.interpolation", f"must be a string, got {_type(config['interpolation'])}")
+    if raw.get("step") is not None and not (_is_int(raw["step"]) and raw["step"] >= 0):
+        raise bad("step", f"must be an integer >= 0 or null, got {raw['step']!r}")
+    for key in ("kind", "description"):
+        if key in raw and not isinstance(raw[key], str):
+            raise bad(key, f"must be a string, got {_type(raw[key])}")
+
+
+def parse_meta_json(text: str) -> "CheckpointMeta":
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointMetadataError(META_KEY, f"not valid JSON ({exc})") from None
+    return CheckpointMeta.from_dict(raw)
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta) -> Path:
-    """Write ``state_dict`` + ``meta`` atomically (temp file + rename), so a killed run never leaves half a file."""
+    """Write ``state_dict`` + ``meta`` atomically (temp file + rename), so a killed run never leaves half a file.
+
+    ``.safetensors`` files are safetensors; any other suffix gets the ``.pt`` layout (``torch.save`` of plain dicts).
+    """
+    from artifactscan.core.files import atomic_path
+
     path = Path(path)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(_untie_shared(tensors), tmp, metadata={META_KEY: meta.to_json()})
         else:
             torch.save({"state_dict": tensors, META_KEY: json.loads(meta.to_json())}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -105,8 +176,8 @@ def read_meta(path: str | Path) -> CheckpointMeta | None:
 
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
-        return CheckpointMeta.from_dict(json.loads(raw)) if raw else None
+        return parse_meta_json(raw) if raw else None
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(blob, dict) and isinstance(blob.get(META_KEY), dict):
+    if isinstance(blob, dict) and META_KEY in blob:
         return CheckpointMeta.from_dict(blob[META_KEY])
     return None

@@ -81,6 +81,17 @@ def is_torchscript(path: Path) -> bool:
         return any(n.split("/", 2)[1:2] == ["code"] or n.endswith("/constants.pkl") for n in zf.namelist())
 
 
+def read_error_reason(exc: BaseException, path: Path) -> str:
+    """Why a checkpoint could not be read, never empty (an empty file's EOFError has no message)."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty (0 bytes); it was probably cut short while being written"
+    except OSError:
+        pass
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else f"{type(exc).__name__} (truncated or not a checkpoint)"
+
+
 def read_torch_file(path: Path, trust: bool) -> Any:
     """``torch.load`` with ``weights_only`` (``argparse.Namespace`` allowed); TorchScript and whole modules only
     with ``trust`` (both run code from the file)."""
@@ -109,7 +120,7 @@ def read_torch_file(path: Path, trust: bool) -> Any:
                 "add --trust-checkpoint.") from exc
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:
-        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint: {read_error_reason(exc, path)}") from exc
 
 
 def _unsafe_globals(path: Path) -> str:

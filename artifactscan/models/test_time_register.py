@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from artifactscan.core.errors import InputError, NotAViTError
+from artifactscan.core.errors import CheckpointMetadataError, InputError, NotAViTError
 from artifactscan.core.results import JsonResult
 from artifactscan.models.loading import LoadedModel
 from artifactscan.models.registry import register_checkpoint_extension
@@ -123,8 +123,39 @@ def apply_test_time_register(loaded: LoadedModel, register: TestTimeRegister) ->
     return loaded
 
 
+def _checked(data: Any) -> TestTimeRegister:
+    """The register a checkpoint records, or ``checkpoint metadata invalid: extra.test_time_register...: <why>``."""
+    field = f"extra.{EXTRA_KEY}"
+
+    def bad(where: str, why: str) -> CheckpointMetadataError:
+        return CheckpointMetadataError(field + where, why, "")
+
+    def is_int(v: Any, least: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if not isinstance(data, dict):
+        raise bad("", f"must be a JSON object, got {type(data).__name__}")
+    for key, least in (("num_blocks", 1), ("embed_dim", 1), ("max_layer", 0)):
+        if not is_int(data.get(key), least):
+            raise bad(f".{key}", f"must be an integer >= {least}, got {data.get(key)!r}")
+    neurons = data.get("neurons")
+    if not isinstance(neurons, list) or not neurons:
+        raise bad(".neurons", f"must be a non-empty list, got {neurons!r}"[:200])
+    for i, n in enumerate(neurons):
+        if not isinstance(n, dict):
+            raise bad(f".neurons[{i}]", f"must be a JSON object, got {type(n).__name__}")
+        if not isinstance(n.get("site"), str) or not n["site"]:
+            raise bad(f".neurons[{i}].site", f"must be a module path such as 'blocks.2.mlp.act', got {n.get('site')!r}")
+        for key in ("block", "index"):
+            if not is_int(n.get(key)):
+                raise bad(f".neurons[{i}].{key}", f"must be an integer >= 0, got {n.get(key)!r}")
+    return TestTimeRegister.from_dict({**data, "model_name": str(data.get("model_name", "")),
+                                       "neurons": [{"outlier_activation": 0.0, "normal_activation": 0.0, **n}
+                                                   for n in neurons]})
+
+
 def _install_from_checkpoint(loaded: LoadedModel, data: Any) -> None:
-    apply_test_time_register(loaded, TestTimeRegister.from_dict(data))
+    apply_test_time_register(loaded, _checked(data))
 
 
 register_checkpoint_extension(EXTRA_KEY, _install_from_checkpoint)

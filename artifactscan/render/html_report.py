@@ -13,7 +13,6 @@ JavaScript and prints like a paper. All text from the results is HTML-escaped.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -299,10 +298,6 @@ def write_html_report(results_dir: str | Path, out_path: str | Path | None = Non
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise InputError(f"cannot write the report to {out}: {reason}; choose another -o path") from None
-    try:
-        os.chmod(out, 0o644)  # mkstemp made it private; a report is meant to be shared
-    except OSError:
-        pass
     summary.out_path = out
     summary.bytes = len(page.encode("utf-8"))
     return summary

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from artifactscan.analysis.probes.types import ProbeReport
 from artifactscan.analysis.scan import ScanReport
 from artifactscan.core.errors import InputError
-from artifactscan.core.results import atomic_write_text
+from artifactscan.core.files import atomic_write_text
 
 
 def _output_folder(out_dir: str | Path) -> Path:
@@ -22,12 +23,16 @@ def _output_folder(out_dir: str | Path) -> Path:
 
 
 def write_outliers_csv(report: ScanReport, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "image_index", "layer", "row", "col", "norm"])
-        for o in report.outliers:
-            writer.writerow([o.image, o.image_index, o.layer, o.row, o.col, f"{o.norm:.6g}"])
+    """One row per flagged token, written atomically (UTF-8). Names are the report's escaped ones; when any name
+    had to be escaped, an ``image_hex`` column holds its exact bytes (empty for the names that are exact)."""
+    with_hex = any(o.image_hex for o in report.outliers)
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["image", "image_index", "layer", "row", "col", "norm"] + (["image_hex"] if with_hex else []))
+    for o in report.outliers:
+        writer.writerow([o.image, o.image_index, o.layer, o.row, o.col, f"{o.norm:.6g}"]
+                        + ([o.image_hex or ""] if with_hex else []))
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_scan_outputs(report: ScanReport, out_dir: str | Path, figures: bool = True) -> list[Path]:

@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from artifactscan.core.files import name_from_hex
 from artifactscan.render.style import (
     BLACK,
     BLUE,
@@ -378,7 +379,8 @@ def save_scan_figures(report: ScanReport, out_dir: str | Path, fmt: str = "png",
     for m, stem in zip(report.maps, unique_stems(report.maps)):
         layer = by_index.get(m.layer)
         thr = as_float(layer.threshold) if layer is not None else math.nan
-        fig, _ = plot_image_map(m, str(m.image), input_size,  # type: ignore[arg-type]
+        source = name_from_hex(m.image_hex) if getattr(m, "image_hex", None) else str(m.image)
+        fig, _ = plot_image_map(m, source, input_size,  # type: ignore[arg-type]
                                 title=tag_phantom(model, phantom),
                                 threshold=thr if math.isfinite(thr) else None)
         try:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib
 from matplotlib.figure import Figure
-from artifactscan.render.style import COMPACT_STYLE, PHANTOM_TAG
+from artifactscan.render.style import COMPACT_STYLE, PHANTOM_TAG, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -130,8 +130,7 @@ def save_probe_figures(report: "ProbeReport", out_dir: str | Path, fmt: str = "p
     for name, (fig, _) in (("probes", plot_probe_bars(report)), ("neighbour_similarity",
                                                                  plot_neighbour_similarity(report))):
         path = out / f"{name}.{fmt.lstrip('.')}"
-        with matplotlib.rc_context(COMPACT_STYLE):
-            fig.savefig(path, dpi=dpi)
+        save_figure(fig, path, dpi, style=COMPACT_STYLE)
         fig.clear()
         written.append(path)
     return written

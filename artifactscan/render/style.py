@@ -243,8 +243,11 @@ def close_figure(fig: Figure) -> None:
     fig.clear()
 
 
-def save_figure(fig: Figure, path: Path, dpi: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with plot_style():
-        fig.savefig(path, dpi=dpi)
+def save_figure(fig: Figure, path: Path, dpi: int, style: Any = None) -> Path:
+    """Save atomically (a temporary name in the same folder, then renamed): never a half-written figure."""
+    from artifactscan.core.files import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp, (plot_style() if style is None else matplotlib.rc_context(style)):
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
     return path

@@ -70,7 +70,7 @@ def render_scan(report: ScanReport, console: "Console") -> None:
     prefix = f"{m.num_cls_tokens} CLS + {m.num_register_tokens} register" if m.num_prefix_tokens else "no prefix"
     title = (f"{m.name} ({m.arch or m.source}) - {m.num_blocks} blocks, {prefix} tokens, "
              f"{m.grid_size[0]}x{m.grid_size[1]} patches - {report.images.num_scanned} images")
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(title=escape(title), title_justify="left", header_style="bold")
     for col, justify in (("layer", "left"), ("median", "right"), ("p99", "right"), ("max", "right"),
                          ("max/med", "right"), ("threshold", "right"), ("% flagged", "right"),
                          ("images", "right"), ("> 150", "right"), ("prefix norms (mean)", "left")):
@@ -108,21 +108,22 @@ def render_compare(report: Any, console: "Console") -> None:
     from rich.panel import Panel
     from rich.table import Table
 
-    table = Table(title=f"{len(report.rows)} models on {report.images}", title_justify="left", header_style="bold")
+    table = Table(title=escape(f"{len(report.rows)} models on {report.images}"), title_justify="left",
+                  header_style="bold")
     for col in ("model", "registers", "onset", "% flagged (last)", "images", "max/med", "peak % flagged",
                 "attn on prefix", "register norm", "flagged on background"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in report.rows:
         att = " ".join(f"{k}={100 * v:.1f}%" for k, v in r.prefix_attention.items()) or "-"
-        table.add_row(r.label, str(r.registers), "-" if r.onset_layer is None else str(r.onset_layer),
+        table.add_row(escape(r.label), str(r.registers), "-" if r.onset_layer is None else str(r.onset_layer),
                       _pct(r.outlier_fraction), _pct(r.image_fraction_with_outliers), f"{r.max_over_median:.1f}x",
                       _pct(r.peak_outlier_fraction), att,
                       "-" if r.register_norm_mean is None else f"{r.register_norm_mean:.3g}",
                       "-" if r.flagged_on_background is None else f"{r.flagged_on_background:.0%}")
     console.print(table)
-    console.print(Panel(report.verdict, title="verdict", style="bold"))
+    console.print(Panel(escape(report.verdict), title="verdict", style="bold"))
     for note in report.notes:
-        console.print(f"[dim]{note}[/dim]")
+        console.print(f"[dim]{escape(note)}[/dim]")
 
 
 def render_emergence(report: Any, console: "Console") -> None:
@@ -142,7 +143,7 @@ def render_emergence(report: Any, console: "Console") -> None:
                           *[f"{100 * f:.1f}/{r:.1f}x" for f, r in zip(p.outlier_fraction, p.max_over_median)])
         console.print(table)
     for note in report.notes:
-        console.print(f"[yellow]{note}[/yellow]")
+        console.print(f"[yellow]{escape(note)}[/yellow]")
 
 
 def _fmt_pct(x: float | None) -> str:
@@ -159,7 +160,7 @@ def render_probe(report: ProbeReport, console: Any) -> None:
              f"{report.num_outliers}/{report.num_patch_tokens} patch tokens flagged "
              f"({_fmt_pct(report.outlier_fraction)}, threshold {report.threshold_mode}"
              f"{'' if report.threshold is None else f' {report.threshold:.4g}'})")
-    table = Table(title=title, title_justify="left", header_style="bold")
+    table = Table(title=escape(title), title_justify="left", header_style="bold")
     for col, just in (("tokens", "left"), ("position top-1 (chance)", "right"), ("pos. dist [patches]", "right"),
                       ("recon. L2 (FVU)", "right"), ("local n train/test", "right"), ("nbr. cos median", "right"),
                       ("global top-1", "right"), ("global n img", "right")):

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from artifactscan.core.errors import InputError
 from artifactscan.inputs.images import SkippedImage, image_folder_labels
+from artifactscan.analysis.memory import check_fits
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.analysis.scan import ImageSummary, model_summary
 from artifactscan.inputs.sources import make_image_source
@@ -243,6 +244,7 @@ def probe(
     num_blocks = len(loaded.blocks)
     k = resolve_layer(layer, num_blocks, loaded.layer_range_hint())
     dev = resolve_device(device)
+    check_fits(loaded, batch_size, dev)
     loaded.model.to(dev)
     if data is None:
         data = f"synthetic:{DEFAULT_PROBE_IMAGES}"

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, NonFiniteError
 from artifactscan.models.loading import LoadedModel
 from artifactscan.inputs.sources import image_batches
 from artifactscan.core.progress import ProgressBar
@@ -228,6 +228,9 @@ def collect_tokens(loaded: LoadedModel, source: Any, layer: int, dev: torch.devi
                 raise InputError(f"model produced {tokens.shape[1]} tokens at block {layer}, expected {P} prefix + "
                                  f"{gh}x{gw} patches; pass --img-size to match the model")
             tokens = tokens.float().cpu()
+            if not bool(torch.isfinite(tokens.sum())) and not bool(torch.isfinite(tokens).all()):
+                raise NonFiniteError(f"block {layer} produced non-finite token values (NaN/Inf); probes of them would "
+                                     "mean nothing (artifactscan norms --allow-nonfinite shows where they start)")
             B, _, D = tokens.shape
             patches = tokens[:, P:]
             norms = torch.linalg.vector_norm(patches, dim=-1)

@@ -3,35 +3,50 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from artifactscan.core.files import atomic_path, atomic_write_text
 from artifactscan.models.checkpoint import CheckpointMeta, read_meta, save_checkpoint
 from artifactscan.core.errors import TrainingError
 from artifactscan.analysis.training.config import RUNTIME_FIELDS, TrainConfig
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# Temporaries a killed writer may leave in a run folder: this version's ``.<name>.<random>.partial`` and the
+# ``.<name>[.<random>].tmp`` names earlier versions used.
+_STALE = re.compile(r"^\..+(\.[a-z0-9_]{8}\.partial|\.tmp)$")
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove the temporaries a killed run left in ``run_dir`` (and its variant and checkpoint folders)."""
+    removed: list[Path] = []
+    if not run_dir.is_dir():
+        return removed
+    folders = [run_dir, run_dir / "checkpoints"] + [d / sub for d in run_dir.glob("reg*") if d.is_dir()
+                                                     for sub in ("", "checkpoints")]
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if _STALE.match(entry.name) and entry.is_file() and not entry.is_symlink():
+                try:
+                    entry.unlink()
+                    removed.append(entry)
+                except OSError:
+                    pass
+    return removed
 
 
 def checkpoint_meta(config: TrainConfig, registers: int, data_config: dict, step: int, kind: str = "trained",

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from artifactscan.models.checkpoint import META_KEY, save_checkpoint
-from artifactscan.core.errors import TrainingError
+from artifactscan.core.errors import RunInterrupted, TrainingError
 from artifactscan.analysis.training.config import TrainConfig, resolve_config, validate_config
 from artifactscan.analysis.training.model import build_model, lr_factor, param_groups
 from artifactscan.analysis.training.data import EpochIndexed, StepBatchSampler, build_datasets
@@ -30,8 +30,84 @@ from artifactscan.analysis.training.checkpointing import (
     atomic_torch_save,
     check_same_config,
     checkpoint_meta,
+    remove_stale_temporaries,
     write_json,
 )
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag instead of killing the loop; the ranks agree on the step at which to stop.
+
+    Installed only in the main thread (signal handlers can live nowhere else); the previous handlers come back on
+    exit. The flag is read after every step in one process; under DDP it is all-reduced (MAX) at the steps where the
+    loop synchronises anyway (``progress_every``), so every rank stops after the same step and rank 0 saves the
+    resume state of exactly that step.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):
+                    pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, step: int, every: int, d: DistState, device: torch.device) -> bool:
+        if d.world == 1:
+            return self.signum is not None
+        if step % every:
+            return False
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if self.signum is None else int(self.signum)], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag.item()) and self.signum is None:
+            self.signum = int(flag.item())  # a sibling rank was signalled
+        return bool(int(flag.item()))
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        try:
+            return signal.Signals(self.signum).name  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            return f"signal {self.signum}"
+
+
+def _keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drop evaluation lines after ``step`` (written after the last save, before a kill): a resumed run rewrites them."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    if len(kept) != len(lines):
+        from artifactscan.core.files import atomic_write_text
+
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
 
 
 @torch.no_grad()
@@ -148,6 +224,11 @@ def train_model(
         on_event: called with ``{"type": "step"|"eval", ...}`` dicts (for parent processes drawing the bar).
         stop_at_step: save the resume state and return after this step (simulates a killed run; tests use it).
         return_model: put the trained (unwrapped) model in the result.
+
+    SIGTERM or SIGINT stops the run after the current step (the same step on every rank), saves the resume state
+    of that step and raises :class:`RunInterrupted`; ``resume=True`` continues it bit-identically. Temporaries a
+    killed run left behind are removed first; a folder with no resume state (killed before its first save) starts
+    over instead of being refused.
     """
     config = resolve_config(config)
     validate_config(config)
@@ -158,12 +239,15 @@ def train_model(
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
     last_path = run_dir / "last.pt"
+    if d.main:
+        remove_stale_temporaries(run_dir)
 
     saved_resume: dict | None = None
     if resume:
         if not last_path.is_file():
             what = "has no checkpoint yet (last.pt)" if (run_dir / "config.json").is_file() else "is not a run folder"
-            raise TrainingError(f"cannot resume: {run_dir} {what}; start a fresh run instead of --resume")
+            raise TrainingError(f"cannot resume: {run_dir} {what}; start a fresh run instead of --resume (a folder "
+                                "with no checkpoint restarts)")
         blob = torch.load(last_path, map_location="cpu", weights_only=True)
         saved_cfg = json.loads(blob["resume"]["config"])
         check_same_config(saved_cfg, config, run_dir)
@@ -208,6 +292,10 @@ def train_model(
 
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if saved_resume is None:  # a fresh start: evaluation lines of an earlier attempt that never saved are stale
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            _keep_metrics_up_to(run_dir / "metrics.jsonl", start_step)
         write_json(run_dir / "config.json", {**config.to_dict(), "total_steps": total, "data": config.data,
                                               "data_description": data_desc, "world_size": d.world})
     if config.compile:
@@ -255,7 +343,10 @@ def train_model(
         sd = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
         atomic_torch_save({"state_dict": sd, META_KEY: json.loads(meta.to_json()), "resume": state}, last_path)
 
+    stop = StopSignal()
+    stopped_at: int | None = None
     try:
+        stop.__enter__()
         model.train()
         t_window, n_window = time.perf_counter(), 0
         for batch in loader:
@@ -315,8 +406,12 @@ def train_model(
                     for p in set(snapshots) - set(keep):
                         p.unlink(missing_ok=True)
                     snapshots = keep
-            if step % config.ckpt_every == 0 or is_last or step == stop_at_step:
+            stop_now = not is_last and stop.agreed(step, config.progress_every, d, device)
+            if step % config.ckpt_every == 0 or is_last or step == stop_at_step or stop_now:
                 save_resume_state(step)
+            if stop_now:
+                stopped_at = step
+                break
             if stop_at_step is not None and step >= stop_at_step and not is_last:
                 break
     except torch.cuda.OutOfMemoryError:
@@ -326,6 +421,7 @@ def train_model(
             f"{config.img_size}px, {config.registers} registers); try --batch-size {smaller}"
         ) from None
     finally:
+        stop.__exit__()
         reporter.close()
 
     final = run_dir / "final.safetensors"
@@ -352,4 +448,7 @@ def train_model(
     elif d.main:
         write_json(run_dir / "result.json", {"finished": False, "steps": step, "wall_s_partial": wall})
     barrier(d)
+    if stopped_at is not None:
+        raise RunInterrupted(f"{stop.name}: stopped {run_dir} after step {stopped_at} of {total} and saved its resume "
+                             f"state; continue with: artifactscan train-reg --resume {run_dir}")
     return result

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from artifactscan.models.checkpoint import read_meta
-from artifactscan.core.errors import InputError, TrainingError
+from artifactscan.core.errors import InputError, RunInterrupted, TrainingError
 from artifactscan.analysis.training.config import (
     RUNTIME_FIELDS,
     TrainConfig,
@@ -24,7 +24,7 @@ from artifactscan.analysis.training.config import (
 from artifactscan.analysis.training.model import build_model
 from artifactscan.analysis.training.data import build_datasets
 from artifactscan.analysis.training.distributed import resolve_train_device
-from artifactscan.analysis.training.checkpointing import check_same_config, write_json
+from artifactscan.analysis.training.checkpointing import check_same_config, remove_stale_temporaries, write_json
 from artifactscan.analysis.training.loop import TrainResult, evaluate, train_model
 
 
@@ -134,6 +134,9 @@ def worker_main(config_path: str, run_dir: str, resume: bool) -> int:
 
     try:
         res = train_model(config, run_dir, resume=resume, progress=False, on_event=emit)
+    except RunInterrupted as exc:
+        emit({"type": "interrupted", "message": str(exc)})
+        return 130
     except (TrainingError, InputError) as exc:
         emit({"type": "error", "kind": type(exc).__name__, "message": str(exc)})
         return 2
@@ -191,7 +194,9 @@ def train_reg(
         build_datasets(config)  # a bad data folder fails here, before any worker process starts
     world = int(os.environ.get("WORLD_SIZE", "1"))
     main = int(os.environ.get("RANK", "0")) == 0
-    if not resume and main and (out / "train_reg.json").exists():
+    if main:
+        remove_stale_temporaries(out)
+    if not resume and main and (out / "train_reg.json").exists() and has_checkpoint(out):
         raise TrainingError(f"{out} already holds a train-reg run; pass --resume {out} or choose a new folder")
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +239,26 @@ def train_reg(
     return result
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether any variant of a train-reg folder saved something to resume or keep (else it simply restarts)."""
+    return any((d / "last.pt").is_file() or (d / "final.safetensors").is_file() for d in run_dir.glob("reg*"))
+
+
+def _stop_children(running: dict, timeout: float = 600.0) -> None:
+    """SIGTERM every child and wait for each to save its resume state and exit (never leave one mid-save)."""
+    import subprocess
+
+    for _, p in running.values():
+        if p.poll() is None:
+            p.terminate()
+    for _, p in running.values():
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[int, RegVariant]:
     """Run the variants as side-by-side child processes (``python -m artifactscan.analysis.training --_worker``).
 
@@ -261,6 +286,8 @@ def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[
     tasks: dict[str, Any] = {}
     results: dict[int, RegVariant] = {}
     errors: list[str] = []
+    stopped: list[str] = []
+    pumps: list[threading.Thread] = []
     waiting = list(jobs)
     running: dict[str, tuple[int, subprocess.Popen]] = {}
 
@@ -287,7 +314,8 @@ def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[
         running[label] = (reg, proc)
         if bars is not None:
             tasks[label] = bars.add_task(label, total=config.steps or None, loss="-", acc="-", ips="-")
-        threading.Thread(target=pump, args=(label, proc), daemon=True).start()
+        pumps.append(threading.Thread(target=pump, args=(label, proc), daemon=True))
+        pumps[-1].start()
 
     try:
         while waiting and len(running) < n_proc:
@@ -307,8 +335,14 @@ def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[
                 results[reg] = variant_from_result(reg, ev["result"])
             elif kind == "error":
                 errors.append(ev["message"])
+            elif kind == "interrupted":
+                stopped.append(ev["message"])
             elif kind == "exit":
                 reg, _ = running.pop(label)
+                if stopped:  # a child was signalled (Ctrl-C reaches the whole process group): stop them all
+                    waiting.clear()
+                    _stop_children(running)
+                    continue
                 if reg not in results and not errors:
                     errors.append(f"training the {reg}-register model crashed (exit code {ev['rc']}); "
                                   f"see the messages above, then --resume the run folder")
@@ -317,11 +351,25 @@ def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[
                         p.terminate()
                 elif waiting:
                     launch(*waiting.pop(0))
+    except KeyboardInterrupt:  # the parent was stopped (SIGINT, or SIGTERM through the CLI): children save first
+        _stop_children(running)
+        for t in pumps:
+            t.join(timeout=60)  # their last lines carry each child's "interrupted" event
+        while not events.empty():
+            ev = events.get()
+            if ev["type"] == "interrupted":
+                stopped.append(ev["message"])
+        if not stopped:
+            raise
     finally:
-        for _, p in running.values():
-            p.terminate()
+        _stop_children(running)
         if bars is not None:
             bars.stop()
+    if stopped:
+        steps = "; ".join(m.split(": stopped ", 1)[-1].split(" and saved")[0] for m in stopped)
+        run = Path(jobs[0][1]).parent
+        raise RunInterrupted(f"stopped the side-by-side training ({steps}); each saved its resume state; continue "
+                             f"with: artifactscan train-reg --resume {run}")
     if errors:
         raise TrainingError(errors[0])
     return results
@@ -350,9 +398,9 @@ def resume(
         config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
         check_same_config(config.to_dict(), expected, run_dir)
         spec = json.loads((run_dir / "train_reg.json").read_text())
-        started = [d for d in run_dir.glob("reg*") if (d / "last.pt").is_file() or (d / "final.safetensors").is_file()]
-        if not started:
-            raise TrainingError(f"cannot resume: {run_dir} has no checkpoint yet; start a fresh run instead")
+        if not has_checkpoint(run_dir):
+            raise TrainingError(f"cannot resume: {run_dir} has no checkpoint yet; start it again with the same "
+                                f"command without --resume (--out {run_dir}): a folder with no checkpoint restarts")
         regs = spec["registers"]
         return train_reg(config.replace(**runtime), run_dir, regs, baseline_checkpoint=spec["baseline_checkpoint"],
                          parallel=parallel, resume=True, progress=progress)
