@@ -358,3 +358,16 @@ def test_a_diverged_checkpoint_in_a_run_is_named_and_fails_the_command(tmp_path)
     result = invoke("norms", run, "synthetic:8", "--json", "--allow-nonfinite")
     check(result, 0)
     assert [p["step"] for p in json.loads(result.stdout)["groups"][0]["points"]] == [100, 200, 300, 400]
+
+
+def test_a_closed_pipe_is_no_traceback():
+    """`artifactscan report --help | head -1`: the reader goes away mid-output; no traceback from the error path."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "artifactscan", "report", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "80"})
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err and b"AttributeError" not in err, err.decode()[-500:]

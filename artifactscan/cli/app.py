@@ -62,7 +62,7 @@ class _Group(TyperGroup):
             if not standalone_mode:
                 raise
             sys.exit(EXIT_USER)
-        except click.exceptions.Abort:
+        except typer.Abort:  # typer re-exports the Abort of the click it runs on (vendored or not)
             print_line(stderr, "interrupted", "red", "")
             if not standalone_mode:
                 raise
