@@ -20,54 +20,24 @@ Random-init weights (the cost does not depend on them); ``--model NAME`` loads a
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
-import time
-from pathlib import Path
-
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from bench_common import bench_model, median_seconds, model_pass_parser, print_result, sync
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="vit_small_patch16_224")
-    ap.add_argument("--model", default=None, help="load this instead of a random-init --arch")
-    ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--images", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap = model_pass_parser(__doc__, images=256, batch_size=64)
     ap.add_argument("--block", type=int, default=-1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-
-    import timm
 
     from artifactscan.analysis.discover import discovery_run, resolve_block
     from artifactscan.analysis.lost import FeatureCapture, default_k, lost_batched
-    from artifactscan.core.progress import resolve_device
     from artifactscan.inputs.boxes import BoxedData, BoxedItem
     from artifactscan.inputs.sources import image_batches
     from artifactscan.inputs.synthetic_objects import SyntheticObjects
-    from artifactscan.models.loading import load_model, wrap_module
 
-    dev = resolve_device(args.device)
-    if args.model:
-        loaded = load_model(args.model)
-    else:
-        torch.manual_seed(0)
-        loaded = wrap_module(timm.create_model(args.arch, pretrained=False, img_size=args.img_size).eval())
-    loaded.model.to(dev)
+    loaded, dev = bench_model(args)
     h, w = loaded.input_size
     ds = SyntheticObjects(args.images, img_size=h)
     pixels = torch.from_numpy(np.stack([ds.render(i)[0] for i in range(args.images)]))
@@ -88,25 +58,15 @@ def main(argv: list[str] | None = None) -> dict:
                 feats, _ = cap.run(x.to(dev, non_blocking=True))
                 if with_lost:
                     lost_batched(feats[:, P:], (gh, gw), k)
-        _sync(dev)
+        sync(dev)
 
     def end_to_end() -> None:
         discovery_run(loaded, data, label="bench", block=block, device=dev, batch_size=args.batch_size, keep=0)
-        _sync(dev)
+        sync(dev)
 
     runs = {"features": lambda: features(False), "features_lost": lambda: features(True),
             "discover_end_to_end": end_to_end}
-    for fn in runs.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for rep in range(args.repeats):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate: no run always goes first
-            fn = runs[name]
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    med = {name: statistics.median(v) for name, v in times.items()}
+    med = median_seconds(runs, args.repeats, rotate=True)  # rotate: no run always goes first
     result = {
         "model": loaded.name if args.model else args.arch, "input": [h, w], "grid": [gh, gw], "k": k,
         "images": args.images, "batch_size": args.batch_size, "device": str(dev),
@@ -114,16 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios_vs_features": {name: med[name] / med["features"] for name in ("features_lost", "discover_end_to_end")},
         "target_end_to_end": 1.15,
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{result['model']} {h}x{w} ({gh}x{gw} patches, k={k}), block {block}, {args.images} images, batch "
-              f"{args.batch_size}, {dev}, {result['torch_threads']} threads, median of {args.repeats}")
-        for name, v in med.items():
-            ratio = "" if name == "features" else f"   {v / med['features']:.3f}x features"
-            print(f"  {name:<20} {v:8.3f} s{ratio}")
-        print(f"  end to end / features: {result['ratios_vs_features']['discover_end_to_end']:.3f}x "
-              f"(target <= {result['target_end_to_end']}x)")
+    print_result(result, args.json,
+                 f"{result['model']} {h}x{w} ({gh}x{gw} patches, k={k}), block {block}, {args.images} images, batch "
+                 f"{args.batch_size}, {dev}, {result['torch_threads']} threads, median of {args.repeats}",
+                 f"  end to end / features: {result['ratios_vs_features']['discover_end_to_end']:.3f}x "
+                 f"(target <= {result['target_end_to_end']}x)",
+                 "features", 20, 3, "features")
     return result
 
 

@@ -38,7 +38,7 @@ from artifactscan.core.errors import InputError
 from artifactscan.core.progress import ProgressBar, resolve_device
 from artifactscan.core.results import JsonResult
 from artifactscan.core.stats import NormStatistics, bin_index
-from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, parse_threshold
+from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, threshold_option
 from artifactscan.core.version import __version__
 from artifactscan.inputs.boxes import DEFAULT_OBJECT_IMAGES, BoxedData, load_box_data
 from artifactscan.inputs.sources import image_batches, parse_workers
@@ -177,10 +177,7 @@ def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: in
                   keep: int = 6,
                   random_seed: int = 0, progress: bool = False, skipped: list[str] | None = None) -> DiscoveryRun:
     """LOST with ``loaded`` on every image of ``data``; CorLoc, baselines and where the seeds fell."""
-    try:
-        fixed = parse_threshold(threshold)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    fixed = threshold_option(threshold)
     rule = rule or AutoRule()
     b = resolve_block(block, len(loaded.blocks))
     gh, gw = loaded.grid_size
@@ -351,10 +348,7 @@ def discover(
     parse_workers(num_workers)  # a bad --workers fails before any model loads
     if keep < 0:
         raise InputError(f"--figure-images must be >= 0, got {keep}")
-    try:
-        fixed = parse_threshold(threshold)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    fixed = threshold_option(threshold)
     specs = list(models) if isinstance(models, (list, tuple)) else [models]
     dev = resolve_device(device)
     load_options = dict(img_size=img_size, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,

@@ -29,7 +29,7 @@ from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES, SkippedImage
 from artifactscan.inputs.sources import ImageSource, image_batches, make_image_source, parse_workers
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
-from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, parse_threshold
+from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, threshold_option
 from artifactscan.core.results import JsonResult
 
 # /2: layers[].bimodality describes the separated-group rule's accepted group or its strongest rejected candidate
@@ -335,10 +335,7 @@ def scan(
     Returns:
         A :class:`ScanReport`.
     """
-    try:
-        fixed = parse_threshold(threshold)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    fixed = threshold_option(threshold)
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     parse_workers(num_workers)

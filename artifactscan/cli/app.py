@@ -30,6 +30,23 @@ except ImportError:  # pragma: no cover - older Typer on top of click
 
 from artifactscan.core.errors import ArtifactScanError
 from artifactscan.core.files import check_output_file, display_name, output_folder
+from artifactscan.cli.options import (  # noqa: F401  (re-exported: the commands' shared options)
+    AllowNonFiniteOpt,
+    ArchKwargsOpt,
+    ArchOpt,
+    BatchOpt,
+    DebugOpt,
+    DecodeOptions,
+    DeviceOpt,
+    ExactDecodeOpt,
+    GpuDecodeOpt,
+    ImgSizeOpt,
+    ModelLoadOptions,
+    TrustOpt,
+    WeightsOpt,
+    WorkersOpt,
+    with_option_groups,
+)
 
 EXIT_OK, EXIT_USER, EXIT_INTERNAL, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -194,29 +211,6 @@ THRESHOLD_HELP = (
     "token above it. Detection limit: artifactscan calibrate."
 )
 
-ArchOpt = typer.Option(None, "--arch", help="timm architecture for a bare state dict, e.g. vit_small_patch16_224.")
-ArchKwargsOpt = typer.Option(None, "--arch-kwargs", help='JSON of timm.create_model overrides, e.g. \'{"reg_tokens": 4}\'.')
-TrustOpt = typer.Option(False, "--trust-checkpoint",
-                        help="Allow loading a whole pickled nn.Module or a TorchScript archive (OpenAI's CLIP .pt). "
-                             "Both run code from the file: only for files you trust.")
-WeightsOpt = typer.Option(None, "--weights", help="ema or raw: which weights of a checkpoint holding both "
-                                                  "(default: ema, as timm does; the report names the ones loaded).")
-DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")
-BatchOpt = typer.Option(32, "--batch-size", "-b", help="Images per forward pass.")
-WorkersOpt = typer.Option("auto", "--workers", help="DataLoader processes decoding images: 'auto' (one per core, at "
-                          "most 8, none under 64 images) or a number (0: decode on the main process).")
-ExactDecodeOpt = typer.Option(False, "--exact-decode", help="Decode image files in full. Default: only as large as the "
-                              "model needs (JPEG draft / integer reduce to >= 2x its resize), docs/data-path.md.")
-GpuDecodeOpt = typer.Option(False, "--gpu-decode", help="With a CUDA device: decode JPEGs on it in batches "
-                            "(TorchCodec / nvJPEG; a failed batch falls back to Pillow file by file).")
-ImgSizeOpt = typer.Option(None, "--img-size", help="Resize inputs to this square size instead of the model's own "
-                                                   "(position embeddings are resampled).")
-DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
-AllowNonFiniteOpt = typer.Option(False, "--allow-nonfinite",
-                                 help="Scan a model whose weights or token norms hold NaN/Inf instead of stopping with "
-                                      "exit code 1 (the report still says so first, loudly).")
-
-
 def check_fraction(value: float | None, flag: str) -> None:
     if value is not None and not (0.0 <= value <= 1.0):
         from artifactscan.core.errors import InputError
@@ -242,6 +236,7 @@ def swapped_arguments_hint(model: str, images: Optional[str]) -> None:
 
 
 @app.command()
+@with_option_groups
 def norms(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
     images: Optional[str] = typer.Argument(None, help=IMAGES_HELP, show_default=False),
@@ -255,16 +250,10 @@ def norms(
         help="A gate for CI: exit with code 3 when the last block's outlier fraction exceeds FRACTION (e.g. 0.01). "
              "The report and --out files are still written. For a run folder: the latest checkpoint of each model."),
     allow_nonfinite: bool = AllowNonFiniteOpt,
-    arch: Optional[str] = ArchOpt,
-    arch_kwargs: Optional[str] = ArchKwargsOpt,
-    trust_checkpoint: bool = TrustOpt,
-    weights: Optional[str] = WeightsOpt,
-    img_size: Optional[int] = ImgSizeOpt,
+    load: ModelLoadOptions = ModelLoadOptions(),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
-    workers: str = WorkersOpt,
-    exact_decode: bool = ExactDecodeOpt,
-    gpu_decode: bool = GpuDecodeOpt,
+    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     """Per-layer patch-token norms of a ViT; flag the high-norm outliers (the paper's Fig 3 and 4a).
@@ -290,7 +279,6 @@ def norms(
     --fail-above gate failed; 130 interrupted.
     """
     from artifactscan.models.hf import is_model_folder
-    from artifactscan.models.loading import parse_arch_kwargs
     from artifactscan.render.text import render_scan
     from artifactscan.render.outputs import write_scan_outputs
     from artifactscan.core.errors import GateFailedError, NonFiniteError
@@ -311,11 +299,9 @@ def norms(
         with output_folder(mine, "norms"):  # validated and locked before any model runs
             if is_run:
                 return _emergence(model)  # type: ignore[arg-type]
-            report = scan(model, images, threshold=threshold, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                          trust_checkpoint=trust_checkpoint, weights=weights, img_size=img_size, device=device,
-                          batch_size=batch_size, num_workers=workers, num_maps=maps,
-                          progress=not json_out and sys.stderr.isatty(), exact_decode=exact_decode,
-                          gpu_decode=gpu_decode, warn=warn, allow_nonfinite=allow_nonfinite)
+            report = scan(model, images, threshold=threshold, **load.kwargs(), device=device, batch_size=batch_size,
+                          **decode.kwargs(), num_maps=maps, progress=not json_out and sys.stderr.isatty(), warn=warn,
+                          allow_nonfinite=allow_nonfinite)
             if rank != 0:
                 return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
             if out is not None:
@@ -342,7 +328,7 @@ def norms(
         from artifactscan.render.text import render_emergence
 
         result = scan_run(run_dir, images, threshold=threshold, device=device, batch_size=batch_size,
-                          progress=not json_out and sys.stderr.isatty(), img_size=img_size, warn=warn,
+                          progress=not json_out and sys.stderr.isatty(), img_size=load.img_size, warn=warn,
                           allow_nonfinite=allow_nonfinite)
         emit_result(result, out, "emergence.json", json_out, lambda r: render_emergence(r, stdout),
                     save_emergence_figure if figures else None)
@@ -366,6 +352,7 @@ def norms(
 
 
 @app.command()
+@with_option_groups
 def compare(
     models_and_images: list[str] = typer.Argument(..., metavar="MODEL... IMAGES",
                                                   help="Two or more models (as for `norms`), then the image folder "
@@ -375,9 +362,7 @@ def compare(
     json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON on stdout and nothing else."),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
-    workers: str = WorkersOpt,
-    exact_decode: bool = ExactDecodeOpt,
-    gpu_decode: bool = GpuDecodeOpt,
+    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     """Scan several models on the same images: one table, one figure (the paper's Fig 4c and 7).
@@ -403,8 +388,7 @@ def compare(
         *models, images = models_and_images
         with output_folder(out, "compare"):
             result = compare_models(models, images, threshold=threshold, device=device, batch_size=batch_size,
-                                    progress=not json_out and sys.stderr.isatty(), num_workers=workers,
-                                    exact_decode=exact_decode, gpu_decode=gpu_decode)
+                                    progress=not json_out and sys.stderr.isatty(), **decode.kwargs())
             emit_result(result, out, "compare.json", json_out, lambda r: render_compare(r, stdout),
                         save_compare_figure)
 
@@ -412,6 +396,7 @@ def compare(
 
 
 @app.command()
+@with_option_groups
 def fix(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
     images: Optional[str] = typer.Argument(None, help=IMAGES_HELP, show_default=False),
@@ -428,9 +413,7 @@ def fix(
     json_out: bool = typer.Option(False, "--json", help="Print the fix report as JSON on stdout and nothing else."),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
-    workers: str = WorkersOpt,
-    exact_decode: bool = ExactDecodeOpt,
-    gpu_decode: bool = GpuDecodeOpt,
+    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     """Training-free repair: a test-time register (Jiang et al. 2025, "Vision Transformers Don't Need Trained Registers").
@@ -455,8 +438,7 @@ def fix(
         if out is not None:
             check_output_file(out, "--out", (".safetensors", ".pt"))  # before minutes of work, not after
         result = run_fix(model, images, top_k=top_k, max_layer=max_layer, threshold=threshold, out=out,
-                         device=device, batch_size=batch_size, num_workers=workers, exact_decode=exact_decode,
-                         gpu_decode=gpu_decode)
+                         device=device, batch_size=batch_size, **decode.kwargs())
         if json_out:
             sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
             return

@@ -12,31 +12,20 @@ from typing import Optional
 
 import typer
 
-from artifactscan.cli.app import (
-    ArchKwargsOpt,
-    ArchOpt,
+from artifactscan.cli.app import IMAGES_HELP, MODEL_HELP, THRESHOLD_HELP, app, print_line, run_command, stdout, warn
+from artifactscan.cli.options import (
     BatchOpt,
     DebugOpt,
+    DecodeOptions,
     DeviceOpt,
-    IMAGES_HELP,
-    ImgSizeOpt,
-    MODEL_HELP,
-    THRESHOLD_HELP,
-    TrustOpt,
-    WeightsOpt,
-    ExactDecodeOpt,
-    GpuDecodeOpt,
-    WorkersOpt,
-    app,
-    print_line,
-    run_command,
-    stdout,
-    warn,
+    ModelLoadOptions,
+    with_option_groups,
 )
 from artifactscan.core.files import output_folder
 
 
 @app.command("attention")
+@with_option_groups
 def attention(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
     images: Optional[str] = typer.Argument(None, help=IMAGES_HELP, show_default=False),
@@ -57,16 +46,10 @@ def attention(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write attention.json and figures here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures into --out."),
-    arch: Optional[str] = ArchOpt,
-    arch_kwargs: Optional[str] = ArchKwargsOpt,
-    trust_checkpoint: bool = TrustOpt,
-    weights: Optional[str] = WeightsOpt,
-    img_size: Optional[int] = ImgSizeOpt,
+    load: ModelLoadOptions = ModelLoadOptions(),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
-    workers: str = WorkersOpt,
-    exact_decode: bool = ExactDecodeOpt,
-    gpu_decode: bool = GpuDecodeOpt,
+    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     """Where the CLS token looks, and how much attention the high-norm outlier tokens attract (the paper's Fig 2
@@ -95,7 +78,6 @@ def attention(
       artifactscan attention ckpt.pt imgs/ --arch vit_small_patch16_224 --query-patch 7,7 --json > attention.json
     """
     from artifactscan.analysis.attention_maps import attention_report
-    from artifactscan.models.loading import parse_arch_kwargs
 
     def work() -> None:
         if maps < 0:
@@ -105,10 +87,8 @@ def attention(
         with output_folder(out, "attention"):  # validated and locked before any model runs
             report = attention_report(
                 model, images, layers=layers, threshold=threshold, query=query, query_patch=query_patch, heads=heads,
-                maps=maps, device=device, batch_size=batch_size, num_workers=workers, arch=arch,
-                exact_decode=exact_decode, gpu_decode=gpu_decode,
-                arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint, img_size=img_size,
-                weights=weights, progress=not json_out and sys.stderr.isatty(), warn=warn)
+                maps=maps, device=device, batch_size=batch_size, **decode.kwargs(), **load.kwargs(),
+                progress=not json_out and sys.stderr.isatty(), warn=warn)
             written: list[Path] = []
             text = report.to_json()
             if out is not None:

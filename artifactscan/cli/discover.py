@@ -10,24 +10,8 @@ from typing import Optional
 
 import typer
 
-from artifactscan.cli.app import (
-    ArchKwargsOpt,
-    ArchOpt,
-    BatchOpt,
-    DebugOpt,
-    DeviceOpt,
-    ImgSizeOpt,
-    THRESHOLD_HELP,
-    TrustOpt,
-    WeightsOpt,
-    WorkersOpt,
-    app,
-    emit_result,
-    print_line,
-    run_command,
-    stdout,
-    warn,
-)
+from artifactscan.cli.app import THRESHOLD_HELP, app, emit_result, print_line, run_command, stdout, warn
+from artifactscan.cli.options import BatchOpt, DebugOpt, DeviceOpt, ModelLoadOptions, WorkersOpt, with_option_groups
 from artifactscan.core.files import output_folder
 
 ARGS_HELP = (
@@ -54,6 +38,7 @@ def split_args(args: list[str]) -> tuple[list[str | None], str | None]:
 
 
 @app.command("discover")
+@with_option_groups
 def discover(
     args: Optional[list[str]] = typer.Argument(None, metavar="[MODEL...] [DATA]", help=ARGS_HELP, show_default=False),
     features: str = typer.Option("keys", "--features", "-f",
@@ -80,11 +65,7 @@ def discover(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write discover.json and discover.png here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write discover.png into --out."),
-    arch: Optional[str] = ArchOpt,
-    arch_kwargs: Optional[str] = ArchKwargsOpt,
-    trust_checkpoint: bool = TrustOpt,
-    weights: Optional[str] = WeightsOpt,
-    img_size: Optional[int] = ImgSizeOpt,
+    load: ModelLoadOptions = ModelLoadOptions(),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
     workers: str = WorkersOpt,
@@ -119,7 +100,6 @@ def discover(
       artifactscan discover vit_small_patch14_reg4_dinov2.lvd142m VOC2007/ --features keys --json > voc.json
     """
     from artifactscan.analysis.discover import discover as run_discover
-    from artifactscan.models.loading import parse_arch_kwargs
 
     def work() -> None:
         models, data = split_args(list(args or []))
@@ -127,8 +107,7 @@ def discover(
             report = run_discover(
                 models, data, compare=[compare] if compare else [], block=block, features=features, k=k,
                 threshold=threshold, image_root=image_root, device=device, batch_size=batch_size,
-                num_workers=workers, keep=figure_images, random_seed=seed, fix_top_k=top_k, img_size=img_size,
-                arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint, weights=weights,
+                num_workers=workers, keep=figure_images, random_seed=seed, fix_top_k=top_k, **load.kwargs(),
                 progress=not json_out and sys.stderr.isatty(), warn=warn)
             from artifactscan.render.plots_discover import save_discover_figure
 

@@ -11,25 +11,8 @@ from typing import Optional
 
 import typer
 
-from artifactscan.cli.app import (
-    ArchKwargsOpt,
-    ArchOpt,
-    DebugOpt,
-    DeviceOpt,
-    ImgSizeOpt,
-    MODEL_HELP,
-    THRESHOLD_HELP,
-    TrustOpt,
-    WeightsOpt,
-    ExactDecodeOpt,
-    GpuDecodeOpt,
-    WorkersOpt,
-    app,
-    print_line,
-    run_command,
-    stdout,
-    warn,
-)
+from artifactscan.cli.app import MODEL_HELP, THRESHOLD_HELP, app, print_line, run_command, stdout, warn
+from artifactscan.cli.options import DebugOpt, DecodeOptions, DeviceOpt, ModelLoadOptions, with_option_groups
 from artifactscan.core.files import output_folder
 from artifactscan.analysis.probes import (
     DEFAULT_PROBE_IMAGES,
@@ -65,6 +48,7 @@ def _probe_help() -> str:
 
 
 @app.command("probe", help=_probe_help())
+@with_option_groups
 def probe_command(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
     data: Optional[str] = typer.Argument(None, help=DATA_HELP, show_default=False),
@@ -81,19 +65,12 @@ def probe_command(
     draws: int = typer.Option(GLOBAL_DRAWS, "--draws", help="Random draws of the global probe (mean +- std)."),
     test_fraction: float = typer.Option(TEST_FRACTION, "--test-fraction", help="Images held out for testing."),
     seed: int = typer.Option(0, "--seed", help="Seed of every random choice (split, samples, draws)."),
-    arch: Optional[str] = ArchOpt,
-    arch_kwargs: Optional[str] = ArchKwargsOpt,
-    trust_checkpoint: bool = TrustOpt,
-    weights: Optional[str] = WeightsOpt,
-    img_size: Optional[int] = ImgSizeOpt,
+    load: ModelLoadOptions = ModelLoadOptions(),
     device: str = DeviceOpt,
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
-    workers: str = WorkersOpt,
-    exact_decode: bool = ExactDecodeOpt,
-    gpu_decode: bool = GpuDecodeOpt,
+    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
-    from artifactscan.models.loading import parse_arch_kwargs
     from artifactscan.core.progress import distributed_world
     from artifactscan.analysis.probes import probe
     from artifactscan.render.text import render_probe
@@ -102,11 +79,8 @@ def probe_command(
     def work() -> None:
         rank = distributed_world()[1]
         with output_folder(out if rank == 0 else None, "probe"):  # validated and locked before any model runs
-            report = probe(model, data, layer=layer, threshold=threshold, arch=arch,
-                           arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_checkpoint=trust_checkpoint,
-                           weights=weights, img_size=img_size, device=device, batch_size=batch_size,
-                           num_workers=workers, exact_decode=exact_decode, gpu_decode=gpu_decode,
-                           min_tokens=min_tokens, min_images=min_images, draws=draws, test_fraction=test_fraction,
+            report = probe(model, data, layer=layer, threshold=threshold, **load.kwargs(), device=device,
+                           batch_size=batch_size, **decode.kwargs(), min_tokens=min_tokens, min_images=min_images, draws=draws, test_fraction=test_fraction,
                            seed=seed, progress=not json_out and sys.stderr.isatty(), warn=warn)
             if rank != 0:
                 return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it

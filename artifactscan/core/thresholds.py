@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import InputError
 from .stats import BIN_WIDTH_LOG10, LOG10_MIN, NUM_BINS, bin_index
 
 PAPER_THRESHOLD = 150.0
@@ -284,3 +285,11 @@ def parse_threshold(text: str | float | None) -> float | None:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"--threshold must be 'auto' or a positive number, got {text!r}")
     return value
+
+
+def threshold_option(text: str | float | None) -> float | None:
+    """:func:`parse_threshold` for a command's ``--threshold``: a bad value is an :class:`InputError` (exit 1)."""
+    try:
+        return parse_threshold(text)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None

@@ -63,7 +63,50 @@ def label_of(count: int, shared: bool) -> int:
     return (count - 1) * 2 + int(shared)
 
 
-class SyntheticShapes(Dataset):
+class SyntheticImages(Dataset):
+    """What the built-in synthetic sets share: ``num_images`` square images of ``img_size`` px, each a pure function
+    of ``(seed, the set's stream tags, index)``.
+
+    Args:
+        what: the set's name in the error for a bad count. size_hint: appended to the error for a bad size.
+    """
+
+    def __init__(self, num_images: int, seed: int, img_size: int, split: str, what: str, size_hint: str = ""):
+        if num_images < 1:
+            raise InputError(f"{what} needs at least 1 image, got {num_images}; pass a positive count")
+        if img_size < 8:
+            raise InputError(f"synthetic images must be at least 8 px wide, got {img_size}{size_hint}")
+        self.num_images = int(num_images)
+        self.seed = int(seed)
+        self.img_size = int(img_size)
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def stream(self, index: int, *tags: int) -> np.random.Generator:
+        """The random stream of image ``index`` (``IndexError`` outside ``0..num_images-1``)."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} synthetic images")
+        return np.random.default_rng([self.seed, *tags, int(index)])
+
+
+def background_colour(rng: np.random.Generator) -> np.ndarray:
+    """A grey-ish background with a per-image tint: float32 RGB, the next draws of ``rng``."""
+    base = rng.uniform(0.35, 0.65)
+    tint = rng.uniform(-0.08, 0.08, size=3)
+    return (base + tint).astype(np.float32)
+
+
+def noisy_background(colour: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``3×size×size`` float32 image of ``colour`` plus Gaussian noise (sd :data:`NOISE_SD`) drawn from ``rng``."""
+    img = np.empty((3, size, size), dtype=np.float32)
+    img[:] = colour[:, None, None]
+    img += rng.standard_normal((3, size, size), dtype=np.float32) * NOISE_SD
+    return img
+
+
+class SyntheticShapes(SyntheticImages):
     """On-the-fly synthetic images: ``ds[i]`` → ``(float tensor 3×H×W in [0, 1], label int)``.
 
     Args:
@@ -77,14 +120,7 @@ class SyntheticShapes(Dataset):
     classes = CLASS_NAMES
 
     def __init__(self, num_images: int, seed: int = 0, img_size: int = 32, split: str = "train"):
-        if num_images < 1:
-            raise InputError(f"synthetic data needs at least 1 image, got {num_images}; pass a positive count")
-        if img_size < 8:
-            raise InputError(f"synthetic images must be at least 8 px wide, got {img_size}; use --img-size 32")
-        self.num_images = int(num_images)
-        self.seed = int(seed)
-        self.img_size = int(img_size)
-        self.split = split
+        super().__init__(num_images, seed, img_size, split, "synthetic data", "; use --img-size 32")
         self._tag = _split_tag(split)
         scale = img_size / 32.0
         self._sq_min = max(1, round(3 * scale))
@@ -92,14 +128,9 @@ class SyntheticShapes(Dataset):
         # cell boundaries (integers) so every square fits inside its own cell with a 1 px margin when possible
         self._edges = np.linspace(0, img_size, GRID + 1).round().astype(int)
 
-    def __len__(self) -> int:
-        return self.num_images
-
     # --- generation -----------------------------------------------------------------------------------------
     def _rng(self, index: int) -> np.random.Generator:
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self.num_images} synthetic images")
-        return np.random.default_rng([self.seed, self._tag, int(index)])
+        return self.stream(index, self._tag)
 
     def describe(self, index: int) -> dict:
         """The scene of image ``index``: object boxes ``(y0, x0, size)``, colour ids, count, shared flag, label."""
@@ -124,15 +155,14 @@ class SyntheticShapes(Dataset):
             y0 = int(rng.integers(y_lo, y_hi - size + 1))
             x0 = int(rng.integers(x_lo, x_hi - size + 1))
             boxes.append((y0, x0, size))
-        base = rng.uniform(0.35, 0.65)
-        tint = rng.uniform(-0.08, 0.08, size=3)
+        background = background_colour(rng)
         return {
             "count": count,
             "shared": shared,
             "label": label_of(count, shared),
             "colours": [int(c) for c in colours],
             "boxes": boxes,
-            "background": (base + tint).astype(np.float32),
+            "background": background,
             "_rng": rng,  # continues the same stream for the noise
         }
 
@@ -141,9 +171,7 @@ class SyntheticShapes(Dataset):
         scene = self.describe(index)
         rng = scene.pop("_rng")
         s = self.img_size
-        img = np.empty((3, s, s), dtype=np.float32)
-        img[:] = scene["background"][:, None, None]
-        img += rng.standard_normal((3, s, s), dtype=np.float32) * NOISE_SD
+        img = noisy_background(scene["background"], s, rng)
         mask = np.zeros((s, s), dtype=bool)
         for (y0, x0, size), c in zip(scene["boxes"], scene["colours"]):
             img[:, y0 : y0 + size, x0 : x0 + size] = COLOURS[c][:, None, None]

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from artifactscan.core.errors import InputError
-from artifactscan.inputs.synthetic import COLOURS, NOISE_SD
+from artifactscan.inputs.synthetic import COLOURS, SyntheticImages, background_colour, noisy_background
 
 MIN_SIDE = 3 / 8  # of the image side
 MAX_SIDE = 5 / 8
 _TAG = 7001  # its own random stream: never the same pixels as the shapes set
 
 
-class SyntheticObjects(Dataset):
+class SyntheticObjects(SyntheticImages):
     """On-the-fly object-discovery images: ``ds[i]`` -> ``(float tensor 3xHxW in [0, 1], number of objects)``.
 
     Args:
@@ -37,25 +35,13 @@ class SyntheticObjects(Dataset):
     """
 
     def __init__(self, num_images: int, seed: int = 0, img_size: int = 32, split: str = "val"):
-        if num_images < 1:
-            raise InputError(f"synthetic-objects needs at least 1 image, got {num_images}; pass a positive count")
-        if img_size < 8:
-            raise InputError(f"synthetic images must be at least 8 px wide, got {img_size}")
-        self.num_images = int(num_images)
-        self.seed = int(seed)
-        self.img_size = int(img_size)
-        self.split = split
+        super().__init__(num_images, seed, img_size, split, "synthetic-objects")
         self._split_tag = sum(split.encode()) + 31 * len(split)
         self._lo = max(2, round(img_size * MIN_SIDE))
         self._hi = max(self._lo, round(img_size * MAX_SIDE))
 
-    def __len__(self) -> int:
-        return self.num_images
-
     def _rng(self, index: int) -> np.random.Generator:
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self.num_images} synthetic images")
-        return np.random.default_rng([self.seed, _TAG, self._split_tag, int(index)])
+        return self.stream(index, _TAG, self._split_tag)
 
     def describe(self, index: int) -> dict:
         """The scene of image ``index``: ``boxes`` (``[x0, y0, x1, y1]`` pixels), ``colours`` and the rng."""
@@ -72,19 +58,14 @@ class SyntheticObjects(Dataset):
                     boxes.append(box)
                     break
         colours = rng.permutation(len(COLOURS))[:len(boxes)]
-        base = rng.uniform(0.35, 0.65)
-        tint = rng.uniform(-0.08, 0.08, size=3)
-        return {"boxes": boxes, "colours": [int(c) for c in colours],
-                "background": (base + tint).astype(np.float32), "_rng": rng}
+        return {"boxes": boxes, "colours": [int(c) for c in colours], "background": background_colour(rng),
+                "_rng": rng}
 
     def render(self, index: int) -> tuple[np.ndarray, list[list[int]]]:
         """``(image float32 3xHxW in [0, 1], boxes)`` for ``index``."""
         scene = self.describe(index)
         rng = scene.pop("_rng")
-        s = self.img_size
-        img = np.empty((3, s, s), dtype=np.float32)
-        img[:] = scene["background"][:, None, None]
-        img += rng.standard_normal((3, s, s), dtype=np.float32) * NOISE_SD
+        img = noisy_background(scene["background"], self.img_size, rng)
         for (x0, y0, x1, y1), c in zip(scene["boxes"], scene["colours"]):
             img[:, y0:y1, x0:x1] = COLOURS[c][:, None, None]
         np.clip(img, 0.0, 1.0, out=img)

@@ -105,14 +105,18 @@ def plot_compare(reports: dict[str, ScanReport], axes: Sequence[Axes] | None = N
                        handlelength=2.6)
         elif reports:
             ax_f.legend(loc="best", handlelength=2.6)
-        else:
-            for ax in (ax_f, ax_r):
-                no_data(ax, "no reports")
-        phantom = any(is_phantom(r) for r in reports.values())
-        sup = tag_phantom(title, phantom)
-        if sup:
-            fig.suptitle(wrap_text(sup, 110))
+        _finish_pair(fig, (ax_f, ax_r), reports, title, 110)
     return fig, [ax_f, ax_r]
+
+
+def _finish_pair(fig: Figure, axes: Sequence[Axes], reports: dict, title: str | None, width: int) -> None:
+    """The last touches of a two-panel comparison: "no reports" on empty axes, the (phantom-tagged) title."""
+    if not reports:
+        for ax in axes:
+            no_data(ax, "no reports")
+    sup = tag_phantom(title, any(is_phantom(r) for r in reports.values()))
+    if sup:
+        fig.suptitle(wrap_text(sup, width))
 
 
 def plot_register_ablation(reports: dict[int, ScanReport], axes: Sequence[Axes] | None = None,
@@ -146,13 +150,7 @@ def plot_register_ablation(reports: dict[int, ScanReport], axes: Sequence[Axes] 
         block = f"block {last[0].index}" if last and all(lay.index == last[0].index for lay in last) else "last block"
         ax_f.set_title(f"outliers in {block}")
         ax_r.set_title(f"max / median norm in {block}")
-        if not keys:
-            for ax in (ax_f, ax_r):
-                no_data(ax, "no reports")
-        phantom = any(is_phantom(r) for r in reports.values())
-        sup = tag_phantom(title, phantom)
-        if sup:
-            fig.suptitle(wrap_text(sup, 100))
+        _finish_pair(fig, (ax_f, ax_r), reports, title, 100)
     return fig, [ax_f, ax_r]
 
 

@@ -33,7 +33,7 @@ from artifactscan.analysis.scan import ImageSummary, model_summary
 from artifactscan.inputs.sources import make_image_source
 from artifactscan.core.progress import distributed_world, resolve_device
 from artifactscan.core.stats import BIN_WIDTH_LOG10
-from artifactscan.core.thresholds import AutoRule, auto_threshold, fixed_threshold, parse_threshold
+from artifactscan.core.thresholds import AutoRule, auto_threshold, fixed_threshold, threshold_option
 from artifactscan.analysis.probes.types import (
     BAND_BINS,
     DEFAULT_PROBE_IMAGES,
@@ -227,10 +227,7 @@ def probe(
     Raises:
         InputError for a layer out of range, too few images for the split, bad thresholds or options.
     """
-    try:
-        fixed = parse_threshold(threshold)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    fixed = threshold_option(threshold)
     for name, value in (("--batch-size", batch_size), ("--draws", draws), ("--min-tokens", min_tokens),
                         ("--min-images", min_images), ("max_train_tokens", max_train_tokens),
                         ("max_test_tokens", max_test_tokens), ("max_global_images", max_global_images)):

@@ -1,0 +1,105 @@
+"""Options shared by several commands, and the groups of them a command takes as one parameter.
+
+A command declares ``load: ModelLoadOptions = ModelLoadOptions()`` (or ``decode: DecodeOptions = ...``) and is
+decorated with :func:`with_option_groups`: Typer then sees the group's own options in that place of the signature
+(same flags, defaults and help as if each were written out), and the command receives them as one object whose
+``kwargs()`` are the library's keyword arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional
+
+import typer
+
+ArchOpt = typer.Option(None, "--arch", help="timm architecture for a bare state dict, e.g. vit_small_patch16_224.")
+ArchKwargsOpt = typer.Option(None, "--arch-kwargs", help='JSON of timm.create_model overrides, e.g. \'{"reg_tokens": 4}\'.')
+TrustOpt = typer.Option(False, "--trust-checkpoint",
+                        help="Allow loading a whole pickled nn.Module or a TorchScript archive (OpenAI's CLIP .pt). "
+                             "Both run code from the file: only for files you trust.")
+WeightsOpt = typer.Option(None, "--weights", help="ema or raw: which weights of a checkpoint holding both "
+                                                  "(default: ema, as timm does; the report names the ones loaded).")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")
+BatchOpt = typer.Option(32, "--batch-size", "-b", help="Images per forward pass.")
+WorkersOpt = typer.Option("auto", "--workers", help="DataLoader processes decoding images: 'auto' (one per core, at "
+                          "most 8, none under 64 images) or a number (0: decode on the main process).")
+ExactDecodeOpt = typer.Option(False, "--exact-decode", help="Decode image files in full. Default: only as large as the "
+                              "model needs (JPEG draft / integer reduce to >= 2x its resize), docs/data-path.md.")
+GpuDecodeOpt = typer.Option(False, "--gpu-decode", help="With a CUDA device: decode JPEGs on it in batches "
+                            "(TorchCodec / nvJPEG; a failed batch falls back to Pillow file by file).")
+ImgSizeOpt = typer.Option(None, "--img-size", help="Resize inputs to this square size instead of the model's own "
+                                                   "(position embeddings are resampled).")
+DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+AllowNonFiniteOpt = typer.Option(False, "--allow-nonfinite",
+                                 help="Scan a model whose weights or token norms hold NaN/Inf instead of stopping with "
+                                      "exit code 1 (the report still says so first, loudly).")
+
+
+def _opt(default: Any, option: Any) -> Any:
+    return field(default=default, metadata={"option": option})
+
+
+@dataclass(frozen=True)
+class ModelLoadOptions:
+    """--arch, --arch-kwargs, --trust-checkpoint, --weights, --img-size: how a command loads its model."""
+
+    arch: Optional[str] = _opt(None, ArchOpt)
+    arch_kwargs: Optional[str] = _opt(None, ArchKwargsOpt)
+    trust_checkpoint: bool = _opt(False, TrustOpt)
+    weights: Optional[str] = _opt(None, WeightsOpt)
+    img_size: Optional[int] = _opt(None, ImgSizeOpt)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``load_model`` and of every library entry point that loads one (--arch-kwargs
+        parsed here: a bad JSON is an InputError, so call this inside the command's work)."""
+        from artifactscan.models.loading import parse_arch_kwargs
+
+        return dict(arch=self.arch, arch_kwargs=parse_arch_kwargs(self.arch_kwargs),
+                    trust_checkpoint=self.trust_checkpoint, weights=self.weights, img_size=self.img_size)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """--workers, --exact-decode, --gpu-decode: how a command decodes its image files."""
+
+    workers: str = _opt("auto", WorkersOpt)
+    exact_decode: bool = _opt(False, ExactDecodeOpt)
+    gpu_decode: bool = _opt(False, GpuDecodeOpt)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The library's keyword arguments: ``num_workers``, ``exact_decode``, ``gpu_decode``."""
+        return dict(num_workers=self.workers, exact_decode=self.exact_decode, gpu_decode=self.gpu_decode)
+
+
+OPTION_GROUPS = (ModelLoadOptions, DecodeOptions)
+
+
+def with_option_groups(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a Typer command: each parameter annotated with an option group becomes that group's options in its
+    place (for Typer's help and parsing), and the command is called with one group object there."""
+    sig = inspect.signature(fn, eval_str=True)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, type] = {}
+    for p in sig.parameters.values():
+        if p.annotation not in OPTION_GROUPS:
+            params.append(p)
+            continue
+        groups[p.name] = p.annotation
+        hints = typing.get_type_hints(p.annotation)
+        for f in fields(p.annotation):
+            params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                            default=f.metadata["option"], annotation=hints[f.name]))
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        for name, group in groups.items():
+            kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in fields(group)})
+        return fn(**kwargs)
+
+    command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params} | {"return": sig.return_annotation}
+    return command
