@@ -96,8 +96,9 @@ app = typer.Typer(
     help=(
         "Find, explain and fix the high-norm 'artifact' tokens of Vision Transformers "
         "(Darcet et al., 'Vision Transformers Need Registers', ICLR 2024).\n\n"
-        "Run any command with no MODEL/IMAGES to use the embedded default: the calibration phantom (a small ViT whose "
-        "artifacts were built in, so the right answer is known) on the photos in sample_images/."
+        "Run any command with no MODEL/IMAGES to use the embedded default: the calibration phantom phantom-deep (a "
+        "24-block ViT whose artifacts were built in from block 9, so the right answer is known) on the photos in "
+        "sample_images/."
     ),
     no_args_is_help=False,
     add_completion=False,
