@@ -152,3 +152,13 @@ def loaded_block_norms(loaded, x) -> torch.Tensor:
 
     with NormCapture(loaded) as cap:
         return cap.run(x)[:-1]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: torchrun / DDP tests must not collide with each other or with other
+    runs of the suite on the same machine (a fixed port made concurrent runs abort a rank)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 
-from .conftest import assert_json_close, save_planted_checkpoint
+from .conftest import assert_json_close, free_port, save_planted_checkpoint
 
 
 def test_torchrun_two_ranks_equals_single_process(tmp_path, image_dir):
@@ -21,7 +21,7 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, image_dir):
            "--batch-size", "3"]
     subprocess.run(cmd + ["--out", str(single)], check=True, env=env, capture_output=True)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "29533", "-m", "artifactscan", "norms", str(ckpt), str(image_dir),
+                          "--master-port", str(free_port()), "-m", "artifactscan", "norms", str(ckpt), str(image_dir),
                           "--no-figures", "--batch-size", "3", "--out", str(multi)],
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]

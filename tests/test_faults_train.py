@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 from artifactscan.analysis.training import resolve_config, resume, train_model, train_reg
 from artifactscan.core.errors import RunInterrupted, TrainingError
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 from .fault_tools import check, invoke
 from .test_training import tiny
 
@@ -149,11 +148,6 @@ def test_sigterm_to_train_reg_stops_both_variants_and_resume_matches(tmp_path):
         _same_weights(ref / reg / "final.safetensors", run / reg / "final.safetensors")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp(rank: int, world: int, port: int, run: str, mode: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -175,10 +169,10 @@ def test_ddp_ranks_agree_on_the_stop_step_and_resume_matches(tmp_path):
     import torch.multiprocessing as mp
 
     run, ref = str(tmp_path / "run"), str(tmp_path / "ref")
-    mp.spawn(_ddp, args=(2, _free_port(), run, "stop"), nprocs=2, join=True)
+    mp.spawn(_ddp, args=(2, free_port(), run, "stop"), nprocs=2, join=True)
     outcomes = [Path(run, f"outcome{r}.txt").read_text() for r in (0, 1)]
     assert all("after step 4 of 12" in o for o in outcomes), outcomes  # rank 0 was not signalled, yet stopped
     assert torch.load(Path(run, "last.pt"), weights_only=True)["resume"]["step"] == 4
-    mp.spawn(_ddp, args=(2, _free_port(), run, "resume"), nprocs=2, join=True)
-    mp.spawn(_ddp, args=(2, _free_port(), ref, "fresh"), nprocs=2, join=True)
+    mp.spawn(_ddp, args=(2, free_port(), run, "resume"), nprocs=2, join=True)
+    mp.spawn(_ddp, args=(2, free_port(), ref, "fresh"), nprocs=2, join=True)
     _same_weights(Path(ref, "final.safetensors"), Path(run, "final.safetensors"))

@@ -12,9 +12,8 @@ import subprocess
 import sys
 
 
-from .conftest import assert_json_close, save_planted_checkpoint
+from .conftest import assert_json_close, free_port, save_planted_checkpoint
 
-PORT = "29547"  # not test_distributed's 29533: the two tests may run at the same time
 
 
 def test_torchrun_two_ranks_probe_equals_single_process(tmp_path):
@@ -25,7 +24,7 @@ def test_torchrun_two_ranks_probe_equals_single_process(tmp_path):
     single = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                            "--master-port", PORT, *args], env=env, capture_output=True, text=True)
+                            "--master-port", str(free_port()), *args], env=env, capture_output=True, text=True)
     assert multi.returncode == 0, multi.stderr[-2000:]
     a = json.loads(single.stdout)
     b = json.loads(multi.stdout)  # only rank 0 prints: exactly one JSON document on stdout

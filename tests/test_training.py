@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -25,6 +24,8 @@ from artifactscan.analysis.training import (
     train_model,
     train_reg,
 )
+
+from .conftest import free_port
 
 
 def tiny(**kw) -> TrainConfig:
@@ -178,11 +179,6 @@ def test_export_half(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ DDP (gloo, CPU)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -200,7 +196,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_two_processes_gloo(tmp_path):
     import torch.multiprocessing as tmp_mp
 
-    tmp_mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    tmp_mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for k in a:
