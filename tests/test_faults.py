@@ -38,7 +38,7 @@ def test_nan_weights_with_allow_nonfinite_are_never_clean(tmp_path, image_dir):
     check(result, 0)
     data = json.loads((out / "report.json").read_text())
     assert data["headline"].startswith("NON-FINITE VALUES")
-    assert "No high-norm outlier" not in data["headline"] and "unimodal." not in data["headline"]
+    assert "No high-norm outlier" not in data["headline"] and "separated high-norm group" not in data["headline"]
     assert data["nonfinite_weights"] == ["pos_embed (2 NaN, 0 Inf)"]
     assert all(lay["num_nonfinite"] > 0 for lay in data["layers"])
     assert "NON-FINITE" in result.stdout

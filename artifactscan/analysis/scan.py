@@ -500,14 +500,14 @@ def headline(report: ScanReport) -> str:
         parts.append(f"No high-norm outlier tokens in any of the {report.model.num_blocks} blocks "
                      f"({report.images.num_scanned} images, {report.threshold_mode} threshold).")
         if report.threshold_mode == "auto":
-            parts.append("Every layer's patch-norm distribution is unimodal.")
+            parts.append("No layer has a separated high-norm group above its bulk.")
     else:
         parts.append(
             f"Outliers appear from block {report.onset_layer} of {report.model.num_blocks} (0-based). "
             f"Last block: {_pct(last.outlier_fraction)} of patch tokens flagged, in "
             f"{_pct(last.image_fraction_with_outliers)} of images; max/median norm {last.max_over_median:.1f}x.")
     if report.threshold_mode == "auto":
-        thr = "none (unimodal)" if last.threshold is None else f"{last.threshold:.4g}"
+        thr = "none (no separated group)" if last.threshold is None else f"{last.threshold:.4g}"
         parts.append(f"Threshold: separated-group rule per layer (last block: {thr}).")
     else:
         parts.append(f"Threshold: fixed, norm > {last.threshold:g}.")

@@ -181,7 +181,7 @@ def plot_norm_histogram(layer: LayerReport, ax: Axes | None = None, title: str |
         frac = as_float(layer.outlier_fraction)
         summary = f"outliers: {format_pct(frac)} ({int(layer.num_outliers):,} tokens)"
         if thr is None:
-            summary = "no outliers (unimodal)" if _threshold_mode(layer) == "auto" else summary
+            summary = "no outliers (no separated group)" if _threshold_mode(layer) == "auto" else summary
         handles, labels = ax.get_legend_handles_labels()
         handles.append(Line2D([], [], linestyle="none"))
         labels.append(summary)
