@@ -13,11 +13,15 @@ from artifactscan import load_model, scan
 from artifactscan.cli import app
 from artifactscan.inputs.images import load_rgb, reduced_decode_size
 from artifactscan.inputs.sources import (
+    MAX_PREFETCH,
+    MIN_PREFETCH,
+    PREFETCH_BYTES,
     auto_workers,
     decode_min_side,
     image_batches,
     make_image_source,
     parse_workers,
+    prefetch_factor,
 )
 from artifactscan.inputs.synthetic import write_photo_folder
 
@@ -116,8 +120,12 @@ def test_exif_rotation_survives_draft(tmp_path):
 def test_auto_workers_policy():
     assert auto_workers(15, 32, cores=16) == 0  # small folder: workers cost more than they save
     assert auto_workers(400, 32, cores=1) == 0  # one core: nothing runs beside the forward
-    assert auto_workers(400, 32, cores=2) == 2
+    assert auto_workers(400, 32, cores=2) == 1  # CPU: half the cores decode, the other half runs the forward
+    assert auto_workers(400, 32, cores=2, cuda=True) == 1  # CUDA: all cores but the main process's
+    assert auto_workers(1000, 32, cores=16) == 8
+    assert auto_workers(400, 32, cores=5, cuda=True) == 4
     assert auto_workers(100_000, 32, cores=64) == 8  # capped
+    assert auto_workers(100_000, 32, cores=64, cuda=True) == 8
     assert auto_workers(96, 32, cores=16) == 1  # each worker gets at least two batches
 
 
@@ -169,8 +177,19 @@ def test_workers_persist_across_passes(tmp_path):
     loader = next(iter(source.loaders.values()))
     second = [idx.tolist() for _, idx, _ in image_batches(source, 16, 2)]
     assert first == second and len(source.loaders) == 1
-    assert loader.persistent_workers and loader.prefetch_factor == 4
+    assert loader.persistent_workers and loader.prefetch_factor == prefetch_factor(source, 16, 2) == MAX_PREFETCH
     assert next(iter(source.loaders.values())) is loader  # the same DataLoader (its workers stay up)
+
+
+def test_prefetch_depth_bounded_by_memory():
+    """Small inputs prefetch deep (decoding runs ahead while the model is built), large ones stay at the floor."""
+    small = make_image_source(SAMPLE_IMAGES, {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    large = make_image_source(SAMPLE_IMAGES, {"input_size": (3, 518, 518), "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    assert prefetch_factor(small, 32, 2) == MAX_PREFETCH
+    assert prefetch_factor(large, 32, 2) == MIN_PREFETCH
+    mid = make_image_source(SAMPLE_IMAGES, {"input_size": (3, 64, 64), "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    depth = prefetch_factor(mid, 32, 4)
+    assert MIN_PREFETCH <= depth <= MAX_PREFETCH and depth * 4 * 32 * 3 * 64 * 64 * 4 <= PREFETCH_BYTES
 
 
 def test_threads_restored_after_a_pass_with_workers(tmp_path):

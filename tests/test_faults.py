@@ -140,7 +140,7 @@ def test_markup_in_a_path_is_printed_literally(tmp_path):
 
 
 def test_internal_error_is_exit_2_with_the_debug_hint(monkeypatch, image_dir):
-    import artifactscan.analysis.scan as scan_mod
+    import artifactscan.analysis.opening as scan_mod  # where scan() loads its model
 
     def broken(*a, **k):
         raise ValueError("[/oops] a bug\nsecond line")
@@ -151,7 +151,7 @@ def test_internal_error_is_exit_2_with_the_debug_hint(monkeypatch, image_dir):
 
 
 def test_keyboard_interrupt_is_130_and_leaves_no_folder(monkeypatch, tmp_path, image_dir):
-    import artifactscan.analysis.scan as scan_mod
+    import artifactscan.analysis.opening as scan_mod  # where scan() loads its model
 
     def stop(*a, **k):
         raise KeyboardInterrupt

@@ -26,8 +26,9 @@ from artifactscan.core.errors import InputError
 from artifactscan.core.files import display_name, name_hex
 from artifactscan.core.progress import ProgressBar, distributed_world, gather, resolve_device
 from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES, SkippedImage
-from artifactscan.inputs.sources import ImageSource, image_batches, make_image_source, parse_workers
-from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.inputs.sources import ImageSource, image_batches, parse_workers
+from artifactscan.models.loading import LoadedModel
+from artifactscan.analysis.opening import load_with_images
 from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
 from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, threshold_option
 from artifactscan.core.results import JsonResult
@@ -342,13 +343,19 @@ def scan(
     if num_maps < 0:
         raise InputError(f"--maps must be 0 or more (the number of images that keep a norm map), got {num_maps}")
     rule = rule or AutoRule()
-    loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                        img_size=img_size, weights=weights, allow_nonfinite=allow_nonfinite)
     dev = resolve_device(device)
-    check_fits(loaded, batch_size, dev)
-    loaded.model.to(dev)
-    source = make_image_source(images, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)
     world, rank = distributed_world()
+    load = dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, img_size=img_size,
+                weights=weights, allow_nonfinite=allow_nonfinite)
+    loaded, source = load_with_images(model, images, load=load, device=dev, batch_size=batch_size,
+                                      num_workers=num_workers, exact_decode=exact_decode, gpu_decode=gpu_decode,
+                                      early=world == 1)  # under torchrun each rank takes a shard: no early pass
+    try:
+        check_fits(loaded, batch_size, dev)
+    except BaseException:
+        source.close()
+        raise
+    loaded.model.to(dev)
     local = source
     if world > 1:  # each rank scans every world-th image; the statistics merge exactly afterwards
         from dataclasses import replace

@@ -25,6 +25,8 @@ from artifactscan.core.errors import InputError
 from artifactscan.inputs.gpu_decode import GpuJpegDecoder, collate_encoded, encoded_view
 from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images
 from artifactscan.inputs.synthetic import SyntheticShapes
+from artifactscan.inputs.transforms import model_transform
+from artifactscan.core.startup import worker_started
 
 DEFAULT_SYNTHETIC_IMAGES = 256
 
@@ -88,6 +90,34 @@ class ImageSource:
     other_files: dict[str, int] = field(default_factory=dict)  # files in the folder that are not images, by suffix
     # DataLoaders (and so their persistent workers) reused by every pass over this source, keyed by their settings.
     loaders: dict[tuple, DataLoader] = field(default_factory=dict, init=False, repr=False)
+    # A first pass begun ahead of time (:meth:`start`): its loader key and running iterator, taken by the next pass.
+    started: tuple[tuple, Any] | None = field(default=None, init=False, repr=False)
+
+    def start(self, batch_size: int, num_workers: int | str | None = "auto",
+              device: torch.device | str | None = None) -> bool:
+        """Begin the first pass now: the decoding workers start and fill their prefetch queues while the caller does
+        something else (builds the model). The next :func:`image_batches` call with the same settings continues this
+        pass instead of starting one. Only for image files decoded on the CPU by worker processes (with no workers
+        nothing could run meanwhile); returns whether it started."""
+        if self.folder_dataset is None or self.gpu_decode or self.dataset is not self.folder_dataset:
+            return False
+        cuda = device is not None and torch.device(device).type == "cuda"
+        workers = resolve_workers(self, batch_size, num_workers, cuda)
+        if workers == 0:
+            return False
+        key = ("decoded", batch_size, workers, cuda)
+        loader = _loader(self, key, lambda: self.dataset, self.collate)
+        self.started = (key, iter(loader))
+        return True
+
+    def close(self) -> None:
+        """Stop this source's worker processes now (they also stop when the source is garbage-collected)."""
+        self.started = None
+        for loader in self.loaders.values():
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+        self.loaders.clear()
 
 
 def parse_workers(value: int | str | None) -> int | None:
@@ -118,13 +148,16 @@ MIN_IMAGES_FOR_WORKERS = 64
 MAX_AUTO_WORKERS = 8
 
 
-def auto_workers(num_images: int, batch_size: int, cores: int | None = None) -> int:
-    """``--workers auto``: one decoding process per core (at most :data:`MAX_AUTO_WORKERS`), as long as each gets at
-    least two batches; none for small folders (< :data:`MIN_IMAGES_FOR_WORKERS` images) or a single core."""
+def auto_workers(num_images: int, batch_size: int, cores: int | None = None, cuda: bool = False) -> int:
+    """``--workers auto``: decoding processes beside the main one, which runs the model. On the CPU the forward needs
+    cores too: half of them decode (at least one); with CUDA the main process only feeds the device: all cores but
+    its own. At most :data:`MAX_AUTO_WORKERS`, and only as many as get two batches each; none for small folders
+    (< :data:`MIN_IMAGES_FOR_WORKERS` images) or a single core."""
     cores = available_cores() if cores is None else cores
     if cores < 2 or num_images < MIN_IMAGES_FOR_WORKERS:
         return 0
-    return max(0, min(cores, MAX_AUTO_WORKERS, math.ceil(num_images / batch_size) // 2))
+    share = cores - 1 if cuda else max(1, cores // 2)
+    return max(0, min(share, MAX_AUTO_WORKERS, math.ceil(num_images / batch_size) // 2))
 
 
 def decode_min_side(cfg: dict[str, Any]) -> int:
@@ -144,16 +177,24 @@ def default_images() -> Path:
     raise InputError("sample_images/ is not next to this install; pass an IMAGES folder")
 
 
+def _config_of(target: Any) -> tuple[dict[str, Any], tuple[int, int]]:
+    """``(data_config, (H, W))`` of a ``LoadedModel`` or of a timm data config itself."""
+    cfg = target if isinstance(target, dict) else target.data_config
+    _, h, w = cfg["input_size"]
+    return cfg, (int(h), int(w))
+
+
 def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torch.Tensor | None,
                       loaded: Any, *, exact_decode: bool = False, gpu_decode: bool = False) -> ImageSource:
     """Build the dataset for ``images``: a folder / file / list of files, ``synthetic[:N]``, a Dataset or a tensor.
 
-    ``loaded`` is the model the images are prepared for (a ``LoadedModel``: its ``data_config`` and ``input_size``).
+    ``loaded`` is the model the images are prepared for: a ``LoadedModel`` (its ``data_config``) or a timm data
+    config (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``) before the model exists.
+    Files get timm's eval transform for that config (:func:`artifactscan.inputs.transforms.model_transform`).
     Image files are decoded at reduced size (:func:`decode_min_side`) unless ``exact_decode``; ``gpu_decode`` marks
     the source for JPEG decoding on the device (used by :func:`image_batches` when it is given a CUDA device).
     """
-    cfg = loaded.data_config
-    size = loaded.input_size
+    cfg, size = _config_of(loaded)
     if images is None:
         images = default_images()
     if isinstance(images, torch.Tensor):
@@ -182,25 +223,62 @@ def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torc
         if not paths:
             raise InputError("the list of images is empty")
         description = f"{len(paths)} files"
-    import timm.data
-
-    transform = timm.data.create_transform(
-        input_size=cfg["input_size"], interpolation=cfg.get("interpolation", "bicubic"), mean=cfg["mean"],
-        std=cfg["std"], crop_pct=cfg.get("crop_pct", 1.0), crop_mode=cfg.get("crop_mode", "center"),
-        is_training=False)
-    folder = ImageFolderDataset(paths, transform, None if exact_decode else decode_min_side(cfg))
+    folder = ImageFolderDataset(paths, model_transform(cfg), None if exact_decode else decode_min_side(cfg))
     return ImageSource(folder, [str(p) for p in paths], description, collate_skip_bad, len(paths), folder,
                        dict(cfg), gpu_decode, other)
 
 
-def _loader(source: ImageSource, kind: str, dataset: Callable[[], Dataset], collate: Callable | None,
-            batch_size: int, workers: int, pin: bool) -> DataLoader:
-    key = (kind, batch_size, workers, pin)
+def _loader(source: ImageSource, key: tuple, dataset: Callable[[], Dataset], collate: Callable | None) -> DataLoader:
+    """The DataLoader for ``key = (kind, batch_size, workers, pin)``, made once per source and settings."""
     if key not in source.loaders:
-        extra = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+        _, batch_size, workers, pin = key
+        extra = {}
+        if workers > 0:
+            extra = dict(persistent_workers=True, prefetch_factor=prefetch_factor(source, batch_size, workers),
+                         worker_init_fn=start_decoding_worker)
         source.loaders[key] = DataLoader(dataset(), batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate, pin_memory=pin, **extra)
     return source.loaders[key]
+
+
+#: Decoded batches waiting for the model may take this much memory (shared memory, between the workers and the
+#: main process) before the prefetch depth stops growing past its floor of :data:`MIN_PREFETCH` batches per worker.
+PREFETCH_BYTES = 64 * 2**20
+MIN_PREFETCH, MAX_PREFETCH = 4, 64
+
+
+def prefetch_factor(source: ImageSource, batch_size: int, workers: int) -> int:
+    """Batches each worker decodes ahead: as many as :data:`PREFETCH_BYTES` holds (small inputs: deep, so the
+    workers keep decoding while the model is still being built, analysis/opening.py), at least :data:`MIN_PREFETCH`."""
+    cfg = source.data_config or {}
+    h, w = (cfg.get("input_size") or (3, 224, 224))[-2:]
+    batch_bytes = batch_size * 3 * int(h) * int(w) * 4
+    return max(MIN_PREFETCH, min(MAX_PREFETCH, PREFETCH_BYTES // max(1, workers * batch_bytes)))
+
+
+#: How much lower the decoding workers' scheduling priority is than the main process's (``os.nice``). The main
+#: process is a scan's critical path - importing timm, building the model, the forward - and the workers only have to
+#: keep ahead of it: at equal priority they took CPU from it whenever the cores were full (400 JPEGs on 2 cores:
+#: 1.26x the decode limit, niced 1.09x; docs/data-path.md). Where cores are idle the niceness changes nothing.
+WORKER_NICENESS = 5
+
+
+def start_decoding_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the decoding workers: end an inherited start-up phase, lower the priority."""
+    worker_started(worker_id)
+    try:
+        os.nice(WORKER_NICENESS)
+    except (AttributeError, OSError):  # pragma: no cover - no nice() (Windows) or not permitted
+        pass
+
+
+def resolve_workers(source: ImageSource, batch_size: int, num_workers: int | str | None, cuda: bool = False) -> int:
+    """``--workers`` for this source: a number as given; ``auto`` (or ``None``): :func:`auto_workers` for image
+    folders, 0 (the main process) for everything else."""
+    workers = parse_workers(num_workers)
+    if workers is None:
+        workers = auto_workers(len(source.dataset), batch_size, cuda=cuda) if source.folder_dataset is not None else 0
+    return workers
 
 
 def image_batches(source: ImageSource, batch_size: int, num_workers: int | str | None = "auto",
@@ -216,29 +294,33 @@ def image_batches(source: ImageSource, batch_size: int, num_workers: int | str |
     if isinstance(ds, NormalizedTensors) and isinstance(ds.source, torch.Tensor):
         yield from ds.tensor_batches(batch_size)
         return
-    workers = parse_workers(num_workers)
-    if workers is None:
-        workers = auto_workers(len(ds), batch_size) if source.folder_dataset is not None else 0
     dev = torch.device(device) if device is not None else None
     cuda = dev is not None and dev.type == "cuda"
+    workers = resolve_workers(source, batch_size, num_workers, cuda)
     if source.gpu_decode and source.folder_dataset is not None and not cuda:
         raise InputError(f"--gpu-decode decodes on a CUDA device, and this pass runs on {dev or 'the CPU'}; "
                          "pass --device cuda or drop --gpu-decode")
     if cuda and source.gpu_decode and source.folder_dataset is not None:
         decoder = GpuJpegDecoder(source.data_config or {}, dev, source.folder_dataset)
-        loader = _loader(source, "encoded", lambda: encoded_view(ds, source.folder_dataset), collate_encoded,
-                         batch_size, workers, True)
+        loader = _loader(source, ("encoded", batch_size, workers, True),
+                         lambda: encoded_view(ds, source.folder_dataset), collate_encoded)
         for batch in loader:
             yield decoder(*batch)
         return
-    loader = _loader(source, "decoded", lambda: ds, source.collate, batch_size, workers, cuda)
+    key = ("decoded", batch_size, workers, cuda)
+    loader = _loader(source, key, lambda: ds, source.collate)
+    if source.started is not None and source.started[0] == key:  # continue the pass begun by ImageSource.start
+        batches = source.started[1]  # (iter(loader) again would reset it and throw its prefetched batches away)
+    else:
+        batches = iter(loader)
+    source.started = None
     threads = torch.get_num_threads()
     if workers > 0 and not cuda:
         # The forward shares the cores with the decoding processes: more intra-op threads than free cores make
         # every OpenMP barrier wait for a descheduled thread (a 2-thread forward ran 6x slower than 1 thread here).
         torch.set_num_threads(max(1, min(threads, available_cores() - workers)))
     try:
-        for batch in loader:
+        for batch in batches:
             if source.collate is collate_skip_bad:
                 images, indices, skipped = batch
             else:

@@ -3,6 +3,9 @@
 Everything downstream works on a :class:`LoadedModel`, which records how many prefix tokens the model has and which
 are CLS and which are registers — read from the model itself, because token 0 is not always CLS (``*_reg*_gap``
 models have registers and no CLS; Eva and DINOv2 differ from plain ViT).
+
+timm is imported by the functions that use it, not with this module: its import (torchvision, ``torch._dynamo``)
+is ~1.6 s, and the command line starts decoding images before it (core/lazy.py, docs/data-path.md).
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
 from artifactscan.models import hf, infer, native
 from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, read_meta
+from artifactscan.core.startup import end_startup
 from artifactscan.core.errors import (
     CheckpointMetadataError,
     CheckpointMismatchError,
@@ -152,6 +155,8 @@ def describe_vit(model: nn.Module) -> tuple[int, int, int]:
 
 
 def _suggest(name: str) -> str:
+    import timm
+
     base = name.split(".")[0]
     near = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
     return f" Did you mean: {', '.join(near)}?" if near else " See `timm.list_models('*vit*')` for names."
@@ -167,6 +172,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _create_pretrained(name: str, **kwargs: Any) -> nn.Module:
     """timm.create_model(pretrained=True), failing fast and clearly when the hub is unreachable."""
+    import timm
     import huggingface_hub.constants as hub_constants
 
     online = name.startswith("local-dir:") or _hub_reachable()
@@ -189,6 +195,8 @@ def _create_pretrained(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _build_arch(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
     builder = architecture_builder(arch)  # artifactscan's own architectures (the phantom) register there
     if builder is None and arch.startswith("artifactscan_"):
         raise unknown_artifactscan_arch(arch)
@@ -320,6 +328,8 @@ def _fit_file(timm_sd: dict[str, torch.Tensor], user_kwargs: dict[str, Any]) -> 
 
 def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], trust: bool,
                      weights: str | None = None) -> LoadedModel:
+    import timm.data
+
     blob, meta = _read(path, trust)
     if isinstance(blob, nn.Module):
         return wrap_module(blob, name=path.name, source="pickled-module")
@@ -395,6 +405,8 @@ def _finish(model: nn.Module, name: str, source: str, arch: str | None, data_con
 def wrap_module(model: nn.Module, name: str | None = None, source: str = "module",
                 data_config: dict[str, Any] | None = None) -> LoadedModel:
     """Use an ``nn.Module`` the caller already has (e.g. in a notebook)."""
+    import timm.data
+
     config = data_config or timm.data.resolve_model_data_config(model)
     return _finish(model, name or type(model).__name__, source, getattr(model, "default_cfg", {}).get("architecture"),
                    config, None, "model")
@@ -491,10 +503,31 @@ def load_model(
         _check_finite(loaded, allow_nonfinite)  # where NaN starts: name the tensors before anything runs
     if img_size is not None:
         _resize_input(loaded, img_size)
+    end_startup()  # the command line's start-up phase ends with the model (core/startup.py); elsewhere a no-op
     return loaded
 
 
+def peek_data_config(spec: str | Path | None) -> dict[str, Any] | None:
+    """The data config ``load_model(spec)`` will give, read from the checkpoint's own metadata without building the
+    model or importing timm, so that images can start decoding meanwhile; ``None`` when only loading can tell (a timm
+    or hub name, a file without artifactscan metadata, a ``.pt`` whose metadata means unpickling all of it). A hint:
+    callers compare it with the loaded model's config before using anything prepared with it."""
+    if spec is not None and not isinstance(spec, (str, Path)):
+        return None
+    try:
+        name = default_model_name() if spec is None else str(spec)
+        path = builtin_models().get(name) or Path(name).expanduser()
+        if path.suffix != ".safetensors" or not path.is_file():
+            return None
+        meta = read_meta(path)
+    except Exception:  # whatever is wrong with it, load_model will say it properly
+        return None
+    return dict(meta.data_config) if meta is not None and meta.data_config else None
+
+
 def _load_hf_folder(folder: Path, name: str, source: str) -> LoadedModel:
+    import timm.data
+
     model, kwargs, config, notes = hf.load_folder(folder)
     if config is None:
         config = timm.data.resolve_model_data_config(model)
@@ -521,6 +554,8 @@ def default_model_name() -> str:
 
 
 def _load_named(spec: str, arch_kwargs: dict[str, Any]) -> LoadedModel:
+    import timm.data
+
     if spec.startswith(("hf-hub:", "local-dir:")):  # timm's own hub / hub-folder loading
         model = _create_pretrained(spec, **arch_kwargs)
         source = spec.split(":", 1)[0]
