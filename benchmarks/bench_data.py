@@ -173,7 +173,8 @@ def main() -> None:
         jpeg = base / "jpeg"
         if not jpeg.is_dir() or len(list(jpeg.iterdir())) != args.images:
             make_folder(jpeg, args.images)
-        variants = {"norms": [], "norms --workers 0": ["--workers", "0"], "norms --exact-decode": ["--exact-decode"]}
+        variants = {"norms": [], "norms --workers 2": ["--workers", "2"], "norms --workers 0": ["--workers", "0"],
+                    "norms --exact-decode": ["--exact-decode"]}
         if dev.type == "cuda":
             variants["norms --gpu-decode"] = ["--gpu-decode"]
         print(f"== whole process: artifactscan norms phantom vs the decode limit, {args.images} JPEGs 1600x1200, "

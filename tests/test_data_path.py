@@ -199,3 +199,32 @@ def test_threads_restored_after_a_pass_with_workers(tmp_path):
     for _ in image_batches(source, 16, 1):
         pass
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("flops, expected", [(None, 1), (1e8, 1), (5e9, 4)])
+def test_forward_bound_pass_keeps_its_threads(tmp_path, monkeypatch, flops, expected):
+    """Beside decoding workers a light forward gets the cores they leave; a heavy one (ViT-S: ~9 GFLOPs per image)
+    keeps all of torch's threads, since it, not decoding, limits the pass."""
+    import artifactscan.inputs.sources as sources
+
+    d = _bad_folder(tmp_path, n_good=20)
+    source = make_image_source(d, load_model("phantom"))
+    source.forward_flops = flops
+    monkeypatch.setattr(sources, "available_cores", lambda: 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        seen = {torch.get_num_threads() for _ in image_batches(source, 8, 3)}
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {expected}
+
+
+def test_forward_flops_estimate():
+    from artifactscan.inputs.sources import FORWARD_BOUND_FLOPS, forward_flops
+
+    phantom = load_model("phantom")
+    n_params = sum(p.numel() for p in phantom.model.parameters())
+    tokens = phantom.grid_size[0] * phantom.grid_size[1] + phantom.num_prefix_tokens
+    assert forward_flops(phantom) == 2.0 * n_params * tokens < FORWARD_BOUND_FLOPS
+    assert forward_flops({"input_size": (3, 32, 32)}) is None

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from artifactscan.core.errors import ArtifactScanError
-from artifactscan.inputs.sources import ImageSource, decode_min_side, make_image_source, parse_synthetic
+from artifactscan.inputs.sources import (ImageSource, decode_min_side, forward_flops, make_image_source,
+                                         parse_synthetic)
 from artifactscan.inputs.transforms import eval_transform
 from artifactscan.models.loading import LoadedModel, load_model, peek_data_config
 
@@ -72,6 +73,7 @@ def load_with_images(model: Any, images: ImagesSpec, *, load: dict[str, Any], de
     if source is not None:
         if source.data_config is not None and same_preparation(source.data_config, loaded.data_config):
             source.data_config = dict(loaded.data_config)
+            source.forward_flops = forward_flops(loaded)
             return loaded, source
         source.close()
     return loaded, make_image_source(images, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)

@@ -90,6 +90,9 @@ class ImageSource:
     other_files: dict[str, int] = field(default_factory=dict)  # files in the folder that are not images, by suffix
     # DataLoaders (and so their persistent workers) reused by every pass over this source, keyed by their settings.
     loaders: dict[tuple, DataLoader] = field(default_factory=dict, init=False, repr=False)
+    # Multiply-adds x 2 of one image's forward (:func:`forward_flops`), when the model is known: decides whether the
+    # forward or the decoding limits a CPU pass (image_batches' thread count).
+    forward_flops: float | None = None
     # A first pass begun ahead of time (:meth:`start`): its loader key and running iterator, taken by the next pass.
     started: tuple[tuple, Any] | None = field(default=None, init=False, repr=False)
 
@@ -177,6 +180,20 @@ def default_images() -> Path:
     raise InputError("sample_images/ is not next to this install; pass an IMAGES folder")
 
 
+def forward_flops(model: Any) -> float | None:
+    """About the FLOPs of one image's forward through a ``LoadedModel``: 2 x parameters x tokens (the matmuls; the
+    attention's quadratic term is left out, small at ViT sequence lengths). ``None`` for anything else."""
+    module = getattr(model, "model", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    try:
+        gh, gw = model.grid_size
+        tokens = gh * gw + int(model.num_prefix_tokens)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return 2.0 * sum(p.numel() for p in module.parameters()) * tokens
+
+
 def _config_of(target: Any) -> tuple[dict[str, Any], tuple[int, int]]:
     """``(data_config, (H, W))`` of a ``LoadedModel`` or of a timm data config itself."""
     cfg = target if isinstance(target, dict) else target.data_config
@@ -194,6 +211,14 @@ def make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torc
     Image files are decoded at reduced size (:func:`decode_min_side`) unless ``exact_decode``; ``gpu_decode`` marks
     the source for JPEG decoding on the device (used by :func:`image_batches` when it is given a CUDA device).
     """
+    source = _make_image_source(images, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)
+    source.forward_flops = forward_flops(loaded)
+    return source
+
+
+def _make_image_source(images: str | Path | Sequence[str | Path] | Dataset | torch.Tensor | None,
+                       loaded: Any, *, exact_decode: bool = False, gpu_decode: bool = False) -> ImageSource:
+    """:func:`make_image_source` without the forward's cost estimate."""
     cfg, size = _config_of(loaded)
     if images is None:
         images = default_images()
@@ -240,6 +265,10 @@ def _loader(source: ImageSource, key: tuple, dataset: Callable[[], Dataset], col
                                          collate_fn=collate, pin_memory=pin, **extra)
     return source.loaders[key]
 
+
+#: Above this many FLOPs per image the forward, not decoding, limits a CPU pass (a 1600x1200 JPEG's reduced decode
+#: costs ~4 ms, the forward ~20 ms per GFLOP on one core): the forward then keeps all of torch's threads.
+FORWARD_BOUND_FLOPS = 1e9
 
 #: Decoded batches waiting for the model may take this much memory (shared memory, between the workers and the
 #: main process) before the prefetch depth stops growing past its floor of :data:`MIN_PREFETCH` batches per worker.
@@ -315,9 +344,11 @@ def image_batches(source: ImageSource, batch_size: int, num_workers: int | str |
         batches = iter(loader)
     source.started = None
     threads = torch.get_num_threads()
-    if workers > 0 and not cuda:
-        # The forward shares the cores with the decoding processes: more intra-op threads than free cores make
-        # every OpenMP barrier wait for a descheduled thread (a 2-thread forward ran 6x slower than 1 thread here).
+    if workers > 0 and not cuda and not (source.forward_flops or 0) > FORWARD_BOUND_FLOPS:
+        # Decoding limits this pass: the forward gets the cores the workers leave. More intra-op threads than free
+        # cores make every OpenMP barrier wait for a descheduled thread (2 threads beside 1 worker on 2 cores: 4.1 s
+        # vs 3.6 s for 400 JPEGs, docs/data-path.md). A heavy forward keeps all its threads (the niced workers fill
+        # its gaps): ViT-S/16 at 224 px on 2 cores scans 13 images/s capped, 20 with both threads (bare forward 26).
         torch.set_num_threads(max(1, min(threads, available_cores() - workers)))
     try:
         for batch in batches:

@@ -522,7 +522,12 @@ def peek_data_config(spec: str | Path | None) -> dict[str, Any] | None:
         meta = read_meta(path)
     except Exception:  # whatever is wrong with it, load_model will say it properly
         return None
-    return dict(meta.data_config) if meta is not None and meta.data_config else None
+    if meta is None or not meta.data_config:
+        return None
+    cfg = dict(meta.data_config)
+    if isinstance(cfg.get("input_size"), list):
+        cfg["input_size"] = tuple(cfg["input_size"])  # as the loaded model's config has it
+    return cfg
 
 
 def _load_hf_folder(folder: Path, name: str, source: str) -> LoadedModel:
