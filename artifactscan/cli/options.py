@@ -25,8 +25,9 @@ WeightsOpt = typer.Option(None, "--weights", help="ema or raw: which weights of 
                                                   "(default: ema, as timm does; the report names the ones loaded).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")
 BatchOpt = typer.Option(32, "--batch-size", "-b", help="Images per forward pass.")
-WorkersOpt = typer.Option("auto", "--workers", help="DataLoader processes decoding images: 'auto' (one per core, at "
-                          "most 8, none under 64 images) or a number (0: decode on the main process).")
+WorkersOpt = typer.Option("auto", "--workers", help="DataLoader processes decoding images: 'auto' (half the cores on "
+                          "the CPU, all but one with CUDA; at most 8, none under 64 images) or a number (0: decode on "
+                          "the main process).")
 ExactDecodeOpt = typer.Option(False, "--exact-decode", help="Decode image files in full. Default: only as large as the "
                               "model needs (JPEG draft / integer reduce to >= 2x its resize), docs/data-path.md.")
 GpuDecodeOpt = typer.Option(False, "--gpu-decode", help="With a CUDA device: decode JPEGs on it in batches "

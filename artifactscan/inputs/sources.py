@@ -116,6 +116,8 @@ class ImageSource:
     def close(self) -> None:
         """Stop this source's worker processes now (they also stop when the source is garbage-collected)."""
         self.started = None
+        # torch has no public call that stops persistent workers short of dropping the last reference to the
+        # iterator (which a caller may still hold); its own shutdown, the one __del__ runs, does it now.
         for loader in self.loaders.values():
             iterator = getattr(loader, "_iterator", None)
             if iterator is not None and hasattr(iterator, "_shutdown_workers"):
@@ -288,7 +290,7 @@ def prefetch_factor(source: ImageSource, batch_size: int, workers: int) -> int:
 #: How much lower the decoding workers' scheduling priority is than the main process's (``os.nice``). The main
 #: process is a scan's critical path - importing timm, building the model, the forward - and the workers only have to
 #: keep ahead of it: at equal priority they took CPU from it whenever the cores were full (400 JPEGs on 2 cores:
-#: 1.26x the decode limit, niced 1.09x; docs/data-path.md). Where cores are idle the niceness changes nothing.
+#: 1.17-1.22x the decode limit at equal priority, 1.07-1.15x niced; docs/data-path.md). Idle cores: no change.
 WORKER_NICENESS = 5
 
 
@@ -348,7 +350,7 @@ def image_batches(source: ImageSource, batch_size: int, num_workers: int | str |
         # Decoding limits this pass: the forward gets the cores the workers leave. More intra-op threads than free
         # cores make every OpenMP barrier wait for a descheduled thread (2 threads beside 1 worker on 2 cores: 4.1 s
         # vs 3.6 s for 400 JPEGs, docs/data-path.md). A heavy forward keeps all its threads (the niced workers fill
-        # its gaps): ViT-S/16 at 224 px on 2 cores scans 13 images/s capped, 20 with both threads (bare forward 26).
+        # its gaps): ViT-S/16 at 224 px on 2 cores scans 13 images/s capped, 18-20 with both threads (bare: 24).
         torch.set_num_threads(max(1, min(threads, available_cores() - workers)))
     try:
         for batch in batches:
