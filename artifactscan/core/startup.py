@@ -40,13 +40,6 @@ def end_startup() -> None:
         gc.enable()
 
 
-def worker_started(worker_id: int = 0) -> None:
-    """``worker_init_fn`` of the decoding workers: a worker forked during the start-up phase inherits the phase (the
-    collector off); it ends it for itself at once (freezing what it inherited: the parent's objects are never its
-    garbage). Elsewhere it changes nothing."""
-    end_startup()
-
-
 def freeze_heap() -> None:
     """Move every object the collector tracks into its permanent generation, so that interpreter shutdown does not
     walk them again. For the end of the ``artifactscan`` process only, once its command has finished."""

@@ -26,7 +26,7 @@ from artifactscan.inputs.gpu_decode import GpuJpegDecoder, collate_encoded, enco
 from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images
 from artifactscan.inputs.synthetic import SyntheticShapes
 from artifactscan.inputs.transforms import model_transform
-from artifactscan.core.startup import worker_started
+from artifactscan.core.startup import end_startup
 
 DEFAULT_SYNTHETIC_IMAGES = 256
 
@@ -108,8 +108,7 @@ class ImageSource:
         workers = resolve_workers(self, batch_size, num_workers, cuda)
         if workers == 0:
             return False
-        key = ("decoded", batch_size, workers, cuda)
-        loader = _loader(self, key, lambda: self.dataset, self.collate)
+        key, loader = _decoded_loader(self, batch_size, workers, cuda)
         self.started = (key, iter(loader))
         return True
 
@@ -268,6 +267,13 @@ def _loader(source: ImageSource, key: tuple, dataset: Callable[[], Dataset], col
     return source.loaders[key]
 
 
+def _decoded_loader(source: ImageSource, batch_size: int, workers: int, cuda: bool) -> tuple[tuple, DataLoader]:
+    """The DataLoader of decoded (CPU-transformed) batches and its key: one for :meth:`ImageSource.start` and the
+    pass that continues it, so that the two always agree on which pass was begun."""
+    key = ("decoded", batch_size, workers, cuda)
+    return key, _loader(source, key, lambda: source.dataset, source.collate)
+
+
 #: Above this many FLOPs per image the forward, not decoding, limits a CPU pass (a 1600x1200 JPEG's reduced decode
 #: costs ~4 ms, the forward ~20 ms per GFLOP on one core): the forward then keeps all of torch's threads.
 FORWARD_BOUND_FLOPS = 1e9
@@ -295,8 +301,10 @@ WORKER_NICENESS = 5
 
 
 def start_decoding_worker(worker_id: int) -> None:
-    """``worker_init_fn`` of the decoding workers: end an inherited start-up phase, lower the priority."""
-    worker_started(worker_id)
+    """``worker_init_fn`` of the decoding workers. A worker forked during the command line's start-up phase inherits
+    it (the collector off) and ends it for itself at once (``end_startup``: freezing what it inherited, the parent's
+    objects, never its garbage); elsewhere that is a no-op. Then it lowers its priority."""
+    end_startup()
     try:
         os.nice(WORKER_NICENESS)
     except (AttributeError, OSError):  # pragma: no cover - no nice() (Windows) or not permitted
@@ -338,8 +346,7 @@ def image_batches(source: ImageSource, batch_size: int, num_workers: int | str |
         for batch in loader:
             yield decoder(*batch)
         return
-    key = ("decoded", batch_size, workers, cuda)
-    loader = _loader(source, key, lambda: ds, source.collate)
+    key, loader = _decoded_loader(source, batch_size, workers, cuda)
     if source.started is not None and source.started[0] == key:  # continue the pass begun by ImageSource.start
         batches = source.started[1]  # (iter(loader) again would reset it and throw its prefetched batches away)
     else:

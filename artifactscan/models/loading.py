@@ -387,13 +387,19 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     return loaded
 
 
+def normalized_data_config(data_config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a timm data config with ``input_size`` as a tuple of ints (JSON metadata stores a list)."""
+    out = dict(data_config)
+    out["input_size"] = tuple(int(v) for v in out["input_size"])
+    return out
+
+
 def _finish(model: nn.Module, name: str, source: str, arch: str | None, data_config: dict[str, Any],
             meta: CheckpointMeta | None, kind: str) -> LoadedModel:
     num_prefix, num_cls, num_reg = describe_vit(model)
     model.eval()
     notes = [PHANTOM_NOTE] if kind == "phantom" else []
-    data_config = dict(data_config)
-    data_config["input_size"] = tuple(int(v) for v in data_config["input_size"])
+    data_config = normalized_data_config(data_config)
     # timm's data config reports the *pretrained* size; a model built with img_size=... only accepts its own.
     built = getattr(model.patch_embed, "img_size", None)
     if built is not None and not getattr(model, "dynamic_img_size", False):
@@ -524,10 +530,7 @@ def peek_data_config(spec: str | Path | None) -> dict[str, Any] | None:
         return None
     if meta is None or not meta.data_config:
         return None
-    cfg = dict(meta.data_config)
-    if isinstance(cfg.get("input_size"), list):
-        cfg["input_size"] = tuple(cfg["input_size"])  # as the loaded model's config has it
-    return cfg
+    return normalized_data_config(meta.data_config)  # as the loaded model's config has it
 
 
 def _load_hf_folder(folder: Path, name: str, source: str) -> LoadedModel:
