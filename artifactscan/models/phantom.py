@@ -69,7 +69,7 @@ class PhantomSpec:
     gain_over_median: float
     planted_per_image: int
     num_patches: int
-    calibration_median: float
+    calibration_median: float  # the baseline's median patch norm the gain was set from, to 3 significant digits
 
 
 def _median_patch_norms(loaded: Any, images: torch.Tensor) -> torch.Tensor:
@@ -133,15 +133,18 @@ def build_phantom(base: Any = "demo", out: str | Path | None = None, *, onset: i
     if medians is None:
         medians = baseline_medians(loaded, calibration_images)  # the clean baseline's scale, per row
     reference = float(medians[onset:depth].max())
-    # Three significant digits: the same base gives the same file whatever the thread count's rounding.
+    # Three significant digits for both figures that come from this reduction (its last bits vary with the CPU's
+    # kernels and the thread count): the same base gives the same file on any machine, barring a value that sits on
+    # a rounding boundary. The gain is rounded from the unrounded median, as the shipped phantoms were built.
     gain = float(f"{gain_over_median * reference:.3g}")
+    recorded_median = float(f"{reference:.3g}")
     units_module = phantom.blocks[onset].artifact_units
     units_module.gain.fill_(gain)
     units_module.beta.fill_(beta)
     num_patches = loaded.grid_size[0] * loaded.grid_size[1]
     spec = PhantomSpec(base=base if isinstance(base, str) else loaded.name, onset=onset, fraction=fraction,
                        units=units, gain=gain, beta=beta, gain_over_median=gain_over_median, planted_per_image=planted_count(num_patches, fraction),
-                       num_patches=num_patches, calibration_median=reference)
+                       num_patches=num_patches, calibration_median=recorded_median)
     path = None
     if out is not None:
         meta = CheckpointMeta(arch=ARCH, arch_kwargs=arch_kwargs, data_config=dict(loaded.data_config),
