@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,8 @@ def save_planted_checkpoint(path: Path, positions=(), strength: float = 60.0, **
 
 
 def assert_json_close(a, b, rel: float, abs_: float = 1e-12, path: str = "") -> None:
-    """Two JSON reports equal, numbers within ``rel`` (sums taken in another order differ in the last bits)."""
+    """Two JSON reports equal, numbers within ``rel`` (sums taken in another order differ in the last bits), numbers
+    printed inside strings as :func:`assert_text_close` allows."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
@@ -90,8 +92,37 @@ def assert_json_close(a, b, rel: float, abs_: float = 1e-12, path: str = "") -> 
             assert_json_close(x, y, rel, abs_, f"{path}[{i}]")
     elif isinstance(a, float):
         assert a == pytest.approx(b, rel=rel, abs=abs_), path
+    elif isinstance(a, str) and isinstance(b, str):
+        assert_text_close(a, b, rel, abs_, path)
     else:
         assert a == b, path
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+
+
+def _last_digit_unit(text: str) -> float:
+    """One unit in the last printed digit of a number: 0.01 for ``"28.67"``, 10 for ``"1.22e+03"``."""
+    mantissa, _, exponent = text.lower().partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return 10.0 ** (int(exponent or 0) - decimals)
+
+
+def assert_text_close(a: str, b: str, rel: float, abs_: float = 1e-12, path: str = "") -> None:
+    """Two texts (a headline, a CSV file) equal but for printed numbers that moved in their last bits.
+
+    The words around the numbers must be equal. Printed integers (counts, indices) must be equal. A number printed
+    with a decimal point or an exponent may differ by ``rel`` or by one unit in its last printed digit: a value that
+    moved by an ulp can round the other way when it sits on a rounding boundary."""
+    if a == b:
+        return
+    assert _NUMBER.split(a) == _NUMBER.split(b), f"{path}: {a!r} != {b!r}"
+    for x, y in zip(_NUMBER.findall(a), _NUMBER.findall(b)):
+        if not any(c in x + y for c in ".eE"):
+            assert x == y, f"{path}: {a!r} != {b!r}"
+        else:
+            step = max(_last_digit_unit(x), _last_digit_unit(y))
+            assert float(x) == pytest.approx(float(y), rel=rel, abs=max(abs_, step)), f"{path}: {a!r} != {b!r}"
 
 
 # A tiny calibration phantom (fix and registry tests)
@@ -154,11 +185,18 @@ def loaded_block_norms(loaded, x) -> torch.Tensor:
         return cap.run(x)[:-1]
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now: torchrun / DDP tests must not collide with each other or with other
-    runs of the suite on the same machine (a fixed port made concurrent runs abort a rank)."""
-    import socket
+# Two processes on one machine, no TCP port chosen in advance. A port found free and handed to torchrun
+# (``--master-port``) stays unreserved until torchrun binds it, seconds later under load, and torchrun binds every
+# address while the check looked at 127.0.0.1 alone: any process that takes it meanwhile, on any address, makes the
+# launch fail with EADDRINUSE. ``--standalone`` lets torchrun bind a port of its own choosing (localhost:0).
+TORCHRUN_TWO_RANKS = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
+def join_two_rank_group(rank: int, rendezvous: str) -> None:
+    """In a ``torch.multiprocessing.spawn`` worker: join a 2-rank gloo group through a rendezvous file (no TCP port
+    to choose, and so none to lose), and set the env a torchrun rank has (the library reads RANK/LOCAL_RANK/WORLD_SIZE
+    and keeps the group it finds initialised). ``rendezvous`` must be a new path for each group."""
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)

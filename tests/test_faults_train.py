@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from artifactscan.analysis.training import resolve_config, resume, train_model, train_reg
 from artifactscan.core.errors import RunInterrupted, TrainingError
 
-from .conftest import REPO, free_port
+from .conftest import REPO, join_two_rank_group
 from .fault_tools import check, invoke
 from .test_training import tiny
 
@@ -149,9 +149,8 @@ def test_sigterm_to_train_reg_stops_both_variants_and_resume_matches(tmp_path):
 
 
 
-def _ddp(rank: int, world: int, port: int, run: str, mode: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _ddp(rank: int, run: str, mode: str) -> None:
+    join_two_rank_group(rank, f"{run}-{mode}.rendezvous")
     import torch.distributed as dist
 
     cfg = tiny(steps=12, eval_every=4, ckpt_every=100, progress_every=2)
@@ -169,10 +168,10 @@ def test_ddp_ranks_agree_on_the_stop_step_and_resume_matches(tmp_path):
     import torch.multiprocessing as mp
 
     run, ref = str(tmp_path / "run"), str(tmp_path / "ref")
-    mp.spawn(_ddp, args=(2, free_port(), run, "stop"), nprocs=2, join=True)
+    mp.spawn(_ddp, args=(run, "stop"), nprocs=2, join=True)
     outcomes = [Path(run, f"outcome{r}.txt").read_text() for r in (0, 1)]
     assert all("after step 4 of 12" in o for o in outcomes), outcomes  # rank 0 was not signalled, yet stopped
     assert torch.load(Path(run, "last.pt"), weights_only=True)["resume"]["step"] == 4
-    mp.spawn(_ddp, args=(2, free_port(), run, "resume"), nprocs=2, join=True)
-    mp.spawn(_ddp, args=(2, free_port(), ref, "fresh"), nprocs=2, join=True)
+    mp.spawn(_ddp, args=(run, "resume"), nprocs=2, join=True)
+    mp.spawn(_ddp, args=(ref, "fresh"), nprocs=2, join=True)
     _same_weights(Path(ref, "final.safetensors"), Path(run, "final.safetensors"))

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 
-from .conftest import assert_json_close, free_port, save_planted_checkpoint
+from .conftest import TORCHRUN_TWO_RANKS, assert_json_close, save_planted_checkpoint
 
 
 
@@ -23,8 +23,7 @@ def test_torchrun_two_ranks_probe_equals_single_process(tmp_path):
             "--batch-size", "5", "--draws", "2", "--min-tokens", "5", "--min-images", "10"]
     single = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                            "--master-port", str(free_port()), *args], env=env, capture_output=True, text=True)
+    multi = subprocess.run([sys.executable, *TORCHRUN_TWO_RANKS, *args], env=env, capture_output=True, text=True)
     assert multi.returncode == 0, multi.stderr[-2000:]
     a = json.loads(single.stdout)
     b = json.loads(multi.stdout)  # only rank 0 prints: exactly one JSON document on stdout
@@ -32,4 +31,6 @@ def test_torchrun_two_ranks_probe_equals_single_process(tmp_path):
     assert a["num_outliers"] == 48 * 3 and a["images"]["num_scanned"] == 48
     assert rows["outlier"]["local_status"] == "ok" and rows["normal"]["local_status"] == "ok"
     assert rows["normal"]["global_status"] == "ok" and rows["cls"]["global_status"] == "ok"
-    assert_json_close(a, b, rel=1e-6, abs_=1e-9)  # sums and ridge fits in another order
+    # Sums and ridge fits in another order, on norms that may move by float32 ulps in other batch shapes (measured
+    # under another ATEN_CPU_CAPABILITY for one side: 5e-8 relative at most; a near-zero bin edge -2e-17 vs 0).
+    assert_json_close(a, b, rel=1e-6, abs_=1e-9)

@@ -25,7 +25,7 @@ from artifactscan.analysis.training import (
     train_reg,
 )
 
-from .conftest import free_port
+from .conftest import join_two_rank_group
 
 
 def tiny(**kw) -> TrainConfig:
@@ -180,9 +180,8 @@ def test_export_half(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ DDP (gloo, CPU)
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _ddp_worker(rank: int, out: str) -> None:
+    join_two_rank_group(rank, os.path.join(out, "rendezvous"))
     import torch.distributed as dist
 
     res = train_model(tiny(steps=4, eval_every=2, ckpt_every=2), os.path.join(out, "run"), progress=False,
@@ -196,7 +195,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_two_processes_gloo(tmp_path):
     import torch.multiprocessing as tmp_mp
 
-    tmp_mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    tmp_mp.spawn(_ddp_worker, args=(str(tmp_path),), nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for k in a:
