@@ -14,7 +14,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from artifactscan.render import text as render_text
-from artifactscan.render.table import STACK_BELOW, Column, FitTable, num, pct, ratio, spread_order
+from artifactscan.render.table import STACK_BELOW, Column, FitTable, name_list, num, pct, ratio, spread_order
 
 from .conftest import REPO
 
@@ -43,6 +43,11 @@ def test_spread_order_keeps_the_last_block_then_spreads_the_rest():
     assert sorted(rank) == list(range(24)) and rank[23] == 0 and rank[0] == 1
     kept = sorted(range(24), key=rank.__getitem__)[:5]  # the five blocks a narrow terminal keeps
     assert kept == [23, 0, 11, 5, 17]
+
+
+def test_left_out_names_are_listed_with_ranges():
+    names = ["block 1", "block 2", "block 3", "block 6", "block 8", "block 9", "p99", "% above 150"]
+    assert name_list(names) == "block 1-3, 6, 8-9, p99, % above 150"
 
 
 # ----------------------------------------------------------------------------------------------- real results
@@ -124,7 +129,7 @@ def assert_table_fits(out: str, table: FitTable, width: int) -> None:
     left_out = [table.columns[i].label for i in range(len(table.columns)) if i not in shown]
     flat = " ".join(out.split())
     if left_out:
-        assert f"not shown at {width} columns: {', '.join(left_out)}" in flat
+        assert f"not shown at {width} columns: {name_list(left_out)}" in flat
     else:
         assert "not shown at" not in flat
 

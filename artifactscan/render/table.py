@@ -11,6 +11,7 @@ The console's width is rich's: the terminal's, or ``COLUMNS``, or 80 when the ou
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
@@ -129,7 +130,7 @@ class FitTable:
         console.print(self._rich_table(shown))
         left_out = [self.columns[i].label for i in range(len(self.columns)) if i not in shown]
         if left_out:
-            console.print(Text(f"not shown at {width} columns: {', '.join(left_out)} (--json has every column)",
+            console.print(Text(f"not shown at {width} columns: {name_list(left_out)} (--json has every column)",
                                style="dim"), overflow="fold")
 
     def _rich_table(self, shown: list[int]) -> "object":
@@ -157,6 +158,29 @@ class FitTable:
             for label, value in zip(labels, cells[1:]):
                 for line in _stacked_lines(label, value, label_width, width):
                     console.print(Text(line), no_wrap=True, crop=False)
+
+
+def name_list(names: Sequence[str]) -> str:
+    """Names joined by commas, runs of numbered ones as ranges: ``block 1-4, 6, 8-10, p99``."""
+    parts: list[tuple[str, int, int] | str] = []
+    for name in names:
+        m = re.fullmatch(r"(.*?)(\d+)", name)
+        last = parts[-1] if parts else None
+        if m and isinstance(last, tuple) and last[0] == m[1] and last[2] + 1 == int(m[2]):
+            parts[-1] = (last[0], last[1], int(m[2]))
+        else:
+            parts.append((m[1], int(m[2]), int(m[2])) if m else name)
+    out, previous = [], None
+    for part in parts:
+        if isinstance(part, str):
+            out.append(part)
+            previous = None
+            continue
+        stem, lo, hi = part
+        span = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        out.append(span if stem == previous else stem + span)
+        previous = stem
+    return ", ".join(out)
 
 
 def _stacked_lines(label: str, value: str, label_width: int, width: int) -> list[str]:
