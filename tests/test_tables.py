@@ -16,6 +16,7 @@ from rich.console import Console
 from artifactscan.render import text as render_text
 from artifactscan.render.table import STACK_BELOW, Column, FitTable, name_list, num, pct, ratio, spread_order
 
+from . import real_results as real
 from .conftest import REPO
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -52,40 +53,18 @@ def test_left_out_names_are_listed_with_ranges():
 
 # ----------------------------------------------------------------------------------------------- real results
 @pytest.fixture(scope="module")
-def deep_scan():
-    from artifactscan import scan
-
-    return scan("phantom-deep", "synthetic:8")
-
-
-@pytest.fixture(scope="module")
-def results(deep_scan):
+def results():
     """One small real result per command (computed once; each table is then printed 16 ways)."""
-    from artifactscan import compare, fix, probe, scan
-    from artifactscan.analysis.attention_maps import attention_report
-    from artifactscan.analysis.calibrate import calibrate
-    from artifactscan.analysis.compare import EmergenceGroup, EmergencePoint, EmergenceReport
-    from artifactscan.analysis.discover import discover
-
-    blocks = [lay for lay in deep_scan.layers if not lay.is_final_norm]
-    # norms RUN_DIR: three checkpoints of a 24-block model; the per-block values are the phantom's real ones.
-    points = [EmergencePoint(step, f"step_{step}.safetensors", None if step == 100 else deep_scan.onset_layer,
-                             [0.0 if step == 100 else lay.outlier_fraction for lay in blocks],
-                             [lay.max_over_median / (3 if step == 100 else 1) for lay in blocks])
-              for step in (100, 200, 300)]
-    emergence = EmergenceReport("runs/demo-pair", "synthetic:8",
-                                [EmergenceGroup(deep_scan.model.arch or "phantom", 0, points)], notes=[])
     return {
-        "norms": (render_text.render_scan, deep_scan),
-        "norms (registers)": (render_text.render_scan, scan("demo-reg4", "synthetic:8")),
-        "norms RUN_DIR": (render_text.render_emergence, emergence),
-        "compare": (render_text.render_compare, compare(["demo", "demo-reg4", "phantom"], "synthetic:16")),
-        "probe": (render_text.render_probe, probe("phantom", "synthetic:120", layer=4)),
-        "attention": (render_text.render_attention, attention_report("demo-reg4", "synthetic:8")),
-        "fix": (render_text.render_fix, fix("phantom", "synthetic:16")),
-        "discover": (render_text.render_discover, discover(["demo", "phantom"], "synthetic-objects:16")),
-        "calibrate": (render_text.render_calibration,
-                      calibrate("demo", gains=[1.5, 10.0], fractions=[1 / 64], num_images=16)),
+        "norms": (render_text.render_scan, real.deep_scan()),
+        "norms (registers)": (render_text.render_scan, real.register_scan()),
+        "norms RUN_DIR": (render_text.render_emergence, real.emergence()),
+        "compare": (render_text.render_compare, real.comparison()),
+        "probe": (render_text.render_probe, real.probe_result()),
+        "attention": (render_text.render_attention, real.attention_result("demo-reg4")),
+        "fix": (render_text.render_fix, real.fix_result()),
+        "discover": (render_text.render_discover, real.discover_result()),
+        "calibrate": (render_text.render_calibration, real.calibration()),
     }
 
 
