@@ -447,20 +447,9 @@ def fix(
         if json_out:
             sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
             return
-        from rich.panel import Panel
-        from rich.table import Table
+        from artifactscan.render.text import render_fix
 
-        if result.neurons:
-            table = Table(title="register neurons", title_justify="left", header_style="bold")
-            for col in ("site", "unit", "mean |act| at outliers", "at normal patches"):
-                table.add_column(col, justify="left" if col == "site" else "right")
-            for n in result.neurons:
-                table.add_row(n.site, str(n.index), f"{n.outlier_activation:.3g}", f"{n.normal_activation:.3g}")
-            stdout.print(table)
-            stdout.print(f"last block: {result.before_outlier_fraction:.2%} -> {result.after_outlier_fraction:.2%} "
-                         f"outliers; max/median {result.before_max_over_median:.1f}x -> "
-                         f"{result.after_max_over_median:.1f}x")
-        stdout.print(Panel(result.verdict, title="verdict", style="bold"))
+        render_fix(result, stdout)
         for note in result.notes:
             stdout.print(Text(one_line(note), style="dim"))
         if result.saved_to:

@@ -78,6 +78,7 @@ def attention(
       artifactscan attention ckpt.pt imgs/ --arch vit_small_patch16_224 --query-patch 7,7 --json > attention.json
     """
     from artifactscan.analysis.attention_maps import attention_report
+    from artifactscan.render.text import render_attention
 
     def work() -> None:
         if maps < 0:
@@ -103,48 +104,9 @@ def attention(
             if json_out:
                 sys.stdout.write(text + "\n")
                 return
-            render_attention(report)
+            render_attention(report, stdout)
             if out is not None:
                 print_line(stdout, "wrote", "", f"{len(written)} files to {out}/ (attention.json"
                            f"{', figures' if figures else ''})")
 
     run_command(debug, work)
-
-
-def _pct(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None else f"{100 * x:.{digits}f}%"
-
-
-def render_attention(report) -> None:
-    """The per-block table, the query used and the headline, for humans."""
-    from rich.markup import escape
-    from rich.panel import Panel
-    from rich.table import Table
-
-    m = report.model
-    prefix = f"{m.num_cls_tokens} CLS + {m.num_register_tokens} register" if m.num_prefix_tokens else "no prefix"
-    q = report.query
-    title = (f"{m.name} - {m.num_blocks} blocks, {prefix} tokens, {m.grid_size[0]}x{m.grid_size[1]} patches - "
-             f"{report.images.num_scanned} images - query: {q.name}")
-    table = Table(title=escape(title), title_justify="left", header_style="bold")
-    for col in ("block", "outliers (% patches)", f"{q.name} -> outliers", "spike", "patch q. -> outliers",
-                "spike ", f"{q.name} -> prefix", f"{q.name} -> patches"):
-        table.add_column(col, justify="left" if col in ("block", f"{q.name} -> prefix") else "right")
-    for lay in report.layers:
-        s, p = lay.query, lay.patch_queries
-        spike = s.spike or 0.0
-        style = "bold red" if spike >= 5 else ""
-        prefix_text = " ".join(f"{k}={100 * v:.1f}%" for k, v in list(s.prefix.items())[:5])
-        if len(s.prefix) > 5:
-            prefix_text += f" (+{len(s.prefix) - 5})"
-        table.add_row(str(lay.block), "no mask" if lay.outlier_fraction is None else _pct(lay.outlier_fraction, 2),
-                      _pct(s.outliers), "-" if s.spike is None else f"{s.spike:.3g}x", _pct(p.outliers),
-                      "-" if p.spike is None else f"{p.spike:.3g}x", prefix_text or "-", _pct(s.patches),
-                      style=style)
-    stdout.print(table)
-    stdout.print(f"query: {q.name} - {q.reason}" + (f"; also mapped: patch {report.query_patch[0]},"
-                                                     f"{report.query_patch[1]}" if report.query_patch else ""))
-    if m.kind == "phantom":
-        stdout.print(Panel(m.calibration_note or "", title="calibration phantom", style="yellow"))
-    stdout.print(Panel(report.headline, title="attention on outliers", style="bold"))
-    stdout.print(f"[dim]Outliers - {report.outlier_rule}. Threshold rule - {report.threshold_rule}[/dim]")

@@ -100,6 +100,7 @@ def discover(
       artifactscan discover vit_small_patch14_reg4_dinov2.lvd142m VOC2007/ --features keys --json > voc.json
     """
     from artifactscan.analysis.discover import discover as run_discover
+    from artifactscan.render.text import render_discover
 
     def work() -> None:
         models, data = split_args(list(args or []))
@@ -111,56 +112,9 @@ def discover(
                 progress=not json_out and sys.stderr.isatty(), warn=warn)
             from artifactscan.render.plots_discover import save_discover_figure
 
-            emit_result(report, out, "discover.json", json_out, render_discover,
+            emit_result(report, out, "discover.json", json_out, lambda r: render_discover(r, stdout),
                         save_discover_figure if figures else None)
             if out is not None and not json_out:
                 print_line(stdout, "wrote", "", f"discover.json{' and discover.png' if figures else ''} to {out}/")
 
     run_command(debug, work)
-
-
-def _pct(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None else f"{100 * x:.{digits}f}%"
-
-
-def render_discover(report) -> None:
-    """One row per run, the headline, the rules."""
-    from rich.panel import Panel
-    from rich.table import Table
-
-    d = report.data
-    first = report.runs[0]
-    stdout.print(f"data: {d.description}", highlight=False)
-    title = f"LOST on {first.features} of block {first.block}, k={first.k}"
-    table = Table(title=title, title_justify="left", header_style="bold")
-    table.add_column("")
-    for r in report.runs:
-        table.add_column(r.label, justify="right")
-    runs = report.runs
-    flagged = [r.threshold is not None for r in runs]
-    rows = [
-        ("CorLoc (LOST)", [_pct(r.corloc) for r in runs]),
-        ("CorLoc, centred box", [_pct(r.corloc_centre) for r in runs]),
-        ("CorLoc, random box", [_pct(r.corloc_random) for r in runs]),
-        ("mean IoU", ["-" if r.mean_iou is None else f"{r.mean_iou:.2f}" for r in runs]),
-        ("seeds on outlier tokens", [f"{r.seeds_on_outliers}/{r.num_images}" if f else "none flagged"
-                                     for r, f in zip(runs, flagged)]),
-        ("outliers' share of tokens", [_pct(r.outlier_share, 2) if f else "-" for r, f in zip(runs, flagged)]),
-        ("seed rate / share", ["-" if r.seed_outlier_enrichment is None else f"{r.seed_outlier_enrichment:.1f}x"
-                               for r in runs]),
-        ("CorLoc, seed on an outlier", [_pct(r.corloc_seed_on_outlier) for r in runs]),
-        ("CorLoc, seed elsewhere", [_pct(r.corloc_seed_elsewhere) for r in runs]),
-    ]
-    if not any(r.num_scored for r in runs):  # no ground truth: no CorLoc rows
-        rows = [row for row in rows if not row[0].startswith(("CorLoc", "mean IoU"))]
-    for name, cells in rows:
-        table.add_row(name, *cells, style="bold" if name == "CorLoc (LOST)" else "")
-    stdout.print(table)
-    if any(r.model.kind == "phantom" for r in report.runs):
-        note = next(r.model.calibration_note for r in report.runs if r.model.kind == "phantom")
-        stdout.print(Panel(note or "", title="calibration phantom", style="yellow"))
-    stdout.print(Panel(report.headline, title="object discovery", style="bold"))
-    for n in report.notes:
-        stdout.print(f"[dim]note: {n}[/dim]")
-    stdout.print(f"[dim]CorLoc - {report.corloc_rule}. Baselines - {report.baselines}. Outliers - read at "
-                 f"{first.outlier_source}; {report.threshold_rule}[/dim]")

@@ -26,7 +26,11 @@ if TYPE_CHECKING:
 
 __all__ = ["plot_attention_image", "plot_attention_heads", "plot_attention_mass", "save_attention_figures"]
 
-_ATTN_LABEL = "attention (share of the query's total)"
+# Two lines: on one, the colour bar's label is taller than the 2.55-inch figure and runs into the titles.
+_ATTN_LABEL = "attention (share of\nthe query's total)"
+# Said beside the colour bar, not in the panel's title: constrained layout leaves room for one title line only
+# above a panel that has a colour bar and a fixed aspect, and a second line runs into the figure's title.
+_HEAD_MEAN_LABEL = "mean of heads: share\nof the query's total"
 
 
 def _layer_pos(amap: AttentionMap, block: int | None) -> int:
@@ -91,9 +95,9 @@ def plot_attention_image(amap: AttentionMap, image_path: str | None, data_size: 
         _grid_axes(ax_map, gh, gw)
         _mark_query_patch(ax_map, amap.query)
         cb = fig.colorbar(im, ax=ax_map, shrink=0.9, pad=0.02, fraction=0.06)
-        cb.set_label(_ATTN_LABEL)
+        cb.set_label(_HEAD_MEAN_LABEL if len(amap.maps[li]) > 1 else _ATTN_LABEL)
         cb.outline.set_linewidth(0.4)
-        ax_map.set_title(f"{q} attention, block {b}" + (" (mean of heads)" if len(amap.maps[li]) > 1 else ""))
+        ax_map.set_title(f"{q} attention, block {b}")
 
         if img is not None:
             ax_ov.imshow(img.mean(axis=-1) if img.ndim == 3 else img, cmap="gray", extent=extent,

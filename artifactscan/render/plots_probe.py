@@ -58,15 +58,17 @@ def plot_probe_bars(report: "ProbeReport", axes: Sequence["Axes"] | None = None,
     """
     with matplotlib.rc_context(COMPACT_STYLE):
         if axes is None:
-            fig, axes = _ax(None, 7.0, 2.4, ncols=3)
+            fig, axes = _ax(None, 7.0, 2.8, ncols=3)
         else:
             fig = axes[0].figure  # type: ignore[assignment]
+        # What each panel measures goes in its title, the unit in a short y-label: a long y-label is taller than
+        # the 2.8-inch panels and runs into the figure's title.
         panels = (
-            ("position top-1 (held-out)", "position_top1", "local_status", "position_chance", True),
-            ("reconstruction FVU (lower = more pixels)", "reconstruction_fvu", "local_status", None, False),
-            ("global top-1 (held-out images)", "global_top1", "global_status", "global_chance", True),
+            ("patch position (held-out)", "top-1", "position_top1", "local_status", "position_chance", True),
+            ("pixel reconstruction", "FVU (lower = more kept)", "reconstruction_fvu", "local_status", None, False),
+            ("image label (held-out images)", "top-1", "global_top1", "global_status", "global_chance", True),
         )
-        for ax, (label, attr, status_attr, chance_attr, pct) in zip(axes, panels):
+        for ax, (panel, label, attr, status_attr, chance_attr, pct) in zip(axes, panels):
             rows = [r for r in report.rows if getattr(r, status_attr) not in ("n/a",)]
             names = [r.name for r in rows]
             vals = [_v(getattr(r, attr)) for r in rows]
@@ -83,7 +85,9 @@ def plot_probe_bars(report: "ProbeReport", axes: Sequence["Axes"] | None = None,
                     c = _v(getattr(r, chance_attr)) * scale
                     ax.plot([x - 0.4, x + 0.4], [c, c], color="black", lw=0.8, ls=":")
             ax.set_xticks(list(xs))
-            ax.set_xticklabels(names, rotation=30, ha="right")
+            # Upright, broken before a parenthesis: slanted labels of neighbouring bars cross each other's boxes.
+            ax.set_xticklabels([n.replace(" (", "\n(") for n in names])
+            ax.set_title(panel)
             ax.set_ylabel(label if not pct else label + " [%]")
             if pct:
                 ax.set_ylim(0, 100)
@@ -114,7 +118,7 @@ def plot_neighbour_similarity(report: "ProbeReport", ax: "Axes | None" = None, t
             a.step(centres, dens, where="mid", color=_COLOURS[name], lw=0.8)
             if median is not None:
                 a.axvline(median, color=_COLOURS[name], ls="--", lw=0.8)
-        a.set_xlabel("cosine similarity of input patch embedding with its 4 neighbours")
+        a.set_xlabel("cosine similarity of each input patch embedding\nwith its 4 neighbours")  # 1 line: too wide
         a.set_ylabel("density")
         a.legend(frameon=False)
         a.set_title(_title(title or f"{report.model.name}, block {report.layer}: redundancy of input patches",
