@@ -92,6 +92,7 @@ code, .path { font-family: "DejaVu Sans Mono", "Menlo", "Consolas", monospace; f
 .verdict { border-left: 4px solid #888; background: #f7f7f5; padding: .5rem .8rem; margin: .6rem 0; }
 .verdict.flagged { border-color: var(--red); background: var(--redbg); }
 .verdict.clean { border-color: var(--green); background: var(--greenbg); }
+.verdict.inconclusive { border-color: var(--warn); background: var(--warnbg); }
 .warn { background: var(--warnbg); color: var(--warn); padding: .3rem .6rem; }
 .tablewrap { overflow-x: auto; margin: .6rem 0 .8rem; }
 table { border-collapse: collapse; font-size: .86rem; font-variant-numeric: tabular-nums; }
