@@ -170,3 +170,13 @@ def test_probe_at_an_inconclusive_layer_is_inconclusive_not_clean():
     assert report.num_outliers == 0
     assert report.verdict.label == "inconclusive"
     assert report.verdict.reasons[0].startswith("inconclusive:")
+
+
+def test_attention_and_fix_say_the_scan_was_inconclusive():
+    from artifactscan import fix
+    from artifactscan.analysis.attention_maps import attention_report
+
+    attention = attention_report("phantom", "synthetic:4")
+    assert "The norms scan is inconclusive at blocks 2, 3, 4, 5" in attention.headline
+    repaired = fix("phantom", "synthetic:4")
+    assert repaired.verdict.startswith("nothing to fix") and "inconclusive at blocks 2, 3, 4, 5" in repaired.verdict
