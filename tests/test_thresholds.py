@@ -33,6 +33,16 @@ def test_battery_leaves_unimodal_layers_unsplit(battery_table):
             assert row["max_flagged_share"] <= 0.001, family
 
 
+def test_battery_is_rarely_inconclusive(battery_table):
+    """Every planted group (>= 5 tokens) is decided; a unimodal layer is called inconclusive only when a lone extreme
+    token clears every other test (a heavy log-t tail does this in 2 of 100 cases: measured, docs/thresholds.md)."""
+    for family, row in battery_table.items():
+        if row["separated"]:
+            assert row["inconclusive"] == 0, family
+        else:
+            assert row["inconclusive"] <= 0.03 * row["cases"], (family, row["inconclusive"])
+
+
 def test_battery_has_held_out_families_of_both_kinds(battery_table):
     held = {(row["held_out"], row["separated"]) for row in battery_table.values()}
     assert held == {(False, True), (False, False), (True, True), (True, False)}
@@ -79,7 +89,8 @@ def test_a_near_miss_is_reported_with_the_test_it_failed():
 def test_four_tokens_are_not_a_group_but_five_are():
     rng = np.random.default_rng(3)
     bulk = np.exp(rng.normal(0.0, 0.1, 5000))
-    assert threshold_norms(np.concatenate([bulk, np.full(4, 20.0)])).value is None
+    four = threshold_norms(np.concatenate([bulk, np.full(4, 20.0)]))
+    assert four.value is None and four.inconclusive  # not "no outliers": too few to decide (test_inconclusive.py)
     assert threshold_norms(np.concatenate([bulk, np.full(5, 20.0)])).details["group_tokens"] == 5
 
 
@@ -99,7 +110,7 @@ def test_rule_constants_are_the_documented_ones():
     assert "2.5x" in rule.describe() and "1.5x" in rule.describe()
 
 
-@pytest.mark.parametrize("name", ["demo", "demo-reg4", "random-init ViT-S/16"])
+@pytest.mark.parametrize("name", ["demo", "demo-deep", "demo-reg4", "random-init ViT-S/16"])
 def test_real_negatives_stay_clean_on_sample_images(name):
     """Trained small ViTs (no artifacts grew: docs/experiments.md) and a random-init ViT-S/16 at 224 px."""
     from artifactscan import scan
@@ -116,6 +127,7 @@ def test_real_negatives_stay_clean_on_sample_images(name):
     assert report.onset_layer is None
     assert all(layer.threshold is None and layer.threshold_reason.startswith("no outliers")
                for layer in report.layers)
+    assert not report.inconclusive_layers  # clean, not undecided
 
 
 def test_scan_shows_a_rejected_group_as_a_near_miss():

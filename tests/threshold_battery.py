@@ -201,7 +201,8 @@ UNIMODAL["overlapping content pair"] = (_content_pair, True)
 
 
 def evaluate(cases: list[Case], rule=None) -> dict[str, dict[str, float]]:
-    """Per family: cases passed, and for unimodal families the largest share of tokens flagged.
+    """Per family: cases passed, cases the rule called inconclusive, and for unimodal families the largest share of
+    tokens flagged.
 
     A separated case passes when the flagged tokens have precision and recall >= 0.95 against the planted group;
     a unimodal case passes when the decision is "no outliers" (no threshold at all).
@@ -211,8 +212,9 @@ def evaluate(cases: list[Case], rule=None) -> dict[str, dict[str, float]]:
     table: dict[str, dict[str, float]] = {}
     for case in cases:
         row = table.setdefault(case.family, dict(held_out=case.held_out, separated=case.separated, cases=0,
-                                                 passed=0, max_flagged_share=0.0, failures=[]))
+                                                 passed=0, max_flagged_share=0.0, failures=[], inconclusive=0))
         decision = threshold_norms(case.norms, rule)
+        row["inconclusive"] += int(decision.inconclusive)
         flagged = np.zeros(len(case.norms), bool) if decision.value is None else case.norms > decision.value
         if case.separated:
             hits = int((flagged & case.is_group).sum())

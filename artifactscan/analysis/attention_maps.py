@@ -454,6 +454,8 @@ def attention_report(
         report.notes.append(f"the norms scan read {scan_report.images.num_scanned} images, the attention pass "
                             f"{n_images}")
     report.headline = attention_headline(report)
+    if scan_report.inconclusive_layers:  # fewer outliers to measure than there may be: said, never read as clean
+        report.headline += f" The norms scan is {scan_report.inconclusive_problem()}."
     return report
 
 

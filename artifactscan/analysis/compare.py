@@ -48,6 +48,7 @@ class ModelRow:
     median_patch_norm: float
     flagged_on_background: float | None = None
     flagged_on_objects: int | None = None
+    inconclusive_layers: list[int] = field(default_factory=list)  # /2: rows where the threshold rule could not decide
 
 
 @dataclass
@@ -57,7 +58,7 @@ class CompareReport(JsonResult):
     verdict: str
     reports: dict[str, ScanReport] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    schema: str = "artifactscan.compare/1"
+    schema: str = "artifactscan.compare/2"
 
     def to_dict(self) -> dict[str, Any]:
         """The rows and the verdict; each model's full scan stays in memory (``reports``), out of compare.json."""
@@ -101,7 +102,8 @@ def _row(label: str, loaded: LoadedModel, report: ScanReport, attention: dict[st
         image_fraction_with_outliers=last.image_fraction_with_outliers,
         peak_outlier_fraction=max(lay.outlier_fraction for lay in report.layers if not lay.is_final_norm),
         prefix_attention=attention, register_norm_mean=sum(regs) / len(regs) if regs else None,
-        median_patch_norm=last.median, flagged_on_background=background, flagged_on_objects=on_objects)
+        median_patch_norm=last.median, flagged_on_background=background, flagged_on_objects=on_objects,
+        inconclusive_layers=[lay.index for lay in report.inconclusive_layers])
 
 
 def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, threshold: str | float = "auto",
@@ -161,12 +163,22 @@ def register_verdict(rows: list[ModelRow]) -> str:
     """An honest sentence on whether registers fixed artifacts; says when the experiment cannot tell."""
     base = next((r for r in rows if r.registers == 0), None)
     with_regs = [r for r in rows if r.registers > 0]
+    undecided = [r for r in rows if r.inconclusive_layers]
+    # "Could not decide" is never "no outliers": said for every model whose scan was inconclusive somewhere.
+    undecided_words = ("INCONCLUSIVE for " + ", ".join(
+        f"{r.label} (block(s) {', '.join(map(str, r.inconclusive_layers))})" for r in undecided)
+        + ": a separated group with fewer tokens than the threshold rule needs; scan more images to decide."
+        if undecided else "")
     if base is None or not with_regs:
         flagged = [r for r in rows if r.onset_layer is not None]
-        return (f"{len(flagged)} of {len(rows)} models have high-norm outliers: "
-                + ", ".join(f"{r.label} {_pct(r.outlier_fraction)}" for r in rows) + ".")
+        return " ".join([f"{len(flagged)} of {len(rows)} models have high-norm outliers: "
+                         + ", ".join(f"{r.label} {_pct(r.outlier_fraction)}" for r in rows) + "."]
+                        + ([undecided_words] if undecided_words else []))
     parts = []
-    if base.onset_layer is None:
+    if base.onset_layer is None and base.inconclusive_layers:
+        parts.append(f"CANNOT CONFIRM THE FIX: the baseline ({base.label}) is inconclusive (no tokens flagged, but too "
+                     "few tokens to decide), so whether registers removed anything is not known.")
+    elif base.onset_layer is None:
         parts.append(
             f"CANNOT CONFIRM THE FIX: the baseline ({base.label}) grew no high-norm outlier tokens "
             f"(last block max/median {base.max_over_median:.1f}x, unimodal), so there was nothing for registers to "
@@ -176,6 +188,8 @@ def register_verdict(rows: list[ModelRow]) -> str:
         for r in with_regs:
             drop = 1 - r.outlier_fraction / base.outlier_fraction if base.outlier_fraction else 0.0
             word = "removed" if drop >= 0.9 else ("reduced" if drop >= 0.5 else "did not remove")
+            if r.inconclusive_layers and drop >= 0.5:  # fewer flagged, but the rule could not decide: not a fix
+                word = "may not have removed (inconclusive)"
             parts.append(f"{r.registers} register(s) {word} the outliers: last block {_pct(base.outlier_fraction)} "
                          f"-> {_pct(r.outlier_fraction)} of patch tokens, max/median {base.max_over_median:.1f}x -> "
                          f"{r.max_over_median:.1f}x.")
@@ -191,6 +205,8 @@ def register_verdict(rows: list[ModelRow]) -> str:
                        f"register norm {r.register_norm_mean:.3g} vs patch median {r.median_patch_norm:.3g}")
     if changes:
         parts.append("What registers change: " + "; ".join(changes) + ".")
+    if undecided_words:
+        parts.append(undecided_words)
     return " ".join(parts)
 
 
@@ -273,6 +289,7 @@ class EmergencePoint:
     onset_layer: int | None
     outlier_fraction: list[float]
     max_over_median: list[float]
+    inconclusive_layers: list[int] = field(default_factory=list)  # /3: rows where the rule could not decide
 
 
 @dataclass
@@ -293,7 +310,7 @@ class EmergenceReport(JsonResult):
     groups: list[EmergenceGroup]
     notes: list[str]
     skipped: list[SkippedCheckpoint] = field(default_factory=list)  # /2: checkpoint files left out, with the reason
-    schema: str = "artifactscan.emergence/2"
+    schema: str = "artifactscan.emergence/3"
 
 
 def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float = "auto", device: str = "auto",
@@ -307,6 +324,7 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
     """
     skipped: list[SkippedCheckpoint] = []
     nonfinite_notes: list[str] = []
+    undecided_notes: list[str] = []  # checkpoints whose scan could not decide: never read as "no outliers"
     groups = find_checkpoints(run_dir, skipped)
     out_groups, source = [], ""
     for key, items in groups.items():
@@ -334,7 +352,10 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
             blocks = [lay for lay in report.layers if not lay.is_final_norm]
             points.append(EmergencePoint(step, display_name(path), report.onset_layer,
                                          [lay.outlier_fraction for lay in blocks],
-                                         [lay.max_over_median for lay in blocks]))
+                                         [lay.max_over_median for lay in blocks],
+                                         [lay.index for lay in report.inconclusive_layers]))
+            if report.inconclusive_layers:
+                undecided_notes.append(f"{display_name(path)}: {report.inconclusive_problem()}")
         if points:
             out_groups.append(EmergenceGroup(key, registers, points))
     say = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
@@ -352,6 +373,7 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
     if skipped:
         notes.append(f"{len(skipped)} checkpoint file(s) skipped (listed under 'skipped' with the reason)")
     notes.extend(nonfinite_notes)
+    notes.extend(undecided_notes)
     return EmergenceReport(display_name(run_dir), source, out_groups, notes, skipped)
 
 

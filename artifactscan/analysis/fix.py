@@ -187,7 +187,9 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
     if before.onset_layer is None:
         return FixReport(loaded.name, before.images.source, [], -1, 0.0, 0.0, before.last_block.max_over_median,
                          before.last_block.max_over_median, 0.0, None, 1.0, 1.0,
-                         "nothing to fix: the scan found no outlier tokens", notes=list(loaded.notes))
+                         "nothing to fix: the scan found no outlier tokens"
+                         + (f" (but it is {before.inconclusive_problem()})" if before.inconclusive_layers else ""),
+                         notes=list(loaded.notes))
     register = find_register_neurons(loaded, images, before, top_k=top_k, max_layer=max_layer, device=dev,
                                      batch_size=batch_size, **decode)
     feats0, logits0 = _outputs(loaded, images, dev, batch_size, **decode)

@@ -30,7 +30,14 @@ from artifactscan.inputs.sources import ImageSource, image_batches, parse_worker
 from artifactscan.models.loading import LoadedModel
 from artifactscan.analysis.opening import load_with_images
 from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
-from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, threshold_option
+from artifactscan.core.thresholds import (
+    PAPER_THRESHOLD,
+    AutoRule,
+    auto_threshold,
+    fixed_threshold,
+    images_to_decide,
+    threshold_option,
+)
 from artifactscan.core.results import JsonResult
 
 # /2: layers[].bimodality describes the separated-group rule's accepted group or its strongest rejected candidate
@@ -39,8 +46,9 @@ from artifactscan.core.results import JsonResult
 # /3: model.weights, model.layout, model.inferred (how a checkpoint was loaded), layers[].num_nonfinite,
 # nonfinite_weights, images.num_other_files, and *_hex beside file names that are not printable UTF-8
 # (outliers[].image_hex, maps[].image_hex, images.skipped[].path_hex). /1 and /2 read with defaults.
-SCHEMA = "artifactscan.scan/3"
-READABLE_SCHEMAS = ("artifactscan.scan/1", "artifactscan.scan/2", SCHEMA)
+# /4: layers[].inconclusive and layers[].images_to_decide (a group that failed only the minimum group size).
+SCHEMA = "artifactscan.scan/4"
+READABLE_SCHEMAS = ("artifactscan.scan/1", "artifactscan.scan/2", "artifactscan.scan/3", SCHEMA)
 # ----------------------------------------------------------------------------------------------- result types
 
 
@@ -103,6 +111,9 @@ class LayerReport:
     histogram: Histogram
     bimodality: dict[str, Any] = field(default_factory=dict)
     num_nonfinite: int = 0  # token norms (prefix included) that were NaN or Inf
+    # The rule could not decide: its candidate group (``bimodality``) passed every test but the minimum group size.
+    inconclusive: bool = False
+    images_to_decide: int | None = None  # images that would give that group the minimum size, at its rate
 
 
 @dataclass
@@ -167,6 +178,30 @@ class ScanReport(JsonResult):
     @property
     def last_block(self) -> LayerReport:
         return [lay for lay in self.layers if not lay.is_final_norm][-1]
+
+    @property
+    def inconclusive_layers(self) -> list[LayerReport]:
+        """Rows where the threshold rule could not decide (too few tokens in an otherwise separated group)."""
+        return [lay for lay in self.layers if lay.inconclusive]
+
+    def inconclusive_problem(self) -> str | None:
+        """One line saying where the scan could not decide and how many images would, or ``None``."""
+        rows = self.inconclusive_layers
+        if not rows:
+            return None
+        n_img = self.images.num_scanned
+        sparsest = max(rows, key=lambda lay: lay.images_to_decide or 0)
+        tokens = sorted({int(lay.bimodality.get("group_tokens", 0)) for lay in rows})
+        shown = str(tokens[0]) if len(tokens) == 1 else f"{tokens[0]}-{tokens[-1]}"
+        rate = f"{sparsest.bimodality.get('group_tokens', 0) / max(n_img, 1):.2g} per image"
+        if len(tokens) > 1:
+            rate += f" at {sparsest.name}"
+        ratio = max(lay.bimodality.get("ratio", 0.0) for lay in rows)
+        needed = sparsest.bimodality.get("min_group_tokens", AutoRule().min_group_tokens)
+        return (f"inconclusive at {_row_list(rows)}: a separated high-norm group (up to {ratio:.1f}x the bulk) "
+                f"passes every test of the threshold rule except the minimum group size: {shown} token(s) in "
+                f"{n_img} image(s), {rate}; {sparsest.images_to_decide} images would give the {needed} tokens "
+                "needed to decide")
 
     @property
     def num_nonfinite(self) -> int:
@@ -450,7 +485,8 @@ def scan(
             images_with_outliers=n_img_out, image_fraction_with_outliers=n_img_out / n_img,
             fraction_above_150=above_paper / n_tok, prefix=stats.prefix_stats(r),
             histogram=Histogram.from_counts(stats.patch_counts[r]), bimodality=d.details,
-            num_nonfinite=int(stats.nonfinite[r])))
+            num_nonfinite=int(stats.nonfinite[r]), inconclusive=d.inconclusive,
+            images_to_decide=images_to_decide(d.details["group_tokens"], n_img, rule) if d.inconclusive else None))
     if world > 1:  # per-outlier records gather to every rank (rank 0 reports); maps' flags are rebuilt from them
         records = [o for part in gather(records) for o in part]
         for o in records:
@@ -492,6 +528,14 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def _row_list(rows: list[LayerReport]) -> str:
+    """``blocks 2, 3, 5`` (and ``the final norm``): the rows named as one phrase."""
+    blocks = [str(lay.index) for lay in rows if not lay.is_final_norm]
+    words = [("block " if len(blocks) == 1 else "blocks ") + ", ".join(blocks)] if blocks else []
+    words += ["the final norm" for lay in rows if lay.is_final_norm]
+    return " and ".join(words)
+
+
 def headline(report: ScanReport) -> str:
     """The one-paragraph verdict shown first in the terminal and stored in the JSON."""
     last = report.last_block
@@ -501,8 +545,13 @@ def headline(report: ScanReport) -> str:
         parts.append(f"NON-FINITE VALUES - THESE STATISTICS ARE NOT VALID: {problem}.")
     if report.model.kind == "phantom":
         parts.append("[CALIBRATION PHANTOM - artifacts built in by construction, not a finding about real models]")
+    undecided = report.inconclusive_problem()
     if problem:
         pass  # no verdict on outliers: the numbers below are about a broken pass
+    elif report.onset_layer is None and undecided:  # "could not decide" is never "clean"
+        parts.append(f"INCONCLUSIVE, NOT CLEAN: nothing was flagged in the {report.model.num_blocks} blocks "
+                     f"({report.images.num_scanned} images, {report.threshold_mode} threshold), but the scan is "
+                     f"{undecided}.")
     elif report.onset_layer is None:
         parts.append(f"No high-norm outlier tokens in any of the {report.model.num_blocks} blocks "
                      f"({report.images.num_scanned} images, {report.threshold_mode} threshold).")
@@ -513,8 +562,11 @@ def headline(report: ScanReport) -> str:
             f"Outliers appear from block {report.onset_layer} of {report.model.num_blocks} (0-based). "
             f"Last block: {_pct(last.outlier_fraction)} of patch tokens flagged, in "
             f"{_pct(last.image_fraction_with_outliers)} of images; max/median norm {last.max_over_median:.1f}x.")
+        if undecided:
+            parts.append(f"The scan is {undecided}.")
     if report.threshold_mode == "auto":
-        thr = "none (no separated group)" if last.threshold is None else f"{last.threshold:.4g}"
+        thr = ("none (inconclusive)" if last.inconclusive else "none (no separated group)" if last.threshold is None
+               else f"{last.threshold:.4g}")
         parts.append(f"Threshold: separated-group rule per layer (last block: {thr}).")
     else:
         parts.append(f"Threshold: fixed, norm > {last.threshold:g}.")

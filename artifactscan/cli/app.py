@@ -212,7 +212,7 @@ THRESHOLD_HELP = (
     "'auto' (default): per layer, flag a separated group above the bulk: >= 5 tokens and <= 50% of the layer, median "
     ">= 2.5x the bulk's, above an empty gap >= 1.5x (bulk's largest -> group's smallest norm) that a unimodal density "
     "would not leave and the bulk's fitted tail would not reach; otherwise no outliers (the strongest rejected "
-    "candidate is shown as a near miss). A number (e.g. 150, the paper's value for DINOv2 ViT-g) flags every patch "
+    "candidate is shown as a near miss), or inconclusive when a group fails only the 5-token minimum. A number (e.g. 150, the paper's value for DINOv2 ViT-g) flags every patch "
     "token above it. Detection limit: artifactscan calibrate."
 )
 
@@ -252,7 +252,8 @@ def norms(
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures into --out."),
     fail_above: Optional[float] = typer.Option(
         None, "--fail-above", metavar="FRACTION",
-        help="A gate for CI: exit with code 3 when the last block's outlier fraction exceeds FRACTION (e.g. 0.01). "
+        help="A gate for CI: exit with code 3 when the last block's outlier fraction exceeds FRACTION (e.g. 0.01), "
+             "or when the scan is inconclusive (a separated group with too few tokens to decide: scan more images). "
              "The report and --out files are still written. For a run folder: the latest checkpoint of each model."),
     allow_nonfinite: bool = AllowNonFiniteOpt,
     load: ModelLoadOptions = ModelLoadOptions(),
@@ -281,7 +282,7 @@ def norms(
       artifactscan norms my_vit.safetensors val/ --fail-above 0.01        # CI: exit 3 if > 1% outliers
 
     Exit codes: 0 done; 1 a user error (or NaN/Inf weights or norms, unless --allow-nonfinite); 2 a bug; 3 the
-    --fail-above gate failed; 130 interrupted.
+    --fail-above gate failed (too many outliers, or an inconclusive scan); 130 interrupted.
     """
     from artifactscan.models.hf import is_model_folder
     from artifactscan.render.text import render_scan
@@ -326,6 +327,9 @@ def norms(
         if fail_above is not None and last.outlier_fraction > fail_above:
             raise GateFailedError(f"{last.name}: {last.outlier_fraction:.2%} of patch tokens are outliers, above "
                                   f"--fail-above {fail_above:g} ({fail_above:.2%})")
+        undecided = report.inconclusive_problem()
+        if fail_above is not None and undecided:  # "could not decide" never passes a gate
+            raise GateFailedError(f"{undecided}; an inconclusive scan does not pass --fail-above")
 
     def _emergence(run_dir: str) -> None:
         from artifactscan.analysis.compare import scan_run
@@ -352,6 +356,14 @@ def norms(
                 raise GateFailedError(f"{Path(p.checkpoint).name} (step {p.step}): {p.outlier_fraction[-1]:.2%} of "
                                       f"last-block patch tokens are outliers, above --fail-above {fail_above:g}"
                                       + (f" (+{len(over) - 1} more models)" if len(over) > 1 else ""))
+            undecided = [(g, g.points[-1]) for g in result.groups if g.points and g.points[-1].inconclusive_layers]
+            if undecided:
+                g, p = undecided[0]
+                raise GateFailedError(f"{Path(p.checkpoint).name} (step {p.step}): inconclusive at block(s) "
+                                      f"{', '.join(map(str, p.inconclusive_layers))} (a separated group with fewer "
+                                      "tokens than the threshold rule needs; scan more images); an inconclusive "
+                                      "scan does not pass --fail-above"
+                                      + (f" (+{len(undecided) - 1} more models)" if len(undecided) > 1 else ""))
 
     run_command(debug, work)
 

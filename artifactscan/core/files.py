@@ -5,7 +5,10 @@
   output gets the same mode, the one any new file gets (``0o666 & ~umask``: 0644 under the usual umask).
 * :class:`OutputFolder` makes an ``--out`` folder belong to one run: it is validated and locked (``fcntl.flock``,
   released by the OS when the process dies) before any model runs, and it keeps a manifest of the files the run wrote.
-  When the next run starts writing, it removes exactly the files the previous manifest lists, and nothing else.
+  A run into a folder that holds a complete earlier run writes into a hidden staging folder and swaps its files in
+  only when it completes, so an interrupted run leaves the earlier one intact; the files the earlier manifest lists,
+  and nothing else, are removed then. :func:`listed_files` reads a folder's manifest (image discovery leaves those
+  files out: outputs never become inputs) and :func:`open_output_folders` names the folders being written.
 * :func:`check_output_file` validates a single-file output (``fix --out``, ``report -o``) before any work starts.
 * :func:`display_name` / :func:`name_hex` turn a file-system name (which on Linux may hold newlines, rich markup or
   bytes that are not UTF-8) into one readable, printable line, plus the exact bytes as hex where they differ.
@@ -27,12 +30,14 @@ from artifactscan.core.errors import InputError, OutputLockedError
 
 MANIFEST_NAME = ".artifactscan-manifest.json"
 LOCK_NAME = ".artifactscan.lock"
+STAGING_NAME = ".artifactscan-staging"  # a run's new files until it completes, when a complete earlier run is there
 MANIFEST_SCHEMA = "artifactscan.manifest/1"
 TEMP_SUFFIX = ".partial"
 # Temporaries are ``.<name>.<random>.partial`` (mkstemp's random part: 8 characters of [a-z0-9_]).
 _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.partial$")
 
 _active: contextvars.ContextVar["OutputFolder | None"] = contextvars.ContextVar("artifactscan_output", default=None)
+_open: list["OutputFolder"] = []  # every output folder this process holds locked (what it writes is not an input)
 
 
 def file_mode() -> int:
@@ -98,15 +103,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     """
     path = Path(path)
     folder = _active.get()
+    target = path
     if folder is not None and folder.relative_name(path) is not None:
         folder.begin()  # the first output of a run clears the previous run's (before our temporary exists)
-    tmp = _temp_in(path)
+        target = folder.write_path(path)  # its staging copy while a complete earlier run stays in place
+    tmp = _temp_in(target)
     try:
         yield tmp
         os.chmod(tmp, file_mode())  # mkstemp creates 0600; outputs are meant to be shared like any other file
         if folder is not None:
             folder.record(path)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -195,6 +202,109 @@ def check_output_file(path: str | os.PathLike[str], flag: str = "--out", suffixe
     return p
 
 
+# ----------------------------------------------------------------------------------------------- manifests
+def read_manifest(folder: str | os.PathLike[str]) -> dict | None:
+    """The manifest in ``folder`` as a dict, or ``None`` when there is none or it cannot be read.
+
+    Only a regular file is opened (a FIFO or folder of that name would block or fail); a damaged one reads as none.
+    """
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def listed_files(folder: str | os.PathLike[str], manifest: dict | None = None) -> list[str]:
+    """Relative names the manifest in ``folder`` lists: only names inside it (never ``..``, ``.`` or absolute), never
+    its own bookkeeping (manifest, lock, staging folder). ``manifest``: that manifest, when already read."""
+    data = read_manifest(folder) if manifest is None else manifest
+    names = data.get("files", []) if isinstance(data, dict) else []
+    safe = []
+    for name in names if isinstance(names, list) else []:
+        if not isinstance(name, str) or not name or os.path.isabs(name):
+            continue
+        parts = Path(name).parts
+        if not parts or ".." in parts or parts[0] in (MANIFEST_NAME, LOCK_NAME, STAGING_NAME):
+            continue
+        safe.append(name)
+    return safe
+
+
+def open_output_folders() -> list["OutputFolder"]:
+    """The output folders this process holds locked now: what they are being written with is not an input."""
+    return list(_open)
+
+
+def unfinished_runs(folder: str | os.PathLike[str]) -> list[str]:
+    """One line for each output folder at or under ``folder`` (hidden folders aside) whose last run did not finish:
+    a manifest that says ``complete: false`` (an interrupted run's partial results), or a staging folder left by a
+    killed run beside a complete earlier one."""
+    lines = []
+    for dirpath, dirnames, _ in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        shown = display_name(dirpath)
+        data = read_manifest(dirpath)
+        if data is not None and data.get("complete") is False:
+            lines.append(f"{shown} holds an interrupted run's partial results (`{display_name(str(data.get('command')))}`"
+                         f" stopped before it finished; its {MANIFEST_NAME} says complete: false): each file is whole, "
+                         "but some may be missing or from the run before; run the command again to complete them")
+        elif os.path.lexists(os.path.join(dirpath, STAGING_NAME)):
+            lines.append(f"{shown}: a later run into this folder was interrupted; these are the earlier, complete run's "
+                         f"results (the unfinished files in {STAGING_NAME}/ are removed by the next run there)")
+    return lines
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove our own staging folder (a link of that name is removed, never followed)."""
+    import shutil
+
+    with contextlib.suppress(OSError):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_empty_folders(root: Path, names: list[str]) -> None:
+    """Remove the folders (inside ``root``) of ``names`` that are empty now, deepest first; a user's file keeps its
+    folder."""
+    folders = {a for name in names for a in (root / name).parents if root in a.parents}
+    for folder in sorted(folders, key=lambda a: len(a.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for a moment (a swap of renames): each is acted on, as it would have been, after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            handler = previous.get(caught[0], signal.SIG_DFL)
+            if callable(handler):
+                handler(caught[0], None)  # e.g. Python's KeyboardInterrupt, or the CLI's SIGTERM handler
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
+
+
 # ----------------------------------------------------------------------------------------------- the folder
 class OutputFolder:
     """An ``--out`` folder owned by one run: validated, locked, and cleaned of the previous run's files only.
@@ -209,7 +319,10 @@ class OutputFolder:
         # if it failed before writing anything, the previous run's outputs are still there, untouched
 
     Only names that the previous manifest lists (relative paths inside the folder) are ever removed; a user's own
-    files in the folder are never touched.
+    files in the folder are never touched. When the previous run is complete, this run's files are written into
+    ``DIR/.artifactscan-staging/`` and swapped in when it completes (:meth:`close`): until then the previous run's
+    files and manifest stay as they were, whatever happens to this run (a failure removes the staging folder; after
+    SIGKILL the next run does).
     """
 
     def __init__(self, path: str | os.PathLike[str], command: str, flag: str = "--out", manifest: bool = True,
@@ -226,6 +339,9 @@ class OutputFolder:
         self._created: list[Path] = []
         self._began = False
         self._token: contextvars.Token | None = None
+        self._previous: list[str] = []  # the previous run's files (read when this run starts writing)
+        self._staging = False  # True: a complete previous run stays in place until this one completes
+        self._complete_after = True  # what the manifest says when this run completes (``report`` keeps the run's)
 
     # -------------------------------------------------------------- validation and the lock
     def open(self) -> "OutputFolder":
@@ -249,6 +365,7 @@ class OutputFolder:
             raise
         if self.manifest:
             self._token = _active.set(self)
+        _open.append(self)
         return self
 
     def _lock(self) -> None:
@@ -297,34 +414,46 @@ class OutputFolder:
 
     def previous_files(self) -> list[str]:
         """Relative names the previous run's manifest lists (only names inside this folder; never ``..``)."""
-        try:
-            data = json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
-            return []
-        names = data.get("files", []) if isinstance(data, dict) else []
-        safe = []
-        for name in names:
-            if not isinstance(name, str) or not name or os.path.isabs(name):
-                continue
-            parts = Path(name).parts
-            if ".." in parts or parts[0] in (MANIFEST_NAME, LOCK_NAME):
-                continue
-            safe.append(name)
-        return safe
+        return listed_files(self.path)
+
+    @property
+    def staging_path(self) -> Path:
+        return self.path / STAGING_NAME
+
+    def write_path(self, path: str | os.PathLike[str]) -> Path:
+        """Where an output of this run is written now: its place in the folder, or in the staging folder while a
+        complete previous run stays in place (the same relative name)."""
+        name = self.relative_name(path)
+        return self.staging_path / name if self._staging and name is not None else Path(path)
 
     def begin(self) -> None:
-        """The work is done and writing starts: remove the previous run's files and stale temporaries."""
+        """The work is done and writing starts: remove the previous run's files and stale temporaries, or, when the
+        previous run is complete, leave them in place and write this run's files into the staging folder."""
         if self._began:
             return
         self._began = True
-        old = self.previous_files()
+        previous = read_manifest(self.path)
+        old = listed_files(self.path, previous or {})
+        self._previous = list(old)
+        _remove_tree(self.staging_path)  # a killed run's staged files: ours, and never swapped in
         if self.add_to_previous:
             self.files = list(old)
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                self.command = json.loads(self.manifest_path.read_text()).get("command", self.command)
+            if previous is not None:
+                self.command = str(previous.get("command", self.command))
+                self._complete_after = previous.get("complete") is True  # joining a run does not finish it
             old = []
+        self._staging = bool(self._previous) and previous is not None and previous.get("complete") is True
+        if self._staging:
+            remove_stale_temporaries(self.path)
+            return
         folders: set[Path] = set()
-        for name in old:
+        self._remove_files(old)
+        self._write_manifest(complete=False)
+
+    def _remove_files(self, names: list[str]) -> None:
+        """Remove exactly these files of a previous run, the temporaries beside them and their folders left empty."""
+        folders: set[Path] = set()
+        for name in names:
             target = self.path / name
             if target.is_file() or target.is_symlink():
                 with contextlib.suppress(OSError):
@@ -332,10 +461,31 @@ class OutputFolder:
             folders.update(a for a in target.parents if self.path in a.parents)
         for folder in [self.path, *sorted(folders)]:
             remove_stale_temporaries(folder)
-        for folder in sorted(folders, key=lambda a: len(a.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only when empty: a user's file in maps/ keeps maps/
-        self._write_manifest(complete=False)
+        _remove_empty_folders(self.path, names)  # only when empty: a user's file in maps/ keeps maps/
+
+    def _swap_in(self) -> None:
+        """This run completed: move its staged files into place, then remove the previous run's other files.
+
+        The manifest first lists both runs' files (``complete: false``), so a crash during the swap leaves every file
+        listed for the next run to remove; then it lists this run's alone, complete. Each move is one rename.
+        """
+        new = list(self.files)
+        with _signals_deferred():  # Ctrl-C here would leave two runs' files mixed: it waits for the swap instead
+            self._write_manifest(complete=False, files=self._previous + [n for n in new if n not in self._previous])
+            for name in new:
+                staged = self.staging_path / name
+                if os.path.lexists(staged):
+                    target = self.path / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(staged, target)
+            self._remove_files([n for n in self._previous if n not in new])
+            _remove_tree(self.staging_path)
+            self._write_manifest(complete=self._complete_after)
+
+    def _discard_staged(self) -> None:
+        """This run failed: its staged files go; the previous run's files and manifest stay exactly as they were."""
+        _remove_tree(self.staging_path)
+        _remove_empty_folders(self.path, self.files)  # e.g. a maps/ folder a figure writer created for nothing
 
     def relative_name(self, path: str | os.PathLike[str]) -> str | None:
         """``path`` relative to this folder (posix), or ``None`` when it is outside (or is our own bookkeeping)."""
@@ -343,7 +493,9 @@ class OutputFolder:
             name = Path(os.path.abspath(path)).relative_to(os.path.abspath(self.path)).as_posix()
         except ValueError:
             return None
-        return None if name in (MANIFEST_NAME, LOCK_NAME, ".") else name
+        if name in (MANIFEST_NAME, LOCK_NAME, ".") or name.split("/", 1)[0] == STAGING_NAME:
+            return None
+        return name
 
     def record(self, path: str | os.PathLike[str]) -> None:
         """Called by the atomic writers just before a file of this run takes its final name."""
@@ -353,13 +505,14 @@ class OutputFolder:
         self.begin()
         if name not in self.files:
             self.files.append(name)
-            self._write_manifest(complete=False)
+            if not self._staging:  # while staging, the folder's manifest stays the complete previous run's
+                self._write_manifest(complete=False)
 
-    def _write_manifest(self, complete: bool) -> None:
+    def _write_manifest(self, complete: bool, files: list[str] | None = None) -> None:
         from artifactscan.core.version import __version__
 
         data = {"schema": MANIFEST_SCHEMA, "command": self.command, "pid": os.getpid(), "complete": complete,
-                "artifactscan_version": __version__, "files": self.files}
+                "artifactscan_version": __version__, "files": self.files if files is None else files}
         tmp = _temp_in(self.manifest_path)
         try:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -381,12 +534,19 @@ class OutputFolder:
                     self._remove_created()
             elif ok:
                 self.begin()  # a run that wrote nothing still owns the folder now
-                self._write_manifest(complete=True)
+                if self._staging:
+                    self._swap_in()
+                else:
+                    self._write_manifest(complete=self._complete_after)
+            elif self._staging:
+                self._discard_staged()
             elif self._began:
                 self._write_manifest(complete=False)
             else:
                 self._remove_created()
         finally:
+            with contextlib.suppress(ValueError):
+                _open.remove(self)
             self._unlock()
 
     def __enter__(self) -> "OutputFolder":

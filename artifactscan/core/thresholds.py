@@ -26,6 +26,10 @@ Two rules:
      histogram bin edge, so counts are exact). If none is accepted the layer gets **no outliers**, and the strongest
      rejected candidate is reported with the tests it failed (a *near miss*: "a 1.8x group of 0.4% of tokens,
      rejected: ratio 1.8x < 2.5x").
+  4. **Inconclusive.** A layer where no candidate is accepted but one fails *only* the group size (fewer than
+     ``min_group_tokens`` tokens, every other test passed) is not "no outliers": too few tokens were seen to decide.
+     The decision says so (``inconclusive``), reports the strongest such candidate, and
+     :func:`images_to_decide` says how many images would give the group ``min_group_tokens`` tokens at its rate.
 
   The constants were chosen on a generated battery of layers (``tests/threshold_battery.py``, docs/thresholds.md):
   every separated group found with precision and recall >= 0.95, unimodal and heavy-tailed layers left unsplit.
@@ -34,7 +38,8 @@ A norm rule alone cannot tell an artifact from a content token with a large norm
 small ViTs); ``artifactscan probe`` adds the paper's other signatures.
 
 Public entry points: :func:`auto_threshold` (a layer's histogram counts in) and :func:`threshold_norms` (a plain array
-of norms in); both return a :class:`ThresholdDecision` whose ``value`` is ``None`` for "no outliers".
+of norms in); both return a :class:`ThresholdDecision` whose ``value`` is ``None`` for "no outliers" or, with
+``inconclusive`` set, for "could not decide".
 """
 
 from __future__ import annotations
@@ -81,9 +86,11 @@ class AutoRule:
 class ThresholdDecision:
     """The threshold chosen for one layer and why.
 
-    ``value`` is ``None`` when the rule found no outliers. ``edge_index`` is the histogram bin edge the value sits on
-    (auto rule), so counts above it are exact. ``details`` describes the accepted group, or the strongest rejected
-    candidate (``details["rejected"]`` lists the failed tests) when there is one.
+    ``value`` is ``None`` when the rule flagged nothing: no outliers, or, when ``inconclusive`` is set, a candidate
+    group that failed only the minimum group size (too few tokens to decide). ``edge_index`` is the histogram bin
+    edge the value sits on (auto rule), so counts above it are exact. ``details`` describes the accepted group, or
+    the strongest rejected candidate (``details["rejected"]`` lists the failed tests) when there is one; for an
+    inconclusive layer that is the group that failed only on its size.
     """
 
     method: str
@@ -91,6 +98,7 @@ class ThresholdDecision:
     reason: str
     edge_index: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    inconclusive: bool = False
 
 
 def fixed_threshold(value: float) -> ThresholdDecision:
@@ -179,10 +187,14 @@ def _candidates(counts: np.ndarray, rule: AutoRule) -> dict[str, np.ndarray] | N
 _RESOLUTION = 10 ** (2 * BIN_WIDTH_LOG10)
 
 
+def _too_few(n_group: float, rule: AutoRule) -> str:
+    return f"only {int(n_group)} token(s) (< {rule.min_group_tokens})"
+
+
 def _failures(c: dict[str, np.ndarray], i: int, rule: AutoRule, n_candidates: int) -> list[str]:
     out = []
     if c["n_group"][i] < rule.min_group_tokens:
-        out.append(f"only {int(c['n_group'][i])} token(s) (< {rule.min_group_tokens})")
+        out.append(_too_few(c["n_group"][i], rule))
     if c["share"][i] > rule.max_outlier_fraction:
         out.append(f"{c['share'][i]:.0%} of tokens is not a minority (> {rule.max_outlier_fraction:.0%})")
     if c["ratio"][i] * _RESOLUTION < rule.min_ratio:
@@ -234,6 +246,16 @@ def auto_threshold(counts: torch.Tensor | np.ndarray, rule: AutoRule | None = No
     fails = [_failures(c, i, rule, n) for i in range(n)]
     strength = c["log10_tail_chance"] + c["log10_gap_chance"]  # lower = stronger evidence of a separate group
     accepted = [i for i in range(n) if not fails[i]]
+    # Candidates that pass every test but the group size: a separated group seen too few times to be decided.
+    undecided = [i for i in range(n) if fails[i] == [_too_few(c["n_group"][i], rule)]]
+    if not accepted and undecided:
+        best = min(undecided, key=lambda i: strength[i])
+        details = _describe(c, best)
+        details["rejected"] = fails[best]
+        details["min_group_tokens"] = rule.min_group_tokens  # what would decide it
+        return ThresholdDecision("auto", None, f"inconclusive: {_group_words(details)} passes every test but the "
+                                               f"group size ({fails[best][0]}); more images would decide",
+                                 details=details, inconclusive=True)
     if not accepted:
         # The near miss worth showing: of the candidates with enough tokens, the one that failed the fewest tests,
         # then the strongest evidence (a clean 3x group above a 1.3x gap, not a 2x split inside the bulk).
@@ -252,6 +274,15 @@ def auto_threshold(counts: torch.Tensor | np.ndarray, rule: AutoRule | None = No
     details["threshold"] = value
     reason = f"separated group: {_group_words(details)}; threshold in the gap, norm > {value:.4g}"
     return ThresholdDecision("auto", value, reason, edge_index=edge_index, details=details)
+
+
+def images_to_decide(group_tokens: int, num_images: int, rule: AutoRule | None = None) -> int:
+    """How many images would give an inconclusive layer's group ``min_group_tokens`` tokens, at the rate seen
+    (``group_tokens`` over ``num_images``): the scan size at which the rule can decide."""
+    rule = rule or AutoRule()
+    if group_tokens <= 0 or num_images <= 0:
+        raise ValueError(f"need a positive group and image count, got {group_tokens} token(s) in {num_images} image(s)")
+    return math.ceil(rule.min_group_tokens * num_images / group_tokens)
 
 
 def threshold_norms(norms: Any, rule: AutoRule | None = None) -> ThresholdDecision:

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, default_collate
 
 from artifactscan.core.errors import InputError
 from artifactscan.core.files import display_name, name_hex
+from artifactscan.inputs.own_outputs import OwnOutputs
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -121,7 +122,8 @@ def _is_hidden(name: str) -> bool:
 
 
 def discover_images(path: str | os.PathLike[str], recursive: bool = True,
-                    other_files: dict[str, int] | None = None) -> list[Path]:
+                    other_files: dict[str, int] | None = None,
+                    warn: Callable[[str], None] | None = None) -> list[Path]:
     """Return the image files named by ``path``: one image file, or every image in a folder.
 
     Folders are walked recursively (unless ``recursive=False``) without following symlinked folders; hidden
@@ -131,6 +133,10 @@ def discover_images(path: str | os.PathLike[str], recursive: bool = True,
 
     ``other_files``, when given, is filled with the count of files left out because they are not images, by
     suffix (``{".svg": 2, ".txt": 1}``), so callers can say what was ignored.
+
+    artifactscan's own outputs are left out: the files any ``.artifactscan-manifest.json`` met lists, and those of
+    the output folders being written (:mod:`artifactscan.inputs.own_outputs`); ``warn`` (default: stderr) says so
+    in one line, once per process.
 
     Raises :class:`InputError` when the path does not exist, is a file with another suffix, or is a folder
     with no image files in it (empty, or holding only other kinds of files).
@@ -151,9 +157,11 @@ def discover_images(path: str | os.PathLike[str], recursive: bool = True,
     n_other = 0
     other_suffixes: set[str] = set()
     subdirs_with_images = False
+    own = OwnOutputs(p)
     try:
         walker = os.walk(p, onerror=None)
         for dirpath, dirnames, filenames in walker:
+            own.meet(dirpath, filenames)
             dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
             rel_dir = Path(dirpath).relative_to(p).parts
             is_top = not rel_dir
@@ -163,7 +171,7 @@ def discover_images(path: str | os.PathLike[str], recursive: bool = True,
                     break
                 continue
             for name in filenames:
-                if _is_hidden(name):
+                if _is_hidden(name) or own.owns(os.path.join(dirpath, name)):
                     continue
                 if _is_image_name(name):
                     found.append((rel_dir + (name,), Path(dirpath) / name))
@@ -178,7 +186,12 @@ def discover_images(path: str | os.PathLike[str], recursive: bool = True,
     except PermissionError as e:  # pragma: no cover - os.walk reports most of these via onerror
         raise InputError(f"cannot read folder {p}: {e.strerror}; check its permissions") from e
 
+    own.say(warn)
     if not found:
+        if own.left_out:
+            raise InputError(f"{display_name(p)} holds only files artifactscan wrote ({len(own.left_out)}, listed in "
+                             "its output manifests), and its own outputs are never read as inputs; pass a folder of "
+                             "your own images")
         if subdirs_with_images:
             raise InputError(
                 f"no images directly in {p}, only in sub-folders; scan recursively (drop --no-recursive)"

@@ -13,11 +13,13 @@ JavaScript and prints like a paper. All text from the results is HTML-escaped.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from artifactscan.core.errors import InputError
+from artifactscan.core.files import display_name, unfinished_runs
 from artifactscan.render.html_parts import (
     FigureEmbedder,
     FoundResult,
@@ -92,6 +94,7 @@ code, .path { font-family: "DejaVu Sans Mono", "Menlo", "Consolas", monospace; f
 .verdict { border-left: 4px solid #888; background: #f7f7f5; padding: .5rem .8rem; margin: .6rem 0; }
 .verdict.flagged { border-color: var(--red); background: var(--redbg); }
 .verdict.clean { border-color: var(--green); background: var(--greenbg); }
+.verdict.inconclusive { border-color: var(--warn); background: var(--warnbg); }
 .warn { background: var(--warnbg); color: var(--warn); padding: .3rem .6rem; }
 .tablewrap { overflow-x: auto; margin: .6rem 0 .8rem; }
 table { border-collapse: collapse; font-size: .86rem; font-variant-numeric: tabular-nums; }
@@ -161,8 +164,9 @@ def _build(results_dir: str | Path, warn: Callable[[str], None] | None = None) -
         raise InputError(f"cannot read results folder {root}: {exc.strerror or exc}") from None
     if not found:
         extra = f" ({len(skipped)} unreadable JSON file(s) skipped)" if skipped else ""
-        raise InputError(f"nothing to report: {root} holds no artifactscan results{extra}; run "
-                         f"`artifactscan norms MODEL IMAGES --out {root}` first (or compare/probe/train-reg --out)")
+        raise InputError(f"nothing to report: {root} holds no artifactscan results{extra}; {_first_run_hint(root)}")
+    for line in unfinished_runs(root):  # never shown as if finished
+        _warn(line)
     found.sort(key=lambda f: (KIND_ORDER.index(f.kind) if f.kind in KIND_ORDER else len(KIND_ORDER),
                               rel_path(f.path, root)))
     figs = FigureEmbedder(root, by_dir, _warn)
@@ -268,6 +272,21 @@ This page is self-contained: figures are embedded and it needs no network or scr
     summary = HtmlReportSummary(results_dir=root, out_path=None, headline=lead, results=included, figures=figs.count,
                                 phantom=bool(phantoms), warnings=warnings, skipped=skipped)
     return page, summary
+
+
+def _first_run_hint(root: Path) -> str:
+    """What to run first. A folder of images gets a results folder of its own beside it, never one inside it."""
+    from artifactscan.inputs.images import IMAGE_EXTENSIONS
+
+    holds_images = any(name.lower().endswith(IMAGE_EXTENSIONS) for _, _, names in os.walk(root) for name in names)
+    if holds_images:
+        folder = Path(os.path.abspath(root))
+        beside = folder.parent / f"{folder.name or 'images'}-results"  # next to the images, not among them
+        relative = os.path.relpath(beside)
+        shown = display_name(beside if relative.startswith("..") else relative)
+        return (f"it holds images: scan them into a results folder of its own, `artifactscan norms MODEL "
+                f"{display_name(root)} --out {shown}`, then `artifactscan report {shown}`")
+    return f"run `artifactscan norms MODEL IMAGES --out {root}` first (or compare/probe/train-reg --out)"
 
 
 def build_html_report(results_dir: str | Path, warn: Callable[[str], None] | None = None) -> str:

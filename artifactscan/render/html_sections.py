@@ -58,7 +58,9 @@ def scan_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: Inclu
     report = ScanReport.from_dict(data)  # raises on a malformed report -> generic fallback
     n_images = report.images.num_scanned
     out = [model_line(data.get("model") or {}, data.get("images"))]
-    out.append(verdict_box(report.headline, "headline", "flagged" if report.onset_layer is not None else "clean"))
+    undecided = report.inconclusive_layers or report.nonfinite_problem()  # never shown in the "clean" colours
+    tone = "flagged" if report.onset_layer is not None else ("inconclusive" if undecided else "clean")
+    out.append(verdict_box(report.headline, "headline", tone))
     rows, classes = [], []
     for lay in report.layers:
         rows.append([
@@ -175,7 +177,8 @@ def probe_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: Incl
     verdict = data.get("verdict") if isinstance(data.get("verdict"), dict) else {}
     label = str(verdict.get("label") or "")
     summary = str(verdict.get("summary") or text_headline(data))
-    tone = {"artifact-like": "flagged", "content-like": "clean", "clean": "clean"}.get(label, "")
+    tone = {"artifact-like": "flagged", "content-like": "clean", "clean": "clean",
+            "inconclusive": "inconclusive"}.get(label, "")
     out = []
     if isinstance(data.get("model"), dict):
         out.append(model_line(data["model"], data.get("images") if isinstance(data.get("images"), dict) else None))

@@ -387,7 +387,8 @@ def probe(
         row.global_top1_std = float(acc.std()) if len(accs) > 1 else 0.0
         row.global_chance = chance
         row.global_status = "ok"
-    verdict = decide_verdict(rows, n_out, min_tokens, k, neighbours)
+    verdict = decide_verdict(rows, n_out, min_tokens, k, neighbours,
+                             undecided=decision.reason if decision.inconclusive else None)
     folder = source.folder_dataset
     skipped_records = (folder.skipped_images(col.skipped) if folder else
                        [SkippedImage(source.names[i], r) for i, r in col.skipped])

@@ -16,10 +16,14 @@ from artifactscan.analysis.probes.types import (
 
 
 def decide_verdict(rows: dict[str, TokenTypeRow], n_out: int, min_tokens: int, layer: int,
-                   neighbours: NeighbourHistogram | None = None) -> Verdict:
+                   neighbours: NeighbourHistogram | None = None, undecided: str | None = None) -> Verdict:
+    """``undecided``: the threshold rule's reason when it could not decide at this layer (then never "clean")."""
     out, norm = rows.get("outlier"), rows.get("normal (n-matched)") or rows.get("normal")
     normal_full = rows.get("normal")
     nums: dict[str, float | None] = {}
+    if n_out == 0 and undecided:
+        return Verdict("inconclusive", f"No outlier tokens flagged at block {layer}, but the threshold rule could not "
+                       "decide there: too few tokens in a separated group; scan more images.", [undecided], nums)
     if n_out == 0:
         return Verdict("clean", f"No outlier tokens at block {layer}: by the threshold rule the model looks clean at "
                        "this layer (probes still ran on normal tokens and prefix tokens).", [], nums)
