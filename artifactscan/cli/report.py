@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from artifactscan.cli.app import DebugOpt, app, print_line, run_command, stdout, warn
+from artifactscan.core.files import display_name
 
 
 @app.command("report")
@@ -49,11 +50,14 @@ def report(
         # Into a folder a run owns (it has a manifest): take its lock and join its manifest, so the next run there
         # removes this page with the rest of the outputs it was made from.
         managed = (target.parent / MANIFEST_NAME).is_file()
-        with output_folder(target.parent if managed else None, "report", add_to_previous=True):
+        # Named as the user gave it: no --out given, so the messages say "results folder DIR", not "--out DIR".
+        flag = "--out" if out is not None else "results folder"
+        with output_folder(target.parent if managed else None, "report", flag, add_to_previous=True):
             summary = write_html_report(results_dir, out, warn=warn)
         if summary.phantom:
             print_line(stdout, "note:", "yellow", "includes calibration-phantom results (artifacts built in by "
                        "construction); the page says so at the top.")
-        print_line(stdout, "wrote", "", f"{summary.out_path} ({summary.describe()}, {summary.bytes / 1024:.0f} KiB)")
+        print_line(stdout, "wrote", "", f"{display_name(summary.out_path)} ({summary.describe()}, "
+                   f"{summary.bytes / 1024:.0f} KiB)")
 
     run_command(debug, work)

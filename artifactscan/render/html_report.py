@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from artifactscan.core.errors import InputError
+from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.render.html_parts import (
     FigureEmbedder,
     FoundResult,
@@ -149,20 +150,21 @@ def _build(results_dir: str | Path, warn: Callable[[str], None] | None = None) -
         if warn is not None:
             warn(msg)
 
-    if not root.exists():
-        raise InputError(f"results folder {root} does not exist; pass the folder given to "
-                         "`artifactscan norms ... --out DIR` (or compare/probe --out)")
+    if not root.is_dir() and not root.is_file():  # missing, or what it is instead (a symlink loop ...)
+        raise InputError(f"results folder {display_name(root)} {what_it_is(root, 'a folder')}; pass the folder "
+                         "given to `artifactscan norms ... --out DIR` (or compare/probe --out)")
     if not root.is_dir():
-        raise InputError(f"{root} is a file, not a results folder; pass the folder that holds it "
-                         f"(e.g. `artifactscan report {root.parent}`)")
+        raise InputError(f"{display_name(root)} is a file, not a results folder; pass the folder that holds it "
+                         f"(e.g. `artifactscan report {display_name(root.parent)}`)")
     try:
         found, skipped, by_dir = collect_results(root, _warn)
     except OSError as exc:
-        raise InputError(f"cannot read results folder {root}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read results folder {display_name(root)}: {exc.strerror or exc}") from None
     if not found:
         extra = f" ({len(skipped)} unreadable JSON file(s) skipped)" if skipped else ""
-        raise InputError(f"nothing to report: {root} holds no artifactscan results{extra}; run "
-                         f"`artifactscan norms MODEL IMAGES --out {root}` first (or compare/probe/train-reg --out)")
+        shown = display_name(root)
+        raise InputError(f"nothing to report: {shown} holds no artifactscan results{extra}; run "
+                         f"`artifactscan norms MODEL IMAGES --out {shown}` first (or compare/probe/train-reg --out)")
     found.sort(key=lambda f: (KIND_ORDER.index(f.kind) if f.kind in KIND_ORDER else len(KIND_ORDER),
                               rel_path(f.path, root)))
     figs = FigureEmbedder(root, by_dir, _warn)
