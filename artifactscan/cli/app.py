@@ -57,7 +57,8 @@ EXIT_OK, EXIT_USER, EXIT_INTERNAL, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def one_line(text: Any) -> str:
-    """Any message as one printable line: newlines folded, control characters and non-UTF-8 bytes escaped."""
+    """Any message as one printable line: its own newlines folded (a name's were escaped as ``\\n`` where the
+    message was built, by ``display_name``), control characters and non-UTF-8 bytes escaped."""
     return display_name(" ".join(str(text).split("\n")).strip())
 
 
@@ -306,8 +307,8 @@ def norms(
 
       artifactscan norms my_vit.safetensors val/ --fail-above 0.01        # CI: exit 3 if > 1% outliers
 
-    Exit codes: 0 done; 1 a user error (or NaN/Inf weights or norms, unless --allow-nonfinite); 2 a bug; 3 the
-    --fail-above gate failed; 130 interrupted.
+    Exit codes: 0 done; 1 a user or environment error (or NaN/Inf weights or norms, unless --allow-nonfinite); 2 a
+    bug; 3 the --fail-above gate failed; 130 interrupted; 141 stdout's reader went away (| head).
     """
     from artifactscan.models.hf import is_model_folder
     from artifactscan.render.text import render_scan

@@ -46,11 +46,12 @@ def report(
         from artifactscan.core.files import MANIFEST_NAME, output_folder
 
         target = results_dir / "report.html" if out is None else (out / "report.html" if out.is_dir() else out)
-        check_output_file(target, "--out")  # before the folder is read, not after
+        if out is not None or results_dir.is_dir():  # else RESULTS_DIR itself is the problem, and is named so
+            # before the folder is read, not after; messages name --out only where it was given
+            check_output_file(target, "--out" if out is not None else "the page")
         # Into a folder a run owns (it has a manifest): take its lock and join its manifest, so the next run there
         # removes this page with the rest of the outputs it was made from.
         managed = (target.parent / MANIFEST_NAME).is_file()
-        # Named as the user gave it: no --out given, so the messages say "results folder DIR", not "--out DIR".
         flag = "--out" if out is not None else "results folder"
         with output_folder(target.parent if managed else None, "report", flag, add_to_previous=True):
             summary = write_html_report(results_dir, out, warn=warn)
