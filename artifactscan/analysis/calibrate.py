@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, NonFiniteError
 from artifactscan.core.results import JsonResult
 from artifactscan.core.stats import bin_index
 from artifactscan.core.thresholds import AutoRule, threshold_norms
@@ -167,6 +167,10 @@ def calibrate(
                                 data_config=dict(loaded.data_config))
             with NormCapture(model) as cap:
                 norms = cap.run(normalised)[:depth, :, model.num_prefix_tokens:].double()
+            if not bool(torch.isfinite(norms).all()):  # a user's setting, not a bug: say which and why
+                raise NonFiniteError(f"--gains {g:g}: the planted tokens' norms overflow (float32: inf/NaN), so no "
+                                     "threshold can be measured; use gains of at most a few hundred (the rule's "
+                                     "limits lie below 10)")
             flagged = torch.zeros(depth, num_images, gh * gw, dtype=torch.bool)
             for b in range(depth):
                 decision = threshold_norms(norms[b], rule)

@@ -8,6 +8,7 @@ a norm rule alone flags object (content) tokens too.
 
 from __future__ import annotations
 
+import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ from artifactscan.analysis.attention import attention_mass
 from artifactscan.models.checkpoint import read_meta
 from artifactscan.core.errors import InputError, ModelLoadError, NonFiniteError
 from artifactscan.core.files import display_name, name_hex
+from artifactscan.core.paths import path_kind
 from artifactscan.models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
+from artifactscan.models.native import unsafe_globals
 from artifactscan.analysis.scan import ScanReport, scan
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.core.progress import resolve_device
@@ -230,6 +233,27 @@ def _is_resume_state(path: Path) -> bool:
     return path.name == "last.pt"  # train-reg's resume state: optimizer + weights of the newest step, not a snapshot
 
 
+def _read_run_checkpoint(path: Path) -> tuple[Any, str | None]:
+    """(metadata, None) for a self-describing checkpoint; (None, why it cannot be used) for any other file."""
+    kind = path_kind(path)
+    if kind != "a file":  # a named pipe would block the read: it is named as what it is, and skipped
+        return None, f"not a regular file: {kind}"
+    try:
+        meta = read_meta(path)
+    except Exception as exc:  # damaged files raise many types: each is a reason, not a crash
+        if path.stat().st_size == 0:
+            return None, "unreadable: the file is empty (0 bytes)"
+        found = unsafe_globals(path) if isinstance(exc, pickle.UnpicklingError) else ""
+        if found:  # torch's paragraph about weights_only, in one short line
+            return None, (f"a pickle that would run code when loaded{found} (scan it alone with --trust-checkpoint, "
+                          "only if you trust it)")
+        text = " ".join(str(exc).split())
+        return None, "unreadable: " + (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    if meta is None:
+        return None, "no artifactscan metadata (not a self-describing checkpoint; scan it alone with --arch)"
+    return meta, None
+
+
 def find_checkpoints(run_dir: str | Path, skipped: list[SkippedCheckpoint] | None = None
                      ) -> dict[str, list[tuple[int | None, Path]]]:
     """Self-describing checkpoints under ``run_dir``, grouped by architecture and sorted by training step.
@@ -239,18 +263,9 @@ def find_checkpoints(run_dir: str | Path, skipped: list[SkippedCheckpoint] | Non
     """
     root = Path(run_dir)
     groups: dict[str, list[tuple[int | None, Path]]] = {}
-    for path in sorted(p for p in root.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and not p.is_dir()
                        and not p.name.startswith(".") and not _is_resume_state(p)):
-        try:
-            meta = read_meta(path)
-            reason = None if meta is not None else ("no artifactscan metadata (not a self-describing checkpoint; "
-                                                    "scan it alone with --arch)")
-        except Exception as exc:  # damaged files raise many types: each is a reason, not a crash
-            meta = None
-            text = " ".join(str(exc).split())
-            reason = "unreadable: " + (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
-            if path.stat().st_size == 0:
-                reason = "unreadable: the file is empty (0 bytes)"
+        meta, reason = _read_run_checkpoint(path)
         if meta is None:
             if skipped is not None:
                 skipped.append(SkippedCheckpoint(display_name(path), reason or "", name_hex(path)))
@@ -263,7 +278,8 @@ def find_checkpoints(run_dir: str | Path, skipped: list[SkippedCheckpoint] | Non
         groups.setdefault(key, []).append((step, path))
     if not groups:
         why = f" ({len(skipped)} skipped: {display_name(Path(skipped[0].path).name)}: {skipped[0].reason})" if skipped else ""
-        raise InputError(f"{run_dir} holds no self-describing checkpoints (.safetensors written by train-reg){why}")
+        raise InputError(f"{display_name(run_dir)} holds no self-describing checkpoints (.safetensors written by "
+                         f"train-reg){why}")
     for key, items in groups.items():
         items.sort(key=lambda sp: (sp[0] is None, sp[0] or 0, sp[1].name.startswith("final")))
         # A run's final.safetensors repeats its last snapshot (checkpoints/step_N): one point per step and run.

@@ -2,8 +2,10 @@
 
 Each command parses flags, calls one library function, and renders its dataclass result. Exit codes (the same for
 every command; docs/reliability.md): 0 done; 1 a user error - library errors (:class:`ArtifactScanError`) and bad
-command lines - as one red line on stderr; 2 an internal error (a bug: the line asks for ``--debug``, which shows the
-traceback); 3 a gate failed (``norms --fail-above``); 130 interrupted (SIGINT or SIGTERM).
+command lines - as one red line on stderr; also an OSError of a kind that describes the machine (a full disk, a
+read-only file system, no permission, a closed or full stdout: ``core/errors.py``), named with its path; 2 an internal
+error (a bug: the line asks for ``--debug``, which shows the traceback); 3 a gate failed (``norms --fail-above``);
+130 interrupted (SIGINT or SIGTERM); 141 stdout's reader went away (``| head -1``), silently (cli/streams.py).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ try:  # Typer >= 0.25 vendors click; its exceptions are that copy's, not the cli
 except ImportError:  # pragma: no cover - older Typer on top of click
     import click  # type: ignore[no-redef]
 
-from artifactscan.core.errors import ArtifactScanError
+from artifactscan.core.errors import ArtifactScanError, is_environment_problem, os_problem
 from artifactscan.core.files import check_output_file, display_name, output_folder
 from artifactscan.core.startup import begin_startup, end_startup, freeze_heap
+from artifactscan.cli.streams import (EXIT_READER_GONE, ReaderGone, final_exit_code, guarded_streams,
+                                      reserve_closed_descriptors)
 from artifactscan.cli.options import (  # noqa: F401  (re-exported: the commands' shared options)
     AllowNonFiniteOpt,
     ArchKwargsOpt,
@@ -53,7 +57,8 @@ EXIT_OK, EXIT_USER, EXIT_INTERNAL, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def one_line(text: Any) -> str:
-    """Any message as one printable line: newlines folded, control characters and non-UTF-8 bytes escaped."""
+    """Any message as one printable line: its own newlines folded (a name's were escaped as ``\\n`` where the
+    message was built, by ``display_name``), control characters and non-UTF-8 bytes escaped."""
     return display_name(" ".join(str(text).split("\n")).strip())
 
 
@@ -140,10 +145,19 @@ def _sigterm_interrupts() -> Iterator[None]:
 def run_command(debug: bool, fn: Callable[[], Any]) -> Any:
     """Run ``fn``; turn failures into one clear line and the documented exit code (traceback only with --debug)."""
     debug = debug or bool(os.environ.get("ARTIFACTSCAN_DEBUG"))
+    with guarded_streams() as out:  # a failing stdout never interrupts the work; it is judged once it is done
+        return _run_guarded(debug, fn, out)
+
+
+def _run_guarded(debug: bool, fn: Callable[[], Any], out: Any) -> Any:
     try:
         with _sigterm_interrupts():
             begin_startup()  # the collector rests until the model is loaded (core/startup.py)
-            return fn()
+            result = fn()
+        out.check()
+        return result
+    except ReaderGone:
+        raise typer.Exit(EXIT_READER_GONE) from None
     except ArtifactScanError as exc:
         if debug:
             traceback.print_exc()
@@ -154,15 +168,28 @@ def run_command(debug: bool, fn: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         print_line(stderr, "interrupted", "red", "(outputs written so far are complete; nothing is half-written)")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Exception as exc:  # an unexpected failure: a bug. Still one line, with the way to get details
+    except OSError as exc:
+        if not is_environment_problem(exc):  # EBADF, EINVAL ... on a descriptor of artifactscan's own: a bug
+            return _internal_error(debug, exc)
         if debug:
             traceback.print_exc()
-        else:
-            print_line(stderr, "internal error:", "bold red", f"{type(exc).__name__}: {exc} (a bug in artifactscan; "
-                       "run again with --debug for the traceback and report it)")
-        raise typer.Exit(EXIT_INTERNAL) from None
+        where = f"{display_name(exc.filename)}: " if exc.filename is not None else ""
+        print_line(stderr, "error:", "bold red", where + os_problem(exc))
+        raise typer.Exit(EXIT_USER) from None
+    except Exception as exc:
+        return _internal_error(debug, exc)
     finally:
         end_startup()
+
+
+def _internal_error(debug: bool, exc: Exception) -> None:
+    """An unexpected failure: a bug. Still one line, with the way to get details."""
+    if debug:
+        traceback.print_exception(exc)
+    else:
+        print_line(stderr, "internal error:", "bold red", f"{type(exc).__name__}: {exc} (a bug in artifactscan; "
+                   "run again with --debug for the traceback and report it)")
+    raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _version(value: bool) -> None:
@@ -281,8 +308,9 @@ def norms(
 
       artifactscan norms my_vit.safetensors val/ --fail-above 0.01        # CI: exit 3 if > 1% outliers
 
-    Exit codes: 0 done; 1 a user error (or NaN/Inf weights or norms, unless --allow-nonfinite); 2 a bug; 3 the
-    --fail-above gate failed (too many outliers, or an inconclusive scan); 130 interrupted.
+    Exit codes: 0 done; 1 a user or environment error (or NaN/Inf weights or norms, unless --allow-nonfinite); 2 a
+    bug; 3 the --fail-above gate failed (too many outliers, or an inconclusive scan); 130 interrupted; 141 stdout's
+    reader went away (| head).
     """
     from artifactscan.models.hf import is_model_folder
     from artifactscan.render.text import render_scan
@@ -317,8 +345,8 @@ def norms(
             else:
                 render_scan(report, stdout)
                 if out is not None:
-                    print_line(stdout, "wrote", "", f"{len(written)} files to {out}/ (report.json, outliers.csv"
-                               f"{', figures' if figures else ''})")
+                    print_line(stdout, "wrote", "", f"{len(written)} files to {display_name(out)}/ (report.json, "
+                               f"outliers.csv{', figures' if figures else ''})")
         problem = report.nonfinite_problem()
         if problem and not allow_nonfinite:
             raise NonFiniteError(f"{problem}: the statistics above are not valid; find where the values start (e.g. "
@@ -465,7 +493,7 @@ def fix(
         for note in result.notes:
             stdout.print(Text(one_line(note), style="dim"))
         if result.saved_to:
-            print_line(stdout, "saved the fixed model to", "", result.saved_to)
+            print_line(stdout, "saved the fixed model to", "", display_name(result.saved_to))
 
     run_command(debug, work)
 
@@ -542,7 +570,7 @@ def train_reg(
                 result = training.resume(resume, again or None, progress=not json_out, **runtime)
                 run_dir = resume
                 if not isinstance(result, training.TrainRegResult):
-                    print_line(stdout, "resumed", "", f"and finished the single-model run in {resume}")
+                    print_line(stdout, "resumed", "", f"and finished the single-model run in {display_name(resume)}")
                     return
                 _verdict(result, run_dir, main_rank)
         else:
@@ -572,7 +600,8 @@ def train_reg(
             render_compare(v.comparison, stdout)
             stdout.print("held-out accuracy: " + ", ".join(f"{k} {a:.1%}" for k, a in
                                                            v.validation_accuracy.items()))
-            print_line(stdout, "run folder:", "", f"{run_dir} (verdict.json, compare.png, checkpoints per model)")
+            print_line(stdout, "run folder:", "", f"{display_name(run_dir)} (verdict.json, compare.png, "
+                       "checkpoints per model)")
 
         emit_result(verdict, Path(run_dir), "verdict.json", json_out, render, figures)
 
@@ -633,8 +662,17 @@ def phantom(
 
 def main() -> None:
     """The ``artifactscan`` entry point. Once the command has finished (its outputs written and closed), the heap is
-    frozen so that interpreter shutdown does not walk torch's and timm's objects again (0.6 s; core/startup.py)."""
+    frozen so that interpreter shutdown does not walk torch's and timm's objects again (0.6 s; core/startup.py).
+
+    stdout is guarded here too, for what is printed outside a command's work (``--help``, ``--version``, a bad
+    command line): a reader that went away is exit 141 there as well, a full stdout one error line (cli/streams.py).
+    """
+    reserve_closed_descriptors()
     try:
-        app()
+        with guarded_streams() as out:
+            try:
+                app()
+            except SystemExit as exc:
+                sys.exit(final_exit_code(out, exc.code, lambda e: print_line(stderr, "error:", "bold red", e)))
     finally:
         freeze_heap()

@@ -21,7 +21,7 @@ from artifactscan.cli.options import (
     ModelLoadOptions,
     with_option_groups,
 )
-from artifactscan.core.files import output_folder
+from artifactscan.core.files import display_name, output_folder
 
 
 @app.command("attention")
@@ -106,7 +106,7 @@ def attention(
                 return
             render_attention(report, stdout)
             if out is not None:
-                print_line(stdout, "wrote", "", f"{len(written)} files to {out}/ (attention.json"
+                print_line(stdout, "wrote", "", f"{len(written)} files to {display_name(out)}/ (attention.json"
                            f"{', figures' if figures else ''})")
 
     run_command(debug, work)

@@ -12,7 +12,7 @@ import typer
 
 from artifactscan.cli.app import THRESHOLD_HELP, app, emit_result, print_line, run_command, stdout, warn
 from artifactscan.cli.options import BatchOpt, DebugOpt, DeviceOpt, ModelLoadOptions, WorkersOpt, with_option_groups
-from artifactscan.core.files import output_folder
+from artifactscan.core.files import display_name, output_folder
 
 ARGS_HELP = (
     "Zero or more models (as for `norms`; default: the embedded default model), then DATA: synthetic-objects[:N] "
@@ -115,6 +115,7 @@ def discover(
             emit_result(report, out, "discover.json", json_out, lambda r: render_discover(r, stdout),
                         save_discover_figure if figures else None)
             if out is not None and not json_out:
-                print_line(stdout, "wrote", "", f"discover.json{' and discover.png' if figures else ''} to {out}/")
+                print_line(stdout, "wrote", "", f"discover.json{' and discover.png' if figures else ''} to "
+                           f"{display_name(out)}/")
 
     run_command(debug, work)

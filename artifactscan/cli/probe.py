@@ -13,7 +13,7 @@ import typer
 
 from artifactscan.cli.app import MODEL_HELP, THRESHOLD_HELP, app, print_line, run_command, stdout, warn
 from artifactscan.cli.options import DebugOpt, DecodeOptions, DeviceOpt, ModelLoadOptions, with_option_groups
-from artifactscan.core.files import output_folder
+from artifactscan.core.files import display_name, output_folder
 from artifactscan.analysis.probes import (
     DEFAULT_PROBE_IMAGES,
     GLOBAL_DRAWS,
@@ -90,7 +90,7 @@ def probe_command(
                 return
             render_probe(report, stdout)
             if out is not None:
-                print_line(stdout, "wrote", "", f"{len(written)} files to {out}/ (report.json"
+                print_line(stdout, "wrote", "", f"{len(written)} files to {display_name(out)}/ (report.json"
                            f"{', figures' if figures else ''})")
 
     run_command(debug, work)

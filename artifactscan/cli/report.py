@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from artifactscan.cli.app import DebugOpt, app, print_line, run_command, stdout, warn
+from artifactscan.core.files import display_name
 
 
 @app.command("report")
@@ -45,15 +46,19 @@ def report(
         from artifactscan.core.files import MANIFEST_NAME, output_folder
 
         target = results_dir / "report.html" if out is None else (out / "report.html" if out.is_dir() else out)
-        check_output_file(target, "--out")  # before the folder is read, not after
+        if out is not None or results_dir.is_dir():  # else RESULTS_DIR itself is the problem, and is named so
+            # before the folder is read, not after; messages name --out only where it was given
+            check_output_file(target, "--out" if out is not None else "the page")
         # Into a folder a run owns (it has a manifest): take its lock and join its manifest, so the next run there
         # removes this page with the rest of the outputs it was made from.
         managed = (target.parent / MANIFEST_NAME).is_file()
-        with output_folder(target.parent if managed else None, "report", add_to_previous=True):
+        flag = "--out" if out is not None else "results folder"
+        with output_folder(target.parent if managed else None, "report", flag, add_to_previous=True):
             summary = write_html_report(results_dir, out, warn=warn)
         if summary.phantom:
             print_line(stdout, "note:", "yellow", "includes calibration-phantom results (artifacts built in by "
                        "construction); the page says so at the top.")
-        print_line(stdout, "wrote", "", f"{summary.out_path} ({summary.describe()}, {summary.bytes / 1024:.0f} KiB)")
+        print_line(stdout, "wrote", "", f"{display_name(summary.out_path)} ({summary.describe()}, "
+                   f"{summary.bytes / 1024:.0f} KiB)")
 
     run_command(debug, work)

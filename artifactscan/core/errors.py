@@ -10,6 +10,8 @@ error (any other exception: a bug); 3 a gate failed (:class:`GateFailedError`); 
 
 from __future__ import annotations
 
+import errno
+
 
 class ArtifactScanError(Exception):
     """Base class: an expected failure caused by the user's input or environment."""
@@ -75,3 +77,63 @@ class RunInterrupted(ArtifactScanError):
     """The run was stopped (SIGINT / SIGTERM) after saving what can be resumed: exit code 130."""
 
     exit_code = 130
+
+
+# ----------------------------------------------------------------------------------------------- the OS refusing
+# The kinds of OSError that describe the machine rather than a bug: (what happened, what to do). An OSError of one
+# of these kinds is a user/environment error wherever it is raised (exit 1, one line naming the path); any other
+# OSError (EBADF, EINVAL, ... on a descriptor artifactscan opened itself) still reads as a bug.
+_OS_PROBLEMS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on the device", "free some space or write elsewhere"),
+    errno.EFBIG: ("file too large for this file system or for the file-size limit (ulimit -f)",
+                  "write elsewhere or raise the limit"),
+    errno.EROFS: ("read-only file system", "choose a writable place"),
+    errno.EACCES: ("permission denied", "check the permissions or choose another place"),
+    errno.EPERM: ("operation not permitted", "check the permissions or choose another place"),
+    errno.EIO: ("input/output error", "the disk or network mount is failing; check it"),
+    errno.ENOENT: ("no such file or folder (it was removed or renamed meanwhile?)", "check the path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path"),
+    errno.EISDIR: ("is a folder, not a file", "pass a file"),
+    errno.ELOOP: ("a symlink loop", "fix the symlink"),
+    errno.ENAMETOOLONG: ("name too long for this file system", "choose a shorter path"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or use fewer --workers"),
+    errno.ENFILE: ("too many open files on this system", "close some programs or use fewer --workers"),
+    errno.ENOMEM: ("out of memory", "use a smaller --batch-size or free memory"),
+    errno.ENXIO: ("no such device", "check the path"),
+    errno.ENODEV: ("no such device", "check the path"),
+    errno.ETXTBSY: ("the file is busy", "try again when the program using it has finished"),
+    errno.EAGAIN: ("resource temporarily unavailable", "try again"),
+}
+for _name, _what in (("EDQUOT", ("disk quota exceeded", "free some space or write elsewhere")),
+                     ("ESTALE", ("stale network file handle (the mount changed)", "mount it again"))):
+    if hasattr(errno, _name):  # not on every platform
+        _OS_PROBLEMS[getattr(errno, _name)] = _what
+
+
+def is_environment_problem(exc: BaseException) -> bool:
+    """An OSError that says something about the machine (a full disk, a read-only file system, no permission ...)."""
+    return isinstance(exc, OSError) and exc.errno in _OS_PROBLEMS
+
+
+def os_problem(exc: OSError) -> str:
+    """``exc`` in words with what to do: ``no space left on the device (ENOSPC); free some space or write ...``."""
+    what, advice = _OS_PROBLEMS.get(exc.errno, (exc.strerror or type(exc).__name__, ""))  # type: ignore[arg-type]
+    code = f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
+    return f"{what}{code}" + (f"; {advice}" if advice else "")
+
+
+class FileSystemError(ArtifactScanError):
+    """The operating system refused a file operation of artifactscan's own (a full disk, a read-only file system, no
+    permission, a closed stdout ...): ``cannot write out/report.json: no space left on the device (ENOSPC); ...``.
+
+    ``errno`` is the refused call's; the original OSError is the ``__cause__``.
+    """
+
+    def __init__(self, action: str, shown: str, exc: OSError, advice: str | None = None):
+        self.errno = exc.errno
+        super().__init__(f"{action} {shown}: {os_problem(exc)}" + (f"; {advice}" if advice else ""))
+
+
+class NotAFileError(InputError):
+    """An input path that exists but is not a regular file (a named pipe, a socket, a device, a folder), refused
+    before it is read: reading a named pipe would block the command forever."""

@@ -10,8 +10,8 @@
   and nothing else, are removed then. :func:`listed_files` reads a folder's manifest (image discovery leaves those
   files out: outputs never become inputs) and :func:`open_output_folders` names the folders being written.
 * :func:`check_output_file` validates a single-file output (``fix --out``, ``report -o``) before any work starts.
-* :func:`display_name` / :func:`name_hex` turn a file-system name (which on Linux may hold newlines, rich markup or
-  bytes that are not UTF-8) into one readable, printable line, plus the exact bytes as hex where they differ.
+* :func:`display_name` / :func:`name_hex` (from :mod:`artifactscan.core.paths`, kept importable here) turn a
+  file-system name into one readable, printable line, plus the exact bytes as hex where they differ.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from artifactscan.core.errors import InputError, OutputLockedError
+from artifactscan.core.errors import FileSystemError, InputError, OutputLockedError, is_environment_problem
+from artifactscan.core.paths import (  # noqa: F401  (display_name and the hex pair: documented here too)
+    display_name, name_from_hex, name_hex, read_regular_text, what_it_is)
 
 MANIFEST_NAME = ".artifactscan-manifest.json"
 LOCK_NAME = ".artifactscan.lock"
@@ -47,46 +49,20 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-# ----------------------------------------------------------------------------------------------- names
-def display_name(name: str | os.PathLike[str]) -> str:
-    """``name`` as one printable line: non-UTF-8 bytes as ``\\xNN``, control characters escaped (``\\n``).
-
-    Rich markup needs no escaping here (callers print with markup off); this only guarantees one readable line.
-    """
-    text = os.fspath(name)
-    if isinstance(text, bytes):
-        text = os.fsdecode(text)
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif not ch.isprintable() or 0xD800 <= code <= 0xDFFF:
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def name_hex(name: str | os.PathLike[str]) -> str | None:
-    """The exact bytes of a file-system name as hex, or ``None`` when :func:`display_name` already is the name."""
-    text = os.fspath(name)
-    raw = text if isinstance(text, bytes) else os.fsencode(text)
-    return None if display_name(text) == os.fsdecode(raw) else raw.hex()
-
-
-def name_from_hex(hex_bytes: str) -> str:
-    """Inverse of :func:`name_hex`: the name as Python's file functions take it."""
-    return os.fsdecode(bytes.fromhex(hex_bytes))
-
-
 # ----------------------------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def refusals_named(action: str, path: str | os.PathLike[str]) -> Iterator[None]:
+    """An OSError that says something about the machine (a full disk, a read-only file system ...) raised inside
+    becomes a :class:`FileSystemError` naming ``path`` - the output's own name, not the temporary that was being
+    written, and also for a failed ``write``, whose OSError names no file at all."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_environment_problem(exc):
+            raise
+        raise FileSystemError(action, display_name(path), exc) from exc
+
+
 def _temp_in(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -96,6 +72,14 @@ def _temp_in(path: Path) -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """:func:`atomic_path_unnamed`, and a full disk (or any refusal of the machine's) while the caller's writer
+    writes is a :class:`FileSystemError` naming ``path``."""
+    with refusals_named("cannot write", path), atomic_path_unnamed(path) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_path_unnamed(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a temporary file name next to ``path``; on success it is renamed onto ``path``, on failure removed.
 
     For writers that want a file name (``savefig``, ``torch.save``, safetensors). The file is listed in the active
@@ -212,8 +196,8 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict | None:
     try:
         if not path.is_file():
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(read_regular_text(path))  # checks the open descriptor too: never blocks on a FIFO
+    except (OSError, ValueError, InputError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -358,6 +342,10 @@ class OutputFolder:
             raise InputError(f"cannot create output folder {shown}: {_why(exc)}; choose another {self.flag}") from None
         self._created = sorted(missing, key=lambda a: len(a.parts), reverse=True)
         try:
+            why = what_it_is(self.manifest_path, "a manifest file")
+            if why is not None and why != "does not exist":  # a folder, a FIFO there: refuse now, not after the work
+                raise InputError(f"{self.flag} {shown}: its {MANIFEST_NAME} {why}; remove it or choose another "
+                                 f"{self.flag}")
             _probe_writable(p, f"{self.flag} outputs")
             self._lock()
         except BaseException:
@@ -389,8 +377,13 @@ class OutputFolder:
                     + (f" (pid {holder})" if holder else "")
                     + "; wait for it to finish or choose another folder") from None
             raise InputError(f"cannot lock output folder {display_name(self.path)}: {_why(exc)}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            with refusals_named("cannot write", lock):  # a full disk can take even these few bytes
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
     def _unlock(self) -> None:
@@ -509,6 +502,10 @@ class OutputFolder:
                 self._write_manifest(complete=False)
 
     def _write_manifest(self, complete: bool, files: list[str] | None = None) -> None:
+        with refusals_named("cannot write", self.manifest_path):
+            self._write_manifest_unnamed(complete, files)
+
+    def _write_manifest_unnamed(self, complete: bool, files: list[str] | None = None) -> None:
         from artifactscan.core.version import __version__
 
         data = {"schema": MANIFEST_SCHEMA, "command": self.command, "pid": os.getpid(), "complete": complete,

@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from artifactscan.core.errors import InputError
+from artifactscan.core.paths import display_name, open_regular, read_regular_text, what_it_is
 from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images
 from artifactscan.inputs.sources import ImageSource, NormalizedTensors, parse_synthetic
 from artifactscan.inputs.synthetic import SyntheticShapes
@@ -114,6 +115,9 @@ def check_box(box: Sequence[float], width: float, height: float, where: str) -> 
 
 
 def _image_size(path: Path, where: str) -> tuple[int, int]:
+    why = what_it_is(path)
+    if why is not None:  # Image.open on a named pipe would block
+        raise InputError(f"{where}: cannot read the size of {display_name(path)}: it {why}")
     try:
         with Image.open(path) as im:
             return im.size
@@ -144,7 +148,8 @@ def load_voc(root: Path) -> BoxedData:
     for xml in xmls:
         where = f"{xml.name}"
         try:
-            tree = ET.parse(xml).getroot()
+            with open_regular(xml) as f:  # a named pipe among the annotations is refused, not waited on
+                tree = ET.parse(f).getroot()
         except ET.ParseError as exc:
             raise InputError(f"{where}: not a readable VOC annotation ({exc})") from None
         fname = (tree.findtext("filename") or f"{xml.stem}.jpg").strip()
@@ -172,7 +177,7 @@ def load_coco(json_path: Path, image_root: Path | None = None) -> BoxedData:
     """A COCO-style JSON (``images`` + ``annotations`` with ``bbox = [x, y, w, h]``) and its image folder."""
     root = image_root or json_path.parent
     try:
-        data = json.loads(json_path.read_text())
+        data = json.loads(read_regular_text(json_path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{json_path}: not a readable COCO-style JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):

@@ -54,6 +54,8 @@ class EncodedJpegs(Dataset):
     def __getitem__(self, k: int):
         i = k if self.indices is None else self.indices[k]
         path = self.folder.paths[i]
+        if not Path(path).is_file():  # a named pipe would block Image.open; the Pillow path names what it is
+            return self.folder[i]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset, default_collate
 from artifactscan.core.errors import InputError
 from artifactscan.core.files import display_name, name_hex
 from artifactscan.inputs.own_outputs import OwnOutputs
+from artifactscan.core.paths import path_kind, what_it_is
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -142,16 +143,15 @@ def discover_images(path: str | os.PathLike[str], recursive: bool = True,
     with no image files in it (empty, or holding only other kinds of files).
     """
     p = Path(path).expanduser()
-    if not p.exists():
-        raise InputError(f"{display_name(p)} does not exist; pass an image file or a folder of images")
     if p.is_file():
         if not _is_image_name(p.name):
             raise InputError(
-                f"{p} is not an image file by its extension; pass a file ending in one of: {_ACCEPTED}"
+                f"{display_name(p)} is not an image file by its extension; pass a file ending in one of: {_ACCEPTED}"
             )
         return [p]
-    if not p.is_dir():
-        raise InputError(f"{p} is neither a file nor a folder; pass an image file or a folder of images")
+    if not p.is_dir():  # missing, or what it is instead: a named pipe, a socket, a symlink loop ...
+        why = what_it_is(p, "an image file or a folder")
+        raise InputError(f"{display_name(p)} {why}; pass an image file or a folder of images")
 
     found: list[tuple[tuple[str, ...], Path]] = []
     n_other = 0
@@ -292,10 +292,18 @@ def _reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
     return max(1, min(size) // min_side) if min_side else 1
 
 
+def _skip_unless_regular(p: Path) -> None:
+    """A named pipe, a socket or a device among the images is skipped as what it is; opening a FIFO would block."""
+    kind = path_kind(p)
+    if kind not in ("a file", "missing"):  # a file that disappeared is reported by the open below
+        raise ImageSkipped(f"not a regular file: {kind}", p)
+
+
 def upright_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """``(width, height)`` of the image :func:`load_rgb` would return in full, read from the header alone (EXIF
     orientations 5-8 swap the two). Raises :class:`ImageSkipped` when the header cannot be read."""
     p = Path(path)
+    _skip_unless_regular(p)
     try:
         with Image.open(p) as im:
             w, h = im.size
@@ -340,6 +348,7 @@ def load_rgb(path: str | os.PathLike[str], min_side: int | None = None) -> Image
     respected; a program that sets it to ``True`` opts in to loading them padded with grey.
     """
     p = Path(path)
+    _skip_unless_regular(p)
     try:
         if p.stat().st_size == 0:
             raise ImageSkipped("empty file (0 bytes)", p)

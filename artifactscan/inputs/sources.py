@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from artifactscan.core.errors import InputError
+from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.inputs.gpu_decode import GpuJpegDecoder, collate_encoded, encoded_view
 from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images
 from artifactscan.inputs.synthetic import SyntheticShapes
@@ -243,9 +244,9 @@ def _make_image_source(images: str | Path | Sequence[str | Path] | Dataset | tor
         description = str(images)
     else:
         paths = [Path(p) for p in images]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise InputError(f"image file {missing[0]} does not exist")
+        missing = [p for p in paths if not p.is_file()]
+        if missing:  # what it is instead: missing, a named pipe, a folder ...
+            raise InputError(f"image file {display_name(missing[0])} {what_it_is(missing[0], 'an image file')}")
         if not paths:
             raise InputError("the list of images is empty")
         description = f"{len(paths)} files"

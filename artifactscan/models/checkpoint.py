@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,12 +151,51 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import save_file
 
-            save_file(_untie_shared(tensors), tmp, metadata={META_KEY: meta.to_json()})
+            try:
+                save_file(_untie_shared(tensors), tmp, metadata={META_KEY: meta.to_json()})
+            except SafetensorError as exc:
+                # Its I/O errors are text ("... No space left on device (os error 28)"): give back the OSError, so
+                # that a full disk reads as one (core/errors.py) and not as a bug.
+                code = re.search(r"\(os error (\d+)\)", str(exc))
+                if code is None:
+                    raise
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from exc
         else:
-            torch.save({"state_dict": tensors, META_KEY: json.loads(meta.to_json())}, tmp)
+            torch_save(tmp, {"state_dict": tensors, META_KEY: json.loads(meta.to_json())})
     return path
+
+
+class _WriteFailures:
+    """A binary file for ``torch.save`` that remembers the OSError of a failed write: torch turns it into a
+    RuntimeError ("unexpected pos ...") that no longer says what happened (a full disk)."""
+
+    def __init__(self, file: Any):
+        self.file, self.failure = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.failure = self.failure or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def torch_save(path: str | Path, obj: Any) -> None:
+    """``torch.save`` whose failed writes raise the OSError itself (with its errno: a full disk reads as one)."""
+    with open(path, "wb") as f:
+        out = _WriteFailures(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError as exc:
+            if out.failure is None:
+                raise
+            raise out.failure from exc
 
 
 def _untie_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from artifactscan.core.errors import ModelLoadError, OfflineError
+from artifactscan.core.paths import display_name, what_it_is
+from artifactscan.models.native import read_error_reason, read_torch_file
 from artifactscan.models.registry import register_architecture
 
 ARCH = "artifactscan_vit"
@@ -88,20 +90,27 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The folder's weights; a shard that is damaged, empty or not a regular file is a :class:`ModelLoadError`
+    naming it, as the same file given alone is."""
     shards = sorted(folder.glob("*.safetensors"))
-    if shards:
+    bins = [] if shards else sorted(folder.glob("pytorch_model*.bin"))
+    if not shards and not bins:
+        raise ModelLoadError(f"{folder} has config.json but no weights (model.safetensors or pytorch_model.bin)")
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards or bins:
+        why = what_it_is(shard)
+        if why is not None:  # a named pipe would block the load forever
+            raise ModelLoadError(f"{display_name(shard)} {why}; a Hugging Face folder's weights must be files")
+        if shard.suffix == ".bin":
+            out.update(read_torch_file(shard, trust=False))
+            continue
         from safetensors.torch import load_file
 
-        out: dict[str, torch.Tensor] = {}
-        for shard in shards:
+        try:
             out.update(load_file(str(shard)))
-        return out
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    if not bins:
-        raise ModelLoadError(f"{folder} has config.json but no weights (model.safetensors or pytorch_model.bin)")
-    out = {}
-    for b in bins:
-        out.update(torch.load(b, map_location="cpu", weights_only=True))
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise ModelLoadError(f"{display_name(shard)} is not a readable safetensors file: "
+                                 f"{read_error_reason(exc, shard)}") from exc
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch import nn
 
 from artifactscan.models import hf, infer, native
 from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, read_meta
+from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.core.startup import end_startup
 from artifactscan.core.errors import (
     CheckpointMetadataError,
@@ -272,7 +274,8 @@ def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str,
                       "converts (docs/loading.md lists them).")
         else:  # every differing key is one timm's ViT has for some setting: a kwarg can fix it
             advice = " Check --arch and --arch-kwargs (e.g. img_size, reg_tokens, num_classes, depth)."
-        raise CheckpointMismatchError(f"{path.name} does not match --arch {arch}: " + "; ".join(parts) + "." + advice)
+        raise CheckpointMismatchError(f"{display_name(path.name)} does not match --arch {arch}: " + "; ".join(parts)
+                                      + "." + advice)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()})
 
 
@@ -285,7 +288,7 @@ def _read(path: Path, trust: bool) -> tuple[Any, CheckpointMeta | None]:
         except CheckpointMetadataError as exc:
             raise CheckpointMetadataError(exc.field, exc.why, path.name) from None
         except Exception as exc:  # safetensors raises its own error types for damaged headers
-            raise ModelLoadError(f"{path} is not a readable safetensors file: "
+            raise ModelLoadError(f"{display_name(path)} is not a readable safetensors file: "
                                  f"{native.read_error_reason(exc, path)}") from exc
     blob = native.read_torch_file(path, trust)
     raw_meta = blob.get(META_KEY) if isinstance(blob, dict) else None
@@ -354,7 +357,8 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
         state_dict = ckpt.state_dict if ckpt.layout == "timm" else native.to_timm(ckpt.state_dict, ckpt.layout, model)
     except (RuntimeError, ValueError, KeyError) as exc:  # timm's resampling of a pos-embed that cannot fit
         raise CheckpointMismatchError(
-            f"{path.name} ({ckpt.layout} layout) does not fit --arch {arch_name}: timm's converter failed on it "
+            f"{display_name(path.name)} ({ckpt.layout} layout) does not fit --arch {arch_name}: timm's converter "
+            "failed on it "
             f"({str(exc).splitlines()[0]}). Check --arch (CLS / registers / position embedding of this family)."
         ) from exc
     _load_into(model, state_dict, arch_name, path, ckpt)
@@ -494,12 +498,15 @@ def load_model(
                 loaded = _load_hf_folder(path, spec, "hf-folder")
         elif path.is_file():
             loaded = _load_checkpoint(path, arch, arch_kwargs, trust_checkpoint, weights)
+        elif os.path.lexists(path):  # a named pipe, a socket, a symlink loop: it exists, so say what it is
+            raise InputError(f"model {display_name(spec)} {what_it_is(path, 'a checkpoint file or a folder')}; pass a "
+                             "checkpoint file (.safetensors / .pt), a Hugging Face save_pretrained folder or a name")
         elif spec.startswith("hf-hub:") or spec.startswith("timm/"):  # timm's hub repos need timm's loader
             loaded = _load_named(spec if spec.startswith("hf-hub:") else f"hf-hub:{spec}", arch_kwargs)
         elif hf.looks_like_hub_id(spec):
             loaded = _load_hf_folder(hf.hub_folder(spec, online=_hub_reachable()), spec, "hf-transformers")
         elif _looks_like_path(spec):
-            raise InputError(f"model file {spec} does not exist")
+            raise InputError(f"model file {display_name(spec)} does not exist")
         else:
             loaded = _load_named(spec, arch_kwargs)
     if weights is not None and loaded.source != "checkpoint":
@@ -569,8 +576,8 @@ def _load_named(spec: str, arch_kwargs: dict[str, Any]) -> LoadedModel:
         source = spec.split(":", 1)[0]
     else:
         if not timm.is_model(spec):
-            raise ModelLoadError(f"unknown model '{spec}': not a built-in ({', '.join(builtin_models()) or 'none'}), "
-                                 f"a file, or a timm name.{_suggest(spec)}")
+            raise ModelLoadError(f"unknown model '{display_name(spec)}': not a built-in "
+                                 f"({', '.join(builtin_models()) or 'none'}), a file, or a timm name.{_suggest(spec)}")
         model = _create_pretrained(spec, **arch_kwargs)
         source = "timm"
     describe_vit(model)

@@ -113,7 +113,7 @@ def read_torch_file(path: Path, trust: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if not trust:
-            found = _unsafe_globals(path)
+            found = unsafe_globals(path)
             raise UntrustedCheckpointError(
                 f"{path.name} holds pickled Python objects{found} that weights_only loading refuses, because "
                 "unpickling runs code from the file. Save `model.state_dict()` instead, or, if you trust the file, "
@@ -123,7 +123,8 @@ def read_torch_file(path: Path, trust: bool) -> Any:
         raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint: {read_error_reason(exc, path)}") from exc
 
 
-def _unsafe_globals(path: Path) -> str:
+def unsafe_globals(path: Path) -> str:
+    """`` (posix.system, ...)``: the first objects a pickle would build that weights_only refuses, or ``""``."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:

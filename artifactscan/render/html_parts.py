@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from artifactscan.core.errors import NotAFileError
+from artifactscan.core.paths import path_kind, read_regular_bytes, read_regular_text
 
 SCHEMA_PREFIX = "artifactscan."
 FIGURE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
@@ -192,6 +194,10 @@ def collect_results(results_dir: str | Path, warn: Callable[[str], None] | None 
         for name in files:
             p = d / name
             suffix = p.suffix.lower()
+            if (suffix in (".json", *FIGURE_SUFFIXES) or name == "metrics.jsonl") and path_kind(p) != "a file":
+                warn(f"skipped {rel_path(p, root)}: {path_kind(p)}, not a regular file")  # reading a FIFO would block
+                skipped.append(rel_path(p, root))
+                continue
             if suffix == ".json":
                 json_files.append(p)
             elif suffix in FIGURE_SUFFIXES:
@@ -206,8 +212,8 @@ def collect_results(results_dir: str | Path, warn: Callable[[str], None] | None 
 
     for p in json_files:
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            data = json.loads(read_regular_text(p))
+        except (OSError, UnicodeDecodeError, ValueError, NotAFileError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
             warn(f"skipped {rel_path(p, root)}: not readable as JSON ({reason})")
             skipped.append(rel_path(p, root))
@@ -231,9 +237,9 @@ def figure_uri(path: Path, warn: Callable[[str], None], root: Path) -> str | Non
         if size > MAX_FIGURE_BYTES:
             warn(f"left out {rel_path(path, root)}: {size / 1e6:.1f} MB is too large to embed")
             return None
-        raw = path.read_bytes()
-    except OSError as exc:
-        warn(f"left out {rel_path(path, root)}: {exc.strerror or exc}")
+        raw = read_regular_bytes(path)
+    except (OSError, NotAFileError) as exc:
+        warn(f"left out {rel_path(path, root)}: {getattr(exc, 'strerror', None) or exc}")
         return None
     mime = FIGURE_SUFFIXES[path.suffix.lower()]
     if mime == "image/svg+xml":

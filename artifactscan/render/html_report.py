@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from artifactscan.core.errors import InputError
-from artifactscan.core.files import display_name, unfinished_runs
+from artifactscan.core.files import unfinished_runs
+from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.render.html_parts import (
     FigureEmbedder,
     FoundResult,
@@ -152,19 +153,20 @@ def _build(results_dir: str | Path, warn: Callable[[str], None] | None = None) -
         if warn is not None:
             warn(msg)
 
-    if not root.exists():
-        raise InputError(f"results folder {root} does not exist; pass the folder given to "
-                         "`artifactscan norms ... --out DIR` (or compare/probe --out)")
+    if not root.is_dir() and not root.is_file():  # missing, or what it is instead (a symlink loop ...)
+        raise InputError(f"results folder {display_name(root)} {what_it_is(root, 'a folder')}; pass the folder "
+                         "given to `artifactscan norms ... --out DIR` (or compare/probe --out)")
     if not root.is_dir():
-        raise InputError(f"{root} is a file, not a results folder; pass the folder that holds it "
-                         f"(e.g. `artifactscan report {root.parent}`)")
+        raise InputError(f"{display_name(root)} is a file, not a results folder; pass the folder that holds it "
+                         f"(e.g. `artifactscan report {display_name(root.parent)}`)")
     try:
         found, skipped, by_dir = collect_results(root, _warn)
     except OSError as exc:
-        raise InputError(f"cannot read results folder {root}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read results folder {display_name(root)}: {exc.strerror or exc}") from None
     if not found:
         extra = f" ({len(skipped)} unreadable JSON file(s) skipped)" if skipped else ""
-        raise InputError(f"nothing to report: {root} holds no artifactscan results{extra}; {_first_run_hint(root)}")
+        raise InputError(f"nothing to report: {display_name(root)} holds no artifactscan results{extra}; "
+                         f"{_first_run_hint(root)}")
     for line in unfinished_runs(root):  # never shown as if finished
         _warn(line)
     found.sort(key=lambda f: (KIND_ORDER.index(f.kind) if f.kind in KIND_ORDER else len(KIND_ORDER),
@@ -286,7 +288,7 @@ def _first_run_hint(root: Path) -> str:
         shown = display_name(beside if relative.startswith("..") else relative)
         return (f"it holds images: scan them into a results folder of its own, `artifactscan norms MODEL "
                 f"{display_name(root)} --out {shown}`, then `artifactscan report {shown}`")
-    return f"run `artifactscan norms MODEL IMAGES --out {root}` first (or compare/probe/train-reg --out)"
+    return f"run `artifactscan norms MODEL IMAGES --out {display_name(root)}` first (or compare/probe/train-reg --out)"
 
 
 def build_html_report(results_dir: str | Path, warn: Callable[[str], None] | None = None) -> str:

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from artifactscan.core.errors import NotAFileError
+from artifactscan.core.paths import read_regular_text
 from artifactscan.render.html_parts import (
     FigureEmbedder,
     FoundResult,
@@ -241,22 +243,22 @@ def generic_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: In
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     out = []
     try:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_regular_text(path).splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
             if isinstance(rec, dict):
                 out.append(rec)
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, NotAFileError):
         pass
     return out
 
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        return json.loads(read_regular_text(path))
+    except (OSError, UnicodeDecodeError, ValueError, NotAFileError):
         return None
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from artifactscan.analysis.probes.types import ProbeReport
 from artifactscan.analysis.scan import ScanReport
 from artifactscan.core.errors import InputError
-from artifactscan.core.files import atomic_write_text
+from artifactscan.core.files import atomic_write_text, display_name
 
 
 def _output_folder(out_dir: str | Path) -> Path:
@@ -18,7 +18,7 @@ def _output_folder(out_dir: str | Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"cannot create output folder {out}: {exc.strerror}") from None
+        raise InputError(f"cannot create output folder {display_name(out)}: {exc.strerror}") from None
     return out
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from artifactscan.core.paths import display_name
 from artifactscan.render.style import (BLACK, BLUE, DOUBLE_WIDTH_IN, HEATMAP_CMAP, MARKERS, OKABE_ITO, ORANGE,
                                        VERMILLION, close_figure, load_display_image, new_figure, outline_cells,
                                        plain_log_ticks, plot_style, save_figure, tag_phantom, unique_stems, wrap_text)
@@ -79,7 +80,7 @@ def plot_attention_image(amap: AttentionMap, image_path: str | None, data_size: 
         img = load_display_image(image_path, aspect_hw)  # type: ignore[arg-type]
         fig, axes = new_figure(DOUBLE_WIDTH_IN, 2.55, 3)
         ax_img, ax_map, ax_ov = axes
-        name = Path(str(amap.image)).name or str(amap.image)
+        name = display_name(Path(str(amap.image)).name or str(amap.image))  # escaped, as messages print names
         if img is not None:
             ax_img.imshow(img, extent=extent, aspect=cell_aspect, interpolation="lanczos")
             _grid_axes(ax_img, gh, gw)
@@ -147,7 +148,8 @@ def plot_attention_heads(amap: AttentionMap, block: int | None = None, *, title:
             _mark_query_patch(ax, amap.query)
             _grid_axes(ax, gh, gw)
             ax.set_title(f"head {h}: max {m.max():.0%}", fontsize=6.5)
-        head = f"{_query_title(amap.query)} attention per head, block {amap.blocks[li]} - {Path(amap.image).name}"
+        head = (f"{_query_title(amap.query)} attention per head, block {amap.blocks[li]} - "
+                f"{display_name(Path(amap.image).name)}")
         fig.suptitle(wrap_text(f"{title}\n{head}" if title else head, int(width * 13)))
     return fig, axes
 

@@ -243,11 +243,38 @@ def close_figure(fig: Figure) -> None:
     fig.clear()
 
 
+def literal_text(text: str) -> str:
+    """``text`` as a figure shows it literally: each line as :func:`display_name` prints names (a byte that is not
+    UTF-8 as ``\\xNN``, which no font has a glyph for), the line breaks kept."""
+    from artifactscan.core.paths import display_name
+
+    return "\n".join(display_name(line) for line in text.split("\n"))
+
+
+def make_texts_literal(fig: Figure) -> None:
+    """Every title, label and note of ``fig`` drawn as written. They hold file and model names, and a name may hold
+    ``$`` (matplotlib would parse it as math and fail on ``a$b.jpg``) or bytes that are not UTF-8 (no font can draw
+    them). Tick labels are left alone: log axes write theirs in math on purpose."""
+    from matplotlib.text import Text
+
+    ticks = {id(label) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+             for tick in axis.get_major_ticks() + axis.get_minor_ticks() for label in (tick.label1, tick.label2)}
+    for text in fig.findobj(Text):
+        if id(text) in ticks:
+            continue
+        text.set_parse_math(False)
+        shown = text.get_text()
+        if shown and literal_text(shown) != shown:
+            text.set_text(literal_text(shown))
+
+
 def save_figure(fig: Figure, path: Path, dpi: int, style: Any = None) -> Path:
-    """Save atomically (a temporary name in the same folder, then renamed): never a half-written figure."""
+    """Save atomically (a temporary name in the same folder, then renamed): never a half-written figure. Its
+    texts are drawn as written (:func:`make_texts_literal`)."""
     from artifactscan.core.files import atomic_path
 
     path = Path(path)
+    make_texts_literal(fig)
     with atomic_path(path) as tmp, (plot_style() if style is None else matplotlib.rc_context(style)):
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
     return path

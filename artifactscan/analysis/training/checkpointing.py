@@ -10,14 +10,14 @@ from typing import Any
 import torch
 
 from artifactscan.core.files import atomic_path, atomic_write_text
-from artifactscan.models.checkpoint import CheckpointMeta, read_meta, save_checkpoint
+from artifactscan.models.checkpoint import CheckpointMeta, read_meta, save_checkpoint, torch_save
 from artifactscan.core.errors import TrainingError
 from artifactscan.analysis.training.config import RUNTIME_FIELDS, TrainConfig
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        torch_save(tmp, obj)
 
 
 def write_json(path: Path, obj: Any) -> None:
