@@ -105,10 +105,11 @@ def render_scan(report: ScanReport, console: "Console") -> None:
 
 def render_compare(report: Any, console: "Console") -> None:
     """One row per model: the comparison table and the verdict."""
+    from artifactscan.analysis.compare import count_models
     from rich.panel import Panel
     from rich.table import Table
 
-    table = Table(title=escape(f"{len(report.rows)} models on {report.images}"), title_justify="left",
+    table = Table(title=escape(f"{count_models(len(report.rows))} on {report.images}"), title_justify="left",
                   header_style="bold")
     for col in ("model", "registers", "onset", "% flagged (last)", "images", "max/med", "peak % flagged",
                 "attn on prefix", "register norm", "flagged on background"):
