@@ -138,8 +138,9 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
         for m in specs:
             key = _same_model_key(m)
             if key in seen:  # a dict by label would keep one of them and report "1 models"
-                raise InputError(f"compare got the model {display_name(str(m))} twice"
-                                 + (f" (as {display_name(str(seen[key]))} too)" if str(seen[key]) != str(m) else "")
+                raise InputError(f"compare got the model {display_name(str(seen[key]))} twice"
+                                 + (f" (the second time as {display_name(str(m))})" if str(seen[key]) != str(m)
+                                    else "")
                                  + ": a model compared with itself shows nothing; pass each model once")
             seen[key] = m
         models = {str(m if not isinstance(m, LoadedModel) else m.name): m for m in specs}

@@ -180,12 +180,12 @@ def fix_verdict(removed: float, before_fraction: float, after_fraction: float, c
                f"{after_fraction:.2%})")
     if cos_mean < DAMAGED_BELOW_COSINE:
         return (f"DAMAGED: the test-time register ({num_neurons} neurons) changed the model's outputs: its pooled "
-                f"features have {cosines} (below {DAMAGED_BELOW_COSINE:g}). It {removal}, but by changing the model: "
-                "this is not a repair; move fewer neurons (--top-k, default 4).")
+                f"features have {cosines}. A mean cosine below {DAMAGED_BELOW_COSINE:g} is not a repair, although it "
+                f"{removal}; move fewer neurons (--top-k, default 4).")
     if cos_mean < CHANGED_BELOW_COSINE:
         return (f"The test-time register {removal}, but the model's outputs moved: its pooled features have "
-                f"{cosines} (below {CHANGED_BELOW_COSINE:g}); check the fixed model on your task, or move fewer "
-                "neurons (--top-k).")
+                f"{cosines} (a mean below {CHANGED_BELOW_COSINE:g}); check the fixed model on your task, or move "
+                "fewer neurons (--top-k).")
     return f"The test-time register {removal}; the model's pooled features keep {cosines}."
 
 
