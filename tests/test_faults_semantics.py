@@ -107,8 +107,11 @@ def test_resume_of_a_single_model_folder_checks_registers(tmp_path):
     from .test_training import tiny
 
     train_model(tiny(steps=2, ckpt_every=1, registers=4), tmp_path / "one", progress=False, stop_at_step=1)
-    check(invoke("train-reg", "--resume", tmp_path / "one", "--registers", "8"), 1,
-          "--registers: the run has 4, given 8")
+    line = check(invoke("train-reg", "--resume", tmp_path / "one", "--registers", "8", "--steps", "3"), 1)
+    assert line.endswith("(--steps: the run has 2, given 3; --registers: the run has 4, given 8); drop those options "
+                         "to continue it as it was, or start a new run folder"), line
+    check(invoke("train-reg", "--resume", tmp_path / "one", "--registers", "4", "--steps", "3"), 1,
+          "(--steps: the run has 2, given 3)")  # 4 is the count of this one model
 
 
 def test_runtime_options_apply_on_resume(tmp_path, monkeypatch):

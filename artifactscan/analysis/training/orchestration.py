@@ -488,7 +488,7 @@ def resume(
     if (run_dir / "last.pt").is_file():
         blob = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
         config = TrainConfig.from_dict(json.loads(blob["resume"]["config"]))
-        single = {"registers": [config.registers], "baseline_checkpoint": None}
+        single = {"registers": [config.registers], "baseline_checkpoint": None, "single_model": True}
         refuse_conflicts(resume_conflicts(config, single, **options), run_dir)
         return train_model(config.replace(**runtime), run_dir, resume=True, progress=progress)
     if (run_dir / "config.json").is_file():
@@ -506,7 +506,8 @@ def resume_conflicts(config: TrainConfig, spec: dict, *, expected: TrainConfig |
     """Every option passed again to ``train-reg --resume`` that differs from the run being resumed, as
     ``--steps: the run has 400, given 9`` (empty when they all agree). The one place these are compared: the config's
     fields (``expected``), the preset they would come from, the register counts and the baseline checkpoint
-    (``spec``: the run's ``train_reg.json``)."""
+    (``spec``: the run's ``train_reg.json``; ``single_model``: a folder of one model, whose count is compared as
+    given)."""
     saved = config.to_dict()
     conflicts = config_conflicts(saved, expected)
     if preset is not None:
@@ -521,7 +522,8 @@ def resume_conflicts(config: TrainConfig, spec: dict, *, expected: TrainConfig |
                              f"given {baseline_checkpoint}")
     if registers is not None:
         regs = parse_registers(registers)
-        regs = [r for r in regs if r != 0] if saved_base is not None else sorted(set(regs) | {0})
+        if not spec.get("single_model"):  # train_reg adds the 0-register baseline unless --baseline gives it
+            regs = [r for r in regs if r != 0] if saved_base is not None else sorted(set(regs) | {0})
         if sorted(regs) != sorted(spec["registers"]):
             given_text = _registers_text(parse_registers(registers))
             trains = f" (it would train {_registers_text(regs)})" if _registers_text(regs) != given_text else ""
