@@ -111,7 +111,8 @@ def test_pickled_module_without_trust(tmp_path, image_dir):
 
 
 def test_img_size_that_cannot_fit_is_refused_at_once():
-    line = check(invoke("norms", "phantom", "synthetic:2", "--img-size", "4096"), 1, "GiB of activations")
+    # 32 images: a batch of 32 (a batch is never larger than the images), 8 GiB each at 4096 px
+    line = check(invoke("norms", "phantom", "synthetic:32", "--img-size", "4096"), 1, "GiB of activations")
     assert "4096x4096" in line and "available" in line and "1,048,577 tokens" in line
 
 

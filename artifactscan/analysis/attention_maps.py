@@ -37,7 +37,7 @@ from artifactscan.analysis.memory import check_fits
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.results import JsonResult
 from artifactscan.analysis.scan import ImageSummary, ModelSummary, ScanReport, model_summary, scan
-from artifactscan.inputs.sources import image_batches, make_image_source
+from artifactscan.inputs.sources import effective_batch_size, image_batches, make_image_source
 from artifactscan.core.progress import ProgressBar, resolve_device
 
 SCHEMA = "artifactscan.attention/2"
@@ -336,7 +336,9 @@ def attention_report(
     qpatch = parse_query_patch(query_patch, (gh, gw))
     capture = AttentionCapture(loaded, blocks)  # raises NotAViTError before any work when a block cannot be captured
     dev = resolve_device(device)
-    check_fits(loaded, batch_size, dev, explicit_attention=True)  # captured blocks hold heads x T x T probabilities
+    source = make_image_source(images, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)  # for pass 2
+    # captured blocks hold heads x T x T probabilities
+    check_fits(loaded, effective_batch_size(source, batch_size), dev, explicit_attention=True)
 
     # Pass 1: the norms scan flags outliers (or a given report is reused).
     if scan_report is None:
@@ -353,7 +355,6 @@ def attention_report(
     flagged = _outlier_index(scan_report)
 
     # Pass 2: attention, reduced block by block as the probabilities appear.
-    source = make_image_source(images, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)
     P = loaded.num_prefix_tokens
     N = gh * gw
     names = loaded.prefix_names

@@ -148,7 +148,7 @@ def calibrate(
     depth = len(loaded.blocks)
     for g in gains:  # the whole grid is checked before anything is built
         for f in fractions:
-            validate_settings(depth, onset, f, units, g)
+            validate_settings(depth, onset, f, units, g, fraction_flag="--fractions", gain_flag="--gains")
     rule = rule or AutoRule()
     medians = baseline_medians(loaded)
     h, _ = loaded.input_size

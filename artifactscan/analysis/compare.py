@@ -63,11 +63,31 @@ class CompareReport(JsonResult):
     notes: list[str] = field(default_factory=list)
     schema: str = "artifactscan.compare/2"
 
+    @property
+    def title(self) -> str:
+        """``2 models on sample_images/`` (``1 model`` for one)."""
+        return f"{count_models(len(self.rows))} on {self.images}"
+
     def to_dict(self) -> dict[str, Any]:
         """The rows and the verdict; each model's full scan stays in memory (``reports``), out of compare.json."""
         data = super().to_dict()
         data.pop("reports")
         return data
+
+
+def count_models(n: int) -> str:
+    return f"{n} model" if n == 1 else f"{n} models"
+
+
+def _same_model_key(spec: Any) -> Any:
+    """What makes two specs the same model: the file itself for paths (``./a.pt`` is ``a.pt``), else the spec."""
+    if isinstance(spec, LoadedModel):
+        return ("loaded", id(spec))
+    text = str(spec)
+    try:
+        return Path(text).resolve() if Path(text).exists() else text
+    except (OSError, ValueError):
+        return text
 
 
 def _synthetic_count(images: Any) -> int | None:
@@ -118,7 +138,20 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
         images: as for :func:`artifactscan.scan`; ``synthetic:N`` adds the background/object split of flagged tokens.
     """
     if not isinstance(models, dict):
-        models = {str(m if not isinstance(m, LoadedModel) else m.name): m for m in models}
+        specs = list(models)
+        seen: dict[Any, Any] = {}
+        for m in specs:
+            key = _same_model_key(m)
+            if key in seen:  # a dict by label would keep one of them and report "1 models"
+                raise InputError(f"compare got the model {display_name(str(seen[key]))} twice"
+                                 + (f" (the second time as {display_name(str(m))})" if str(seen[key]) != str(m)
+                                    else "")
+                                 + ": a model compared with itself shows nothing; pass each model once")
+            seen[key] = m
+        models = {str(m if not isinstance(m, LoadedModel) else m.name): m for m in specs}
+        if len(models) < len(specs):
+            raise InputError("compare got two models with the same name; pass them as {label: model} to tell them "
+                             "apart")
     if len(models) < 1:
         raise InputError("compare needs at least one model")
     dev = resolve_device(device)
@@ -174,7 +207,8 @@ def register_verdict(rows: list[ModelRow]) -> str:
         if undecided else "")
     if base is None or not with_regs:
         flagged = [r for r in rows if r.onset_layer is not None]
-        return " ".join([f"{len(flagged)} of {len(rows)} models have high-norm outliers: "
+        return " ".join([f"{len(flagged)} of {count_models(len(rows))} "
+                         + ("has" if len(rows) == 1 else "have") + " high-norm outliers: "
                          + ", ".join(f"{r.label} {_pct(r.outlier_fraction)}" for r in rows) + "."]
                         + ([undecided_words] if undecided_words else []))
     parts = []

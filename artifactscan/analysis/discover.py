@@ -360,7 +360,9 @@ def discover(
         boxed = load_box_data(data, img_size=loaded_first.input_size[0], image_root=image_root)
     runs: list[DiscoveryRun] = []
     skipped: list[str] = []
-    notes: list[str] = list(boxed.notes)
+    notes: list[str] = list(boxed.notes) + list(boxed.warnings)
+    for line in boxed.warnings if warn is not None else []:
+        warn(line)
     options = dict(block=block, features=features, k=k, threshold=threshold, device=dev, batch_size=batch_size,
                    num_workers=num_workers, keep=keep, random_seed=random_seed, progress=progress)
     for i, spec in enumerate(specs):

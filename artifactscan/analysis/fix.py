@@ -110,6 +110,10 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
     n_out, n_norm = (float(c) for c in sums.pop("__counts__"))
     if n_out == 0:
         raise InputError("nothing to fix: no outlier positions among the images")
+    units = sum(out_sum.numel() for out_sum, _ in sums.values())
+    if top_k > units:  # every unit would be moved: not a repair but a different model
+        raise InputError(f"--top-k {top_k} is more than the {units:,} MLP hidden units of blocks 0 to {max_layer}, "
+                         f"where register neurons are searched; choose a few (default 4; at most {units:,})")
     candidates = []
     for name, (out_sum, norm_sum) in sums.items():
         block = sites[name][0]
@@ -157,6 +161,32 @@ def _outputs(loaded: LoadedModel, images: Any, device: torch.device, batch_size:
         feats.append(loaded.model.forward_head(tokens, pre_logits=True).float().cpu())
         logits.append(loaded.model.forward_head(tokens).float().cpu())
     return torch.cat(feats), torch.cat(logits)
+
+
+#: Below this mean cosine between the pooled features before and after, the register has changed what the model
+#: computes, not only removed its artifacts: the verdict says DAMAGED whatever share of outliers went away.
+DAMAGED_BELOW_COSINE = 0.9
+#: Below this (and above the damage line) the outputs moved enough to say so in the verdict.
+CHANGED_BELOW_COSINE = 0.99
+
+
+def fix_verdict(removed: float, before_fraction: float, after_fraction: float, cos_mean: float, cos_min: float,
+                agreement: float | None, num_neurons: int) -> str:
+    """The fix's headline: what share of the outliers went away, judged together with how much the model's own
+    outputs moved (a register that removes every outlier by changing the model is not a repair)."""
+    cosines = (f"cosine {cos_mean:.4f} (min {cos_min:.4f}) with the original's"
+               + (f", top-1 agreement {agreement:.1%}" if agreement is not None else ""))
+    removal = (f"removed {removed:.0%} of the outlier tokens (last block {before_fraction:.2%} -> "
+               f"{after_fraction:.2%})")
+    if cos_mean < DAMAGED_BELOW_COSINE:
+        return (f"DAMAGED: the test-time register ({num_neurons} neurons) changed the model's outputs: its pooled "
+                f"features have {cosines}. A mean cosine below {DAMAGED_BELOW_COSINE:g} is not a repair, although it "
+                f"{removal}; move fewer neurons (--top-k, default 4).")
+    if cos_mean < CHANGED_BELOW_COSINE:
+        return (f"The test-time register {removal}, but the model's outputs moved: its pooled features have "
+                f"{cosines} (a mean below {CHANGED_BELOW_COSINE:g}); check the fixed model on your task, or move "
+                "fewer neurons (--top-k).")
+    return f"The test-time register {removal}; the model's pooled features keep {cosines}."
 
 
 def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int | None = None,
@@ -212,10 +242,8 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
         meta = CheckpointMeta(**{**asdict(loaded.meta), "extra": extra,
                                  "description": (loaded.meta.description + " + test-time register").strip()})
         saved = str(save_checkpoint(out, loaded.model.state_dict(), meta))
-    verdict = (f"The test-time register removed {removed:.0%} of the outlier tokens (last block "
-               f"{before.last_block.outlier_fraction:.2%} -> {after.last_block.outlier_fraction:.2%}); the model's "
-               f"pooled features keep cosine {float(cos.mean()):.4f} (min {float(cos.min()):.4f}) with the original's"
-               + (f", top-1 agreement {agreement:.1%}." if agreement is not None else "."))
+    verdict = fix_verdict(removed, before.last_block.outlier_fraction, after.last_block.outlier_fraction,
+                          float(cos.mean()), float(cos.min()), agreement, len(register.neurons))
     return FixReport(loaded.name, before.images.source, register.neurons, register.max_layer,
                      before.last_block.outlier_fraction, after.last_block.outlier_fraction,
                      before.last_block.max_over_median, after.last_block.max_over_median, removed, agreement,

@@ -7,13 +7,10 @@ no message; with it the run is refused at once, with the number and the memory a
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from artifactscan.core.errors import ResourceError
-
-GIB = 1024**3
+from artifactscan.core.memory import GIB, available_bytes  # noqa: F401  (the checks' own names)
 
 
 def activation_bytes(loaded, batch_size: int, explicit_attention: bool = False) -> tuple[int, int]:
@@ -36,26 +33,6 @@ def activation_bytes(loaded, batch_size: int, explicit_attention: bool = False) 
     per_token = 8 * width + 2 * hidden
     per_image = 4 * (2 * 3 * h * w + tokens * per_token + (2 * heads * tokens * tokens if explicit_attention else 0))
     return batch_size * per_image, per_image
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (CUDA: free device memory; CPU: the kernel's MemAvailable), ``None`` if unknown."""
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except Exception:
-            return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_fits(loaded, batch_size: int, device: torch.device, explicit_attention: bool = False,

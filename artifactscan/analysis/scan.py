@@ -26,7 +26,7 @@ from artifactscan.core.errors import InputError
 from artifactscan.core.files import display_name, name_hex
 from artifactscan.core.progress import ProgressBar, distributed_world, gather, resolve_device
 from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES, SkippedImage
-from artifactscan.inputs.sources import ImageSource, image_batches, parse_workers
+from artifactscan.inputs.sources import ImageSource, effective_batch_size, image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel
 from artifactscan.analysis.opening import load_with_images
 from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
@@ -386,7 +386,7 @@ def scan(
                                       num_workers=num_workers, exact_decode=exact_decode, gpu_decode=gpu_decode,
                                       early=world == 1)  # under torchrun each rank takes a shard: no early pass
     try:
-        check_fits(loaded, batch_size, dev)
+        check_fits(loaded, effective_batch_size(source, batch_size), dev)
     except BaseException:
         source.close()
         raise

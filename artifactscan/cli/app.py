@@ -50,6 +50,7 @@ from artifactscan.cli.options import (  # noqa: F401  (re-exported: the commands
     TrustOpt,
     WeightsOpt,
     WorkersOpt,
+    refuse_options_given,
     with_option_groups,
 )
 
@@ -484,6 +485,8 @@ def fix(
             check_output_file(out, "--out", (".safetensors", ".pt"))  # before minutes of work, not after
         result = run_fix(model, images, top_k=top_k, max_layer=max_layer, threshold=threshold, out=out,
                          device=device, batch_size=batch_size, **decode.kwargs())
+        if out is not None and not result.saved_to:
+            warn(f"no file written to {display_name(out)}: {result.verdict}")
         if json_out:
             sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
             return
@@ -505,8 +508,9 @@ def train_reg(
     arch: Optional[str] = typer.Option(None, "--arch", help="timm VisionTransformer name (default: the demo ViT)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="demo (CPU-sized, synthetic) or imagenet (the "
                                                                 "architecture's own size, DeiT-like recipe)."),
-    registers: str = typer.Option("4", "--registers", "-r", help="Registers of the twin (4), or a list for the "
-                                                                "ablation: 0,1,2,4,8."),
+    registers: Optional[str] = typer.Option(None, "--registers", "-r", show_default=False,
+                                            help="Registers of the twin (default 4), or a list for the ablation: "
+                                                 "0,1,2,4,8."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="A trained 0-register checkpoint of the same "
                                                                      "architecture: train only the register model."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<date>-<arch>)."),
@@ -556,18 +560,27 @@ def train_reg(
     def work() -> None:
         main_rank = int(os.environ.get("RANK", "0")) == 0
         if resume is not None:
-            # Options passed again must match the saved run; only where it runs may change.
+            from artifactscan.core.errors import TrainingError
+
+            # Every option that defines the run, passed again, must match the saved run (training.resume compares
+            # them all, naming both values); where it runs (--device, --compile) may change, and --scan-images
+            # only concerns the verdict.
             again = {k: v for k, v in dict(data=data, arch=arch, epochs=epochs, steps=steps, batch_size=batch_size,
                                             lr=lr, depth=depth, embed_dim=dim, num_heads=heads, img_size=img_size,
-                                            patch_size=patch).items() if v is not None}
-            runtime = {"device": device} if device != "auto" else {}
+                                            patch_size=patch, class_token=False if no_cls else None).items()
+                     if v is not None}
+            runtime: dict[str, Any] = {"device": device} if device != "auto" else {}
+            if compile_model:
+                runtime["compile"] = True
             if not resume.is_dir():
-                from artifactscan.core.errors import TrainingError
-
                 raise TrainingError(f"cannot resume: {display_name(resume)} is not a folder; pass the run "
                                     "folder train-reg wrote")
+            if out is not None and out.resolve() != resume.resolve():
+                raise TrainingError(f"--out {display_name(out)} and --resume {display_name(resume)} name different "
+                                    "folders: a run is continued in its own folder; drop --out")
             with output_folder(resume if main_rank else None, "train-reg", "--resume", manifest=False):
-                result = training.resume(resume, again or None, progress=not json_out, **runtime)
+                result = training.resume(resume, again or None, registers=registers, baseline_checkpoint=baseline,
+                                         preset=preset, progress=not json_out, **runtime)
                 run_dir = resume
                 if not isinstance(result, training.TrainRegResult):
                     print_line(stdout, "resumed", "", f"and finished the single-model run in {display_name(resume)}")
@@ -582,14 +595,22 @@ def train_reg(
             run_dir = out or Path("runs") / f"{__import__('datetime').date.today()}-{config.arch.split('_patch')[0]}"
             # The run folder is validated and locked first: a second train-reg into it fails at once, not mid-run.
             with output_folder(run_dir if main_rank else None, "train-reg", manifest=False):
-                result = training.train_reg(config, run_dir, registers, baseline_checkpoint=baseline,
+                result = training.train_reg(config, run_dir, registers or "4", baseline_checkpoint=baseline,
                                             progress=not json_out)
                 _verdict(result, run_dir, main_rank)
 
     def _verdict(result: Any, run_dir: Path, main_rank: bool) -> None:
         if not main_rank:
             return  # rank 0 scans and reports
-        verdict = verdict_for_run(result, scan_images, device=device, progress=not json_out and sys.stderr.isatty())
+        try:
+            verdict = verdict_for_run(result, scan_images, device=device,
+                                      progress=not json_out and sys.stderr.isatty())
+        except KeyboardInterrupt:
+            from artifactscan.core.errors import RunInterrupted
+
+            raise RunInterrupted(f"stopped while scanning for the verdict; the training in {display_name(run_dir)} "
+                                 "is complete; get the verdict with: artifactscan train-reg --resume "
+                                 f"{display_name(run_dir)}") from None
 
         def figures(v: Any, folder: Path) -> None:
             save_compare_figure(v.comparison, folder)
@@ -610,6 +631,7 @@ def train_reg(
 
 @app.command()
 def phantom(
+    ctx: typer.Context,
     describe: bool = typer.Option(False, "--describe", help="Say what was built into a shipped phantom and why."),
     name: Optional[str] = typer.Option(None, "--model", "-m", help="Which shipped phantom --describe explains: "
                                        "phantom-deep (the default model: 24 blocks, onset block 9) or phantom "
@@ -645,6 +667,17 @@ def phantom(
     from artifactscan.models.phantom import build_phantom, describe_phantom
 
     def work() -> None:
+        # --describe explains a shipped phantom, --build makes a new one: an option of the other mode would be
+        # silently ignored, so it is refused
+        if build and describe:
+            from artifactscan.core.errors import InputError
+
+            raise InputError("--build and --describe are two modes: --build makes a new phantom, --describe explains "
+                             "a shipped one (--model); pass one of them")
+        if build:
+            refuse_options_given(ctx, ("name",), "--describe", "pass --describe instead of --build")
+        else:
+            refuse_options_given(ctx, ("base", "onset", "fraction", "units", "gain", "out"), "--build", "add --build")
         if build:
             if out is not None:
                 check_output_file(out, "--out", (".safetensors", ".pt"))

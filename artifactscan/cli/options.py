@@ -104,3 +104,18 @@ def with_option_groups(fn: Callable[..., Any]) -> Callable[..., Any]:
     command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params} | {"return": sig.return_annotation}
     return command
+
+
+def refuse_options_given(ctx: typer.Context, names: tuple[str, ...], mode: str, instead: str) -> None:
+    """Refuse the options among ``names`` (parameter names) that were typed on the command line although they only
+    apply to ``mode``: one line naming them, so that none is silently ignored."""
+    from artifactscan.core.errors import InputError
+
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    # compared by name: Typer may run on its own vendored copy of click, whose enum is not click's
+    sources = {n: getattr(ctx.get_parameter_source(n), "name", "DEFAULT") for n in names}
+    typed = [flags[n] for n in names if sources[n] != "DEFAULT"]
+    if typed:
+        one = len(typed) == 1
+        raise InputError(f"{', '.join(typed)} only appl{'ies' if one else 'y'} to {mode}; drop "
+                         f"{'it' if one else 'them'} or {instead}")

@@ -12,7 +12,11 @@
 * any other image folder or file: images without boxes (boxes are discovered and drawn; no CorLoc).
 
 Boxes are ``[x0, y0, x1, y1]`` pixels of the image as annotated (half-open). A box more than 1 px outside its image,
-or empty, is refused with the file and the box named; an annotation naming a missing image file is refused too.
+or empty, or not made of numbers, is refused with the file and the box named; so is a VOC annotation naming a missing
+image file, and an image whose file has another shape than its annotated width and height. A COCO image whose file is
+missing is skipped with a warning (refused when none is left), as are annotations of ids the JSON does not list; a
+file that is a uniformly scaled copy of the annotated size keeps its boxes, read relative to the annotated size, with
+a warning.
 
 For the measurement every image is resized *whole* to the model's input (no crop, so no box leaves the view);
 IoU is unchanged by that per-axis scaling, so CorLoc is the same as in the original pixels.
@@ -33,7 +37,7 @@ from torch.utils.data import Dataset
 
 from artifactscan.core.errors import InputError
 from artifactscan.core.paths import display_name, open_regular, read_regular_text, what_it_is
-from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images
+from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images, upright_size
 from artifactscan.inputs.sources import ImageSource, NormalizedTensors, parse_synthetic
 from artifactscan.inputs.synthetic import SyntheticShapes
 from artifactscan.inputs.synthetic_objects import SyntheticObjects
@@ -62,6 +66,9 @@ class BoxedData:
     items: list[BoxedItem]
     notes: list[str] = field(default_factory=list)
     synthetic: Dataset | None = None
+    # what reading the annotations passed over or adjusted (images missing, sizes that differ): one line each, said
+    # as warnings and kept in the report's notes
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def has_boxes(self) -> bool:
@@ -115,14 +122,31 @@ def check_box(box: Sequence[float], width: float, height: float, where: str) -> 
 
 
 def _image_size(path: Path, where: str) -> tuple[int, int]:
+    """The size of the image as decoded (EXIF orientation applied), from its header."""
     why = what_it_is(path)
     if why is not None:  # Image.open on a named pipe would block
         raise InputError(f"{where}: cannot read the size of {display_name(path)}: it {why}")
     try:
-        with Image.open(path) as im:
-            return im.size
+        return upright_size(path)
     except Exception as exc:
-        raise InputError(f"{where}: cannot read the size of {path}: {exc}") from None
+        raise InputError(f"{where}: cannot read the size of {display_name(path)}: {exc}") from None
+
+
+def check_declared_size(path: Path, width: int, height: int, where: str) -> bool:
+    """Whether the file's decoded size differs from the annotated ``width`` x ``height`` by a uniform scale (then
+    the boxes still fit it: the image is resized whole for the measurement and the boxes are read relative to the
+    annotated size); ``False`` when the sizes agree. Any other difference is refused: the boxes would not be where
+    the annotation put them. An unreadable file passes here: decoding skips it later, with its warning."""
+    try:
+        w, h = _image_size(path, where)
+    except InputError:
+        return False
+    if (w, h) == (width, height):
+        return False
+    if abs(w * height - h * width) > max(width, height):  # not the same shape, even allowing a pixel of rounding
+        raise InputError(f"{where}: the annotation says {width}x{height} but {display_name(path)} is {w}x{h} (not "
+                         "the same shape): its boxes cannot be placed on it; fix the annotated width and height")
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- VOC
@@ -144,7 +168,7 @@ def load_voc(root: Path) -> BoxedData:
     if not images_dir.is_dir() or not any(images_dir.iterdir()):
         raise InputError(f"{images_dir} is missing or empty: the {len(xmls)} annotations in {ann_dir} have no "
                          "images; put the JPEG files in JPEGImages/")
-    items = []
+    items, rescaled = [], []
     for xml in xmls:
         where = f"{xml.name}"
         try:
@@ -160,6 +184,8 @@ def load_voc(root: Path) -> BoxedData:
         size = tree.find("size")
         if size is not None and size.find("width") is not None:
             w, h = int(_voc_number(size, "width", where)), int(_voc_number(size, "height", where))
+            if check_declared_size(path, w, h, where):
+                rescaled.append(fname)
         else:
             w, h = _image_size(path, where)
         boxes = []
@@ -169,12 +195,26 @@ def load_voc(root: Path) -> BoxedData:
             x1, y1 = _voc_number(bb, "xmax", where), _voc_number(bb, "ymax", where)
             boxes.append(check_box([x0, y0, x1, y1], w, h, f"{where} ({obj.findtext('name') or 'object'})"))
         items.append(BoxedItem(fname, str(path), w, h, boxes))
-    return BoxedData("voc", f"{root} (VOC-style, {len(items)} annotated images)", items)
+    warnings = [f"{ann_dir}: {len(rescaled)} image file(s) have another size than annotated, at the same shape "
+                f"(first: {rescaled[0]}); their boxes are read relative to the annotated size"] if rescaled else []
+    return BoxedData("voc", f"{root} (VOC-style, {len(items)} annotated images)", items, warnings=warnings)
 
 
 # ----------------------------------------------------------------------------------------------- COCO
+def _coco_number(value: Any, what: str, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: {what} {value!r} is not a number; fix the annotation") from None
+    return number
+
+
 def load_coco(json_path: Path, image_root: Path | None = None) -> BoxedData:
-    """A COCO-style JSON (``images`` + ``annotations`` with ``bbox = [x, y, w, h]``) and its image folder."""
+    """A COCO-style JSON (``images`` + ``annotations`` with ``bbox = [x, y, w, h]``) and its image folder.
+
+    Images listed whose file is missing are skipped with a warning (refused when none is left), as are annotations
+    of image ids that ``images`` does not list; a file whose size differs from the annotated one by a uniform scale
+    is read relative to the annotated size, with a warning (any other difference is refused)."""
     root = image_root or json_path.parent
     try:
         data = json.loads(read_regular_text(json_path))
@@ -184,32 +224,55 @@ def load_coco(json_path: Path, image_root: Path | None = None) -> BoxedData:
         raise InputError(f"{json_path}: a COCO-style JSON needs an 'images' list (and 'annotations')")
     if not data["images"]:
         raise InputError(f"{json_path} lists no images ('images' is empty); nothing to discover")
-    by_image: dict[Any, list[list[float]]] = {}
+    name = json_path.name
+    by_image: dict[Any, list[tuple[Any, Any]]] = {}
     for ann in data.get("annotations") or []:
         if isinstance(ann, dict) and "bbox" in ann and "image_id" in ann:
-            by_image.setdefault(ann["image_id"], []).append(ann["bbox"])
-    items = []
+            by_image.setdefault(ann["image_id"], []).append((ann.get("id"), ann["bbox"]))
+    items, missing, rescaled = [], [], []
+    listed: set[Any] = set()
     for img in data["images"]:
         try:
             fname, iid = str(img["file_name"]), img["id"]
         except (KeyError, TypeError):
             raise InputError(f"{json_path}: every entry of 'images' needs 'id' and 'file_name'") from None
+        listed.add(iid)
         path = root / fname
         if not path.is_file():
-            raise InputError(f"{json_path.name}: image {fname} (id {iid}) is not in {root}; pass --image-root "
-                             "with the folder that holds the images")
+            missing.append(fname)
+            continue
+        where = f"{name} (image {fname})"
         if "width" in img and "height" in img:
-            w, h = int(img["width"]), int(img["height"])
+            w, h = (int(_coco_number(img[k], k, where)) for k in ("width", "height"))
+            if check_declared_size(path, w, h, where):
+                rescaled.append(fname)
         else:
-            w, h = _image_size(path, json_path.name)
+            w, h = _image_size(path, name)
         boxes = []
-        for bb in by_image.get(iid, []):
+        for ann_id, bb in by_image.get(iid, []):
+            what = f"annotation {ann_id}" if ann_id is not None else "an annotation"
             if not isinstance(bb, (list, tuple)) or len(bb) != 4:
-                raise InputError(f"{json_path.name} (image {fname}): bbox {bb!r} is not [x, y, w, h]")
-            x, y, bw, bh = (float(v) for v in bb)
-            boxes.append(check_box([x, y, x + bw, y + bh], w, h, f"{json_path.name} (image {fname})"))
+                raise InputError(f"{where}, {what}: bbox {bb!r} is not [x, y, w, h]")
+            x, y, bw, bh = (_coco_number(v, "bbox value", f"{where}, {what}") for v in bb)
+            boxes.append(check_box([x, y, x + bw, y + bh], w, h, where))
         items.append(BoxedItem(fname, str(path), w, h, boxes))
-    return BoxedData("coco", f"{json_path} (COCO-style, {len(items)} images)", items)
+    if not items:
+        others = f" (nor is any of the {len(missing) - 1} other images listed)" if len(missing) > 1 else ""
+        raise InputError(f"{name}: image {missing[0]} is not in {root}{others}; pass --image-root with the folder "
+                         "that holds the images")
+    warnings = []
+    if missing:
+        warnings.append(f"{name}: {len(missing)} of {len(data['images'])} listed images are not in {root} (first: "
+                        f"{missing[0]}); skipped, with their boxes")
+    orphans = [iid for iid in by_image if iid not in listed]
+    if orphans:
+        count = sum(len(by_image[i]) for i in orphans)
+        warnings.append(f"{name}: {count} annotation(s) name image ids that 'images' does not list (first: id "
+                        f"{orphans[0]!r}); ignored")
+    if rescaled:
+        warnings.append(f"{name}: {len(rescaled)} image file(s) have another size than annotated, at the same shape "
+                        f"(first: {rescaled[0]}); their boxes are read relative to the annotated size")
+    return BoxedData("coco", f"{json_path} (COCO-style, {len(items)} images)", items, warnings=warnings)
 
 
 # ----------------------------------------------------------------------------------------------- dispatch

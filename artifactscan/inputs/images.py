@@ -194,7 +194,7 @@ def discover_images(path: str | os.PathLike[str], recursive: bool = True,
                              "your own images")
         if subdirs_with_images:
             raise InputError(
-                f"no images directly in {p}, only in sub-folders; scan recursively (drop --no-recursive)"
+                f"no images directly in {p}, only in sub-folders; search them too (recursive=True)"
             )
         if n_other == 0:
             raise InputError(f"folder {p} is empty; put image files ({_ACCEPTED}) in it")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -105,6 +106,7 @@ class ImageSource:
         nothing could run meanwhile); returns whether it started."""
         if self.folder_dataset is None or self.gpu_decode or self.dataset is not self.folder_dataset:
             return False
+        batch_size = effective_batch_size(self, batch_size)
         cuda = device is not None and torch.device(device).type == "cuda"
         workers = resolve_workers(self, batch_size, num_workers, cuda)
         if workers == 0:
@@ -312,12 +314,33 @@ def start_decoding_worker(worker_id: int) -> None:
         pass
 
 
+def effective_batch_size(source: ImageSource, batch_size: int) -> int:
+    """The batch a pass over ``source`` really forms: at most its number of images (``--batch-size 1000000`` on 4
+    images is one batch of 4). Memory checks and loaders use this, not the number asked for."""
+    return max(1, min(int(batch_size), len(source.dataset)))
+
+
+_workers_said: set[tuple[int, int]] = set()  # (asked, used): each cap is said once per process, not once per pass
+
+
 def resolve_workers(source: ImageSource, batch_size: int, num_workers: int | str | None, cuda: bool = False) -> int:
-    """``--workers`` for this source: a number as given; ``auto`` (or ``None``): :func:`auto_workers` for image
-    folders, 0 (the main process) for everything else."""
+    """``--workers`` for this source: ``auto`` (or ``None``): :func:`auto_workers` for image folders, 0 (the main
+    process) for everything else; a number as given, but at most one per CPU core and one per batch (more only
+    start processes that wait: 500 took 20 s to start and made torch warn), with one warning line when capped."""
     workers = parse_workers(num_workers)
     if workers is None:
-        workers = auto_workers(len(source.dataset), batch_size, cuda=cuda) if source.folder_dataset is not None else 0
+        return auto_workers(len(source.dataset), batch_size, cuda=cuda) if source.folder_dataset is not None else 0
+    cores = available_cores()
+    batches = math.ceil(len(source.dataset) / effective_batch_size(source, batch_size))
+    most = max(1, min(cores, batches))
+    if workers > most:
+        if (workers, most) not in _workers_said:
+            _workers_said.add((workers, most))
+            why = (f"{batches} batch{'es' if batches != 1 else ''} to decode" if batches <= cores
+                   else f"{cores} CPU core{'s' if cores != 1 else ''} available")
+            print(f"warning: --workers {workers}: using {most} ({why}; more processes would only wait)",
+                  file=sys.stderr)
+        workers = most
     return workers
 
 
@@ -331,6 +354,7 @@ def image_batches(source: ImageSource, batch_size: int, num_workers: int | str |
     batches are pinned and ``images`` arrive on the device (``non_blocking`` copy); elsewhere they stay on the CPU.
     """
     ds = source.dataset
+    batch_size = effective_batch_size(source, batch_size)
     if isinstance(ds, NormalizedTensors) and isinstance(ds.source, torch.Tensor):
         yield from ds.tensor_batches(batch_size)
         return

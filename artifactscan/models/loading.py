@@ -24,6 +24,7 @@ from torch import nn
 
 from artifactscan.models import hf, infer, native
 from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, read_meta
+from artifactscan.core.memory import GIB, available_bytes
 from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.core.startup import end_startup
 from artifactscan.core.errors import (
@@ -34,6 +35,7 @@ from artifactscan.core.errors import (
     NonFiniteError,
     NotAViTError,
     OfflineError,
+    ResourceError,
 )
 from artifactscan.models.registry import (
     architecture_builder,
@@ -584,6 +586,28 @@ def _load_named(spec: str, arch_kwargs: dict[str, Any]) -> LoadedModel:
     return _finish(model, spec, source, spec, timm.data.resolve_model_data_config(model), None, "pretrained")
 
 
+def _grid_text(loaded: LoadedModel, img_size: int) -> str:
+    ph, pw = loaded.patch_size
+    gh, gw = img_size // ph, img_size // pw
+    return f"a {gh:,}x{gw:,} grid of {ph}-pixel patches ({gh * gw:,} tokens per image)"
+
+
+def check_resample_fits(loaded: LoadedModel, img_size: int) -> None:
+    """Refuse an ``--img-size`` whose resampled position embeddings alone exceed the memory available, before torch
+    tries (its allocator's message names bytes, not the option): the new table (tokens x width float32 numbers)
+    and the interpolation's copies of it, three in all."""
+    pos_embed = getattr(loaded.model, "pos_embed", None)
+    if not isinstance(pos_embed, torch.Tensor):
+        return
+    ph, pw = loaded.patch_size
+    need = 3 * (img_size // ph) * (img_size // pw) * int(pos_embed.shape[-1]) * 4
+    free = available_bytes(torch.device("cpu"))
+    if free is not None and need > free:
+        raise ResourceError(f"--img-size {img_size} makes {_grid_text(loaded, img_size)}: resampling the position "
+                            f"embeddings alone needs about {need / GIB:,.1f} GiB and {free / GIB:.1f} GiB of memory is "
+                            f"available; choose a smaller --img-size (the model's own is {loaded.input_size[0]})")
+
+
 def _resize_input(loaded: LoadedModel, img_size: int) -> None:
     model = loaded.model
     if loaded.data_config["input_size"][1:] == (img_size, img_size):
@@ -592,8 +616,15 @@ def _resize_input(loaded: LoadedModel, img_size: int) -> None:
     if img_size <= 0 or img_size % ph or img_size % pw:
         raise InputError(f"--img-size {img_size} is not a positive multiple of the patch size {ph}")
     if hasattr(model, "set_input_size"):
+        check_resample_fits(loaded, img_size)
         try:
             model.set_input_size(img_size=img_size)  # resamples the position embeddings
+        except (MemoryError, RuntimeError) as exc:
+            if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+                raise InputError(f"--img-size {img_size} does not fit this model: {exc}") from exc
+            raise ResourceError(f"--img-size {img_size}: {_grid_text(loaded, img_size)}; resampling the position "
+                                "embeddings ran out of memory; choose a smaller --img-size (the model's own is "
+                                f"{loaded.input_size[0]})") from None
         except Exception as exc:
             raise InputError(f"--img-size {img_size} does not fit this model: {exc}") from exc
     elif not getattr(model, "dynamic_img_size", False):

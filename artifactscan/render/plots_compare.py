@@ -216,7 +216,9 @@ def save_compare_figure(result: CompareReport, out_dir: str | Path, fmt: str = "
     if not reports:
         return []
     out = Path(out_dir)
-    fig, _ = plot_compare(reports, title=f"{len(reports)} models on {result.images}")
+    from artifactscan.analysis.compare import count_models
+
+    fig, _ = plot_compare(reports, title=f"{count_models(len(reports))} on {result.images}")
     return _save_one(fig, out / f"compare.{fmt.lower().lstrip('.')}", dpi)
 
 

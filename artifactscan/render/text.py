@@ -114,7 +114,7 @@ def render_compare(report: Any, console: "Console") -> None:
         Column("max/med", long="max/median"), Column("peak", drop=2, long="peak % flagged"),
         Column("attn prefix", "left", drop=6, long="attention on prefix"),
         Column("reg norm", drop=5, long="register norm"), Column("on bg", drop=4, long="flagged on background"),
-    ], title=f"{len(report.rows)} models on {report.images}")
+    ], title=report.title)
     for r in report.rows:
         att = " ".join(f"{k}={pct(v)}" for k, v in r.prefix_attention.items()) or "-"
         table.add_row(r.label, str(r.registers), "-" if r.onset_layer is None else str(r.onset_layer),

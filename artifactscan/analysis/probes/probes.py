@@ -30,7 +30,7 @@ from artifactscan.inputs.images import SkippedImage, image_folder_labels
 from artifactscan.analysis.memory import check_fits
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.analysis.scan import ImageSummary, model_summary
-from artifactscan.inputs.sources import make_image_source
+from artifactscan.inputs.sources import effective_batch_size, make_image_source
 from artifactscan.core.progress import distributed_world, resolve_device
 from artifactscan.core.stats import BIN_WIDTH_LOG10
 from artifactscan.core.thresholds import AutoRule, auto_threshold, fixed_threshold, threshold_option
@@ -241,11 +241,11 @@ def probe(
     num_blocks = len(loaded.blocks)
     k = resolve_layer(layer, num_blocks, loaded.layer_range_hint())
     dev = resolve_device(device)
-    check_fits(loaded, batch_size, dev)
-    loaded.model.to(dev)
     if data is None:
         data = f"synthetic:{DEFAULT_PROBE_IMAGES}"
     source = make_image_source(data, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)
+    check_fits(loaded, effective_batch_size(source, batch_size), dev)
+    loaded.model.to(dev)
     n = source.num_found
     if n < MIN_IMAGES:
         raise InputError(f"probe needs at least {MIN_IMAGES} images to split them into train and held-out test "

@@ -12,7 +12,7 @@ import torch
 from artifactscan.core.files import atomic_path, atomic_write_text
 from artifactscan.models.checkpoint import CheckpointMeta, read_meta, save_checkpoint, torch_save
 from artifactscan.core.errors import TrainingError
-from artifactscan.analysis.training.config import RUNTIME_FIELDS, TrainConfig
+from artifactscan.analysis.training.config import RUNTIME_FIELDS, TrainConfig, option_name
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -64,18 +64,26 @@ def checkpoint_meta(config: TrainConfig, registers: int, data_config: dict, step
     )
 
 
-def check_same_config(saved: dict, expected: TrainConfig | dict | None, run_dir: Path) -> None:
+def config_conflicts(saved: dict, expected: TrainConfig | dict | None) -> list[str]:
+    """``--steps: the run has 400, given 9``: one entry per field of ``expected`` that differs from ``saved``."""
     if expected is None:
-        return
+        return []
     given = expected.identity() if isinstance(expected, TrainConfig) else dict(expected)
     # None means "automatic" (e.g. num_classes from the folders), which matches whatever was resolved then
     diffs = [k for k, v in given.items()
              if k not in RUNTIME_FIELDS and k in saved and v is not None and saved[k] != v]
-    if diffs:
-        shown = ", ".join(f"{k}: saved {saved[k]!r} vs given {given[k]!r}" for k in diffs[:3])
-        raise TrainingError(
-            f"{run_dir} was trained with a different config ({shown}); drop those options or start a new run folder"
-        )
+    return [f"{option_name(k)}: the run has {saved[k]!r}, given {given[k]!r}" for k in diffs]
+
+
+def refuse_conflicts(conflicts: list[str], run_dir: Path) -> None:
+    """One line naming every option that differs from the saved run, with both values."""
+    if conflicts:
+        raise TrainingError(f"{run_dir} was trained with a different config ({'; '.join(conflicts)}); drop those "
+                            "options to continue it as it was, or start a new run folder")
+
+
+def check_same_config(saved: dict, expected: TrainConfig | dict | None, run_dir: Path) -> None:
+    refuse_conflicts(config_conflicts(saved, expected), run_dir)
 
 
 def export_half(src: str | Path, dst: str | Path, *, kind: str = "demo", description: str = "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -28,6 +29,17 @@ SYNTHETIC_STD = (0.5, 0.5, 0.5)
 
 # Fields that may differ between a run and its resumption (where/how it runs, not what it computes).
 RUNTIME_FIELDS = frozenset({"device", "compile", "num_threads", "num_workers", "progress_every"})
+
+# The train-reg option that sets each field, so that a message names what the user typed.
+OPTION_FLAGS = {"data": "--data", "arch": "--arch", "epochs": "--epochs", "steps": "--steps",
+                "batch_size": "--batch-size", "lr": "--lr", "depth": "--depth", "embed_dim": "--dim",
+                "num_heads": "--heads", "img_size": "--img-size", "patch_size": "--patch", "class_token": "--no-cls",
+                "global_pool": "--no-cls", "registers": "--registers", "device": "--device", "compile": "--compile"}
+
+
+def option_name(field_name: str) -> str:
+    """``embed_dim`` -> ``--dim``: the flag that sets a config field, or the field's own name where none does."""
+    return OPTION_FLAGS.get(field_name, field_name)
 
 
 @dataclass
@@ -223,9 +235,49 @@ def validate_config(config: TrainConfig) -> None:
         raise TrainingError("give either --steps or --epochs")
     if config.steps is not None and config.steps < 1:
         raise TrainingError(f"--steps must be positive, got {config.steps}")
+    if config.steps is None and not (math.isfinite(config.epochs) and config.epochs > 0):
+        # the step count is rounded up from epochs x images / batch: 0 epochs would still train one step
+        raise TrainingError(f"--epochs must be a positive number (fractions allowed, e.g. 0.5), got {config.epochs:g}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise TrainingError(f"--lr must be a positive number, got {config.lr:g}")
+    for name in ("depth", "embed_dim", "num_heads", "img_size", "patch_size"):
+        if getattr(config, name) < 1:
+            raise TrainingError(f"{option_name(name)} must be positive, got {getattr(config, name)}")
     if config.img_size % config.patch_size:
         raise TrainingError(
             f"--img-size {config.img_size} is not a multiple of --patch {config.patch_size}; pick a divisor"
         )
     if config.embed_dim % config.num_heads:
         raise TrainingError(f"--dim {config.embed_dim} is not divisible by --heads {config.num_heads}")
+
+
+def training_bytes(config: TrainConfig, activation_bytes: int = 4) -> tuple[int, int]:
+    """``(bytes, tokens per image)``: a lower bound on one process's training memory for ``config``.
+
+    The float32 weights with their gradients and AdamW's two moments (4 copies of the position embedding and the
+    blocks' matrices: qkv, projection and a 4x MLP), and what backward keeps of each block for a batch (the residual
+    stream, q/k/v, the attention output and the MLP's hidden layer before and after its activation: 16 x width per
+    token) at ``activation_bytes`` per number (2 under bf16 autocast).
+    """
+    tokens = (config.img_size // config.patch_size) ** 2 + 1 + config.registers
+    dim = config.embed_dim
+    params = tokens * dim + config.depth * 12 * dim * dim
+    activations = config.batch_size * tokens * config.depth * 16 * dim
+    return 4 * 4 * params + activation_bytes * activations, tokens
+
+
+def check_training_fits(config: TrainConfig, device: torch.device) -> None:
+    """Refuse (:class:`ResourceError`) a run whose least memory exceeds what ``device`` has free, before any model
+    is built (``--img-size 100000`` would otherwise fail inside the allocator, or be killed by the kernel)."""
+    from artifactscan.core.memory import GIB, available_bytes
+    from artifactscan.core.errors import ResourceError
+
+    need, tokens = training_bytes(config, 2 if device.type == "cuda" and config.amp else 4)
+    free = available_bytes(device)
+    if free is None or need <= free:
+        return
+    where = "GPU memory" if device.type == "cuda" else "memory"
+    raise ResourceError(
+        f"--img-size {config.img_size} with --patch {config.patch_size} makes {tokens:,} tokens per image: training "
+        f"needs at least {need / GIB:,.1f} GiB (weights, optimiser state and a batch of {config.batch_size}'s "
+        f"activations) but {free / GIB:.1f} GiB of {where} is available; lower --img-size or --batch-size")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from artifactscan.models.checkpoint import META_KEY, save_checkpoint
 from artifactscan.core.errors import RunInterrupted, TrainingError
-from artifactscan.analysis.training.config import TrainConfig, resolve_config, validate_config
+from artifactscan.analysis.training.config import TrainConfig, check_training_fits, resolve_config, validate_config
 from artifactscan.analysis.training.model import build_model, lr_factor, param_groups
 from artifactscan.analysis.training.data import EpochIndexed, StepBatchSampler, build_datasets
 from artifactscan.analysis.training.distributed import (
@@ -235,6 +235,7 @@ def train_model(
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     device = resolve_train_device(config.device)
+    check_training_fits(config, device)
     d, device = init_distributed(device)
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
@@ -261,7 +262,8 @@ def train_model(
     elif n_data_classes > config.num_classes:
         raise TrainingError(
             f"the data has {n_data_classes} classes but the model has {config.num_classes} outputs; "
-            f"drop --num-classes or set it to {n_data_classes}"
+            f"leave num_classes unset (counted from the class folders, as --preset imagenet does) or set it to "
+            f"{n_data_classes}"
         )
     total = config.steps
     if total is None:

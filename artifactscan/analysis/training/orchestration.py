@@ -13,10 +13,12 @@ from typing import Any, Sequence
 import torch
 
 from artifactscan.models.checkpoint import read_meta
-from artifactscan.core.errors import InputError, RunInterrupted, TrainingError
+from artifactscan.core.errors import ArtifactScanError, RunInterrupted, TrainingError
 from artifactscan.analysis.training.config import (
     RUNTIME_FIELDS,
     TrainConfig,
+    check_training_fits,
+    get_preset,
     parse_registers,
     resolve_config,
     validate_config,
@@ -24,7 +26,12 @@ from artifactscan.analysis.training.config import (
 from artifactscan.analysis.training.model import build_model
 from artifactscan.analysis.training.data import build_datasets
 from artifactscan.analysis.training.distributed import resolve_train_device
-from artifactscan.analysis.training.checkpointing import check_same_config, remove_stale_temporaries, write_json
+from artifactscan.analysis.training.checkpointing import (
+    config_conflicts,
+    refuse_conflicts,
+    remove_stale_temporaries,
+    write_json,
+)
 from artifactscan.analysis.training.loop import TrainResult, evaluate, train_model
 
 
@@ -137,8 +144,11 @@ def worker_main(config_path: str, run_dir: str, resume: bool) -> int:
     except RunInterrupted as exc:
         emit({"type": "interrupted", "message": str(exc)})
         return 130
-    except (TrainingError, InputError) as exc:
+    except ArtifactScanError as exc:
         emit({"type": "error", "kind": type(exc).__name__, "message": str(exc)})
+        return 2
+    except Exception as exc:  # a bug: one line through the parent (which exits 2), not a child's traceback
+        emit({"type": "error", "kind": "internal", "message": f"{type(exc).__name__}: {exc}"})
         return 2
     emit({"type": "done", "result": res.to_dict()})
     return 0
@@ -176,8 +186,22 @@ def train_reg(
         resume: continue the variants of an interrupted ``train_reg`` folder (finished ones are reused).
     Returns:
         :class:`TrainRegResult` listing each variant's final checkpoint — scan them for the verdict.
+    Raises:
+        RunInterrupted (SIGINT / SIGTERM) naming the steps saved and the command that continues the run, or saying
+        that nothing was saved yet.
     """
     out = Path(out_dir)
+    try:
+        return _train_variants(config, out, registers, baseline_checkpoint=baseline_checkpoint, parallel=parallel,
+                               resume=resume, progress=progress)
+    except KeyboardInterrupt:  # before a training loop took the signal over: start-up, reading data, building
+        raise RunInterrupted(interrupted_message(out)) from None
+
+
+def _train_variants(config: TrainConfig, out: Path, registers: str | int | Sequence[int], *,
+                    baseline_checkpoint: str | Path | None, parallel: bool | None, resume: bool,
+                    progress: bool) -> TrainRegResult:
+    """:func:`train_reg` itself."""
     config = resolve_config(config)
     regs = parse_registers(registers)
     if baseline_checkpoint is None and 0 not in regs:
@@ -190,6 +214,7 @@ def train_reg(
             raise TrainingError("with --baseline only register models are trained; pass e.g. --registers 4")
     validate_config(config)
     device = resolve_train_device(config.device)  # fail before creating any folder
+    check_training_fits(config, device)
     if config.data is not None:
         build_datasets(config)  # a bad data folder fails here, before any worker process starts
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -223,10 +248,16 @@ def train_reg(
         parallel = False
 
     if jobs and parallel:
-        done.update(run_parallel(config, jobs, cores, progress))
+        done.update(run_parallel(config, jobs, cores, progress))  # an interruption there names the run folder
     else:
         for reg, vdir, res in jobs:
-            r = train_model(config.replace(registers=reg), vdir, resume=res, progress=progress, label=f"reg{reg}")
+            try:
+                r = train_model(config.replace(registers=reg), vdir, resume=res, progress=progress,
+                                label=f"reg{reg}")
+            except RunInterrupted as exc:  # the run is continued as a whole, not this variant's folder alone
+                signal_name = str(exc).split(": stopped ", 1)[0]
+                raise RunInterrupted(f"{signal_name}: stopped {stopped_part(str(exc))} and saved its resume state; "
+                                     f"continue with: artifactscan train-reg --resume {out}") from None
             done[reg] = variant_from_result(reg, r.to_dict())
 
     if baseline_checkpoint is not None:
@@ -237,6 +268,28 @@ def train_reg(
     if main:
         write_json(result.comparison_path, result.to_dict())
     return result
+
+
+def stopped_part(message: str) -> str:
+    """``SIGINT: stopped runs/a/reg0 after step 5 of 400 and saved ...`` -> ``runs/a/reg0 after step 5 of 400``."""
+    return message.split(": stopped ", 1)[-1].split(" and saved")[0]
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """Where a run stopped outside the variants' training loops (start-up, reading the data, building, the last
+    bookkeeping) stands, read from its folder, and the command that goes on from there."""
+    finished, saved = [], []
+    for d in sorted(run_dir.glob("reg*"), key=lambda d: (len(d.name), d.name)):
+        if (d / "final.safetensors").is_file():
+            finished.append(d.name)
+        elif (d / "last.pt").is_file():
+            saved.append(d.name)
+    if not finished and not saved:
+        return (f"stopped {run_dir} before its first training step was saved: there is nothing to resume; run the "
+                "same command again to start over (a run folder with no checkpoint restarts)")
+    parts = ([f"{', '.join(finished)} finished"] if finished else []) + (
+        [f"{', '.join(saved)} saved a resume state earlier"] if saved else [])
+    return f"stopped {run_dir} ({'; '.join(parts)}); continue with: artifactscan train-reg --resume {run_dir}"
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -257,6 +310,24 @@ def _stop_children(running: dict, timeout: float = 600.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def _start_worker(cmd: list[str], env: dict[str, str]):
+    """A side-by-side child, started with SIGINT ignored (the one disposition ``exec`` keeps). A Ctrl-C (or ``timeout
+    -s INT``) reaches the whole process group: in a child still importing torch it would end in a traceback and no
+    saved step. Ignoring it there, the parent alone takes it and stops the children with SIGTERM; once a child's
+    training loop runs, its own handler (loop.StopSignal) takes SIGINT too and saves the step."""
+    import signal
+    import subprocess
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # for the milliseconds of the fork only
+    try:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[int, RegVariant]:
@@ -287,6 +358,7 @@ def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[
     results: dict[int, RegVariant] = {}
     errors: list[str] = []
     stopped: list[str] = []
+    internal = False  # a child failed on a bug, not on the user's input
     pumps: list[threading.Thread] = []
     waiting = list(jobs)
     running: dict[str, tuple[int, subprocess.Popen]] = {}
@@ -310,7 +382,7 @@ def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[
         pkg_parent = str(Path(__file__).resolve().parent.parent)  # so the child imports this same artifactscan
         pypath = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WORLD_SIZE": "1", "RANK": "0", "PYTHONPATH": pypath}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        proc = _start_worker(cmd, env)
         running[label] = (reg, proc)
         if bars is not None:
             tasks[label] = bars.add_task(label, total=config.steps or None, loss="-", acc="-", ips="-")
@@ -335,6 +407,7 @@ def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[
                 results[reg] = variant_from_result(reg, ev["result"])
             elif kind == "error":
                 errors.append(ev["message"])
+                internal = internal or ev.get("kind") == "internal"
             elif kind == "interrupted":
                 stopped.append(ev["message"])
             elif kind == "exit":
@@ -366,11 +439,13 @@ def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[
         if bars is not None:
             bars.stop()
     if stopped:
-        steps = "; ".join(m.split(": stopped ", 1)[-1].split(" and saved")[0] for m in stopped)
+        steps = "; ".join(stopped_part(m) for m in stopped)
         run = Path(jobs[0][1]).parent
         raise RunInterrupted(f"stopped the side-by-side training ({steps}); each saved its resume state; continue "
                              f"with: artifactscan train-reg --resume {run}")
     if errors:
+        if internal:
+            raise RuntimeError(f"a training worker failed: {errors[0]}")
         raise TrainingError(errors[0])
     return results
 
@@ -379,6 +454,9 @@ def resume(
     run_dir: str | Path,
     expected: TrainConfig | dict | None = None,
     *,
+    registers: str | int | Sequence[int] | None = None,
+    baseline_checkpoint: str | Path | None = None,
+    preset: str | None = None,
     progress: bool = True,
     parallel: bool | None = None,
     **runtime: Any,
@@ -386,18 +464,21 @@ def resume(
     """Continue a killed run to the same result an uninterrupted one would have reached.
 
     ``run_dir`` is either a ``train_reg`` folder (with ``train_reg.json``) or a single-model folder (with
-    ``last.pt``). ``expected`` holds options the user passed again (a dict of changed fields, or a full config):
-    if any of them differs from the saved config the resume is refused. ``runtime`` may change where it runs
-    (``device``, ``num_threads``, ``num_workers``, ``compile``).
+    ``last.pt``). ``expected`` holds options the user passed again (a dict of changed fields, or a full config);
+    ``registers``, ``baseline_checkpoint`` and ``preset`` are the other options of ``train-reg`` that define a run:
+    if any of them differs from the saved run the resume is refused, naming each option with both values
+    (:func:`resume_conflicts`). ``runtime`` may change where it runs (``device``, ``num_threads``, ``num_workers``,
+    ``compile``).
     """
     run_dir = Path(run_dir)
     bad = set(runtime) - RUNTIME_FIELDS
     if bad:
         raise TrainingError(f"only {sorted(RUNTIME_FIELDS)} can change on --resume, not {sorted(bad)}")
+    options = dict(expected=expected, registers=registers, baseline_checkpoint=baseline_checkpoint, preset=preset)
     if (run_dir / "train_reg.json").is_file():
         config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-        check_same_config(config.to_dict(), expected, run_dir)
         spec = json.loads((run_dir / "train_reg.json").read_text())
+        refuse_conflicts(resume_conflicts(config, spec, **options), run_dir)
         if not has_checkpoint(run_dir):
             raise TrainingError(f"cannot resume: {run_dir} has no checkpoint yet; start it again with the same "
                                 f"command without --resume (--out {run_dir}): a folder with no checkpoint restarts")
@@ -407,8 +488,45 @@ def resume(
     if (run_dir / "last.pt").is_file():
         blob = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
         config = TrainConfig.from_dict(json.loads(blob["resume"]["config"]))
-        check_same_config(config.to_dict(), expected, run_dir)
+        single = {"registers": [config.registers], "baseline_checkpoint": None, "single_model": True}
+        refuse_conflicts(resume_conflicts(config, single, **options), run_dir)
         return train_model(config.replace(**runtime), run_dir, resume=True, progress=progress)
     if (run_dir / "config.json").is_file():
         raise TrainingError(f"cannot resume: {run_dir} has no checkpoint yet (last.pt); start a fresh run instead")
     raise TrainingError(f"cannot resume: {run_dir} is not an artifactscan run folder (no config.json/last.pt)")
+
+
+def _registers_text(regs: Sequence[int]) -> str:
+    return ",".join(str(r) for r in sorted(regs))
+
+
+def resume_conflicts(config: TrainConfig, spec: dict, *, expected: TrainConfig | dict | None = None,
+                     registers: str | int | Sequence[int] | None = None,
+                     baseline_checkpoint: str | Path | None = None, preset: str | None = None) -> list[str]:
+    """Every option passed again to ``train-reg --resume`` that differs from the run being resumed, as
+    ``--steps: the run has 400, given 9`` (empty when they all agree). The one place these are compared: the config's
+    fields (``expected``), the preset they would come from, the register counts and the baseline checkpoint
+    (``spec``: the run's ``train_reg.json``; ``single_model``: a folder of one model, whose count is compared as
+    given)."""
+    saved = config.to_dict()
+    conflicts = config_conflicts(saved, expected)
+    if preset is not None:
+        given = expected.identity() if isinstance(expected, TrainConfig) else dict(expected or {})
+        from_preset = {k: v for k, v in get_preset(preset, **given).identity().items() if k not in given}
+        conflicts += [f"--preset {preset}: {c}" for c in config_conflicts(saved, from_preset)]
+    saved_base = spec.get("baseline_checkpoint")
+    if baseline_checkpoint is not None:
+        same = saved_base is not None and Path(saved_base).resolve() == Path(baseline_checkpoint).resolve()
+        if not same:
+            conflicts.append(f"--baseline: the run has {saved_base or 'none (it trains its own 0-register model)'}, "
+                             f"given {baseline_checkpoint}")
+    if registers is not None:
+        regs = parse_registers(registers)
+        if not spec.get("single_model"):  # train_reg adds the 0-register baseline unless --baseline gives it
+            regs = [r for r in regs if r != 0] if saved_base is not None else sorted(set(regs) | {0})
+        if sorted(regs) != sorted(spec["registers"]):
+            given_text = _registers_text(parse_registers(registers))
+            trains = f" (it would train {_registers_text(regs)})" if _registers_text(regs) != given_text else ""
+            conflicts.append(f"--registers: the run has {_registers_text(spec['registers'])}, given "
+                             f"{given_text}{trains}")
+    return conflicts
