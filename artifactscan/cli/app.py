@@ -283,7 +283,7 @@ def norms(
     Exit codes: 0 done; 1 a user error (or NaN/Inf weights or norms, unless --allow-nonfinite); 2 a bug; 3 the
     --fail-above gate failed; 130 interrupted.
     """
-    from artifactscan.models.hf import is_model_folder
+    from artifactscan.models.hf import is_training_run
     from artifactscan.render.text import render_scan
     from artifactscan.render.outputs import write_scan_outputs
     from artifactscan.core.errors import GateFailedError, NonFiniteError
@@ -296,7 +296,10 @@ def norms(
             from artifactscan.core.errors import InputError
 
             raise InputError(f"--maps must be 0 or more (the number of images that keep a norm map), got {maps}")
-        is_run = model is not None and Path(model).is_dir() and not is_model_folder(model)
+        # a training run (its own files say so) or a folder of checkpoints; one with a config.json is a model
+        folder = Path(model) if model is not None else None
+        is_run = folder is not None and folder.is_dir() and (is_training_run(folder)
+                                                             or not (folder / "config.json").is_file())
         if is_run:
             swapped_arguments_hint(model, images)  # type: ignore[arg-type]
         rank = distributed_world()[1]
