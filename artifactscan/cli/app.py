@@ -596,6 +596,8 @@ def phantom(
     gain: float = typer.Option(25.0, "--gain", help="Planting strength: planted tokens are written at gain x the "
                                "baseline's largest median patch norm from the onset on (> 1; the shipped phantom: 25)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where --build writes the .safetensors file."),
+    json_out: bool = typer.Option(False, "--json", help="Print the description (of the phantom built, with --build) "
+                                  "as JSON on stdout and nothing else."),
     debug: bool = DebugOpt,
 ) -> None:
     """The calibration phantom: a ViT whose artifact tokens were built in, so the right answer is known.
@@ -615,20 +617,29 @@ def phantom(
 
       artifactscan phantom --build --from demo-deep --onset 9 --out artifactscan/weights/phantom-deep.safetensors
     """
-    from artifactscan.models.phantom import build_phantom, describe_phantom
+    from artifactscan.models.phantom import build_phantom, describe_shipped_phantom, phantom_description
 
     def work() -> None:
         if build:
             if out is not None:
                 check_output_file(out, "--out", (".safetensors", ".pt"))
-            _, spec, path = build_phantom(base, out, onset=onset, fraction=fraction, units=units,
-                                          gain_over_median=gain)
+            model, spec, path = build_phantom(base, out, onset=onset, fraction=fraction, units=units,
+                                              gain_over_median=gain)
+            if json_out:
+                built = phantom_description(model, spec, str(path) if path else "not saved (no --out)",
+                                            path or "PHANTOM.safetensors")
+                sys.stdout.write(built.to_json() + "\n")
+                return
             print_line(stdout, "built", "", f"the phantom from {base}: onset block {spec.onset}, "
                        f"{spec.planted_per_image} of {spec.num_patches} patch tokens planted per image, gain "
                        f"{spec.gain:g} ({spec.gain_over_median:g}x the baseline's median norm)"
                        + (f"; wrote {path}" if path else " (not saved: pass --out)"))
             return
-        stdout.print(describe_phantom(name))
+        description = describe_shipped_phantom(name)
+        if json_out:
+            sys.stdout.write(description.to_json() + "\n")
+        else:
+            stdout.print(description.text())
 
     run_command(debug, work)
 

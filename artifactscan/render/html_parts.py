@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from artifactscan.core.results import JsonResult
 
 SCHEMA_PREFIX = "artifactscan."
 FIGURE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
@@ -59,8 +60,8 @@ class IncludedResult:
 
 
 @dataclass
-class HtmlReportSummary:
-    """What :func:`write_html_report` put on the page (and what it had to leave out)."""
+class HtmlReportSummary(JsonResult):
+    """What :func:`write_html_report` put on the page (and what it had to leave out); ``report --json`` prints it."""
 
     results_dir: Path
     out_path: Path | None
@@ -71,6 +72,7 @@ class HtmlReportSummary:
     warnings: list[str]
     skipped: list[str]  # files that could not be read (relative paths)
     bytes: int = 0
+    schema: str = "artifactscan.html_report/1"
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
