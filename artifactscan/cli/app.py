@@ -313,7 +313,7 @@ def norms(
     bug; 3 the --fail-above gate failed (too many outliers, or an inconclusive scan); 130 interrupted; 141 stdout's
     reader went away (| head).
     """
-    from artifactscan.models.hf import is_model_folder
+    from artifactscan.models.hf import is_training_run
     from artifactscan.render.text import render_scan
     from artifactscan.render.outputs import write_scan_outputs
     from artifactscan.core.errors import GateFailedError, NonFiniteError
@@ -326,7 +326,10 @@ def norms(
             from artifactscan.core.errors import InputError
 
             raise InputError(f"--maps must be 0 or more (the number of images that keep a norm map), got {maps}")
-        is_run = model is not None and Path(model).is_dir() and not is_model_folder(model)
+        # a training run (its own files say so) or a folder of checkpoints; one with a config.json is a model
+        folder = Path(model) if model is not None else None
+        is_run = folder is not None and folder.is_dir() and (is_training_run(folder)
+                                                             or not (folder / "config.json").is_file())
         if is_run:
             swapped_arguments_hint(model, images)  # type: ignore[arg-type]
         rank = distributed_world()[1]
@@ -645,6 +648,8 @@ def phantom(
     gain: float = typer.Option(25.0, "--gain", help="Planting strength: planted tokens are written at gain x the "
                                "baseline's largest median patch norm from the onset on (> 1; the shipped phantom: 25)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where --build writes the .safetensors file."),
+    json_out: bool = typer.Option(False, "--json", help="Print the description (of the phantom built, with --build) "
+                                  "as JSON on stdout and nothing else."),
     debug: bool = DebugOpt,
 ) -> None:
     """The calibration phantom: a ViT whose artifact tokens were built in, so the right answer is known.
@@ -664,7 +669,7 @@ def phantom(
 
       artifactscan phantom --build --from demo-deep --onset 9 --out artifactscan/weights/phantom-deep.safetensors
     """
-    from artifactscan.models.phantom import build_phantom, describe_phantom
+    from artifactscan.models.phantom import build_phantom, describe_shipped_phantom, phantom_description
 
     def work() -> None:
         # --describe explains a shipped phantom, --build makes a new one: an option of the other mode would be
@@ -681,14 +686,23 @@ def phantom(
         if build:
             if out is not None:
                 check_output_file(out, "--out", (".safetensors", ".pt"))
-            _, spec, path = build_phantom(base, out, onset=onset, fraction=fraction, units=units,
-                                          gain_over_median=gain)
+            model, spec, path = build_phantom(base, out, onset=onset, fraction=fraction, units=units,
+                                              gain_over_median=gain)
+            if json_out:
+                built = phantom_description(model, spec, str(path) if path else "not saved (no --out)",
+                                            path or "PHANTOM.safetensors")
+                sys.stdout.write(built.to_json() + "\n")
+                return
             print_line(stdout, "built", "", f"the phantom from {base}: onset block {spec.onset}, "
                        f"{spec.planted_per_image} of {spec.num_patches} patch tokens planted per image, gain "
                        f"{spec.gain:g} ({spec.gain_over_median:g}x the baseline's median norm)"
                        + (f"; wrote {path}" if path else " (not saved: pass --out)"))
             return
-        stdout.print(describe_phantom(name))
+        description = describe_shipped_phantom(name)
+        if json_out:
+            sys.stdout.write(description.to_json() + "\n")
+        else:
+            stdout.print(description.text())
 
     run_command(debug, work)
 

@@ -6,6 +6,7 @@ A thin Typer layer over :func:`artifactscan.html_report.write_html_report`. Regi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,8 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", "-o", show_default=False,
                                        help="The HTML file to write (default: RESULTS_DIR/report.html). Missing "
                                             "folders are created."),
+    json_out: bool = typer.Option(False, "--json", help="Print what went into the page as JSON on stdout and "
+                                                        "nothing else."),
     debug: bool = DebugOpt,
 ) -> None:
     """One self-contained HTML page of every result in a folder: scans, probes, attention, fixes, comparisons.
@@ -55,6 +58,9 @@ def report(
         flag = "--out" if out is not None else "results folder"
         with output_folder(target.parent if managed else None, "report", flag, add_to_previous=True):
             summary = write_html_report(results_dir, out, warn=warn)
+        if json_out:
+            sys.stdout.write(summary.to_json() + "\n")
+            return
         if summary.phantom:
             print_line(stdout, "note:", "yellow", "includes calibration-phantom results (artifacts built in by "
                        "construction); the page says so at the top.")

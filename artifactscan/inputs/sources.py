@@ -176,12 +176,18 @@ def decode_min_side(cfg: dict[str, Any]) -> int:
 
 
 def default_images() -> Path:
-    """The photos shipped in ``sample_images/`` (next to the package in a source checkout)."""
-    package = Path(__file__).resolve().parents[1]
-    for candidate in (package.parent / "sample_images", package / "sample_images"):
-        if candidate.is_dir():
+    """The sample photos: ``artifactscan/sample_images/`` inside an installed wheel (built from the top-level
+    ``sample_images/``, pyproject.toml), else that top-level folder of a source checkout or editable install."""
+    from importlib import resources
+
+    shipped = resources.files("artifactscan") / "sample_images"
+    checkout = Path(__file__).resolve().parents[2] / "sample_images"
+    for candidate in (shipped, checkout):
+        # a package imported from a zip file has no folder to scan: only a real one will do
+        if isinstance(candidate, Path) and candidate.is_dir():
             return candidate
-    raise InputError("sample_images/ is not next to this install; pass an IMAGES folder")
+    raise InputError("the sample photos are not installed with this copy of artifactscan (no sample_images/ in the "
+                     "package or beside it); pass an IMAGES folder")
 
 
 def forward_flops(model: Any) -> float | None:

@@ -60,10 +60,33 @@ def build_vit(norm_eps: float = 1e-6, act: str = "gelu", mlp: str = "mlp", **kwa
 register_architecture(ARCH, build_vit)
 
 
-def is_model_folder(path: str | Path) -> bool:
-    """A Hugging Face model folder: ``config.json`` next to weights (not a training run's folder)."""
+# The weights a save_pretrained folder (transformers, or timm's hub layout) must hold besides config.json; a sharded
+# save writes its index. Any other *.safetensors next to a config.json does not make a Hugging Face folder.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# What train-reg and train-model write into a run folder (train_reg.json) and into each model's folder
+# (analysis/training: loop.py, orchestration.py). Those folders hold a config.json too: a TrainConfig, not a
+# Hugging Face config, so these are checked first.
+TRAINING_RUN_FILES = ("train_reg.json", "metrics.jsonl", "result.json", "last.pt", "final.safetensors",
+                      "worker-config.json")
+
+
+def is_training_run(path: str | Path) -> bool:
+    """A folder train-reg or train-model wrote (the run, or one model's folder in it), recognised by its own files."""
     path = Path(path)
-    return path.is_dir() and (path / "config.json").is_file()
+    return path.is_dir() and (any((path / name).is_file() for name in TRAINING_RUN_FILES)
+                              or (path / "checkpoints").is_dir() and (path / "config.json").is_file())
+
+
+def has_weights(path: str | Path) -> bool:
+    """Whether a folder holds the weights of a Hugging Face save_pretrained folder (:data:`WEIGHT_FILES`)."""
+    return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """A Hugging Face model folder: ``config.json`` next to its weights, and not a training run's folder."""
+    path = Path(path)
+    return path.is_dir() and not is_training_run(path) and (path / "config.json").is_file() and has_weights(path)
 
 
 def is_timm_folder(path: str | Path) -> bool:

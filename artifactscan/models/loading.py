@@ -492,8 +492,7 @@ def load_model(
             loaded.name, loaded.source = spec, "builtin"
         elif path.is_dir():
             if not hf.is_model_folder(path):
-                raise InputError(f"{spec} is a folder without a config.json; pass a checkpoint file (.safetensors / "
-                                 ".pt), a Hugging Face save_pretrained folder or a model name")
+                raise InputError(_not_a_model_folder(spec, path))
             if hf.is_timm_folder(path):  # a timm hub snapshot: timm's own loader
                 loaded = _load_named(f"local-dir:{path}", arch_kwargs)
             else:
@@ -520,6 +519,20 @@ def load_model(
         _resize_input(loaded, img_size)
     end_startup()  # the command line's start-up phase ends with the model (core/startup.py); elsewhere a no-op
     return loaded
+
+
+def _not_a_model_folder(spec: str, path: Path) -> str:
+    """Why a folder given as MODEL is not one, and what to pass instead."""
+    if hf.is_training_run(path):
+        finals = sorted(path.glob("final.safetensors")) + sorted(path.glob("*/final.safetensors"))
+        example = f" such as {finals[0]}" if finals else ""
+        return (f"{spec} is a training run's folder, not a model; pass one of its checkpoints{example}, or scan "
+                f"them all with `artifactscan norms {spec} IMAGES`")
+    if (path / "config.json").is_file():
+        return (f"{spec} has a config.json but none of the weights of a Hugging Face folder "
+                f"({', '.join(hf.WEIGHT_FILES)}); pass a folder save_pretrained wrote, or a checkpoint file")
+    return (f"{spec} is a folder without a config.json; pass a checkpoint file (.safetensors / .pt), a Hugging Face "
+            "save_pretrained folder or a model name")
 
 
 def peek_data_config(spec: str | Path | None) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from artifactscan.core.errors import InputError
+from artifactscan.core.results import JsonResult
 from artifactscan.models.phantom_rules import (  # noqa: F401  (re-exported: the phantom's documented helpers)
     ARCH,
     CALIBRATION_MAX_FRACTION,
@@ -175,37 +176,80 @@ def ground_truth(loaded: Any, images: torch.Tensor) -> torch.Tensor:
     return model.planted_mask().reshape(-1, gh, gw).clone()
 
 
-def describe_phantom(name: str | None = None) -> str:
-    """Human description of a shipped phantom (default: the embedded default's): what was built in, where, and why."""
-    from artifactscan.models.loading import PHANTOM_NOTE, default_model_name, load_model
+DESCRIPTION_SCHEMA = "artifactscan.phantom/1"
+
+
+@dataclass
+class PhantomDescription(JsonResult):
+    """What was built into a phantom, and why (``artifactscan phantom --describe``; ``--json`` prints this)."""
+
+    model: str  # the shipped name, or the file --build wrote
+    num_blocks: int
+    embed_dim: int
+    patch_size: int
+    img_size: int
+    spec: PhantomSpec
+    note: str
+    rebuild: str  # the command that rebuilds it
+    schema: str = DESCRIPTION_SCHEMA
+
+    @property
+    def planted_share(self) -> float:
+        return self.spec.planted_per_image / self.spec.num_patches
+
+    def text(self) -> str:
+        """The description in words, as ``phantom --describe`` prints it."""
+        spec, depth, share = self.spec, self.num_blocks, self.planted_share
+        return "\n".join([
+            self.note,
+            "",
+            f"Model: '{self.model}'. Base: the genuinely trained '{spec.base}' ViT ({depth} blocks, width "
+            f"{self.embed_dim}, {spec.num_patches} patches of {self.patch_size} px at {self.img_size} px, 1 CLS "
+            "token): its normal tokens are real.",
+            f"Built in at block {spec.onset} of {depth} (0-based; the onset layer, {spec.onset / depth:.0%} of the "
+            f"depth): {spec.units} ReLU hidden units "
+            f"(blocks.{spec.onset}.artifact_units) fire on the {spec.planted_per_image} most redundant patch token(s) "
+            f"of each image ({share:.2%} of patch tokens; redundancy = mean cosine "
+            "similarity of the patch embedding with its 4 neighbours) and overwrite them with "
+            f"gain x (u + {spec.beta:g} x s): gain = {spec.gain:g} = {spec.gain_over_median:g}x the baseline's "
+            f"median patch norm ({spec.calibration_median:.3g}), u a fixed direction, s the image's normalised CLS "
+            "token (a global summary). Their own patch content is lost; they carry global information; they stay "
+            "in place.",
+            f"What a scan must find: outliers from block {spec.onset} on and none before, exactly the planted tokens, "
+            f"{share:.2%} of patch tokens; probes: outliers worse on position and "
+            "reconstruction, better on global classification, on redundant inputs.",
+            "Why: no pretrained ViT reaches the machine this tool was built on, and small ViTs trained there grow no "
+            "artifacts; an instrument that has only seen clean models cannot show it finds anything.",
+            f"Rebuild: {self.rebuild}",
+        ])
+
+
+def phantom_description(model: Any, spec: PhantomSpec, name: str, out: str | Path | None = None) -> PhantomDescription:
+    """The description of a phantom ``model`` (a ``PhantomViT``) built with ``spec``; ``out``: where a rebuild
+    writes it (default: the shipped file of that name)."""
+    from artifactscan.models.loading import PHANTOM_NOTE
+
+    patch, img = model.patch_embed.patch_size, model.patch_embed.img_size
+    target = out if out is not None else f"artifactscan/weights/{name}.safetensors"
+    rebuild = (f"artifactscan phantom --build --from {spec.base} --onset {spec.onset} --fraction {spec.fraction:g} "
+               f"--units {spec.units} --out {target}")
+    return PhantomDescription(model=name, num_blocks=len(model.blocks), embed_dim=int(model.embed_dim),
+                              patch_size=int(patch[0]), img_size=int(img[0]), spec=spec, note=PHANTOM_NOTE,
+                              rebuild=rebuild)
+
+
+def describe_shipped_phantom(name: str | None = None) -> PhantomDescription:
+    """The description of a shipped phantom (default: the embedded default's)."""
+    from artifactscan.models.loading import default_model_name, load_model
 
     name = name or default_model_name()
     loaded = load_model(name)
-    spec = phantom_spec(loaded)
-    depth = len(loaded.blocks)
-    share = spec.planted_per_image / spec.num_patches
-    return "\n".join([
-        PHANTOM_NOTE,
-        "",
-        f"Model: '{name}'. Base: the genuinely trained '{spec.base}' ViT ({depth} blocks, width "
-        f"{loaded.model.embed_dim}, {spec.num_patches} patches of {loaded.patch_size[0]} px at "
-        f"{loaded.input_size[0]} px, 1 CLS token): its normal tokens are real.",
-        f"Built in at block {spec.onset} of {depth} (0-based; the onset layer, {spec.onset / depth:.0%} of the depth): "
-        f"{spec.units} ReLU hidden units "
-        f"(blocks.{spec.onset}.artifact_units) fire on the {spec.planted_per_image} most redundant patch token(s) of "
-        f"each image ({share:.2%} of patch tokens; redundancy = mean cosine "
-        "similarity of the patch embedding with its 4 neighbours) and overwrite them with "
-        f"gain x (u + {spec.beta:g} x s): gain = {spec.gain:g} = {spec.gain_over_median:g}x the baseline's median "
-        f"patch norm ({spec.calibration_median:.3g}), u a fixed direction, s the image's normalised CLS token (a "
-        "global summary). Their own patch content is lost; they carry global information; they stay in place.",
-        f"What a scan must find: outliers from block {spec.onset} on and none before, exactly the planted tokens, "
-        f"{share:.2%} of patch tokens; probes: outliers worse on position and "
-        "reconstruction, better on global classification, on redundant inputs.",
-        "Why: no pretrained ViT reaches the machine this tool was built on, and small ViTs trained there grow no "
-        "artifacts; an instrument that has only seen clean models cannot show it finds anything.",
-        f"Rebuild: artifactscan phantom --build --from {spec.base} --onset {spec.onset} --fraction {spec.fraction:g} "
-        f"--units {spec.units} --out artifactscan/weights/{name}.safetensors",
-    ])
+    return phantom_description(loaded.model, phantom_spec(loaded), name)
+
+
+def describe_phantom(name: str | None = None) -> str:
+    """Human description of a shipped phantom (default: the embedded default's): what was built in, where, and why."""
+    return describe_shipped_phantom(name).text()
 
 
 register_architecture(ARCH, build_phantom_vit)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 from artifactscan.core.errors import NotAFileError
 from artifactscan.core.paths import path_kind, read_regular_bytes, read_regular_text
+from artifactscan.core.results import JsonResult
 
 SCHEMA_PREFIX = "artifactscan."
 FIGURE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
@@ -61,8 +62,8 @@ class IncludedResult:
 
 
 @dataclass
-class HtmlReportSummary:
-    """What :func:`write_html_report` put on the page (and what it had to leave out)."""
+class HtmlReportSummary(JsonResult):
+    """What :func:`write_html_report` put on the page (and what it had to leave out); ``report --json`` prints it."""
 
     results_dir: Path
     out_path: Path | None
@@ -73,6 +74,7 @@ class HtmlReportSummary:
     warnings: list[str]
     skipped: list[str]  # files that could not be read (relative paths)
     bytes: int = 0
+    schema: str = "artifactscan.html_report/1"
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
