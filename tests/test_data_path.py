@@ -165,7 +165,9 @@ def test_bad_files_counted_the_same_in_workers(tmp_path):
     assert len(serial.images.skipped) == 2
     assert serial.images.skipped == parallel.images.skipped
     assert serial.images.num_scanned == parallel.images.num_scanned == 70
-    assert [lay.median for lay in serial.layers] == [lay.median for lay in parallel.layers]
+    # The same pixels, but the forward runs on fewer threads beside the workers: float32 kernels may round
+    # otherwise, a few ulps (1e-7 relative) at most.
+    assert [lay.median for lay in serial.layers] == pytest.approx([lay.median for lay in parallel.layers], rel=1e-5)
     assert _flagged(serial) == _flagged(parallel)
 
 

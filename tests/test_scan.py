@@ -144,7 +144,12 @@ def test_statistics_merge_equals_single_stream():
     parts[1].update(norms[:, 4:])
     parts[0].merge(parts[1])
     for name, tensor in whole.tensors().items():
-        assert torch.equal(tensor, parts[0].tensors()[name]), name
+        merged = parts[0].tensors()[name]
+        if tensor.is_floating_point() and name.endswith(("sum", "sumsq")):
+            # float64 sums taken in another grouping: equal up to float64 rounding, not bit for bit
+            torch.testing.assert_close(merged, tensor, rtol=1e-12, atol=0, msg=name)
+        else:
+            assert torch.equal(tensor, merged), name  # counts add and maxima take the max: exact
     assert parts[0].num_images == 10
 
 

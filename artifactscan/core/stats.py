@@ -122,7 +122,8 @@ class NormStatistics:
     _MAXED = ("patch_max", "prefix_max")
 
     def merge(self, other: "NormStatistics") -> None:
-        """Fold another shard's statistics into this one (exact: counts and sums add, maxima take the max)."""
+        """Fold another shard's statistics into this one: counts add exactly, maxima take the max, float64 sums add
+        (equal to one stream's up to float64 rounding: the terms are grouped otherwise)."""
         if (other.num_rows, other.prefix_names, other.fixed_thresholds) != (
             self.num_rows, self.prefix_names, self.fixed_thresholds):
             raise ValueError("cannot merge statistics of different models or thresholds")
