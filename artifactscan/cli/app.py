@@ -595,6 +595,8 @@ def train_reg(
                 embed_dim=dim, num_heads=heads, img_size=img_size, patch_size=patch,
                 class_token=False if no_cls else None, compile=compile_model or None,
                 device=device if device != "auto" else None)
+            if steps is None and epochs is None and training.steps_from_environment() is not None:
+                warn(f"{training.STEPS_ENV} is set: {config.steps} steps per model (a development setting)")
             run_dir = out or Path("runs") / f"{__import__('datetime').date.today()}-{config.arch.split('_patch')[0]}"
             # The run folder is validated and locked first: a second train-reg into it fails at once, not mid-run.
             with output_folder(run_dir if main_rank else None, "train-reg", manifest=False):

@@ -30,7 +30,15 @@ child-process entry point.
 """
 
 from artifactscan.analysis.training.checkpointing import export_half
-from artifactscan.analysis.training.config import PRESETS, TrainConfig, get_preset, parse_registers, resolve_config
+from artifactscan.analysis.training.config import (
+    PRESETS,
+    STEPS_ENV,
+    TrainConfig,
+    get_preset,
+    parse_registers,
+    resolve_config,
+    steps_from_environment,
+)
 from artifactscan.analysis.training.data import ImageFolderData, StepBatchSampler, build_datasets, scan_image_folder
 from artifactscan.analysis.training.loop import TrainResult, evaluate, train_model
 from artifactscan.analysis.training.model import build_model, lr_factor
@@ -42,7 +50,7 @@ from artifactscan.analysis.training.orchestration import (
     train_reg,
 )
 
-__all__ = ["ImageFolderData", "PRESETS", "RegVariant", "StepBatchSampler", "TrainConfig", "TrainRegResult",
-           "TrainResult", "build_datasets", "build_model", "evaluate", "evaluate_checkpoint", "export_half",
-           "get_preset", "lr_factor", "parse_registers", "resolve_config", "resume", "scan_image_folder",
-           "train_model", "train_reg"]
+__all__ = ["ImageFolderData", "PRESETS", "RegVariant", "STEPS_ENV", "StepBatchSampler", "TrainConfig",
+           "TrainRegResult", "TrainResult", "build_datasets", "build_model", "evaluate", "evaluate_checkpoint",
+           "export_half", "get_preset", "lr_factor", "parse_registers", "resolve_config", "resume",
+           "scan_image_folder", "steps_from_environment", "train_model", "train_reg"]
