@@ -1,7 +1,8 @@
 """No figure the tool writes has colliding text: every figure kind is saved from small real results, and the text
 matplotlib actually drew into the file (titles, suptitles, axis labels, tick labels, legends, annotations) is
 measured with the renderer that drew it. No two text boxes may overlap by more than a pixel, and none may run off
-the figure's edge (where it would be cut)."""
+the figure's edge (where it would be cut). A rotated text is measured by its upright bounding box, which is larger
+than its glyphs: slanted labels that nearly touch count as a collision (the figures use upright labels instead)."""
 
 from __future__ import annotations
 

@@ -53,8 +53,9 @@ def render_calibration(report: Any, console: "Console") -> None:
              f"{report.num_blocks}, scanned on {report.images}")
     for c in report.cells:
         found = c.recall >= 0.95 and c.precision >= 0.95 and c.onset_error == 0
-        table.add_row(f"{num(c.gain)}x", f"{c.planted_per_image}/img", pct(c.planted_share), ratio(c.ratio),
-                      ratio(c.ratio_at_onset), "-" if c.precision != c.precision else f"{c.precision:.2f}",
+        # Three significant digits, not ratio()'s one decimal: near the rule's 2.5x, 2.46x must not read "2.5x".
+        table.add_row(f"{num(c.gain)}x", f"{c.planted_per_image}/img", pct(c.planted_share), f"{num(c.ratio)}x",
+                      f"{num(c.ratio_at_onset)}x", "-" if c.precision != c.precision else f"{c.precision:.2f}",
                       f"{c.recall:.2f}", "-" if c.onset_error is None else f"{c.onset_error:+d}",
                       f"{c.blocks_detected}/{c.blocks_planted}", style="" if found else "red")
     table.print(console)
@@ -156,7 +157,8 @@ def render_probe(report: ProbeReport, console: Any) -> None:
              f"{'' if report.threshold is None else f' {report.threshold:.4g}'})")
     table = FitTable([
         Column("tokens", "left"), Column("pos top1", long="position top-1"),
-        Column("chance", drop=3, long="position chance"), Column("pos dist", drop=2, long="position distance [patches]"),
+        Column("chance", drop=3, long="position chance"),
+        Column("pos dist", drop=2, long="position distance [patches]"),
         Column("recon L2", drop=4, long="reconstruction L2"), Column("FVU", long="reconstruction FVU"),
         Column("n train/test", drop=6, long="local tokens train/test"),
         Column("nbr cos", drop=1, long="neighbour cosine (median)"), Column("nbr n", drop=7, long="neighbour tokens"),
