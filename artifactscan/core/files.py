@@ -439,7 +439,6 @@ class OutputFolder:
         if self._staging:
             remove_stale_temporaries(self.path)
             return
-        folders: set[Path] = set()
         self._remove_files(old)
         self._write_manifest(complete=False)
 

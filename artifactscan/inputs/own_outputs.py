@@ -36,6 +36,8 @@ class OwnOutputs:
         self._root = os.path.abspath(root)
         self._shown = display_name(root)
         self._real_root = os.path.realpath(root)
+        self._last_dir: str | None = None
+        self._last_canonical = ""
         self._files: dict[str, str] = {}  # canonical path -> where it is listed (for the warning)
         self._folders: dict[str, str] = {}  # canonical folder -> why it is left out whole
         self.left_out: list[Path] = []
@@ -49,9 +51,16 @@ class OwnOutputs:
         for above in Path(self._real_root).parents:  # IMAGES inside an output folder: its manifest still counts
             self._meet_canonical(str(above), str(above))
 
+    def _folder(self, folder: str) -> str:
+        """A folder's canonical form; a walk asks about many files of one folder in a row, so it is kept."""
+        if folder != self._last_dir:
+            relative = os.path.relpath(os.path.abspath(folder), self._root)
+            self._last_dir, self._last_canonical = folder, os.path.normpath(os.path.join(self._real_root, relative))
+        return self._last_canonical
+
     def _canonical(self, path: str | os.PathLike[str]) -> str:
-        relative = os.path.relpath(os.path.abspath(path), self._root)
-        return os.path.normpath(os.path.join(self._real_root, relative))
+        head, tail = os.path.split(os.fspath(path))
+        return os.path.join(self._folder(head), tail)
 
     def _add(self, canonical_folder: str, names: list[str], where: str) -> None:
         for name in names:
@@ -65,10 +74,12 @@ class OwnOutputs:
     def meet(self, folder: str | os.PathLike[str], filenames: list[str] | None = None) -> None:
         """A folder of the walk; ``filenames`` (when the walk has them) saves a look for the manifest."""
         if filenames is None or MANIFEST_NAME in filenames:
-            self._meet_canonical(self._canonical(folder), os.fspath(folder))
+            self._meet_canonical(self._folder(os.fspath(folder)), os.fspath(folder))
 
     def owns(self, path: str | os.PathLike[str]) -> bool:
         """Whether ``path`` (under ``root``) is an output artifactscan wrote; counted when it is."""
+        if not self._files and not self._folders:  # the usual case: no manifest anywhere near
+            return False
         canon = self._canonical(path)
         where = self._files.get(canon)
         if where is None:
