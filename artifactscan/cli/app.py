@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - older Typer on top of click
     import click  # type: ignore[no-redef]
 
 from artifactscan.core.errors import ArtifactScanError, is_environment_problem, os_problem
-from artifactscan.core.files import check_output_file, display_name, output_folder
+from artifactscan.core.files import display_name, output_folder
 from artifactscan.core.startup import begin_startup, end_startup, freeze_heap
 from artifactscan.cli.streams import (EXIT_READER_GONE, ReaderGone, final_exit_code, guarded_streams,
                                       reserve_closed_descriptors)
@@ -50,7 +50,6 @@ from artifactscan.cli.options import (  # noqa: F401  (re-exported: the commands
     TrustOpt,
     WeightsOpt,
     WorkersOpt,
-    refuse_options_given,
     with_option_groups,
 )
 
@@ -444,66 +443,6 @@ def compare(
     run_command(debug, work)
 
 
-@app.command()
-@with_option_groups
-def fix(
-    model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
-    images: Optional[str] = typer.Argument(None, help=IMAGES_HELP, show_default=False),
-    test_time_registers: bool = typer.Option(True, "--test-time-registers/--no-test-time-registers",
-                                             help="The training-free repair (the only method so far)."),
-    top_k: int = typer.Option(4, "--top-k", help="Number of register neurons to move onto the register."),
-    max_layer: Optional[int] = typer.Option(None, "--max-layer",
-                                            help="Highest block searched for neurons (default: the onset layer)."),
-    threshold: str = typer.Option("auto", "--threshold", "-t", help=THRESHOLD_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o",
-                                       help="Save the fixed model (same weights + neuron list) as a self-describing "
-                                            "checkpoint that every command loads with the repair applied: a file "
-                                            "name ending in .safetensors (or .pt for the PyTorch layout)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the fix report as JSON on stdout and nothing else."),
-    device: str = DeviceOpt,
-    batch_size: int = BatchOpt,
-    decode: DecodeOptions = DecodeOptions(),
-    debug: bool = DebugOpt,
-) -> None:
-    """Training-free repair: a test-time register (Jiang et al. 2025, "Vision Transformers Don't Need Trained Registers").
-
-    Finds the "register neurons" - MLP hidden units (post-activation) in blocks up to the onset layer whose mean
-    absolute activation at outlier positions ranks highest - then, at inference, inserts one extra zero-initialised
-    token after the prefix tokens and moves those neurons' activation onto it (zero on every other token; on the
-    register, the maximum over the image's tokens; per neuron and per image). Prints the before/after scan and how
-    much the model's own outputs change (pooled-feature cosine, top-1 agreement).
-
-    Example:
-
-      artifactscan fix phantom sample_images/ --out phantom-fixed.safetensors
-    """
-    from artifactscan.analysis.fix import fix as run_fix
-
-    def work() -> None:
-        if not test_time_registers:
-            from artifactscan.core.errors import InputError
-
-            raise InputError("the only repair implemented is --test-time-registers")
-        if out is not None:
-            check_output_file(out, "--out", (".safetensors", ".pt"))  # before minutes of work, not after
-        result = run_fix(model, images, top_k=top_k, max_layer=max_layer, threshold=threshold, out=out,
-                         device=device, batch_size=batch_size, **decode.kwargs())
-        if out is not None and not result.saved_to:
-            warn(f"no file written to {display_name(out)}: {result.verdict}")
-        if json_out:
-            sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
-            return
-        from artifactscan.render.text import render_fix
-
-        render_fix(result, stdout)
-        for note in result.notes:
-            stdout.print(Text(one_line(note), style="dim"))
-        if result.saved_to:
-            print_line(stdout, "saved the fixed model to", "", display_name(result.saved_to))
-
-    run_command(debug, work)
-
-
 @app.command("train-reg")
 def train_reg(
     data: Optional[str] = typer.Option(None, "--data", help="ImageFolder root (class sub-folders; a val/ folder is "
@@ -630,81 +569,6 @@ def train_reg(
                        "checkpoints per model)")
 
         emit_result(verdict, Path(run_dir), "verdict.json", json_out, render, figures)
-
-    run_command(debug, work)
-
-
-@app.command()
-def phantom(
-    ctx: typer.Context,
-    describe: bool = typer.Option(False, "--describe", help="Say what was built into a shipped phantom and why."),
-    name: Optional[str] = typer.Option(None, "--model", "-m", help="Which shipped phantom --describe explains: "
-                                       "phantom-deep (the default model: 24 blocks, onset block 9) or phantom "
-                                       "(6 blocks, onset block 2)."),
-    build: bool = typer.Option(False, "--build", help="Rebuild the phantom from a trained baseline."),
-    base: str = typer.Option("demo", "--from", help="Baseline to build from (the demo architecture)."),
-    onset: int = typer.Option(2, "--onset", help="Block (0-based) whose artifact units plant the outliers."),
-    fraction: float = typer.Option(0.02, "--fraction", help="Fraction of patch tokens planted per image (the shipped "
-                                   "phantoms: 0.02; calibration builds up to 0.08)."),
-    units: int = typer.Option(4, "--units", help="Number of artifact hidden units."),
-    gain: float = typer.Option(25.0, "--gain", help="Planting strength: planted tokens are written at gain x the "
-                               "baseline's largest median patch norm from the onset on (> 1; the shipped phantom: 25)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where --build writes the .safetensors file."),
-    json_out: bool = typer.Option(False, "--json", help="Print the description (of the phantom built, with --build) "
-                                  "as JSON on stdout and nothing else."),
-    debug: bool = DebugOpt,
-) -> None:
-    """The calibration phantom: a ViT whose artifact tokens were built in, so the right answer is known.
-
-    No pretrained ViT can be downloaded here, and small ViTs trained here grow no artifacts, so artifactscan ships
-    genuinely trained baselines with the paper's mechanism added at one block: a few hidden units fire on the <= 2%
-    most redundant patches of each image and overwrite them with a large vector carrying a global summary.
-    Two are shipped: phantom-deep (the default model: 24 blocks like ViT-L, onset block 9, so the paper's
-    `probe --layer 15` lands inside the artifact range) and phantom (6 blocks, onset block 2; fast, for tests and
-    calibration). Their findings are facts about this construction, never about real models.
-
-    Examples:
-
-      artifactscan phantom --describe
-
-      artifactscan phantom --describe --model phantom
-
-      artifactscan phantom --build --from demo-deep --onset 9 --out artifactscan/weights/phantom-deep.safetensors
-    """
-    from artifactscan.models.phantom import build_phantom, describe_shipped_phantom, phantom_description
-
-    def work() -> None:
-        # --describe explains a shipped phantom, --build makes a new one: an option of the other mode would be
-        # silently ignored, so it is refused
-        if build and describe:
-            from artifactscan.core.errors import InputError
-
-            raise InputError("--build and --describe are two modes: --build makes a new phantom, --describe explains "
-                             "a shipped one (--model); pass one of them")
-        if build:
-            refuse_options_given(ctx, ("name",), "--describe", "pass --describe instead of --build")
-        else:
-            refuse_options_given(ctx, ("base", "onset", "fraction", "units", "gain", "out"), "--build", "add --build")
-        if build:
-            if out is not None:
-                check_output_file(out, "--out", (".safetensors", ".pt"))
-            model, spec, path = build_phantom(base, out, onset=onset, fraction=fraction, units=units,
-                                              gain_over_median=gain)
-            if json_out:
-                built = phantom_description(model, spec, str(path) if path else "not saved (no --out)",
-                                            path or "PHANTOM.safetensors")
-                sys.stdout.write(built.to_json() + "\n")
-                return
-            print_line(stdout, "built", "", f"the phantom from {base}: onset block {spec.onset}, "
-                       f"{spec.planted_per_image} of {spec.num_patches} patch tokens planted per image, gain "
-                       f"{spec.gain:g} ({spec.gain_over_median:g}x the baseline's median norm)"
-                       + (f"; wrote {path}" if path else " (not saved: pass --out)"))
-            return
-        description = describe_shipped_phantom(name)
-        if json_out:
-            sys.stdout.write(description.to_json() + "\n")
-        else:
-            stdout.print(description.text())
 
     run_command(debug, work)
 
