@@ -33,7 +33,8 @@ def readme_examples(text: str) -> tuple[list[str], str]:
     bash = [body for lang, body in blocks if lang == "bash"]
     python = [body for lang, body in blocks if lang == "python"]
     assert len(bash) == 1 and len(python) == 1, f"{SECTION} should hold one bash and one python block"
-    lines = [line for line in bash[0].splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    commands = bash[0].replace("\\\n", " ")  # a command continued with a backslash is one line
+    lines = [line for line in commands.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return lines, python[0]
 
 
