@@ -15,6 +15,7 @@ LayerNorm epsilon and activation of the HF config), so a checkpoint saved from i
 from __future__ import annotations
 
 import json
+import os
 import re
 from functools import partial
 from pathlib import Path
@@ -79,8 +80,11 @@ def is_training_run(path: str | Path) -> bool:
 
 
 def has_weights(path: str | Path) -> bool:
-    """Whether a folder holds the weights of a Hugging Face save_pretrained folder (:data:`WEIGHT_FILES`)."""
-    return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
+    """Whether a folder holds the weights of a Hugging Face save_pretrained folder (:data:`WEIGHT_FILES`).
+
+    Any entry of that name counts, not only a regular file: a FIFO or a broken link where the weights should be is a
+    damaged Hugging Face folder, which the loader then names for what it is (never opened)."""
+    return any(os.path.lexists(Path(path) / name) for name in WEIGHT_FILES)
 
 
 def is_model_folder(path: str | Path) -> bool:
