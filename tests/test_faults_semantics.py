@@ -296,6 +296,37 @@ def test_sigint_during_the_verdict_says_the_training_is_complete(tmp_path):
                     f"the verdict with: artifactscan train-reg --resume {run}"), line
 
 
+def test_a_child_started_while_sigint_is_held_keeps_it_until_it_releases_it():
+    from artifactscan.analysis.training.orchestration import sigint_held
+
+    # what the worker sees: SIGINT still blocked (so a Ctrl-C during its imports neither kills it nor is lost in the
+    # parent), then ignored and unblocked once released, until the training loop's own handler takes it
+    code = ("import signal\nfrom artifactscan.analysis.training.orchestration import release_inherited_sigint\n"
+            "held = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])\nrelease_inherited_sigint()\n"
+            "print(held, signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []), "
+            "signal.getsignal(signal.SIGINT) == signal.SIG_IGN)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with sigint_held():
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    assert child.communicate(timeout=120)[0].split() == ["True", "False", "True"]
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the parent's mask is back
+
+
+def test_a_ctrl_c_caught_inside_an_exec_still_exits_130(tmp_path):
+    # A Ctrl-C during a lazy import often lands in code that exec() runs from a string (every @dataclass builds its
+    # methods so); CPython then marks the interrupt unhandled even though the command caught it, and `python -m`
+    # would die by SIGINT (-2) after printing its "interrupted:" line
+    (tmp_path / "interrupted_command.py").write_text(
+        "import importlib\nimport sys\n\ncli = importlib.import_module('artifactscan.cli.app')\n\n"
+        "def command():\n    try:\n        exec('raise KeyboardInterrupt')\n"
+        "    except KeyboardInterrupt:\n        sys.exit(130)\n\n"
+        "cli.app = command\ncli.main()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "interrupted_command"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 130, proc.stderr
+
+
 # ----------------------------------------------------------------------------------------------- fix
 def test_fix_top_k_beyond_the_units_is_refused():
     check(invoke("fix", "phantom", SAMPLE_IMAGES, "--top-k", "100000"), 1,

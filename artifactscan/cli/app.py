@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover - older Typer on top of click
 from artifactscan.core.errors import ArtifactScanError, is_environment_problem, os_problem
 from artifactscan.core.files import display_name, output_folder
 from artifactscan.core.startup import begin_startup, end_startup, freeze_heap
-from artifactscan.cli.streams import (EXIT_READER_GONE, ReaderGone, final_exit_code, guarded_streams,
-                                      reserve_closed_descriptors)
+from artifactscan.cli.streams import (EXIT_READER_GONE, ReaderGone, final_exit_code, forget_caught_interrupts,
+                                      guarded_streams, reserve_closed_descriptors)
 from artifactscan.cli.options import (  # noqa: F401  (re-exported: the commands' shared options)
     AllowNonFiniteOpt,
     ArchKwargsOpt,
@@ -594,4 +594,5 @@ def main() -> None:
             except SystemExit as exc:
                 sys.exit(final_exit_code(out, exc.code, lambda e: print_line(stderr, "error:", "bold red", e)))
     finally:
+        forget_caught_interrupts()  # the exit code stays 130 after a Ctrl-C caught during an import (cli/streams.py)
         freeze_heap()

@@ -138,3 +138,15 @@ def final_exit_code(out: GuardedStream, code: Any, report: Callable[[ArtifactSca
         report(exc)
         return 1
     return code
+
+
+def forget_caught_interrupts() -> None:
+    """Keep the exit code the command chose (130 after a Ctrl-C it handled) from being replaced by death by SIGINT.
+
+    CPython (since 3.8) marks a process-wide "unhandled KeyboardInterrupt" flag whenever a
+    KeyboardInterrupt leaves code run by ``exec()`` of a *string*, even when a caller catches it; ``python -m`` reads
+    the flag after shutdown and then kills itself with SIGINT (exit -2 / 130 in a shell, whatever ``sys.exit`` said).
+    Such an ``exec`` runs at many a lazy import: every ``@dataclass`` builds its methods that way (a Ctrl-C during
+    ``import rich.table`` does it). Each ``exec`` of a string clears the flag before it runs, so one that completes
+    forgets the caught ones; a KeyboardInterrupt that really leaves ``main`` still sets it again after this."""
+    exec("None")  # noqa: S102 - a constant: its only effect is resetting the interpreter's flag

@@ -263,8 +263,9 @@ def _remove_empty_folders(root: Path, names: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM for a moment (a swap of renames): each is acted on, as it would have been, after."""
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for a moment (a swap of renames, a child started and registered): each is acted on, as
+    it would have been, after."""
     import signal
     import threading
 
@@ -462,7 +463,7 @@ class OutputFolder:
         listed for the next run to remove; then it lists this run's alone, complete. Each move is one rename.
         """
         new = list(self.files)
-        with _signals_deferred():  # Ctrl-C here would leave two runs' files mixed: it waits for the swap instead
+        with signals_deferred():  # Ctrl-C here would leave two runs' files mixed: it waits for the swap instead
             self._write_manifest(complete=False, files=self._previous + [n for n in new if n not in self._previous])
             for name in new:
                 staged = self.staging_path / name

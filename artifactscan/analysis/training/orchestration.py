@@ -3,17 +3,19 @@ other, resumable as a whole."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from artifactscan.models.checkpoint import read_meta
 from artifactscan.core.errors import ArtifactScanError, RunInterrupted, TrainingError
+from artifactscan.core.files import signals_deferred
 from artifactscan.analysis.training.config import (
     RUNTIME_FIELDS,
     TrainConfig,
@@ -312,22 +314,37 @@ def _stop_children(running: dict, timeout: float = 600.0) -> None:
             p.wait()
 
 
-def _start_worker(cmd: list[str], env: dict[str, str]):
-    """A side-by-side child, started with SIGINT ignored (the one disposition ``exec`` keeps). A Ctrl-C (or ``timeout
-    -s INT``) reaches the whole process group: in a child still importing torch it would end in a traceback and no
-    saved step. Ignoring it there, the parent alone takes it and stops the children with SIGTERM; once a child's
-    training loop runs, its own handler (loop.StopSignal) takes SIGINT too and saves the step."""
-    import signal
-    import subprocess
-    import threading
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """A Ctrl-C (or SIGTERM) meanwhile is acted on at the end, as it would have been: for starting a child and
+    registering it, so that a stop never leaves a child nobody stops (it would train on, its output gone).
 
-    if threading.current_thread() is not threading.main_thread():
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # for the milliseconds of the fork only
-    try:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    The child started inside inherits SIGINT blocked across ``exec`` and keeps it while it imports torch (where a
+    Ctrl-C would end in a traceback and no saved step), until :func:`release_inherited_sigint`; the parent alone
+    takes that Ctrl-C and stops the children with SIGTERM. Blocking, unlike ignoring SIGINT for the moment of the
+    fork, loses no signal: an ignored one is discarded, and the run would train on to the end. The block covers this
+    thread only; a signal that another thread takes waits in :func:`signals_deferred`."""
+    import signal
+
+    with signals_deferred():
+        if not hasattr(signal, "pthread_sigmask"):  # Windows: no process groups to signal either
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending Ctrl-C reaches signals_deferred here
+
+
+def release_inherited_sigint() -> None:
+    """In a side-by-side child, once imported: drop a Ctrl-C that arrived while SIGINT was held (the parent stops
+    the children) and ignore SIGINT until the training loop takes it (loop.StopSignal) to save the step."""
+    import signal
+
+    if hasattr(signal, "pthread_sigmask"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # discards a pending one
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[int, RegVariant]:
@@ -382,12 +399,13 @@ def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[
         pkg_parent = str(Path(__file__).resolve().parent.parent)  # so the child imports this same artifactscan
         pypath = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WORLD_SIZE": "1", "RANK": "0", "PYTHONPATH": pypath}
-        proc = _start_worker(cmd, env)
-        running[label] = (reg, proc)
+        with sigint_held():  # a Ctrl-C now is acted on once the child is known and read, so that it is stopped too
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+            running[label] = (reg, proc)
+            pumps.append(threading.Thread(target=pump, args=(label, proc), daemon=True))
+            pumps[-1].start()
         if bars is not None:
             tasks[label] = bars.add_task(label, total=config.steps or None, loss="-", acc="-", ips="-")
-        pumps.append(threading.Thread(target=pump, args=(label, proc), daemon=True))
-        pumps[-1].start()
 
     try:
         while waiting and len(running) < n_proc:
