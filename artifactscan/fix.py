@@ -10,9 +10,9 @@ from artifactscan.core.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from artifactscan.analysis.fix import FixReport, find_register_neurons, fix
-    from artifactscan.models.test_time_register import RegisterNeuron, TestTimeRegister, apply_test_time_register
+    from artifactscan.models.interventions import RegisterNeuron, TestTimeRegister, apply_test_time_register
 
-_FIX, _TTR = "artifactscan.analysis.fix", "artifactscan.models.test_time_register"
+_FIX, _TTR = "artifactscan.analysis.fix", "artifactscan.models.interventions"
 _SOURCES = {"FixReport": _FIX, "find_register_neurons": _FIX, "fix": _FIX,
             "RegisterNeuron": _TTR, "TestTimeRegister": _TTR, "apply_test_time_register": _TTR}
 __all__ = sorted(_SOURCES)

@@ -17,7 +17,7 @@ import torch
 
 def main() -> None:
     from artifactscan import load_model, scan
-    from artifactscan.models.test_time_register import apply_test_time_register
+    from artifactscan.models.interventions import apply_test_time_register
     from artifactscan.analysis.fix import find_register_neurons
     from artifactscan.core.progress import resolve_device
 

@@ -95,20 +95,23 @@ def _record_fused(loaded):
     return log, handles
 
 
-def test_only_requested_layers_lose_fused_attention_and_flags_are_restored():
+def test_capturing_attention_leaves_the_forward_as_it_is_and_flags_restored():
+    """The capture layer reads the kernel's q/k: a captured block still runs fused, an unfused block runs fused only
+    while captured (the same attention), and every flag comes back."""
     loaded = wrap_module(tiny_vit())
-    for blk in loaded.blocks:
-        blk.attn.fused_attn = True
+    flags = [True, False, True]
+    for blk, f in zip(loaded.blocks, flags):
+        blk.attn.fused_attn = f
     log, handles = _record_fused(loaded)
     try:
-        attention_report(loaded, _images(4), layers="1", device="cpu", maps=1, threshold=100)
+        rep = attention_report(loaded, _images(4), layers="1", device="cpu", maps=1, threshold=100)
     finally:
         for h in handles:
             h.remove()
-    unfused = {b for b, fused in log if not fused}
-    assert unfused == {1}
-    assert any(b == 1 and fused for b, fused in log)  # the norms scan ran block 1 fused
-    assert all(blk.attn.fused_attn for blk in loaded.blocks)
+    assert rep.blocks == [1]
+    assert {b for b, fused in log if fused} == {0, 1, 2} and {b for b, fused in log if not fused} == {1}
+    assert [blk.attn.fused_attn for blk in loaded.blocks] == flags
+    assert torch.nn.functional.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"
 
 
 def test_fused_flags_restored_after_an_exception():
@@ -118,17 +121,17 @@ def test_fused_flags_restored_after_an_exception():
         blk.attn.fused_attn = f
 
     def boom(mod, args):
-        if not loaded.blocks[0].attn.fused_attn:  # only during the attention pass
+        if loaded.blocks[1].attn.fused_attn and loaded.blocks[1].attn._forward_pre_hooks:  # the attention pass
             raise RuntimeError("boom")
 
     handle = loaded.blocks[2].register_forward_pre_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            attention_report(loaded, _images(2), layers=[0, 2], device="cpu", threshold=100)
+            attention_report(loaded, _images(2), layers=[0, 1], device="cpu", threshold=100)
     finally:
         handle.remove()
     assert [blk.attn.fused_attn for blk in loaded.blocks] == flags
-    assert not loaded.blocks[0].attn.attn_drop._forward_hooks
+    assert not any(blk.attn._forward_hooks or blk.attn._forward_pre_hooks for blk in loaded.blocks)
     with pytest.raises(ValueError):
         with AttentionCapture(loaded, [0, 1]):
             raise ValueError("inside")
@@ -240,7 +243,7 @@ def test_bad_inputs_raise_one_clear_error():
         attention_report(loaded, _images(1), heads="some", device="cpu")
     broken = tiny_vit()
     broken.blocks[1].attn = nn.Identity()
-    with pytest.raises(NotAViTError, match="attn.attn_drop"):
+    with pytest.raises(NotAViTError, match=r"blocks\.1\.attn\.pattern is not available"):
         attention_report(wrap_module(broken), _images(1), device="cpu")
 
 

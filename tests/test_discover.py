@@ -265,17 +265,27 @@ def test_bad_data_is_refused_in_one_line(tmp_path, case, match):
     assert "\n" not in str(exc.value)
 
 
-def test_model_without_fused_qkv_is_refused():
+def test_eva_keys_are_the_rotated_keys_its_kernel_uses():
+    """An Eva with separate q/k/v projections, qk-norm and RoPE: LOST's keys are what attention really uses (after
+    the norm and the rotation), computed here by hand from the block's own modules; discovery runs on them."""
     import timm
+    from timm.layers import apply_rot_embed_cat
 
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                              depth=2, num_heads=2, qkv_fused=False, num_classes=3)
+                              depth=2, num_heads=2, qkv_fused=False, num_classes=3).eval()
     loaded = wrap_module(model, data_config={"input_size": (3, 32, 32), "mean": [0.5] * 3, "std": [0.5] * 3})
-    with pytest.raises(NotAViTError, match="fused qkv"):
-        FeatureCapture(loaded, 1, "keys")
-    with pytest.raises(NotAViTError, match="fused qkv"):
-        discover(loaded, "synthetic-objects:2", device="cpu")
-    # the block's output tokens need no qkv
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), FeatureCapture(loaded, 1, "keys") as cap:
+        keys, resid = cap.run(x)
+    attn = model.blocks[1].attn
+    with torch.no_grad():
+        h = model.blocks[1].norm1(resid)
+        B, T, _ = h.shape
+        k = attn.k_norm(attn.k_proj(h).reshape(B, T, attn.num_heads, -1).transpose(1, 2))
+        P = attn.num_prefix_tokens
+        k = torch.cat([k[:, :, :P], apply_rot_embed_cat(k[:, :, P:], model.rope.get_embed())], dim=2)
+    torch.testing.assert_close(keys, k.transpose(1, 2).reshape(B, T, -1))
+    assert discover(loaded, "synthetic-objects:2", device="cpu").runs[0].num_images == 2
     assert discover(loaded, "synthetic-objects:2", features="tokens", device="cpu").runs[0].num_images == 2
 
 

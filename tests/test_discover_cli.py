@@ -52,24 +52,10 @@ def test_one_argument_is_data_or_model(tmp_path):
     assert split_args(["a", "b", "voc/"]) == (["a", "b"], "voc/")
 
 
-def _eva_without_fused_qkv(tmp_path):
-    import timm
-
-    from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
-
-    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, qkv_fused=False, num_classes=3)
-    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, **kw)
-    meta = CheckpointMeta("eva02_tiny_patch14_224", kw, {"input_size": [3, 32, 32], "mean": [0.5] * 3,
-                                                         "std": [0.5] * 3, "interpolation": "bilinear",
-                                                         "crop_pct": 1.0})
-    return save_checkpoint(tmp_path / "eva.safetensors", model.state_dict(), meta)
-
-
 @pytest.mark.parametrize("case,match", [
     ("voc_without_images", "is missing or empty"),
     ("missing_file", "which is not in"),
     ("box_outside", "lies outside"),
-    ("no_fused_qkv", "fused qkv"),
     ("bad_compare", "--compare"),
     ("bad_features", "--features"),
 ])
@@ -84,8 +70,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, case, match):
         "</annotation>")
     if case not in ("voc_without_images",):
         Image.new("RGB", (40, 32)).save(voc / "JPEGImages" / ("b.jpg" if case == "missing_file" else "a.jpg"))
-    args = {"no_fused_qkv": [_eva_without_fused_qkv(tmp_path), "synthetic-objects:2"],
-            "bad_compare": ["demo", "synthetic-objects:2", "--compare", "registers"],
+    args = {"bad_compare": ["demo", "synthetic-objects:2", "--compare", "registers"],
             "bad_features": ["demo", "synthetic-objects:2", "--features", "pixels"]}.get(case, ["demo", voc])
     result = invoke("discover", *args, "--device", "cpu")
     assert result.exit_code == 1, result.output

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 from artifactscan import load_model, scan
 from artifactscan.cli import app
 from artifactscan.core.errors import InputError, NotAViTError
-from artifactscan.models.test_time_register import TestTimeRegister, apply_test_time_register
+from artifactscan.models.hooks import capture
+from artifactscan.models.interventions import (RegisterNeuron, TestTimeRegister, apply_test_time_register,
+                                               install_test_time_register)
 from artifactscan.analysis.fix import fix
 from artifactscan.models.loading import wrap_module
 
@@ -22,7 +24,7 @@ from .conftest import PHANTOM_KW as KW
 def test_fix_finds_the_built_in_units_and_removes_the_outliers(tiny_phantom):
     path, spec, d = tiny_phantom
     result = fix(path, "synthetic:48", top_k=4, out=d / "fixed.safetensors")
-    assert {n.site for n in result.neurons} == {f"blocks.{spec.onset}.artifact_units.act"}
+    assert {n.site for n in result.neurons} == {f"blocks.{spec.onset}.artifact_units.post"}
     assert sorted(n.index for n in result.neurons) == [0, 1, 2, 3]
     assert result.outliers_removed >= 0.95
     assert result.feature_cosine_min >= 0.99
@@ -39,18 +41,40 @@ def test_register_is_per_image_and_per_neuron(tiny_phantom):
 
     register = find_register_neurons(loaded, "synthetic:8", report, top_k=2)
     apply_test_time_register(loaded, register)
-    captured = {}
-    site = dict(loaded.model.named_modules())[register.neurons[0].site]
-    handle = site.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
     x = torch.randn(3, 3, 32, 32)
-    loaded.model.forward_features(x)
-    handle.remove()
-    out = captured["out"]  # after the installer's hook: register neuron values live only on the register token
+    with torch.no_grad(), capture(loaded, [register.neurons[0].site]) as cap:  # hooked after the installer's
+        cap.forward(x)
+    out = cap.values[register.neurons[0].site]  # register neuron values live only on the register token
     idx = [n.index for n in register.neurons]
     reg_pos = loaded.num_prefix_tokens - 1
     others = torch.cat([out[:, :reg_pos, idx], out[:, reg_pos + 1:, idx]], dim=1)
     assert torch.all(others == 0)
     assert torch.all(out[:, reg_pos, idx] > 0)  # every image, not only batch element 0
+
+
+def test_the_register_comes_off_exactly_and_old_site_names_still_load(tiny_phantom):
+    path, spec, _ = tiny_phantom
+    loaded = load_model(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = loaded.model.forward_features(x)
+    counts = (loaded.num_prefix_tokens, loaded.model.num_prefix_tokens, loaded.num_register_tokens)
+    legacy = TestTimeRegister([RegisterNeuron(spec.onset, f"blocks.{spec.onset}.artifact_units.post", 0, 1.0, 0.0)],
+                              num_blocks=len(loaded.blocks), embed_dim=int(loaded.model.embed_dim), max_layer=1,
+                              model_name="0.2 file")  # artifactscan 0.2 recorded module paths
+    with install_test_time_register(loaded, legacy) as handle:
+        assert loaded.num_prefix_tokens == counts[0] + 1 and handle.note in loaded.notes
+        with torch.no_grad():
+            assert loaded.model.forward_features(x).shape[1] == before.shape[1] + 1
+    assert (loaded.num_prefix_tokens, loaded.model.num_prefix_tokens, loaded.num_register_tokens) == counts
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.model.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded.model.forward_features(x), before)
+    wrong = TestTimeRegister([RegisterNeuron(0, "blocks.0.attn.k", 0, 1.0, 0.0)], num_blocks=len(loaded.blocks),
+                             embed_dim=int(loaded.model.embed_dim), max_layer=1, model_name="x")
+    with pytest.raises(InputError, match="not a unit hook point"):
+        install_test_time_register(loaded, wrong)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.model.modules())
 
 
 def test_nothing_to_fix_on_a_clean_model():

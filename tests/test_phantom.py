@@ -221,7 +221,7 @@ def test_fix_on_the_phantom_finds_its_units_at_no_cost(phantom):
 
     spec = phantom_spec(phantom)
     result = fix("phantom", SAMPLE_IMAGES, top_k=spec.units)
-    assert {n.site for n in result.neurons} == {f"blocks.{spec.onset}.artifact_units.act"}
+    assert {n.site for n in result.neurons} == {f"blocks.{spec.onset}.artifact_units.post"}
     assert result.outliers_removed >= 0.95
     assert result.feature_cosine_min >= 0.99 and result.prediction_agreement == 1.0
 

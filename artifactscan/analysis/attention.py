@@ -1,9 +1,8 @@
-"""Capturing attention probabilities from timm ViTs, block by block, and leaving the model as it was.
+"""Attention probabilities block by block, through the capture layer's ``blocks.{i}.attn.pattern`` points.
 
-timm computes attention with ``F.scaled_dot_product_attention`` when ``attn.fused_attn`` is set, which never
-materialises the probabilities. For the captured blocks only, :class:`AttentionCapture` switches to timm's explicit
-path, where the softmax output passes through ``attn.attn_drop``; a forward hook there sees ``[B, heads, T, T]``.
-On exit the hooks are removed and every ``fused_attn`` flag is restored, even after an error.
+The capture layer reads the probabilities from the queries and keys the attention kernel is given, so capturing
+does not change the forward (fused attention stays fused) and works for every family it can hook. On exit the hooks
+are removed and every setting restored, even after an error.
 
 Only reductions are kept (memory does not grow with images): per block, the mean attention mass that patch queries
 put on each prefix token and on flagged outlier tokens, and — for a few images — the CLS (or register / mean-query)
@@ -16,23 +15,14 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
 
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.core.errors import NotAViTError
+from artifactscan.models.hooks import Capture, block_of, block_point, capture, resolve_names
 from artifactscan.models.loading import LoadedModel
 
 
-def _attention_module(block: nn.Module) -> nn.Module:
-    attn = getattr(block, "attn", None)
-    if attn is None or not hasattr(attn, "attn_drop") or not hasattr(attn, "fused_attn"):
-        raise NotAViTError(f"block {type(block).__name__} has no timm attention module (attn.attn_drop) to capture; "
-                           "attention maps need timm's Attention/EvaAttention")
-    return attn
-
-
 class AttentionCapture:
-    """Context manager: ``with AttentionCapture(loaded, blocks=[3, 5]) as cap: model(x); cap.probs[3]``."""
+    """Context manager: ``with AttentionCapture(loaded, blocks=[3, 5]) as cap: cap.forward(x); cap.probs[3]``."""
 
     def __init__(self, loaded: LoadedModel, blocks: Sequence[int] | None = None,
                  on_probs: Callable[[int, torch.Tensor], None] | None = None):
@@ -40,35 +30,37 @@ class AttentionCapture:
         as they are computed, instead of keeping them in ``self.probs`` (reduce on the fly: one block's
         probabilities alive at a time instead of every captured block's)."""
         n = len(loaded.blocks)
+        self.loaded = loaded
         self.block_ids = list(range(n)) if blocks is None else [b % n for b in blocks]
-        self.attns = [_attention_module(loaded.blocks[b]) for b in self.block_ids]
-        self.probs: dict[int, torch.Tensor] = {}
         self.on_probs = on_probs
-        self._saved: list[bool] = []
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._names = [block_point(b, "attn.pattern") for b in self.block_ids]
+        resolve_names(loaded, self._names)  # refuses a block that cannot expose attention before any work
+        self._capture: Capture | None = None
 
     def __enter__(self) -> "AttentionCapture":
-        for b, attn in zip(self.block_ids, self.attns):
-            self._saved.append(bool(attn.fused_attn))
-            attn.fused_attn = False  # explicit softmax path, for these blocks only
-            self._handles.append(attn.attn_drop.register_forward_hook(self._hook(b)))
+        # with on_probs, reduce inside the hook: the block's probabilities are dropped before the next block runs
+        self._capture = capture(self.loaded, {
+            n: (lambda p, b=block_of(n): self.on_probs(b, p)) if self.on_probs is not None else None
+            for n in self._names})
         return self
 
-    def _hook(self, block: int):
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if self.on_probs is not None:
-                self.on_probs(block, inputs[0].detach())
-            else:
-                self.probs[block] = inputs[0].detach().float()
-        return hook
+    @property
+    def probs(self) -> dict[int, torch.Tensor]:
+        """Each captured block's ``[B, heads, T, T]`` probabilities of the latest forward (without ``on_probs``)."""
+        if self._capture is None or self.on_probs is not None:
+            return getattr(self, "_last", {})
+        return {block_of(n): self._capture.values[n] for n in self._names if n in self._capture.values}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | None:
+        """One forward of the model under the capture (a direct call of the model captures as well)."""
+        assert self._capture is not None, "AttentionCapture.forward() must be called inside `with`"
+        return self._capture.forward(images)
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for attn, fused in zip(self.attns, self._saved):
-            attn.fused_attn = fused
-        self._handles.clear()
-        self._saved.clear()
+        if self._capture is not None:
+            self._last = self.probs  # the latest forward's probabilities stay readable after the block
+            self._capture.remove()
+            self._capture = None
 
 
 @dataclass
@@ -105,7 +97,7 @@ def attention_mass(loaded: LoadedModel, batches, outlier_masks=None, blocks: Seq
     masks = iter(outlier_masks) if outlier_masks is not None else None
     with AttentionCapture(loaded, ids) as cap:
         for x in batches:
-            loaded.model.forward_features(x.to(device))
+            cap.forward(x.to(device))
             mask = next(masks).to(device) if masks is not None else None
             for b in ids:
                 probs = cap.probs[b].mean(dim=1)  # [B, T, T], averaged over heads

@@ -5,8 +5,8 @@ Two passes over the images:
 
 1. the norms scan (:func:`artifactscan.scan.scan`, same threshold rule) flags the outlier patch tokens; its
    per-outlier records give, per image and per block output, which patches are outliers;
-2. an attention pass with :class:`artifactscan.attention.AttentionCapture` on the chosen blocks only (their fused
-   attention is switched off for the pass and restored afterwards; the other blocks keep the fused kernel). Each
+2. an attention pass with :class:`artifactscan.analysis.attention.AttentionCapture` on the chosen blocks only (the
+   capture layer's ``blocks.{i}.attn.pattern`` points: the forward itself is unchanged). Each
    block's ``[B, heads, T, T]`` probabilities are reduced as soon as they exist, so memory does not grow with the
    number of images: per-block mass sums stream over every image, and attention maps over the patch grid are kept
    only for the first ``maps`` images.
@@ -412,11 +412,11 @@ def attention_report(
                     masks[j, rows, pats] = True
             batch.update(masks=masks.to(dev), indices=idx, map_rows=[j for j, i in enumerate(idx) if i < maps])
             seen.clear()
-            loaded.model.forward_features(x.to(dev, non_blocking=True))
+            capture.forward(x.to(dev, non_blocking=True))
             missing = [b for b in blocks if b not in seen]
             if missing:
-                raise NotAViTError(f"block {missing[0]}'s attention module never passed its probabilities through "
-                                   "attn.attn_drop; attention maps need timm's Attention/EvaAttention")
+                raise NotAViTError(f"block {missing[0]}'s attention probabilities were not captured during the "
+                                   "forward; this model's attention cannot be mapped")
             n_images += len(idx)
     if n_images == 0:
         raise InputError("none of the images could be read; nothing to measure")

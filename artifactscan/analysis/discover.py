@@ -32,7 +32,7 @@ import torch
 
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.analysis.fix import find_register_neurons
-from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, fused_qkv, lost_batched
+from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, feature_points, lost_batched
 from artifactscan.analysis.scan import ModelSummary, model_summary, scan
 from artifactscan.core.errors import InputError
 from artifactscan.core.progress import ProgressBar, resolve_device
@@ -43,7 +43,7 @@ from artifactscan.core.version import __version__
 from artifactscan.inputs.boxes import DEFAULT_OBJECT_IMAGES, BoxedData, load_box_data
 from artifactscan.inputs.sources import image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel, load_model
-from artifactscan.models.test_time_register import EXTRA_KEY, apply_test_time_register, check_supported
+from artifactscan.models.interventions import EXTRA_KEY, apply_test_time_register, check_supported
 
 SCHEMA = "artifactscan.discover/2"
 CORLOC_IOU = 0.5
@@ -368,7 +368,7 @@ def discover(
     for i, spec in enumerate(specs):
         loaded = loaded_first if i == 0 else load_model(spec, **load_options)
         if features != "tokens":
-            fused_qkv(loaded, resolve_block(block, len(loaded.blocks)))  # refuse before any pass
+            feature_points(loaded, resolve_block(block, len(loaded.blocks)), features)  # refuse before any pass
         runs.append(discovery_run(loaded, boxed, label=loaded.name, skipped=skipped if i == 0 else None, **options))
         notes += [f"{loaded.name}: {n}" for n in loaded.notes if n not in notes and not loaded.is_phantom]
         if "fix" in compare:

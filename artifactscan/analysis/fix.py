@@ -1,8 +1,8 @@
 """Training-free repair with a test-time register (Jiang et al. 2025, "Vision Transformers Don't Need Trained Registers").
 
 1. **Find the register neurons.** Scan the model; where outlier tokens exist, record every MLP hidden unit's
-   post-activation (the output of each ``*.act`` module of blocks ``0 .. max_layer``; ``max_layer`` defaults to the
-   onset layer) and rank the units by their mean absolute activation at outlier positions. The top ``k`` are the
+   post-activation (the unit hook points of blocks ``0 .. max_layer``, ``blocks.{i}.mlp.post`` and any unit points
+   the model's family declares; ``max_layer`` defaults to the onset layer) and rank the units by their mean absolute activation at outlier positions. The top ``k`` are the
    register neurons.
 2. **Install the register.** At inference one extra zero-initialised token is inserted after the prefix tokens
    (before block 0, no position embedding, like a trained register); up to the block of the first register neuron
@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
+from artifactscan.models.hooks import block_of, capture, unit_points
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.results import JsonResult
-from artifactscan.models.test_time_register import (
+from artifactscan.models.interventions import (
     EXTRA_KEY,
     RegisterNeuron,
     TestTimeRegister,
@@ -39,18 +39,6 @@ from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
 from artifactscan.core.progress import resolve_device
 from artifactscan.analysis.scan import scan
-
-
-def _neuron_sites(model: nn.Module, max_layer: int) -> dict[str, tuple[int, nn.Module]]:
-    """Post-activation modules (``*.act``) of blocks 0..max_layer, by module path."""
-    sites = {}
-    for b in range(max_layer + 1):
-        for name, module in model.blocks[b].named_modules():
-            if name.split(".")[-1] == "act":
-                sites[f"blocks.{b}.{name}"] = (b, module)
-    if not sites:
-        raise NotAViTError("no MLP activation modules (`*.act`) found in the blocks; cannot locate register neurons")
-    return sites
 
 
 @measurement_mode()
@@ -68,7 +56,10 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
         raise InputError(f"--max-layer {max_layer} is outside the model: choose a block from 0 to {num_blocks - 1}")
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {top_k}")
-    sites = _neuron_sites(loaded.model, max_layer)
+    sites = unit_points(loaded, range(max_layer + 1))
+    if not sites:
+        raise NotAViTError("this model declares no MLP unit hook points in its blocks; cannot locate register "
+                           "neurons")
     P = loaded.num_prefix_tokens
     gh, gw = loaded.grid_size
     outlier_pos: dict[int, set[int]] = {}
@@ -77,37 +68,33 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
             outlier_pos.setdefault(o.image_index, set()).add(o.row * gw + o.col)
 
     sums: dict[str, list[torch.Tensor]] = {}
-    captured: dict[str, torch.Tensor] = {}
-    handles = [module.register_forward_hook(lambda m, i, out, name=name: captured.__setitem__(name, out.detach()))
-               for name, (_, module) in sites.items()]
-    try:
-        source = make_image_source(images, loaded, exact_decode=decode.get("exact_decode", False),
-                                   gpu_decode=decode.get("gpu_decode", False))
+    batch_mask: list[torch.Tensor] = []  # the current batch's outlier mask, read by the reducer inside the hook
+
+    def accumulate(name: str, act: torch.Tensor) -> None:
+        mask = batch_mask[0]
+        patches = act[:, P:].abs().float()  # [B, N, H]
+        out_sum = (patches * mask[..., None]).sum(dim=(0, 1))
+        norm_sum = (patches * (~mask)[..., None]).sum(dim=(0, 1))
+        acc = sums.setdefault(name, [torch.zeros_like(out_sum), torch.zeros_like(norm_sum)])
+        acc[0] += out_sum
+        acc[1] += norm_sum
+
+    counts = [0.0, 0.0]
+    source = make_image_source(images, loaded, exact_decode=decode.get("exact_decode", False),
+                               gpu_decode=decode.get("gpu_decode", False))
+    with capture(loaded, {name: (lambda act, name=name: accumulate(name, act)) for name in sites}) as cap:
         for x, indices, _ in image_batches(source, batch_size, decode.get("num_workers", "auto"), device):
             if x is None:
                 continue
-            loaded.model.forward_features(x.to(device))
             mask = torch.zeros(len(indices), gh * gw, dtype=torch.bool)
             for j, i in enumerate(indices.tolist()):
                 for p in outlier_pos.get(i, ()):
                     mask[j, p] = True
-            mask = mask.to(device)
-            for name, act in captured.items():
-                patches = act[:, P:].abs().float()  # [B, N, H]
-                out_sum = (patches * mask[..., None]).sum(dim=(0, 1))
-                norm_sum = (patches * (~mask)[..., None]).sum(dim=(0, 1))
-                acc = sums.setdefault(name, [torch.zeros_like(out_sum), torch.zeros_like(norm_sum)])
-                acc[0] += out_sum
-                acc[1] += norm_sum
-            n_out = int(mask.sum())
-            n_norm = int((~mask).sum())
-            sums.setdefault("__counts__", [torch.zeros(1), torch.zeros(1)])
-            sums["__counts__"][0] += n_out
-            sums["__counts__"][1] += n_norm
-    finally:
-        for h in handles:
-            h.remove()
-    n_out, n_norm = (float(c) for c in sums.pop("__counts__"))
+            batch_mask[:] = [mask.to(device)]
+            cap.forward(x.to(device))
+            counts[0] += int(mask.sum())
+            counts[1] += int((~mask).sum())
+    n_out, n_norm = counts
     if n_out == 0:
         raise InputError("nothing to fix: no outlier positions among the images")
     units = sum(out_sum.numel() for out_sum, _ in sums.values())
@@ -116,7 +103,7 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
                          f"where register neurons are searched; choose a few (default 4; at most {units:,})")
     candidates = []
     for name, (out_sum, norm_sum) in sums.items():
-        block = sites[name][0]
+        block = block_of(name)
         scores = out_sum / n_out
         normal = norm_sum / max(n_norm, 1.0)
         for idx in torch.argsort(scores, descending=True)[:top_k].tolist():

@@ -16,10 +16,11 @@ own prefix count, never by assuming token 0):
 tensor, a flood fill for the components); :func:`lost_reference` is the straightforward per-image version (NumPy and
 ``scipy.ndimage.label``), kept for tests: the two give the same boxes.
 
-:class:`FeatureCapture` takes the features from one block during the forward pass: keys, queries or values from its
-fused ``attn.qkv`` projection (heads concatenated, as LOST reads them), or the block's output tokens; plus the
-residual stream that feeds them (the block's input for q/k/v, its output for tokens), whose norms say which tokens
-are outliers. The pass stops at that block: later blocks are not run.
+:class:`FeatureCapture` takes the features from one block during the forward pass, through the capture layer:
+keys, queries or values as the block's attention kernel receives them (``blocks.{i}.attn.k/q/v``: heads
+concatenated, as LOST reads them; after qk-norm and RoPE in the families that have them), or the block's output
+tokens; plus the residual stream that feeds them (the block's input for q/k/v, its output for tokens), whose norms
+say which tokens are outliers. The pass stops at that block: later blocks are not run.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from artifactscan.core.errors import NotAViTError
+from artifactscan.models.hooks import Capture, block_point, capture, resolve_names
 from artifactscan.models.loading import LoadedModel
 
 FEATURES = ("keys", "queries", "values", "tokens")
@@ -141,74 +141,42 @@ def lost_reference(feats: torch.Tensor | np.ndarray, grid: tuple[int, int], k: i
 
 
 # ----------------------------------------------------------------------------------------------- capture
-class _Stop(Exception):
-    """Raised inside a hook once the features are taken: the rest of the forward pass is not needed."""
+#: The hook points each kind of features is read from: (features, the residual stream that feeds them).
+FEATURE_POINTS = {"keys": ("attn.k", "resid_pre"), "queries": ("attn.q", "resid_pre"),
+                  "values": ("attn.v", "resid_pre"), "tokens": ("resid_post", "resid_post")}
 
 
-def fused_qkv(loaded: LoadedModel, block: int) -> nn.Linear:
-    """Block ``block``'s fused ``attn.qkv`` Linear, or NotAViTError saying why LOST cannot read its keys."""
-    blk = loaded.blocks[block]
-    attn = getattr(blk, "attn", None)
-    qkv = getattr(attn, "qkv", None)
-    dim = int(getattr(loaded.model, "embed_dim", 0) or 0)
-    if attn is None or not isinstance(qkv, nn.Linear) or not hasattr(attn, "num_heads"):
-        raise NotAViTError(f"block {block} ({type(blk).__name__}) has no timm attention with a fused qkv projection "
-                           "(attn.qkv); LOST reads keys/queries/values from it - use --features tokens, or a timm "
-                           "ViT")
-    if dim and qkv.out_features != 3 * dim:
-        raise NotAViTError(f"block {block}'s attn.qkv gives {qkv.out_features} features, not 3 x {dim}: not a fused "
-                           "q/k/v projection; use --features tokens")
-    return qkv
+def feature_points(loaded: LoadedModel, block: int, features: str = "keys") -> list[str]:
+    """The hook names LOST reads for ``features`` at ``block``; refuses (NotAViTError/InputError, one line) when
+    this model cannot expose them, before any pass."""
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}")
+    names = list(dict.fromkeys(block_point(block, what) for what in FEATURE_POINTS[features]))
+    resolve_names(loaded, names)
+    return names
 
 
 class FeatureCapture:
-    """Context manager: per forward, ``self.features`` (``[B, T, D]``) and ``self.residual`` (``[B, T, D]``)
+    """Context manager: per forward, the features (``[B, T, D]``) and the residual stream feeding them (``[B, T, D]``)
     of one block; the forward pass stops right after. Use :meth:`run`."""
 
     def __init__(self, loaded: LoadedModel, block: int, features: str = "keys"):
-        if features not in FEATURES:
-            raise ValueError(f"features must be one of {FEATURES}")
         self.loaded, self.block, self.kind = loaded, block, features
-        self.qkv = fused_qkv(loaded, block) if features != "tokens" else None
-        self.features: torch.Tensor | None = None
-        self.residual: torch.Tensor | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.names = feature_points(loaded, block, features)
+        self._capture: Capture | None = None
 
     def __enter__(self) -> "FeatureCapture":
-        blk = self.loaded.blocks[self.block]
-        if self.qkv is not None:
-            # registered last, so it sees the input after every other pre-hook (e.g. the test-time register's)
-            self._handles.append(blk.register_forward_pre_hook(self._take_input))
-            self._handles.append(self.qkv.register_forward_hook(self._take_qkv))
-        else:
-            self._handles.append(blk.register_forward_hook(self._take_output))
+        self._capture = capture(self.loaded, self.names, stop_early=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _take_input(self, module: nn.Module, args: tuple) -> None:
-        self.residual = args[0].detach()
-
-    def _take_qkv(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        B, T, three_d = out.shape
-        j = {"queries": 0, "keys": 1, "values": 2}[self.kind]
-        self.features = out.detach().reshape(B, T, 3, three_d // 3)[:, :, j]
-        raise _Stop
-
-    def _take_output(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        self.features = self.residual = out.detach()
-        raise _Stop
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward ``x`` up to the block; ``(features, residual)``, both ``[B, T, D]``."""
-        self.features = self.residual = None
-        try:
-            self.loaded.model.forward_features(x)
-        except _Stop:
-            pass
-        if self.features is None or self.residual is None:
-            raise NotAViTError(f"block {self.block} was never run by forward_features; cannot take its features")
-        return self.features, self.residual
+        assert self._capture is not None, "FeatureCapture.run() must be called inside `with FeatureCapture(...)`"
+        self._capture.forward(x)
+        features, residual = (block_point(self.block, what) for what in FEATURE_POINTS[self.kind])
+        return self._capture[features], self._capture[residual]

@@ -4,4 +4,5 @@ The built-in registrants are imported here, so they have registered with :mod:`a
 any module of this package is used, whatever the caller imported first.
 """
 
-from artifactscan.models import demo, hf, phantom, test_time_register  # noqa: F401  (they register themselves)
+from artifactscan.models.layouts import timm_vit  # noqa: F401  (registers its hook family)
+from artifactscan.models import demo, hf, phantom, interventions  # noqa: F401  (they register themselves)

@@ -1,34 +1,39 @@
-"""Recording per-token L2 norms of the residual stream, block by block, without keeping features.
+"""Per-token L2 norms of the residual stream, block by block, without keeping features (on the capture layer).
 
-Row ``i`` (0-based, like timm's ``forward_intermediates`` indices) is the output of ``model.blocks[i]``: the residual
-stream *before* the final LayerNorm, where the paper measures. The last row (``num_blocks``) is the model's final
-normalised output (``forward_features``), reported as its own row.
+Row ``i`` (0-based, like timm's ``forward_intermediates`` indices) is ``blocks.{i}.resid_post``: the residual stream
+*before* the final LayerNorm, where the paper measures. The last row (``num_blocks``) is ``final_norm``, the model's
+final normalised output, reported as its own row. Each block's ``[B, T, D]`` output is reduced to ``[B, T]`` norms
+inside its hook, so only one block's features are alive at a time.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.models.loading import LoadedModel
+from artifactscan.models.hooks import Capture, block_point, capture, unwrap_model, family_of
 
 
 def row_names(num_blocks: int) -> list[str]:
     return [f"block {i}" for i in range(num_blocks)] + ["final norm"]
 
 
-def _token_norms(output: object) -> torch.Tensor:
-    tokens = output[0] if isinstance(output, (tuple, list)) else output
+def norm_points(num_blocks: int) -> list[str]:
+    """The hook names of the rows of :func:`row_names`, in the same order."""
+    return [block_point(i, "resid_post") for i in range(num_blocks)] + ["final_norm"]
+
+
+def token_norms(tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, T, D]`` -> ``[B, T]`` L2 norms, in float32 even under bf16 autocast (outliers are ~10x the bulk and
+    must not saturate)."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
         raise RuntimeError(f"a block returned {type(tokens).__name__} of shape "
                            f"{getattr(tokens, 'shape', '?')}; expected tokens shaped [batch, tokens, channels]")
-    # Norms in float32 even under bf16 autocast: the outliers are ~10x the bulk and must not saturate.
     return torch.linalg.vector_norm(tokens.detach().float(), dim=-1)
 
 
 class NormCapture:
-    """Forward hooks on every block that keep only the ``[B, T]`` token norms of the latest forward.
+    """Token norms of every block and of the final output, one forward at a time.
 
     Use as a context manager; the hooks are removed on exit even if the forward raises, so the model is left as
     it was found::
@@ -37,37 +42,25 @@ class NormCapture:
             norms = cap.run(images)      # [num_blocks + 1, B, T]
     """
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: object):
         self.loaded = loaded
-        self.blocks: list[nn.Module] = loaded.blocks
-        self._norms: list[torch.Tensor | None] = [None] * len(self.blocks)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        module = unwrap_model(loaded)
+        self.names = norm_points(family_of(module).num_blocks(module))
+        self._capture: Capture | None = None
 
     def __enter__(self) -> "NormCapture":
-        for i, block in enumerate(self.blocks):
-            self._handles.append(block.register_forward_hook(self._make_hook(i)))
+        self._capture = capture(self.loaded, self.names, reduce=token_norms)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._norms = [None] * len(self.blocks)
-
-    def _make_hook(self, index: int):
-        def hook(module: nn.Module, inputs: object, output: object) -> None:
-            self._norms[index] = _token_norms(output)
-        return hook
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
 
     @measurement_mode()
     def run(self, images: torch.Tensor) -> torch.Tensor:
         """One forward pass; returns norms shaped ``[num_blocks + 1, B, T]`` (last row: final normalised output)."""
-        if not self._handles:
+        if self._capture is None:
             raise RuntimeError("NormCapture.run() must be called inside `with NormCapture(...)`")
-        final = self.loaded.model.forward_features(images)
-        rows = self._norms + [_token_norms(final)]
-        if any(r is None for r in rows):
-            raise RuntimeError("some blocks did not run during forward_features; cannot capture every layer")
-        out = torch.stack(rows)  # type: ignore[arg-type]
-        self._norms = [None] * len(self.blocks)
-        return out
+        self._capture.forward(images)
+        return torch.stack([self._capture[n] for n in self.names])

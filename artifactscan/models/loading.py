@@ -27,6 +27,7 @@ from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, read_meta
 from artifactscan.core.memory import GIB, available_bytes
 from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.core.startup import end_startup
+from artifactscan.models.hooks import blocks_sequence
 from artifactscan.core.errors import (
     CheckpointMetadataError,
     CheckpointMismatchError,
@@ -98,7 +99,8 @@ class LoadedModel:
 
     @property
     def blocks(self) -> list[nn.Module]:
-        return list(self.model.blocks)
+        """The transformer blocks in order, as the model's hook family names them (``blocks.{i}``)."""
+        return list(blocks_sequence(self.model))
 
     @property
     def patch_size(self) -> tuple[int, int]:

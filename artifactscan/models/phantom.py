@@ -42,6 +42,8 @@ from artifactscan.models.phantom_rules import (  # noqa: F401  (re-exported: the
     planted_count,
     validate_settings,
 )
+from artifactscan.models.hooks import HookPoint, register_hook_family
+from artifactscan.models.layouts.timm_vit import TimmViTFamily
 from artifactscan.models.registry import register_architecture
 
 if TYPE_CHECKING:
@@ -253,3 +255,21 @@ def describe_phantom(name: str | None = None) -> str:
 
 
 register_architecture(ARCH, build_phantom_vit)
+
+
+class PhantomFamily(TimmViTFamily):
+    """The phantom's hook points: a timm ViT's, plus its artifact units (a unit point, which ``fix`` searches)."""
+
+    name = "phantom"
+
+    def matches(self, model: Any) -> bool:
+        return super().matches(model) and getattr(model, "phantom_onset", None) is not None
+
+    def extra_points(self, i: int, block: Any) -> list[HookPoint]:
+        if not hasattr(block, "artifact_units"):
+            return []
+        return [HookPoint(f"blocks.{i}.artifact_units.post", f"blocks.{i}.artifact_units.act", "output",
+                          "the phantom's artifact units after their ReLU, [B, T, units]", unit=True)]
+
+
+register_hook_family(PhantomFamily(), before=TimmViTFamily.name)

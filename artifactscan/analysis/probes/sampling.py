@@ -12,6 +12,7 @@ import torch
 
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.errors import InputError, NonFiniteError
+from artifactscan.models.hooks import Capture, block_point, capture
 from artifactscan.models.loading import LoadedModel
 from artifactscan.inputs.sources import image_batches
 from artifactscan.core.progress import ProgressBar
@@ -31,10 +32,6 @@ _M32 = 0xFFFFFFFF
 STREAM_TOKEN, STREAM_IMAGE, STREAM_RAND_POS, STREAM_MATCHED, STREAM_DRAW_TOKEN, STREAM_DRAW_SPLIT = range(1, 7)
 
 
-class _StopForward(Exception):
-    pass
-
-
 def resolve_layer(layer: int, num_blocks: int, hint: str = "") -> int:
     """0-based block index for ``layer`` (negative counts from the end); InputError with the valid range (and
     ``hint``, e.g. :meth:`LoadedModel.layer_range_hint`: the onset a phantom's metadata records)."""
@@ -46,51 +43,33 @@ def resolve_layer(layer: int, num_blocks: int, hint: str = "") -> int:
 
 class LayerTap:
     """Run a ViT only up to block ``k``: returns that block's output tokens ``[B, T, D]`` and the patch-embedding
-    output ``[B, N, D]`` (before the position embedding). A forward hook on block ``k`` stores its output and stops
-    the forward, so blocks after ``k`` never run; all hooks are removed on exit."""
+    output ``[B, N, D]`` (before the position embedding). The capture layer stops the forward once both are taken,
+    so blocks after ``k`` never run; all hooks are removed on exit."""
 
     def __init__(self, loaded: LoadedModel, layer: int):
         self.loaded = loaded
         self.layer = layer
-        self._out: torch.Tensor | None = None
-        self._pe: torch.Tensor | None = None
-        self._handles: list[Any] = []
+        self._names = [block_point(layer, "resid_post"), "patch_embed.post"]
+        self._capture: Capture | None = None
 
     def __enter__(self) -> "LayerTap":
-        model = self.loaded.model
-
-        def grab_block(module: Any, inputs: Any, output: Any) -> None:
-            tokens = output[0] if isinstance(output, (tuple, list)) else output
-            self._out = tokens.detach()
-            raise _StopForward
-
-        def grab_pe(module: Any, inputs: Any, output: Any) -> None:
-            pe = output[0] if isinstance(output, (tuple, list)) else output
-            self._pe = pe.detach()
-
-        self._handles.append(self.loaded.blocks[self.layer].register_forward_hook(grab_block))
-        self._handles.append(model.patch_embed.register_forward_hook(grab_pe))
+        self._capture = capture(self.loaded, self._names, stop_early=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
 
     @measurement_mode()
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self._out = self._pe = None
-        try:
-            self.loaded.model.forward_features(x)
-        except _StopForward:
-            pass
-        if self._out is None or self._out.dim() != 3:
+        assert self._capture is not None, "LayerTap.run() must be called inside `with LayerTap(...)`"
+        self._capture.forward(x)
+        out, pe = (self._capture[n] for n in self._names)
+        if out.dim() != 3:
             raise InputError(f"block {self.layer} did not produce tokens shaped [batch, tokens, channels] during "
                              "forward_features; this model's blocks cannot be probed")
-        pe = self._pe
-        if pe is not None:
-            pe = pe.reshape(pe.shape[0], -1, pe.shape[-1])
-        return self._out, pe
+        return out, pe
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
