@@ -214,13 +214,18 @@ def root(
 
 
 def emit_result(result: Any, out: Optional[Path], filename: str, json_out: bool,
-                render: Callable[[Any], None], figures: Callable[[Any, Path], Any] | None = None) -> None:
-    """Write ``result`` as ``out/filename`` (+ figures), then print it: JSON alone on stdout, or rendered."""
+                render: Callable[[Any], None], figures: Callable[[Any, Path], Any] | None = None,
+                old_filename: str | None = None) -> None:
+    """Write ``result`` as ``out/filename`` (+ figures), then print it: JSON alone on stdout, or rendered.
+
+    ``old_filename``: the name the file had before it was renamed, written too (same content) for one version."""
     from artifactscan.core.results import atomic_write_text
 
     text = json.dumps(result.to_dict(), indent=2)
     if out is not None:  # inside an output_folder(...) block: the folder was validated and locked before the work
         atomic_write_text(out / filename, text)
+        if old_filename:
+            atomic_write_text(out / old_filename, text)
         if figures is not None:
             figures(result, out)
     if json_out:
@@ -502,6 +507,7 @@ def train_reg(
     """
     from artifactscan.analysis import training
     from artifactscan.analysis.compare import verdict_for_run
+    from artifactscan.analysis.run_files import HELD_OUT_COMPARISON_FILE, OLD_NAMES
     from artifactscan.render.plots_compare import save_compare_figure, save_register_ablation_figure
     from artifactscan.render.text import render_compare
 
@@ -571,10 +577,11 @@ def train_reg(
             render_compare(v.comparison, stdout)
             stdout.print("held-out accuracy: " + ", ".join(f"{k} {a:.1%}" for k, a in
                                                            v.validation_accuracy.items()))
-            print_line(stdout, "run folder:", "", f"{display_name(run_dir)} (verdict.json, compare.png, "
-                       "checkpoints per model)")
+            print_line(stdout, "run folder:", "", f"{display_name(run_dir)} ({HELD_OUT_COMPARISON_FILE}, "
+                       "compare.png, checkpoints per model)")
 
-        emit_result(verdict, Path(run_dir), "verdict.json", json_out, render, figures)
+        emit_result(verdict, Path(run_dir), HELD_OUT_COMPARISON_FILE, json_out, render, figures,
+                    old_filename=OLD_NAMES[HELD_OUT_COMPARISON_FILE])
 
     run_command(debug, work)
 
