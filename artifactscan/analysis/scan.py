@@ -14,7 +14,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -47,6 +47,7 @@ from artifactscan.core.results import JsonResult
 # nonfinite_weights, images.num_other_files, and *_hex beside file names that are not printable UTF-8
 # (outliers[].image_hex, maps[].image_hex, images.skipped[].path_hex). /1 and /2 read with defaults.
 # /4: layers[].inconclusive and layers[].images_to_decide (a group that failed only the minimum group size).
+# 0.3: layers[].bimodality renamed layers[].separation; both keys written for one version, either one read.
 SCHEMA = "artifactscan.scan/4"
 READABLE_SCHEMAS = ("artifactscan.scan/1", "artifactscan.scan/2", "artifactscan.scan/3", SCHEMA)
 # ----------------------------------------------------------------------------------------------- result types
@@ -109,11 +110,20 @@ class LayerReport:
     fraction_above_150: float
     prefix: list[PrefixTokenStats]
     histogram: Histogram
-    bimodality: dict[str, Any] = field(default_factory=dict)
+    # The separated-group rule's accepted group or its strongest rejected candidate (core/thresholds.py).
+    separation: dict[str, Any] = field(default_factory=dict)
     num_nonfinite: int = 0  # token norms (prefix included) that were NaN or Inf
-    # The rule could not decide: its candidate group (``bimodality``) passed every test but the minimum group size.
+    # The rule could not decide: its candidate group (``separation``) passed every test but the minimum group size.
     inconclusive: bool = False
     images_to_decide: int | None = None  # images that would give that group the minimum size, at its rate
+
+    # ``separation`` was ``bimodality`` before 0.3 (named after an older mixture rule): both keys are written.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"separation": "bimodality"}
+
+    @property
+    def bimodality(self) -> dict[str, Any]:
+        """``separation`` under its name before 0.3."""
+        return self.separation
 
 
 @dataclass
@@ -191,13 +201,13 @@ class ScanReport(JsonResult):
             return None
         n_img = self.images.num_scanned
         sparsest = max(rows, key=lambda lay: lay.images_to_decide or 0)
-        tokens = sorted({int(lay.bimodality.get("group_tokens", 0)) for lay in rows})
+        tokens = sorted({int(lay.separation.get("group_tokens", 0)) for lay in rows})
         shown = str(tokens[0]) if len(tokens) == 1 else f"{tokens[0]}-{tokens[-1]}"
-        rate = f"{sparsest.bimodality.get('group_tokens', 0) / max(n_img, 1):.2g} per image"
+        rate = f"{sparsest.separation.get('group_tokens', 0) / max(n_img, 1):.2g} per image"
         if len(tokens) > 1:
             rate += f" at {sparsest.name}"
-        ratio = max(lay.bimodality.get("ratio", 0.0) for lay in rows)
-        needed = sparsest.bimodality.get("min_group_tokens", AutoRule().min_group_tokens)
+        ratio = max(lay.separation.get("ratio", 0.0) for lay in rows)
+        needed = sparsest.separation.get("min_group_tokens", AutoRule().min_group_tokens)
         return (f"inconclusive at {_row_list(rows)}: a separated high-norm group (up to {ratio:.1f}x the bulk) "
                 f"passes every test of the threshold rule except the minimum group size: {shown} token(s) in "
                 f"{n_img} image(s), {rate}; {sparsest.images_to_decide} images would give the {needed} tokens "
@@ -484,7 +494,7 @@ def scan(
             threshold=d.value, threshold_reason=d.reason, num_outliers=n_out, outlier_fraction=n_out / n_tok,
             images_with_outliers=n_img_out, image_fraction_with_outliers=n_img_out / n_img,
             fraction_above_150=above_paper / n_tok, prefix=stats.prefix_stats(r),
-            histogram=Histogram.from_counts(stats.patch_counts[r]), bimodality=d.details,
+            histogram=Histogram.from_counts(stats.patch_counts[r]), separation=d.details,
             num_nonfinite=int(stats.nonfinite[r]), inconclusive=d.inconclusive,
             images_to_decide=images_to_decide(d.details["group_tokens"], n_img, rule) if d.inconclusive else None))
     if world > 1:  # per-outlier records gather to every rank (rank 0 reports); maps' flags are rebuilt from them
