@@ -153,7 +153,7 @@ def _lead(text: str) -> str:
 
 
 def test_headline_tables_and_figures_of_the_scan(page, results, tmp_path):
-    from artifactscan.analysis.scan import load_report
+    from artifactscan.analysis.scan import load_scan_report as load_report
 
     text, summary, _ = page
     assert "CANNOT CONFIRM THE FIX" in _lead(text)  # a comparison's verdict leads the page

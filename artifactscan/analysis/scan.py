@@ -586,5 +586,9 @@ def headline(report: ScanReport) -> str:
     return " ".join(parts)
 
 
-def load_report(path: str | Path) -> ScanReport:
+def load_scan_report(path: str | Path) -> ScanReport:
+    """A scan's ``report.json`` read back (a probe writes a ``report.json`` too: see ``load_probe_report``)."""
     return ScanReport.from_dict(json.loads(Path(path).read_text()))
+
+
+load_report = load_scan_report  # its name before 0.3 ("report" alone also names the HTML page and the probe's)
