@@ -48,7 +48,8 @@ def _tiny_scan(plant: bool):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    from artifactscan.analysis.compare import CompareReport, EmergenceGroup, EmergencePoint, EmergenceReport, ModelRow
+    from artifactscan.analysis.compare import CompareReport, ModelRow
+    from artifactscan.analysis.emergence import EmergenceGroup, EmergencePoint, EmergenceReport
     from artifactscan.core.results import atomic_write_text
     from artifactscan.render.outputs import write_scan_outputs
 

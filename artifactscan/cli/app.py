@@ -374,7 +374,7 @@ def norms(
             raise GateFailedError(f"{undecided}; an inconclusive scan does not pass --fail-above")
 
     def _emergence(run_dir: str) -> None:
-        from artifactscan.analysis.compare import scan_run
+        from artifactscan.analysis.emergence import scan_run
         from artifactscan.render.plots_compare import save_emergence_figure
         from artifactscan.render.text import render_emergence
 
@@ -383,7 +383,7 @@ def norms(
                           allow_nonfinite=allow_nonfinite)
         emit_result(result, out, "emergence.json", json_out, lambda r: render_emergence(r, stdout),
                     save_emergence_figure if figures else None)
-        from artifactscan.analysis.compare import NONFINITE_REASON
+        from artifactscan.analysis.emergence import NONFINITE_REASON
 
         bad = [s for s in result.skipped if s.reason.startswith(NONFINITE_REASON)]
         if bad:
@@ -506,7 +506,7 @@ def train_reg(
       artifactscan train-reg --resume runs/2026-11-23-vit-small/
     """
     from artifactscan.analysis import training
-    from artifactscan.analysis.compare import verdict_for_run
+    from artifactscan.analysis.training.verdict import verdict_for_run
     from artifactscan.analysis.run_files import HELD_OUT_COMPARISON_FILE, OLD_NAMES
     from artifactscan.render.plots_compare import save_compare_figure, save_register_ablation_figure
     from artifactscan.render.text import render_compare
