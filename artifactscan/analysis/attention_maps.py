@@ -38,7 +38,8 @@ from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.results import JsonResult
 from artifactscan.analysis.scan import ImageSummary, ModelSummary, ScanReport, model_summary, scan
 from artifactscan.inputs.sources import effective_batch_size, image_batches, make_image_source
-from artifactscan.core.progress import ProgressBar, resolve_device
+from artifactscan.core.progress import ProgressBar
+from artifactscan.core.devices import resolve_device
 
 SCHEMA = "artifactscan.attention/2"
 HEADS_MODES = ("mean", "all")

@@ -23,7 +23,7 @@ from artifactscan.core.files import display_name
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.analysis.scan import ScanReport, scan
 from artifactscan.inputs.sources import image_batches, make_image_source
-from artifactscan.core.progress import resolve_device
+from artifactscan.core.devices import resolve_device
 from artifactscan.core.results import JsonResult
 from artifactscan.inputs.sources import parse_synthetic
 from artifactscan.inputs.synthetic import SyntheticShapes

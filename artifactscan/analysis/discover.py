@@ -35,7 +35,8 @@ from artifactscan.analysis.fix import find_register_neurons
 from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, fused_qkv, lost_batched
 from artifactscan.analysis.scan import ModelSummary, model_summary, scan
 from artifactscan.core.errors import InputError
-from artifactscan.core.progress import ProgressBar, resolve_device
+from artifactscan.core.progress import ProgressBar
+from artifactscan.core.devices import resolve_device
 from artifactscan.core.results import JsonResult
 from artifactscan.core.stats import NormStatistics, bin_index
 from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, threshold_option

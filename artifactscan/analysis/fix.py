@@ -37,7 +37,7 @@ from artifactscan.models.test_time_register import (
 )
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
-from artifactscan.core.progress import resolve_device
+from artifactscan.core.devices import resolve_device
 from artifactscan.analysis.scan import scan
 
 

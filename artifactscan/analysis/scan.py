@@ -24,7 +24,9 @@ from artifactscan.analysis.capture import NormCapture, row_names
 from artifactscan.analysis.memory import check_fits
 from artifactscan.core.errors import InputError
 from artifactscan.core.files import display_name, name_hex
-from artifactscan.core.progress import ProgressBar, distributed_world, gather, resolve_device
+from artifactscan.core.progress import ProgressBar
+from artifactscan.core.distributed import distributed_world, gather
+from artifactscan.core.devices import resolve_device
 from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES, SkippedImage
 from artifactscan.inputs.sources import ImageSource, effective_batch_size, image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel

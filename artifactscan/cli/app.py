@@ -327,7 +327,7 @@ def norms(
     from artifactscan.render.text import render_scan
     from artifactscan.render.outputs import write_scan_outputs
     from artifactscan.core.errors import GateFailedError, NonFiniteError
-    from artifactscan.core.progress import distributed_world
+    from artifactscan.core.distributed import distributed_world
     from artifactscan.analysis.scan import scan
 
     def work() -> None:
