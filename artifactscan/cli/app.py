@@ -158,8 +158,7 @@ def run_command(debug: bool, fn: Callable[[], Any]) -> Any:
 def _run_guarded(debug: bool, fn: Callable[[], Any], out: Any) -> Any:
     try:
         with _sigterm_interrupts():
-            begin_startup()  # the collector rests until the model is loaded (core/startup.py)
-            result = fn()
+            result = _in_startup_phase(fn)
         out.check()
         return result
     except ReaderGone:
@@ -186,6 +185,21 @@ def _run_guarded(debug: bool, fn: Callable[[], Any], out: Any) -> Any:
         return _internal_error(debug, exc)
     finally:
         end_startup()
+
+
+def _in_startup_phase(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` with the collector resting until its model is loaded (core/startup.py): the library calls back
+    when a model is loaded and when a decoding worker starts (a forked worker inherits the start-up phase)."""
+    from artifactscan.inputs.sources import in_decoding_workers
+    from artifactscan.models.loading import after_load
+
+    begin_startup()
+    removers = [after_load.add(lambda loaded: end_startup()), in_decoding_workers.add(end_startup)]
+    try:
+        return fn()
+    finally:
+        for remove in removers:
+            remove()
 
 
 def _internal_error(debug: bool, exc: Exception) -> None:
