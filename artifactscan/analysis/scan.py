@@ -1,7 +1,7 @@
 """``scan()``: per-layer patch-token norms of a ViT over a set of images, with outliers flagged.
 
 The whole pass streams: per batch the model runs once, the hooks keep only token norms, and those go into fixed-size
-histograms (:mod:`artifactscan.stats`). Per-outlier records are the only thing that grows, and only with the number
+histograms (:mod:`artifactscan.core.stats`). Per-outlier records are the only thing that grows, and only with the number
 of outliers. With the adaptive threshold the final value is known only at the end, so records are collected above a
 provisional bar (half the running estimate) and filtered at the end; if the final threshold falls below a bar that
 was used, the records are re-collected in a second pass, so they are always exact.
@@ -582,7 +582,7 @@ def headline(report: ScanReport) -> str:
         parts.append(f"Threshold: separated-group rule per layer (last block: {thr}).")
     else:
         parts.append(f"Threshold: fixed, norm > {last.threshold:g}.")
-    parts.append(f"Paper's fixed 150 would flag {_pct(last.fraction_above_150)} at the last block.")
+    parts.append(f"Paper's fixed {PAPER_THRESHOLD:g} would flag {_pct(last.fraction_above_150)} at the last block.")
     if report.images.skipped:
         parts.append(f"{len(report.images.skipped)} unreadable image(s) skipped.")
     return " ".join(parts)
