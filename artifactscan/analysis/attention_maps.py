@@ -5,7 +5,7 @@ Two passes over the images:
 
 1. the norms scan (:func:`artifactscan.scan.scan`, same threshold rule) flags the outlier patch tokens; its
    per-outlier records give, per image and per block output, which patches are outliers;
-2. an attention pass with :class:`artifactscan.attention.AttentionCapture` on the chosen blocks only (their fused
+2. an attention pass with :class:`artifactscan.analysis.attention.AttentionCapture` on the chosen blocks only (their fused
    attention is switched off for the pass and restored afterwards; the other blocks keep the fused kernel). Each
    block's ``[B, heads, T, T]`` probabilities are reduced as soon as they exist, so memory does not grow with the
    number of images: per-block mass sums stream over every image, and attention maps over the patch grid are kept

@@ -42,7 +42,7 @@ def held_out_images(config: Any) -> str:
 
 def verdict_for_run(result: Any, images: Any = None, *, device: str = "auto", batch_size: int = 64,
                     progress: bool = False) -> TrainRegVerdict:
-    """Scan every variant of a :class:`~artifactscan.training.TrainRegResult` and judge what registers did."""
+    """Scan every variant of a :class:`~artifactscan.analysis.training.TrainRegResult` and judge what registers did."""
     images = images if images is not None else held_out_images(result.config)
     models = {f"reg{v.registers}": v.checkpoint for v in result.variants}
     comparison = compare(models, images, device=device, batch_size=batch_size, progress=progress)
