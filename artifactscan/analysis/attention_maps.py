@@ -21,7 +21,6 @@ the *mean query* — the attention distribution averaged over all patch queries.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from artifactscan.core.numbers import times
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.version import __version__
 from artifactscan.analysis.attention import AttentionCapture
@@ -489,6 +489,4 @@ def attention_headline(report: AttentionReport) -> str:
 
 
 def _ratio(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    return f"{x:.3g}x"
+    return times(x)

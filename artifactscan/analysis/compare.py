@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from artifactscan.core.numbers import percent as _pct
 from artifactscan.analysis.attention import attention_mass
 from artifactscan.core.errors import InputError, NonFiniteError
 from artifactscan.core.files import display_name
@@ -186,10 +187,6 @@ def prefix_attention(loaded: LoadedModel, images: Any, device: torch.device, bat
     if loaded.num_register_tokens:
         out["registers"] = sum(v for k, v in last.prefix_mass.items() if k.startswith("reg"))
     return out
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
 
 
 def register_verdict(rows: list[ModelRow]) -> str:

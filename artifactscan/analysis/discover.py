@@ -22,7 +22,6 @@ similarity graphs live for one batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,6 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from artifactscan.core.numbers import percent
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.analysis.fix import find_register_neurons
 from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, fused_qkv, lost_batched
@@ -418,7 +418,7 @@ def _with_fix(loaded: LoadedModel, boxed: BoxedData, fixed: float | None, dev: t
 
 # ----------------------------------------------------------------------------------------------- words
 def _pct(x: float | None) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
+    return percent(x, 1, missing="n/a")
 
 
 def run_sentence(run: DiscoveryRun) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from artifactscan.core.numbers import percent as _pct
 from artifactscan.core.version import __version__
 from artifactscan.analysis.capture import NormCapture, row_names
 from artifactscan.analysis.memory import check_fits
@@ -536,10 +537,6 @@ def model_summary(loaded: LoadedModel) -> ModelSummary:
 
 
 # ----------------------------------------------------------------------------------------------- words
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
 def _row_list(rows: list[LayerReport]) -> str:
     """``blocks 2, 3, 5`` (and ``the final norm``): the rows named as one phrase."""
     blocks = [str(lay.index) for lay in rows if not lay.is_final_norm]

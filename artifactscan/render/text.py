@@ -9,6 +9,7 @@ if TYPE_CHECKING:
 
 from rich.markup import escape
 
+from artifactscan.core.numbers import percent as _pct
 from artifactscan.analysis.probes.types import ProbeReport
 from artifactscan.analysis.scan import ScanReport
 from artifactscan.render.table import Column, FitTable, num, pct, ratio, spread_order
@@ -17,10 +18,6 @@ NOT_AN_ARTIFACT_HINT = (
     "A high norm alone does not prove an artifact: content tokens (e.g. saturated object patches) can be large too. "
     "Run `artifactscan probe` to test the paper's other signatures."
 )
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
 
 
 NEAR_MISS_MIN_RATIO = 1.5  # the terminal lists rejected groups from 1.5x the bulk; report.json keeps every layer's
