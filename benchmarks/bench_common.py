@@ -42,7 +42,7 @@ def bench_model(args: argparse.Namespace) -> tuple[Any, torch.device]:
     """``--model`` loaded, or a random-init timm ``--arch`` at ``--img-size`` (seed 0), on ``--device``."""
     import timm
 
-    from artifactscan.core.progress import resolve_device
+    from artifactscan.core.devices import resolve_device
     from artifactscan.models.loading import load_model, wrap_module
 
     dev = resolve_device(args.device)

@@ -111,7 +111,7 @@ def vit_images_per_second(folder: Path, n: int, device: str, batch_size: int = 3
     from PIL import Image
 
     from artifactscan import scan
-    from artifactscan.core.progress import resolve_device
+    from artifactscan.core.devices import resolve_device
     from artifactscan.inputs.images import load_rgb
     from artifactscan.inputs.sources import decode_min_side
     from artifactscan.models.loading import wrap_module
@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--skip-png", action="store_true")
     p.add_argument("--skip-vit", action="store_true")
     args = p.parse_args()
-    from artifactscan.core.progress import resolve_device
+    from artifactscan.core.devices import resolve_device
 
     dev = resolve_device(args.device)
     base = args.keep or Path(tempfile.mkdtemp(prefix="bench_data_"))

@@ -19,7 +19,7 @@ def main() -> None:
     from artifactscan import load_model, scan
     from artifactscan.models.interventions import apply_test_time_register
     from artifactscan.analysis.fix import find_register_neurons
-    from artifactscan.core.progress import resolve_device
+    from artifactscan.core.devices import resolve_device
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="phantom")

@@ -29,7 +29,7 @@ def _forward_only(loaded, batches, device):
 
 def time_overhead(model, n: int, batch_size: int, device: str, repeats: int) -> dict:
     from artifactscan import load_model, scan
-    from artifactscan.core.progress import resolve_device
+    from artifactscan.core.devices import resolve_device
 
     dev = resolve_device(device)
     loaded = load_model(model)  # a name, or an already LoadedModel

@@ -32,7 +32,7 @@ from artifactscan.core.errors import ModelLoadError  # noqa: E402
 from artifactscan.models.loading import LoadedModel, load_model, wrap_module  # noqa: E402
 from artifactscan.analysis.probes import LayerTap, fit_ridge, patchify, probe  # noqa: E402
 from artifactscan.inputs.sources import image_batches, make_image_source
-from artifactscan.core.progress import resolve_device  # noqa: E402
+from artifactscan.core.devices import resolve_device  # noqa: E402
 
 
 def default_model() -> tuple[LoadedModel, str]:

@@ -89,9 +89,10 @@ def forbid_models(monkeypatch) -> None:
     import artifactscan.analysis.fix as fix_mod
     import artifactscan.analysis.compare as compare_mod
     import artifactscan.analysis.discover as discover_mod
+    import artifactscan.analysis.emergence as emergence_mod
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the output path was validated")
 
-    for mod in (opening_mod, fix_mod, compare_mod, discover_mod):
+    for mod in (opening_mod, fix_mod, compare_mod, discover_mod, emergence_mod):
         monkeypatch.setattr(mod, "load_model", boom)

@@ -36,7 +36,7 @@ def register_scan():
 def emergence():
     """``norms RUN_DIR`` over three checkpoints of a 24-block model; the per-block values are the phantom's real
     ones (the first checkpoint before its outliers appeared)."""
-    from artifactscan.analysis.compare import EmergenceGroup, EmergencePoint, EmergenceReport
+    from artifactscan.analysis.emergence import EmergenceGroup, EmergencePoint, EmergenceReport
 
     scan = deep_scan()
     blocks = [lay for lay in scan.layers if not lay.is_final_norm]

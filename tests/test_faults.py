@@ -319,7 +319,7 @@ def test_nonfinite_activations_refused_by_compare_and_fix(tmp_path):
 
 
 def test_readers_accept_the_previous_schemas(tmp_path, image_dir):
-    from artifactscan.analysis.compare import EmergenceReport
+    from artifactscan.analysis.emergence import EmergenceReport
     from artifactscan.analysis.scan import ScanReport
 
     result = invoke("norms", "demo", image_dir, "--json")

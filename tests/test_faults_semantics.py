@@ -291,7 +291,7 @@ def test_sigint_while_training_names_the_steps_and_the_resume_command(tmp_path):
 def test_sigint_during_the_verdict_says_the_training_is_complete(tmp_path):
     run = tmp_path / "run"
     proc = _train_reg_process(run, "--steps", "8")
-    line = _sigint_when(proc, lambda: (run / "comparison.json").is_file())
+    line = _sigint_when(proc, lambda: (run / "variants.json").is_file())
     assert line == (f"interrupted: stopped while scanning for the verdict; the training in {run} is complete; get "
                     f"the verdict with: artifactscan train-reg --resume {run}"), line
 

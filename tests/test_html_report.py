@@ -48,7 +48,8 @@ def _tiny_scan(plant: bool):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    from artifactscan.analysis.compare import CompareReport, EmergenceGroup, EmergencePoint, EmergenceReport, ModelRow
+    from artifactscan.analysis.compare import CompareReport, ModelRow
+    from artifactscan.analysis.emergence import EmergenceGroup, EmergencePoint, EmergenceReport
     from artifactscan.core.results import atomic_write_text
     from artifactscan.render.outputs import write_scan_outputs
 
@@ -153,7 +154,7 @@ def _lead(text: str) -> str:
 
 
 def test_headline_tables_and_figures_of_the_scan(page, results, tmp_path):
-    from artifactscan.analysis.scan import load_report
+    from artifactscan.analysis.scan import load_scan_report as load_report
 
     text, summary, _ = page
     assert "CANNOT CONFIRM THE FIX" in _lead(text)  # a comparison's verdict leads the page
@@ -207,6 +208,29 @@ def test_every_kind_is_rendered(page):
     assert "val. accuracy" in text and "55.00%" in text and "training curves" in text
     assert "block 1: % / ratio" in text  # emergence table
     assert "reg4" in text and "registers=30.0%" in text  # compare table
+
+
+def test_renamed_run_files_new_name_first_and_one_section_each(results, tmp_path):
+    """A 0.3 run folder holds variants.json and held_out_comparison.json plus their old names (same content): the
+    page reads the new names and shows each result once; a run written before 0.3 (old names only) still reads."""
+    run = tmp_path / "run"
+    shutil.copytree(results / "train", run)
+    old_variants = json.loads((run / "comparison.json").read_text())
+    new_variants = copy.deepcopy(old_variants)
+    new_variants["variants"][1]["val_acc"] = 0.75  # tells which file the page read
+    (run / "variants.json").write_text(json.dumps(new_variants))
+    compared = json.loads((results / "cmp" / "compare.json").read_text())
+    verdict = {"schema": "artifactscan.train_reg_verdict/1", "run_dir": str(run), "images": "synthetic:8",
+               "comparison": compared, "validation_accuracy": {"reg0": 0.5}, "verdict": compared["verdict"]}
+    for name in ("held_out_comparison.json", "verdict.json"):
+        (run / name).write_text(json.dumps(verdict))
+    summary = write_html_report(run, tmp_path / "page.html")
+    text = (tmp_path / "page.html").read_text()
+    assert "75.00%" in text and "55.00%" not in text
+    assert sorted(r.path for r in summary.results) == [".", "held_out_comparison.json"]
+    (run / "variants.json").unlink()
+    write_html_report(run, tmp_path / "old.html")
+    assert "55.00%" in (tmp_path / "old.html").read_text()
 
 
 def test_unreadable_json_is_skipped_with_a_warning(page):

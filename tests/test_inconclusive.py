@@ -88,7 +88,7 @@ def test_phantom_on_4_images_is_inconclusive_and_fails_the_gate(phantom_on_4):
     assert [lay["index"] for lay in undecided] == list(range(PLANTED_FROM, report["model"]["num_blocks"]))
     for lay in undecided:
         assert lay["threshold"] is None and lay["num_outliers"] == 0
-        assert lay["bimodality"]["group_tokens"] == 4  # one planted token per image
+        assert lay["separation"]["group_tokens"] == 4  # one planted token per image
         assert lay["images_to_decide"] == 5  # 5 images give 5 tokens at 1 per image
         assert lay["threshold_reason"].startswith("inconclusive:")
     decided = [lay for lay in report["layers"] if not lay["inconclusive"]]

@@ -150,3 +150,63 @@ def test_cli_command_ends_its_startup_phase(photos):
     assert gc.isenabled()
     assert runner.invoke(app, ["norms", "phantom", str(photos / "missing")]).exit_code == 1
     assert gc.isenabled()
+
+
+def test_cli_startup_phase_ends_when_the_model_is_loaded_through_a_callback(photos):
+    """The library never calls the command line's start-up policy: load_model only calls what was registered in
+    ``after_load``, and the command line registers the end of its start-up phase there, for the command only."""
+    import gc
+
+    from typer.testing import CliRunner
+
+    from artifactscan.cli import app
+    from artifactscan.models.loading import after_load
+
+    registered = repr(after_load)
+    seen = []
+    remove = after_load.add(lambda loaded: seen.append((loaded.name, gc.isenabled())))  # before the CLI's own
+    try:
+        assert CliRunner().invoke(app, ["norms", "phantom", str(photos), "--json", "--workers", "0"]).exit_code == 0
+    finally:
+        remove()
+    assert seen == [("phantom", False)]  # the collector rested until the model was loaded ...
+    assert gc.isenabled() and repr(after_load) == registered  # ... and the command took its callback away again
+    load_model("phantom")
+    assert gc.isenabled()
+
+
+class _CollectorState(torch.utils.data.Dataset):
+    """Each item: whether the collector is on in the process that made it (a decoding worker)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        import gc
+
+        return torch.tensor(float(gc.isenabled())), i
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="workers inherit the phase only by fork")
+def test_decoding_workers_forked_during_startup_end_it_for_themselves():
+    from artifactscan.cli.app import _in_startup_phase
+    from artifactscan.core.startup import end_startup
+    from artifactscan.inputs.sources import image_batches
+
+    def worker_states() -> list[float]:
+        source = ImageSource(_CollectorState(), ["a", "b", "c", "d"], "test", None, 4)
+        states = [v for images, _, _ in image_batches(source, 2, 1) for v in images.tolist()]
+        source.close()
+        return states
+
+    try:
+        assert _in_startup_phase(worker_states) == [1.0] * 4  # the CLI's callback turned the worker's collector on
+    finally:
+        end_startup()
+    import gc
+
+    gc.disable()  # a library caller that turned it off itself: workers are left as they were forked
+    try:
+        assert worker_states() == [0.0] * 4
+    finally:
+        gc.enable()

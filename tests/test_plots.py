@@ -404,7 +404,8 @@ def test_figures_of_a_real_scan(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- compare / emergence
 def test_save_compare_and_emergence_figures(tmp_path):
-    from artifactscan.analysis.compare import CompareReport, EmergenceGroup, EmergencePoint, EmergenceReport
+    from artifactscan.analysis.compare import CompareReport
+    from artifactscan.analysis.emergence import EmergenceGroup, EmergencePoint, EmergenceReport
 
     reports = {"0 reg": make_report(image_names=["tensor[0]"]),
                "4 reg": make_report(artifacts_from=None, image_names=["tensor[0]"], seed=1)}

@@ -69,7 +69,7 @@ def test_readme_examples_run_in_order(tmp_path):
     assert not failures, "README examples failed:\n" + "\n".join(failures)
     # what the examples promise in their comments, beyond their --out paths
     assert {"report.json", "outliers.csv"} <= {p.name for p in (tmp_path / "report").iterdir()}
-    assert (tmp_path / "runs" / "demo-pair" / "verdict.json").is_file()
+    assert (tmp_path / "runs" / "demo-pair" / "held_out_comparison.json").is_file()
 
 
 def test_train_steps_setting(monkeypatch):

@@ -207,13 +207,24 @@ def test_real_vit_layouts_split_prefix_tokens_by_their_own_counts(arch, prefix, 
     assert m.grid_size == [2, 2] and len(report.layers[0].prefix) == prefix
 
 
+def test_separation_is_written_under_its_old_key_too_and_read_from_either():
+    """layers[].separation was layers[].bimodality before 0.3: both keys, same value, for one version."""
+    report = scan(wrap_module(_planted_model()), torch.rand(6, 3, 32, 32))
+    data = json.loads(report.to_json())
+    assert all(lay["separation"] == lay["bimodality"] for lay in data["layers"])
+    assert any(lay["separation"] for lay in data["layers"])  # the planted token's layers have a group
+    assert ScanReport.from_dict(data).to_dict() == report.to_dict()
+    assert report.layers[1].bimodality is report.layers[1].separation  # the Python name of 0.2 still reads
+
+
 def test_reads_a_version_1_report_and_refuses_an_unknown_schema():
     """Readers accept the previous schema (the mixture rule's bimodality keys) and name the unknown one."""
     data = json.loads(scan(wrap_module(_planted_model()), torch.rand(6, 3, 32, 32)).to_json())
     data["schema"] = "artifactscan.scan/1"
     for layer in data["layers"]:
+        del layer["separation"]  # its name before 0.3 is the only one a /1 file has
         layer["bimodality"] = {"lower_median": 1.0, "upper_median": 20.0, "ashman_d": 9.0}
-    assert ScanReport.from_dict(data).layers[0].bimodality["ashman_d"] == 9.0
+    assert ScanReport.from_dict(data).layers[0].separation["ashman_d"] == 9.0
     data["schema"] = "artifactscan.scan/9"
     with pytest.raises(ArtifactScanError, match="scan/9"):
         ScanReport.from_dict(data)

@@ -156,7 +156,7 @@ def test_scan_shows_a_rejected_group_as_a_near_miss():
     report = scan(wrap_module(model), torch.rand(64, 3, 64, 64), num_maps=0)
     layer = report.layers[1]
     assert layer.threshold is None
-    assert layer.bimodality["group_tokens"] == 64 and "ratio" in " ".join(layer.bimodality["rejected"])
+    assert layer.separation["group_tokens"] == 64 and "ratio" in " ".join(layer.separation["rejected"])
     lines = near_misses(report)
     assert any(line.startswith("block 1: a 1.8x group of 1.56% of tokens (64)") for line in lines), lines
     assert not any(line.startswith("block 0") for line in lines)  # nothing near 1.5x there: JSON only

@@ -22,7 +22,8 @@ def test_train_reg_pair_and_honest_verdict(tmp_path):
     assert set(rows) == {"reg0", "reg4"} and rows["reg4"]["registers"] == 4
     assert rows["reg4"]["prefix_attention"]["registers"] > 0  # registers take attention even without artifacts
     assert verdict["verdict"].startswith("CANNOT CONFIRM THE FIX")
-    assert (run / "verdict.json").is_file() and (run / "compare.png").is_file()
+    assert json.loads((run / "held_out_comparison.json").read_text()) == verdict and (run / "compare.png").is_file()
+    assert json.loads((run / "verdict.json").read_text()) == verdict  # its name before 0.3, for one version
     for reg in ("reg0", "reg4"):
         assert (run / reg / "final.safetensors").is_file()
     # --resume reuses finished variants; an option passed again with another value is refused

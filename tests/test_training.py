@@ -149,8 +149,11 @@ def test_train_reg_pair_and_baseline_reuse(tmp_path):
     assert [v.registers for v in res.variants] == [0, 2]
     assert res.baseline.checkpoint.is_file() and res.variant(2).checkpoint.is_file()
     assert read_meta(res.checkpoints()[2]).arch_kwargs["reg_tokens"] == 2
-    comp = json.loads(res.comparison_path.read_text())
-    assert [v["registers"] for v in comp["variants"]] == [0, 2]
+    comp = json.loads(res.variants_path.read_text())
+    assert res.variants_path.name == "variants.json" and [v["registers"] for v in comp["variants"]] == [0, 2]
+    # its name before 0.3, still written for one version with the same content
+    assert res.comparison_path.name == "comparison.json"
+    assert json.loads(res.comparison_path.read_text()) == comp
     # only the register model is trained when a baseline is given
     res2 = train_reg(cfg, tmp_path / "only-reg", "1", baseline_checkpoint=res.baseline.checkpoint,
                      parallel=False, progress=False)
@@ -337,7 +340,7 @@ def test_resume_a_train_reg_folder(tmp_path):
     res = resume(root, parallel=False, progress=False)
     assert [(v.registers, v.steps) for v in res.variants] == [(0, 4), (4, 4)]
     assert all(v.checkpoint.is_file() for v in res.variants)
-    assert json.loads(res.comparison_path.read_text())["variants"][1]["registers"] == 4
+    assert json.loads(res.variants_path.read_text())["variants"][1]["registers"] == 4
 
 
 def test_module_entry_point_is_only_the_worker(capsys):

@@ -21,7 +21,6 @@ the *mean query* — the attention distribution averaged over all patch queries.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from artifactscan.core.numbers import times
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.version import __version__
 from artifactscan.analysis.attention import AttentionCapture
@@ -38,7 +38,8 @@ from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.results import JsonResult
 from artifactscan.analysis.scan import ImageSummary, ModelSummary, ScanReport, model_summary, scan
 from artifactscan.inputs.sources import effective_batch_size, image_batches, make_image_source
-from artifactscan.core.progress import ProgressBar, resolve_device
+from artifactscan.core.progress import ProgressBar
+from artifactscan.core.devices import resolve_device
 
 SCHEMA = "artifactscan.attention/2"
 HEADS_MODES = ("mean", "all")
@@ -488,6 +489,4 @@ def attention_headline(report: AttentionReport) -> str:
 
 
 def _ratio(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    return f"{x:.3g}x"
+    return times(x)

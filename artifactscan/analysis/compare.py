@@ -1,32 +1,30 @@
-"""Scanning several models on the same images and saying what differs (train-reg's verdict, ``compare``, emergence).
+"""Scanning several models on the same images and saying what registers change (``compare``).
 
 Besides the norm statistics of each model, a comparison reports what registers change even where no artifact exists:
 the attention mass that patch queries put on prefix tokens, and the register tokens' norms. On the built-in
 synthetic data the object masks are known, so it also says whether flagged tokens sit on background or on objects —
 a norm rule alone flags object (content) tokens too.
+
+Norms over a training run's checkpoints are :mod:`artifactscan.analysis.emergence`; train-reg's verdict, which
+compares a run's variants, is :mod:`artifactscan.analysis.training.verdict`.
 """
 
 from __future__ import annotations
 
-import pickle
-import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from artifactscan.core.numbers import percent as _pct
 from artifactscan.analysis.attention import attention_mass
-from artifactscan.models.checkpoint import read_meta
-from artifactscan.core.errors import InputError, ModelLoadError, NonFiniteError
-from artifactscan.core.files import display_name, name_hex
-from artifactscan.core.paths import path_kind
-from artifactscan.models.loading import CHECKPOINT_SUFFIXES, LoadedModel, load_model
-from artifactscan.models.native import unsafe_globals
+from artifactscan.core.errors import InputError, NonFiniteError
+from artifactscan.core.files import display_name
+from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.analysis.scan import ScanReport, scan
 from artifactscan.inputs.sources import image_batches, make_image_source
-from artifactscan.core.progress import resolve_device
+from artifactscan.core.devices import resolve_device
 from artifactscan.core.results import JsonResult
 from artifactscan.inputs.sources import parse_synthetic
 from artifactscan.inputs.synthetic import SyntheticShapes
@@ -191,10 +189,6 @@ def prefix_attention(loaded: LoadedModel, images: Any, device: torch.device, bat
     return out
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
 def register_verdict(rows: list[ModelRow]) -> str:
     """An honest sentence on whether registers fixed artifacts; says when the experiment cannot tell."""
     base = next((r for r in rows if r.registers == 0), None)
@@ -245,225 +239,3 @@ def register_verdict(rows: list[ModelRow]) -> str:
     if undecided_words:
         parts.append(undecided_words)
     return " ".join(parts)
-
-
-# ----------------------------------------------------------------------------------------------- run folders
-_STEP = re.compile(r"(\d+)")
-
-
-@dataclass
-class SkippedCheckpoint:
-    """A checkpoint file of a run folder left out of the series, and why (``path_hex``: the exact name's bytes)."""
-
-    path: str
-    reason: str
-    path_hex: str | None = None
-
-
-NONFINITE_REASON = "non-finite: "  # how a skipped checkpoint's reason starts when its weights or norms held NaN/Inf
-
-
-def _is_resume_state(path: Path) -> bool:
-    return path.name == "last.pt"  # train-reg's resume state: optimizer + weights of the newest step, not a snapshot
-
-
-def _read_run_checkpoint(path: Path) -> tuple[Any, str | None]:
-    """(metadata, None) for a self-describing checkpoint; (None, why it cannot be used) for any other file."""
-    kind = path_kind(path)
-    if kind != "a file":  # a named pipe would block the read: it is named as what it is, and skipped
-        return None, f"not a regular file: {kind}"
-    try:
-        meta = read_meta(path)
-    except Exception as exc:  # damaged files raise many types: each is a reason, not a crash
-        if path.stat().st_size == 0:
-            return None, "unreadable: the file is empty (0 bytes)"
-        found = unsafe_globals(path) if isinstance(exc, pickle.UnpicklingError) else ""
-        if found:  # torch's paragraph about weights_only, in one short line
-            return None, (f"a pickle that would run code when loaded{found} (scan it alone with --trust-checkpoint, "
-                          "only if you trust it)")
-        text = " ".join(str(exc).split())
-        return None, "unreadable: " + (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
-    if meta is None:
-        return None, "no artifactscan metadata (not a self-describing checkpoint; scan it alone with --arch)"
-    return meta, None
-
-
-def find_checkpoints(run_dir: str | Path, skipped: list[SkippedCheckpoint] | None = None
-                     ) -> dict[str, list[tuple[int | None, Path]]]:
-    """Self-describing checkpoints under ``run_dir``, grouped by architecture and sorted by training step.
-
-    Files with a checkpoint suffix that cannot be used (unreadable, truncated, no artifactscan metadata, malformed
-    metadata) are appended to ``skipped`` with the reason, never dropped silently.
-    """
-    root = Path(run_dir)
-    groups: dict[str, list[tuple[int | None, Path]]] = {}
-    for path in sorted(p for p in root.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and not p.is_dir()
-                       and not p.name.startswith(".") and not _is_resume_state(p)):
-        meta, reason = _read_run_checkpoint(path)
-        if meta is None:
-            if skipped is not None:
-                skipped.append(SkippedCheckpoint(display_name(path), reason or "", name_hex(path)))
-            continue
-        key = meta.arch + " " + ",".join(f"{k}={v}" for k, v in sorted(meta.arch_kwargs.items()))
-        step = meta.step
-        if step is None:
-            digits = _STEP.findall(path.stem)
-            step = int(digits[-1]) if digits else None
-        groups.setdefault(key, []).append((step, path))
-    if not groups:
-        why = f" ({len(skipped)} skipped: {display_name(Path(skipped[0].path).name)}: {skipped[0].reason})" if skipped else ""
-        raise InputError(f"{display_name(run_dir)} holds no self-describing checkpoints (.safetensors written by "
-                         f"train-reg){why}")
-    for key, items in groups.items():
-        items.sort(key=lambda sp: (sp[0] is None, sp[0] or 0, sp[1].name.startswith("final")))
-        # A run's final.safetensors repeats its last snapshot (checkpoints/step_N): one point per step and run.
-        seen: set[tuple[int | None, Path]] = set()
-        unique = []
-        for step, path in items:
-            run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-            ident = (step, run)
-            if step is not None and ident in seen:
-                continue
-            seen.add(ident)
-            unique.append((step, path))
-        groups[key] = unique
-    return groups
-
-
-@dataclass
-class EmergencePoint:
-    """One checkpoint of a run: per-block outlier fraction and max/median ratio."""
-
-    step: int | None
-    checkpoint: str
-    onset_layer: int | None
-    outlier_fraction: list[float]
-    max_over_median: list[float]
-    inconclusive_layers: list[int] = field(default_factory=list)  # /3: rows where the rule could not decide
-
-
-@dataclass
-class EmergenceGroup:
-    """Checkpoints of one architecture, in training order."""
-
-    architecture: str
-    registers: int
-    points: list[EmergencePoint]
-
-
-@dataclass
-class EmergenceReport(JsonResult):
-    """Norm statistics over training (the paper's Fig 4b) for every architecture found in a run folder."""
-
-    run_dir: str
-    images: str
-    groups: list[EmergenceGroup]
-    notes: list[str]
-    skipped: list[SkippedCheckpoint] = field(default_factory=list)  # /2: checkpoint files left out, with the reason
-    schema: str = "artifactscan.emergence/3"
-
-
-def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float = "auto", device: str = "auto",
-             batch_size: int = 64, progress: bool = False, warn: Callable[[str], None] | None = None,
-             allow_nonfinite: bool = False, **scan_kwargs: Any) -> EmergenceReport:
-    """Scan every checkpoint of a training run (e.g. a train-reg run folder) on the same images.
-
-    Checkpoints of different architectures (e.g. the 0- and 4-register models of one train-reg run) are grouped
-    apart, and the report says so. Checkpoint files that cannot be used are warned about (``warn``: one line each,
-    file and reason) and listed in ``skipped``; a checkpoint that loads but fails to build is skipped the same way.
-    """
-    skipped: list[SkippedCheckpoint] = []
-    nonfinite_notes: list[str] = []
-    undecided_notes: list[str] = []  # checkpoints whose scan could not decide: never read as "no outliers"
-    groups = find_checkpoints(run_dir, skipped)
-    out_groups, source = [], ""
-    for key, items in groups.items():
-        points = []
-        registers = 0
-        for step, path in items:
-            try:
-                loaded = load_model(path, allow_nonfinite=allow_nonfinite)
-            except NonFiniteError as exc:  # e.g. a training run that diverged: named, and the command fails
-                skipped.append(SkippedCheckpoint(display_name(path), f"{NONFINITE_REASON}{exc}", name_hex(path)))
-                continue
-            except ModelLoadError as exc:
-                skipped.append(SkippedCheckpoint(display_name(path), str(exc), name_hex(path)))
-                continue
-            registers = loaded.num_register_tokens
-            report = scan(loaded, images, threshold=threshold, device=device, batch_size=batch_size,
-                          progress=progress, num_maps=0, allow_nonfinite=allow_nonfinite, **scan_kwargs)
-            problem = report.nonfinite_problem()
-            if problem and not allow_nonfinite:
-                skipped.append(SkippedCheckpoint(display_name(path), NONFINITE_REASON + problem, name_hex(path)))
-                continue
-            if problem:
-                nonfinite_notes.append(f"{display_name(path)}: {problem} (kept: --allow-nonfinite)")
-            source = report.images.source
-            blocks = [lay for lay in report.layers if not lay.is_final_norm]
-            points.append(EmergencePoint(step, display_name(path), report.onset_layer,
-                                         [lay.outlier_fraction for lay in blocks],
-                                         [lay.max_over_median for lay in blocks],
-                                         [lay.index for lay in report.inconclusive_layers]))
-            if report.inconclusive_layers:
-                undecided_notes.append(f"{display_name(path)}: {report.inconclusive_problem()}")
-        if points:
-            out_groups.append(EmergenceGroup(key, registers, points))
-    say = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
-    for s in skipped:
-        say(f"skipped checkpoint {s.path}: {s.reason}")
-    if not out_groups:
-        why = f"; first: {skipped[0].path}: {skipped[0].reason}" if skipped else ""
-        raise InputError(f"none of the checkpoints in {display_name(run_dir)} could be scanned ({len(skipped)} "
-                         f"skipped{why})")
-    notes = []
-    if len(out_groups) > 1:
-        notes.append(f"{run_dir} holds checkpoints of {len(out_groups)} different architectures; each is its own "
-                     "series: " + "; ".join(f"{g.registers} registers ({len(g.points)} checkpoints)"
-                                           for g in out_groups))
-    if skipped:
-        notes.append(f"{len(skipped)} checkpoint file(s) skipped (listed under 'skipped' with the reason)")
-    notes.extend(nonfinite_notes)
-    notes.extend(undecided_notes)
-    return EmergenceReport(display_name(run_dir), source, out_groups, notes, skipped)
-
-
-@dataclass
-class TrainRegVerdict(JsonResult):
-    """train-reg's final comparison: the trained variants scanned side by side on held-out images."""
-
-    run_dir: str
-    images: str
-    comparison: CompareReport
-    validation_accuracy: dict[str, float]
-    schema: str = "artifactscan.train_reg_verdict/1"
-
-    @property
-    def verdict(self) -> str:
-        return self.comparison.verdict
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        data["comparison"] = self.comparison.to_dict()
-        data["verdict"] = self.verdict
-        return data
-
-
-def held_out_images(config: Any) -> str:
-    """Images no variant trained on: the built-in validation split, or the data set's held-out folder."""
-    if config.data is None:
-        return "synthetic:512"
-    val = Path(config.data) / "val"
-    return str(val) if val.is_dir() else str(config.data)
-
-
-def verdict_for_run(result: Any, images: Any = None, *, device: str = "auto", batch_size: int = 64,
-                    progress: bool = False) -> TrainRegVerdict:
-    """Scan every variant of a :class:`~artifactscan.training.TrainRegResult` and judge what registers did."""
-    images = images if images is not None else held_out_images(result.config)
-    models = {f"reg{v.registers}": v.checkpoint for v in result.variants}
-    comparison = compare(models, images, device=device, batch_size=batch_size, progress=progress)
-    if result.config.data is not None and images == str(result.config.data):
-        comparison.notes.append(f"{images} has no val/ folder, so the verdict scanned the training images; pass "
-                                "--scan-images for held-out ones (norm statistics do not need labels).")
-    accuracy = {f"reg{v.registers}": v.val_acc for v in result.variants}
-    return TrainRegVerdict(str(result.run_dir), comparison.images, comparison, accuracy)

@@ -22,7 +22,6 @@ similarity graphs live for one batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,12 +29,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from artifactscan.core.numbers import percent
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.analysis.fix import find_register_neurons
 from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, feature_points, lost_batched
 from artifactscan.analysis.scan import ModelSummary, model_summary, scan
 from artifactscan.core.errors import InputError
-from artifactscan.core.progress import ProgressBar, resolve_device
+from artifactscan.core.progress import ProgressBar
+from artifactscan.core.devices import resolve_device
 from artifactscan.core.results import JsonResult
 from artifactscan.core.stats import NormStatistics, bin_index
 from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, threshold_option
@@ -417,7 +418,7 @@ def _with_fix(loaded: LoadedModel, boxed: BoxedData, fixed: float | None, dev: t
 
 # ----------------------------------------------------------------------------------------------- words
 def _pct(x: float | None) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
+    return percent(x, 1, missing="n/a")
 
 
 def run_sentence(run: DiscoveryRun) -> str:

@@ -37,7 +37,7 @@ from artifactscan.models.interventions import (
 )
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
-from artifactscan.core.progress import resolve_device
+from artifactscan.core.devices import resolve_device
 from artifactscan.analysis.scan import scan
 
 
@@ -216,9 +216,9 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
     cos = torch.nn.functional.cosine_similarity(feats0, feats1, dim=-1)
     agreement = (float((logits0.argmax(-1) == logits1.argmax(-1)).float().mean())
                  if logits0.shape[-1] > 1 and logits0.shape[-1] != feats0.shape[-1] else None)
-    b_frac = sum(lay.num_outliers for lay in before.layers if not lay.is_final_norm)
-    a_frac = sum(lay.num_outliers for lay in after.layers if not lay.is_final_norm)
-    removed = 1 - a_frac / b_frac if b_frac else 0.0
+    outliers_before = sum(lay.num_outliers for lay in before.layers if not lay.is_final_norm)
+    outliers_after = sum(lay.num_outliers for lay in after.layers if not lay.is_final_norm)
+    removed = 1 - outliers_after / outliers_before if outliers_before else 0.0
     saved = None
     if out is not None:
         if loaded.meta is None:

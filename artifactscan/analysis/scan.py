@@ -1,7 +1,7 @@
 """``scan()``: per-layer patch-token norms of a ViT over a set of images, with outliers flagged.
 
 The whole pass streams: per batch the model runs once, the hooks keep only token norms, and those go into fixed-size
-histograms (:mod:`artifactscan.stats`). Per-outlier records are the only thing that grows, and only with the number
+histograms (:mod:`artifactscan.core.stats`). Per-outlier records are the only thing that grows, and only with the number
 of outliers. With the adaptive threshold the final value is known only at the end, so records are collected above a
 provisional bar (half the running estimate) and filtered at the end; if the final threshold falls below a bar that
 was used, the records are re-collected in a second pass, so they are always exact.
@@ -14,17 +14,20 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from artifactscan.core.numbers import percent as _pct
 from artifactscan.core.version import __version__
 from artifactscan.analysis.capture import NormCapture, row_names
 from artifactscan.analysis.memory import check_fits
 from artifactscan.core.errors import InputError
 from artifactscan.core.files import display_name, name_hex
-from artifactscan.core.progress import ProgressBar, distributed_world, gather, resolve_device
+from artifactscan.core.progress import ProgressBar
+from artifactscan.core.distributed import distributed_world, gather
+from artifactscan.core.devices import resolve_device
 from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES, SkippedImage
 from artifactscan.inputs.sources import ImageSource, effective_batch_size, image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel
@@ -47,6 +50,7 @@ from artifactscan.core.results import JsonResult
 # nonfinite_weights, images.num_other_files, and *_hex beside file names that are not printable UTF-8
 # (outliers[].image_hex, maps[].image_hex, images.skipped[].path_hex). /1 and /2 read with defaults.
 # /4: layers[].inconclusive and layers[].images_to_decide (a group that failed only the minimum group size).
+# 0.3: layers[].bimodality renamed layers[].separation; both keys written for one version, either one read.
 SCHEMA = "artifactscan.scan/4"
 READABLE_SCHEMAS = ("artifactscan.scan/1", "artifactscan.scan/2", "artifactscan.scan/3", SCHEMA)
 # ----------------------------------------------------------------------------------------------- result types
@@ -109,11 +113,20 @@ class LayerReport:
     fraction_above_150: float
     prefix: list[PrefixTokenStats]
     histogram: Histogram
-    bimodality: dict[str, Any] = field(default_factory=dict)
+    # The separated-group rule's accepted group or its strongest rejected candidate (core/thresholds.py).
+    separation: dict[str, Any] = field(default_factory=dict)
     num_nonfinite: int = 0  # token norms (prefix included) that were NaN or Inf
-    # The rule could not decide: its candidate group (``bimodality``) passed every test but the minimum group size.
+    # The rule could not decide: its candidate group (``separation``) passed every test but the minimum group size.
     inconclusive: bool = False
     images_to_decide: int | None = None  # images that would give that group the minimum size, at its rate
+
+    # ``separation`` was ``bimodality`` before 0.3 (named after an older mixture rule): both keys are written.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"separation": "bimodality"}
+
+    @property
+    def bimodality(self) -> dict[str, Any]:
+        """``separation`` under its name before 0.3."""
+        return self.separation
 
 
 @dataclass
@@ -191,13 +204,13 @@ class ScanReport(JsonResult):
             return None
         n_img = self.images.num_scanned
         sparsest = max(rows, key=lambda lay: lay.images_to_decide or 0)
-        tokens = sorted({int(lay.bimodality.get("group_tokens", 0)) for lay in rows})
+        tokens = sorted({int(lay.separation.get("group_tokens", 0)) for lay in rows})
         shown = str(tokens[0]) if len(tokens) == 1 else f"{tokens[0]}-{tokens[-1]}"
-        rate = f"{sparsest.bimodality.get('group_tokens', 0) / max(n_img, 1):.2g} per image"
+        rate = f"{sparsest.separation.get('group_tokens', 0) / max(n_img, 1):.2g} per image"
         if len(tokens) > 1:
             rate += f" at {sparsest.name}"
-        ratio = max(lay.bimodality.get("ratio", 0.0) for lay in rows)
-        needed = sparsest.bimodality.get("min_group_tokens", AutoRule().min_group_tokens)
+        ratio = max(lay.separation.get("ratio", 0.0) for lay in rows)
+        needed = sparsest.separation.get("min_group_tokens", AutoRule().min_group_tokens)
         return (f"inconclusive at {_row_list(rows)}: a separated high-norm group (up to {ratio:.1f}x the bulk) "
                 f"passes every test of the threshold rule except the minimum group size: {shown} token(s) in "
                 f"{n_img} image(s), {rate}; {sparsest.images_to_decide} images would give the {needed} tokens "
@@ -484,7 +497,7 @@ def scan(
             threshold=d.value, threshold_reason=d.reason, num_outliers=n_out, outlier_fraction=n_out / n_tok,
             images_with_outliers=n_img_out, image_fraction_with_outliers=n_img_out / n_img,
             fraction_above_150=above_paper / n_tok, prefix=stats.prefix_stats(r),
-            histogram=Histogram.from_counts(stats.patch_counts[r]), bimodality=d.details,
+            histogram=Histogram.from_counts(stats.patch_counts[r]), separation=d.details,
             num_nonfinite=int(stats.nonfinite[r]), inconclusive=d.inconclusive,
             images_to_decide=images_to_decide(d.details["group_tokens"], n_img, rule) if d.inconclusive else None))
     if world > 1:  # per-outlier records gather to every rank (rank 0 reports); maps' flags are rebuilt from them
@@ -524,10 +537,6 @@ def model_summary(loaded: LoadedModel) -> ModelSummary:
 
 
 # ----------------------------------------------------------------------------------------------- words
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
 def _row_list(rows: list[LayerReport]) -> str:
     """``blocks 2, 3, 5`` (and ``the final norm``): the rows named as one phrase."""
     blocks = [str(lay.index) for lay in rows if not lay.is_final_norm]
@@ -570,11 +579,15 @@ def headline(report: ScanReport) -> str:
         parts.append(f"Threshold: separated-group rule per layer (last block: {thr}).")
     else:
         parts.append(f"Threshold: fixed, norm > {last.threshold:g}.")
-    parts.append(f"Paper's fixed 150 would flag {_pct(last.fraction_above_150)} at the last block.")
+    parts.append(f"Paper's fixed {PAPER_THRESHOLD:g} would flag {_pct(last.fraction_above_150)} at the last block.")
     if report.images.skipped:
         parts.append(f"{len(report.images.skipped)} unreadable image(s) skipped.")
     return " ".join(parts)
 
 
-def load_report(path: str | Path) -> ScanReport:
+def load_scan_report(path: str | Path) -> ScanReport:
+    """A scan's ``report.json`` read back (a probe writes a ``report.json`` too: see ``load_probe_report``)."""
     return ScanReport.from_dict(json.loads(Path(path).read_text()))
+
+
+load_report = load_scan_report  # its name before 0.3 ("report" alone also names the HTML page and the probe's)

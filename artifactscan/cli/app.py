@@ -158,8 +158,7 @@ def run_command(debug: bool, fn: Callable[[], Any]) -> Any:
 def _run_guarded(debug: bool, fn: Callable[[], Any], out: Any) -> Any:
     try:
         with _sigterm_interrupts():
-            begin_startup()  # the collector rests until the model is loaded (core/startup.py)
-            result = fn()
+            result = _in_startup_phase(fn)
         out.check()
         return result
     except ReaderGone:
@@ -188,6 +187,21 @@ def _run_guarded(debug: bool, fn: Callable[[], Any], out: Any) -> Any:
         end_startup()
 
 
+def _in_startup_phase(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` with the collector resting until its model is loaded (core/startup.py): the library calls back
+    when a model is loaded and when a decoding worker starts (a forked worker inherits the start-up phase)."""
+    from artifactscan.inputs.sources import in_decoding_workers
+    from artifactscan.models.loading import after_load
+
+    begin_startup()
+    removers = [after_load.add(lambda loaded: end_startup()), in_decoding_workers.add(end_startup)]
+    try:
+        return fn()
+    finally:
+        for remove in removers:
+            remove()
+
+
 def _internal_error(debug: bool, exc: Exception) -> None:
     """An unexpected failure: a bug. Still one line, with the way to get details."""
     if debug:
@@ -214,13 +228,18 @@ def root(
 
 
 def emit_result(result: Any, out: Optional[Path], filename: str, json_out: bool,
-                render: Callable[[Any], None], figures: Callable[[Any, Path], Any] | None = None) -> None:
-    """Write ``result`` as ``out/filename`` (+ figures), then print it: JSON alone on stdout, or rendered."""
+                render: Callable[[Any], None], figures: Callable[[Any, Path], Any] | None = None,
+                old_filename: str | None = None) -> None:
+    """Write ``result`` as ``out/filename`` (+ figures), then print it: JSON alone on stdout, or rendered.
+
+    ``old_filename``: the name the file had before it was renamed, written too (same content) for one version."""
     from artifactscan.core.results import atomic_write_text
 
     text = json.dumps(result.to_dict(), indent=2)
     if out is not None:  # inside an output_folder(...) block: the folder was validated and locked before the work
         atomic_write_text(out / filename, text)
+        if old_filename:
+            atomic_write_text(out / old_filename, text)
         if figures is not None:
             figures(result, out)
     if json_out:
@@ -322,7 +341,7 @@ def norms(
     from artifactscan.render.text import render_scan
     from artifactscan.render.outputs import write_scan_outputs
     from artifactscan.core.errors import GateFailedError, NonFiniteError
-    from artifactscan.core.progress import distributed_world
+    from artifactscan.core.distributed import distributed_world
     from artifactscan.analysis.scan import scan
 
     def work() -> None:
@@ -369,7 +388,7 @@ def norms(
             raise GateFailedError(f"{undecided}; an inconclusive scan does not pass --fail-above")
 
     def _emergence(run_dir: str) -> None:
-        from artifactscan.analysis.compare import scan_run
+        from artifactscan.analysis.emergence import scan_run
         from artifactscan.render.plots_compare import save_emergence_figure
         from artifactscan.render.text import render_emergence
 
@@ -378,7 +397,7 @@ def norms(
                           allow_nonfinite=allow_nonfinite)
         emit_result(result, out, "emergence.json", json_out, lambda r: render_emergence(r, stdout),
                     save_emergence_figure if figures else None)
-        from artifactscan.analysis.compare import NONFINITE_REASON
+        from artifactscan.analysis.emergence import NONFINITE_REASON
 
         bad = [s for s in result.skipped if s.reason.startswith(NONFINITE_REASON)]
         if bad:
@@ -501,7 +520,8 @@ def train_reg(
       artifactscan train-reg --resume runs/2026-11-23-vit-small/
     """
     from artifactscan.analysis import training
-    from artifactscan.analysis.compare import verdict_for_run
+    from artifactscan.analysis.training.verdict import verdict_for_run
+    from artifactscan.analysis.run_files import HELD_OUT_COMPARISON_FILE, OLD_NAMES
     from artifactscan.render.plots_compare import save_compare_figure, save_register_ablation_figure
     from artifactscan.render.text import render_compare
 
@@ -571,10 +591,11 @@ def train_reg(
             render_compare(v.comparison, stdout)
             stdout.print("held-out accuracy: " + ", ".join(f"{k} {a:.1%}" for k, a in
                                                            v.validation_accuracy.items()))
-            print_line(stdout, "run folder:", "", f"{display_name(run_dir)} (verdict.json, compare.png, "
-                       "checkpoints per model)")
+            print_line(stdout, "run folder:", "", f"{display_name(run_dir)} ({HELD_OUT_COMPARISON_FILE}, "
+                       "compare.png, checkpoints per model)")
 
-        emit_result(verdict, Path(run_dir), "verdict.json", json_out, render, figures)
+        emit_result(verdict, Path(run_dir), HELD_OUT_COMPARISON_FILE, json_out, render, figures,
+                    old_filename=OLD_NAMES[HELD_OUT_COMPARISON_FILE])
 
     run_command(debug, work)
 

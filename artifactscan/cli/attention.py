@@ -1,5 +1,5 @@
 """``artifactscan attention``: attention maps and the attention mass on outlier tokens (a thin Typer layer over
-:func:`artifactscan.attention_maps.attention_report`).
+:func:`artifactscan.analysis.attention_maps.attention_report`).
 
 Registered on the shared app by ``from . import cli_attention`` at the bottom of :mod:`artifactscan.cli`.
 """

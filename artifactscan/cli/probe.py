@@ -71,7 +71,7 @@ def probe_command(
     decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
-    from artifactscan.core.progress import distributed_world
+    from artifactscan.core.distributed import distributed_world
     from artifactscan.analysis.probes import probe
     from artifactscan.render.text import render_probe
     from artifactscan.render.outputs import write_probe_outputs

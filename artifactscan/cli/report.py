@@ -1,7 +1,8 @@
 """``artifactscan report RESULTS_DIR -o report.html``: one self-contained HTML page for a results folder.
 
-A thin Typer layer over :func:`artifactscan.html_report.write_html_report`. Registered on the shared app by
-``from . import cli_report`` at the bottom of :mod:`artifactscan.cli`.
+The command named ``report`` writes the HTML report (not a scan's ``report.json``, nor a ``ScanReport``). A thin
+Typer layer over :func:`artifactscan.render.html_report.write_html_report`; registered on the shared app when
+:mod:`artifactscan.cli` imports this module.
 """
 
 from __future__ import annotations

@@ -124,10 +124,10 @@ def reserve_closed_descriptors() -> None:
                 os.close(null)
 
 
-def final_exit_code(out: GuardedStream, code: Any, report: Callable[[ArtifactScanError], None]) -> Any:
+def final_exit_code(out: GuardedStream, code: Any, show_error: Callable[[ArtifactScanError], None]) -> Any:
     """The process's exit code once a command ended with ``code``: a command that failed has said so already;
-    otherwise a failing stdout decides - :data:`EXIT_READER_GONE` for a reader that went away, 1 (after ``report``
-    shows the error line) for anything else."""
+    otherwise a failing stdout decides - :data:`EXIT_READER_GONE` for a reader that went away, 1 (after
+    ``show_error`` prints the error line) for anything else."""
     if code not in (None, 0):
         return code
     try:
@@ -135,7 +135,7 @@ def final_exit_code(out: GuardedStream, code: Any, report: Callable[[ArtifactSca
     except ReaderGone:
         return EXIT_READER_GONE
     except ArtifactScanError as exc:
-        report(exc)
+        show_error(exc)
         return 1
     return code
 

@@ -17,10 +17,24 @@ from typing import Any
 from artifactscan.core.html import result_html
 
 
+def old_key_names(cls: Any) -> dict[str, str]:
+    """A dataclass's renamed fields: ``{new name: old JSON key}``, from its ``RENAMED_KEYS`` class variable.
+
+    A renamed field is written under both keys for one version (readers of the old key keep working) and read from
+    either (files written before the rename)."""
+    return getattr(cls, "RENAMED_KEYS", {})
+
+
 def to_jsonable(obj: Any) -> Any:
     """Dataclasses -> dicts, recursively; non-finite floats -> None (JSON has no NaN)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        old_keys = old_key_names(type(obj))
+        out = {}
+        for f in dataclasses.fields(obj):
+            out[f.name] = to_jsonable(getattr(obj, f.name))
+            if f.name in old_keys:
+                out[old_keys[f.name]] = out[f.name]
+        return out
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -49,6 +63,8 @@ def from_jsonable(cls: Any, data: Any) -> Any:
     if dataclasses.is_dataclass(cls):
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
+        renamed = {old: new for new, old in old_key_names(cls).items() if old in data and new not in data}
+        data = {renamed.get(k, k): v for k, v in data.items()}
         return cls(**{k: from_jsonable(hints[k], v) for k, v in data.items() if k in names})
     return data
 

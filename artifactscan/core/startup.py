@@ -10,10 +10,11 @@ Measured on the 2-core CI machine (whole processes, ``python -c``; docs/data-pat
   :func:`gc.freeze` before exit: 2.4 s).
 
 So the command line runs a *start-up phase*: the collector is off from the start of a command until its model is
-loaded (:func:`end_startup`, called by ``load_model``), then everything made so far is frozen out of its way
-(:func:`gc.freeze`: the permanent generation, never walked again) and it runs as usual; when the command is done the
-heap is frozen again before exit. The library on its own never does either: frozen objects are never collected,
-which a notebook must not inherit, so outside the command line :func:`end_startup` does nothing.
+loaded (:func:`end_startup`, which the command line registers in ``models.loading.after_load`` and
+``inputs.sources.in_decoding_workers``: the library only calls back), then everything made so far is frozen out of
+its way (:func:`gc.freeze`: the permanent generation, never walked again) and it runs as usual; when the command is
+done the heap is frozen again before exit. The library on its own never does either: frozen objects are never
+collected, which a notebook must not inherit, so outside the command line nothing calls this module.
 """
 
 from __future__ import annotations

@@ -60,10 +60,11 @@ class NormStatistics:
         num_rows: captured rows (one per block, plus one for the final normalised output).
         prefix_names: names of the prefix tokens in order, e.g. ``["cls", "reg0", "reg1"]``; these are never mixed
             into the patch statistics.
-        fixed_thresholds: norms whose exceedances are counted exactly as tokens stream by (the paper's 150 always).
+        fixed_thresholds: norms whose exceedances are counted exactly as tokens stream by (a scan always passes the
+            paper's, ``core.thresholds.PAPER_THRESHOLD``, which is defined there: that module builds on this one).
     """
 
-    def __init__(self, num_rows: int, prefix_names: list[str], fixed_thresholds: tuple[float, ...] = (150.0,)):
+    def __init__(self, num_rows: int, prefix_names: list[str], fixed_thresholds: tuple[float, ...] = ()):
         self.num_rows = num_rows
         self.prefix_names = list(prefix_names)
         self.fixed_thresholds = tuple(float(t) for t in fixed_thresholds)

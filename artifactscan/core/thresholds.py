@@ -15,7 +15,7 @@ Two rules:
   2. **Accept** a candidate only if *all* hold:
      - it is a group: >= ``min_group_tokens`` tokens (5) and at most ``max_outlier_fraction`` of the layer (50%);
      - it sits far above the bulk: ratio >= ``min_ratio`` (2.5x; the paper's artifacts are ~10x);
-     - the gap is real: >= ``min_gap`` (1.25x) wide, and its emptiness is improbable for a density that decreases
+     - the gap is real: >= ``min_gap`` (1.5x) wide, and its emptiness is improbable for a density that decreases
        above the bulk's mode (a unimodal layer): a smooth density that reached the group's own density would have
        put tokens in the gap (*gap test*, chance <= ``max_gap_chance``);
      - the group cannot be the bulk's own tail: a generalized-Pareto tail fitted to the bulk's top tokens (by

@@ -2,7 +2,7 @@
 
 * :func:`discover_images` turns a file or folder argument into a sorted, deterministic list of image paths.
 * :func:`load_rgb` decodes one file to an 8-bit RGB :class:`PIL.Image.Image`, whatever its mode, and raises
-  :class:`ImageSkipped` (an :class:`~artifactscan.errors.InputError`) with a short reason for files that
+  :class:`ImageSkipped` (an :class:`~artifactscan.core.errors.InputError`) with a short reason for files that
   cannot be used (corrupt, truncated, decompression bomb, unreadable).
 * :class:`ImageFolderDataset` + :func:`collate_skip_bad` feed a ``DataLoader``; bad files are dropped from
   their batch and reported back as ``(index, reason)`` pairs so a scan can warn, count them in its report

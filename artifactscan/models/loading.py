@@ -26,8 +26,8 @@ from artifactscan.models import hf, infer, native
 from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, read_meta
 from artifactscan.core.memory import GIB, available_bytes
 from artifactscan.core.paths import display_name, what_it_is
-from artifactscan.core.startup import end_startup
 from artifactscan.models.hooks import blocks_sequence
+from artifactscan.core.callbacks import Callbacks
 from artifactscan.core.errors import (
     CheckpointMetadataError,
     CheckpointMismatchError,
@@ -52,6 +52,11 @@ PHANTOM_NOTE = (
     "CALIBRATION PHANTOM: its artifact tokens were built in by construction (README: 'The calibration phantom'); "
     "its findings say nothing about real models."
 )
+
+#: Called with the :class:`LoadedModel` at the end of every :func:`load_model`. The command line registers the end of
+#: its start-up phase here (core/startup.py: imports and building the model are start-up); the library calls only
+#: what was registered.
+after_load = Callbacks("model loaded")
 
 
 def builtin_models() -> dict[str, Path]:
@@ -519,7 +524,7 @@ def load_model(
         _check_finite(loaded, allow_nonfinite)  # where NaN starts: name the tensors before anything runs
     if img_size is not None:
         _resize_input(loaded, img_size)
-    end_startup()  # the command line's start-up phase ends with the model (core/startup.py); elsewhere a no-op
+    after_load(loaded)  # the command line ends its start-up phase here (core/startup.py); a library caller: nothing
     return loaded
 
 

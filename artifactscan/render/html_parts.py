@@ -16,13 +16,15 @@ from typing import Any, Callable, Iterable
 from artifactscan.core.errors import NotAFileError
 from artifactscan.core.paths import path_kind, read_regular_bytes, read_regular_text
 from artifactscan.core.results import JsonResult
+from artifactscan.analysis.run_files import OLD_NAMES, VARIANTS_FILE, shadowed_by_new_name
 
 SCHEMA_PREFIX = "artifactscan."
 FIGURE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
 MAX_FIGURE_BYTES = 8 * 1024 * 1024  # a single figure larger than this is left out (with a warning)
 MAX_MAPS_PER_SCAN = 12
 MAX_TABLE_ROWS = 40
-TRAIN_REG_FILES = ("train_reg.json", "comparison.json", "config.json", "result.json", "worker-config.json")
+TRAIN_REG_FILES = ("train_reg.json", VARIANTS_FILE, OLD_NAMES[VARIANTS_FILE], "config.json", "result.json",
+                   "worker-config.json")
 
 # The figures each known kind writes next to its JSON (save_scan_figures, save_probe_figures, ...).
 KNOWN_FIGURES: dict[str, tuple[str, ...]] = {
@@ -213,6 +215,8 @@ def collect_results(results_dir: str | Path, warn: Callable[[str], None] | None 
         return any(p == r or r in p.parents for r in run_dirs)
 
     for p in json_files:
+        if shadowed_by_new_name(p):  # a renamed file's old copy (written for one version): one section, not two
+            continue
         try:
             data = json.loads(read_regular_text(p))
         except (OSError, UnicodeDecodeError, ValueError, NotAFileError) as exc:

@@ -32,6 +32,7 @@ from artifactscan.render.html_parts import (
     verdict_box,
 )
 from artifactscan.render.style import unique_stems
+from artifactscan.analysis.run_files import VARIANTS_FILE, existing_run_file
 from artifactscan.analysis.scan import ScanReport
 
 
@@ -297,20 +298,20 @@ def curve_figure(series: dict[str, list[dict[str, Any]]]) -> str | None:
 
 
 def training_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: IncludedResult) -> str:
-    """A train-reg folder (train_reg.json, comparison.json, reg*/metrics.jsonl) or a single training run."""
+    """A train-reg folder (train_reg.json, variants.json, reg*/metrics.jsonl) or a single training run."""
     d = item.path
     out = []
     series: dict[str, list[dict[str, Any]]] = {}
     if item.kind == "train-reg":
-        comparison = read_json(d / "comparison.json")
-        variants = comparison.get("variants") if isinstance(comparison, dict) else None
+        trained = read_json(existing_run_file(d, VARIANTS_FILE))  # a run written before 0.3: comparison.json
+        variants = trained.get("variants") if isinstance(trained, dict) else None
         spec = item.data if isinstance(item.data, dict) else {}
         regs = spec.get("registers")
         out.append(f'<p class="meta">Registers trained: {scalar_html(regs)}'
                    + (f"; baseline from <code>{esc(spec.get('baseline_checkpoint'))}</code>"
                       if spec.get("baseline_checkpoint") else "") + "</p>")
         if isinstance(variants, list) and variants:
-            ratios = comparison.get("step_time_ratio_vs_reg0") or {}
+            ratios = trained.get("step_time_ratio_vs_reg0") or {}
             rows = []
             for v in variants:
                 r = str(v.get("registers"))
@@ -326,7 +327,7 @@ def training_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: I
             inc.headline = "Trained " + ", ".join(f"{r} registers ({'–' if a is None else f'{100 * a:.1f}%'} val. acc.)"
                                                   for r, a in accs) + "."
         else:
-            out.append('<p class="warn">No comparison.json yet: the run has not finished (or was interrupted).</p>')
+            out.append(f'<p class="warn">No {VARIANTS_FILE} yet: the run has not finished (or was interrupted).</p>')
             inc.headline = f"Train-reg run with registers {regs} (not finished)."
         for sub in sorted(p for p in d.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file()):
             series[sub.name] = read_jsonl(sub / "metrics.jsonl")

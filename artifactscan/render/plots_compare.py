@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from artifactscan.analysis.compare import CompareReport, EmergenceReport
+    from artifactscan.analysis.compare import CompareReport
+    from artifactscan.analysis.emergence import EmergenceReport
     from artifactscan.analysis.scan import ScanReport
 
 __all__ = ["plot_compare", "plot_register_ablation", "plot_emergence", "save_compare_figure",

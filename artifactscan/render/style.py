@@ -28,6 +28,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without matplotl
 
 import numpy as np
 
+from artifactscan.core.thresholds import PAPER_THRESHOLD  # noqa: F401  (re-exported: figures draw it, plots.py too)
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
@@ -35,8 +37,6 @@ if TYPE_CHECKING:
 
 #: Appended to the title of every figure of a calibration-phantom report.
 PHANTOM_TAG = "calibration phantom (artifacts built in)"
-#: The fixed threshold Darcet et al. use for DINOv2 ViT-g (their Fig. 3).
-PAPER_THRESHOLD = 150.0
 
 # Okabe & Ito (2008), safe for the common colour-vision deficiencies and distinct in greyscale by marker/linestyle.
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]

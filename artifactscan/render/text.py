@@ -9,6 +9,7 @@ if TYPE_CHECKING:
 
 from rich.markup import escape
 
+from artifactscan.core.numbers import percent as _pct
 from artifactscan.analysis.probes.types import ProbeReport
 from artifactscan.analysis.scan import ScanReport
 from artifactscan.render.table import Column, FitTable, num, pct, ratio, spread_order
@@ -19,20 +20,16 @@ NOT_AN_ARTIFACT_HINT = (
 )
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
 NEAR_MISS_MIN_RATIO = 1.5  # the terminal lists rejected groups from 1.5x the bulk; report.json keeps every layer's
 
 
 def near_misses(report: ScanReport, min_ratio: float = NEAR_MISS_MIN_RATIO) -> list[str]:
-    """One line per layer without outliers whose strongest candidate group (``bimodality["rejected"]``) stands at
+    """One line per layer without outliers whose strongest candidate group (``separation["rejected"]``) stands at
     least ``min_ratio`` x above the bulk: the groups a user may want to look at ("a 1.8x group of 0.4% of tokens,
     rejected: ratio 1.8x < 2.5x"). Smaller candidates (a split inside the bulk) stay in the JSON only."""
     out = []
     for lay in report.layers:
-        d = lay.bimodality or {}
+        d = lay.separation or {}
         if lay.threshold is None and d.get("rejected") and d.get("ratio", 0) >= min_ratio:
             out.append(f"{lay.name}: a {d['ratio']:.1f}x group of {_pct(d['group_share'])} of tokens "
                        f"({d['group_tokens']}) above a {d['gap']:.2f}x gap - rejected: {'; '.join(d['rejected'])}")

@@ -31,7 +31,8 @@ from artifactscan.analysis.memory import check_fits
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.analysis.scan import ImageSummary, model_summary
 from artifactscan.inputs.sources import effective_batch_size, make_image_source
-from artifactscan.core.progress import distributed_world, resolve_device
+from artifactscan.core.distributed import distributed_world
+from artifactscan.core.devices import resolve_device
 from artifactscan.core.stats import BIN_WIDTH_LOG10
 from artifactscan.core.thresholds import AutoRule, auto_threshold, fixed_threshold, threshold_option
 from artifactscan.analysis.probes.types import (

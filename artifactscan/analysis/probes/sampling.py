@@ -25,7 +25,7 @@ from artifactscan.analysis.probes.types import (
     TOKENS_PER_IMAGE,
     TOP_TOKENS_PER_IMAGE,
 )
-from artifactscan.core.progress import gather
+from artifactscan.core.distributed import gather
 
 _M32 = 0xFFFFFFFF
 #: Streams of the deterministic keys (one per kind of random choice).

@@ -15,7 +15,7 @@ Design points (each one exists to keep that comparison honest or the run recover
   batch without a ``DistributedSampler`` object (rank ``r`` takes every ``world``-th item of the global batch).
 * **Resume = bit-identical on CPU.** ``last.pt`` stores model, optimiser, scheduler, RNG states (as tensors, so the
   file loads with ``weights_only=True``) and the step; resuming a killed run ends at the same weights.
-* **Self-describing checkpoints.** Every checkpoint is written with :func:`artifactscan.checkpoint.save_checkpoint`
+* **Self-describing checkpoints.** Every checkpoint is written with :func:`artifactscan.models.checkpoint.save_checkpoint`
   (arch, arch_kwargs incl. ``reg_tokens``, data_config, step), so later commands need no ``--arch``.
 * **Side by side on CPU.** On a CPU with ≥ 2 cores, the variants of ``train_reg`` run as parallel single-threaded
   processes: small ViTs scale badly across threads, so two 1-thread runs use two cores best.

@@ -35,6 +35,7 @@ from artifactscan.analysis.training.checkpointing import (
     write_json,
 )
 from artifactscan.analysis.training.loop import TrainResult, evaluate, train_model
+from artifactscan.analysis.run_files import OLD_NAMES, VARIANTS_FILE
 
 
 @dataclass
@@ -69,7 +70,12 @@ class TrainRegResult:
     run_dir: Path
     config: TrainConfig
     variants: list[RegVariant]
-    comparison_path: Path
+    variants_path: Path  # variants.json: what was trained; the comparison of the variants is the verdict's file
+
+    @property
+    def comparison_path(self) -> Path:
+        """The same content under its 0.2 name, comparison.json (still written for one version)."""
+        return self.variants_path.with_name(OLD_NAMES[VARIANTS_FILE])
 
     @property
     def baseline(self) -> RegVariant:
@@ -180,7 +186,9 @@ def train_reg(
     0-register ``final.safetensors`` of the same architecture) the 0-register model is not retrained. Every variant
     uses the same seed, initial shared weights and batch order. Layout::
 
-        out_dir/config.json, out_dir/train_reg.json, out_dir/reg{N}/..., out_dir/comparison.json
+        out_dir/config.json, out_dir/train_reg.json, out_dir/reg{N}/..., out_dir/variants.json
+
+    (``variants.json`` is also written as ``comparison.json``, its name before 0.3, for one version.)
 
     Args:
         parallel: run variants as side-by-side single-threaded processes. ``None`` = yes on CPU with ≥ 2 cores
@@ -266,9 +274,10 @@ def _train_variants(config: TrainConfig, out: Path, registers: str | int | Seque
         _, acc = evaluate_checkpoint(baseline_checkpoint, config, device=str(device)) if main else (0.0, float("nan"))
         done[0] = RegVariant(registers=0, checkpoint=baseline_checkpoint, run_dir=None, val_acc=acc, trained=False)
     result = TrainRegResult(run_dir=out, config=config, variants=[done[r] for r in sorted(done)],
-                            comparison_path=out / "comparison.json")
+                            variants_path=out / VARIANTS_FILE)
     if main:
-        write_json(result.comparison_path, result.to_dict())
+        write_json(result.variants_path, result.to_dict())
+        write_json(result.comparison_path, result.to_dict())  # the 0.2 name, for readers not yet updated
     return result
 
 
