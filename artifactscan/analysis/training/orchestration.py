@@ -37,6 +37,9 @@ from artifactscan.analysis.training.checkpointing import (
 from artifactscan.analysis.training.loop import TrainResult, evaluate, train_model, training_progress_bars
 
 
+Job = tuple[int, Path, bool]  # a variant to train: (registers, run folder, resume from its last.pt)
+
+
 @dataclass
 class RegVariant:
     """One model of a ``train_reg`` comparison."""
@@ -232,17 +235,7 @@ def _train_variants(config: TrainConfig, out: Path, registers: str | int | Seque
             "registers": regs, "baseline_checkpoint": str(baseline_checkpoint) if baseline_checkpoint else None,
         })
 
-    jobs: list[tuple[int, Path, bool]] = []
-    done: dict[int, RegVariant] = {}
-    for reg in regs:
-        vdir = out / f"reg{reg}"
-        if resume and (vdir / "final.safetensors").is_file() and (vdir / "result.json").is_file():
-            r = json.loads((vdir / "result.json").read_text())
-            if "final_checkpoint" in r:
-                done[reg] = variant_from_result(reg, r)
-                continue
-        jobs.append((reg, vdir, resume and (vdir / "last.pt").is_file()))
-
+    jobs, done = _variants_to_train(out, regs, resume)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if parallel is None:
         parallel = device.type == "cpu" and world == 1 and cores >= 2 and len(jobs) > 1
@@ -252,15 +245,7 @@ def _train_variants(config: TrainConfig, out: Path, registers: str | int | Seque
     if jobs and parallel:
         done.update(run_parallel(config, jobs, cores, progress))  # an interruption there names the run folder
     else:
-        for reg, vdir, res in jobs:
-            try:
-                r = train_model(config.replace(registers=reg), vdir, resume=res, progress=progress,
-                                label=f"reg{reg}")
-            except RunInterrupted as exc:  # the run is continued as a whole, not this variant's folder alone
-                signal_name = str(exc).split(": stopped ", 1)[0]
-                raise RunInterrupted(f"{signal_name}: stopped {stopped_part(str(exc))} and saved its resume state; "
-                                     f"continue with: artifactscan train-reg --resume {out}") from None
-            done[reg] = variant_from_result(reg, r.to_dict())
+        done.update(_train_one_after_another(config, jobs, out, progress))
 
     if baseline_checkpoint is not None:
         _, acc = evaluate_checkpoint(baseline_checkpoint, config, device=str(device)) if main else (0.0, float("nan"))
@@ -270,6 +255,36 @@ def _train_variants(config: TrainConfig, out: Path, registers: str | int | Seque
     if main:
         write_json(result.comparison_path, result.to_dict())
     return result
+
+
+def _variants_to_train(out: Path, regs: list[int], resume: bool) -> tuple[list[Job], dict[int, RegVariant]]:
+    """The variants still to train, and those a resumed run already finished (reused as they are)."""
+    jobs: list[Job] = []
+    done: dict[int, RegVariant] = {}
+    for reg in regs:
+        vdir = out / f"reg{reg}"
+        if resume and (vdir / "final.safetensors").is_file() and (vdir / "result.json").is_file():
+            r = json.loads((vdir / "result.json").read_text())
+            if "final_checkpoint" in r:
+                done[reg] = variant_from_result(reg, r)
+                continue
+        jobs.append((reg, vdir, resume and (vdir / "last.pt").is_file()))
+    return jobs, done
+
+
+def _train_one_after_another(config: TrainConfig, jobs: list[Job], out: Path,
+                             progress: bool) -> dict[int, RegVariant]:
+    """The variants trained in this process in turn (on a GPU, under torchrun, or when asked)."""
+    done: dict[int, RegVariant] = {}
+    for reg, vdir, res in jobs:
+        try:
+            r = train_model(config.replace(registers=reg), vdir, resume=res, progress=progress, label=f"reg{reg}")
+        except RunInterrupted as exc:  # the run is continued as a whole, not this variant's folder alone
+            signal_name = str(exc).split(": stopped ", 1)[0]
+            raise RunInterrupted(f"{signal_name}: stopped {stopped_part(str(exc))} and saved its resume state; "
+                                 f"continue with: artifactscan train-reg --resume {out}") from None
+        done[reg] = variant_from_result(reg, r.to_dict())
+    return done
 
 
 def stopped_part(message: str) -> str:
@@ -347,7 +362,7 @@ def release_inherited_sigint() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[int, RegVariant]:
+def run_parallel(config: TrainConfig, jobs: list[Job], cores: int, progress: bool) -> dict[int, RegVariant]:
     """Run the variants as side-by-side child processes (``python -m artifactscan.analysis.training --_worker``).
 
     Children are plain subprocesses (not multiprocessing) so this works from any entry point (scripts, stdin,
@@ -392,11 +407,11 @@ class _SideBySide:
     """The child processes of one side-by-side run: at most one per core, each read by a thread that puts its
     events on one queue, and (with ``progress``) one progress bar per variant."""
 
-    def __init__(self, config: TrainConfig, jobs, cores: int, progress: bool) -> None:
+    def __init__(self, config: TrainConfig, jobs: list[Job], cores: int, progress: bool) -> None:
         import queue
 
         self.config = config
-        self.waiting = list(jobs)  # (registers, run folder, resume) of the variants not started yet
+        self.waiting = list(jobs)  # the variants not started yet
         self.n_proc = min(len(jobs), cores)
         self.threads = config.num_threads or max(1, cores // self.n_proc)
         self.events: queue.Queue = queue.Queue()
