@@ -14,6 +14,7 @@ JavaScript and prints like a paper. All text from the results is HTML-escaped.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -144,15 +145,49 @@ footer { margin-top: 2.5rem; border-top: 1px solid var(--thin); padding-top: .5r
 """
 
 
+@dataclass
+class _Warnings:
+    """Every warning while building the page: listed on it, and passed on to the caller's ``warn`` as it comes."""
+
+    forward: Callable[[str], None] | None
+    lines: list[str] = field(default_factory=list)
+
+    def __call__(self, msg: str) -> None:
+        self.lines.append(msg)
+        if self.forward is not None:
+            self.forward(msg)
+
+
 def _build(results_dir: str | Path, warn: Callable[[str], None] | None = None) -> tuple[str, HtmlReportSummary]:
+    """The page and what went into it: a section per result, then the figures nobody claimed."""
     root = Path(results_dir).expanduser()
-    warnings: list[str] = []
+    warnings = _Warnings(warn)
+    found, skipped, by_dir = _find_results(root, warnings)
+    figs = FigureEmbedder(root, by_dir, warnings)
+    sections: list[str] = []
+    included: list[IncludedResult] = []
+    for i, item in enumerate(found):
+        section, inc = _result_section(i, item, root, figs, warnings)
+        sections.append(section)
+        included.append(inc)
+    other_figures = _other_figures_section(figs, root)
+    if other_figures:
+        sections.append(other_figures)
 
-    def _warn(msg: str) -> None:
-        warnings.append(msg)
-        if warn is not None:
-            warn(msg)
+    lead_item = _lead_result(included)
+    phantoms = [r for r in included if r.phantom]
+    body = "\n".join([_phantom_banner(included, found), _lead_html(lead_item, len(included)),
+                      _warnings_html(warnings.lines), _contents(included), "".join(sections)])
+    page = _page(root, body, results=len(included), figures=figs.count)
+    summary = HtmlReportSummary(results_dir=root, out_path=None, headline=lead_item.headline if lead_item else "",
+                                results=included, figures=figs.count, phantom=bool(phantoms),
+                                warnings=warnings.lines, skipped=skipped)
+    return page, summary
 
+
+def _find_results(root: Path, warn: Callable[[str], None]) -> tuple[list[FoundResult], list, dict]:
+    """Every result under ``root`` in the page's order (by kind, then path), the JSON files skipped and the figures
+    by folder; a folder that is missing or holds no result is refused in one line."""
     if not root.is_dir() and not root.is_file():  # missing, or what it is instead (a symlink loop ...)
         raise InputError(f"results folder {display_name(root)} {what_it_is(root, 'a folder')}; pass the folder "
                          "given to `artifactscan norms ... --out DIR` (or compare/probe --out)")
@@ -160,7 +195,7 @@ def _build(results_dir: str | Path, warn: Callable[[str], None] | None = None) -
         raise InputError(f"{display_name(root)} is a file, not a results folder; pass the folder that holds it "
                          f"(e.g. `artifactscan report {display_name(root.parent)}`)")
     try:
-        found, skipped, by_dir = collect_results(root, _warn)
+        found, skipped, by_dir = collect_results(root, warn)
     except OSError as exc:
         raise InputError(f"cannot read results folder {display_name(root)}: {exc.strerror or exc}") from None
     if not found:
@@ -168,84 +203,109 @@ def _build(results_dir: str | Path, warn: Callable[[str], None] | None = None) -
         raise InputError(f"nothing to report: {display_name(root)} holds no artifactscan results{extra}; "
                          f"{_first_run_hint(root)}")
     for line in unfinished_runs(root):  # never shown as if finished
-        _warn(line)
+        warn(line)
     found.sort(key=lambda f: (KIND_ORDER.index(f.kind) if f.kind in KIND_ORDER else len(KIND_ORDER),
                               rel_path(f.path, root)))
-    figs = FigureEmbedder(root, by_dir, _warn)
-    sections: list[str] = []
-    included: list[IncludedResult] = []
-    for i, item in enumerate(found):
-        rel = rel_path(item.path, root)
-        inc = IncludedResult(kind=item.kind, path=rel, title=rel, headline="", schema=item.schema,
-                             phantom=is_phantom_data(item.data))
-        renderer = _RENDERERS.get(item.kind, generic_section)
-        try:
-            body = renderer(item, root, figs, inc)
-        except Exception as exc:  # a malformed or newer-version file: still show what it holds
-            if renderer is generic_section:
-                raise
-            _warn(f"{rel}: could not read it as a {item.kind} result ({type(exc).__name__}: {exc}); shown as raw values")
-            inc.figures.clear()
-            body = generic_section(item, root, figs, inc)
-        badge = '<span class="badge">calibration phantom</span>' if inc.phantom else ""
-        schema = f" · schema <code>{esc(item.schema)}</code>" if item.schema else ""
-        sections.append(
-            f'<section id="{slug(i)}"><h2><span class="kind">{esc(KIND_TITLES.get(item.kind, item.kind))}</span>'
-            f"{esc(inc.title)}{badge}</h2>"
-            f'<p class="subtitle"><code>{esc(rel)}</code>{schema}</p>\n{body}</section>')
-        included.append(inc)
+    return found, skipped, by_dir
 
-    # figures nobody claimed (e.g. a new kind's extra plots): shown at the end, by folder
+
+def _result_section(i: int, item: FoundResult, root: Path, figs: FigureEmbedder,
+                    warn: Callable[[str], None]) -> tuple[str, IncludedResult]:
+    """The ``i``-th result's section, drawn by its kind's renderer, and what went into it."""
+    rel = rel_path(item.path, root)
+    inc = IncludedResult(kind=item.kind, path=rel, title=rel, headline="", schema=item.schema,
+                         phantom=is_phantom_data(item.data))
+    renderer = _RENDERERS.get(item.kind, generic_section)
+    try:
+        body = renderer(item, root, figs, inc)
+    except Exception as exc:  # a malformed or newer-version file: still show what it holds
+        if renderer is generic_section:
+            raise
+        warn(f"{rel}: could not read it as a {item.kind} result ({type(exc).__name__}: {exc}); shown as raw values")
+        inc.figures.clear()
+        body = generic_section(item, root, figs, inc)
+    badge = '<span class="badge">calibration phantom</span>' if inc.phantom else ""
+    schema = f" · schema <code>{esc(item.schema)}</code>" if item.schema else ""
+    section = (f'<section id="{slug(i)}"><h2><span class="kind">{esc(KIND_TITLES.get(item.kind, item.kind))}</span>'
+               f"{esc(inc.title)}{badge}</h2>"
+               f'<p class="subtitle"><code>{esc(rel)}</code>{schema}</p>\n{body}</section>')
+    return section, inc
+
+
+def _other_figures_section(figs: FigureEmbedder, root: Path) -> str:
+    """Figures nobody claimed (e.g. a new kind's extra plots), shown at the end by folder; empty when none."""
     leftovers = figs.leftovers()
-    if leftovers:
-        parts = ['<section id="other-figures"><h2><span class="kind">Other figures</span>found in the results '
-                 "folder</h2>"]
-        for d, paths in leftovers.items():
-            parts.append(f"<h4><code>{esc(rel_path(d, root))}/</code></h4>"
-                         f'<div class="maps">{figs.render(paths, cls="fig map")}</div>')
-        sections.append("\n".join(parts) + "</section>")
+    if not leftovers:
+        return ""
+    parts = ['<section id="other-figures"><h2><span class="kind">Other figures</span>found in the results '
+             "folder</h2>"]
+    for d, paths in leftovers.items():
+        parts.append(f"<h4><code>{esc(rel_path(d, root))}/</code></h4>"
+                     f'<div class="maps">{figs.render(paths, cls="fig map")}</div>')
+    return "\n".join(parts) + "</section>"
 
-    # the page's headline: a comparison's verdict, else the first scan's headline, else any result's; results on a
-    # real model before those on the calibration phantom
+
+def _lead_result(included: list[IncludedResult]) -> IncludedResult | None:
+    """The result whose headline leads the page: a comparison's verdict, else the first scan's headline, else any
+    result's; results on a real model before those on the calibration phantom."""
     ranked = sorted((r for r in included if r.headline), key=lambda r: r.phantom)
-    lead_item = (next((r for r in ranked if r.kind == "compare"), None)
-                 or next((r for r in ranked if r.kind == "scan"), None)
-                 or next(iter(ranked), None))
+    return (next((r for r in ranked if r.kind == "compare"), None)
+            or next((r for r in ranked if r.kind == "scan"), None)
+            or next(iter(ranked), None))
+
+
+def _lead_html(lead_item: IncludedResult | None, n_results: int) -> str:
     lead = lead_item.headline if lead_item else ""
     lead_from = ""
-    if lead_item is not None and len(included) > 1:
+    if lead_item is not None and n_results > 1:
         lead_from = f' <span class="from">from <code>{esc(lead_item.path)}</code></span>'
     if lead_item is not None and lead_item.phantom:
         lead_from += ' <span class="badge">calibration phantom</span>'
+    shown = esc(lead) or '<span class="dim">no headline in these results</span>'
+    return f'<div class="lead"><span class="label">headline{lead_from}</span>{shown}</div>'
+
+
+def _phantom_banner(included: list[IncludedResult], found: list[FoundResult]) -> str:
+    """The red banner when any result is on the calibration phantom (with the phantoms' notes); empty otherwise."""
     phantoms = [r for r in included if r.phantom]
-    banner = ""
-    if phantoms:
-        which = ("This result is" if len(included) == 1 else
-                 "Every result here is" if len(phantoms) == len(included) else
-                 f"{len(phantoms)} of the {len(included)} results here are")
-        banner = f'<div class="banner" role="alert"><b>⚠ {esc(PHANTOM_BANNER.format(which=which))}</b>'
-        notes = {(r.get("model") or {}).get("calibration_note") for r in (f.data for f in found)
-                 if isinstance(r, dict) and isinstance(r.get("model"), dict)}
-        notes.discard(None)
-        if notes:
-            banner += "".join(f'<br><span class="small">{esc(n)}</span>' for n in sorted(notes))
-        banner += "</div>"
+    if not phantoms:
+        return ""
+    which = ("This result is" if len(included) == 1 else
+             "Every result here is" if len(phantoms) == len(included) else
+             f"{len(phantoms)} of the {len(included)} results here are")
+    banner = f'<div class="banner" role="alert"><b>⚠ {esc(PHANTOM_BANNER.format(which=which))}</b>'
+    notes = {(r.get("model") or {}).get("calibration_note") for r in (f.data for f in found)
+             if isinstance(r, dict) and isinstance(r.get("model"), dict)}
+    notes.discard(None)
+    if notes:
+        banner += "".join(f'<br><span class="small">{esc(n)}</span>' for n in sorted(notes))
+    return banner + "</div>"
+
+
+def _contents(included: list[IncludedResult]) -> str:
+    """The table of contents: each result's kind (linking to its section), title, path and headline."""
     phantom_badge = ' <span class="badge">phantom</span>'
     toc_rows = [[f'<a href="#{slug(i)}">{esc(KIND_TITLES.get(r.kind, r.kind))}</a>',
                  f"{esc(r.title)}{phantom_badge if r.phantom else ''}"
                  f'<br><span class="path">{esc(r.path)}</span>',
                  esc(r.headline if len(r.headline) <= 260 else r.headline[:260] + "…") or '<span class="dim">–</span>']
                 for i, r in enumerate(included)]
-    toc = ('<nav class="toc"><h3>Contents</h3>'
-           + html_table(["kind", "result", "headline"], toc_rows, num_from=99) + "</nav>")
-    skipped_html = ""
-    if warnings:
-        skipped_html = ('<details class="warn"><summary>' + f"{len(warnings)} warning(s) while building this page"
-                        + "</summary><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></details>")
+    return ('<nav class="toc"><h3>Contents</h3>'
+            + html_table(["kind", "result", "headline"], toc_rows, num_from=99) + "</nav>")
 
+
+def _warnings_html(warnings: list[str]) -> str:
+    if not warnings:
+        return ""
+    return ('<details class="warn"><summary>' + f"{len(warnings)} warning(s) while building this page"
+            + "</summary><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></details>")
+
+
+def _page(root: Path, body: str, *, results: int, figures: int) -> str:
+    """The whole document around ``body``: head, inline style, title block and footer."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"artifactscan report – {root.resolve().name}"
-    page = f"""<!DOCTYPE html>
+    return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -257,23 +317,16 @@ def _build(results_dir: str | Path, warn: Callable[[str], None] | None = None) -
 <body>
 <header>
 <h1>High-norm artifact tokens: results</h1>
-<p class="subtitle">Results folder <code>{esc(root.resolve())}</code> · {len(included)} result(s), {figs.count} figure(s)
+<p class="subtitle">Results folder <code>{esc(root.resolve())}</code> · {results} result(s), {figures} figure(s)
 · built {esc(now)} by artifactscan {esc(__version__)}</p>
 </header>
-{banner}
-<div class="lead"><span class="label">headline{lead_from}</span>{esc(lead) or '<span class="dim">no headline in these results</span>'}</div>
-{skipped_html}
-{toc}
-{''.join(sections)}
+{body}
 <footer>Method: Darcet, Oquab, Mairal &amp; Bojanowski, “Vision Transformers Need Registers”, ICLR 2024. A high norm alone
 does not prove an artifact: content tokens can be large too; the probe results test the paper's other signatures.
 This page is self-contained: figures are embedded and it needs no network or scripts.</footer>
 </body>
 </html>
 """
-    summary = HtmlReportSummary(results_dir=root, out_path=None, headline=lead, results=included, figures=figs.count,
-                                phantom=bool(phantoms), warnings=warnings, skipped=skipped)
-    return page, summary
 
 
 def _first_run_hint(root: Path) -> str:

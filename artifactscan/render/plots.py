@@ -299,35 +299,10 @@ def plot_image_map(norm_map: NormMap, image_path: str | None, data_size: tuple[i
         name = Path(str(norm_map.image)).name or str(norm_map.image)
         used = []
         if img is not None:
-            ax_img = ax_list[0]
-            ax_img.imshow(img, extent=extent, aspect=cell_aspect, interpolation="lanczos")
-            outline_cells(ax_img, flagged)
-            ax_img.set_title(wrap_text(name, 40))
-            ax_img.set_xticks([])
-            ax_img.set_yticks([])
-            for s in ax_img.spines.values():
-                s.set_visible(False)
-            used.append(ax_img)
+            _draw_image_panel(ax_list[0], img, flagged, extent, cell_aspect, name)
+            used.append(ax_list[0])
         ax_h = ax_list[-1]
-        finite = norms[np.isfinite(norms)]
-        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        im = ax_h.imshow(norms, cmap=HEATMAP_CMAP, extent=extent, aspect=cell_aspect, vmin=vmin,
-                         vmax=vmax if vmax > vmin else vmin + 1, interpolation="nearest")
-        outline_cells(ax_h, flagged)
-        cb = fig.colorbar(im, ax=ax_h, shrink=0.9, pad=0.02, fraction=0.06)
-        cb.set_label("token norm (L2)")
-        cb.outline.set_linewidth(0.4)
-        if threshold is not None and math.isfinite(as_float(threshold)) and vmin <= threshold <= vmax:
-            cb.ax.axhline(threshold, color=BLACK, linewidth=2.0)
-            cb.ax.axhline(threshold, color="white", linewidth=0.7)
-        step_r = max(1, math.ceil(gh / 8))
-        step_c = max(1, math.ceil(gw / 8))
-        ax_h.set_xticks(range(0, gw, step_c))
-        ax_h.set_yticks(range(0, gh, step_r))
-        ax_h.set_xlabel("patch column")
-        ax_h.set_ylabel("patch row")
-        ax_h.spines["top"].set_visible(True)
-        ax_h.spines["right"].set_visible(True)
+        _draw_heatmap_panel(fig, ax_h, norms, flagged, extent, cell_aspect, threshold)
         layer_txt = f"block {norm_map.layer}"
         thr_txt = f" (> {format_number(as_float(threshold))})" if threshold is not None and math.isfinite(as_float(threshold)) else ""
         heat_title = f"{layer_txt} norms, {n_flag} flagged{thr_txt}"
@@ -339,6 +314,43 @@ def plot_image_map(norm_map: NormMap, image_path: str | None, data_size: tuple[i
             else:
                 used[0].set_title(wrap_text(title, 60) + "\n" + used[0].get_title())
     return fig, used
+
+
+def _draw_image_panel(ax: Axes, img: Any, flagged: np.ndarray, extent: tuple[float, float, float, float],
+                      cell_aspect: float, name: str) -> None:
+    """The image under the patch grid, its flagged cells outlined, titled with its file name."""
+    ax.imshow(img, extent=extent, aspect=cell_aspect, interpolation="lanczos")
+    outline_cells(ax, flagged)
+    ax.set_title(wrap_text(name, 40))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+
+
+def _draw_heatmap_panel(fig: Figure, ax: Axes, norms: np.ndarray, flagged: np.ndarray,
+                        extent: tuple[float, float, float, float], cell_aspect: float,
+                        threshold: float | None) -> None:
+    """The patch-norm heatmap with the flagged cells outlined, its colourbar (the threshold marked on it when it
+    falls in the range shown) and patch row/column ticks, at most about eight per axis."""
+    gh, gw = norms.shape
+    finite = norms[np.isfinite(norms)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    im = ax.imshow(norms, cmap=HEATMAP_CMAP, extent=extent, aspect=cell_aspect, vmin=vmin,
+                   vmax=vmax if vmax > vmin else vmin + 1, interpolation="nearest")
+    outline_cells(ax, flagged)
+    cb = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02, fraction=0.06)
+    cb.set_label("token norm (L2)")
+    cb.outline.set_linewidth(0.4)
+    if threshold is not None and math.isfinite(as_float(threshold)) and vmin <= threshold <= vmax:
+        cb.ax.axhline(threshold, color=BLACK, linewidth=2.0)
+        cb.ax.axhline(threshold, color="white", linewidth=0.7)
+    ax.set_xticks(range(0, gw, max(1, math.ceil(gw / 8))))
+    ax.set_yticks(range(0, gh, max(1, math.ceil(gh / 8))))
+    ax.set_xlabel("patch column")
+    ax.set_ylabel("patch row")
+    ax.spines["top"].set_visible(True)
+    ax.spines["right"].set_visible(True)
 
 
 # ----------------------------------------------------------------------------------------------- 4. compare

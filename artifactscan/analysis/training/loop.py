@@ -138,6 +138,18 @@ def evaluate(model: nn.Module, dataset, config: TrainConfig, device: torch.devic
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
+def training_progress_bars():
+    """The rich progress display of training runs on stderr: one bar per model, with its loss, accuracy and speed."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]} img/s"),
+        TimeRemainingColumn(), console=Console(stderr=True),
+    )
+
+
 class _Reporter:
     """Rich progress bar on stderr (rank 0 only) + optional event callback (used by side-by-side workers)."""
 
@@ -145,14 +157,7 @@ class _Reporter:
                  on_event: Callable[[dict], None] | None):
         self.on_event, self.progress, self.task = on_event, None, None
         if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]} img/s"),
-                TimeRemainingColumn(), console=Console(stderr=True),
-            )
+            self.progress = training_progress_bars()
             self.progress.start()
             self.task = self.progress.add_task(label, total=total, completed=start, loss="-", acc="-", ips="-")
 
@@ -239,183 +244,16 @@ def train_model(
     d, device = init_distributed(device)
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
-    last_path = run_dir / "last.pt"
     if d.main:
         remove_stale_temporaries(run_dir)
-
-    saved_resume: dict | None = None
-    if resume:
-        if not last_path.is_file():
-            what = "has no checkpoint yet (last.pt)" if (run_dir / "config.json").is_file() else "is not a run folder"
-            raise TrainingError(f"cannot resume: {run_dir} {what}; start a fresh run instead of --resume (a folder "
-                                "with no checkpoint restarts)")
-        blob = torch.load(last_path, map_location="cpu", weights_only=True)
-        saved_cfg = json.loads(blob["resume"]["config"])
-        check_same_config(saved_cfg, config, run_dir)
-        saved_resume = blob
-    elif last_path.exists() or (run_dir / "final.safetensors").exists():  # every rank checks: no rank left hanging
-        raise TrainingError(f"{run_dir} already holds a training run; pass --resume {run_dir} or choose a new folder")
-
-    train_ds, val_ds, n_data_classes, data_config, data_desc = build_datasets(config, d.world)
-    if config.num_classes is None:
-        config = config.replace(num_classes=n_data_classes)
-    elif n_data_classes > config.num_classes:
-        raise TrainingError(
-            f"the data has {n_data_classes} classes but the model has {config.num_classes} outputs; "
-            f"leave num_classes unset (counted from the class folders, as --preset imagenet does) or set it to "
-            f"{n_data_classes}"
-        )
-    total = config.steps
-    if total is None:
-        total = max(1, math.ceil(config.epochs * len(train_ds) / (config.batch_size * d.world)))
-
-    model = build_model(config).to(device)
-    raw = model
-    opt = torch.optim.AdamW(param_groups(raw, config.weight_decay), lr=config.lr, betas=(0.9, 0.999),
-                            **({"fused": True} if device.type == "cuda" else {}))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, config.warmup_steps, config.min_lr_ratio)
-    )
-    start_step, loss_sum, loss_count, train_time, eval_mark, snapshots = 0, 0.0, 0, 0.0, 0.0, []
-    if saved_resume is not None:
-        st = saved_resume["resume"]
-        raw.load_state_dict(saved_resume["state_dict"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng_cpu"])
-        if device.type == "cuda" and st.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(st["rng_cuda"], device)
-        start_step = int(st["step"])
-        loss_sum, loss_count, train_time = float(st["loss_sum"]), int(st["loss_count"]), float(st["train_time"])
-        eval_mark = float(st["eval_mark"])
-        snapshots = [run_dir / p for p in st["snapshots"]]
-    else:
-        torch.manual_seed(config.seed + 1)  # any randomness in the loop (drop-path if added) is seeded too
-
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if saved_resume is None:  # a fresh start: evaluation lines of an earlier attempt that never saved are stale
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        else:
-            _keep_metrics_up_to(run_dir / "metrics.jsonl", start_step)
-        write_json(run_dir / "config.json", {**config.to_dict(), "total_steps": total, "data": config.data,
-                                              "data_description": data_desc, "world_size": d.world})
-    if config.compile:
-        model = torch.compile(model)
-    if d.world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    sampler = StepBatchSampler(len(train_ds), config.batch_size, config.seed, start_step, total, d.rank, d.world)
-    loader = torch.utils.data.DataLoader(
-        EpochIndexed(train_ds), batch_sampler=sampler, num_workers=config.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-    )
-    mean = torch.tensor(data_config["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data_config["std"], device=device).view(1, 3, 1, 1)
-    amp = device.type == "cuda" and config.amp
-    params = [p for p in raw.parameters() if p.requires_grad]
-    reporter = _Reporter(progress and d.main, label or f"reg{config.registers}", total, start_step, on_event)
-    metrics_path = run_dir / "metrics.jsonl"
-    val_loss = val_acc = float("nan")
-    step = start_step
-    ckpt_stride = 1
-    recent_ips = 0.0
-    running_loss = torch.zeros((), dtype=torch.float64, device=device)
-
-    def save_resume_state(at_step: int) -> None:
-        if not d.main:
-            return
-        pending_loss = loss_sum + running_loss.item()
-        state = {
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "step": at_step,
-            "config": json.dumps(config.to_dict(), sort_keys=True),
-            "loss_sum": pending_loss,
-            "loss_count": loss_count,
-            "train_time": train_time,
-            "eval_mark": eval_mark,
-            "snapshots": [p.name if p.parent == run_dir else str(p.relative_to(run_dir)) for p in snapshots],
-        }
-        meta = checkpoint_meta(config, config.registers, data_config, at_step, extra={"resume_file": True})
-        sd = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
-        atomic_torch_save({"state_dict": sd, META_KEY: json.loads(meta.to_json()), "resume": state}, last_path)
-
+    saved = _saved_resume_state(run_dir, config) if resume else _refuse_existing_run(run_dir)
+    session = _start_session(config, run_dir, d, device, saved)
+    reporter = _Reporter(progress and d.main, label or f"reg{session.config.registers}", session.total,
+                         session.start_step, on_event)
     stop = StopSignal()
-    stopped_at: int | None = None
     try:
-        stop.__enter__()
-        model.train()
-        t_window, n_window = time.perf_counter(), 0
-        for batch in loader:
-            t0 = time.perf_counter()
-            x, y = batch
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            x = (x - mean) / std
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
-            opt.step()
-            sched.step()
-            step += 1
-            running_loss += loss.detach().double()  # no host sync per step (matters on GPU)
-            loss_count += 1
-            train_time += time.perf_counter() - t0
-            n_window += 1
-            if step % config.progress_every == 0 or step == total:
-                now = time.perf_counter()
-                recent_ips = n_window * config.batch_size * d.world / max(now - t_window, 1e-9)
-                t_window, n_window = now, 0
-                reporter.step(step, loss.item(), recent_ips)
-
-            is_last = step == total
-            if step % config.eval_every == 0 or is_last:
-                val_loss, val_acc = evaluate(raw, val_ds, config, device, mean, std, d)
-                loss_sum += running_loss.item()
-                record = {
-                    "step": step,
-                    "loss": loss_sum / max(loss_count, 1),  # mean training loss since the previous evaluation
-                    "val_loss": val_loss,
-                    "val_acc": val_acc,
-                    "img_per_s": loss_count * config.batch_size * d.world / max(train_time - eval_mark, 1e-9),
-                    "lr": opt.param_groups[0]["lr"],
-                    "train_s": train_time,
-                    "registers": config.registers,
-                }
-                running_loss.zero_()
-                loss_sum, loss_count, eval_mark = 0.0, 0, train_time
-                if d.main:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                reporter.eval(record)
-            if (step % config.ckpt_every == 0 and not is_last) and d.main:
-                snap = run_dir / "checkpoints" / f"step_{step:07d}.safetensors"
-                save_checkpoint(snap, raw.state_dict(), checkpoint_meta(config, config.registers, data_config, step))
-                snapshots.append(snap)
-                while len(snapshots) > max(1, config.keep_ckpts):  # thin evenly: double the stride
-                    ckpt_stride *= 2
-                    keep = [p for p in snapshots
-                            if (int(p.stem.split("_")[1]) // config.ckpt_every) % ckpt_stride == 0]
-                    for p in set(snapshots) - set(keep):
-                        p.unlink(missing_ok=True)
-                    snapshots = keep
-            stop_now = not is_last and stop.agreed(step, config.progress_every, d, device)
-            if step % config.ckpt_every == 0 or is_last or step == stop_at_step or stop_now:
-                save_resume_state(step)
-            if stop_now:
-                stopped_at = step
-                break
-            if stop_at_step is not None and step >= stop_at_step and not is_last:
-                break
+        with stop:
+            stopped_at = _train_steps(session, reporter, stop, stop_at_step)
     except torch.cuda.OutOfMemoryError:
         smaller = max(1, config.batch_size // 2)
         raise TrainingError(
@@ -423,34 +261,318 @@ def train_model(
             f"{config.img_size}px, {config.registers} registers); try --batch-size {smaller}"
         ) from None
     finally:
-        stop.__exit__()
         reporter.close()
-
-    final = run_dir / "final.safetensors"
-    finished = step == total
-    if finished and start_step == total:  # resumed a run that had already finished: just re-evaluate
-        val_loss, val_acc = evaluate(raw, val_ds, config, device, mean, std, d)
-    ips = step * config.batch_size * d.world / train_time if train_time else 0.0  # over all sessions of the run
-    wall = time.perf_counter() - t_start
-    if finished and d.main:
-        save_checkpoint(final, raw.state_dict(), checkpoint_meta(config, config.registers, data_config, total))
-    result = TrainResult(
-        run_dir=run_dir, registers=config.registers, final_checkpoint=final, checkpoints=list(snapshots),
-        steps=step, val_acc=val_acc, val_loss=val_loss, wall_s=wall, train_s=train_time, img_per_s=ips,
-        model=raw if return_model else None,
-    )
-    if finished and d.main:
-        prev = run_dir / "result.json"
-        if resume and prev.exists():  # a resumed run's wall time includes the earlier sessions
-            try:
-                result.wall_s += float(json.loads(prev.read_text()).get("wall_s_partial", 0.0))
-            except (ValueError, OSError):
-                pass
-        write_json(run_dir / "result.json", result.to_dict())
-    elif d.main:
-        write_json(run_dir / "result.json", {"finished": False, "steps": step, "wall_s_partial": wall})
+    result = _finish(session, t_start=t_start, resumed=resume, return_model=return_model)
     barrier(d)
     if stopped_at is not None:
-        raise RunInterrupted(f"{stop.name}: stopped {run_dir} after step {stopped_at} of {total} and saved its resume "
-                             f"state; continue with: artifactscan train-reg --resume {run_dir}")
+        raise RunInterrupted(f"{stop.name}: stopped {run_dir} after step {stopped_at} of {session.total} and saved "
+                             f"its resume state; continue with: artifactscan train-reg --resume {run_dir}")
+    return result
+
+
+def _saved_resume_state(run_dir: Path, config: TrainConfig) -> dict:
+    """The contents of ``run_dir/last.pt``, refused unless it was saved with the same config."""
+    last_path = run_dir / "last.pt"
+    if not last_path.is_file():
+        what = "has no checkpoint yet (last.pt)" if (run_dir / "config.json").is_file() else "is not a run folder"
+        raise TrainingError(f"cannot resume: {run_dir} {what}; start a fresh run instead of --resume (a folder "
+                            "with no checkpoint restarts)")
+    blob = torch.load(last_path, map_location="cpu", weights_only=True)
+    check_same_config(json.loads(blob["resume"]["config"]), config, run_dir)
+    return blob
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
+    """A fresh start never overwrites a run that saved something (every rank checks: no rank is left hanging)."""
+    if (run_dir / "last.pt").exists() or (run_dir / "final.safetensors").exists():
+        raise TrainingError(f"{run_dir} already holds a training run; pass --resume {run_dir} or choose a new folder")
+
+
+@dataclass
+class _TrainingData:
+    """The data sets of a run and how their images are normalised on the device."""
+
+    train: Any
+    val: Any
+    data_config: dict  # the model's data config (mean, std, ...), written into every checkpoint
+    description: str
+    mean: torch.Tensor  # [1, 3, 1, 1] on the training device
+    std: torch.Tensor
+
+
+@dataclass
+class _Counters:
+    """What the loop accumulates; all of it is saved with the resume state, so a resumed run continues exactly."""
+
+    step: int = 0
+    loss_sum: float = 0.0  # training loss since the last evaluation (the part already moved off the device)
+    loss_count: int = 0  # steps since the last evaluation
+    train_time: float = 0.0  # seconds in training steps, over all sessions of the run
+    eval_mark: float = 0.0  # train_time at the last evaluation
+    snapshots: list[Path] = field(default_factory=list)  # intermediate checkpoints kept, oldest first
+
+    @classmethod
+    def restored(cls, state: dict, run_dir: Path) -> "_Counters":
+        return cls(step=int(state["step"]), loss_sum=float(state["loss_sum"]), loss_count=int(state["loss_count"]),
+                   train_time=float(state["train_time"]), eval_mark=float(state["eval_mark"]),
+                   snapshots=[run_dir / p for p in state["snapshots"]])
+
+
+@dataclass
+class _Session:
+    """One session of a run (a fresh start or a resume): what the steps, evaluations and saves share."""
+
+    config: TrainConfig  # with num_classes counted from the data when it was unset
+    run_dir: Path
+    d: DistState
+    device: torch.device
+    data: _TrainingData
+    total: int  # steps of the whole run
+    raw: nn.Module  # the model itself: what is evaluated and saved
+    model: nn.Module  # what the steps call: ``raw``, compiled and/or wrapped in DDP
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    counters: _Counters
+    start_step: int  # where this session started
+    val_loss: float = float("nan")
+    val_acc: float = float("nan")
+    ckpt_stride: int = 1  # snapshots kept are those at multiples of ckpt_every * ckpt_stride
+    running_loss: torch.Tensor = field(init=False)  # summed on the device: no host sync per step (matters on GPU)
+    params: list[nn.Parameter] = field(init=False)  # what gradient clipping sees
+
+    def __post_init__(self) -> None:
+        self.running_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.params = [p for p in self.raw.parameters() if p.requires_grad]
+
+    def meta(self, step: int, **extra: Any):
+        return checkpoint_meta(self.config, self.config.registers, self.data.data_config, step, **extra)
+
+    def batches(self) -> torch.utils.data.DataLoader:
+        """The training batches from this session's first step on; the same order on any resume."""
+        c, d = self.config, self.d
+        sampler = StepBatchSampler(len(self.data.train), c.batch_size, c.seed, self.start_step, self.total, d.rank,
+                                   d.world)
+        return torch.utils.data.DataLoader(
+            EpochIndexed(self.data.train), batch_sampler=sampler, num_workers=c.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on a batch; returns its loss (still on the device)."""
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        x = (x - self.data.mean) / self.data.std
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda" and
+                            self.config.amp):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
+        self.opt.step()
+        self.sched.step()
+        self.counters.step += 1
+        self.running_loss += loss.detach().double()
+        self.counters.loss_count += 1
+        return loss
+
+    def evaluate(self) -> None:
+        self.val_loss, self.val_acc = evaluate(self.raw, self.data.val, self.config, self.device, self.data.mean,
+                                               self.data.std, self.d)
+
+    def evaluate_and_record(self) -> dict:
+        """Evaluate, append the line to ``metrics.jsonl`` (rank 0) and start the next training-loss average."""
+        c, world = self.counters, self.d.world
+        self.evaluate()
+        c.loss_sum += self.running_loss.item()
+        record = {
+            "step": c.step,
+            "loss": c.loss_sum / max(c.loss_count, 1),  # mean training loss since the previous evaluation
+            "val_loss": self.val_loss,
+            "val_acc": self.val_acc,
+            "img_per_s": c.loss_count * self.config.batch_size * world / max(c.train_time - c.eval_mark, 1e-9),
+            "lr": self.opt.param_groups[0]["lr"],
+            "train_s": c.train_time,
+            "registers": self.config.registers,
+        }
+        self.running_loss.zero_()
+        c.loss_sum, c.loss_count, c.eval_mark = 0.0, 0, c.train_time
+        if self.d.main:
+            with (self.run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    def save_snapshot(self) -> None:
+        """An intermediate checkpoint of this step; at most ``keep_ckpts`` stay, thinned evenly (the stride
+        between the kept ones doubles), so they follow the whole run whatever its length."""
+        step, every = self.counters.step, self.config.ckpt_every
+        snap = self.run_dir / "checkpoints" / f"step_{step:07d}.safetensors"
+        save_checkpoint(snap, self.raw.state_dict(), self.meta(step))
+        snapshots = self.counters.snapshots + [snap]
+        while len(snapshots) > max(1, self.config.keep_ckpts):
+            self.ckpt_stride *= 2
+            keep = [p for p in snapshots if (int(p.stem.split("_")[1]) // every) % self.ckpt_stride == 0]
+            for p in set(snapshots) - set(keep):
+                p.unlink(missing_ok=True)
+            snapshots = keep
+        self.counters.snapshots = snapshots
+
+    def save_resume_state(self) -> None:
+        """``last.pt`` (rank 0): weights, optimiser, scheduler, RNG and counters of this step."""
+        if not self.d.main:
+            return
+        c, device, run_dir = self.counters, self.device, self.run_dir
+        state = {
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "step": c.step,
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "loss_sum": c.loss_sum + self.running_loss.item(),  # the part still on the device counts too
+            "loss_count": c.loss_count,
+            "train_time": c.train_time,
+            "eval_mark": c.eval_mark,
+            "snapshots": [p.name if p.parent == run_dir else str(p.relative_to(run_dir)) for p in c.snapshots],
+        }
+        meta = self.meta(c.step, extra={"resume_file": True})
+        sd = {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
+        atomic_torch_save({"state_dict": sd, META_KEY: json.loads(meta.to_json()), "resume": state},
+                          run_dir / "last.pt")
+
+
+def _start_session(config: TrainConfig, run_dir: Path, d: DistState, device: torch.device,
+                   saved: dict | None) -> _Session:
+    """Data, model, optimiser and counters, fresh or restored from ``saved``; writes the run's ``config.json``.
+
+    The order of the steps that draw random numbers (data, model, then the loop's seed) is part of the results."""
+    train_ds, val_ds, n_data_classes, data_config, data_desc = build_datasets(config, d.world)
+    config = _with_class_count(config, n_data_classes)
+    total = config.steps
+    if total is None:
+        total = max(1, math.ceil(config.epochs * len(train_ds) / (config.batch_size * d.world)))
+    raw = build_model(config).to(device)
+    opt = torch.optim.AdamW(param_groups(raw, config.weight_decay), lr=config.lr, betas=(0.9, 0.999),
+                            **({"fused": True} if device.type == "cuda" else {}))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, config.warmup_steps, config.min_lr_ratio)
+    )
+    if saved is not None:
+        counters = _restore(saved, raw, opt, sched, device, run_dir)
+    else:
+        counters = _Counters()
+        torch.manual_seed(config.seed + 1)  # any randomness in the loop (drop-path if added) is seeded too
+    if d.main:
+        _write_run_header(run_dir, config, total, data_desc, d.world, resumed_at=None if saved is None else
+                          counters.step)
+    model = torch.compile(raw) if config.compile else raw
+    if d.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    mean = torch.tensor(data_config["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(data_config["std"], device=device).view(1, 3, 1, 1)
+    data = _TrainingData(train_ds, val_ds, data_config, data_desc, mean, std)
+    return _Session(config=config, run_dir=run_dir, d=d, device=device, data=data, total=total, raw=raw,
+                    model=model, opt=opt, sched=sched, counters=counters, start_step=counters.step)
+
+
+def _with_class_count(config: TrainConfig, n_data_classes: int) -> TrainConfig:
+    """``num_classes`` counted from the data when unset; refused when the data has more classes than outputs."""
+    if config.num_classes is None:
+        return config.replace(num_classes=n_data_classes)
+    if n_data_classes > config.num_classes:
+        raise TrainingError(
+            f"the data has {n_data_classes} classes but the model has {config.num_classes} outputs; "
+            f"leave num_classes unset (counted from the class folders, as --preset imagenet does) or set it to "
+            f"{n_data_classes}"
+        )
+    return config
+
+
+def _restore(saved: dict, raw: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+             device: torch.device, run_dir: Path) -> _Counters:
+    """Weights, optimiser, scheduler and RNG as ``last.pt`` saved them; returns the saved counters."""
+    st = saved["resume"]
+    raw.load_state_dict(saved["state_dict"])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    torch.set_rng_state(st["rng_cpu"])
+    if device.type == "cuda" and st.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(st["rng_cuda"], device)
+    return _Counters.restored(st, run_dir)
+
+
+def _write_run_header(run_dir: Path, config: TrainConfig, total: int, data_desc: str, world: int,
+                      resumed_at: int | None) -> None:
+    """``config.json``, and ``metrics.jsonl`` cut to what the resume state covers (emptied on a fresh start)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resumed_at is None:  # a fresh start: evaluation lines of an earlier attempt that never saved are stale
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        _keep_metrics_up_to(run_dir / "metrics.jsonl", resumed_at)
+    write_json(run_dir / "config.json", {**config.to_dict(), "total_steps": total, "data": config.data,
+                                          "data_description": data_desc, "world_size": world})
+
+
+def _train_steps(s: _Session, reporter: _Reporter, stop: StopSignal, stop_at_step: int | None) -> int | None:
+    """Train from the session's first step to the end of the run, evaluating and saving on schedule.
+
+    Returns the step at which a signal stopped the run (its resume state saved), or None."""
+    config, c = s.config, s.counters
+    s.model.train()
+    t_window, n_window = time.perf_counter(), 0  # throughput over the steps since the last progress report
+    for x, y in s.batches():
+        t0 = time.perf_counter()
+        loss = s.train_step(x, y)
+        c.train_time += time.perf_counter() - t0
+        n_window += 1
+        if c.step % config.progress_every == 0 or c.step == s.total:
+            now = time.perf_counter()
+            recent_ips = n_window * config.batch_size * s.d.world / max(now - t_window, 1e-9)
+            t_window, n_window = now, 0
+            reporter.step(c.step, loss.item(), recent_ips)
+
+        is_last = c.step == s.total
+        if c.step % config.eval_every == 0 or is_last:
+            reporter.eval(s.evaluate_and_record())
+        if (c.step % config.ckpt_every == 0 and not is_last) and s.d.main:
+            s.save_snapshot()
+        stop_now = not is_last and stop.agreed(c.step, config.progress_every, s.d, s.device)
+        if c.step % config.ckpt_every == 0 or is_last or c.step == stop_at_step or stop_now:
+            s.save_resume_state()
+        if stop_now:
+            return c.step
+        if stop_at_step is not None and c.step >= stop_at_step and not is_last:
+            break
+    return None
+
+
+def _finish(s: _Session, *, t_start: float, resumed: bool, return_model: bool) -> TrainResult:
+    """The result; on rank 0 ``final.safetensors`` and ``result.json`` (a partial one while unfinished)."""
+    c = s.counters
+    final = s.run_dir / "final.safetensors"
+    finished = c.step == s.total
+    if finished and s.start_step == s.total:  # resumed a run that had already finished: just re-evaluate
+        s.evaluate()
+    ips = c.step * s.config.batch_size * s.d.world / c.train_time if c.train_time else 0.0  # all sessions
+    wall = time.perf_counter() - t_start
+    if finished and s.d.main:
+        save_checkpoint(final, s.raw.state_dict(), s.meta(s.total))
+    result = TrainResult(
+        run_dir=s.run_dir, registers=s.config.registers, final_checkpoint=final, checkpoints=list(c.snapshots),
+        steps=c.step, val_acc=s.val_acc, val_loss=s.val_loss, wall_s=wall, train_s=c.train_time, img_per_s=ips,
+        model=s.raw if return_model else None,
+    )
+    result_path = s.run_dir / "result.json"
+    if finished and s.d.main:
+        if resumed and result_path.exists():  # a resumed run's wall time includes the earlier sessions
+            try:
+                result.wall_s += float(json.loads(result_path.read_text()).get("wall_s_partial", 0.0))
+            except (ValueError, OSError):
+                pass
+        write_json(result_path, result.to_dict())
+    elif s.d.main:
+        write_json(result_path, {"finished": False, "steps": c.step, "wall_s_partial": wall})
     return result

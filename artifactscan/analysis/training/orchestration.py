@@ -34,8 +34,11 @@ from artifactscan.analysis.training.checkpointing import (
     remove_stale_temporaries,
     write_json,
 )
-from artifactscan.analysis.training.loop import TrainResult, evaluate, train_model
+from artifactscan.analysis.training.loop import TrainResult, evaluate, train_model, training_progress_bars
 from artifactscan.analysis.run_files import OLD_NAMES, VARIANTS_FILE
+
+
+Job = tuple[int, Path, bool]  # a variant to train: (registers, run folder, resume from its last.pt)
 
 
 @dataclass
@@ -240,17 +243,7 @@ def _train_variants(config: TrainConfig, out: Path, registers: str | int | Seque
             "registers": regs, "baseline_checkpoint": str(baseline_checkpoint) if baseline_checkpoint else None,
         })
 
-    jobs: list[tuple[int, Path, bool]] = []
-    done: dict[int, RegVariant] = {}
-    for reg in regs:
-        vdir = out / f"reg{reg}"
-        if resume and (vdir / "final.safetensors").is_file() and (vdir / "result.json").is_file():
-            r = json.loads((vdir / "result.json").read_text())
-            if "final_checkpoint" in r:
-                done[reg] = variant_from_result(reg, r)
-                continue
-        jobs.append((reg, vdir, resume and (vdir / "last.pt").is_file()))
-
+    jobs, done = _variants_to_train(out, regs, resume)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if parallel is None:
         parallel = device.type == "cpu" and world == 1 and cores >= 2 and len(jobs) > 1
@@ -260,15 +253,7 @@ def _train_variants(config: TrainConfig, out: Path, registers: str | int | Seque
     if jobs and parallel:
         done.update(run_parallel(config, jobs, cores, progress))  # an interruption there names the run folder
     else:
-        for reg, vdir, res in jobs:
-            try:
-                r = train_model(config.replace(registers=reg), vdir, resume=res, progress=progress,
-                                label=f"reg{reg}")
-            except RunInterrupted as exc:  # the run is continued as a whole, not this variant's folder alone
-                signal_name = str(exc).split(": stopped ", 1)[0]
-                raise RunInterrupted(f"{signal_name}: stopped {stopped_part(str(exc))} and saved its resume state; "
-                                     f"continue with: artifactscan train-reg --resume {out}") from None
-            done[reg] = variant_from_result(reg, r.to_dict())
+        done.update(_train_one_after_another(config, jobs, out, progress))
 
     if baseline_checkpoint is not None:
         _, acc = evaluate_checkpoint(baseline_checkpoint, config, device=str(device)) if main else (0.0, float("nan"))
@@ -279,6 +264,36 @@ def _train_variants(config: TrainConfig, out: Path, registers: str | int | Seque
         write_json(result.variants_path, result.to_dict())
         write_json(result.comparison_path, result.to_dict())  # the 0.2 name, for readers not yet updated
     return result
+
+
+def _variants_to_train(out: Path, regs: list[int], resume: bool) -> tuple[list[Job], dict[int, RegVariant]]:
+    """The variants still to train, and those a resumed run already finished (reused as they are)."""
+    jobs: list[Job] = []
+    done: dict[int, RegVariant] = {}
+    for reg in regs:
+        vdir = out / f"reg{reg}"
+        if resume and (vdir / "final.safetensors").is_file() and (vdir / "result.json").is_file():
+            r = json.loads((vdir / "result.json").read_text())
+            if "final_checkpoint" in r:
+                done[reg] = variant_from_result(reg, r)
+                continue
+        jobs.append((reg, vdir, resume and (vdir / "last.pt").is_file()))
+    return jobs, done
+
+
+def _train_one_after_another(config: TrainConfig, jobs: list[Job], out: Path,
+                             progress: bool) -> dict[int, RegVariant]:
+    """The variants trained in this process in turn (on a GPU, under torchrun, or when asked)."""
+    done: dict[int, RegVariant] = {}
+    for reg, vdir, res in jobs:
+        try:
+            r = train_model(config.replace(registers=reg), vdir, resume=res, progress=progress, label=f"reg{reg}")
+        except RunInterrupted as exc:  # the run is continued as a whole, not this variant's folder alone
+            signal_name = str(exc).split(": stopped ", 1)[0]
+            raise RunInterrupted(f"{signal_name}: stopped {stopped_part(str(exc))} and saved its resume state; "
+                                 f"continue with: artifactscan train-reg --resume {out}") from None
+        done[reg] = variant_from_result(reg, r.to_dict())
+    return done
 
 
 def stopped_part(message: str) -> str:
@@ -356,125 +371,162 @@ def release_inherited_sigint() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def run_parallel(config: TrainConfig, jobs, cores: int, progress: bool) -> dict[int, RegVariant]:
+def run_parallel(config: TrainConfig, jobs: list[Job], cores: int, progress: bool) -> dict[int, RegVariant]:
     """Run the variants as side-by-side child processes (``python -m artifactscan.analysis.training --_worker``).
 
     Children are plain subprocesses (not multiprocessing) so this works from any entry point (scripts, stdin,
     notebooks); each streams JSON events on stdout, which feed one progress bar per variant here.
     """
-    import queue as queue_mod
-    import subprocess
-    import threading
+    run = _SideBySide(config, jobs, cores, progress)
+    try:
+        run.start_waiting()
+        while run.running:
+            run.handle(run.events.get())
+    except KeyboardInterrupt:  # the parent was stopped (SIGINT, or SIGTERM through the CLI): children save first
+        if not run.collect_stops():
+            raise
+    finally:
+        run.close()
+    run.outcome.raise_unless_complete(Path(jobs[0][1]).parent)
+    return run.outcome.results
 
-    n_proc = min(len(jobs), cores)
-    threads = config.num_threads or max(1, cores // n_proc)
-    events: queue_mod.Queue = queue_mod.Queue()
-    bars = None
-    if progress:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bars = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]} img/s"),
-            TimeRemainingColumn(), console=Console(stderr=True),
-        )
-        bars.start()
-    tasks: dict[str, Any] = {}
-    results: dict[int, RegVariant] = {}
-    errors: list[str] = []
-    stopped: list[str] = []
-    internal = False  # a child failed on a bug, not on the user's input
-    pumps: list[threading.Thread] = []
-    waiting = list(jobs)
-    running: dict[str, tuple[int, subprocess.Popen]] = {}
+@dataclass
+class _SideBySideOutcome:
+    """What the children of a side-by-side run reported."""
 
-    def pump(label: str, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            try:
-                events.put({"label": label, **json.loads(line)})
-            except ValueError:
-                pass
-        events.put({"label": label, "type": "exit", "rc": proc.wait()})
+    results: dict[int, RegVariant] = field(default_factory=dict)  # by register count, for each finished variant
+    errors: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)  # the "interrupted" message of each child a signal stopped
+    internal: bool = False  # a child failed on a bug, not on the user's input
 
-    def launch(reg: int, vdir: Path, res: bool) -> None:
+    def raise_unless_complete(self, run: Path) -> None:
+        """A stop is :class:`RunInterrupted` naming what each child saved; an error is the first child's error."""
+        if self.stopped:
+            steps = "; ".join(stopped_part(m) for m in self.stopped)
+            raise RunInterrupted(f"stopped the side-by-side training ({steps}); each saved its resume state; "
+                                 f"continue with: artifactscan train-reg --resume {run}")
+        if self.errors:
+            if self.internal:
+                raise RuntimeError(f"a training worker failed: {self.errors[0]}")
+            raise TrainingError(self.errors[0])
+
+
+class _SideBySide:
+    """The child processes of one side-by-side run: at most one per core, each read by a thread that puts its
+    events on one queue, and (with ``progress``) one progress bar per variant."""
+
+    def __init__(self, config: TrainConfig, jobs: list[Job], cores: int, progress: bool) -> None:
+        import queue
+
+        self.config = config
+        self.waiting = list(jobs)  # the variants not started yet
+        self.n_proc = min(len(jobs), cores)
+        self.threads = config.num_threads or max(1, cores // self.n_proc)
+        self.events: queue.Queue = queue.Queue()
+        self.running: dict[str, tuple[int, Any]] = {}  # label -> (registers, subprocess.Popen)
+        self.pumps: list[Any] = []  # the threads reading the children's stdout
+        self.outcome = _SideBySideOutcome()
+        self.bars = training_progress_bars() if progress else None
+        self.tasks: dict[str, Any] = {}  # label -> its progress bar
+        if self.bars is not None:
+            self.bars.start()
+
+    def start_waiting(self) -> None:
+        while self.waiting and len(self.running) < self.n_proc:
+            self.launch(*self.waiting.pop(0))
+
+    def launch(self, reg: int, vdir: Path, res: bool) -> None:
+        import subprocess
+        import threading
+
         label = f"reg{reg}"
         vdir.mkdir(parents=True, exist_ok=True)
         cfg_path = vdir / "worker-config.json"
-        write_json(cfg_path, config.replace(registers=reg, num_threads=threads).to_dict())
+        write_json(cfg_path, self.config.replace(registers=reg, num_threads=self.threads).to_dict())
         cmd = [sys.executable, "-m", "artifactscan.analysis.training", "--_worker", str(cfg_path), "--out", str(vdir)]
         if res:
             cmd.append("--_resume")
         pkg_parent = str(Path(__file__).resolve().parent.parent)  # so the child imports this same artifactscan
         pypath = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WORLD_SIZE": "1", "RANK": "0", "PYTHONPATH": pypath}
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "WORLD_SIZE": "1", "RANK": "0",
+               "PYTHONPATH": pypath}
         with sigint_held():  # a Ctrl-C now is acted on once the child is known and read, so that it is stopped too
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-            running[label] = (reg, proc)
-            pumps.append(threading.Thread(target=pump, args=(label, proc), daemon=True))
-            pumps[-1].start()
-        if bars is not None:
-            tasks[label] = bars.add_task(label, total=config.steps or None, loss="-", acc="-", ips="-")
+            self.running[label] = (reg, proc)
+            self.pumps.append(threading.Thread(target=self._pump, args=(label, proc), daemon=True))
+            self.pumps[-1].start()
+        if self.bars is not None:
+            self.tasks[label] = self.bars.add_task(label, total=self.config.steps or None, loss="-", acc="-", ips="-")
 
-    try:
-        while waiting and len(running) < n_proc:
-            launch(*waiting.pop(0))
-        while running:
-            ev = events.get()
-            label, kind = ev["label"], ev["type"]
-            if kind == "step" and bars is not None:
-                bars.update(tasks[label], completed=ev["step"], loss=f"{ev['loss']:.3f}",
-                            ips=f"{ev['img_per_s']:.0f}")
-            elif kind == "eval" and bars is not None:
-                bars.update(tasks[label], acc=f"{ev['val_acc']:.3f}")
-                bars.console.print(f"{label} step {ev['step']}: loss {ev['loss']:.3f}  val acc {ev['val_acc']:.3f}"
-                                   f"  {ev['img_per_s']:.0f} img/s")
-            elif kind == "done":
-                reg = running[label][0]
-                results[reg] = variant_from_result(reg, ev["result"])
-            elif kind == "error":
-                errors.append(ev["message"])
-                internal = internal or ev.get("kind") == "internal"
-            elif kind == "interrupted":
-                stopped.append(ev["message"])
-            elif kind == "exit":
-                reg, _ = running.pop(label)
-                if stopped:  # a child was signalled (Ctrl-C reaches the whole process group): stop them all
-                    waiting.clear()
-                    _stop_children(running)
-                    continue
-                if reg not in results and not errors:
-                    errors.append(f"training the {reg}-register model crashed (exit code {ev['rc']}); "
+    def _pump(self, label: str, proc) -> None:
+        for line in proc.stdout:
+            try:
+                self.events.put({"label": label, **json.loads(line)})
+            except ValueError:
+                pass
+        self.events.put({"label": label, "type": "exit", "rc": proc.wait()})
+
+    def handle(self, ev: dict) -> None:
+        """One event of a child: progress, its result, an error, a stop, or its exit."""
+        label, kind, outcome = ev["label"], ev["type"], self.outcome
+        if kind in ("step", "eval"):
+            self._show(label, ev)
+        elif kind == "done":
+            reg = self.running[label][0]
+            outcome.results[reg] = variant_from_result(reg, ev["result"])
+        elif kind == "error":
+            outcome.errors.append(ev["message"])
+            outcome.internal = outcome.internal or ev.get("kind") == "internal"
+        elif kind == "interrupted":
+            outcome.stopped.append(ev["message"])
+        elif kind == "exit":
+            self._on_exit(label, ev["rc"])
+
+    def _show(self, label: str, ev: dict) -> None:
+        if self.bars is None:
+            return
+        if ev["type"] == "step":
+            self.bars.update(self.tasks[label], completed=ev["step"], loss=f"{ev['loss']:.3f}",
+                             ips=f"{ev['img_per_s']:.0f}")
+        else:
+            self.bars.update(self.tasks[label], acc=f"{ev['val_acc']:.3f}")
+            self.bars.console.print(f"{label} step {ev['step']}: loss {ev['loss']:.3f}  val acc {ev['val_acc']:.3f}"
+                                    f"  {ev['img_per_s']:.0f} img/s")
+
+    def _on_exit(self, label: str, rc: int) -> None:
+        """A child ended: start the next variant, or stop the others when the comparison cannot complete."""
+        reg, _ = self.running.pop(label)
+        outcome = self.outcome
+        if outcome.stopped:  # a child was signalled (Ctrl-C reaches the whole process group): stop them all
+            self.waiting.clear()
+            _stop_children(self.running)
+            return
+        if reg not in outcome.results and not outcome.errors:
+            outcome.errors.append(f"training the {reg}-register model crashed (exit code {rc}); "
                                   f"see the messages above, then --resume the run folder")
-                if errors:  # stop the others: the comparison is incomplete anyway
-                    for _, p in running.values():
-                        p.terminate()
-                elif waiting:
-                    launch(*waiting.pop(0))
-    except KeyboardInterrupt:  # the parent was stopped (SIGINT, or SIGTERM through the CLI): children save first
-        _stop_children(running)
-        for t in pumps:
+        if outcome.errors:  # stop the others: the comparison is incomplete anyway
+            for _, p in self.running.values():
+                p.terminate()
+        elif self.waiting:
+            self.launch(*self.waiting.pop(0))
+
+    def collect_stops(self) -> bool:
+        """After the parent was interrupted: stop the children, let each save, and gather their "interrupted"
+        events. Whether any child stopped with a saved step."""
+        _stop_children(self.running)
+        for t in self.pumps:
             t.join(timeout=60)  # their last lines carry each child's "interrupted" event
-        while not events.empty():
-            ev = events.get()
+        while not self.events.empty():
+            ev = self.events.get()
             if ev["type"] == "interrupted":
-                stopped.append(ev["message"])
-        if not stopped:
-            raise
-    finally:
-        _stop_children(running)
-        if bars is not None:
-            bars.stop()
-    if stopped:
-        steps = "; ".join(stopped_part(m) for m in stopped)
-        run = Path(jobs[0][1]).parent
-        raise RunInterrupted(f"stopped the side-by-side training ({steps}); each saved its resume state; continue "
-                             f"with: artifactscan train-reg --resume {run}")
-    if errors:
-        if internal:
-            raise RuntimeError(f"a training worker failed: {errors[0]}")
-        raise TrainingError(errors[0])
-    return results
+                self.outcome.stopped.append(ev["message"])
+        return bool(self.outcome.stopped)
+
+    def close(self) -> None:
+        _stop_children(self.running)
+        if self.bars is not None:
+            self.bars.stop()
 
 
 def resume(
