@@ -4,5 +4,5 @@ The built-in registrants are imported here, so they have registered with :mod:`a
 any module of this package is used, whatever the caller imported first.
 """
 
-from artifactscan.models.layouts import timm_vit  # noqa: F401  (registers its hook family)
+from artifactscan.models.layouts import hf_vision, timm_vit  # noqa: F401  (they register their hook families)
 from artifactscan.models import demo, hf, phantom, interventions  # noqa: F401  (they register themselves)

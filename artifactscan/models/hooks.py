@@ -101,6 +101,13 @@ def first_tensor(module: nn.Module, inputs: tuple, output: Any) -> torch.Tensor:
     return out
 
 
+def positional(kwargs: dict[str, Any]) -> tuple:
+    """A module's main input when it was passed by keyword (HF layers call ``layer(hidden_states=...)``)."""
+    if "hidden_states" in kwargs:
+        return (kwargs["hidden_states"],)
+    return tuple(v for v in kwargs.values() if isinstance(v, torch.Tensor))[:1]
+
+
 def first_input(module: nn.Module, inputs: tuple, output: Any) -> torch.Tensor:
     return inputs[0]
 
@@ -134,6 +141,10 @@ class HookFamily:
 
     def num_blocks(self, model: nn.Module) -> int:
         return len(self.blocks(model))
+
+    def prefix_tokens(self, model: nn.Module) -> tuple[int, int]:
+        """``(class tokens, register tokens)`` before the patch tokens of this live model."""
+        raise NotImplementedError
 
     def attention_setup(self, attention: nn.Module) -> Callable[[], None] | None:
         """Prepare an attention module for reading its kernel's inputs; returns the undo (or None)."""
@@ -387,7 +398,8 @@ class Capture:
             target = self.model.get_submodule(point.module)
             if point.where == "input":
                 self._handles.append(target.register_forward_pre_hook(
-                    lambda m, args, p=point: self._store(p, (p.read or first_input)(m, args, None))))
+                    lambda m, args, kwargs, p=point: self._store(p, (p.read or first_input)(
+                        m, args or positional(kwargs), None)), with_kwargs=True))
             else:
                 self._handles.append(target.register_forward_hook(
                     lambda m, args, out, p=point: self._store(p, (p.read or first_tensor)(m, args, out))))
@@ -404,11 +416,12 @@ class Capture:
             if undo is not None:
                 self._undo.append(undo)
 
-            def enter(m: nn.Module, args: Any, pts: list[HookPoint] = points) -> None:
+            def enter(m: nn.Module, args: Any, kwargs: Any, pts: list[HookPoint] = points) -> None:
                 tap.active, tap.seen = pts, False
 
-            def leave(m: nn.Module, args: Any, out: Any, pts: list[HookPoint] = points) -> None:
+            def leave(m: nn.Module, args: Any, kwargs: Any, out: Any, pts: list[HookPoint] = points) -> None:
                 tap.active = None
+                args = args or positional(kwargs)
                 if not tap.seen:  # an explicit path: the family reads the same tensors from its modules
                     for p in pts:
                         if p.fallback is None:
@@ -417,8 +430,8 @@ class Capture:
                                                        "expose its " + p.part)
                         self._store(p, p.fallback(m, args, out))
 
-            self._handles.append(attention.register_forward_pre_hook(enter))
-            self._handles.append(attention.register_forward_hook(leave))
+            self._handles.append(attention.register_forward_pre_hook(enter, with_kwargs=True))
+            self._handles.append(attention.register_forward_hook(leave, with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self._handles:

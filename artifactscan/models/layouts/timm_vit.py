@@ -79,6 +79,10 @@ class TimmViTFamily(HookFamily):
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.blocks)
 
+    def prefix_tokens(self, model: nn.Module) -> tuple[int, int]:
+        registers = int(getattr(model, "num_reg_tokens", 0) or 0)
+        return int(model.num_prefix_tokens) - registers, registers
+
     def attention_setup(self, attention: nn.Module) -> Callable[[], None] | None:
         # The kernel path is where q/k/v are read; a model built with fused attention off goes through it only while
         # captured (the explicit path computes the same attention).
