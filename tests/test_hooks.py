@@ -198,3 +198,24 @@ def test_intervene_edits_and_comes_off():
     with pytest.raises(HookPointUnavailable, match="read but not edited"):
         intervene(model, {"blocks.0.attn.k": torch.zeros_like})
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_only_the_capture_layer_registers_hooks_or_looks_up_module_paths():
+    """Every measurement reads activations through models/hooks.py; families declare their module paths in
+    models/layouts/ (and the phantom's in models/phantom.py); the one intervention is models/interventions.py."""
+    from pathlib import Path
+
+    import artifactscan
+
+    root = Path(artifactscan.__file__).parent
+    allowed = {"models/hooks.py", "models/interventions.py", "models/phantom.py"}
+    calls = ("register_forward_hook", "register_forward_pre_hook", "register_full_backward", ".get_submodule(",
+             ".named_modules(")
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel in allowed or rel.startswith("models/layouts/"):
+            continue
+        text = path.read_text()
+        offenders += [f"{rel}: {c}" for c in calls if c in text]
+    assert offenders == []
