@@ -24,6 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from artifactscan.core.errors import InputError
+from artifactscan.core.summaries import ImageSummary
 from artifactscan.render.html_report import build_html_report, write_html_report
 
 EVIL = "<b>x</b>.png"
@@ -71,16 +72,17 @@ def results(tmp_path_factory) -> Path:
     row = dict(name="m", arch="vit", step=None, onset_layer=None, outlier_fraction=0.0, max_over_median=1.5,
                image_fraction_with_outliers=0.0, peak_outlier_fraction=0.0, register_norm_mean=None,
                median_patch_norm=2.0)
-    cmp = CompareReport(images="synthetic:8", rows=[
+    cmp = CompareReport(model=[], images=ImageSummary.described_only("synthetic:8"), rows=[
         ModelRow(label="base", registers=0, prefix_attention={"cls": 0.1}, **row),
         ModelRow(label="reg4", registers=4, prefix_attention={"cls": 0.05, "registers": 0.3}, **row)],
-        verdict="CANNOT CONFIRM THE FIX: the baseline grew no outliers & <nothing> to remove.")
+        headline="CANNOT CONFIRM THE FIX: the baseline grew no outliers & <nothing> to remove.")
     atomic_write_text(root / "cmp" / "compare.json", json.dumps(cmp.to_dict()))  # to_dict leaves out the scans
     shutil.copy(root / "real" / "norm_histogram.png", root / "cmp" / "compare.png")
 
-    em = EmergenceReport("runs/a", "synthetic:8", [EmergenceGroup("vit regs=0", 0, [
+    em = EmergenceReport("runs/a", [EmergenceGroup("vit regs=0", 0, [
         EmergencePoint(100, "runs/a/step_100.safetensors", None, [0.0, 0.0], [1.2, 1.3]),
-        EmergencePoint(200, "runs/a/step_200.safetensors", 1, [0.0, 0.02], [1.2, 9.0])])], notes=[])
+        EmergencePoint(200, "runs/a/step_200.safetensors", 1, [0.0, 0.02], [1.2, 9.0])])], notes=[], model=[],
+        images=ImageSummary.described_only("synthetic:8"), headline="outliers from block 1 at step 200")
     atomic_write_text(root / "emergence" / "emergence.json", json.dumps(em.to_dict()))
 
     # kinds being added by colleagues, and a kind nobody knows yet: shown without code changes

@@ -149,7 +149,7 @@ def test_a_run_folder_gate_fails_on_an_inconclusive_checkpoint(tmp_path):
     result = invoke("norms", run, "synthetic:4", "--json")
     check(result, 0)
     data = json.loads(result.stdout)
-    assert data["schema"] == "artifactscan.emergence/3"
+    assert data["schema"] == "artifactscan.emergence/4"
     assert data["groups"][0]["points"][0]["inconclusive_layers"] == [2, 3, 4, 5]
     assert any("inconclusive at blocks 2, 3, 4, 5" in note for note in data["notes"])
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pickle
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +27,7 @@ from artifactscan.models.native import unsafe_globals
 from artifactscan.analysis.scan import ScanReport, scan
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.core.progress import resolve_device
-from artifactscan.core.results import JsonResult
+from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
 from artifactscan.inputs.sources import parse_synthetic
 from artifactscan.inputs.synthetic import SyntheticShapes
 
@@ -55,23 +55,44 @@ class ModelRow:
 
 
 @dataclass
-class CompareReport(JsonResult):
-    images: str
+class CompareReport(AnalysisResult):
+    """Several models scanned on the same images: one row each, and the verdict on what registers changed
+    (``headline``). ``model`` lists the models' summaries in the rows' order; ``images`` is the first model's."""
+
+    # /3: the common header first (core/summaries.py): ``model`` (one summary per row) is new, ``images`` is a
+    # summary (/2: its description), ``headline`` is the verdict, still written as ``verdict`` too for one version.
+    SCHEMA = "artifactscan.compare/3"
+    OLDER_SCHEMAS = ("artifactscan.compare/2",)
+
+    model: list[ModelSummary] = field(kw_only=True)
     rows: list[ModelRow]
-    verdict: str
     reports: dict[str, ScanReport] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    schema: str = "artifactscan.compare/2"
+
+    @property
+    def verdict(self) -> str:
+        """The headline, under its name before schema /3."""
+        return self.headline
 
     @property
     def title(self) -> str:
         """``2 models on sample_images/`` (``1 model`` for one)."""
-        return f"{count_models(len(self.rows))} on {self.images}"
+        return f"{count_models(len(self.rows))} on {self.images.source if self.images else 'no images'}"
 
     def to_dict(self) -> dict[str, Any]:
         """The rows and the verdict; each model's full scan stays in memory (``reports``), out of compare.json."""
         data = super().to_dict()
         data.pop("reports")
+        data["verdict"] = self.headline  # the /2 key, kept for one version
+        return data
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
+        rows = data.get("rows", [])
+        data["model"] = [asdict(ModelSummary.named_only(r["name"], arch=r.get("arch"),
+                                                        num_register_tokens=r.get("registers", 0))) for r in rows]
+        data["images"] = asdict(ImageSummary.described_only(data["images"]))
+        data["headline"] = data.pop("verdict")
         return data
 
 
@@ -169,8 +190,8 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
                                                                     if k in _DECODE_KEYS})
         rows.append(_row(label, loaded, report, mass, n_syn))
         reports[label] = report
-    source = next(iter(reports.values())).images.source
-    return CompareReport(images=source, rows=rows, verdict=register_verdict(rows), reports=reports)
+    return CompareReport(model=[r.model for r in reports.values()], images=next(iter(reports.values())).images,
+                         headline=register_verdict(rows), rows=rows, reports=reports)
 
 
 _DECODE_KEYS = ("num_workers", "exact_decode", "gpu_decode")
@@ -352,15 +373,45 @@ class EmergenceGroup:
 
 
 @dataclass
-class EmergenceReport(JsonResult):
-    """Norm statistics over training (the paper's Fig 4b) for every architecture found in a run folder."""
+class EmergenceReport(AnalysisResult):
+    """Norm statistics over training (the paper's Fig 4b) for every architecture found in a run folder. ``model``
+    lists the summaries of the checkpoints scanned, in the groups' order."""
 
+    # /4: the common header first (core/summaries.py): ``model`` (one summary per checkpoint scanned) and
+    # ``headline`` are new, ``images`` is a summary (/3: its description).
+    SCHEMA = "artifactscan.emergence/4"
+    OLDER_SCHEMAS = ("artifactscan.emergence/3",)
+
+    model: list[ModelSummary] = field(kw_only=True)
     run_dir: str
-    images: str
     groups: list[EmergenceGroup]
     notes: list[str]
     skipped: list[SkippedCheckpoint] = field(default_factory=list)  # /2: checkpoint files left out, with the reason
-    schema: str = "artifactscan.emergence/3"
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
+        data["model"] = [asdict(ModelSummary.named_only(p["checkpoint"], num_register_tokens=g.get("registers", 0)))
+                         for g in data.get("groups", []) for p in g["points"]]
+        data["images"] = asdict(ImageSummary.described_only(data["images"]))
+        groups = [EmergenceGroup(g["architecture"], g["registers"], [EmergencePoint(**p) for p in g["points"]])
+                  for g in data.get("groups", [])]
+        data["headline"] = emergence_headline(groups, len(data.get("skipped", [])))
+        return data
+
+
+def emergence_headline(groups: list[EmergenceGroup], num_skipped: int = 0) -> str:
+    """Per architecture, the first checkpoint with outliers (or none), in one sentence."""
+    parts = []
+    for g in groups:
+        first = next((p for p in g.points if p.onset_layer is not None), None)
+        when = (f"outliers from block {first.onset_layer} at {first.checkpoint}"
+                + (f" (step {first.step})" if first.step is not None else "") if first
+                else "no outliers at any checkpoint")
+        undecided = sum(1 for p in g.points if p.inconclusive_layers)
+        parts.append(f"{g.registers} registers, {len(g.points)} checkpoint(s): {when}"
+                     + (f", {undecided} inconclusive" if undecided else ""))
+    text = "; ".join(parts) + "."
+    return text[0].upper() + text[1:] + (f" {num_skipped} checkpoint file(s) skipped." if num_skipped else "")
 
 
 def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float = "auto", device: str = "auto",
@@ -376,7 +427,8 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
     nonfinite_notes: list[str] = []
     undecided_notes: list[str] = []  # checkpoints whose scan could not decide: never read as "no outliers"
     groups = find_checkpoints(run_dir, skipped)
-    out_groups, source = [], ""
+    out_groups: list[EmergenceGroup] = []
+    images_seen, scanned = None, []
     for key, items in groups.items():
         points = []
         registers = 0
@@ -398,7 +450,8 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
                 continue
             if problem:
                 nonfinite_notes.append(f"{display_name(path)}: {problem} (kept: --allow-nonfinite)")
-            source = report.images.source
+            images_seen = report.images
+            scanned.append(report.model)
             blocks = [lay for lay in report.layers if not lay.is_final_norm]
             points.append(EmergencePoint(step, display_name(path), report.onset_layer,
                                          [lay.outlier_fraction for lay in blocks],
@@ -424,27 +477,43 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
         notes.append(f"{len(skipped)} checkpoint file(s) skipped (listed under 'skipped' with the reason)")
     notes.extend(nonfinite_notes)
     notes.extend(undecided_notes)
-    return EmergenceReport(display_name(run_dir), source, out_groups, notes, skipped)
+    return EmergenceReport(display_name(run_dir), out_groups, notes, skipped, model=scanned, images=images_seen,
+                           headline=emergence_headline(out_groups, len(skipped)))
 
 
 @dataclass
-class TrainRegVerdict(JsonResult):
-    """train-reg's final comparison: the trained variants scanned side by side on held-out images."""
+class TrainRegVerdict(AnalysisResult):
+    """train-reg's final comparison: the trained variants scanned side by side on held-out images. The header is
+    the comparison's (its models, its images, its verdict as the headline)."""
 
+    # /2: the common header first (core/summaries.py): ``model``, ``headline`` and ``artifactscan_version`` are new,
+    # ``images`` is a summary (/1: its description); ``verdict`` is still written for one version, and the
+    # comparison inside is a compare/3.
+    SCHEMA = "artifactscan.train_reg_verdict/2"
+    OLDER_SCHEMAS = ("artifactscan.train_reg_verdict/1",)
+
+    model: list[ModelSummary] = field(kw_only=True)
     run_dir: str
-    images: str
     comparison: CompareReport
     validation_accuracy: dict[str, float]
-    schema: str = "artifactscan.train_reg_verdict/1"
 
     @property
     def verdict(self) -> str:
-        return self.comparison.verdict
+        """The headline, under its name before schema /2."""
+        return self.headline
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
+        comparison = CompareReport.upgrade(dict(data["comparison"]), data["comparison"].get("schema", ""))
+        data["comparison"] = comparison
+        data.update(model=comparison["model"], images=comparison["images"], headline=comparison["headline"])
+        data.pop("verdict", None)
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         data["comparison"] = self.comparison.to_dict()
-        data["verdict"] = self.verdict
+        data["verdict"] = self.headline  # the /1 key, kept for one version
         return data
 
 
@@ -466,4 +535,5 @@ def verdict_for_run(result: Any, images: Any = None, *, device: str = "auto", ba
         comparison.notes.append(f"{images} has no val/ folder, so the verdict scanned the training images; pass "
                                 "--scan-images for held-out ones (norm statistics do not need labels).")
     accuracy = {f"reg{v.registers}": v.val_acc for v in result.variants}
-    return TrainRegVerdict(str(result.run_dir), comparison.images, comparison, accuracy)
+    return TrainRegVerdict(str(result.run_dir), comparison, accuracy, model=comparison.model,
+                           images=comparison.images, headline=comparison.headline)
