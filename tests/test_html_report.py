@@ -339,3 +339,36 @@ def test_page_in_headless_chromium(chromium, page, tmp_path):
     total, bad, blocked, errors = map(int, m.groups())
     assert total == summary.figures and bad == 0 and blocked == 0 and errors == 0, m.group(0)
     assert time.monotonic() - start < 60
+
+
+def test_attention_fix_and_calibration_have_their_own_sections(tmp_path):
+    """Real results of the three kinds (read from the previous schema's files and written in the current one): each
+    gets its headline, its key table, its records and the figures its command writes, not the generic section."""
+    from artifactscan.analysis.attention_maps import AttentionReport
+    from artifactscan.analysis.calibrate import CalibrationReport
+    from artifactscan.analysis.fix import FixReport
+
+    schemas = Path(__file__).parent / "data" / "schemas"
+    results = {}
+    for kind, cls, name in (("attention", AttentionReport, "attention-v2.json"), ("fix", FixReport, "fix-v1.json"),
+                            ("calibration", CalibrationReport, "calibration-v1.json")):
+        results[kind] = cls.from_dict(json.loads((schemas / name).read_text()))
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / f"{kind}.json").write_text(results[kind].to_json())
+    (tmp_path / "attention" / "attention_maps").mkdir()
+    for png in (tmp_path / "attention" / "attention_mass.png", tmp_path / "attention" / "attention_maps" / "img0.png",
+                tmp_path / "calibration" / "calibration.png"):
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(png)
+    summary = write_html_report(tmp_path, tmp_path / "page.html")
+    text = (tmp_path / "page.html").read_text()
+    by_kind = {r.kind: r for r in summary.results}
+    assert set(by_kind) == {"attention", "fix", "calibration"}
+    for kind, result in results.items():
+        assert by_kind[kind].headline == result.headline
+    assert "Detection limit" in text and "ratio (weakest block)" in text and "found from" in text
+    assert sorted(by_kind["calibration"].figures) == ["calibration/calibration.png"]
+    assert "spike = outliers" in text and "why this query" in text
+    assert sorted(by_kind["attention"].figures) == ["attention/attention_maps/img0.png",
+                                                    "attention/attention_mass.png"]
+    assert "Register neurons moved by the test-time register" in text and "outliers removed" in text
+    assert "1.56% → 0.00%" in text  # before -> after, from the fix's own numbers

@@ -41,7 +41,7 @@ from artifactscan.core.progress import ProgressBar, resolve_device
 
 # /3: the common header first (core/summaries.py); /2 files hold the same keys in another order.
 SCHEMA = "artifactscan.attention/3"
-OLDER_SCHEMAS = ("artifactscan.attention/2",)
+OLDER_SCHEMAS = ("artifactscan.attention/1", "artifactscan.attention/2")
 HEADS_MODES = ("mean", "all")
 
 

@@ -62,7 +62,7 @@ class CompareReport(AnalysisResult):
     # /3: the common header first (core/summaries.py): ``model`` (one summary per row) is new, ``images`` is a
     # summary (/2: its description), ``headline`` is the verdict, still written as ``verdict`` too for one version.
     SCHEMA = "artifactscan.compare/3"
-    OLDER_SCHEMAS = ("artifactscan.compare/2",)
+    OLDER_SCHEMAS = ("artifactscan.compare/1", "artifactscan.compare/2")
 
     model: list[ModelSummary] = field(kw_only=True)
     rows: list[ModelRow]
@@ -380,7 +380,7 @@ class EmergenceReport(AnalysisResult):
     # /4: the common header first (core/summaries.py): ``model`` (one summary per checkpoint scanned) and
     # ``headline`` are new, ``images`` is a summary (/3: its description).
     SCHEMA = "artifactscan.emergence/4"
-    OLDER_SCHEMAS = ("artifactscan.emergence/3",)
+    OLDER_SCHEMAS = tuple(f"artifactscan.emergence/{n}" for n in (1, 2, 3))
 
     model: list[ModelSummary] = field(kw_only=True)
     run_dir: str

@@ -48,7 +48,7 @@ from artifactscan.models.test_time_register import EXTRA_KEY, apply_test_time_re
 # /3: the common header first (core/summaries.py): ``model`` (one summary per model, the fixed runs not counted
 # again) and ``images`` (from ``data``) are new; /2 files are read with them rebuilt from ``runs`` and ``data``.
 SCHEMA = "artifactscan.discover/3"
-OLDER_SCHEMAS = ("artifactscan.discover/2",)
+OLDER_SCHEMAS = ("artifactscan.discover/1", "artifactscan.discover/2")
 CORLOC_IOU = 0.5
 COMPARE_CHOICES = ("fix",)
 

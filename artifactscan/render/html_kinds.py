@@ -95,6 +95,8 @@ def fix_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: Includ
         "saved to": data.get("saved_to") or "not saved",
     }
     out = [_meta_line(data), verdict_box(head, "headline", tone), key_table(facts)]
+    if isinstance(data.get("verdict"), dict):  # a verdict with its reasons, as probes write it
+        out.append(notes_html(data["verdict"].get("reasons")))
     neurons = data.get("neurons")
     if isinstance(neurons, list) and neurons and all(isinstance(n, dict) for n in neurons):
         out.append(records_table(neurons, caption="Register neurons moved by the test-time register"))

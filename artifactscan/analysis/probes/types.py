@@ -12,7 +12,7 @@ from artifactscan.core.summaries import AnalysisResult
 # /3: the common header first (core/summaries.py), with ``headline`` (the verdict's summary sentence) new; /2 files
 # are read with the headline taken from verdict.summary.
 SCHEMA = "artifactscan.probe/3"
-OLDER_SCHEMAS = ("artifactscan.probe/2",)
+OLDER_SCHEMAS = ("artifactscan.probe/1", "artifactscan.probe/2")
 
 #: Fewer held-out outlier (or normal) tokens than this and a local-probe row says "too few (n=...)".
 MIN_LOCAL_TOKENS = 50
