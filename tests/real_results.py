@@ -36,7 +36,7 @@ def register_scan():
 def emergence():
     """``norms RUN_DIR`` over three checkpoints of a 24-block model; the per-block values are the phantom's real
     ones (the first checkpoint before its outliers appeared)."""
-    from artifactscan.analysis.emergence import EmergenceGroup, EmergencePoint, EmergenceReport
+    from artifactscan.analysis.emergence import EmergenceGroup, EmergencePoint, EmergenceReport, emergence_headline
 
     scan = deep_scan()
     blocks = [lay for lay in scan.layers if not lay.is_final_norm]
@@ -44,8 +44,9 @@ def emergence():
                              [0.0 if step == 100 else lay.outlier_fraction for lay in blocks],
                              [lay.max_over_median / (3 if step == 100 else 1) for lay in blocks])
               for step in (100, 200, 300)]
-    return EmergenceReport("runs/demo-pair", "synthetic:8",
-                           [EmergenceGroup(scan.model.arch or scan.model.name, 0, points)], notes=[])
+    groups = [EmergenceGroup(scan.model.arch or scan.model.name, 0, points)]
+    return EmergenceReport("runs/demo-pair", groups, notes=[], model=[scan.model] * len(points), images=scan.images,
+                           headline=emergence_headline(groups))
 
 
 @lru_cache(maxsize=None)

@@ -257,7 +257,7 @@ def test_cli_json_and_out(tiny_ckpt, image_dir, tmp_path):
                     "--threshold", "150")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["schema"] == "artifactscan.attention/2" and data["blocks"] == [1, 2]
+    assert data["schema"] == "artifactscan.attention/3" and data["blocks"] == [1, 2]
     assert data["query"]["name"] == "cls" and len(data["maps"]) == 2 and data["images"]["num_scanned"] == 8
 
     out = tmp_path / "attn"

@@ -42,7 +42,7 @@ def test_measured_ratio_rises_with_the_gain(small_grid):
 
 def test_json_round_trip(small_grid):
     data = json.loads(small_grid.to_json())
-    assert data["schema"] == "artifactscan.calibration/1"
+    assert data["schema"] == "artifactscan.calibration/2"
     assert data["cells"][0]["precision"] is None  # nothing flagged: undefined, written as null
     again = CalibrationReport.from_dict(data)
     assert len(again.cells) == 4 and again.cells[-1].recall == small_grid.cells[-1].recall

@@ -38,7 +38,7 @@ def test_phantom_describe_json_says_what_the_text_says():
     result = invoke("phantom", "--describe", "--model", "phantom", "--json")
     assert text.exit_code == 0 and result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["schema"] == "artifactscan.phantom/1" and data["model"] == "phantom"
+    assert data["schema"] == "artifactscan.phantom/2" and data["model"]["name"] == "phantom"
     assert (data["num_blocks"], data["spec"]["onset"], data["spec"]["base"]) == (6, 2, "demo")
     # the printed description is rendered from the same result (rich wraps its lines at the terminal's width)
     assert " ".join(PhantomDescription.from_dict(data).text().split()) == " ".join(text.stdout.split())
@@ -49,5 +49,5 @@ def test_phantom_build_json_describes_the_file_written(tmp_path):
     result = invoke("phantom", "--build", "--from", "demo", "--onset", "3", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["model"] == str(out) and out.is_file()
+    assert data["model"]["name"] == str(out) and out.is_file()
     assert data["spec"]["onset"] == 3 and data["rebuild"].endswith(f"--onset 3 --fraction 0.02 --units 4 --out {out}")

@@ -41,7 +41,7 @@ def test_emergence_over_a_run_folder(tmp_path):
     result = runner.invoke(app, ["norms", str(run), "synthetic:16", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["schema"] == "artifactscan.emergence/3"
+    assert data["schema"] == "artifactscan.emergence/4"
     groups = {g["registers"]: g for g in data["groups"]}
     assert set(groups) == {0, 4}
     assert "2 different architectures" in data["notes"][0]

@@ -23,7 +23,7 @@ def test_json_is_the_only_stdout():
     result = invoke("discover", "demo", "synthetic-objects:6", "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["schema"] == "artifactscan.discover/2"
+    assert data["schema"] == "artifactscan.discover/3"
     run = data["runs"][0]
     assert run["label"] == "demo" and run["num_images"] == 6 and run["features"] == "keys"
     assert len(run["images"]) == 6 and run["corloc"] is not None

@@ -325,7 +325,7 @@ def test_readers_accept_the_previous_schemas(tmp_path, image_dir):
     result = invoke("norms", "demo", image_dir, "--json")
     check(result, 0)
     data = json.loads(result.stdout)
-    assert data["schema"] == "artifactscan.scan/4"
+    assert data["schema"] == "artifactscan.scan/5"
     old = json.loads(json.dumps(data))
     old["schema"] = "artifactscan.scan/2"
     old.pop("nonfinite_weights")

@@ -100,7 +100,7 @@ def test_fix_cli(tiny_phantom, tmp_path):
     result = runner.invoke(app, ["fix", str(path), "synthetic:32", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["schema"] == "artifactscan.fix/1" and data["outliers_removed"] >= 0.95
+    assert data["schema"] == "artifactscan.fix/2" and data["outliers_removed"] >= 0.95
     result = runner.invoke(app, ["fix", str(path), "synthetic:32", "--top-k", "0"])
     assert result.exit_code == 1 and "--top-k must be at least 1" in result.stderr
     result = runner.invoke(app, ["fix", str(path), "synthetic:32", "--max-layer", "9"])

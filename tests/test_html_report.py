@@ -24,6 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from artifactscan.core.errors import InputError
+from artifactscan.core.summaries import ImageSummary
 from artifactscan.render.html_report import build_html_report, write_html_report
 
 EVIL = "<b>x</b>.png"
@@ -72,16 +73,17 @@ def results(tmp_path_factory) -> Path:
     row = dict(name="m", arch="vit", step=None, onset_layer=None, outlier_fraction=0.0, max_over_median=1.5,
                image_fraction_with_outliers=0.0, peak_outlier_fraction=0.0, register_norm_mean=None,
                median_patch_norm=2.0)
-    cmp = CompareReport(images="synthetic:8", rows=[
+    cmp = CompareReport(model=[], images=ImageSummary.described_only("synthetic:8"), rows=[
         ModelRow(label="base", registers=0, prefix_attention={"cls": 0.1}, **row),
         ModelRow(label="reg4", registers=4, prefix_attention={"cls": 0.05, "registers": 0.3}, **row)],
-        verdict="CANNOT CONFIRM THE FIX: the baseline grew no outliers & <nothing> to remove.")
+        headline="CANNOT CONFIRM THE FIX: the baseline grew no outliers & <nothing> to remove.")
     atomic_write_text(root / "cmp" / "compare.json", json.dumps(cmp.to_dict()))  # to_dict leaves out the scans
     shutil.copy(root / "real" / "norm_histogram.png", root / "cmp" / "compare.png")
 
-    em = EmergenceReport("runs/a", "synthetic:8", [EmergenceGroup("vit regs=0", 0, [
+    em = EmergenceReport("runs/a", [EmergenceGroup("vit regs=0", 0, [
         EmergencePoint(100, "runs/a/step_100.safetensors", None, [0.0, 0.0], [1.2, 1.3]),
-        EmergencePoint(200, "runs/a/step_200.safetensors", 1, [0.0, 0.02], [1.2, 9.0])])], notes=[])
+        EmergencePoint(200, "runs/a/step_200.safetensors", 1, [0.0, 0.02], [1.2, 9.0])])], notes=[], model=[],
+        images=ImageSummary.described_only("synthetic:8"), headline="outliers from block 1 at step 200")
     atomic_write_text(root / "emergence" / "emergence.json", json.dumps(em.to_dict()))
 
     # kinds being added by colleagues, and a kind nobody knows yet: shown without code changes
@@ -361,3 +363,36 @@ def test_page_in_headless_chromium(chromium, page, tmp_path):
     total, bad, blocked, errors = map(int, m.groups())
     assert total == summary.figures and bad == 0 and blocked == 0 and errors == 0, m.group(0)
     assert time.monotonic() - start < 60
+
+
+def test_attention_fix_and_calibration_have_their_own_sections(tmp_path):
+    """Real results of the three kinds (read from the previous schema's files and written in the current one): each
+    gets its headline, its key table, its records and the figures its command writes, not the generic section."""
+    from artifactscan.analysis.attention_maps import AttentionReport
+    from artifactscan.analysis.calibrate import CalibrationReport
+    from artifactscan.analysis.fix import FixReport
+
+    schemas = Path(__file__).parent / "data" / "schemas"
+    results = {}
+    for kind, cls, name in (("attention", AttentionReport, "attention-v2.json"), ("fix", FixReport, "fix-v1.json"),
+                            ("calibration", CalibrationReport, "calibration-v1.json")):
+        results[kind] = cls.from_dict(json.loads((schemas / name).read_text()))
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / f"{kind}.json").write_text(results[kind].to_json())
+    (tmp_path / "attention" / "attention_maps").mkdir()
+    for png in (tmp_path / "attention" / "attention_mass.png", tmp_path / "attention" / "attention_maps" / "img0.png",
+                tmp_path / "calibration" / "calibration.png"):
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(png)
+    summary = write_html_report(tmp_path, tmp_path / "page.html")
+    text = (tmp_path / "page.html").read_text()
+    by_kind = {r.kind: r for r in summary.results}
+    assert set(by_kind) == {"attention", "fix", "calibration"}
+    for kind, result in results.items():
+        assert by_kind[kind].headline == result.headline
+    assert "Detection limit" in text and "ratio (weakest block)" in text and "found from" in text
+    assert sorted(by_kind["calibration"].figures) == ["calibration/calibration.png"]
+    assert "spike = outliers" in text and "why this query" in text
+    assert sorted(by_kind["attention"].figures) == ["attention/attention_maps/img0.png",
+                                                    "attention/attention_mass.png"]
+    assert "Register neurons moved by the test-time register" in text and "outliers removed" in text
+    assert "1.56% → 0.00%" in text  # before -> after, from the fix's own numbers

@@ -82,7 +82,7 @@ def test_phantom_on_4_images_is_inconclusive_and_fails_the_gate(phantom_on_4):
     assert "No high-norm outlier" not in result.stdout
     assert "INCONCLUSIVE, NOT CLEAN" in " ".join(result.stdout.split())
     report = json.loads((out / "report.json").read_text())  # the evidence is written before the gate fails
-    assert report["schema"] == "artifactscan.scan/4"
+    assert report["schema"] == "artifactscan.scan/5"
     assert report["onset_layer"] is None
     undecided = [lay for lay in report["layers"] if lay["inconclusive"]]
     assert [lay["index"] for lay in undecided] == list(range(PLANTED_FROM, report["model"]["num_blocks"]))
@@ -149,7 +149,7 @@ def test_a_run_folder_gate_fails_on_an_inconclusive_checkpoint(tmp_path):
     result = invoke("norms", run, "synthetic:4", "--json")
     check(result, 0)
     data = json.loads(result.stdout)
-    assert data["schema"] == "artifactscan.emergence/3"
+    assert data["schema"] == "artifactscan.emergence/4"
     assert data["groups"][0]["points"][0]["inconclusive_layers"] == [2, 3, 4, 5]
     assert any("inconclusive at blocks 2, 3, 4, 5" in note for note in data["notes"])
 

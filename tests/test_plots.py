@@ -409,10 +409,11 @@ def test_save_compare_and_emergence_figures(tmp_path):
 
     reports = {"0 reg": make_report(image_names=["tensor[0]"]),
                "4 reg": make_report(artifacts_from=None, image_names=["tensor[0]"], seed=1)}
-    paths = plots.save_compare_figure(CompareReport("synthetic:8", [], "verdict", reports), tmp_path, dpi=60)
+    paths = plots.save_compare_figure(CompareReport([], reports, model=[], images=ImageSummary.described_only("synthetic:8"),
+                                                          headline="verdict"), tmp_path, dpi=60)
     assert [p.name for p in paths] == ["compare.png"]
     _check_png(paths[0])
-    assert plots.save_compare_figure(CompareReport("x", [], "v"), tmp_path) == []
+    assert plots.save_compare_figure(CompareReport([], model=[], images=ImageSummary.described_only("x"), headline="v"), tmp_path) == []
 
     def group(regs, onset):
         pts = [EmergencePoint(step, f"ckpt{step}.safetensors", None,
@@ -420,7 +421,8 @@ def test_save_compare_and_emergence_figures(tmp_path):
                for step in (0, 500, 1000, 1500)]
         return EmergenceGroup(f"vit_reg{regs}", regs, pts)
 
-    emergence = EmergenceReport("runs/exp1", "synthetic:8", [group(0, 1000), group(4, 10**9)], [])
+    emergence = EmergenceReport("runs/exp1", [group(0, 1000), group(4, 10**9)], [], model=[],
+                                 images=ImageSummary.described_only("synthetic:8"), headline="h")
     fig, (ax_f, ax_r) = plots.plot_emergence(emergence)
     assert [line.get_label() for line in ax_f.get_lines()] == ["0 registers", "4 registers"]
     np.testing.assert_allclose(ax_f.get_lines()[0].get_ydata(), [0, 0, 2, 2])

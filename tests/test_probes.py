@@ -266,7 +266,7 @@ def test_too_few_images_says_how_many(tmp_path):
 # ----------------------------------------------------------------------------------------------- reports
 def test_json_round_trip_and_phantom_note(artifact_report):
     data = json.loads(artifact_report.to_json())
-    assert data["schema"] == "artifactscan.probe/2" and data["verdict"]["label"] == "artifact-like"
+    assert data["schema"] == "artifactscan.probe/3" and data["verdict"]["label"] == "artifact-like"
     back = ProbeReport.from_dict(data)
     assert back.to_dict() == artifact_report.to_dict()
     loaded = wrap_module(planted_vit())

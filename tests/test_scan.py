@@ -122,7 +122,7 @@ def test_late_outliers_trigger_exact_second_pass():
 def test_json_round_trip_and_schema():
     report = scan(wrap_module(_planted_model()), torch.rand(6, 3, 32, 32))
     data = json.loads(report.to_json())
-    assert data["schema"] == "artifactscan.scan/4"
+    assert data["schema"] == "artifactscan.scan/5"
     assert data["model"]["weights"] is None and data["model"]["inferred"] is None
     for key in ("index", "median", "p99", "max", "threshold", "outlier_fraction", "images_with_outliers", "prefix"):
         assert key in data["layers"][0]

@@ -17,7 +17,7 @@ def test_train_reg_pair_and_honest_verdict(tmp_path):
     result = CliRunner().invoke(app, ["train-reg", *TINY, "--out", str(run), "--json"])
     assert result.exit_code == 0, result.output
     verdict = json.loads(result.stdout)
-    assert verdict["schema"] == "artifactscan.train_reg_verdict/1"
+    assert verdict["schema"] == "artifactscan.train_reg_verdict/2"
     rows = {r["label"]: r for r in verdict["comparison"]["rows"]}
     assert set(rows) == {"reg0", "reg4"} and rows["reg4"]["registers"] == 4
     assert rows["reg4"]["prefix_attention"]["registers"] > 0  # registers take attention even without artifacts

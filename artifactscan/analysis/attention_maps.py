@@ -30,18 +30,19 @@ from torch.utils.data import Dataset
 
 from artifactscan.core.numbers import times
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.core.version import __version__
 from artifactscan.analysis.attention import AttentionCapture
 from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
 from artifactscan.analysis.memory import check_fits
 from artifactscan.models.loading import LoadedModel, load_model
-from artifactscan.core.results import JsonResult
-from artifactscan.analysis.scan import ImageSummary, ModelSummary, ScanReport, model_summary, scan
+from artifactscan.core.summaries import AnalysisResult
+from artifactscan.analysis.scan import ScanReport, scan
 from artifactscan.inputs.sources import effective_batch_size, image_batches, make_image_source
 from artifactscan.core.progress import ProgressBar
 from artifactscan.core.devices import resolve_device
 
-SCHEMA = "artifactscan.attention/2"
+# /3: the common header first (core/summaries.py); /2 files hold the same keys in another order.
+SCHEMA = "artifactscan.attention/3"
+OLDER_SCHEMAS = ("artifactscan.attention/1", "artifactscan.attention/2")
 HEADS_MODES = ("mean", "all")
 
 
@@ -111,11 +112,12 @@ class AttentionMap:
 
 
 @dataclass
-class AttentionReport(JsonResult):
+class AttentionReport(AnalysisResult):
     """Everything ``artifactscan attention`` found. Serialises to ``attention.json``."""
 
-    model: ModelSummary
-    images: ImageSummary
+    SCHEMA = SCHEMA
+    OLDER_SCHEMAS = OLDER_SCHEMAS
+
     query: QueryInfo
     query_patch: list[int] | None
     heads: str
@@ -125,10 +127,7 @@ class AttentionReport(JsonResult):
     outlier_rule: str
     layers: list[LayerAttention]
     maps: list[AttentionMap]
-    headline: str
     notes: list[str]
-    schema: str = SCHEMA
-    artifactscan_version: str = __version__
 
     def maps_for(self, query: str | None = None) -> list[AttentionMap]:
         """The kept maps of one query (default: the selected query), one per kept image."""
@@ -447,7 +446,7 @@ def attention_report(
                     "(norms-scan row b-1, the keys this block reads); block 0 reads the patch embedding and has no "
                     "outlier mass")
     report = AttentionReport(
-        model=model_summary(loaded), images=scan_report.images, query=qinfo,
+        model=loaded.summary(), images=scan_report.images, query=qinfo,
         query_patch=list(qpatch) if qpatch else None, heads=heads, blocks=list(blocks),
         threshold_mode=scan_report.threshold_mode, threshold_rule=scan_report.threshold_rule,
         outlier_rule=outlier_rule, layers=layer_reports, maps=attention_maps, headline="",

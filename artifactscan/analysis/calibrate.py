@@ -14,13 +14,13 @@ see, not what real models contain.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from artifactscan.core.errors import InputError, NonFiniteError
-from artifactscan.core.results import JsonResult
+from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
 from artifactscan.core.stats import bin_index
 from artifactscan.core.thresholds import AutoRule, threshold_norms
 from artifactscan.inputs.synthetic import SyntheticShapes
@@ -29,7 +29,10 @@ from artifactscan.models.loading import wrap_module
 from artifactscan.models.phantom import (baseline_medians, build_phantom, ground_truth, load_baseline, planted_count,
                                          validate_settings)
 
-SCHEMA = "artifactscan.calibration/1"
+# /2: the common header first (core/summaries.py): ``model`` (the phantoms' summaries, one per cell) and
+# ``artifactscan_version`` are new, ``images`` is a summary (/1: ``synthetic:N``; ``num_images`` is kept).
+SCHEMA = "artifactscan.calibration/2"
+OLDER_SCHEMAS = ("artifactscan.calibration/1",)
 DEFAULT_GAINS = (1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0)
 DEFAULT_FRACTIONS = (1 / 64, 4 / 64)  # 1 and 4 of the demo's 64 patches: 1.56% (the shipped phantom's) and 6.25%
 
@@ -60,21 +63,30 @@ class CalibrationCell:
 
 
 @dataclass
-class CalibrationReport(JsonResult):
-    """A detection-limit study (``artifactscan calibrate``); serialises to ``calibration.json``."""
+class CalibrationReport(AnalysisResult):
+    """A detection-limit study (``artifactscan calibrate``); serialises to ``calibration.json``. ``model`` lists
+    the phantoms built, in the cells' order."""
 
+    SCHEMA = SCHEMA
+    OLDER_SCHEMAS = OLDER_SCHEMAS
+
+    model: list[ModelSummary] = field(kw_only=True)
     base: str
     onset: int
     num_blocks: int
-    images: str
     num_images: int
     threshold_rule: str
     cells: list[CalibrationCell]
     blind_below: float | None
     found_from: float | None
-    headline: str = ""
-    schema: str = SCHEMA
     notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
+        data["model"] = [asdict(ModelSummary.named_only(f"phantom(gain {c['gain']:g}, fraction {c['fraction']:.2%})",
+                                                        num_blocks=data["num_blocks"])) for c in data["cells"]]
+        data["images"] = asdict(ImageSummary.described_only(data["images"], data["num_images"]))
+        return data
 
 
 def parse_grid(text: str | Sequence[float], name: str) -> list[float]:
@@ -158,6 +170,7 @@ def calibrate(
     normalised = (torch.stack([data[i][0] for i in range(len(data))]) - mean) / std
     gh, gw = loaded.grid_size
     cells: list[CalibrationCell] = []
+    phantoms: list[ModelSummary] = []
     total = len(gains) * len(fractions)
     for g in gains:
         for f in fractions:
@@ -181,11 +194,13 @@ def calibrate(
             k = planted_count(gh * gw, f)
             cells.append(CalibrationCell(gain=g, fraction=f, planted_per_image=k, planted_share=k / (gh * gw),
                                          **metrics))
+            phantoms.append(model.summary())
             if progress:
                 progress(len(cells), total)
     blind_below, found_from = _limits(cells)
-    result = CalibrationReport(base=loaded.name, onset=onset, num_blocks=depth, images=f"synthetic:{num_images}",
-                               num_images=num_images, threshold_rule=rule.describe(), cells=cells,
+    result = CalibrationReport(model=phantoms, images=ImageSummary(f"synthetic:{num_images}", num_images, num_images,
+                                                                   []), headline="",
+                               base=loaded.name, onset=onset, num_blocks=depth, num_images=num_images, threshold_rule=rule.describe(), cells=cells,
                                blind_below=blind_below, found_from=found_from,
                                notes=["Phantoms: one planting mechanism on one clean baseline. The limits bound what "
                                       "the rule can see; they say nothing about what real models contain."])

@@ -11,7 +11,7 @@ compares a run's variants, is :mod:`artifactscan.analysis.training.verdict`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +25,7 @@ from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.analysis.scan import ScanReport, scan
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.core.devices import resolve_device
-from artifactscan.core.results import JsonResult
+from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
 from artifactscan.inputs.sources import parse_synthetic
 from artifactscan.inputs.synthetic import SyntheticShapes
 
@@ -53,23 +53,44 @@ class ModelRow:
 
 
 @dataclass
-class CompareReport(JsonResult):
-    images: str
+class CompareReport(AnalysisResult):
+    """Several models scanned on the same images: one row each, and the verdict on what registers changed
+    (``headline``). ``model`` lists the models' summaries in the rows' order; ``images`` is the first model's."""
+
+    # /3: the common header first (core/summaries.py): ``model`` (one summary per row) is new, ``images`` is a
+    # summary (/2: its description), ``headline`` is the verdict, still written as ``verdict`` too for one version.
+    SCHEMA = "artifactscan.compare/3"
+    OLDER_SCHEMAS = ("artifactscan.compare/1", "artifactscan.compare/2")
+
+    model: list[ModelSummary] = field(kw_only=True)
     rows: list[ModelRow]
-    verdict: str
     reports: dict[str, ScanReport] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    schema: str = "artifactscan.compare/2"
+
+    @property
+    def verdict(self) -> str:
+        """The headline, under its name before schema /3."""
+        return self.headline
 
     @property
     def title(self) -> str:
         """``2 models on sample_images/`` (``1 model`` for one)."""
-        return f"{count_models(len(self.rows))} on {self.images}"
+        return f"{count_models(len(self.rows))} on {self.images.source if self.images else 'no images'}"
 
     def to_dict(self) -> dict[str, Any]:
         """The rows and the verdict; each model's full scan stays in memory (``reports``), out of compare.json."""
         data = super().to_dict()
         data.pop("reports")
+        data["verdict"] = self.headline  # the /2 key, kept for one version
+        return data
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
+        rows = data.get("rows", [])
+        data["model"] = [asdict(ModelSummary.named_only(r["name"], arch=r.get("arch"),
+                                                        num_register_tokens=r.get("registers", 0))) for r in rows]
+        data["images"] = asdict(ImageSummary.described_only(data["images"]))
+        data["headline"] = data.pop("verdict")
         return data
 
 
@@ -167,8 +188,8 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
                                                                     if k in _DECODE_KEYS})
         rows.append(_row(label, loaded, report, mass, n_syn))
         reports[label] = report
-    source = next(iter(reports.values())).images.source
-    return CompareReport(images=source, rows=rows, verdict=register_verdict(rows), reports=reports)
+    return CompareReport(model=[r.model for r in reports.values()], images=next(iter(reports.values())).images,
+                         headline=register_verdict(rows), rows=rows, reports=reports)
 
 
 _DECODE_KEYS = ("num_workers", "exact_decode", "gpu_decode")

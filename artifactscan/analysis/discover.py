@@ -22,7 +22,7 @@ similarity graphs live for one batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,16 +37,19 @@ from artifactscan.analysis.scan import ModelSummary, model_summary, scan
 from artifactscan.core.errors import InputError
 from artifactscan.core.progress import ProgressBar
 from artifactscan.core.devices import resolve_device
-from artifactscan.core.results import JsonResult
+from artifactscan.core.results import from_jsonable
+from artifactscan.core.summaries import AnalysisResult, ImageSummary, SkippedImage
 from artifactscan.core.stats import NormStatistics, bin_index
 from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, threshold_option
-from artifactscan.core.version import __version__
 from artifactscan.inputs.boxes import DEFAULT_OBJECT_IMAGES, BoxedData, load_box_data
 from artifactscan.inputs.sources import image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.models.interventions import EXTRA_KEY, apply_test_time_register, check_supported
 
-SCHEMA = "artifactscan.discover/2"
+# /3: the common header first (core/summaries.py): ``model`` (one summary per model, the fixed runs not counted
+# again) and ``images`` (from ``data``) are new; /2 files are read with them rebuilt from ``runs`` and ``data``.
+SCHEMA = "artifactscan.discover/3"
+OLDER_SCHEMAS = ("artifactscan.discover/1", "artifactscan.discover/2")
 CORLOC_IOU = 0.5
 COMPARE_CHOICES = ("fix",)
 
@@ -113,23 +116,36 @@ class DataSummary:
     num_images: int
     with_boxes: bool
     synthetic_img_size: int | None
-    skipped: list[str]
+    skipped: list[str]  # "NAME: reason"
+
+    def image_summary(self) -> ImageSummary:
+        """The same images in every result's words (the header's ``images``)."""
+        skipped = [SkippedImage(*s.split(": ", 1)) if ": " in s else SkippedImage(s, "skipped") for s in self.skipped]
+        return ImageSummary(self.description, self.num_images + len(skipped), self.num_images, skipped)
 
 
 @dataclass
-class DiscoverReport(JsonResult):
-    """Everything ``artifactscan discover`` found: one run per model (and per fix). Serialises to discover.json."""
+class DiscoverReport(AnalysisResult):
+    """Everything ``artifactscan discover`` found: one run per model (and per fix). Serialises to discover.json.
+    ``model`` lists the models' summaries (a fixed run is the model of the run it repairs)."""
 
+    SCHEMA = SCHEMA
+    OLDER_SCHEMAS = OLDER_SCHEMAS
+
+    model: list[ModelSummary] = field(kw_only=True)
     data: DataSummary
     threshold_mode: str
     threshold_rule: str
     corloc_rule: str
     baselines: str
     runs: list[DiscoveryRun]
-    headline: str
     notes: list[str]
-    schema: str = SCHEMA
-    artifactscan_version: str = __version__
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
+        data["model"] = [run["model"] for run in data.get("runs", []) if run.get("repairs") is None]
+        data["images"] = asdict(from_jsonable(DataSummary, data["data"]).image_summary())
+        return data
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -381,11 +397,13 @@ def discover(
     if skipped and warn is not None:
         for s in skipped:
             warn(f"skipped {s}")
+    data_summary = DataSummary(boxed.kind, boxed.kind if isinstance(data, BoxedData) else
+                               str(data) if data is not None else f"synthetic-objects:{DEFAULT_OBJECT_IMAGES}",
+                               boxed.description, len(boxed.items), boxed.has_boxes,
+                               boxed.items[0].width if boxed.synthetic is not None else None, skipped)
     report = DiscoverReport(
-        data=DataSummary(boxed.kind, boxed.kind if isinstance(data, BoxedData) else
-                         str(data) if data is not None else f"synthetic-objects:{DEFAULT_OBJECT_IMAGES}",
-                         boxed.description, len(boxed.items), boxed.has_boxes,
-                         boxed.items[0].width if boxed.synthetic is not None else None, skipped),
+        model=[run.model for run in runs if run.repairs is None], images=data_summary.image_summary(),
+        data=data_summary,
         threshold_mode="fixed" if fixed is not None else "auto",
         threshold_rule=f"fixed: norm > {fixed:g}" if fixed is not None else AutoRule().describe(),
         corloc_rule=f"an image counts when its box has IoU >= {CORLOC_IOU:g} with any ground-truth box; images "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pickle
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +17,7 @@ from artifactscan.analysis.scan import scan
 from artifactscan.core.errors import InputError, ModelLoadError, NonFiniteError
 from artifactscan.core.files import display_name, name_hex
 from artifactscan.core.paths import path_kind
-from artifactscan.core.results import JsonResult
+from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
 from artifactscan.models.checkpoint import read_meta
 from artifactscan.models.loading import CHECKPOINT_SUFFIXES, load_model
 from artifactscan.models.native import unsafe_globals
@@ -126,15 +126,45 @@ class EmergenceGroup:
 
 
 @dataclass
-class EmergenceReport(JsonResult):
-    """Norm statistics over training (the paper's Fig 4b) for every architecture found in a run folder."""
+class EmergenceReport(AnalysisResult):
+    """Norm statistics over training (the paper's Fig 4b) for every architecture found in a run folder. ``model``
+    lists the summaries of the checkpoints scanned, in the groups' order."""
 
+    # /4: the common header first (core/summaries.py): ``model`` (one summary per checkpoint scanned) and
+    # ``headline`` are new, ``images`` is a summary (/3: its description).
+    SCHEMA = "artifactscan.emergence/4"
+    OLDER_SCHEMAS = tuple(f"artifactscan.emergence/{n}" for n in (1, 2, 3))
+
+    model: list[ModelSummary] = field(kw_only=True)
     run_dir: str
-    images: str
     groups: list[EmergenceGroup]
     notes: list[str]
     skipped: list[SkippedCheckpoint] = field(default_factory=list)  # /2: checkpoint files left out, with the reason
-    schema: str = "artifactscan.emergence/3"
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
+        data["model"] = [asdict(ModelSummary.named_only(p["checkpoint"], num_register_tokens=g.get("registers", 0)))
+                         for g in data.get("groups", []) for p in g["points"]]
+        data["images"] = asdict(ImageSummary.described_only(data["images"]))
+        groups = [EmergenceGroup(g["architecture"], g["registers"], [EmergencePoint(**p) for p in g["points"]])
+                  for g in data.get("groups", [])]
+        data["headline"] = emergence_headline(groups, len(data.get("skipped", [])))
+        return data
+
+
+def emergence_headline(groups: list[EmergenceGroup], num_skipped: int = 0) -> str:
+    """Per architecture, the first checkpoint with outliers (or none), in one sentence."""
+    parts = []
+    for g in groups:
+        first = next((p for p in g.points if p.onset_layer is not None), None)
+        when = (f"outliers from block {first.onset_layer} at {first.checkpoint}"
+                + (f" (step {first.step})" if first.step is not None else "") if first
+                else "no outliers at any checkpoint")
+        undecided = sum(1 for p in g.points if p.inconclusive_layers)
+        parts.append(f"{g.registers} registers, {len(g.points)} checkpoint(s): {when}"
+                     + (f", {undecided} inconclusive" if undecided else ""))
+    text = "; ".join(parts) + "."
+    return text[0].upper() + text[1:] + (f" {num_skipped} checkpoint file(s) skipped." if num_skipped else "")
 
 
 def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float = "auto", device: str = "auto",
@@ -150,7 +180,8 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
     nonfinite_notes: list[str] = []
     undecided_notes: list[str] = []  # checkpoints whose scan could not decide: never read as "no outliers"
     groups = find_checkpoints(run_dir, skipped)
-    out_groups, source = [], ""
+    out_groups: list[EmergenceGroup] = []
+    images_seen, scanned = None, []
     for key, items in groups.items():
         points = []
         registers = 0
@@ -172,7 +203,8 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
                 continue
             if problem:
                 nonfinite_notes.append(f"{display_name(path)}: {problem} (kept: --allow-nonfinite)")
-            source = report.images.source
+            images_seen = report.images
+            scanned.append(report.model)
             blocks = [lay for lay in report.layers if not lay.is_final_norm]
             points.append(EmergencePoint(step, display_name(path), report.onset_layer,
                                          [lay.outlier_fraction for lay in blocks],
@@ -198,4 +230,5 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
         notes.append(f"{len(skipped)} checkpoint file(s) skipped (listed under 'skipped' with the reason)")
     notes.extend(nonfinite_notes)
     notes.extend(undecided_notes)
-    return EmergenceReport(display_name(run_dir), source, out_groups, notes, skipped)
+    return EmergenceReport(display_name(run_dir), out_groups, notes, skipped, model=scanned, images=images_seen,
+                           headline=emergence_headline(out_groups, len(skipped)))

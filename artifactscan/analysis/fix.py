@@ -27,7 +27,7 @@ from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
 from artifactscan.models.hooks import block_of, capture, unit_points
 from artifactscan.models.loading import LoadedModel, load_model
-from artifactscan.core.results import JsonResult
+from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
 from artifactscan.models.interventions import (
     EXTRA_KEY,
     RegisterNeuron,
@@ -114,11 +114,14 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
 
 # ----------------------------------------------------------------------------------------------- the fix command
 @dataclass
-class FixReport(JsonResult):
-    """Before/after of a test-time register repair."""
+class FixReport(AnalysisResult):
+    """Before/after of a test-time register repair. ``model`` is the model before the register was installed."""
 
-    model: str
-    images: str
+    # /2: the common header first (core/summaries.py): ``model`` and ``images`` are summaries (/1: their names),
+    # ``headline`` is the verdict, still written as ``verdict`` too for one version.
+    SCHEMA = "artifactscan.fix/2"
+    OLDER_SCHEMAS = ("artifactscan.fix/1",)
+
     neurons: list[RegisterNeuron]
     max_layer: int
     before_outlier_fraction: float
@@ -129,10 +132,23 @@ class FixReport(JsonResult):
     prediction_agreement: float | None
     feature_cosine_mean: float
     feature_cosine_min: float
-    verdict: str
     saved_to: str | None = None
     notes: list[str] = field(default_factory=list)
-    schema: str = "artifactscan.fix/1"
+
+    @property
+    def verdict(self) -> str:
+        """The headline, under its name before schema /2."""
+        return self.headline
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "verdict": self.headline}  # the /1 key, kept for one version
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
+        data["model"] = asdict(ModelSummary.named_only(data["model"]))
+        data["images"] = asdict(ImageSummary.described_only(data["images"]))
+        data["headline"] = data.pop("verdict")
+        return data
 
 
 @measurement_mode()
@@ -202,9 +218,9 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
         raise NonFiniteError(f"{loaded.name}: {problem}; nothing to fix from a pass whose norms are not finite "
                              "(artifactscan norms --allow-nonfinite shows where they start)")
     if before.onset_layer is None:
-        return FixReport(loaded.name, before.images.source, [], -1, 0.0, 0.0, before.last_block.max_over_median,
-                         before.last_block.max_over_median, 0.0, None, 1.0, 1.0,
-                         "nothing to fix: the scan found no outlier tokens"
+        return FixReport([], -1, 0.0, 0.0, before.last_block.max_over_median,
+                         before.last_block.max_over_median, 0.0, None, 1.0, 1.0, model=before.model,
+                         images=before.images, headline="nothing to fix: the scan found no outlier tokens"
                          + (f" (but it is {before.inconclusive_problem()})" if before.inconclusive_layers else ""),
                          notes=list(loaded.notes))
     register = find_register_neurons(loaded, images, before, top_k=top_k, max_layer=max_layer, device=dev,
@@ -231,7 +247,8 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
         saved = str(save_checkpoint(out, loaded.model.state_dict(), meta))
     verdict = fix_verdict(removed, before.last_block.outlier_fraction, after.last_block.outlier_fraction,
                           float(cos.mean()), float(cos.min()), agreement, len(register.neurons))
-    return FixReport(loaded.name, before.images.source, register.neurons, register.max_layer,
+    return FixReport(register.neurons, register.max_layer,
                      before.last_block.outlier_fraction, after.last_block.outlier_fraction,
                      before.last_block.max_over_median, after.last_block.max_over_median, removed, agreement,
-                     float(cos.mean()), float(cos.min()), verdict, saved, list(loaded.notes))
+                     float(cos.mean()), float(cos.min()), saved, list(loaded.notes),
+                     model=before.model, images=before.images, headline=verdict)

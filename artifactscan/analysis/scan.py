@@ -20,7 +20,6 @@ import torch
 from torch.utils.data import Dataset
 
 from artifactscan.core.numbers import percent as _pct
-from artifactscan.core.version import __version__
 from artifactscan.analysis.capture import NormCapture, row_names
 from artifactscan.analysis.memory import check_fits
 from artifactscan.core.errors import InputError
@@ -28,7 +27,7 @@ from artifactscan.core.files import display_name, name_hex
 from artifactscan.core.progress import ProgressBar
 from artifactscan.core.distributed import distributed_world, gather
 from artifactscan.core.devices import resolve_device
-from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES, SkippedImage
+from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES
 from artifactscan.inputs.sources import ImageSource, effective_batch_size, image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel
 from artifactscan.analysis.opening import load_with_images
@@ -41,7 +40,7 @@ from artifactscan.core.thresholds import (
     images_to_decide,
     threshold_option,
 )
-from artifactscan.core.results import JsonResult
+from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary  # noqa: F401  (also named here)
 
 # /2: layers[].bimodality describes the separated-group rule's accepted group or its strongest rejected candidate
 # (keys: group_tokens, group_share, ratio, gap, log10_gap_chance, tail_expected_tokens, log10_tail_chance, tail_shape,
@@ -50,9 +49,11 @@ from artifactscan.core.results import JsonResult
 # nonfinite_weights, images.num_other_files, and *_hex beside file names that are not printable UTF-8
 # (outliers[].image_hex, maps[].image_hex, images.skipped[].path_hex). /1 and /2 read with defaults.
 # /4: layers[].inconclusive and layers[].images_to_decide (a group that failed only the minimum group size).
-# 0.3: layers[].bimodality renamed layers[].separation; both keys written for one version, either one read.
-SCHEMA = "artifactscan.scan/4"
-READABLE_SCHEMAS = ("artifactscan.scan/1", "artifactscan.scan/2", "artifactscan.scan/3", SCHEMA)
+# /5: the common header first (schema, artifactscan_version, model, images, headline: core/summaries.py); /4 files
+# hold the same keys, in another order. 0.3: layers[].bimodality renamed layers[].separation; both keys written
+# for one version, either one read.
+SCHEMA = "artifactscan.scan/5"
+READABLE_SCHEMAS = tuple(f"artifactscan.scan/{n}" for n in range(1, 5)) + (SCHEMA,)
 # ----------------------------------------------------------------------------------------------- result types
 
 
@@ -130,34 +131,6 @@ class LayerReport:
 
 
 @dataclass
-class ModelSummary:
-    name: str
-    source: str
-    arch: str | None
-    kind: str
-    num_blocks: int
-    num_prefix_tokens: int
-    num_cls_tokens: int
-    num_register_tokens: int
-    patch_size: list[int]
-    grid_size: list[int]
-    input_size: list[int]
-    calibration_note: str | None = None
-    weights: str | None = None
-    layout: str | None = None
-    inferred: dict[str, Any] | None = None
-
-
-@dataclass
-class ImageSummary:
-    source: str
-    num_found: int
-    num_scanned: int
-    skipped: list[SkippedImage]
-    num_other_files: int = 0  # files in the folder left out because they are not images
-
-
-@dataclass
 class NormMap:
     """Patch-norm grid of one image at one layer, with the flagged patches (for the per-image figures)."""
 
@@ -170,23 +143,21 @@ class NormMap:
 
 
 @dataclass
-class ScanReport(JsonResult):
+class ScanReport(AnalysisResult):
     """Everything ``artifactscan norms`` found. Serialises to ``report.json`` (schema: docs/json-schemas.md)."""
 
-    model: ModelSummary
-    images: ImageSummary
+    SCHEMA = SCHEMA
+    OLDER_SCHEMAS = READABLE_SCHEMAS[:-1]
+
     threshold_mode: str
     threshold_rule: str
     layers: list[LayerReport]
     onset_layer: int | None
-    headline: str
     outliers: list[OutlierRecord]
     outlier_records_complete: bool
     maps: list[NormMap]
     notes: list[str]
     nonfinite_weights: list[str] = field(default_factory=list)  # tensors with NaN/Inf (--allow-nonfinite)
-    schema: str = SCHEMA
-    artifactscan_version: str = __version__
 
     @property
     def last_block(self) -> LayerReport:
@@ -232,15 +203,6 @@ class ScanReport(JsonResult):
             parts.append(f"{self.num_nonfinite} non-finite token norms (NaN/Inf) in {len(bad)} of {len(self.layers)} "
                          f"rows, from {bad[0].name} on")
         return "; ".join(parts) or None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ScanReport":
-        """Read a scan result back; this version reads schemas /1, /2 and /3 (docs/json-schemas.md)."""
-        schema = data.get("schema", SCHEMA)
-        if schema not in READABLE_SCHEMAS:
-            raise InputError(f"a scan report of schema {schema!r}; this version of artifactscan reads "
-                             f"{', '.join(READABLE_SCHEMAS)}")
-        return super().from_dict(data)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -511,13 +473,8 @@ def scan(
     map_layer = num_blocks - 1
     norm_maps = [NormMap(shown(i)[0], i, map_layer, maps[i][map_layer].tolist(),
                          flagged_maps[i][map_layer].tolist(), shown(i)[1]) for i in sorted(maps)]
-    folder = source.folder_dataset
-    skipped_records = (folder.skipped_images(skipped) if folder
-                       else [SkippedImage.of(source.names[i], r) for i, r in skipped])
     report = ScanReport(
-        model=model_summary(loaded),
-        images=ImageSummary(display_name(source.description), source.num_found, stats.num_images, skipped_records,
-                            sum(source.other_files.values())),
+        model=loaded.summary(), images=source.summary(stats.num_images, skipped),
         threshold_mode="fixed" if fixed is not None else "auto",
         threshold_rule=f"fixed: norm > {fixed:g}" if fixed is not None else rule.describe(),
         layers=layers, onset_layer=onset, headline="", outliers=records, outlier_records_complete=True,
@@ -527,13 +484,8 @@ def scan(
 
 
 def model_summary(loaded: LoadedModel) -> ModelSummary:
-    return ModelSummary(
-        name=loaded.name, source=loaded.source, arch=loaded.arch, kind=loaded.kind, num_blocks=len(loaded.blocks),
-        num_prefix_tokens=loaded.num_prefix_tokens, num_cls_tokens=loaded.num_cls_tokens,
-        num_register_tokens=loaded.num_register_tokens, patch_size=list(loaded.patch_size),
-        grid_size=list(loaded.grid_size), input_size=list(loaded.input_size),
-        calibration_note=loaded.notes[0] if loaded.is_phantom else None, weights=loaded.weights,
-        layout=loaded.layout, inferred=loaded.inferred)
+    """``loaded.summary()``, under the name the measurements have imported from here."""
+    return loaded.summary()
 
 
 # ----------------------------------------------------------------------------------------------- words

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, default_collate
 
 from artifactscan.core.errors import InputError
 from artifactscan.core.files import display_name, name_hex
+from artifactscan.core.summaries import SkippedImage  # noqa: F401  (the reports' vocabulary, named here too)
 from artifactscan.inputs.own_outputs import OwnOutputs
 from artifactscan.core.paths import path_kind, what_it_is
 
@@ -80,23 +81,6 @@ class ImageSkipped(InputError):
         self.path = None if path is None else str(path)
         where = f"{display_name(self.path)}: " if self.path else ""
         super().__init__(f"skipped {where}{reason}; re-export the file or remove it from the folder")
-
-
-@dataclass(frozen=True)
-class SkippedImage:
-    """A file left out of a scan, for reports (JSON-friendly strings).
-
-    ``path`` is printable (:func:`artifactscan.core.files.display_name`: control characters and bytes that are not
-    UTF-8 escaped); ``path_hex`` holds the name's exact bytes as hex when they differ from ``path``.
-    """
-
-    path: str
-    reason: str
-    path_hex: str | None = None
-
-    @classmethod
-    def of(cls, path: str | os.PathLike[str], reason: str) -> "SkippedImage":
-        return cls(display_name(path), reason, name_hex(path))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from artifactscan.core.errors import InputError
 from artifactscan.core.paths import display_name, what_it_is
+from artifactscan.core.summaries import ImageSummary, SkippedImage
 from artifactscan.inputs.gpu_decode import GpuJpegDecoder, collate_encoded, encoded_view
 from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images
 from artifactscan.inputs.synthetic import SyntheticShapes
@@ -114,6 +115,14 @@ class ImageSource:
         key, loader = _decoded_loader(self, batch_size, workers, cuda)
         self.started = (key, iter(loader))
         return True
+
+    def summary(self, num_scanned: int, skipped: Sequence[tuple[int, str]]) -> ImageSummary:
+        """What a result records about these images (the ``images`` of its header): ``num_scanned`` measured,
+        ``skipped`` the ``(index, reason)`` pairs of the files left out."""
+        records = (self.folder_dataset.skipped_images(skipped) if self.folder_dataset
+                   else [SkippedImage.of(self.names[i], reason) for i, reason in skipped])
+        return ImageSummary(display_name(self.description), self.num_found, num_scanned, records,
+                            sum(self.other_files.values()))
 
     def close(self) -> None:
         """Stop this source's worker processes now (they also stop when the source is garbage-collected).

@@ -28,6 +28,7 @@ from artifactscan.core.memory import GIB, available_bytes
 from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.models.hooks import blocks_sequence
 from artifactscan.core.callbacks import Callbacks
+from artifactscan.core.summaries import ModelSummary
 from artifactscan.core.errors import (
     CheckpointMetadataError,
     CheckpointMismatchError,
@@ -125,6 +126,16 @@ class LoadedModel:
     @property
     def is_phantom(self) -> bool:
         return self.kind == "phantom"
+
+    def summary(self) -> ModelSummary:
+        """What a result records about this model (the ``model`` of every result's header)."""
+        return ModelSummary(
+            name=self.name, source=self.source, arch=self.arch, kind=self.kind, num_blocks=len(self.blocks),
+            num_prefix_tokens=self.num_prefix_tokens, num_cls_tokens=self.num_cls_tokens,
+            num_register_tokens=self.num_register_tokens, patch_size=list(self.patch_size),
+            grid_size=list(self.grid_size), input_size=list(self.input_size),
+            calibration_note=self.notes[0] if self.is_phantom else None, weights=self.weights,
+            layout=self.layout, inferred=self.inferred)
 
     @property
     def recorded_onset(self) -> int | None:

@@ -25,14 +25,14 @@ facts about this construction, never about real models.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from artifactscan.core.errors import InputError
-from artifactscan.core.results import JsonResult
+from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
 from artifactscan.models.phantom_rules import (  # noqa: F401  (re-exported: the phantom's documented helpers)
     ARCH,
     CALIBRATION_MAX_FRACTION,
@@ -178,14 +178,20 @@ def ground_truth(loaded: Any, images: torch.Tensor) -> torch.Tensor:
     return model.planted_mask().reshape(-1, gh, gw).clone()
 
 
-DESCRIPTION_SCHEMA = "artifactscan.phantom/1"
+# /2: the common header first (core/summaries.py): ``model`` is the phantom's summary (/1: its name, now
+# ``model.name``: the shipped name, or the file --build wrote), ``images`` is null (a description reads no images),
+# ``headline`` and ``artifactscan_version`` are new.
+DESCRIPTION_SCHEMA = "artifactscan.phantom/2"
 
 
 @dataclass
-class PhantomDescription(JsonResult):
+class PhantomDescription(AnalysisResult):
     """What was built into a phantom, and why (``artifactscan phantom --describe``; ``--json`` prints this)."""
 
-    model: str  # the shipped name, or the file --build wrote
+    SCHEMA = DESCRIPTION_SCHEMA
+    OLDER_SCHEMAS = ("artifactscan.phantom/1",)
+
+    images: ImageSummary | None = field(default=None, kw_only=True)
     num_blocks: int
     embed_dim: int
     patch_size: int
@@ -193,7 +199,14 @@ class PhantomDescription(JsonResult):
     spec: PhantomSpec
     note: str
     rebuild: str  # the command that rebuilds it
-    schema: str = DESCRIPTION_SCHEMA
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
+        patch, img = data["patch_size"], data["img_size"]
+        data["model"] = asdict(ModelSummary.named_only(data["model"], kind="phantom", num_blocks=data["num_blocks"],
+                                                       patch_size=[patch, patch], input_size=[img, img]))
+        data["headline"] = phantom_headline(data["model"]["name"], PhantomSpec(**data["spec"]), data["num_blocks"])
+        return data
 
     @property
     def planted_share(self) -> float:
@@ -205,7 +218,7 @@ class PhantomDescription(JsonResult):
         return "\n".join([
             self.note,
             "",
-            f"Model: '{self.model}'. Base: the genuinely trained '{spec.base}' ViT ({depth} blocks, width "
+            f"Model: '{self.model.name}'. Base: the genuinely trained '{spec.base}' ViT ({depth} blocks, width "
             f"{self.embed_dim}, {spec.num_patches} patches of {self.patch_size} px at {self.img_size} px, 1 CLS "
             "token): its normal tokens are real.",
             f"Built in at block {spec.onset} of {depth} (0-based; the onset layer, {spec.onset / depth:.0%} of the "
@@ -226,16 +239,28 @@ class PhantomDescription(JsonResult):
         ])
 
 
-def phantom_description(model: Any, spec: PhantomSpec, name: str, out: str | Path | None = None) -> PhantomDescription:
+def phantom_headline(name: str, spec: PhantomSpec, num_blocks: int) -> str:
+    """The description in one sentence."""
+    return (f"Calibration phantom '{name}': artifacts built in from block {spec.onset} of {num_blocks} on "
+            f"{spec.planted_per_image} of {spec.num_patches} patch tokens per image, at {spec.gain_over_median:g}x the "
+            f"'{spec.base}' baseline's median norm.")
+
+
+def phantom_description(model: Any, spec: PhantomSpec, name: str, out: str | Path | None = None,
+                        summary: ModelSummary | None = None) -> PhantomDescription:
     """The description of a phantom ``model`` (a ``PhantomViT``) built with ``spec``; ``out``: where a rebuild
-    writes it (default: the shipped file of that name)."""
-    from artifactscan.models.loading import PHANTOM_NOTE
+    writes it (default: the shipped file of that name); ``summary``: the loaded model's (default: the module's)."""
+    from artifactscan.models.loading import PHANTOM_NOTE, wrap_module
+
+    if summary is None:  # a phantom just built: the module is all there is
+        summary = replace(wrap_module(model, name=name).summary(), kind="phantom", calibration_note=PHANTOM_NOTE)
 
     patch, img = model.patch_embed.patch_size, model.patch_embed.img_size
     target = out if out is not None else f"artifactscan/weights/{name}.safetensors"
     rebuild = (f"artifactscan phantom --build --from {spec.base} --onset {spec.onset} --fraction {spec.fraction:g} "
                f"--units {spec.units} --out {target}")
-    return PhantomDescription(model=name, num_blocks=len(model.blocks), embed_dim=int(model.embed_dim),
+    return PhantomDescription(model=summary, headline=phantom_headline(name, spec, len(model.blocks)),
+                              num_blocks=len(model.blocks), embed_dim=int(model.embed_dim),
                               patch_size=int(patch[0]), img_size=int(img[0]), spec=spec, note=PHANTOM_NOTE,
                               rebuild=rebuild)
 
@@ -246,7 +271,7 @@ def describe_shipped_phantom(name: str | None = None) -> PhantomDescription:
 
     name = name or default_model_name()
     loaded = load_model(name)
-    return phantom_description(loaded.model, phantom_spec(loaded), name)
+    return phantom_description(loaded.model, phantom_spec(loaded), name, summary=loaded.summary())
 
 
 def describe_phantom(name: str | None = None) -> str:

@@ -35,12 +35,15 @@ KNOWN_FIGURES: dict[str, tuple[str, ...]] = {
     "attention": ("attention",),
     "fix": ("fix",),
     "discover": ("discover",),
+    "calibration": ("calibration",),
 }
-KIND_ORDER = ("compare", "scan", "probe", "attention", "fix", "discover", "emergence", "train-reg", "training", "other")
+KIND_ORDER = ("compare", "scan", "probe", "attention", "fix", "discover", "calibration", "emergence", "train-reg",
+              "training", "other")
 KIND_TITLES = {
     "compare": "Model comparison", "scan": "Norm scan", "probe": "Probe", "attention": "Attention",
     "fix": "Fix", "discover": "Object discovery", "emergence": "Emergence over training",
-    "train-reg": "Train-reg comparison", "training": "Training run", "other": "Result",
+    "train-reg": "Train-reg comparison", "training": "Training run", "calibration": "Detection limit",
+    "other": "Result",
 }
 PHANTOM_BANNER = (
     "Calibration phantom. {which} from the calibration phantom: a small ViT whose high-norm artifact tokens were "

@@ -38,6 +38,7 @@ from artifactscan.render.html_parts import (
     slug,
 )
 from artifactscan.render.html_discover import discover_section
+from artifactscan.render.html_kinds import attention_section, calibration_section, fix_section
 from artifactscan.render.html_sections import (
     compare_section,
     emergence_section,
@@ -60,6 +61,7 @@ __all__ = ["HtmlReportSummary", "IncludedResult", "build_html_report", "write_ht
 _RENDERERS: dict[str, Callable[[FoundResult, Path, FigureEmbedder, IncludedResult], str]] = {
     "scan": scan_section, "compare": compare_section, "emergence": emergence_section, "probe": probe_section,
     "train-reg": training_section, "training": training_section, "discover": discover_section,
+    "attention": attention_section, "fix": fix_section, "calibration": calibration_section,
 }
 
 

@@ -117,6 +117,13 @@ def scan_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: Inclu
     return "\n".join(out)
 
 
+def images_source(data: dict[str, Any]) -> str:
+    """Where the images came from: ``images.source`` (a summary, from the common header on), or the older files'
+    description."""
+    images = data.get("images")
+    return str(images.get("source", "")) if isinstance(images, dict) else str(images or "")
+
+
 def compare_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: IncludedResult) -> str:
     data = item.data
     rows_data = data.get("rows") or []
@@ -133,7 +140,7 @@ def compare_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: In
             fmt_g(r.get("register_norm_mean")), "–" if as_number(bg) is None else f"{100 * bg:.0f}%"])
     classes = ["flagged" if r.get("onset_layer") is not None else "" for r in rows_data]
     verdict = data.get("verdict") if isinstance(data.get("verdict"), str) else text_headline(data)
-    out = [f'<p class="meta">{len(rows_data)} model(s) on <code>{esc(data.get("images"))}</code></p>',
+    out = [f'<p class="meta">{len(rows_data)} model(s) on <code>{esc(images_source(data))}</code></p>',
            verdict_box(verdict, "verdict"),
            html_table(["model", "registers", "onset", "% flagged (last)", "images", "max/median", "peak % flagged",
                    "attention on prefix", "register norm", "flagged on background"], rows, classes,
@@ -147,7 +154,7 @@ def compare_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: In
 
 def emergence_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: IncludedResult) -> str:
     data = item.data
-    out = [f'<p class="meta">Run <code>{esc(data.get("run_dir"))}</code> on <code>{esc(data.get("images"))}</code></p>']
+    out = [f'<p class="meta">Run <code>{esc(data.get("run_dir"))}</code> on <code>{esc(images_source(data))}</code></p>']
     lines = []
     for g in data.get("groups") or []:
         points = g.get("points") or []

@@ -80,7 +80,7 @@ def plot_calibration(report: CalibrationReport, axes: Sequence[Axes] | None = No
         ax_s.set_title("every planted block of every phantom")
         ax_s.legend(loc="center right")
         sup = title or (f"Detection limit on phantoms built from {report.base} (onset block {report.onset}, "
-                        f"{report.images})")
+                        f"{report.images.source})")
         fig.suptitle(wrap_text(f"{sup}\n{PHANTOM_TAG}", 110))
     return fig, [ax_h, ax_s]
 

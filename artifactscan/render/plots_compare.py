@@ -219,7 +219,7 @@ def save_compare_figure(result: CompareReport, out_dir: str | Path, fmt: str = "
     out = Path(out_dir)
     from artifactscan.analysis.compare import count_models
 
-    fig, _ = plot_compare(reports, title=f"{count_models(len(reports))} on {result.images}")
+    fig, _ = plot_compare(reports, title=f"{count_models(len(reports))} on {result.images.source}")
     return _save_one(fig, out / f"compare.{fmt.lower().lstrip('.')}", dpi)
 
 
@@ -230,7 +230,7 @@ def save_register_ablation_figure(result: CompareReport, out_dir: str | Path, fm
     reports = {row.registers: result.reports[row.label] for row in result.rows if row.label in result.reports}
     if len(reports) < 2:
         return []
-    fig, _ = plot_register_ablation(reports, title=f"register ablation on {result.images}")
+    fig, _ = plot_register_ablation(reports, title=f"register ablation on {result.images.source}")
     return _save_one(fig, Path(out_dir) / f"register_ablation.{fmt.lower().lstrip('.')}", dpi)
 
 

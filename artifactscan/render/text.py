@@ -47,7 +47,7 @@ def render_calibration(report: Any, console: "Console") -> None:
         Column("prec", long="precision"), Column("recall"), Column("onset err", drop=1, long="onset error"),
         Column("blocks", drop=1, long="blocks found"),
     ], title=f"Detection limit: phantoms built from {report.base}, onset block {report.onset} of "
-             f"{report.num_blocks}, scanned on {report.images}")
+             f"{report.num_blocks}, scanned on {report.images.source}")
     for c in report.cells:
         found = c.recall >= 0.95 and c.precision >= 0.95 and c.onset_error == 0
         # Three significant digits, not ratio()'s one decimal: near the rule's 2.5x, 2.46x must not read "2.5x".

@@ -26,10 +26,9 @@ import torch
 from torch.utils.data import Dataset
 
 from artifactscan.core.errors import InputError
-from artifactscan.inputs.images import SkippedImage, image_folder_labels
+from artifactscan.inputs.images import image_folder_labels
 from artifactscan.analysis.memory import check_fits
 from artifactscan.models.loading import LoadedModel, load_model
-from artifactscan.analysis.scan import ImageSummary, model_summary
 from artifactscan.inputs.sources import effective_batch_size, make_image_source
 from artifactscan.core.distributed import distributed_world
 from artifactscan.core.devices import resolve_device
@@ -390,9 +389,6 @@ def probe(
         row.global_status = "ok"
     verdict = decide_verdict(rows, n_out, min_tokens, k, neighbours,
                              undecided=decision.reason if decision.inconclusive else None)
-    folder = source.folder_dataset
-    skipped_records = (folder.skipped_images(col.skipped) if folder else
-                       [SkippedImage(source.names[i], r) for i, r in col.skipped])
     notes = list(loaded.notes)
     if label_info.message:
         notes.append(label_info.message)
@@ -400,8 +396,7 @@ def probe(
         notes.append("neighbour similarity unavailable: the patch embedding output is not one token per patch")
     threshold_reason = decision.reason
     return ProbeReport(
-        model=model_summary(loaded),
-        images=ImageSummary(source.description, n, col.num_images, skipped_records),
+        model=loaded.summary(), images=source.summary(col.num_images, col.skipped), headline=verdict.summary,
         layer=k, layer_requested=layer, num_blocks=num_blocks,
         layer_description=(f"residual-stream output of block {k} (0-based; {k + 1} of {num_blocks} blocks run), "
                            "before the final norm"),

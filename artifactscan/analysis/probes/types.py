@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 
-from artifactscan.core.version import __version__
-from artifactscan.analysis.scan import ImageSummary, ModelSummary
-from artifactscan.core.results import JsonResult
+from artifactscan.core.summaries import AnalysisResult
 
-SCHEMA = "artifactscan.probe/2"
+# /3: the common header first (core/summaries.py), with ``headline`` (the verdict's summary sentence) new; /2 files
+# are read with the headline taken from verdict.summary.
+SCHEMA = "artifactscan.probe/3"
+OLDER_SCHEMAS = ("artifactscan.probe/1", "artifactscan.probe/2")
 
 #: Fewer held-out outlier (or normal) tokens than this and a local-probe row says "too few (n=...)".
 MIN_LOCAL_TOKENS = 50
@@ -158,11 +159,12 @@ class LabelInfo:
 
 
 @dataclass
-class ProbeReport(JsonResult):
+class ProbeReport(AnalysisResult):
     """Everything ``artifactscan probe`` found (serialises with :func:`artifactscan.report.to_jsonable`)."""
 
-    model: ModelSummary
-    images: ImageSummary
+    SCHEMA = SCHEMA
+    OLDER_SCHEMAS = OLDER_SCHEMAS
+
     layer: int
     layer_requested: int
     num_blocks: int
@@ -181,8 +183,11 @@ class ProbeReport(JsonResult):
     settings: dict[str, Any]
     protocol: str
     notes: list[str]
-    schema: str = SCHEMA
-    artifactscan_version: str = __version__
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
+        data.setdefault("headline", (data.get("verdict") or {}).get("summary", ""))
+        return data
 
     def row(self, name: str) -> TokenTypeRow | None:
         return next((r for r in self.rows if r.name == name), None)

@@ -3,32 +3,47 @@ their held-out accuracy. Written to the run folder as ``held_out_comparison.json
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from artifactscan.analysis.compare import CompareReport, compare
-from artifactscan.core.results import JsonResult
+from artifactscan.core.summaries import AnalysisResult, ModelSummary
 
 
 @dataclass
-class TrainRegVerdict(JsonResult):
-    """train-reg's final comparison: the trained variants scanned side by side on held-out images."""
+class TrainRegVerdict(AnalysisResult):
+    """train-reg's final comparison: the trained variants scanned side by side on held-out images. The header is
+    the comparison's (its models, its images, its verdict as the headline)."""
 
+    # /2: the common header first (core/summaries.py): ``model``, ``headline`` and ``artifactscan_version`` are new,
+    # ``images`` is a summary (/1: its description); ``verdict`` is still written for one version, and the
+    # comparison inside is a compare/3.
+    SCHEMA = "artifactscan.train_reg_verdict/2"
+    OLDER_SCHEMAS = ("artifactscan.train_reg_verdict/1",)
+
+    model: list[ModelSummary] = field(kw_only=True)
     run_dir: str
-    images: str
     comparison: CompareReport
     validation_accuracy: dict[str, float]
-    schema: str = "artifactscan.train_reg_verdict/1"
 
     @property
     def verdict(self) -> str:
-        return self.comparison.verdict
+        """The headline, under its name before schema /2."""
+        return self.headline
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], schema: str) -> dict[str, Any]:
+        comparison = CompareReport.upgrade(dict(data["comparison"]), data["comparison"].get("schema", ""))
+        data["comparison"] = comparison
+        data.update(model=comparison["model"], images=comparison["images"], headline=comparison["headline"])
+        data.pop("verdict", None)
+        return data
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         data["comparison"] = self.comparison.to_dict()
-        data["verdict"] = self.verdict
+        data["verdict"] = self.headline  # the /1 key, kept for one version
         return data
 
 
@@ -50,4 +65,5 @@ def verdict_for_run(result: Any, images: Any = None, *, device: str = "auto", ba
         comparison.notes.append(f"{images} has no val/ folder, so the verdict scanned the training images; pass "
                                 "--scan-images for held-out ones (norm statistics do not need labels).")
     accuracy = {f"reg{v.registers}": v.val_acc for v in result.variants}
-    return TrainRegVerdict(str(result.run_dir), comparison.images, comparison, accuracy)
+    return TrainRegVerdict(str(result.run_dir), comparison, accuracy, model=comparison.model,
+                           images=comparison.images, headline=comparison.headline)
