@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 import artifactscan
 from artifactscan.analysis.attention_maps import AttentionReport
 from artifactscan.analysis.calibrate import CalibrationReport
-from artifactscan.analysis.compare import CompareReport, EmergenceReport, TrainRegVerdict
+from artifactscan.analysis.compare import CompareReport
+from artifactscan.analysis.emergence import EmergenceReport
+from artifactscan.analysis.training.verdict import TrainRegVerdict
 from artifactscan.analysis.discover import DiscoverReport
 from artifactscan.analysis.fix import FixReport
 from artifactscan.analysis.probes.types import ProbeReport
