@@ -17,11 +17,11 @@ from typing import Callable, Sequence
 import torch
 
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.models.hooks import Capture, block_of, block_point, capture, resolve_names
+from artifactscan.models.hooks import CaptureContext, block_of, block_point, resolve_names
 from artifactscan.models.loading import LoadedModel
 
 
-class AttentionCapture:
+class AttentionCapture(CaptureContext):
     """Context manager: ``with AttentionCapture(loaded, blocks=[3, 5]) as cap: cap.forward(x); cap.probs[3]``."""
 
     def __init__(self, loaded: LoadedModel, blocks: Sequence[int] | None = None,
@@ -30,37 +30,33 @@ class AttentionCapture:
         as they are computed, instead of keeping them in ``self.probs`` (reduce on the fly: one block's
         probabilities alive at a time instead of every captured block's)."""
         n = len(loaded.blocks)
-        self.loaded = loaded
         self.block_ids = list(range(n)) if blocks is None else [b % n for b in blocks]
         self.on_probs = on_probs
-        self._names = [block_point(b, "attn.pattern") for b in self.block_ids]
-        resolve_names(loaded, self._names)  # refuses a block that cannot expose attention before any work
-        self._capture: Capture | None = None
+        self.names = [block_point(b, "attn.pattern") for b in self.block_ids]
+        resolve_names(loaded, self.names)  # refuses a block that cannot expose attention before any work
+        super().__init__(loaded, self.names)
+        self._last: dict[int, torch.Tensor] = {}
 
     def __enter__(self) -> "AttentionCapture":
         # with on_probs, reduce inside the hook: the block's probabilities are dropped before the next block runs
-        self._capture = capture(self.loaded, {
-            n: (lambda p, b=block_of(n): self.on_probs(b, p)) if self.on_probs is not None else None
-            for n in self._names})
-        return self
+        self.requests = {n: (lambda p, b=block_of(n): self.on_probs(b, p)) if self.on_probs is not None else None
+                         for n in self.names}
+        return super().__enter__()
 
     @property
     def probs(self) -> dict[int, torch.Tensor]:
         """Each captured block's ``[B, heads, T, T]`` probabilities of the latest forward (without ``on_probs``)."""
         if self._capture is None or self.on_probs is not None:
-            return getattr(self, "_last", {})
-        return {block_of(n): self._capture.values[n] for n in self._names if n in self._capture.values}
+            return self._last
+        return {block_of(n): self._capture.values[n] for n in self.names if n in self._capture.values}
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, images: torch.Tensor) -> None:
         """One forward of the model under the capture (a direct call of the model captures as well)."""
-        assert self._capture is not None, "AttentionCapture.forward() must be called inside `with`"
-        return self._capture.forward(images)
+        self.forward_captured(images)
 
     def __exit__(self, *exc: object) -> None:
-        if self._capture is not None:
-            self._last = self.probs  # the latest forward's probabilities stay readable after the block
-            self._capture.remove()
-            self._capture = None
+        self._last = self.probs  # the latest forward's probabilities stay readable after the block
+        super().__exit__(*exc)
 
 
 @dataclass

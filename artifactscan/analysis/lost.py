@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from artifactscan.models.hooks import Capture, block_point, capture, resolve_names
+from artifactscan.models.hooks import CaptureContext, block_point, resolve_names
 from artifactscan.models.loading import LoadedModel
 
 FEATURES = ("keys", "queries", "values", "tokens")
@@ -156,27 +156,17 @@ def feature_points(loaded: LoadedModel, block: int, features: str = "keys") -> l
     return names
 
 
-class FeatureCapture:
+class FeatureCapture(CaptureContext):
     """Context manager: per forward, the features (``[B, T, D]``) and the residual stream feeding them (``[B, T, D]``)
     of one block; the forward pass stops right after. Use :meth:`run`."""
 
     def __init__(self, loaded: LoadedModel, block: int, features: str = "keys"):
-        self.loaded, self.block, self.kind = loaded, block, features
+        self.block, self.kind = block, features
         self.names = feature_points(loaded, block, features)
-        self._capture: Capture | None = None
-
-    def __enter__(self) -> "FeatureCapture":
-        self._capture = capture(self.loaded, self.names, stop_early=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
+        super().__init__(loaded, self.names, stop_early=True)
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward ``x`` up to the block; ``(features, residual)``, both ``[B, T, D]``."""
-        assert self._capture is not None, "FeatureCapture.run() must be called inside `with FeatureCapture(...)`"
-        self._capture.forward(x)
+        captured = self.forward_captured(x)
         features, residual = (block_point(self.block, what) for what in FEATURE_POINTS[self.kind])
-        return self._capture[features], self._capture[residual]
+        return captured[features], captured[residual]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.models.hooks import Capture, block_point, capture, unwrap_model, family_of
+from artifactscan.models.hooks import CaptureContext, block_point, family_of, unwrap_model
 
 
 def row_names(num_blocks: int) -> list[str]:
@@ -32,7 +32,7 @@ def token_norms(tokens: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(tokens.detach().float(), dim=-1)
 
 
-class NormCapture:
+class NormCapture(CaptureContext):
     """Token norms of every block and of the final output, one forward at a time.
 
     Use as a context manager; the hooks are removed on exit even if the forward raises, so the model is left as
@@ -43,24 +43,12 @@ class NormCapture:
     """
 
     def __init__(self, loaded: object):
-        self.loaded = loaded
         module = unwrap_model(loaded)
         self.names = norm_points(family_of(module).num_blocks(module))
-        self._capture: Capture | None = None
-
-    def __enter__(self) -> "NormCapture":
-        self._capture = capture(self.loaded, self.names, reduce=token_norms)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
+        super().__init__(loaded, self.names, reduce=token_norms)
 
     @measurement_mode()
     def run(self, images: torch.Tensor) -> torch.Tensor:
         """One forward pass; returns norms shaped ``[num_blocks + 1, B, T]`` (last row: final normalised output)."""
-        if self._capture is None:
-            raise RuntimeError("NormCapture.run() must be called inside `with NormCapture(...)`")
-        self._capture.forward(images)
-        return torch.stack([self._capture[n] for n in self.names])
+        captured = self.forward_captured(images)
+        return torch.stack([captured[n] for n in self.names])

@@ -526,3 +526,31 @@ def blocks_sequence(model: Any) -> Sequence[nn.Module]:
 def iter_points(model: Any, suffix: str) -> Iterator[str]:
     """Names of ``model`` ending in ``suffix`` (``".attn.pattern"`` ...) that it can expose."""
     return (n for n, p in hook_points(model).items() if n.endswith(suffix) and p.unavailable is None)
+
+
+class CaptureContext:
+    """The base of a measurement's own capture (norms, a probe's tap, LOST's features, attention maps): hook
+    ``requests`` on enter, remove them on exit, and run one forward at a time with :meth:`forward_captured`."""
+
+    def __init__(self, loaded: Any, requests: Iterable[str] | Mapping[str, Reducer | None], *,
+                 reduce: Reducer | None = None, stop_early: bool = False):
+        self.loaded = loaded
+        self.requests = dict(requests) if isinstance(requests, Mapping) else list(requests)
+        self.reduce, self.stop_early = reduce, stop_early
+        self._capture: Capture | None = None
+
+    def __enter__(self):
+        self._capture = capture(self.loaded, self.requests, reduce=self.reduce, stop_early=self.stop_early)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
+    def forward_captured(self, images: torch.Tensor) -> Capture:
+        """One forward under the hooks; the capture holding its values."""
+        if self._capture is None:
+            raise RuntimeError(f"{type(self).__name__} must be used inside `with`")
+        self._capture.forward(images)
+        return self._capture

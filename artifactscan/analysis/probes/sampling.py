@@ -12,7 +12,7 @@ import torch
 
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.errors import InputError, NonFiniteError
-from artifactscan.models.hooks import Capture, block_point, capture
+from artifactscan.models.hooks import CaptureContext, block_point
 from artifactscan.models.loading import LoadedModel
 from artifactscan.inputs.sources import image_batches
 from artifactscan.core.progress import ProgressBar
@@ -41,31 +41,20 @@ def resolve_layer(layer: int, num_blocks: int, hint: str = "") -> int:
     return layer % num_blocks
 
 
-class LayerTap:
+class LayerTap(CaptureContext):
     """Run a ViT only up to block ``k``: returns that block's output tokens ``[B, T, D]`` and the patch-embedding
     output ``[B, N, D]`` (before the position embedding). The capture layer stops the forward once both are taken,
     so blocks after ``k`` never run; all hooks are removed on exit."""
 
     def __init__(self, loaded: LoadedModel, layer: int):
-        self.loaded = loaded
         self.layer = layer
-        self._names = [block_point(layer, "resid_post"), "patch_embed.post"]
-        self._capture: Capture | None = None
-
-    def __enter__(self) -> "LayerTap":
-        self._capture = capture(self.loaded, self._names, stop_early=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
+        self.names = [block_point(layer, "resid_post"), "patch_embed.post"]
+        super().__init__(loaded, self.names, stop_early=True)
 
     @measurement_mode()
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        assert self._capture is not None, "LayerTap.run() must be called inside `with LayerTap(...)`"
-        self._capture.forward(x)
-        out, pe = (self._capture[n] for n in self._names)
+        captured = self.forward_captured(x)
+        out, pe = (captured[n] for n in self.names)
         if out.dim() != 3:
             raise InputError(f"block {self.layer} did not produce tokens shaped [batch, tokens, channels] during "
                              "forward_features; this model's blocks cannot be probed")
