@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from artifactscan.core.errors import InputError, NonFiniteError
-from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
+from artifactscan.core.summaries import ImageSummary, ModelSummary, MultiModelResult
 from artifactscan.core.stats import bin_index
 from artifactscan.core.thresholds import AutoRule, threshold_norms
 from artifactscan.inputs.synthetic import SyntheticShapes
@@ -63,14 +63,13 @@ class CalibrationCell:
 
 
 @dataclass
-class CalibrationReport(AnalysisResult):
+class CalibrationReport(MultiModelResult):
     """A detection-limit study (``artifactscan calibrate``); serialises to ``calibration.json``. ``model`` lists
     the phantoms built, in the cells' order."""
 
     SCHEMA = SCHEMA
     OLDER_SCHEMAS = OLDER_SCHEMAS
 
-    model: list[ModelSummary] = field(kw_only=True)
     base: str
     onset: int
     num_blocks: int

@@ -25,7 +25,7 @@ from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.analysis.scan import ScanReport, scan
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.core.devices import resolve_device
-from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
+from artifactscan.core.summaries import ImageSummary, ModelSummary, MultiModelResult
 from artifactscan.inputs.sources import parse_synthetic
 from artifactscan.inputs.synthetic import SyntheticShapes
 
@@ -53,7 +53,7 @@ class ModelRow:
 
 
 @dataclass
-class CompareReport(AnalysisResult):
+class CompareReport(MultiModelResult):
     """Several models scanned on the same images: one row each, and the verdict on what registers changed
     (``headline``). ``model`` lists the models' summaries in the rows' order; ``images`` is the first model's."""
 
@@ -62,7 +62,6 @@ class CompareReport(AnalysisResult):
     SCHEMA = "artifactscan.compare/3"
     OLDER_SCHEMAS = ("artifactscan.compare/1", "artifactscan.compare/2")
 
-    model: list[ModelSummary] = field(kw_only=True)
     rows: list[ModelRow]
     reports: dict[str, ScanReport] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

@@ -38,7 +38,7 @@ from artifactscan.core.errors import InputError
 from artifactscan.core.progress import ProgressBar
 from artifactscan.core.devices import resolve_device
 from artifactscan.core.results import from_jsonable
-from artifactscan.core.summaries import AnalysisResult, ImageSummary, SkippedImage
+from artifactscan.core.summaries import ImageSummary, MultiModelResult, SkippedImage
 from artifactscan.core.stats import NormStatistics, bin_index
 from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, threshold_option
 from artifactscan.inputs.boxes import DEFAULT_OBJECT_IMAGES, BoxedData, load_box_data
@@ -125,14 +125,13 @@ class DataSummary:
 
 
 @dataclass
-class DiscoverReport(AnalysisResult):
+class DiscoverReport(MultiModelResult):
     """Everything ``artifactscan discover`` found: one run per model (and per fix). Serialises to discover.json.
     ``model`` lists the models' summaries (a fixed run is the model of the run it repairs)."""
 
     SCHEMA = SCHEMA
     OLDER_SCHEMAS = OLDER_SCHEMAS
 
-    model: list[ModelSummary] = field(kw_only=True)
     data: DataSummary
     threshold_mode: str
     threshold_rule: str

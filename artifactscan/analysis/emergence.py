@@ -17,7 +17,7 @@ from artifactscan.analysis.scan import scan
 from artifactscan.core.errors import InputError, ModelLoadError, NonFiniteError
 from artifactscan.core.files import display_name, name_hex
 from artifactscan.core.paths import path_kind
-from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
+from artifactscan.core.summaries import ImageSummary, ModelSummary, MultiModelResult
 from artifactscan.models.checkpoint import read_meta
 from artifactscan.models.loading import CHECKPOINT_SUFFIXES, load_model
 from artifactscan.models.native import unsafe_globals
@@ -126,7 +126,7 @@ class EmergenceGroup:
 
 
 @dataclass
-class EmergenceReport(AnalysisResult):
+class EmergenceReport(MultiModelResult):
     """Norm statistics over training (the paper's Fig 4b) for every architecture found in a run folder. ``model``
     lists the summaries of the checkpoints scanned, in the groups' order."""
 
@@ -135,7 +135,6 @@ class EmergenceReport(AnalysisResult):
     SCHEMA = "artifactscan.emergence/4"
     OLDER_SCHEMAS = tuple(f"artifactscan.emergence/{n}" for n in (1, 2, 3))
 
-    model: list[ModelSummary] = field(kw_only=True)
     run_dir: str
     groups: list[EmergenceGroup]
     notes: list[str]

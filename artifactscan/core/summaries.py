@@ -145,3 +145,11 @@ def schema_version(schema: str) -> int:
 def header_fields() -> tuple[str, ...]:
     """The header's keys, in the order every result writes them first."""
     return tuple(f.name for f in dataclasses.fields(AnalysisResult))
+
+
+@dataclass(kw_only=True)
+class MultiModelResult(AnalysisResult):
+    """A result over several models (compare, emergence, train-reg's verdict, discover, calibrate): ``model`` is a
+    list of summaries, one per model, in the result's own order."""
+
+    model: list[ModelSummary]  # type: ignore[assignment]

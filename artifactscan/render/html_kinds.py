@@ -42,6 +42,15 @@ def _meta_line(data: dict[str, Any]) -> str:
             if images_source(data) else "")
 
 
+def _finish(out: list[str], head: str, item: FoundResult, figs: FigureEmbedder, inc: IncludedResult,
+            subfolders: tuple[str, ...] = ()) -> str:
+    """A section's end, the same for every kind: its notes and figures; the headline and title it is listed under."""
+    out += [notes_html(item.data.get("notes")), _figures(item, figs, inc, subfolders)]
+    inc.headline = head
+    inc.title = _model_title(item.data, item.path.parent.name)
+    return "\n".join(part for part in out if part)
+
+
 def _figures(item: FoundResult, figs: FigureEmbedder, inc: IncludedResult, subfolders: tuple[str, ...] = ()) -> str:
     d = item.path.parent
     paths = figs.claim(d, KNOWN_FIGURES.get(item.kind, ())) + figs.claim_prefixed(d, item.kind)
@@ -72,10 +81,7 @@ def attention_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: 
                                "→ outliers", "spike", "patch queries → outliers", "spike"], rows, classes,
                               caption="Attention mass per captured block (fractions of each query's attention; "
                                       "spike = outliers' share of patch attention over their share of patches)."))
-    out += [notes_html(data.get("notes")), _figures(item, figs, inc, ("attention_maps", "attention_heads"))]
-    inc.headline = head
-    inc.title = _model_title(data, item.path.parent.name)
-    return "\n".join(part for part in out if part)
+    return _finish(out, head, item, figs, inc, ("attention_maps", "attention_heads"))
 
 
 def fix_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: IncludedResult) -> str:
@@ -100,10 +106,7 @@ def fix_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: Includ
     neurons = data.get("neurons")
     if isinstance(neurons, list) and neurons and all(isinstance(n, dict) for n in neurons):
         out.append(records_table(neurons, caption="Register neurons moved by the test-time register"))
-    out += [notes_html(data.get("notes")), _figures(item, figs, inc)]
-    inc.headline = head
-    inc.title = _model_title(data, item.path.parent.name)
-    return "\n".join(part for part in out if part)
+    return _finish(out, head, item, figs, inc)
 
 
 def calibration_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: IncludedResult) -> str:

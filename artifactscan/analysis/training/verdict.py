@@ -3,16 +3,16 @@ their held-out accuracy. Written to the run folder as ``held_out_comparison.json
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from artifactscan.analysis.compare import CompareReport, compare
-from artifactscan.core.summaries import AnalysisResult, ModelSummary
+from artifactscan.core.summaries import MultiModelResult
 
 
 @dataclass
-class TrainRegVerdict(AnalysisResult):
+class TrainRegVerdict(MultiModelResult):
     """train-reg's final comparison: the trained variants scanned side by side on held-out images. The header is
     the comparison's (its models, its images, its verdict as the headline)."""
 
@@ -22,7 +22,6 @@ class TrainRegVerdict(AnalysisResult):
     SCHEMA = "artifactscan.train_reg_verdict/2"
     OLDER_SCHEMAS = ("artifactscan.train_reg_verdict/1",)
 
-    model: list[ModelSummary] = field(kw_only=True)
     run_dir: str
     comparison: CompareReport
     validation_accuracy: dict[str, float]
