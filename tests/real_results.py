@@ -83,7 +83,7 @@ def discover_result():
     """Two models and the phantom's fix compared (``--compare fix``)."""
     from artifactscan.analysis.discover import discover
 
-    return discover(["demo", "phantom"], "synthetic-objects:16", compare=["fix"], keep=3)
+    return discover(["demo", "phantom"], "synthetic-objects:16", compare=["fix"], maps=3)
 
 
 @lru_cache(maxsize=None)

@@ -12,7 +12,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from artifactscan.analysis.attention import AttentionCapture
-from artifactscan.analysis.attention_maps import attention_report, parse_layers, parse_query_patch
+from artifactscan.analysis.attention_maps import attention_report, parse_query_patch
+from artifactscan.core.blocks import parse_blocks
 from artifactscan.cli import app
 from artifactscan.core.errors import InputError, NotAViTError
 from artifactscan.models.loading import wrap_module
@@ -226,10 +227,10 @@ def test_model_without_prefix_tokens_uses_the_mean_query():
 def test_bad_inputs_raise_one_clear_error():
     loaded = wrap_module(tiny_vit())
     with pytest.raises(InputError, match=r"out of range.*valid are 0\.\.2"):
-        parse_layers("3", 3)
+        parse_blocks("3", 3)
     with pytest.raises(InputError, match="not a block index"):
-        parse_layers("1,x", 3)
-    assert parse_layers("-1,0,0", 3) == [0, 2]
+        parse_blocks("1,x", 3)
+    assert parse_blocks("-1,0,0", 3) == [0, 2]
     with pytest.raises(InputError, match="off the grid"):
         parse_query_patch("4,0", (4, 4))
     with pytest.raises(InputError, match="ROW,COL"):
@@ -250,7 +251,7 @@ def invoke(*args):
 
 
 def test_cli_json_and_out(tiny_ckpt, image_dir, tmp_path):
-    result = invoke("attention", tiny_ckpt, image_dir, *ARGS, "--json", "--maps", "2", "--layers", "1,-1",
+    result = invoke("attention", tiny_ckpt, image_dir, *ARGS, "--json", "--maps", "2", "--blocks", "1,-1",
                     "--threshold", "150")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -269,7 +270,7 @@ def test_cli_json_and_out(tiny_ckpt, image_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--layers", "5"], "valid are 0..2"),
+    (["--blocks", "5"], "valid are 0..2"),
     (["--query-patch", "9,9"], "off the grid"),
     (["--query-patch", "oops"], "ROW,COL"),
     (["--query", "reg2"], "not a token of this model"),

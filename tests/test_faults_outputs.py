@@ -64,13 +64,13 @@ def test_read_only_out_folder(tmp_path, monkeypatch):
     (str(PROC / "x.safetensors"), "cannot create the folder"),
     ("blocker/x.safetensors", "is a file, not a folder"),
 ])
-def test_fix_out_is_checked_before_the_scan(out, match, tmp_path, monkeypatch):
+def test_fix_save_model_is_checked_before_the_scan(out, match, tmp_path, monkeypatch):
     forbid_models(monkeypatch)
     (tmp_path / "a_folder").mkdir()
     (tmp_path / "blocker").write_text("x")
     before = tree(tmp_path)
     target = out if out.startswith("/") else tmp_path / out
-    check(invoke("fix", "demo", "synthetic:4", "--out", target), 1, match)
+    check(invoke("fix", "demo", "synthetic:4", "--save-model", target), 1, match)
     assert tree(tmp_path) == before
 
 

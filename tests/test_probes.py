@@ -19,7 +19,7 @@ from artifactscan.cli import app
 from artifactscan.core.errors import InputError
 from artifactscan.models.loading import PHANTOM_NOTE, wrap_module
 from artifactscan.analysis.probes import (
-    PROTOCOL, LayerTap, ProbeReport, fit_ridge, neighbour_similarity, patchify, probe, resolve_layer,
+    PROTOCOL, LayerTap, ProbeReport, fit_ridge, neighbour_similarity, patchify, probe,
 )
 from artifactscan.analysis.probes.probes import _local_metrics
 from artifactscan.render.text import render_probe
@@ -165,9 +165,12 @@ def test_early_exit_runs_only_the_needed_blocks():
     assert not m.blocks[1]._forward_hooks  # the tap removed its hooks
 
 
-def test_layer_range():
-    assert resolve_layer(-1, 6) == 5 and resolve_layer(0, 6) == 0 and resolve_layer(-6, 6) == 0
-    with pytest.raises(InputError, match=r"0\.\.5 or -6\.\.-1"):
+def test_layer_range_old_name_still_resolves():
+    from artifactscan.probes import resolve_layer  # deprecated for one version: parse_block is the one parser
+
+    with pytest.warns(DeprecationWarning, match="parse_block"):
+        assert resolve_layer(-1, 6) == 5 and resolve_layer(0, 6) == 0 and resolve_layer(-6, 6) == 0
+    with pytest.warns(DeprecationWarning), pytest.raises(InputError, match=r"valid are 0\.\.5 \(or -6\.\.-1"):
         resolve_layer(6, 6)
 
 
@@ -310,7 +313,7 @@ def test_cli_json_only(planted_file):
 
 def test_cli_table_and_out(planted_file, tmp_path):
     out = tmp_path / "probe"
-    result = runner.invoke(app, ["probe", str(planted_file), "synthetic:120", "--trust-checkpoint", "--layer", "-1",
+    result = runner.invoke(app, ["probe", str(planted_file), "synthetic:120", "--trust-checkpoint", "--blocks", "-1",
                                  "--out", str(out), "--device", "cpu", "--min-images", "20", "--draws", "2"])
     assert result.exit_code == 0, result.output
     assert "verdict: artifact-like" in result.output and "normal (n-matched)" in result.output
@@ -324,7 +327,7 @@ def test_cli_help_states_protocol():
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--layer", "3"], "--layer 3 is out of range"),
+    (["--blocks", "3"], "--blocks 3 is out of range"),
     (["--threshold", "nope"], "--threshold must be"),
     (["--test-fraction", "1.5"], "--test-fraction"),
 ])

@@ -130,7 +130,7 @@ def old_spelling(old: str, new: str) -> Any:
 
 def deprecation_note(text: str) -> None:
     """One line on stderr; the command goes on with the same result."""
-    typer.echo(f"deprecated: {text}", err=True)
+    typer.echo(f"warning: deprecated: {text}", err=True)
 
 
 def renamed_flag(new_value: Any, old_value: Any, old: str, new: str, default: Any = None,

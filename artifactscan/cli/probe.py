@@ -11,11 +11,11 @@ from typing import Optional
 
 import typer
 
-from artifactscan.cli.app import MODEL_HELP, THRESHOLD_HELP, app, print_line, run_command, stdout, warn
+from artifactscan.cli.app import MODEL_HELP, THRESHOLD_HELP, app, run_command, stdout, warn
 from artifactscan.cli.options import (BLOCKS_SYNTAX, BatchOpt, DebugOpt, DecodeOptions, DeviceOpt, ModelLoadOptions,
                                       old_spelling, renamed_flag, threshold_option, with_option_groups)
 from artifactscan.core.defaults import BLOCK
-from artifactscan.core.files import display_name, output_folder
+from artifactscan.core.files import output_folder
 from artifactscan.analysis.probes import (
     DEFAULT_PROBE_IMAGES,
     GLOBAL_DRAWS,
@@ -76,7 +76,7 @@ def probe_command(
 ) -> None:
     from artifactscan.core.progress import distributed_world
     from artifactscan.analysis.probes import probe
-    from artifactscan.render.text import render_probe
+    from artifactscan.render.text import render_probe, render_written
     from artifactscan.render.outputs import write_probe_outputs
 
     def work() -> None:
@@ -95,7 +95,6 @@ def probe_command(
                 return
             render_probe(report, stdout)
             if out is not None:
-                print_line(stdout, "wrote", "", f"{len(written)} files to {display_name(out)}/ (report.json"
-                           f"{', figures' if figures else ''})")
+                render_written(stdout, written, out, "report.json" + (", figures" if figures else ""))
 
     run_command(debug, work)
