@@ -75,7 +75,10 @@ def test_fix_save_model_is_checked_before_the_scan(out, match, tmp_path, monkeyp
 
 
 def test_phantom_build_out_is_checked_first(tmp_path):
-    check(invoke("phantom", "--build", "--out", tmp_path / "phantom.txt"), 1, "must end in .safetensors or .pt")
+    check(invoke("phantom", "--build", "--save-model", tmp_path / "phantom.txt"), 1, "must end in .safetensors or .pt")
+    old = invoke("phantom", "--build", "--out", tmp_path / "phantom.txt")  # the old spelling: same check, one note
+    check(old, 1, "--save-model")
+    assert sum(ln.startswith("warning: deprecated: --out") for ln in old.stderr.splitlines()) == 1
 
 
 def test_report_out_is_checked_before_the_folder_is_read(tmp_path):
