@@ -309,7 +309,8 @@ def attention_report(
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
                         img_size=img_size, weights=weights)
     num_blocks = len(loaded.blocks)
-    blocks = parse_blocks(renamed_keyword(blocks, layers, "blocks", "layers", ALL_BLOCKS), num_blocks, loaded.layer_range_hint())
+    blocks = parse_blocks(renamed_keyword(blocks, layers, "blocks", "layers", ALL_BLOCKS), num_blocks,
+                          loaded.layer_range_hint())
     qinfo = select_query(loaded, query)
     gh, gw = loaded.grid_size
     qpatch = parse_query_patch(query_patch, (gh, gw))

@@ -366,7 +366,7 @@ def discover(
     for i, spec in enumerate(specs):
         loaded = loaded_first if i == 0 else load_model(spec, **load_options)
         if features != "tokens":
-            fused_qkv(loaded, parse_block(block, len(loaded.blocks), loaded.layer_range_hint()))  # refuse before any pass
+            fused_qkv(loaded, parse_block(block, len(loaded.blocks)))  # refuse before any pass
         runs.append(discovery_run(loaded, boxed, label=loaded.name, skipped=skipped if i == 0 else None, **options))
         notes += [f"{loaded.name}: {n}" for n in loaded.notes if n not in notes and not loaded.is_phantom]
         if "fix" in compare:
