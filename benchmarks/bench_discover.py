@@ -13,7 +13,7 @@ size and kept in memory), device and batch size, interleaved repeats (the order 
 The ratios over "features" are printed; the target is <= 1.15x end to end.
 
     python benchmarks/bench_discover.py [--arch vit_small_patch16_224] [--img-size 224] [--images 256]
-        [--batch-size 64] [--block -1] [--repeats 3] [--device auto] [--json]
+        [--batch-size 64] [--blocks -1] [--repeats 3] [--device auto] [--json]
 
 Random-init weights (the cost does not depend on them); ``--model NAME`` loads anything ``load_model`` accepts.
 """
