@@ -60,7 +60,7 @@ def comparison():
 def probe_result():
     from artifactscan import probe
 
-    return probe("phantom", "synthetic:120", layer=4)
+    return probe("phantom", "synthetic:120", blocks=4)
 
 
 @lru_cache(maxsize=None)

@@ -102,7 +102,7 @@ def test_only_requested_layers_lose_fused_attention_and_flags_are_restored():
         blk.attn.fused_attn = True
     log, handles = _record_fused(loaded)
     try:
-        attention_report(loaded, _images(4), layers="1", device="cpu", maps=1, threshold=100)
+        attention_report(loaded, _images(4), blocks="1", device="cpu", maps=1, threshold=100)
     finally:
         for h in handles:
             h.remove()
@@ -125,7 +125,7 @@ def test_fused_flags_restored_after_an_exception():
     handle = loaded.blocks[2].register_forward_pre_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            attention_report(loaded, _images(2), layers=[0, 2], device="cpu", threshold=100)
+            attention_report(loaded, _images(2), blocks=[0, 2], device="cpu", threshold=100)
     finally:
         handle.remove()
     assert [blk.attn.fused_attn for blk in loaded.blocks] == flags
@@ -190,7 +190,7 @@ def test_planted_high_norm_token_draws_a_spike():
 
 
 def test_mean_heads_maps_are_one_per_block_and_memory_bounded():
-    rep = attention_report(wrap_module(tiny_vit()), _images(7), layers="-1", device="cpu", maps=3, batch_size=2,
+    rep = attention_report(wrap_module(tiny_vit()), _images(7), blocks="-1", device="cpu", maps=3, batch_size=2,
                            threshold=100)
     assert rep.blocks == [2]
     assert len(rep.maps) == 3 and all(len(m.maps) == 1 and len(m.maps[0]) == 1 for m in rep.maps)
@@ -213,7 +213,7 @@ def test_clsless_model_uses_first_register_and_says_so():
 def test_model_without_prefix_tokens_uses_the_mean_query():
     m = tiny_vit(class_token=False, global_pool="avg")
     loaded = wrap_module(m)
-    rep = attention_report(loaded, _images(3), device="cpu", maps=1, layers="2", threshold=100)
+    rep = attention_report(loaded, _images(3), device="cpu", maps=1, blocks="2", threshold=100)
     assert rep.query.name == "mean" and rep.query.token_index is None and "mean" in rep.query.reason
     lay = rep.layers[0]
     assert lay.query.prefix == {} and lay.query.patches == pytest.approx(1.0)

@@ -256,3 +256,21 @@ def test_old_library_keywords_warn_and_mean_the_same():
             fix("demo", "synthetic:4", max_layer=99, device="cpu")
     with pytest.raises(InputError, match="block 99 is out of range"):
         fix("demo", "synthetic:4", blocks="0:99", device="cpu")
+
+
+@pytest.mark.parametrize("function, old", [
+    ("artifactscan.analysis.probes:probe", {"layer": 9}),
+    ("artifactscan.analysis.attention_maps:attention_report", {"layers": "9"}),
+    ("artifactscan.analysis.discover:discover", {"block": 9}),
+])
+def test_old_block_keywords_warn_and_reach_the_one_parser(function, old):
+    import importlib
+
+    module, name = function.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    (keyword, value), = old.items()
+    with pytest.warns(DeprecationWarning, match=f"{keyword}= is deprecated; use blocks="):
+        with pytest.raises(InputError, match="--blocks .*9.* is out of range: this model has 6 blocks"):
+            fn("demo", "synthetic:4" if name != "discover" else "synthetic-objects:2", device="cpu", **old)
+    with pytest.warns(DeprecationWarning), pytest.raises(InputError, match="name the same thing"):
+        fn("demo", "synthetic:4" if name != "discover" else "synthetic-objects:2", device="cpu", blocks="2", **old)

@@ -193,7 +193,7 @@ def test_probes_on_the_phantom_find_the_built_in_signature(phantom):
     """Outliers swamp their patch content with a global summary: the probes must see exactly that."""
     from artifactscan.analysis.probes import probe
 
-    report = probe(phantom, "synthetic:1200", layer=-1)
+    report = probe(phantom, "synthetic:1200", blocks=-1)
     normal, outlier = report.row("normal (n-matched)") or report.row("normal"), report.row("outlier")
     assert report.num_outliers > 0
     assert outlier.position_top1 < normal.position_top1
@@ -212,7 +212,7 @@ def test_probe_on_the_clean_demo_is_not_artifact_like():
         if threshold is None:  # a plain "3x the median" rule, as in emergence.md, flags the largest (object) tokens
             scan_report = scan("demo", "synthetic:256")
             threshold = 3 * scan_report.last_block.median
-        report = probe("demo", "synthetic:600", layer=-1, threshold=threshold)
+        report = probe("demo", "synthetic:600", blocks=-1, threshold=threshold)
         assert report.verdict.label != "artifact-like", report.verdict.summary
 
 

@@ -85,7 +85,7 @@ def planted_vit(mode: str = "artifact", onset: int = 2, depth: int = 3, n: int =
 @pytest.fixture(scope="module")
 def artifact_report() -> ProbeReport:
     torch.manual_seed(0)
-    return probe(planted_vit("artifact", reg_tokens=2), "synthetic:240", layer=-1, device="cpu", draws=3)
+    return probe(planted_vit("artifact", reg_tokens=2), "synthetic:240", blocks=-1, device="cpu", draws=3)
 
 
 # ----------------------------------------------------------------------------------------------- protocol pieces
@@ -191,14 +191,14 @@ def test_planted_artifacts_are_artifact_like(artifact_report):
 
 
 def test_high_norm_content_is_not_artifact_like():
-    r = probe(planted_vit("content"), "synthetic:160", layer=-1, device="cpu", draws=1, min_images=1000)
+    r = probe(planted_vit("content"), "synthetic:160", blocks=-1, device="cpu", draws=1, min_images=1000)
     assert r.num_outliers > 0
     assert r.verdict.label == "content-like", r.verdict.reasons
     assert r.row("outlier").position_top1 > 0.9
 
 
 def test_clean_layer_still_probes_normal_tokens_and_cls():
-    r = probe(planted_vit("artifact", onset=2), "synthetic:60", layer=1, device="cpu", min_images=10, draws=1)
+    r = probe(planted_vit("artifact", onset=2), "synthetic:60", blocks=1, device="cpu", min_images=10, draws=1)
     assert r.verdict.label == "clean" and r.num_outliers == 0
     assert r.row("normal").local_status == "ok" and r.row("normal").position_top1 > 0.9
     assert r.row("cls").global_status == "ok"
@@ -206,19 +206,19 @@ def test_clean_layer_still_probes_normal_tokens_and_cls():
 
 
 def test_too_few_outliers_says_so():
-    r = probe(planted_vit("artifact", n=1), "synthetic:80", layer=-1, device="cpu", min_images=100, draws=1)
+    r = probe(planted_vit("artifact", n=1), "synthetic:80", blocks=-1, device="cpu", min_images=100, draws=1)
     out = r.row("outlier")
     assert 0 < r.num_outliers == 80
     assert out.local_status.startswith("too few (n=") and out.position_top1 is None
     assert out.global_status.startswith("too few (n=") and out.global_top1 is None
     assert r.verdict.label == "inconclusive"
-    r2 = probe(planted_vit("artifact", n=1, depth=2, onset=1), "synthetic:60", layer=-1, device="cpu", min_tokens=10,
+    r2 = probe(planted_vit("artifact", n=1, depth=2, onset=1), "synthetic:60", blocks=-1, device="cpu", min_tokens=10,
                min_images=1000, draws=1)
     assert r2.row("outlier").local_status == "ok"  # the minimum is an option
 
 
 def test_fixed_threshold_matches_norm_rule():
-    r = probe(planted_vit("artifact"), "synthetic:40", layer=-1, device="cpu", threshold=1e9, draws=1)
+    r = probe(planted_vit("artifact"), "synthetic:40", blocks=-1, device="cpu", threshold=1e9, draws=1)
     assert r.threshold_mode == "fixed" and r.num_outliers == 0 and r.verdict.label == "clean"
 
 
