@@ -47,7 +47,7 @@ def discover(
                                  help="Patch features LOST compares: keys (LOST's choice), queries, values (from the "
                                       "block's fused attn.qkv, heads concatenated) or tokens (the block's output). "
                                       "The registers paper's choice differs by model family."),
-    blocks: str = typer.Option(str(BLOCK), "--blocks", help="The one block whose features are read, "
+    blocks: str = typer.Option(str(BLOCK), "--blocks", "-l", help="The one block whose features are read, "
                                + BLOCKS_SYNTAX + "; default the last."),
     block: Optional[str] = old_spelling("--block", "--blocks"),
     k: Optional[int] = typer.Option(None, "--k", help="Seed-expansion patches: the seed's positively correlated "

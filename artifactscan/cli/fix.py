@@ -27,7 +27,7 @@ def fix(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
     images: Optional[str] = typer.Argument(None, help=IMAGES_HELP, show_default=False),
     top_k: int = typer.Option(TOP_K, "--top-k", help="Number of register neurons to move onto the register."),
-    blocks: Optional[str] = typer.Option(None, "--blocks", show_default=False,
+    blocks: Optional[str] = typer.Option(None, "--blocks", "-l", show_default=False,
                                          help="Blocks searched for register neurons, always from block 0: 0:N (or "
                                               ":N) searches blocks 0 to N (" + BLOCKS_SYNTAX + "). Default: up to "
                                               "the onset layer."),
