@@ -585,11 +585,11 @@ def check_resume_folders(resume: Path, out: Optional[Path]) -> None:
 
 def train_reg_verdict(result: Any, run_dir: Path, scan_images: Optional[str], device: str, json_out: bool) -> None:
     """Scan the trained models on held-out images and write/print the verdict (rank 0)."""
-    from artifactscan.analysis.compare import verdict_for_run
-    from artifactscan.render.plots_compare import save_compare_figure, save_register_ablation_figure
-    from artifactscan.render.text import render_train_reg_verdict
+    try:  # a Ctrl-C from here on, the imports included, lands after the training is complete
+        from artifactscan.analysis.compare import verdict_for_run
+        from artifactscan.render.plots_compare import save_compare_figure, save_register_ablation_figure
+        from artifactscan.render.text import render_train_reg_verdict
 
-    try:
         verdict = verdict_for_run(result, scan_images, device=device, progress=not json_out and sys.stderr.isatty())
     except KeyboardInterrupt:
         from artifactscan.core.errors import RunInterrupted
