@@ -3,13 +3,13 @@
 Side by side in one process, same images, device and batch size, interleaved repeats, median:
 
 * plain: a bare ``model.forward_features`` loop over pre-normalised tensors (every block fused);
-* ``--layers k``: the attention pass of :func:`attention_report` capturing one block (the norms scan is done once
+* ``--blocks k``: the attention pass of :func:`attention_report` capturing one block (the norms scan is done once
   beforehand and passed in, so only the attention pass is timed);
 * all layers: the same capturing every block;
 * full: ``attention_report`` end to end (norms scan + attention pass), all layers.
 
     python benchmarks/bench_attention.py [--arch vit_small_patch16_224] [--img-size 224] [--images 64]
-        [--batch-size 32] [--layer -1] [--repeats 3] [--device auto] [--json]
+        [--batch-size 32] [--blocks -1] [--repeats 3] [--device auto] [--json]
 
 Random-init weights (the pass's cost does not depend on the weights); ``--model NAME`` loads anything
 ``artifactscan.load_model`` accepts instead.
@@ -24,7 +24,8 @@ from bench_common import bench_model, median_seconds, model_pass_parser, print_r
 
 def main(argv: list[str] | None = None) -> dict:
     ap = model_pass_parser(__doc__, images=64, batch_size=32)
-    ap.add_argument("--layer", type=int, default=-1, help="the single block of the --layers k run")
+    ap.add_argument("--blocks", "--layer", dest="layer", type=int, default=-1,
+                    help="the single block of the --blocks k run")
     args = ap.parse_args(argv)
 
     from artifactscan.analysis.attention_maps import attention_report
@@ -45,17 +46,17 @@ def main(argv: list[str] | None = None) -> dict:
                 loaded.model.forward_features(x.to(dev))
         sync(dev)
 
-    def attn(layers) -> None:
-        attention_report(loaded, images, layers=layers, device=str(dev), batch_size=args.batch_size, maps=0,
+    def attn(blocks) -> None:
+        attention_report(loaded, images, blocks=blocks, device=str(dev), batch_size=args.batch_size, maps=0,
                          scan_report=report)
         sync(dev)
 
     def full() -> None:
-        attention_report(loaded, images, layers=None, device=str(dev), batch_size=args.batch_size, maps=0,
+        attention_report(loaded, images, blocks="all", device=str(dev), batch_size=args.batch_size, maps=0,
                          threshold="auto")
         sync(dev)
 
-    runs = {"plain_forward": plain, "layers_k": lambda: attn([args.layer]), "all_layers": lambda: attn(None),
+    runs = {"plain_forward": plain, "layers_k": lambda: attn([args.layer]), "all_layers": lambda: attn("all"),
             "full_report": full}
     med = median_seconds(runs, args.repeats)
     assert [bool(b.attn.fused_attn) for b in loaded.blocks] == fused_before, "fused_attn flags not restored"
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_result(result, args.json,
                  f"{result['model']} {h}x{w}, {args.images} images, batch {args.batch_size}, {dev}, "
                  f"{result['torch_threads']} threads, median of {args.repeats}",
-                 f"  all layers / --layers {result['layer_k']}: {result['all_layers_over_layers_k']:.2f}x",
+                 f"  all layers / --blocks {result['layer_k']}: {result['all_layers_over_layers_k']:.2f}x",
                  "plain_forward", 14, 2, "plain")
     return result
 

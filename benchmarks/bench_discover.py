@@ -13,7 +13,7 @@ size and kept in memory), device and batch size, interleaved repeats (the order 
 The ratios over "features" are printed; the target is <= 1.15x end to end.
 
     python benchmarks/bench_discover.py [--arch vit_small_patch16_224] [--img-size 224] [--images 256]
-        [--batch-size 64] [--block -1] [--repeats 3] [--device auto] [--json]
+        [--batch-size 64] [--blocks -1] [--repeats 3] [--device auto] [--json]
 
 Random-init weights (the cost does not depend on them); ``--model NAME`` loads anything ``load_model`` accepts.
 """
@@ -28,10 +28,11 @@ from bench_common import bench_model, median_seconds, model_pass_parser, print_r
 
 def main(argv: list[str] | None = None) -> dict:
     ap = model_pass_parser(__doc__, images=256, batch_size=64)
-    ap.add_argument("--block", type=int, default=-1)
+    ap.add_argument("--blocks", "--block", default="-1", help="The block LOST reads (one index; -1 = the last).")
     args = ap.parse_args(argv)
 
-    from artifactscan.analysis.discover import discovery_run, resolve_block
+    from artifactscan.analysis.discover import discovery_run
+    from artifactscan.core.blocks import parse_block
     from artifactscan.analysis.lost import FeatureCapture, default_k, lost_batched
     from artifactscan.inputs.boxes import BoxedData, BoxedItem
     from artifactscan.inputs.sources import image_batches
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     items = [BoxedItem(f"objects[{i}]", None, w, h, [[float(v) for v in b] for b in ds.boxes(i)])
              for i in range(args.images)]
     data = BoxedData("synthetic-objects", "in-memory synthetic-objects", items, synthetic=pixels)
-    block = resolve_block(args.block, len(loaded.blocks))
+    block = parse_block(args.blocks, len(loaded.blocks))
     gh, gw = loaded.grid_size
     k = default_k(gh * gw)
     P = loaded.num_prefix_tokens

@@ -199,7 +199,7 @@ def main() -> None:
               f"{'yes' if ratio <= target else 'NO'}")
 
     # ---------------------------------------------------------------- 3. end to end
-    _, t_probe = timed(lambda: probe(loaded, f"synthetic:{args.images}", layer=-1, device=str(dev)))
+    _, t_probe = timed(lambda: probe(loaded, f"synthetic:{args.images}", blocks=-1, device=str(dev)))
     print(f"\nprobe() end to end on synthetic:{args.images}, last block: {t_probe:.1f} s")
 
 

@@ -61,7 +61,7 @@ def comparison():
 def probe_result():
     from artifactscan import probe
 
-    return probe("phantom", "synthetic:120", layer=4)
+    return probe("phantom", "synthetic:120", blocks=4)
 
 
 @lru_cache(maxsize=None)
@@ -84,7 +84,7 @@ def discover_result():
     """Two models and the phantom's fix compared (``--compare fix``)."""
     from artifactscan.analysis.discover import discover
 
-    return discover(["demo", "phantom"], "synthetic-objects:16", compare=["fix"], keep=3)
+    return discover(["demo", "phantom"], "synthetic-objects:16", compare=["fix"], maps=3)
 
 
 @lru_cache(maxsize=None)

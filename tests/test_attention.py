@@ -12,7 +12,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from artifactscan.analysis.attention import AttentionCapture
-from artifactscan.analysis.attention_maps import attention_report, parse_layers, parse_query_patch
+from artifactscan.analysis.attention_maps import attention_report, parse_query_patch
+from artifactscan.core.blocks import parse_blocks
 from artifactscan.cli import app
 from artifactscan.core.errors import InputError, NotAViTError
 from artifactscan.models.loading import wrap_module
@@ -104,7 +105,7 @@ def test_capturing_attention_leaves_the_forward_as_it_is_and_flags_restored():
         blk.attn.fused_attn = f
     log, handles = _record_fused(loaded)
     try:
-        rep = attention_report(loaded, _images(4), layers="1", device="cpu", maps=1, threshold=100)
+        rep = attention_report(loaded, _images(4), blocks="1", device="cpu", maps=1, threshold=100)
     finally:
         for h in handles:
             h.remove()
@@ -127,7 +128,7 @@ def test_fused_flags_restored_after_an_exception():
     handle = loaded.blocks[2].register_forward_pre_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            attention_report(loaded, _images(2), layers=[0, 1], device="cpu", threshold=100)
+            attention_report(loaded, _images(2), blocks=[0, 1], device="cpu", threshold=100)
     finally:
         handle.remove()
     assert [blk.attn.fused_attn for blk in loaded.blocks] == flags
@@ -192,7 +193,7 @@ def test_planted_high_norm_token_draws_a_spike():
 
 
 def test_mean_heads_maps_are_one_per_block_and_memory_bounded():
-    rep = attention_report(wrap_module(tiny_vit()), _images(7), layers="-1", device="cpu", maps=3, batch_size=2,
+    rep = attention_report(wrap_module(tiny_vit()), _images(7), blocks="-1", device="cpu", maps=3, batch_size=2,
                            threshold=100)
     assert rep.blocks == [2]
     assert len(rep.maps) == 3 and all(len(m.maps) == 1 and len(m.maps[0]) == 1 for m in rep.maps)
@@ -215,7 +216,7 @@ def test_clsless_model_uses_first_register_and_says_so():
 def test_model_without_prefix_tokens_uses_the_mean_query():
     m = tiny_vit(class_token=False, global_pool="avg")
     loaded = wrap_module(m)
-    rep = attention_report(loaded, _images(3), device="cpu", maps=1, layers="2", threshold=100)
+    rep = attention_report(loaded, _images(3), device="cpu", maps=1, blocks="2", threshold=100)
     assert rep.query.name == "mean" and rep.query.token_index is None and "mean" in rep.query.reason
     lay = rep.layers[0]
     assert lay.query.prefix == {} and lay.query.patches == pytest.approx(1.0)
@@ -229,10 +230,10 @@ def test_model_without_prefix_tokens_uses_the_mean_query():
 def test_bad_inputs_raise_one_clear_error():
     loaded = wrap_module(tiny_vit())
     with pytest.raises(InputError, match=r"out of range.*valid are 0\.\.2"):
-        parse_layers("3", 3)
+        parse_blocks("3", 3)
     with pytest.raises(InputError, match="not a block index"):
-        parse_layers("1,x", 3)
-    assert parse_layers("-1,0,0", 3) == [0, 2]
+        parse_blocks("1,x", 3)
+    assert parse_blocks("-1,0,0", 3) == [0, 2]
     with pytest.raises(InputError, match="off the grid"):
         parse_query_patch("4,0", (4, 4))
     with pytest.raises(InputError, match="ROW,COL"):
@@ -253,7 +254,7 @@ def invoke(*args):
 
 
 def test_cli_json_and_out(tiny_ckpt, image_dir, tmp_path):
-    result = invoke("attention", tiny_ckpt, image_dir, *ARGS, "--json", "--maps", "2", "--layers", "1,-1",
+    result = invoke("attention", tiny_ckpt, image_dir, *ARGS, "--json", "--maps", "2", "--blocks", "1,-1",
                     "--threshold", "150")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -272,7 +273,7 @@ def test_cli_json_and_out(tiny_ckpt, image_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--layers", "5"], "valid are 0..2"),
+    (["--blocks", "5"], "valid are 0..2"),
     (["--query-patch", "9,9"], "off the grid"),
     (["--query-patch", "oops"], "ROW,COL"),
     (["--query", "reg2"], "not a token of this model"),

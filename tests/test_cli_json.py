@@ -46,7 +46,7 @@ def test_phantom_describe_json_says_what_the_text_says():
 
 def test_phantom_build_json_describes_the_file_written(tmp_path):
     out = tmp_path / "built.safetensors"
-    result = invoke("phantom", "--build", "--from", "demo", "--onset", "3", "--out", out, "--json")
+    result = invoke("phantom", "--build", "--from", "demo", "--onset", "3", "--save-model", out, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["model"]["name"] == str(out) and out.is_file()

@@ -310,12 +310,12 @@ def test_nonfinite_activations_refused_by_compare_and_fix(tmp_path):
     good = save_tiny(tmp_path / "good.safetensors")
     check(invoke("compare", good, bad, "synthetic:4"), 1, "non-finite token norms")
     out = tmp_path / "fixed.safetensors"
-    check(invoke("fix", bad, "synthetic:4", "--out", out), 1, "nothing to fix")
+    check(invoke("fix", bad, "synthetic:4", "--save-model", out), 1, "nothing to fix")
     assert not out.exists()
     attn = tmp_path / "attn"
     check(invoke("attention", bad, "synthetic:4", "--out", attn), 1, "attention maps of such a pass mean nothing")
     assert not attn.exists()
-    check(invoke("probe", bad, "synthetic:16", "--layer", "0"), 1, "probes of them would mean nothing")
+    check(invoke("probe", bad, "synthetic:16", "--blocks", "0"), 1, "probes of them would mean nothing")
 
 
 def test_readers_accept_the_previous_schemas(tmp_path, image_dir):
@@ -341,7 +341,7 @@ def test_readers_accept_the_previous_schemas(tmp_path, image_dir):
 
 @pytest.mark.parametrize("args, match", [
     (("--top-k", "0"), "--top-k must be at least 1"),
-    (("--max-layer", "99"), "--max-layer 99 is outside the model"),
+    (("--blocks", "0:99"), "block 99 is out of range"),
 ])
 def test_fix_options_are_checked_even_when_there_is_nothing_to_fix(args, match):
     check(invoke("fix", "demo", "synthetic:4", *args), 1, match)

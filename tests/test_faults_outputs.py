@@ -64,18 +64,21 @@ def test_read_only_out_folder(tmp_path, monkeypatch):
     (str(PROC / "x.safetensors"), "cannot create the folder"),
     ("blocker/x.safetensors", "is a file, not a folder"),
 ])
-def test_fix_out_is_checked_before_the_scan(out, match, tmp_path, monkeypatch):
+def test_fix_save_model_is_checked_before_the_scan(out, match, tmp_path, monkeypatch):
     forbid_models(monkeypatch)
     (tmp_path / "a_folder").mkdir()
     (tmp_path / "blocker").write_text("x")
     before = tree(tmp_path)
     target = out if out.startswith("/") else tmp_path / out
-    check(invoke("fix", "demo", "synthetic:4", "--out", target), 1, match)
+    check(invoke("fix", "demo", "synthetic:4", "--save-model", target), 1, match)
     assert tree(tmp_path) == before
 
 
 def test_phantom_build_out_is_checked_first(tmp_path):
-    check(invoke("phantom", "--build", "--out", tmp_path / "phantom.txt"), 1, "must end in .safetensors or .pt")
+    check(invoke("phantom", "--build", "--save-model", tmp_path / "phantom.txt"), 1, "must end in .safetensors or .pt")
+    old = invoke("phantom", "--build", "--out", tmp_path / "phantom.txt")  # the old spelling: same check, one note
+    check(old, 1, "--save-model")
+    assert sum(ln.startswith("warning: deprecated: --out") for ln in old.stderr.splitlines()) == 1
 
 
 def test_report_out_is_checked_before_the_folder_is_read(tmp_path):

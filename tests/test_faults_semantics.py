@@ -355,7 +355,7 @@ def test_fix_verdict_is_judged_with_the_output_cosine(cosine, start):
 
 def test_fix_with_nothing_to_fix_says_no_file_was_written(tmp_path):
     out = tmp_path / "fixed.safetensors"
-    res = invoke("fix", "demo", "synthetic:4", "--out", out)
+    res = invoke("fix", "demo", "synthetic:4", "--save-model", out)
     check(res, 0)
     assert f"warning: no file written to {out}: nothing to fix" in res.stderr
     assert not out.exists()

@@ -152,10 +152,10 @@ def test_a_real_file_size_limit_under_norms_out(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_a_real_file_size_limit_under_fix_out(suffix, tiny_phantom, tmp_path):
-    """fix --out: safetensors (Rust) and torch.save (C++) report the refused write with its errno too."""
+    """fix --save-model: safetensors (Rust) and torch.save (C++) report the refused write with its errno too."""
     path, _, _ = tiny_phantom
     target = tmp_path / f"fixed{suffix}"
-    proc = _cli("fix", path, "synthetic:16", "--out", target, preexec_fn=_file_size_limit(16384))
+    proc = _cli("fix", path, "synthetic:16", "--save-model", target, preexec_fn=_file_size_limit(16384))
     assert proc.returncode == 1, proc.stderr
     line = _one_error_line(proc.stderr)
     assert f"cannot write {target}: file too large" in line and "(EFBIG)" in line, line

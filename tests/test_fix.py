@@ -23,7 +23,7 @@ from .conftest import PHANTOM_KW as KW
 
 def test_fix_finds_the_built_in_units_and_removes_the_outliers(tiny_phantom):
     path, spec, d = tiny_phantom
-    result = fix(path, "synthetic:48", top_k=4, out=d / "fixed.safetensors")
+    result = fix(path, "synthetic:48", top_k=4, save_model=d / "fixed.safetensors")
     assert {n.site for n in result.neurons} == {f"blocks.{spec.onset}.artifact_units.post"}
     assert sorted(n.index for n in result.neurons) == [0, 1, 2, 3]
     assert result.outliers_removed >= 0.95
@@ -103,5 +103,5 @@ def test_fix_cli(tiny_phantom, tmp_path):
     assert data["schema"] == "artifactscan.fix/2" and data["outliers_removed"] >= 0.95
     result = runner.invoke(app, ["fix", str(path), "synthetic:32", "--top-k", "0"])
     assert result.exit_code == 1 and "--top-k must be at least 1" in result.stderr
-    result = runner.invoke(app, ["fix", str(path), "synthetic:32", "--max-layer", "9"])
-    assert result.exit_code == 1 and "choose a block from 0 to 3" in result.stderr
+    result = runner.invoke(app, ["fix", str(path), "synthetic:32", "--blocks", "0:9"])
+    assert result.exit_code == 1 and "block 9 is out of range" in result.stderr and "valid are 0..3" in result.stderr

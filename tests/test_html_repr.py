@@ -24,7 +24,7 @@ def test_scan_report_html_has_headline_model_and_layers():
 
 
 def test_probe_report_html_has_verdict():
-    report = probe(planted_vit("artifact", depth=2, onset=1), "synthetic:40", layer=-1, device="cpu", draws=1,
+    report = probe(planted_vit("artifact", depth=2, onset=1), "synthetic:40", blocks=-1, device="cpu", draws=1,
                    min_images=10)
     page = report._repr_html_()
     assert html.escape(report.verdict.summary) in page

@@ -166,7 +166,7 @@ def test_compare_says_which_model_is_inconclusive():
 def test_probe_at_an_inconclusive_layer_is_inconclusive_not_clean():
     from artifactscan import probe
 
-    report = probe("phantom", "synthetic:4", layer=3)
+    report = probe("phantom", "synthetic:4", blocks=3)
     assert report.num_outliers == 0
     assert report.verdict.label == "inconclusive"
     assert report.verdict.reasons[0].startswith("inconclusive:")

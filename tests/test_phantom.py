@@ -141,13 +141,13 @@ def test_out_of_range_layer_names_the_recorded_onset_without_scanning(monkeypatc
         raise AssertionError("a scan ran to write an error message")
 
     monkeypatch.setattr(scan_module, "scan", no_scan)
-    result = runner.invoke(app, ["probe", "--layer", "30"])
+    result = runner.invoke(app, ["probe", "--blocks", "30"])
     assert result.exit_code == 1
     assert "this model has 24 blocks" in result.stderr and "onset at block 9" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    result = runner.invoke(app, ["attention", "--layers", "40"])
+    result = runner.invoke(app, ["attention", "--blocks", "40"])
     assert result.exit_code == 1 and "onset at block 9" in result.stderr
-    result = runner.invoke(app, ["probe", "demo", "--layer", "6"])  # no recorded onset: the plain range error
+    result = runner.invoke(app, ["probe", "demo", "--blocks", "6"])  # no recorded onset: the plain range error
     assert result.exit_code == 1 and "6 blocks" in result.stderr and "onset" not in result.stderr
 
 
@@ -193,7 +193,7 @@ def test_probes_on_the_phantom_find_the_built_in_signature(phantom):
     """Outliers swamp their patch content with a global summary: the probes must see exactly that."""
     from artifactscan.analysis.probes import probe
 
-    report = probe(phantom, "synthetic:1200", layer=-1)
+    report = probe(phantom, "synthetic:1200", blocks=-1)
     normal, outlier = report.row("normal (n-matched)") or report.row("normal"), report.row("outlier")
     assert report.num_outliers > 0
     assert outlier.position_top1 < normal.position_top1
@@ -212,7 +212,7 @@ def test_probe_on_the_clean_demo_is_not_artifact_like():
         if threshold is None:  # a plain "3x the median" rule, as in emergence.md, flags the largest (object) tokens
             scan_report = scan("demo", "synthetic:256")
             threshold = 3 * scan_report.last_block.median
-        report = probe("demo", "synthetic:600", layer=-1, threshold=threshold)
+        report = probe("demo", "synthetic:600", blocks=-1, threshold=threshold)
         assert report.verdict.label != "artifact-like", report.verdict.summary
 
 
@@ -233,7 +233,7 @@ def test_fix_on_the_clean_demo_has_nothing_to_fix():
 
 def test_cli_probe_layer_15_runs_verbatim_and_finds_the_signature():
     """The design card's command, with no other argument, on the embedded default."""
-    result = runner.invoke(app, ["probe", "--layer", "15", "--json"])
+    result = runner.invoke(app, ["probe", "--blocks", "15", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["layer"] == 15 and data["model"]["name"] == "phantom-deep"

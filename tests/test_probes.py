@@ -19,7 +19,7 @@ from artifactscan.cli import app
 from artifactscan.core.errors import InputError
 from artifactscan.models.loading import PHANTOM_NOTE, wrap_module
 from artifactscan.analysis.probes import (
-    PROTOCOL, LayerTap, ProbeReport, fit_ridge, neighbour_similarity, patchify, probe, resolve_layer,
+    PROTOCOL, LayerTap, ProbeReport, fit_ridge, neighbour_similarity, patchify, probe,
 )
 from artifactscan.analysis.probes.probes import _local_metrics
 from artifactscan.render.text import render_probe
@@ -85,7 +85,7 @@ def planted_vit(mode: str = "artifact", onset: int = 2, depth: int = 3, n: int =
 @pytest.fixture(scope="module")
 def artifact_report() -> ProbeReport:
     torch.manual_seed(0)
-    return probe(planted_vit("artifact", reg_tokens=2), "synthetic:240", layer=-1, device="cpu", draws=3)
+    return probe(planted_vit("artifact", reg_tokens=2), "synthetic:240", blocks=-1, device="cpu", draws=3)
 
 
 # ----------------------------------------------------------------------------------------------- protocol pieces
@@ -165,9 +165,12 @@ def test_early_exit_runs_only_the_needed_blocks():
     assert not m.blocks[1]._forward_hooks  # the tap removed its hooks
 
 
-def test_layer_range():
-    assert resolve_layer(-1, 6) == 5 and resolve_layer(0, 6) == 0 and resolve_layer(-6, 6) == 0
-    with pytest.raises(InputError, match=r"0\.\.5 or -6\.\.-1"):
+def test_layer_range_old_name_still_resolves():
+    from artifactscan.probes import resolve_layer  # deprecated for one version: parse_block is the one parser
+
+    with pytest.warns(DeprecationWarning, match="parse_block"):
+        assert resolve_layer(-1, 6) == 5 and resolve_layer(0, 6) == 0 and resolve_layer(-6, 6) == 0
+    with pytest.warns(DeprecationWarning), pytest.raises(InputError, match=r"valid are 0\.\.5 \(or -6\.\.-1"):
         resolve_layer(6, 6)
 
 
@@ -188,14 +191,14 @@ def test_planted_artifacts_are_artifact_like(artifact_report):
 
 
 def test_high_norm_content_is_not_artifact_like():
-    r = probe(planted_vit("content"), "synthetic:160", layer=-1, device="cpu", draws=1, min_images=1000)
+    r = probe(planted_vit("content"), "synthetic:160", blocks=-1, device="cpu", draws=1, min_images=1000)
     assert r.num_outliers > 0
     assert r.verdict.label == "content-like", r.verdict.reasons
     assert r.row("outlier").position_top1 > 0.9
 
 
 def test_clean_layer_still_probes_normal_tokens_and_cls():
-    r = probe(planted_vit("artifact", onset=2), "synthetic:60", layer=1, device="cpu", min_images=10, draws=1)
+    r = probe(planted_vit("artifact", onset=2), "synthetic:60", blocks=1, device="cpu", min_images=10, draws=1)
     assert r.verdict.label == "clean" and r.num_outliers == 0
     assert r.row("normal").local_status == "ok" and r.row("normal").position_top1 > 0.9
     assert r.row("cls").global_status == "ok"
@@ -203,19 +206,19 @@ def test_clean_layer_still_probes_normal_tokens_and_cls():
 
 
 def test_too_few_outliers_says_so():
-    r = probe(planted_vit("artifact", n=1), "synthetic:80", layer=-1, device="cpu", min_images=100, draws=1)
+    r = probe(planted_vit("artifact", n=1), "synthetic:80", blocks=-1, device="cpu", min_images=100, draws=1)
     out = r.row("outlier")
     assert 0 < r.num_outliers == 80
     assert out.local_status.startswith("too few (n=") and out.position_top1 is None
     assert out.global_status.startswith("too few (n=") and out.global_top1 is None
     assert r.verdict.label == "inconclusive"
-    r2 = probe(planted_vit("artifact", n=1, depth=2, onset=1), "synthetic:60", layer=-1, device="cpu", min_tokens=10,
+    r2 = probe(planted_vit("artifact", n=1, depth=2, onset=1), "synthetic:60", blocks=-1, device="cpu", min_tokens=10,
                min_images=1000, draws=1)
     assert r2.row("outlier").local_status == "ok"  # the minimum is an option
 
 
 def test_fixed_threshold_matches_norm_rule():
-    r = probe(planted_vit("artifact"), "synthetic:40", layer=-1, device="cpu", threshold=1e9, draws=1)
+    r = probe(planted_vit("artifact"), "synthetic:40", blocks=-1, device="cpu", threshold=1e9, draws=1)
     assert r.threshold_mode == "fixed" and r.num_outliers == 0 and r.verdict.label == "clean"
 
 
@@ -310,7 +313,7 @@ def test_cli_json_only(planted_file):
 
 def test_cli_table_and_out(planted_file, tmp_path):
     out = tmp_path / "probe"
-    result = runner.invoke(app, ["probe", str(planted_file), "synthetic:120", "--trust-checkpoint", "--layer", "-1",
+    result = runner.invoke(app, ["probe", str(planted_file), "synthetic:120", "--trust-checkpoint", "--blocks", "-1",
                                  "--out", str(out), "--device", "cpu", "--min-images", "20", "--draws", "2"])
     assert result.exit_code == 0, result.output
     assert "verdict: artifact-like" in result.output and "normal (n-matched)" in result.output
@@ -324,7 +327,7 @@ def test_cli_help_states_protocol():
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--layer", "3"], "--layer 3 is out of range"),
+    (["--blocks", "3"], "--blocks 3 is out of range"),
     (["--threshold", "nope"], "--threshold must be"),
     (["--test-fraction", "1.5"], "--test-fraction"),
 ])

@@ -32,7 +32,7 @@ print(json.dumps({"fixed_prefix": fixed.prefix_names, "fixed_notes": fixed.notes
 @pytest.fixture(scope="module")
 def fixed_checkpoint(tiny_phantom):
     phantom, _, folder = tiny_phantom
-    fix(phantom, "synthetic:32", top_k=4, out=folder / "registry-fixed.safetensors")
+    fix(phantom, "synthetic:32", top_k=4, save_model=folder / "registry-fixed.safetensors")
     return folder / "registry-fixed.safetensors"
 
 

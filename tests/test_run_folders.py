@@ -58,7 +58,7 @@ def test_train_reg_folders_are_runs_not_hugging_face_models(run_dir):
 
 
 def test_a_run_folder_where_one_model_is_expected_says_what_to_pass(run_dir):
-    result = invoke("probe", run_dir / "reg0", "synthetic:8", "--layer", "0")
+    result = invoke("probe", run_dir / "reg0", "synthetic:8", "--blocks", "0")
     assert result.exit_code == 1
     assert "training run's folder, not a model" in result.stderr
     assert str(run_dir / "reg0" / "final.safetensors") in result.stderr

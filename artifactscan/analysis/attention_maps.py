@@ -29,6 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from artifactscan.core.numbers import times
+from artifactscan.core.blocks import ALL_BLOCKS, parse_blocks, renamed_keyword
+from artifactscan.core.defaults import BATCH_SIZE, DEVICE, MAPS, THRESHOLD, WORKERS
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.analysis.attention import AttentionCapture
 from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
@@ -136,31 +138,6 @@ class AttentionReport(AnalysisResult):
 
 
 # ----------------------------------------------------------------------------------------------- parsing
-def parse_layers(spec: str | Sequence[int] | None, num_blocks: int, hint: str = "") -> list[int]:
-    """``None``/``"all"`` -> every block; ``"0,5,-1"`` or a list of ints (negatives count from the end) -> sorted,
-    de-duplicated block indices. Out of range -> InputError naming the valid range."""
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
-        return list(range(num_blocks))
-    valid = f"this model has {num_blocks} blocks: valid are 0..{num_blocks - 1} (or -{num_blocks}..-1 from the end)"
-    if isinstance(spec, str):
-        items = []
-        for part in spec.split(","):
-            part = part.strip()
-            try:
-                items.append(int(part))
-            except ValueError:
-                raise InputError(f"--layers {spec!r}: {part!r} is not a block index; write 'all' or a comma list "
-                                 f"such as 0,5,-1 ({valid})") from None
-    else:
-        items = [int(b) for b in spec]
-    if not items:
-        raise InputError(f"--layers is empty; {valid}")
-    bad = [b for b in items if not -num_blocks <= b < num_blocks]
-    if bad:
-        raise InputError(f"--layers {bad[0]} is out of range; {valid}{hint}")
-    return sorted({b % num_blocks for b in items})
-
-
 def parse_query_patch(spec: str | Sequence[int] | None, grid: tuple[int, int]) -> tuple[int, int] | None:
     """``"ROW,COL"`` (or a pair of ints) on the patch grid, 0-based; None -> None. Bad -> InputError."""
     if spec is None or (isinstance(spec, str) and not spec.strip()):
@@ -278,15 +255,15 @@ def attention_report(
     model: str | Path | LoadedModel | torch.nn.Module | None = None,
     images: str | Path | Sequence[str | Path] | Dataset | torch.Tensor | None = None,
     *,
-    layers: str | Sequence[int] | None = None,
-    threshold: str | float | None = "auto",
+    blocks: str | int | Sequence[int] | None = ALL_BLOCKS,
+    threshold: str | float | None = THRESHOLD,
     query: str = "auto",
     query_patch: str | Sequence[int] | None = None,
     heads: str = "mean",
-    maps: int = 6,
-    device: str | None = "auto",
-    batch_size: int = 32,
-    num_workers: int | str = "auto",
+    maps: int = MAPS,
+    device: str | None = DEVICE,
+    batch_size: int = BATCH_SIZE,
+    num_workers: int | str = WORKERS,
     exact_decode: bool = False,
     gpu_decode: bool = False,
     arch: str | None = None,
@@ -297,14 +274,16 @@ def attention_report(
     scan_report: ScanReport | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
+    layers: str | Sequence[int] | None = None,
 ) -> AttentionReport:
     """Attention maps of the CLS token / registers / a chosen patch, and the attention mass on outlier tokens.
 
     Args:
         model, images: as for :func:`artifactscan.scan` (a name, a checkpoint, a LoadedModel or nn.Module; a folder,
             files, ``synthetic:N``, a Dataset or an ``[N, 3, H, W]`` tensor in [0, 1]).
-        layers: blocks to capture: None / ``"all"`` (default), ``"0,5,-1"`` or a list of ints. Only these blocks
-            lose the fused attention kernel, and only during the pass.
+        blocks: blocks to capture: ``"all"`` (default), ``"0,5,-1"``, ``"2:8"`` or a list of ints
+            (:func:`artifactscan.core.blocks.parse_blocks`). Only these blocks lose the fused attention kernel, and
+            only during the pass. (``layers=``: its old name, deprecated.)
         threshold: the norms scan's rule that flags outliers: ``"auto"`` or a number (e.g. the paper's 150).
         query: ``auto`` (CLS; the first register when there is no CLS; the mean query when there are no prefix
             tokens), ``cls``, ``regK`` or ``mean``.
@@ -330,7 +309,8 @@ def attention_report(
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
                         img_size=img_size, weights=weights)
     num_blocks = len(loaded.blocks)
-    blocks = parse_layers(layers, num_blocks, loaded.layer_range_hint())
+    blocks = parse_blocks(renamed_keyword(blocks, layers, "blocks", "layers", ALL_BLOCKS), num_blocks,
+                          loaded.layer_range_hint())
     qinfo = select_query(loaded, query)
     gh, gw = loaded.grid_size
     qpatch = parse_query_patch(query_patch, (gh, gw))

@@ -22,6 +22,7 @@ from artifactscan.analysis.attention import attention_mass
 from artifactscan.core.errors import InputError, NonFiniteError
 from artifactscan.core.files import display_name
 from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.core.defaults import BATCH_SIZE, DEVICE, THRESHOLD
 from artifactscan.analysis.scan import ScanReport, scan
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.core.devices import resolve_device
@@ -147,14 +148,18 @@ def _row(label: str, loaded: LoadedModel, report: ScanReport, attention: dict[st
         inconclusive_layers=[lay.index for lay in report.inconclusive_layers])
 
 
-def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, threshold: str | float = "auto",
-            device: str = "auto", batch_size: int = 64, progress: bool = False, **scan_kwargs: Any) -> CompareReport:
+def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, threshold: str | float = THRESHOLD,
+            device: str = DEVICE, batch_size: int = BATCH_SIZE, progress: bool = False,
+            **scan_kwargs: Any) -> CompareReport:
     """Scan every model on the same images; one row each and a verdict on what registers changed.
 
     Args:
         models: ``{label: model spec}`` or a list of specs (labels = names); specs as for :func:`load_model`.
         images: as for :func:`artifactscan.scan`; ``synthetic:N`` adds the background/object split of flagged tokens.
+        scan_kwargs: as for :func:`artifactscan.scan`; the load options among them (``arch``, ``arch_kwargs``,
+            ``trust_checkpoint``, ``img_size``, ``weights``) apply to every model.
     """
+    load_options = {k: scan_kwargs.pop(k) for k in _LOAD_KEYS if k in scan_kwargs}
     if not isinstance(models, dict):
         specs = list(models)
         seen: dict[Any, Any] = {}
@@ -176,7 +181,7 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
     n_syn = _synthetic_count(images)
     rows, reports = [], {}
     for label, spec in models.items():
-        loaded = load_model(spec)
+        loaded = load_model(spec, **load_options)
         report = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size,
                       progress=progress, **scan_kwargs)
         problem = report.nonfinite_problem()
@@ -192,6 +197,7 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
 
 
 _DECODE_KEYS = ("num_workers", "exact_decode", "gpu_decode")
+_LOAD_KEYS = ("arch", "arch_kwargs", "trust_checkpoint", "img_size", "weights")
 
 
 def prefix_attention(loaded: LoadedModel, images: Any, device: torch.device, batch_size: int,

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from artifactscan.core.numbers import percent
+from artifactscan.core.blocks import parse_block, renamed_keyword
+from artifactscan.core.defaults import BATCH_SIZE, BLOCK, DEVICE, MAPS, THRESHOLD, TOP_K, WORKERS
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.analysis.fix import find_register_neurons
 from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, feature_points, lost_batched
@@ -175,13 +177,6 @@ def random_box(grid: tuple[int, int], seed: int, index: int) -> list[int]:
     return [x0, y0, x1, y1]
 
 
-def resolve_block(block: int, num_blocks: int) -> int:
-    if not -num_blocks <= block < num_blocks:
-        raise InputError(f"--block {block} is out of range: this model has {num_blocks} blocks (0..{num_blocks - 1}, "
-                         f"or -{num_blocks}..-1 from the end)")
-    return block % num_blocks
-
-
 def _rate(hits: int, n: int) -> float | None:
     return hits / n if n else None
 
@@ -195,7 +190,7 @@ def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: in
     """LOST with ``loaded`` on every image of ``data``; CorLoc, baselines and where the seeds fell."""
     fixed = threshold_option(threshold)
     rule = rule or AutoRule()
-    b = resolve_block(block, len(loaded.blocks))
+    b = parse_block(block, len(loaded.blocks), loaded.layer_range_hint())
     gh, gw = loaded.grid_size
     N = gh * gw
     kk = default_k(N) if k is None else int(k)
@@ -310,17 +305,17 @@ def discover(
     data: str | Path | BoxedData | None = None,
     *,
     compare: Sequence[str] = (),
-    block: int = -1,
+    blocks: int | str = BLOCK,
     features: str = "keys",
     k: int | None = None,
-    threshold: str | float | None = "auto",
+    threshold: str | float | None = THRESHOLD,
     image_root: str | Path | None = None,
-    device: str | None = "auto",
-    batch_size: int = 32,
-    num_workers: int | str = "auto",
-    keep: int = 6,
+    device: str | None = DEVICE,
+    batch_size: int = BATCH_SIZE,
+    num_workers: int | str = WORKERS,
+    maps: int = MAPS,
     random_seed: int = 0,
-    fix_top_k: int = 4,
+    fix_top_k: int = TOP_K,
     img_size: int | None = None,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
@@ -328,6 +323,7 @@ def discover(
     weights: str | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
+    block: int | None = None, keep: int | None = None,  # the old names of blocks= and maps= (deprecated)
 ) -> DiscoverReport:
     """LOST object discovery and CorLoc for one or more models on one data set.
 
@@ -338,11 +334,11 @@ def discover(
             ``.json`` (images under ``image_root``), an image folder without boxes, or a :class:`BoxedData`.
         compare: ``["fix"]``: also run each model with a test-time register installed (register neurons found on
             the same images with the fix's machinery).
-        block: the block whose features LOST reads (negative counts from the end; default the last).
+        blocks: the one block whose features LOST reads (:func:`artifactscan.core.blocks.parse_block`).
         features: ``keys`` (LOST's default), ``queries``, ``values`` or ``tokens`` (the block's output).
         k: seed-expansion patches; default LOST's 100 scaled to the grid (:func:`default_k`).
         threshold: the norms scan's rule that flags outlier tokens: ``"auto"`` or a number.
-        keep: images whose outlier maps are kept for figures.
+        maps: images whose outlier maps are kept for figures.
         random_seed: the random-box baseline's seed.
         fix_top_k: with ``compare=["fix"]``, the register neurons moved onto the register.
         img_size, arch, arch_kwargs, trust_checkpoint, weights: as for :func:`artifactscan.load_model`, for every
@@ -362,8 +358,10 @@ def discover(
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     parse_workers(num_workers)  # a bad --workers fails before any model loads
+    block = renamed_keyword(blocks, block, "blocks", "block", BLOCK)
+    keep = renamed_keyword(maps, keep, "maps", "keep", MAPS)
     if keep < 0:
-        raise InputError(f"--figure-images must be >= 0, got {keep}")
+        raise InputError(f"--maps must be >= 0, got {keep}")
     fixed = threshold_option(threshold)
     specs = list(models) if isinstance(models, (list, tuple)) else [models]
     dev = resolve_device(device)
@@ -384,7 +382,7 @@ def discover(
     for i, spec in enumerate(specs):
         loaded = loaded_first if i == 0 else load_model(spec, **load_options)
         if features != "tokens":
-            feature_points(loaded, resolve_block(block, len(loaded.blocks)), features)  # refuse before any pass
+            feature_points(loaded, parse_block(block, len(loaded.blocks)), features)  # refuse before any pass
         runs.append(discovery_run(loaded, boxed, label=loaded.name, skipped=skipped if i == 0 else None, **options))
         notes += [f"{loaded.name}: {n}" for n in loaded.notes if n not in notes and not loaded.is_phantom]
         if "fix" in compare:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from artifactscan.analysis.scan import scan
+from artifactscan.core.defaults import BATCH_SIZE, DEVICE, THRESHOLD
 from artifactscan.core.errors import InputError, ModelLoadError, NonFiniteError
 from artifactscan.core.files import display_name, name_hex
 from artifactscan.core.paths import path_kind
@@ -166,8 +167,8 @@ def emergence_headline(groups: list[EmergenceGroup], num_skipped: int = 0) -> st
     return text[0].upper() + text[1:] + (f" {num_skipped} checkpoint file(s) skipped." if num_skipped else "")
 
 
-def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float = "auto", device: str = "auto",
-             batch_size: int = 64, progress: bool = False, warn: Callable[[str], None] | None = None,
+def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float = THRESHOLD, device: str = DEVICE,
+             batch_size: int = BATCH_SIZE, progress: bool = False, warn: Callable[[str], None] | None = None,
              allow_nonfinite: bool = False, **scan_kwargs: Any) -> EmergenceReport:
     """Scan every checkpoint of a training run (e.g. a train-reg run folder) on the same images.
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from artifactscan.core.blocks import parse_blocks_up_to, renamed_keyword
+from artifactscan.core.defaults import BATCH_SIZE, DEVICE, THRESHOLD, TOP_K, WORKERS
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
 from artifactscan.models.hooks import block_of, capture, unit_points
@@ -53,7 +55,7 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
         raise InputError("nothing to fix: the scan found no outlier tokens")
     max_layer = report.onset_layer if max_layer is None else max_layer
     if not 0 <= max_layer < num_blocks:
-        raise InputError(f"--max-layer {max_layer} is outside the model: choose a block from 0 to {num_blocks - 1}")
+        raise InputError(f"block {max_layer} is outside the model: choose a block from 0 to {num_blocks - 1}")
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {top_k}")
     sites = unit_points(loaded, range(max_layer + 1))
@@ -192,23 +194,30 @@ def fix_verdict(removed: float, before_fraction: float, after_fraction: float, c
     return f"The test-time register {removal}; the model's pooled features keep {cosines}."
 
 
-def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int | None = None,
-        threshold: str | float = "auto", out: str | Path | None = None, device: str = "auto",
-        batch_size: int = 32, num_workers: int | str = "auto", exact_decode: bool = False,
-        gpu_decode: bool = False) -> FixReport:
+def fix(model: Any = None, images: Any = None, *, top_k: int = TOP_K, blocks: str | int | None = None,
+        threshold: str | float = THRESHOLD, save_model: str | Path | None = None, device: str = DEVICE,
+        batch_size: int = BATCH_SIZE, num_workers: int | str = WORKERS, exact_decode: bool = False,
+        gpu_decode: bool = False, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+        trust_checkpoint: bool = False, img_size: int | None = None, weights: str | None = None,
+        max_layer: int | None = None, out: str | Path | None = None) -> FixReport:
     """Find the register neurons on ``images``, install a test-time register, and report before vs after.
 
-    ``num_workers`` / ``exact_decode`` / ``gpu_decode``: how image files are decoded, as for :func:`artifactscan.scan`.
+    ``blocks``: the blocks searched for register neurons, always from block 0: ``"0:N"`` (``":N"``) searches
+    blocks 0 to N (default: up to the onset layer). ``save_model``: write the fixed model there (a ``.safetensors``
+    or ``.pt`` file). ``max_layer=N`` and ``out=`` are their old names (deprecated). ``num_workers`` /
+    ``exact_decode`` / ``gpu_decode``: how image files are decoded, and ``arch`` ... ``weights`` how the model is
+    loaded, as for :func:`artifactscan.scan`.
     """
     decode = dict(num_workers=num_workers, exact_decode=exact_decode, gpu_decode=gpu_decode)
+    blocks = renamed_keyword(blocks, None if max_layer is None else f"0:{max_layer}", "blocks", "max_layer")
+    save_model = renamed_keyword(save_model, out, "save_model", "out")
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {top_k}")
     dev = resolve_device(device)
-    loaded = load_model(model)
+    loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
+                        img_size=img_size, weights=weights)
     check_supported(loaded)
-    if max_layer is not None and not 0 <= max_layer < len(loaded.blocks):
-        raise InputError(f"--max-layer {max_layer} is outside the model: choose a block from 0 to "
-                         f"{len(loaded.blocks) - 1}")
+    max_layer = parse_blocks_up_to(blocks, len(loaded.blocks), loaded.layer_range_hint())
     if loaded.meta is not None and EXTRA_KEY in loaded.meta.extra:
         raise InputError(f"{loaded.name} already carries a test-time register; fix the original model instead")
     loaded.model.to(dev)
@@ -236,15 +245,15 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
     outliers_after = sum(lay.num_outliers for lay in after.layers if not lay.is_final_norm)
     removed = 1 - outliers_after / outliers_before if outliers_before else 0.0
     saved = None
-    if out is not None:
+    if save_model is not None:
         if loaded.meta is None:
-            raise InputError("--out needs a model loaded from a self-describing checkpoint or built-in name; "
+            raise InputError("--save-model needs a model loaded from a self-describing checkpoint or built-in name; "
                              "the neuron list is printed in the JSON report instead")
         extra = dict(loaded.meta.extra)
         extra[EXTRA_KEY] = register.to_dict()
         meta = CheckpointMeta(**{**asdict(loaded.meta), "extra": extra,
                                  "description": (loaded.meta.description + " + test-time register").strip()})
-        saved = str(save_checkpoint(out, loaded.model.state_dict(), meta))
+        saved = str(save_checkpoint(save_model, loaded.model.state_dict(), meta))
     verdict = fix_verdict(removed, before.last_block.outlier_fraction, after.last_block.outlier_fraction,
                           float(cos.mean()), float(cos.min()), agreement, len(register.neurons))
     return FixReport(register.neurons, register.max_layer,

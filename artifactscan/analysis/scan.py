@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from artifactscan.core.numbers import percent as _pct
+from artifactscan.core.defaults import BATCH_SIZE, DEVICE, MAPS, THRESHOLD, WORKERS
 from artifactscan.analysis.capture import NormCapture, row_names
 from artifactscan.analysis.memory import check_fits
 from artifactscan.core.errors import InputError
@@ -307,16 +308,16 @@ def scan(
     model: str | Path | LoadedModel | torch.nn.Module | None = None,
     images: str | Path | Sequence[str | Path] | Dataset | torch.Tensor | None = None,
     *,
-    threshold: str | float | None = "auto",
+    threshold: str | float | None = THRESHOLD,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
     img_size: int | None = None,
     weights: str | None = None,
-    device: str | None = "auto",
-    batch_size: int = 32,
-    num_workers: int | str = "auto",
-    num_maps: int = 6,
+    device: str | None = DEVICE,
+    batch_size: int = BATCH_SIZE,
+    num_workers: int | str = WORKERS,
+    num_maps: int = MAPS,
     rule: AutoRule | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,

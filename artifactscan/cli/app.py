@@ -50,6 +50,9 @@ from artifactscan.cli.options import (  # noqa: F401  (re-exported: the commands
     TrustOpt,
     WeightsOpt,
     WorkersOpt,
+    maps_option,
+    refuse_options_given,
+    threshold_option,
     with_option_groups,
 )
 
@@ -295,12 +298,13 @@ def swapped_arguments_hint(model: str, images: Optional[str]) -> None:
 @app.command()
 @with_option_groups
 def norms(
+    ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
     images: Optional[str] = typer.Argument(None, help=IMAGES_HELP, show_default=False),
-    threshold: str = typer.Option("auto", "--threshold", "-t", help=THRESHOLD_HELP),
+    threshold: str = threshold_option(THRESHOLD_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.json, outliers.csv and figures here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
-    maps: int = typer.Option(6, "--maps", help="Per-image norm maps to keep (first N images)."),
+    maps: int = maps_option("Per-image norm maps to keep (first N images)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures into --out."),
     fail_above: Optional[float] = typer.Option(
         None, "--fail-above", metavar="FRACTION",
@@ -338,9 +342,8 @@ def norms(
     reader went away (| head).
     """
     from artifactscan.models.hf import is_training_run
-    from artifactscan.render.text import render_scan
+    from artifactscan.render.text import render_scan, render_written
     from artifactscan.render.outputs import write_scan_outputs
-    from artifactscan.core.errors import GateFailedError, NonFiniteError
     from artifactscan.core.distributed import distributed_world
     from artifactscan.analysis.scan import scan
 
@@ -356,72 +359,94 @@ def norms(
                                                              or not (folder / "config.json").is_file())
         if is_run:
             swapped_arguments_hint(model, images)  # type: ignore[arg-type]
+            # a run's checkpoints describe themselves, and its report keeps no per-image maps
+            refuse_options_given(ctx, RUN_FOLDER_REFUSES, "a single model, not a run folder",
+                                 "scan one checkpoint of the run: artifactscan norms RUN/MODEL/CHECKPOINT")
         rank = distributed_world()[1]
         mine = out if rank == 0 else None  # under torchrun rank 0 alone owns --out
         with output_folder(mine, "norms"):  # validated and locked before any model runs
             if is_run:
-                return _emergence(model)  # type: ignore[arg-type]
+                return norms_of_run(model, images, threshold=threshold, out=out, json_out=json_out,  # type: ignore
+                                    figures=figures, fail_above=fail_above, device=device, batch_size=batch_size,
+                                    img_size=load.img_size, allow_nonfinite=allow_nonfinite, **decode.kwargs())
             report = scan(model, images, threshold=threshold, **load.kwargs(), device=device, batch_size=batch_size,
                           **decode.kwargs(), num_maps=maps, progress=not json_out and sys.stderr.isatty(), warn=warn,
                           allow_nonfinite=allow_nonfinite)
             if rank != 0:
                 return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
-            if out is not None:
-                written = write_scan_outputs(report, out, figures=figures)
+            written = write_scan_outputs(report, out, figures=figures) if out is not None else []
             if json_out:
                 sys.stdout.write(report.to_json() + "\n")
             else:
                 render_scan(report, stdout)
                 if out is not None:
-                    print_line(stdout, "wrote", "", f"{len(written)} files to {display_name(out)}/ (report.json, "
-                               f"outliers.csv{', figures' if figures else ''})")
-        problem = report.nonfinite_problem()
-        if problem and not allow_nonfinite:
-            raise NonFiniteError(f"{problem}: the statistics above are not valid; find where the values start (e.g. "
-                                 "fp16 overflow: try --device cpu), or pass --allow-nonfinite to accept the report")
-        last = report.last_block
-        if fail_above is not None and last.outlier_fraction > fail_above:
-            raise GateFailedError(f"{last.name}: {last.outlier_fraction:.2%} of patch tokens are outliers, above "
-                                  f"--fail-above {fail_above:g} ({fail_above:.2%})")
-        undecided = report.inconclusive_problem()
-        if fail_above is not None and undecided:  # "could not decide" never passes a gate
-            raise GateFailedError(f"{undecided}; an inconclusive scan does not pass --fail-above")
-
-    def _emergence(run_dir: str) -> None:
-        from artifactscan.analysis.emergence import scan_run
-        from artifactscan.render.plots_compare import save_emergence_figure
-        from artifactscan.render.text import render_emergence
-
-        result = scan_run(run_dir, images, threshold=threshold, device=device, batch_size=batch_size,
-                          progress=not json_out and sys.stderr.isatty(), img_size=load.img_size, warn=warn,
-                          allow_nonfinite=allow_nonfinite)
-        emit_result(result, out, "emergence.json", json_out, lambda r: render_emergence(r, stdout),
-                    save_emergence_figure if figures else None)
-        from artifactscan.analysis.emergence import NONFINITE_REASON
-
-        bad = [s for s in result.skipped if s.reason.startswith(NONFINITE_REASON)]
-        if bad:
-            raise NonFiniteError(f"{len(bad)} checkpoint(s) of the run hold non-finite weights or norms (first: "
-                                 f"{bad[0].path}: {bad[0].reason[len(NONFINITE_REASON):]}); they are listed under "
-                                 "'skipped' (--allow-nonfinite scans them anyway)")
-        if fail_above is not None:
-            over = [(g, g.points[-1]) for g in result.groups if g.points and g.points[-1].outlier_fraction
-                    and g.points[-1].outlier_fraction[-1] > fail_above]
-            if over:
-                g, p = over[0]
-                raise GateFailedError(f"{Path(p.checkpoint).name} (step {p.step}): {p.outlier_fraction[-1]:.2%} of "
-                                      f"last-block patch tokens are outliers, above --fail-above {fail_above:g}"
-                                      + (f" (+{len(over) - 1} more models)" if len(over) > 1 else ""))
-            undecided = [(g, g.points[-1]) for g in result.groups if g.points and g.points[-1].inconclusive_layers]
-            if undecided:
-                g, p = undecided[0]
-                raise GateFailedError(f"{Path(p.checkpoint).name} (step {p.step}): inconclusive at block(s) "
-                                      f"{', '.join(map(str, p.inconclusive_layers))} (a separated group with fewer "
-                                      "tokens than the threshold rule needs; scan more images); an inconclusive "
-                                      "scan does not pass --fail-above"
-                                      + (f" (+{len(undecided) - 1} more models)" if len(undecided) > 1 else ""))
+                    render_written(stdout, written, out, "report.json, outliers.csv" + (", figures" if figures else ""))
+        check_scan_gates(report, fail_above, allow_nonfinite)
 
     run_command(debug, work)
+
+
+#: ``norms`` options that do not apply to a run folder (refused when typed, never silently dropped).
+RUN_FOLDER_REFUSES = ("arch", "arch_kwargs", "trust_checkpoint", "weights", "maps")
+
+
+def check_scan_gates(report: Any, fail_above: Optional[float], allow_nonfinite: bool) -> None:
+    """After a scan's outputs are written: non-finite values (exit 1) and the --fail-above gate (exit 3)."""
+    from artifactscan.core.errors import GateFailedError, NonFiniteError
+
+    problem = report.nonfinite_problem()
+    if problem and not allow_nonfinite:
+        raise NonFiniteError(f"{problem}: the statistics above are not valid; find where the values start (e.g. "
+                             "fp16 overflow: try --device cpu), or pass --allow-nonfinite to accept the report")
+    last = report.last_block
+    if fail_above is not None and last.outlier_fraction > fail_above:
+        raise GateFailedError(f"{last.name}: {last.outlier_fraction:.2%} of patch tokens are outliers, above "
+                              f"--fail-above {fail_above:g} ({fail_above:.2%})")
+    undecided = report.inconclusive_problem()
+    if fail_above is not None and undecided:  # "could not decide" never passes a gate
+        raise GateFailedError(f"{undecided}; an inconclusive scan does not pass --fail-above")
+
+
+def norms_of_run(run_dir: str, images: Optional[str], *, threshold: str, out: Optional[Path], json_out: bool,
+                 figures: bool, fail_above: Optional[float], allow_nonfinite: bool, **scan_kwargs: Any) -> None:
+    """``norms RUN_DIR``: every checkpoint of a training run scanned, outliers against training step."""
+    from artifactscan.analysis.emergence import NONFINITE_REASON, scan_run
+    from artifactscan.core.errors import NonFiniteError
+    from artifactscan.render.plots_compare import save_emergence_figure
+    from artifactscan.render.text import render_emergence
+
+    result = scan_run(run_dir, images, threshold=threshold, progress=not json_out and sys.stderr.isatty(), warn=warn,
+                      allow_nonfinite=allow_nonfinite, **scan_kwargs)
+    emit_result(result, out, "emergence.json", json_out, lambda r: render_emergence(r, stdout),
+                save_emergence_figure if figures else None)
+    bad = [s for s in result.skipped if s.reason.startswith(NONFINITE_REASON)]
+    if bad:
+        raise NonFiniteError(f"{len(bad)} checkpoint(s) of the run hold non-finite weights or norms (first: "
+                             f"{bad[0].path}: {bad[0].reason[len(NONFINITE_REASON):]}); they are listed under "
+                             "'skipped' (--allow-nonfinite scans them anyway)")
+    if fail_above is not None:
+        check_run_gate(result, fail_above)
+
+
+def check_run_gate(result: Any, fail_above: float) -> None:
+    """--fail-above for a run folder: the latest checkpoint of each model, over the bar or inconclusive, fails."""
+    from artifactscan.core.errors import GateFailedError
+
+    over = [(g, g.points[-1]) for g in result.groups if g.points and g.points[-1].outlier_fraction
+            and g.points[-1].outlier_fraction[-1] > fail_above]
+    if over:
+        g, p = over[0]
+        raise GateFailedError(f"{Path(p.checkpoint).name} (step {p.step}): {p.outlier_fraction[-1]:.2%} of "
+                              f"last-block patch tokens are outliers, above --fail-above {fail_above:g}"
+                              + (f" (+{len(over) - 1} more models)" if len(over) > 1 else ""))
+    undecided = [(g, g.points[-1]) for g in result.groups if g.points and g.points[-1].inconclusive_layers]
+    if undecided:
+        g, p = undecided[0]
+        raise GateFailedError(f"{Path(p.checkpoint).name} (step {p.step}): inconclusive at block(s) "
+                              f"{', '.join(map(str, p.inconclusive_layers))} (a separated group with fewer "
+                              "tokens than the threshold rule needs; scan more images); an inconclusive "
+                              "scan does not pass --fail-above"
+                              + (f" (+{len(undecided) - 1} more models)" if len(undecided) > 1 else ""))
 
 
 @app.command()
@@ -430,9 +455,10 @@ def compare(
     models_and_images: list[str] = typer.Argument(..., metavar="MODEL... IMAGES",
                                                   help="Two or more models (as for `norms`), then the image folder "
                                                        "(or synthetic[:N]) they are all scanned on."),
-    threshold: str = typer.Option("auto", "--threshold", "-t", help=THRESHOLD_HELP),
+    threshold: str = threshold_option(THRESHOLD_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write compare.json and compare.png here."),
     json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON on stdout and nothing else."),
+    load: ModelLoadOptions = ModelLoadOptions(),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
     decode: DecodeOptions = DecodeOptions(),
@@ -461,7 +487,8 @@ def compare(
         *models, images = models_and_images
         with output_folder(out, "compare"):
             result = compare_models(models, images, threshold=threshold, device=device, batch_size=batch_size,
-                                    progress=not json_out and sys.stderr.isatty(), **decode.kwargs())
+                                    progress=not json_out and sys.stderr.isatty(), **decode.kwargs(),
+                                    **load.kwargs())
             emit_result(result, out, "compare.json", json_out, lambda r: render_compare(r, stdout),
                         save_compare_figure)
 
@@ -520,16 +547,11 @@ def train_reg(
       artifactscan train-reg --resume runs/2026-11-23-vit-small/
     """
     from artifactscan.analysis import training
-    from artifactscan.analysis.training.verdict import verdict_for_run
-    from artifactscan.analysis.run_files import HELD_OUT_COMPARISON_FILE, OLD_NAMES
-    from artifactscan.render.plots_compare import save_compare_figure, save_register_ablation_figure
-    from artifactscan.render.text import render_compare
 
     def work() -> None:
         main_rank = int(os.environ.get("RANK", "0")) == 0
+        progress = not json_out
         if resume is not None:
-            from artifactscan.core.errors import TrainingError
-
             # Every option that defines the run, passed again, must match the saved run (training.resume compares
             # them all, naming both values); where it runs (--device, --compile) may change, and --scan-images
             # only concerns the verdict.
@@ -540,64 +562,70 @@ def train_reg(
             runtime: dict[str, Any] = {"device": device} if device != "auto" else {}
             if compile_model:
                 runtime["compile"] = True
-            if not resume.is_dir():
-                raise TrainingError(f"cannot resume: {display_name(resume)} is not a folder; pass the run "
-                                    "folder train-reg wrote")
-            if out is not None and out.resolve() != resume.resolve():
-                raise TrainingError(f"--out {display_name(out)} and --resume {display_name(resume)} name different "
-                                    "folders: a run is continued in its own folder; drop --out")
+            check_resume_folders(resume, out)
             with output_folder(resume if main_rank else None, "train-reg", "--resume", manifest=False):
                 result = training.resume(resume, again or None, registers=registers, baseline_checkpoint=baseline,
-                                         preset=preset, progress=not json_out, **runtime)
-                run_dir = resume
+                                         preset=preset, progress=progress, **runtime)
                 if not isinstance(result, training.TrainRegResult):
                     print_line(stdout, "resumed", "", f"and finished the single-model run in {display_name(resume)}")
                     return
-                _verdict(result, run_dir, main_rank)
-        else:
-            config = training.get_preset(
-                preset, data=data, arch=arch, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, depth=depth,
-                embed_dim=dim, num_heads=heads, img_size=img_size, patch_size=patch,
-                class_token=False if no_cls else None, compile=compile_model or None,
-                device=device if device != "auto" else None)
-            if steps is None and epochs is None and training.steps_from_environment() is not None:
-                warn(f"{training.STEPS_ENV} is set: {config.steps} steps per model (a development setting)")
-            run_dir = out or Path("runs") / f"{__import__('datetime').date.today()}-{config.arch.split('_patch')[0]}"
-            # The run folder is validated and locked first: a second train-reg into it fails at once, not mid-run.
-            with output_folder(run_dir if main_rank else None, "train-reg", manifest=False):
-                result = training.train_reg(config, run_dir, registers or "4", baseline_checkpoint=baseline,
-                                            progress=not json_out)
-                _verdict(result, run_dir, main_rank)
-
-    def _verdict(result: Any, run_dir: Path, main_rank: bool) -> None:
-        if not main_rank:
-            return  # rank 0 scans and reports
-        try:
-            verdict = verdict_for_run(result, scan_images, device=device,
-                                      progress=not json_out and sys.stderr.isatty())
-        except KeyboardInterrupt:
-            from artifactscan.core.errors import RunInterrupted
-
-            raise RunInterrupted(f"stopped while scanning for the verdict; the training in {display_name(run_dir)} "
-                                 "is complete; get the verdict with: artifactscan train-reg --resume "
-                                 f"{display_name(run_dir)}") from None
-
-        def figures(v: Any, folder: Path) -> None:
-            save_compare_figure(v.comparison, folder)
-            if len(result.variants) > 2:
-                save_register_ablation_figure(v.comparison, folder)
-
-        def render(v: Any) -> None:
-            render_compare(v.comparison, stdout)
-            stdout.print("held-out accuracy: " + ", ".join(f"{k} {a:.1%}" for k, a in
-                                                           v.validation_accuracy.items()))
-            print_line(stdout, "run folder:", "", f"{display_name(run_dir)} ({HELD_OUT_COMPARISON_FILE}, "
-                       "compare.png, checkpoints per model)")
-
-        emit_result(verdict, Path(run_dir), HELD_OUT_COMPARISON_FILE, json_out, render, figures,
-                    old_filename=OLD_NAMES[HELD_OUT_COMPARISON_FILE])
+                if main_rank:  # rank 0 scans and reports
+                    train_reg_verdict(result, resume, scan_images, device, json_out)
+            return
+        config = training.get_preset(
+            preset, data=data, arch=arch, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, depth=depth,
+            embed_dim=dim, num_heads=heads, img_size=img_size, patch_size=patch,
+            class_token=False if no_cls else None, compile=compile_model or None,
+            device=device if device != "auto" else None)
+        if steps is None and epochs is None and training.steps_from_environment() is not None:
+            warn(f"{training.STEPS_ENV} is set: {config.steps} steps per model (a development setting)")
+        run_dir = out or Path("runs") / f"{__import__('datetime').date.today()}-{config.arch.split('_patch')[0]}"
+        # The run folder is validated and locked first: a second train-reg into it fails at once, not mid-run.
+        with output_folder(run_dir if main_rank else None, "train-reg", manifest=False):
+            result = training.train_reg(config, run_dir, registers or "4", baseline_checkpoint=baseline,
+                                        progress=progress)
+            if main_rank:
+                train_reg_verdict(result, run_dir, scan_images, device, json_out)
 
     run_command(debug, work)
+
+
+def check_resume_folders(resume: Path, out: Optional[Path]) -> None:
+    """``--resume`` names an existing run folder, and ``--out`` (if given) the same one."""
+    from artifactscan.core.errors import TrainingError
+
+    if not resume.is_dir():
+        raise TrainingError(f"cannot resume: {display_name(resume)} is not a folder; pass the run "
+                            "folder train-reg wrote")
+    if out is not None and out.resolve() != resume.resolve():
+        raise TrainingError(f"--out {display_name(out)} and --resume {display_name(resume)} name different "
+                            "folders: a run is continued in its own folder; drop --out")
+
+
+def train_reg_verdict(result: Any, run_dir: Path, scan_images: Optional[str], device: str, json_out: bool) -> None:
+    """Scan the trained models on held-out images and write/print the verdict (rank 0)."""
+    try:  # a Ctrl-C from here on, the imports included, lands after the training is complete
+        from artifactscan.analysis.training.verdict import verdict_for_run
+        from artifactscan.analysis.run_files import HELD_OUT_COMPARISON_FILE, OLD_NAMES
+        from artifactscan.render.plots_compare import save_compare_figure, save_register_ablation_figure
+        from artifactscan.render.text import render_train_reg_verdict
+
+        verdict = verdict_for_run(result, scan_images, device=device, progress=not json_out and sys.stderr.isatty())
+    except KeyboardInterrupt:
+        from artifactscan.core.errors import RunInterrupted
+
+        raise RunInterrupted(f"stopped while scanning for the verdict; the training in {display_name(run_dir)} "
+                             "is complete; get the verdict with: artifactscan train-reg --resume "
+                             f"{display_name(run_dir)}") from None
+
+    def figures(v: Any, folder: Path) -> None:
+        save_compare_figure(v.comparison, folder)
+        if len(result.variants) > 2:
+            save_register_ablation_figure(v.comparison, folder)
+
+    emit_result(verdict, Path(run_dir), HELD_OUT_COMPARISON_FILE, json_out,
+                lambda v: render_train_reg_verdict(v, run_dir, stdout), figures,
+                old_filename=OLD_NAMES[HELD_OUT_COMPARISON_FILE])
 
 
 def main() -> None:

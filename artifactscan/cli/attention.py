@@ -12,16 +12,22 @@ from typing import Optional
 
 import typer
 
-from artifactscan.cli.app import IMAGES_HELP, MODEL_HELP, THRESHOLD_HELP, app, print_line, run_command, stdout, warn
+from artifactscan.cli.app import IMAGES_HELP, MODEL_HELP, THRESHOLD_HELP, app, run_command, stdout, warn
 from artifactscan.cli.options import (
+    BLOCKS_SYNTAX,
     BatchOpt,
     DebugOpt,
     DecodeOptions,
     DeviceOpt,
     ModelLoadOptions,
+    maps_option,
+    old_spelling,
+    renamed_flag,
+    threshold_option,
     with_option_groups,
 )
-from artifactscan.core.files import display_name, output_folder
+from artifactscan.core.blocks import ALL_BLOCKS
+from artifactscan.core.files import output_folder
 
 
 @app.command("attention")
@@ -29,9 +35,10 @@ from artifactscan.core.files import display_name, output_folder
 def attention(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
     images: Optional[str] = typer.Argument(None, help=IMAGES_HELP, show_default=False),
-    layers: str = typer.Option("all", "--layers", "-l",
-                               help="Blocks to capture: 'all' or a comma list such as 0,5,-1 (negative counts from "
-                                    "the end). Only these blocks lose the fused attention kernel, only for the pass."),
+    blocks: str = typer.Option(ALL_BLOCKS, "--blocks", "-l",
+                               help="Blocks to capture: 'all', or " + BLOCKS_SYNTAX + ". Only these blocks lose the "
+                                    "fused attention kernel, only for the pass."),
+    layers: Optional[str] = old_spelling("--layers", "--blocks"),
     heads: str = typer.Option("mean", "--heads",
                               help="'mean': maps averaged over heads. 'all': one map per head (the paper's Fig 9; "
                                    "writes per-head figures)."),
@@ -40,9 +47,9 @@ def attention(
                                    "mean of all patch queries when it has no prefix tokens), 'cls', 'regK' or 'mean'."),
     query_patch: Optional[str] = typer.Option(None, "--query-patch", metavar="ROW,COL",
                                               help="Also map the attention of this patch (0-based grid position)."),
-    threshold: str = typer.Option("auto", "--threshold", "-t", help=THRESHOLD_HELP),
-    maps: int = typer.Option(6, "--maps", help="Keep attention maps (and figures) for the first N images; the mass "
-                                               "statistics always use every image."),
+    threshold: str = threshold_option(THRESHOLD_HELP),
+    maps: int = maps_option("Keep attention maps (and figures) for the first N images; the mass statistics always "
+                            "use every image."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write attention.json and figures here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures into --out."),
@@ -73,12 +80,13 @@ def attention(
 
       artifactscan attention                                          # the calibration phantom on sample_images/
 
-      artifactscan attention demo-reg4 sample_images/ --layers -1 --heads all --out attn/
+      artifactscan attention demo-reg4 sample_images/ --blocks -1 --heads all --out attn/
 
       artifactscan attention ckpt.pt imgs/ --arch vit_small_patch16_224 --query-patch 7,7 --json > attention.json
     """
     from artifactscan.analysis.attention_maps import attention_report
-    from artifactscan.render.text import render_attention
+    from artifactscan.render.outputs import write_attention_outputs
+    from artifactscan.render.text import render_attention, render_written
 
     def work() -> None:
         if maps < 0:
@@ -87,26 +95,16 @@ def attention(
             raise InputError(f"--maps must be 0 or more (the number of images that keep attention maps), got {maps}")
         with output_folder(out, "attention"):  # validated and locked before any model runs
             report = attention_report(
-                model, images, layers=layers, threshold=threshold, query=query, query_patch=query_patch, heads=heads,
-                maps=maps, device=device, batch_size=batch_size, **decode.kwargs(), **load.kwargs(),
+                model, images, blocks=renamed_flag(blocks, layers, "--layers", "--blocks", ALL_BLOCKS),
+                threshold=threshold, query=query, query_patch=query_patch, heads=heads, maps=maps, device=device,
+                batch_size=batch_size, **decode.kwargs(), **load.kwargs(),
                 progress=not json_out and sys.stderr.isatty(), warn=warn)
-            written: list[Path] = []
-            text = report.to_json()
-            if out is not None:
-                from artifactscan.core.files import atomic_write_text
-
-                atomic_write_text(out / "attention.json", text)
-                written.append(out / "attention.json")
-                if figures:
-                    from artifactscan.render.plots_attention import save_attention_figures
-
-                    written += save_attention_figures(report, out)
+            written = write_attention_outputs(report, out, figures=figures) if out is not None else []
             if json_out:
-                sys.stdout.write(text + "\n")
+                sys.stdout.write(report.to_json() + "\n")
                 return
             render_attention(report, stdout)
             if out is not None:
-                print_line(stdout, "wrote", "", f"{len(written)} files to {display_name(out)}/ (attention.json"
-                           f"{', figures' if figures else ''})")
+                render_written(stdout, written, out, "attention.json" + (", figures" if figures else ""))
 
     run_command(debug, work)

@@ -10,9 +10,11 @@ from typing import Optional
 
 import typer
 
-from artifactscan.cli.app import THRESHOLD_HELP, app, emit_result, print_line, run_command, stdout, warn
-from artifactscan.cli.options import BatchOpt, DebugOpt, DeviceOpt, ModelLoadOptions, WorkersOpt, with_option_groups
-from artifactscan.core.files import display_name, output_folder
+from artifactscan.cli.app import THRESHOLD_HELP, app, emit_result, run_command, stdout, warn
+from artifactscan.cli.options import (BLOCKS_SYNTAX, BatchOpt, DebugOpt, DecodeOptions, DeviceOpt, ModelLoadOptions,
+                                      maps_option, old_spelling, renamed_flag, threshold_option, with_option_groups)
+from artifactscan.core.defaults import BLOCK, MAPS, TOP_K
+from artifactscan.core.files import output_folder
 
 ARGS_HELP = (
     "Zero or more models (as for `norms`; default: the embedded default model), then DATA: synthetic-objects[:N] "
@@ -45,8 +47,9 @@ def discover(
                                  help="Patch features LOST compares: keys (LOST's choice), queries, values (from the "
                                       "block's fused attn.qkv, heads concatenated) or tokens (the block's output). "
                                       "The registers paper's choice differs by model family."),
-    block: int = typer.Option(-1, "--block", help="Block whose features are read (0-based; negative counts from "
-                                                  "the end; default the last)."),
+    blocks: str = typer.Option(str(BLOCK), "--blocks", "-l", help="The one block whose features are read, "
+                               + BLOCKS_SYNTAX + "; default the last."),
+    block: Optional[str] = old_spelling("--block", "--blocks"),
     k: Optional[int] = typer.Option(None, "--k", help="Seed-expansion patches: the seed's positively correlated "
                                                       "patches among the k of lowest degree. Default: LOST's 100 "
                                                       "scaled to the grid, round(100 x patches / 713)."),
@@ -54,21 +57,22 @@ def discover(
                                           help="'fix': also run each model with a test-time register installed "
                                                "(register neurons found on the same images, as `artifactscan fix` "
                                                "does), one row per model and fix."),
-    threshold: str = typer.Option("auto", "--threshold", "-t", help="How outlier tokens are flagged (where the "
-                                  "features are read): " + THRESHOLD_HELP),
+    threshold: str = threshold_option("How outlier tokens are flagged (where the features are read): "
+                                      + THRESHOLD_HELP),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder of a COCO-style JSON's images "
                                                                          "(default: the JSON's folder)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random-box baseline."),
-    top_k: int = typer.Option(4, "--top-k", help="With --compare fix: register neurons moved onto the register."),
-    figure_images: int = typer.Option(6, "--figure-images", help="Images shown in discover.png (their outlier "
-                                                                 "tokens are kept)."),
+    top_k: int = typer.Option(TOP_K, "--top-k", help="With --compare fix: register neurons moved onto the "
+                                                     "register."),
+    maps: int = maps_option("Images shown in discover.png (their outlier tokens are kept)."),
+    figure_images: Optional[int] = old_spelling("--figure-images", "--maps"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write discover.json and discover.png here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write discover.png into --out."),
     load: ModelLoadOptions = ModelLoadOptions(),
     device: str = DeviceOpt,
     batch_size: int = BatchOpt,
-    workers: str = WorkersOpt,
+    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     """Unsupervised object discovery with LOST, scored with CorLoc: do artifact tokens break it (the registers
@@ -100,22 +104,29 @@ def discover(
       artifactscan discover vit_small_patch14_reg4_dinov2.lvd142m VOC2007/ --features keys --json > voc.json
     """
     from artifactscan.analysis.discover import discover as run_discover
-    from artifactscan.render.text import render_discover
+    from artifactscan.render.text import render_discover, render_discover_written
 
     def work() -> None:
+        if decode.gpu_decode:
+            from artifactscan.core.errors import InputError
+
+            raise InputError("--gpu-decode does not apply to discover: it decodes every image file in full with "
+                             "Pillow (its boxes are in the files' pixels); drop --gpu-decode")
         models, data = split_args(list(args or []))
         with output_folder(out, "discover"):  # validated and locked before any model runs
+            # discover always decodes in full, so --exact-decode holds already (and is accepted)
             report = run_discover(
-                models, data, compare=[compare] if compare else [], block=block, features=features, k=k,
+                models, data, compare=[compare] if compare else [],
+                blocks=renamed_flag(blocks, block, "--block", "--blocks", str(BLOCK)), features=features, k=k,
                 threshold=threshold, image_root=image_root, device=device, batch_size=batch_size,
-                num_workers=workers, keep=figure_images, random_seed=seed, fix_top_k=top_k, **load.kwargs(),
-                progress=not json_out and sys.stderr.isatty(), warn=warn)
+                num_workers=decode.workers, maps=renamed_flag(maps, figure_images, "--figure-images", "--maps", MAPS),
+                random_seed=seed, fix_top_k=top_k, **load.kwargs(), progress=not json_out and sys.stderr.isatty(),
+                warn=warn)
             from artifactscan.render.plots_discover import save_discover_figure
 
             emit_result(report, out, "discover.json", json_out, lambda r: render_discover(r, stdout),
                         save_discover_figure if figures else None)
             if out is not None and not json_out:
-                print_line(stdout, "wrote", "", f"discover.json{' and discover.png' if figures else ''} to "
-                           f"{display_name(out)}/")
+                render_discover_written(stdout, out, figures)
 
     run_command(debug, work)

@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from artifactscan.core.defaults import BATCH_SIZE, DEVICE, MAPS, THRESHOLD, WORKERS
+
 ArchOpt = typer.Option(None, "--arch", help="timm architecture for a bare state dict, e.g. vit_small_patch16_224.")
 ArchKwargsOpt = typer.Option(None, "--arch-kwargs", help='JSON of timm.create_model overrides, e.g. \'{"reg_tokens": 4}\'.')
 TrustOpt = typer.Option(False, "--trust-checkpoint",
@@ -23,9 +25,9 @@ TrustOpt = typer.Option(False, "--trust-checkpoint",
                              "Both run code from the file: only for files you trust.")
 WeightsOpt = typer.Option(None, "--weights", help="ema or raw: which weights of a checkpoint holding both "
                                                   "(default: ema, as timm does; the report names the ones loaded).")
-DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")
-BatchOpt = typer.Option(32, "--batch-size", "-b", help="Images per forward pass.")
-WorkersOpt = typer.Option("auto", "--workers", help="DataLoader processes decoding images: 'auto' (half the cores on "
+DeviceOpt = typer.Option(DEVICE, "--device", help="auto (CUDA when available), cpu, cuda, cuda:N.")
+BatchOpt = typer.Option(BATCH_SIZE, "--batch-size", "-b", help="Images per forward pass.")
+WorkersOpt = typer.Option(WORKERS, "--workers", help="DataLoader processes decoding images: 'auto' (half the cores on "
                           "the CPU, all but one with CUDA; at most 8, none under 64 images) or a number (0: decode on "
                           "the main process).")
 ExactDecodeOpt = typer.Option(False, "--exact-decode", help="Decode image files in full. Default: only as large as the "
@@ -67,7 +69,7 @@ class ModelLoadOptions:
 class DecodeOptions:
     """--workers, --exact-decode, --gpu-decode: how a command decodes its image files."""
 
-    workers: str = _opt("auto", WorkersOpt)
+    workers: str = _opt(WORKERS, WorkersOpt)
     exact_decode: bool = _opt(False, ExactDecodeOpt)
     gpu_decode: bool = _opt(False, GpuDecodeOpt)
 
@@ -104,6 +106,46 @@ def with_option_groups(fn: Callable[..., Any]) -> Callable[..., Any]:
     command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params} | {"return": sig.return_annotation}
     return command
+
+
+#: How every ``--blocks`` is written (core/blocks.py parses it).
+BLOCKS_SYNTAX = ("0-based like timm; negative counts from the end (-1 = the last block); a comma list (0,5,-1) or an "
+                 "inclusive range (2:8 = blocks 2 to 8; :8 and 9: leave an end open)")
+
+
+def threshold_option(help_text: str) -> Any:
+    """``--threshold/-t``, with the shared default."""
+    return typer.Option(THRESHOLD, "--threshold", "-t", help=help_text)
+
+
+def maps_option(help_text: str) -> Any:
+    """``--maps N``: the images kept for the per-image figures (one name in every command)."""
+    return typer.Option(MAPS, "--maps", help=help_text)
+
+
+def old_spelling(old: str, new: str) -> Any:
+    """A hidden option for a flag's old spelling, kept for one version (see :func:`renamed_flag`)."""
+    return typer.Option(None, old, hidden=True, help=f"Deprecated: use {new}.")
+
+
+def deprecation_note(text: str) -> None:
+    """One line on stderr; the command goes on with the same result."""
+    typer.echo(f"warning: deprecated: {text}", err=True)
+
+
+def renamed_flag(new_value: Any, old_value: Any, old: str, new: str, default: Any = None,
+                 convert: Callable[[Any], Any] = lambda v: v) -> Any:
+    """The value of a flag spelled ``old`` until this version: a one-line deprecation note, then the same value as
+    ``new`` (``convert``-ed where the new flag writes it differently); both typed is an error."""
+    if old_value is None:
+        return new_value
+    from artifactscan.core.errors import InputError
+
+    if new_value is not None and new_value != default:
+        raise InputError(f"{old} and {new} name the same thing; pass only {new}")
+    value = convert(old_value)
+    deprecation_note(f"{old} {old_value} is now {new} {value} (same result); {old} goes in the next version")
+    return value
 
 
 def refuse_options_given(ctx: typer.Context, names: tuple[str, ...], mode: str, instead: str) -> None:

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from artifactscan.cli.app import app, print_line, run_command, stdout
-from artifactscan.cli.options import DebugOpt, refuse_options_given
+from artifactscan.cli.options import DebugOpt, refuse_options_given, renamed_flag
 from artifactscan.core.files import check_output_file
 
 
@@ -32,7 +32,10 @@ def phantom(
     units: int = typer.Option(4, "--units", help="Number of artifact hidden units."),
     gain: float = typer.Option(25.0, "--gain", help="Planting strength: planted tokens are written at gain x the "
                                "baseline's largest median patch norm from the onset on (> 1; the shipped phantom: 25)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where --build writes the .safetensors file."),
+    save_model: Optional[Path] = typer.Option(None, "--save-model", metavar="FILE",
+                                              help="Where --build writes the phantom (.safetensors or .pt)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", hidden=True,
+                                       help="Deprecated: --save-model (--out names a folder in every command)."),
     json_out: bool = typer.Option(False, "--json", help="Print the description (of the phantom built, with --build) "
                                   "as JSON on stdout and nothing else."),
     debug: bool = DebugOpt,
@@ -43,7 +46,7 @@ def phantom(
     genuinely trained baselines with the paper's mechanism added at one block: a few hidden units fire on the <= 2%
     most redundant patches of each image and overwrite them with a large vector carrying a global summary.
     Two are shipped: phantom-deep (the default model: 24 blocks like ViT-L, onset block 9, so the paper's
-    `probe --layer 15` lands inside the artifact range) and phantom (6 blocks, onset block 2; fast, for tests and
+    `probe --blocks 15` lands inside the artifact range) and phantom (6 blocks, onset block 2; fast, for tests and
     calibration). Their findings are facts about this construction, never about real models.
 
     Examples:
@@ -52,7 +55,7 @@ def phantom(
 
       artifactscan phantom --describe --model phantom
 
-      artifactscan phantom --build --from demo-deep --onset 9 --out artifactscan/weights/phantom-deep.safetensors
+      artifactscan phantom --build --from demo-deep --onset 9 --save-model artifactscan/weights/phantom-deep.safetensors
     """
     from artifactscan.models.phantom import build_phantom, describe_shipped_phantom, phantom_description
 
@@ -67,21 +70,23 @@ def phantom(
         if build:
             refuse_options_given(ctx, ("name",), "--describe", "pass --describe instead of --build")
         else:
-            refuse_options_given(ctx, ("base", "onset", "fraction", "units", "gain", "out"), "--build", "add --build")
+            refuse_options_given(ctx, ("base", "onset", "fraction", "units", "gain", "save_model", "out"), "--build",
+                                 "add --build")
         if build:
-            if out is not None:
-                check_output_file(out, "--out", (".safetensors", ".pt"))
-            model, spec, path = build_phantom(base, out, onset=onset, fraction=fraction, units=units,
+            target = renamed_flag(save_model, out, "--out", "--save-model")  # phantom's --out was always a file
+            if target is not None:
+                check_output_file(target, "--save-model", (".safetensors", ".pt"))
+            model, spec, path = build_phantom(base, target, onset=onset, fraction=fraction, units=units,
                                               gain_over_median=gain)
             if json_out:
-                built = phantom_description(model, spec, str(path) if path else "not saved (no --out)",
+                built = phantom_description(model, spec, str(path) if path else "not saved (no --save-model)",
                                             path or "PHANTOM.safetensors")
                 sys.stdout.write(built.to_json() + "\n")
                 return
             print_line(stdout, "built", "", f"the phantom from {base}: onset block {spec.onset}, "
                        f"{spec.planted_per_image} of {spec.num_patches} patch tokens planted per image, gain "
                        f"{spec.gain:g} ({spec.gain_over_median:g}x the baseline's median norm)"
-                       + (f"; wrote {path}" if path else " (not saved: pass --out)"))
+                       + (f"; wrote {path}" if path else " (not saved: pass --save-model)"))
             return
         description = describe_shipped_phantom(name)
         if json_out:

@@ -11,9 +11,11 @@ from typing import Optional
 
 import typer
 
-from artifactscan.cli.app import MODEL_HELP, THRESHOLD_HELP, app, print_line, run_command, stdout, warn
-from artifactscan.cli.options import DebugOpt, DecodeOptions, DeviceOpt, ModelLoadOptions, with_option_groups
-from artifactscan.core.files import display_name, output_folder
+from artifactscan.cli.app import MODEL_HELP, THRESHOLD_HELP, app, run_command, stdout, warn
+from artifactscan.cli.options import (BLOCKS_SYNTAX, BatchOpt, DebugOpt, DecodeOptions, DeviceOpt, ModelLoadOptions,
+                                      old_spelling, renamed_flag, threshold_option, with_option_groups)
+from artifactscan.core.defaults import BLOCK
+from artifactscan.core.files import output_folder
 from artifactscan.analysis.probes import (
     DEFAULT_PROBE_IMAGES,
     GLOBAL_DRAWS,
@@ -38,9 +40,9 @@ def _probe_help() -> str:
         "Do the flagged high-norm tokens behave like the paper's artifacts (redundant patches, lost local "
         "information, global information: Fig 5 and Table 1) or like content tokens with a large norm?\n\n"
         "Examples:\n\n"
-        "  artifactscan probe --layer 15\n\n"
-        "  artifactscan probe model.pt data/ --arch vit_small_patch16_224 --layer 9 --out probe/\n\n"
-        "  artifactscan probe vit_base_patch14_dinov2.lvd142m imagenette/ --layer -1 --device cuda --json\n\n"
+        "  artifactscan probe --blocks 15\n\n"
+        "  artifactscan probe model.pt data/ --arch vit_small_patch16_224 --blocks 9 --out probe/\n\n"
+        "  artifactscan probe vit_base_patch14_dinov2.lvd142m imagenette/ --blocks -1 --device cuda --json\n\n"
         "Exit codes: 0 on any finding (artifact-like, content-like, inconclusive, clean); 1 on bad input; 2 a bug; "
         "130 interrupted.\n\n"
         "PROTOCOL\n\n" + protocol
@@ -52,9 +54,10 @@ def _probe_help() -> str:
 def probe_command(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
     data: Optional[str] = typer.Argument(None, help=DATA_HELP, show_default=False),
-    layer: int = typer.Option(-1, "--layer", "-l", help="Block to probe, 0-based like timm; negative counts from the "
-                                                        "end (-1 = last block). Only blocks 0..layer run."),
-    threshold: str = typer.Option("auto", "--threshold", "-t", help=THRESHOLD_HELP),
+    blocks: str = typer.Option(str(BLOCK), "--blocks", "-l", help="The one block to probe, " + BLOCKS_SYNTAX
+                               + ". Only blocks 0..N run."),
+    layer: Optional[str] = old_spelling("--layer", "--blocks"),
+    threshold: str = threshold_option(THRESHOLD_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write report.json and the figures here."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures into --out."),
@@ -67,21 +70,23 @@ def probe_command(
     seed: int = typer.Option(0, "--seed", help="Seed of every random choice (split, samples, draws)."),
     load: ModelLoadOptions = ModelLoadOptions(),
     device: str = DeviceOpt,
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
+    batch_size: int = BatchOpt,
     decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     from artifactscan.core.distributed import distributed_world
     from artifactscan.analysis.probes import probe
-    from artifactscan.render.text import render_probe
+    from artifactscan.render.text import render_probe, render_written
     from artifactscan.render.outputs import write_probe_outputs
 
     def work() -> None:
         rank = distributed_world()[1]
         with output_folder(out if rank == 0 else None, "probe"):  # validated and locked before any model runs
-            report = probe(model, data, layer=layer, threshold=threshold, **load.kwargs(), device=device,
-                           batch_size=batch_size, **decode.kwargs(), min_tokens=min_tokens, min_images=min_images, draws=draws, test_fraction=test_fraction,
-                           seed=seed, progress=not json_out and sys.stderr.isatty(), warn=warn)
+            report = probe(model, data, blocks=renamed_flag(blocks, layer, "--layer", "--blocks", str(BLOCK)),
+                           threshold=threshold, **load.kwargs(), device=device, batch_size=batch_size,
+                           **decode.kwargs(), min_tokens=min_tokens, min_images=min_images, draws=draws,
+                           test_fraction=test_fraction, seed=seed, progress=not json_out and sys.stderr.isatty(),
+                           warn=warn)
             if rank != 0:
                 return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
             written = write_probe_outputs(report, out, figures=figures) if out is not None else []
@@ -90,7 +95,6 @@ def probe_command(
                 return
             render_probe(report, stdout)
             if out is not None:
-                print_line(stdout, "wrote", "", f"{len(written)} files to {display_name(out)}/ (report.json"
-                           f"{', figures' if figures else ''})")
+                render_written(stdout, written, out, "report.json" + (", figures" if figures else ""))
 
     run_command(debug, work)

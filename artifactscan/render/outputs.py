@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 from artifactscan.analysis.probes.types import ProbeReport
 from artifactscan.analysis.scan import ScanReport
@@ -57,4 +58,16 @@ def write_probe_outputs(report: ProbeReport, out_dir: str | Path, figures: bool 
         from artifactscan.render.plots_probe import save_probe_figures
 
         written += save_probe_figures(report, out)
+    return written
+
+
+def write_attention_outputs(report: Any, out_dir: str | Path, figures: bool = True) -> list[Path]:
+    """Write ``attention.json`` and the attention figures into ``out_dir``; return the paths written."""
+    out = _output_folder(out_dir)
+    written = [out / "attention.json"]
+    atomic_write_text(written[0], report.to_json())
+    if figures:
+        from artifactscan.render.plots_attention import save_attention_figures
+
+        written += save_attention_figures(report, out)
     return written

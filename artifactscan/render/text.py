@@ -8,6 +8,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 from rich.markup import escape
+from rich.text import Text
 
 from artifactscan.core.numbers import percent as _pct
 from artifactscan.analysis.probes.types import ProbeReport
@@ -270,8 +271,8 @@ def render_discover(report: Any, console: "Console") -> None:
 
 
 def render_fix(result: Any, console: "Console") -> None:
-    """The register neurons ``fix`` found, the before/after of the last block and the verdict (the CLI adds the
-    notes)."""
+    """The register neurons ``fix`` found, the before/after of the last block, the verdict, its notes and where the
+    fixed model was saved."""
     from rich.panel import Panel
 
     if result.neurons:
@@ -284,3 +285,45 @@ def render_fix(result: Any, console: "Console") -> None:
                       f"outliers; max/median {result.before_max_over_median:.1f}x -> "
                       f"{result.after_max_over_median:.1f}x")
     console.print(Panel(result.verdict, title="verdict", style="bold"))
+    for note in result.notes:
+        console.print(Text(plain_line(note), style="dim"))
+    if result.saved_to:
+        console.print(Text.assemble("saved the fixed model to ", plain_line(result.saved_to)), soft_wrap=True,
+                      highlight=False)
+
+
+def plain_line(text: Any) -> str:
+    """Any message as one printable line, never read as rich markup (file names may hold ``[bold]``): its
+    newlines folded, control characters and non-UTF-8 bytes escaped."""
+    from artifactscan.core.paths import display_name
+
+    return display_name(" ".join(str(text).split("\n")).strip())
+
+
+def render_written(console: "Console", written: Any, out: Any, what: str) -> None:
+    """``wrote N files to OUT/ (what)``: the line every command prints after writing its --out folder."""
+    from artifactscan.core.paths import display_name
+
+    count = written if isinstance(written, int) else len(written)
+    console.print(Text.assemble("wrote", " ", plain_line(f"{count} files to {display_name(out)}/ ({what})")),
+                  soft_wrap=True, highlight=False)
+
+
+def render_discover_written(console: "Console", out: Any, figures: bool) -> None:
+    """The line ``discover --out`` prints after writing its folder."""
+    from artifactscan.core.paths import display_name
+
+    console.print(Text.assemble("wrote", " ", plain_line(f"discover.json{' and discover.png' if figures else ''} to "
+                                                         f"{display_name(out)}/")), soft_wrap=True, highlight=False)
+
+
+def render_train_reg_verdict(verdict: Any, run_dir: Any, console: "Console") -> None:
+    """train-reg's verdict: the comparison of the trained models, their held-out accuracy, the run folder."""
+    from artifactscan.analysis.run_files import HELD_OUT_COMPARISON_FILE
+    from artifactscan.core.paths import display_name
+
+    render_compare(verdict.comparison, console)
+    console.print("held-out accuracy: " + ", ".join(f"{k} {a:.1%}" for k, a in verdict.validation_accuracy.items()))
+    console.print(Text.assemble("run folder:", " ", plain_line(f"{display_name(run_dir)} ({HELD_OUT_COMPARISON_FILE}, "
+                                                                "compare.png, checkpoints per model)")), soft_wrap=True,
+                  highlight=False)

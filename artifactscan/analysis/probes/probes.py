@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from artifactscan.core.blocks import as_written, parse_block, renamed_keyword
+from artifactscan.core.defaults import BATCH_SIZE, BLOCK, DEVICE, THRESHOLD, WORKERS
 from artifactscan.core.errors import InputError
 from artifactscan.inputs.images import image_folder_labels
 from artifactscan.analysis.memory import check_fits
@@ -63,7 +65,6 @@ from artifactscan.analysis.probes.sampling import (
     hash_keys,
     class_sample,
     collect_tokens,
-    resolve_layer,
 )
 from artifactscan.analysis.probes.ridge import fit_ridge
 from artifactscan.analysis.probes.verdict import decide_verdict
@@ -184,17 +185,17 @@ def probe(
     model: str | Path | LoadedModel | torch.nn.Module | None = None,
     data: str | Path | Dataset | torch.Tensor | None = None,
     *,
-    layer: int = -1,
-    threshold: str | float | None = "auto",
+    blocks: int | str | None = BLOCK,
+    threshold: str | float | None = THRESHOLD,
     labels: Sequence[int] | None = None,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
     img_size: int | None = None,
     weights: str | None = None,
-    device: str | None = "auto",
-    batch_size: int = 64,
-    num_workers: int | str = "auto",
+    device: str | None = DEVICE,
+    batch_size: int = BATCH_SIZE,
+    num_workers: int | str = WORKERS,
     exact_decode: bool = False,
     gpu_decode: bool = False,
     min_tokens: int = MIN_LOCAL_TOKENS,
@@ -208,6 +209,7 @@ def probe(
     rule: AutoRule | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
+    layer: int | None = None,
 ) -> ProbeReport:
     """Run the paper's probes (position, reconstruction, global, neighbour similarity) at one layer.
 
@@ -216,7 +218,9 @@ def probe(
         data: an image folder (labels from class sub-folders when present), ``"synthetic:N"``, a Dataset of
             ``[0, 1]`` tensors (labels from ``.targets`` / ``.label(i)``) or an ``[N, 3, H, W]`` tensor (pass
             ``labels``). ``None``: ``synthetic:2000``, the built-in labelled set.
-        layer: block index, 0-based; negative counts from the end (-1 = last block). Only blocks ``0..layer`` run.
+        blocks: the one block probed, 0-based; negative counts from the end (-1 = last block), as
+            :func:`artifactscan.core.blocks.parse_block` reads it. Only blocks ``0..blocks`` run. (``layer=``: its
+            old name, deprecated.)
         threshold: ``"auto"`` or a number, exactly as ``artifactscan norms``.
         min_tokens / min_images: below these, a row says "too few (n=...)" instead of a number.
         draws: random draws of the global probe. seed: makes every random choice repeatable.
@@ -239,7 +243,8 @@ def probe(
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
                         img_size=img_size, weights=weights)
     num_blocks = len(loaded.blocks)
-    k = resolve_layer(layer, num_blocks, loaded.layer_range_hint())
+    requested = renamed_keyword(blocks, layer, "blocks", "layer", BLOCK)
+    k = parse_block(requested, num_blocks, loaded.layer_range_hint())
     dev = resolve_device(device)
     if data is None:
         data = f"synthetic:{DEFAULT_PROBE_IMAGES}"
@@ -397,7 +402,7 @@ def probe(
     threshold_reason = decision.reason
     return ProbeReport(
         model=loaded.summary(), images=source.summary(col.num_images, col.skipped), headline=verdict.summary,
-        layer=k, layer_requested=layer, num_blocks=num_blocks,
+        layer=k, layer_requested=as_written(requested, k), num_blocks=num_blocks,
         layer_description=(f"residual-stream output of block {k} (0-based; {k + 1} of {num_blocks} blocks run), "
                            "before the final norm"),
         threshold_mode="fixed" if fixed is not None else "auto", threshold=decision.value,

@@ -5,11 +5,13 @@ Every random choice is keyed by (seed, image index, token index), so the sample 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from artifactscan.core.blocks import parse_block
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.errors import InputError, NonFiniteError
 from artifactscan.models.hooks import CaptureContext, block_point
@@ -33,12 +35,11 @@ STREAM_TOKEN, STREAM_IMAGE, STREAM_RAND_POS, STREAM_MATCHED, STREAM_DRAW_TOKEN, 
 
 
 def resolve_layer(layer: int, num_blocks: int, hint: str = "") -> int:
-    """0-based block index for ``layer`` (negative counts from the end); InputError with the valid range (and
-    ``hint``, e.g. :meth:`LoadedModel.layer_range_hint`: the onset a phantom's metadata records)."""
-    if not -num_blocks <= layer < num_blocks:
-        raise InputError(f"--layer {layer} is out of range: this model has {num_blocks} blocks; use 0..{num_blocks - 1} "
-                         f"or -{num_blocks}..-1 (-1 = last block){hint}")
-    return layer % num_blocks
+    """Deprecated (kept one version for ``artifactscan.probes.resolve_layer``): use
+    :func:`artifactscan.core.blocks.parse_block`, the one parser of block indices."""
+    warnings.warn("resolve_layer is deprecated; use artifactscan.core.blocks.parse_block", DeprecationWarning,
+                  stacklevel=2)
+    return parse_block(layer, num_blocks, hint)
 
 
 class LayerTap(CaptureContext):

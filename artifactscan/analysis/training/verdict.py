@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from artifactscan.analysis.compare import CompareReport, compare
+from artifactscan.core.defaults import BATCH_SIZE, DEVICE
 from artifactscan.core.summaries import MultiModelResult
 
 
@@ -54,7 +55,7 @@ def held_out_images(config: Any) -> str:
     return str(val) if val.is_dir() else str(config.data)
 
 
-def verdict_for_run(result: Any, images: Any = None, *, device: str = "auto", batch_size: int = 64,
+def verdict_for_run(result: Any, images: Any = None, *, device: str = DEVICE, batch_size: int = BATCH_SIZE,
                     progress: bool = False) -> TrainRegVerdict:
     """Scan every variant of a :class:`~artifactscan.analysis.training.TrainRegResult` and judge what registers did."""
     images = images if images is not None else held_out_images(result.config)
