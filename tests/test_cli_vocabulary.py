@@ -92,7 +92,9 @@ def test_fix_searches_from_block_zero():
 # ----------------------------------------------------------------------------------------------- defaults
 def test_library_defaults_come_from_one_table():
     from artifactscan.analysis.attention_maps import attention_report
-    from artifactscan.analysis.compare import compare, scan_run, verdict_for_run
+    from artifactscan.analysis.compare import compare
+    from artifactscan.analysis.emergence import scan_run
+    from artifactscan.analysis.training.verdict import verdict_for_run
     from artifactscan.analysis.discover import discover
     from artifactscan.analysis.fix import fix
     from artifactscan.analysis.probes import probe
@@ -235,14 +237,14 @@ def run_dir(tmp_path):
 @pytest.mark.parametrize("flag", [["--arch", "vit_small_patch16_224"], ["--weights", "raw"], ["--maps", "2"],
                                   ["--trust-checkpoint"]])
 def test_norms_of_a_run_refuses_what_does_not_apply(run_dir, capture, flag):
-    seen = capture("artifactscan.analysis.compare", "scan_run")
+    seen = capture("artifactscan.analysis.emergence", "scan_run")
     result = run("norms", run_dir, "synthetic:4", *flag)
     assert result.exit_code == 1 and seen == []
     assert f"{flag[0]} only applies to a single model" in result.stderr
 
 
 def test_norms_of_a_run_passes_the_decode_options(run_dir, capture):
-    seen = capture("artifactscan.analysis.compare", "scan_run")
+    seen = capture("artifactscan.analysis.emergence", "scan_run")
     run("norms", run_dir, "synthetic:4", "--workers", "0", "--exact-decode", "--img-size", "64")
     assert seen[0]["num_workers"] == "0" and seen[0]["exact_decode"] and seen[0]["img_size"] == 64
 
