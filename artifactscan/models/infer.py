@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from artifactscan.core.errors import ModelLoadError
 
@@ -63,6 +64,65 @@ KNOWN: list[tuple[str, str, int, int]] = [
     ("vit_base_patch16_siglip_224", "siglip", 768, 16),
     ("vit_large_patch16_siglip_256", "siglip", 1024, 16),
     ("vit_so400m_patch14_siglip_224", "siglip", 1152, 14),
+    ("flexivit_small", "flexivit", 384, 16),
+    ("flexivit_base", "flexivit", 768, 16),
+    ("flexivit_large", "flexivit", 1024, 16),
+    # 2024-26 families. Most are timm's Eva class (RoPE, no or optional absolute position embedding); their files keep
+    # Eva's own key names (gamma_1/gamma_2), which the loader reads as they are.
+    ("vit_small_patch16_dinov3", "dinov3", 384, 16),
+    ("vit_small_plus_patch16_dinov3", "dinov3", 384, 16),
+    ("vit_base_patch16_dinov3", "dinov3", 768, 16),
+    ("vit_large_patch16_dinov3", "dinov3", 1024, 16),
+    ("vit_huge_plus_patch16_dinov3", "dinov3", 1280, 16),
+    ("vit_7b_patch16_dinov3", "dinov3", 4096, 16),
+    ("vit_tiny_patch16_dinov3_qkvb", "dinov3", 192, 16),
+    ("vit_small_patch16_dinov3_qkvb", "dinov3", 384, 16),
+    ("vit_small_plus_patch16_dinov3_qkvb", "dinov3", 384, 16),
+    ("vit_base_patch16_dinov3_qkvb", "dinov3", 768, 16),
+    ("vit_large_patch16_dinov3_qkvb", "dinov3", 1024, 16),
+    ("vit_huge_plus_patch16_dinov3_qkvb", "dinov3", 1280, 16),
+    ("eva02_tiny_patch14_224", "eva02", 192, 14),
+    ("eva02_tiny_patch14_336", "eva02", 192, 14),
+    ("eva02_small_patch14_224", "eva02", 384, 14),
+    ("eva02_small_patch14_336", "eva02", 384, 14),
+    ("eva02_base_patch14_224", "eva02", 768, 14),
+    ("eva02_base_patch14_448", "eva02", 768, 14),
+    ("eva02_large_patch14_224", "eva02", 1024, 14),
+    ("eva02_large_patch14_448", "eva02", 1024, 14),
+    ("eva02_base_patch16_clip_224", "eva02", 768, 16),
+    ("eva02_large_patch14_clip_224", "eva02", 1024, 14),
+    ("eva02_large_patch14_clip_336", "eva02", 1024, 14),
+    ("eva02_enormous_patch14_clip_224", "eva02", 1792, 14),
+    # The RoPE ViTs. Not `vit_*_patch16_rope_ape_224`: its keys and shapes are exactly those of DeiT-III's original
+    # files (gamma_N, a position embedding without the CLS row), so shapes cannot tell the two apart; it needs --arch.
+    ("vit_small_patch16_rope_224", "rope", 384, 16),
+    ("vit_base_patch16_rope_224", "rope", 768, 16),
+    ("vit_large_patch16_rope_224", "rope", 1024, 16),
+    ("vit_small_patch16_rope_mixed_224", "rope", 384, 16),
+    ("vit_base_patch16_rope_mixed_224", "rope", 768, 16),
+    ("vit_large_patch16_rope_mixed_224", "rope", 1024, 16),
+    ("vit_small_patch16_rope_mixed_ape_224", "rope", 384, 16),
+    ("vit_base_patch16_rope_mixed_ape_224", "rope", 768, 16),
+    ("vit_large_patch16_rope_mixed_ape_224", "rope", 1024, 16),
+    ("vit_medium_patch16_rope_reg1_gap_256", "rope", 512, 16),
+    ("vit_mediumd_patch16_rope_reg1_gap_256", "rope", 512, 16),
+    ("vit_betwixt_patch16_rope_reg4_gap_256", "rope", 640, 16),
+    ("vit_base_patch16_rope_reg1_gap_256", "rope", 768, 16),
+    ("vit_pe_core_tiny_patch16_384", "pe", 192, 16),
+    ("vit_pe_core_small_patch16_384", "pe", 384, 16),
+    ("vit_pe_core_base_patch16_224", "pe", 768, 16),
+    ("vit_pe_core_large_patch14_336", "pe", 1024, 14),
+    ("vit_pe_core_gigantic_patch14_448", "pe", 1536, 14),
+    ("beit_base_patch16_224", "beit", 768, 16),
+    ("beit_base_patch16_384", "beit", 768, 16),
+    ("beit_large_patch16_224", "beit", 1024, 16),
+    ("beit_large_patch16_384", "beit", 1024, 16),
+    ("beit_large_patch16_512", "beit", 1024, 16),
+    ("beitv2_base_patch16_224", "beit", 768, 16),
+    ("beitv2_large_patch16_224", "beit", 1024, 16),
+    ("beit3_base_patch16_224", "beit3", 768, 16),
+    ("beit3_large_patch16_224", "beit3", 1024, 16),
+    ("beit3_giant_patch14_224", "beit3", 1408, 14),
 ]
 # What each file layout says about the family (used only to choose among equivalent matches).
 LAYOUT_FAMILY = {"dinov2": "dinov2", "deit3": "deit3", "mae": "mae", "openai_clip": "clip", "openclip_timm": "clip"}
@@ -101,8 +161,8 @@ class ShapeFacts:
     attn_pool: bool
 
     def brief(self) -> str:
-        grid = "x".join(map(str, self.grid)) if self.grid else "?"
-        return (f"depth {self.depth}, width {self.embed_dim}, patch {self.patch_size}, grid {grid}, "
+        grid = ("grid " + "x".join(map(str, self.grid))) if self.grid else "no absolute position embedding"
+        return (f"depth {self.depth}, width {self.embed_dim}, patch {self.patch_size}, {grid}, "
                 f"{'CLS' if self.class_token else 'no CLS'}, {self.reg_tokens} registers"
                 + (", layer scale" if self.layer_scale else "") + (", pre-norm" if self.norm_pre else ""))
 
@@ -112,17 +172,22 @@ def _shape(sd: dict[str, Any], key: str) -> tuple[int, ...] | None:
     return tuple(v.shape) if v is not None else None
 
 
-def read_facts(sd: dict[str, torch.Tensor]) -> ShapeFacts:
+def read_facts(sd: dict[str, torch.Tensor], name: str = "the state dict") -> ShapeFacts:
     """The architecture facts of a timm-layout ViT state dict (tensors may live on the ``meta`` device).
 
     Raises:
-        ModelLoadError when the dict is not a ViT (no patch embedding or blocks).
+        ModelLoadError when the dict is not a ViT (no patch embedding or blocks), or is a NaFlex ViT's.
     """
     patch = _shape(sd, "patch_embed.proj.weight")
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if any(k.startswith("embeds.") for k in sd) and blocks and patch is None:
+        raise ModelLoadError(f"{name} is a timm NaFlexViT's (naflexvit_*: embeds.proj / embeds.pos_embed, patches "
+                             "of variable resolution and padding); NaFlex models are not supported yet")
     if patch is None or len(patch) != 4 or not blocks:
-        raise ModelLoadError("the state dict is not a Vision Transformer's: no patch_embed.proj.weight / blocks.N "
-                             f"keys (first keys: {', '.join(list(sd)[:4])})")
+        found = f"its blocks.0 ... blocks.{max(blocks)} keys" if blocks else "no blocks.N keys"
+        conv = "no patch_embed.proj.weight" if patch is None else f"patch_embed.proj.weight of shape {patch}"
+        raise ModelLoadError(f"{name} is not a Vision Transformer's state dict that artifactscan reads: it has "
+                             f"{conv} (a 4-d convolution) and {found} (first keys: {', '.join(list(sd)[:4])})")
     width = patch[0]
     cls = "cls_token" in sd
     reg = (_shape(sd, "reg_token") or (1, 0))[1]
@@ -141,8 +206,8 @@ def read_facts(sd: dict[str, torch.Tensor]) -> ShapeFacts:
     return ShapeFacts(
         depth=max(blocks) + 1, embed_dim=width, patch_size=patch[2], in_chans=patch[1], grid=grid,
         img_size=grid[0] * patch[2] if grid else None, class_token=cls, reg_tokens=reg,
-        pos_embed_on_prefix=on_prefix, layer_scale="blocks.0.ls1.gamma" in sd,
-        mlp_ratio=round(fc1[0] / width, 4), qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        pos_embed_on_prefix=on_prefix, layer_scale="blocks.0.ls1.gamma" in sd or "blocks.0.gamma_1" in sd,
+        mlp_ratio=round(fc1[0] / width, 4), qkv_bias="blocks.0.attn.qkv.bias" in sd or "blocks.0.attn.q_bias" in sd,
         norm_pre="norm_pre.weight" in sd, final_norm=final, num_classes=head[0] if head else 0,
         attn_pool=any(k.startswith("attn_pool.") for k in sd))
 
@@ -159,11 +224,24 @@ def fit_kwargs(facts: ShapeFacts, candidate: ShapeFacts) -> dict[str, Any]:
     return kwargs
 
 
+class _NoInitOnMeta(TorchFunctionMode):
+    """Turns in-place tensor methods on meta tensors (``uniform_``, ``erfinv_``, ``mul_`` ...) into no-ops: a meta
+    tensor holds no values, yet torch traces each such call through its reference decompositions (Eva's weight
+    initialisation took 1-2 s per model on the meta device for nothing)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("_") and args and isinstance(args[0], torch.Tensor) \
+                and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def _meta_model(name: str, **kwargs: Any) -> Any:
     """Built on the meta device, initialisation skipped where the class allows (7x faster; shapes only)."""
     import timm
 
-    with torch.device("meta"):
+    with torch.device("meta"), _NoInitOnMeta():
         try:
             return timm.create_model(name, pretrained=False, weight_init="skip", **kwargs)
         except TypeError:  # not a VisionTransformer: no weight_init argument
@@ -176,10 +254,23 @@ def _meta_shapes(name: str, kwargs_items: tuple[tuple[str, Any], ...] = ()) -> d
 
 
 @lru_cache(maxsize=None)
-def _heads_and_act(name: str) -> tuple[int, str]:
-    block = _meta_model(name, depth=1).blocks[0]
+def _behaviour(name: str, kwargs_items: tuple[tuple[str, Any], ...] = ()) -> tuple[int, str, str]:
+    """What a configuration computes that its shapes do not show: heads, activation, and (``""`` for a plain ViT)
+    the norm epsilon and rotary embedding settings where they differ from ViT's (RoPE temperature, grid indexing,
+    reference grid...). Configurations that agree on these and on every shape compute the same function."""
+    model = _meta_model(name, **{**dict(kwargs_items), "depth": 1})
+    block = model.blocks[0]
     act = type(getattr(block.mlp, "act", None)).__name__
-    return int(block.attn.num_heads), act
+    rope = getattr(model, "rope", None)
+    details = []
+    if rope is not None:
+        settings = {k: v for k, v in sorted(vars(rope).items())
+                    if not k.startswith("_") and k != "training" and not isinstance(v, torch.Tensor)}
+        details.append(f"{type(rope).__name__}{settings}")
+    eps = getattr(getattr(block, "norm1", None), "eps", None)
+    if details or type(model).__name__ != "VisionTransformer":
+        details.insert(0, f"{type(model).__name__}, norm eps {eps}")
+    return int(block.attn.num_heads), act, "; ".join(details)
 
 
 class _MetaTensor:  # read_facts only looks at .shape
@@ -216,13 +307,37 @@ def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: 
         ModelLoadError naming the closest candidates and ``--arch`` when none or several (disagreeing on heads or
         activation) match.
     """
-    facts = read_facts(sd)
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    if facts.grid is None:
+    facts = read_facts(sd, name)
+    if facts.grid is None and "pos_embed" in sd:
         raise ModelLoadError(f"{name}: its position embedding ({_shape(sd, 'pos_embed')}) is not a square grid plus "
                              "prefix tokens, so the input size cannot be read from it; pass --arch TIMM_NAME and "
                              "--arch-kwargs '{\"img_size\": [H, W]}'")
-    matches: list[tuple[str, str, dict[str, Any]]] = []
+    matches = _matches(facts, {k: tuple(v.shape) for k, v in sd.items()})
+    if not matches:
+        raise ModelLoadError(f"{name}: its shapes ({facts.brief()}) match no known ViT configuration; closest: "
+                             f"{', '.join(closest(facts))}. Pass --arch TIMM_NAME (and --arch-kwargs for "
+                             "non-default sizes), or save it with artifactscan's checkpoint format.")
+    groups: dict[tuple[int, str, str], list[tuple[str, str, dict[str, Any]]]] = {}
+    for m in matches:
+        groups.setdefault(_behaviour(m[0], tuple(sorted(m[2].items()))), []).append(m)
+    if activation is not None and len(groups) > 1:
+        groups = {key: ms for key, ms in groups.items() if key[1] == activation} or groups
+    if len(groups) > 1:
+        options = "; ".join(f"{', '.join(a for a, _, _ in ms)} ({h} heads, {act}" + (f"; {more})" if more else ")")
+                            for (h, act, more), ms in groups.items())
+        raise ModelLoadError(f"{name} ({facts.brief()}) fits several known architectures that its shapes cannot tell "
+                             f"apart (heads / activation): {options}. Pass --arch with the one it was trained as.")
+    (heads, act, _), members = next(iter(groups.items()))
+    want = LAYOUT_FAMILY.get(layout)
+    members.sort(key=lambda m: m[1] != want)  # stable: table order within the preferred family
+    arch, _, kwargs = members[0]
+    return Match(arch, kwargs, facts, [a for a, _, _ in members[1:]], heads, act)
+
+
+def _matches(facts: ShapeFacts, shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(arch, family, kwargs)`` of every known configuration whose keys and shapes, with the file's grid and head
+    (:func:`fit_kwargs`), are exactly ``shapes``."""
+    matches = []
     for arch, family, width, patch in known_configs():
         if width != facts.embed_dim or patch != facts.patch_size:
             continue
@@ -234,24 +349,35 @@ def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: 
             fits = False
         if fits:
             matches.append((arch, family, kwargs))
-    if not matches:
-        raise ModelLoadError(f"{name}: its shapes ({facts.brief()}) match no known ViT configuration; closest: "
-                             f"{', '.join(closest(facts))}. Pass --arch TIMM_NAME (and --arch-kwargs for "
-                             "non-default sizes), or save it with artifactscan's checkpoint format.")
-    groups: dict[tuple[int, str], list[tuple[str, str, dict[str, Any]]]] = {}
-    for m in matches:
-        groups.setdefault(_heads_and_act(m[0]), []).append(m)
-    if activation is not None and len(groups) > 1:
-        groups = {key: ms for key, ms in groups.items() if key[1] == activation} or groups
-    if len(groups) > 1:
-        options = "; ".join(f"{', '.join(a for a, _, _ in ms)} ({h} heads, {act})" for (h, act), ms in groups.items())
-        raise ModelLoadError(f"{name} ({facts.brief()}) fits several known architectures that its shapes cannot tell "
-                             f"apart (heads / activation): {options}. Pass --arch with the one it was trained as.")
-    (heads, act), members = next(iter(groups.items()))
-    want = LAYOUT_FAMILY.get(layout)
-    members.sort(key=lambda m: m[1] != want)  # stable: table order within the preferred family
-    arch, _, kwargs = members[0]
-    return Match(arch, kwargs, facts, [a for a, _, _ in members[1:]], heads, act)
+    return matches
+
+
+def _matching_names(sd: dict[str, torch.Tensor]) -> list[str]:
+    try:
+        facts = read_facts(sd)
+    except ModelLoadError:
+        return []
+    return [arch for arch, _, _ in _matches(facts, {k: tuple(v.shape) for k, v in sd.items()})]
+
+
+def infer_from_file(native_sd: dict[str, torch.Tensor], converted: dict[str, torch.Tensor], layout: str,
+                    name: str = "the state dict", activation: str | None = None) -> tuple[Match, str]:
+    """:func:`infer_architecture` for a file whose keys suggested a native ``layout``, and the layout it is read in.
+
+    The file's keys are tried as they are first: the keys that suggest a native layout can be a timm model's own
+    (Eva and BEiT name their layer scales ``gamma_1``/``gamma_2``, as DeiT-III's original files do), and such a
+    file is timm's own state dict (layout ``timm``). When both readings match known configurations, the shapes
+    cannot tell which the file is, and it is refused naming both.
+    """
+    as_is = _matching_names(native_sd) if layout != "timm" and set(converted) != set(native_sd) else []
+    if as_is:
+        read_converted = _matching_names(converted)
+        if read_converted:
+            raise ModelLoadError(f"{name} fits known architectures both as timm's own keys ({', '.join(as_is)}) "
+                                 f"and read as a {layout} file ({', '.join(read_converted)}); its shapes cannot tell "
+                                 "which it is. Pass --arch with the one it was trained as.")
+        return infer_architecture(native_sd, "timm", name, activation), "timm"
+    return infer_architecture(converted, layout, name, activation), layout
 
 
 def closest(facts: ShapeFacts, n: int = 3) -> list[str]:

@@ -158,6 +158,9 @@ class LoadedModel:
 def describe_vit(model: nn.Module) -> tuple[int, int, int]:
     """``(num_prefix_tokens, num_cls_tokens, num_register_tokens)`` of a timm-style ViT, or raise NotAViTError."""
     blocks = getattr(model, "blocks", None)
+    if type(model).__name__ == "NaFlexVit":
+        raise NotAViTError("timm's NaFlexVit (naflexvit_*: patches of variable resolution with padding) is not "
+                           "supported yet; its fixed-resolution twins (vit_*) are")
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0 or not hasattr(model, "patch_embed"):
         raise NotAViTError(
             f"{type(model).__name__} is not a Vision Transformer: it has no patch embedding and transformer `blocks` "
@@ -230,7 +233,7 @@ def _build_arch(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
         if "weight_init" not in arch_kwargs:
             try:  # every weight is loaded next: skip timm's initialisation (seconds for a large ViT on CPU)
                 return timm.create_model(arch, pretrained=False, weight_init="skip", **arch_kwargs)
-            except TypeError:
+            except (TypeError, AssertionError):  # NaFlexVit asserts on the mode
                 pass  # not a VisionTransformer, or a bad kwarg: the plain call below says which
         return timm.create_model(arch, pretrained=False, **arch_kwargs)
     except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as exc:
@@ -271,6 +274,12 @@ def _check_finite(loaded: LoadedModel, allow: bool) -> None:
 
 _TIMM_VIT_KEY = re.compile(r"^(cls_token|reg_token|pos_embed|patch_embed\.|blocks\.\d+\.|norm\.|fc_norm\.|norm_pre\.|"
                            r"head\.|attn_pool\.)")
+
+
+def _fits_as_is(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state_dict`` has exactly the model's keys and shapes, so it loads without any converter."""
+    own = model.state_dict()
+    return own.keys() == state_dict.keys() and all(own[k].shape == v.shape for k, v in state_dict.items())
 
 
 def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, path: Path,
@@ -366,13 +375,19 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     elif arch is None and meta is None:
         what = "a training checkpoint" if ckpt.is_wrapped else "a bare state dict"
         act = "QuickGELU" if ckpt.torchscript and ckpt.layout == "openai_clip" else None  # OpenAI's archives
-        match = infer.infer_architecture(timm_sd, ckpt.layout, f"{path.name} ({what})", activation=act)
+        match, ckpt.layout = infer.infer_from_file(ckpt.state_dict, timm_sd, ckpt.layout, f"{path.name} ({what})",
+                                                   activation=act)
         arch_name, kwargs, inferred = match.arch, {**match.kwargs, **arch_kwargs}, match.inferred()
     elif meta is not None and (arch is None or arch == meta.arch):
         arch_name, kwargs = meta.arch, {**meta.arch_kwargs, **arch_kwargs}
     else:
         arch_name, kwargs = arch, {**_fit_file(timm_sd, arch_kwargs), **arch_kwargs}  # type: ignore[assignment]
     model = _build_arch(arch_name, kwargs)
+    if ckpt.layout != "timm" and _fits_as_is(model, ckpt.state_dict) and set(timm_sd) != set(ckpt.state_dict):
+        # The keys that suggested a native layout are the target's own (Eva and BEiT name their layer scales
+        # gamma_1/gamma_2, as DeiT-III's original files do): the file is timm's own state dict, converting would
+        # break it.
+        ckpt.layout = "timm"
     try:
         state_dict = ckpt.state_dict if ckpt.layout == "timm" else native.to_timm(ckpt.state_dict, ckpt.layout, model)
     except (RuntimeError, ValueError, KeyError) as exc:  # timm's resampling of a pos-embed that cannot fit

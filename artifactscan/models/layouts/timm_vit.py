@@ -1,8 +1,8 @@
 """timm's ``VisionTransformer`` (and every layout artifactscan converts into one: DINOv2, DeiT-III, MAE, OpenCLIP,
-Hugging Face conversions) and timm's ``Eva`` (EVA02, DINOv3, the RoPE ViTs): their hook points.
+Hugging Face conversions), timm's ``Eva`` (EVA02, DINOv3, PE, the RoPE ViTs) and ``Beit``: their hook points.
 
-Both name their modules alike (``patch_embed``, ``blocks.{i}.attn``, ``blocks.{i}.mlp.fc2``, ``norm``), so one map
-serves both; Eva's attention applies qk-norm and RoPE before its kernel, and the capture layer reads the kernel's
+All name their modules alike (``patch_embed``, ``blocks.{i}.attn``, ``blocks.{i}.mlp.fc2``, ``norm``), so one map
+serves all three; Eva's attention applies qk-norm and RoPE before its kernel, and the capture layer reads the kernel's
 inputs, so ``attn.q``/``attn.k`` are the rotated tensors for Eva without anything special here.
 """
 
@@ -53,10 +53,10 @@ def block_points(i: int, block: nn.Module, extra: Callable[[int, nn.Module], lis
 
 
 class TimmViTFamily(HookFamily):
-    """timm ``VisionTransformer`` and ``Eva`` models (and their subclasses)."""
+    """timm ``VisionTransformer``, ``Eva`` and ``Beit`` models (and their subclasses)."""
 
     name = "timm-vit"
-    classes = ("VisionTransformer", "Eva")
+    classes = ("VisionTransformer", "Eva", "Beit")
 
     def matches(self, model: nn.Module) -> bool:
         return is_timm_class(model, *self.classes)
@@ -80,7 +80,9 @@ class TimmViTFamily(HookFamily):
         return list(model.blocks)
 
     def prefix_tokens(self, model: nn.Module) -> tuple[int, int]:
-        registers = int(getattr(model, "num_reg_tokens", 0) or 0)
+        # Eva (DINOv3's 4 registers, the RoPE *_reg*_gap models) keeps no count: its reg_token parameter says.
+        reg_token = getattr(model, "reg_token", None)
+        registers = int(getattr(model, "num_reg_tokens", None) or (reg_token.shape[1] if reg_token is not None else 0))
         return int(model.num_prefix_tokens) - registers, registers
 
     def attention_setup(self, attention: nn.Module) -> Callable[[], None] | None:
