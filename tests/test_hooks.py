@@ -53,7 +53,9 @@ HF_KINDS = ["Dinov2Model", "Dinov2WithRegistersModel", "ViTModel", "CLIPVisionMo
 
 # ----------------------------------------------------------------------------------------------- the exact names
 @pytest.mark.parametrize("name,family", [("vit_small_patch16_224", "timm-vit"),
-                                         ("eva02_tiny_patch14_224", "timm-vit")])
+                                         ("eva02_tiny_patch14_224", "timm-vit"),
+                                         ("vit_small_patch16_dinov3", "timm-vit"),
+                                         ("beit_base_patch16_224", "timm-vit")])
 def test_timm_names(name, family):
     model = tiny_timm(name)
     assert family_of(model).name == family
@@ -94,7 +96,7 @@ def test_unknown_and_unavailable_names_say_so():
 
 
 # ----------------------------------------------------------------------------------------------- what they read
-@pytest.mark.parametrize("name", ["vit_small_patch16_224", "eva02_tiny_patch14_224"])
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "eva02_tiny_patch14_224", "beit_base_patch16_224"])
 def test_timm_residual_stream_matches_forward_intermediates(name):
     model = tiny_timm(name)
     x = torch.randn(2, 3, 32, 32)
