@@ -179,7 +179,7 @@ def test_training_memory_estimate_is_a_bound_checked_against_the_memory_availabl
     monkeypatch.setattr(memory, "available_bytes", lambda device: need)
     check_training_fits(cfg, torch.device("cpu"))  # exactly enough
     monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
-    with pytest.raises(ResourceError, match="lower --img-size or --batch-size"):
+    with pytest.raises(ResourceError, match="lower img_size or batch_size"):
         check_training_fits(cfg, torch.device("cpu"))
 
 
@@ -448,7 +448,7 @@ def test_img_size_refused_from_the_memory_available(monkeypatch):
     import artifactscan.models.loading as loading
 
     monkeypatch.setattr(loading, "available_bytes", lambda device: 1000)
-    with pytest.raises(ResourceError, match=r"--img-size 64 makes a 16x16 grid .* \(the model's own is 32\)"):
+    with pytest.raises(ResourceError, match=r"img_size=64 makes a 16x16 grid .* \(the model's own is 32\)"):
         loading.load_model("phantom", img_size=64)
 
 

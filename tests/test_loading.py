@@ -59,7 +59,7 @@ def test_checkpoint_mismatch_names_the_keys(tiny_ckpt):
 def test_pickled_module_needs_trust(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(tiny_vit(), path)
-    with pytest.raises(UntrustedCheckpointError, match="--trust-checkpoint"):
+    with pytest.raises(UntrustedCheckpointError, match="trust_checkpoint=True"):
         load_model(path)
     assert load_model(path, trust_checkpoint=True).source == "pickled-module"
 

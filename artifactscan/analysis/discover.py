@@ -34,7 +34,7 @@ from artifactscan.core.numerics import measurement_mode
 from artifactscan.analysis.fix import find_register_neurons
 from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, feature_points, lost_batched
 from artifactscan.analysis.scan import ModelSummary, model_summary, scan
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 from artifactscan.core.progress import ProgressBar
 from artifactscan.core.devices import resolve_device
 from artifactscan.core.results import from_jsonable
@@ -177,8 +177,8 @@ def random_box(grid: tuple[int, int], seed: int, index: int) -> list[int]:
 
 def resolve_block(block: int, num_blocks: int) -> int:
     if not -num_blocks <= block < num_blocks:
-        raise InputError(f"--block {block} is out of range: this model has {num_blocks} blocks (0..{num_blocks - 1}, "
-                         f"or -{num_blocks}..-1 from the end)")
+        raise InputError(f"{option('block', block)} is out of range: this model has {num_blocks} blocks "
+                         f"(0..{num_blocks - 1}, or -{num_blocks}..-1 from the end)")
     return block % num_blocks
 
 
@@ -200,7 +200,7 @@ def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: in
     N = gh * gw
     kk = default_k(N) if k is None else int(k)
     if kk < 1:
-        raise InputError(f"--k must be at least 1, got {kk}")
+        raise InputError(f"{option('k')} must be at least 1, got {kk}")
     kk = min(kk, N)
     P = loaded.num_prefix_tokens
     H_in, W_in = loaded.input_size
@@ -223,7 +223,7 @@ def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: in
             feats, resid = cap.run(x.to(dev, non_blocking=True))
             if feats.shape[1] != P + N:
                 raise InputError(f"block {b} has {feats.shape[1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
-                                 "pass --img-size to match the model")
+                                 f"pass {option('img_size')} to match the model")
             boxes = lost_batched(feats[:, P:], (gh, gw), kk)
             norms = resid[:, P:].float().norm(dim=-1)  # [B, N]
             stats.update(norms[None].cpu())
@@ -353,17 +353,17 @@ def discover(
     """
     features = (features or "keys").strip().lower()
     if features not in FEATURES:
-        raise InputError(f"--features {features!r}: choose one of {', '.join(FEATURES)}")
+        raise InputError(f"{option('features', repr(features))}: choose one of {', '.join(FEATURES)}")
     compare = [c.strip().lower() for c in compare if c and c.strip()]
     bad = [c for c in compare if c not in COMPARE_CHOICES]
     if bad:
-        raise InputError(f"--compare {bad[0]!r}: the only comparison is 'fix' (a test-time register); to compare "
-                         "models pass several: artifactscan discover MODEL_A MODEL_B DATA")
+        raise InputError(f"{option('compare', repr(bad[0]))}: the only comparison is 'fix' (a test-time "
+                         "register); to compare models pass several: artifactscan discover MODEL_A MODEL_B DATA")
     if batch_size <= 0:
-        raise InputError(f"--batch-size must be positive, got {batch_size}")
+        raise InputError(f"{option('batch_size')} must be positive, got {batch_size}")
     parse_workers(num_workers)  # a bad --workers fails before any model loads
     if keep < 0:
-        raise InputError(f"--figure-images must be >= 0, got {keep}")
+        raise InputError(f"{option('keep')} must be >= 0, got {keep}")
     fixed = threshold_option(threshold)
     specs = list(models) if isinstance(models, (list, tuple)) else [models]
     dev = resolve_device(device)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
+from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError, option
 from artifactscan.models.hooks import block_of, capture, unit_points
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
@@ -53,9 +53,10 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
         raise InputError("nothing to fix: the scan found no outlier tokens")
     max_layer = report.onset_layer if max_layer is None else max_layer
     if not 0 <= max_layer < num_blocks:
-        raise InputError(f"--max-layer {max_layer} is outside the model: choose a block from 0 to {num_blocks - 1}")
+        raise InputError(f"{option('max_layer', max_layer)} is outside the model: choose a block from 0 to "
+                         f"{num_blocks - 1}")
     if top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {top_k}")
+        raise InputError(f"{option('top_k')} must be at least 1, got {top_k}")
     sites = unit_points(loaded, range(max_layer + 1))
     if not sites:
         raise NotAViTError("this model declares no MLP unit hook points in its blocks; cannot locate register "
@@ -99,8 +100,8 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
         raise InputError("nothing to fix: no outlier positions among the images")
     units = sum(out_sum.numel() for out_sum, _ in sums.values())
     if top_k > units:  # every unit would be moved: not a repair but a different model
-        raise InputError(f"--top-k {top_k} is more than the {units:,} MLP hidden units of blocks 0 to {max_layer}, "
-                         f"where register neurons are searched; choose a few (default 4; at most {units:,})")
+        raise InputError(f"{option('top_k', top_k)} is more than the {units:,} MLP hidden units of blocks 0 to "
+                         f"{max_layer}, where register neurons are searched; choose a few (default 4; at most {units:,})")
     candidates = []
     for name, (out_sum, norm_sum) in sums.items():
         block = block_of(name)
@@ -202,12 +203,12 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
     """
     decode = dict(num_workers=num_workers, exact_decode=exact_decode, gpu_decode=gpu_decode)
     if top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {top_k}")
+        raise InputError(f"{option('top_k')} must be at least 1, got {top_k}")
     dev = resolve_device(device)
     loaded = load_model(model)
     check_supported(loaded)
     if max_layer is not None and not 0 <= max_layer < len(loaded.blocks):
-        raise InputError(f"--max-layer {max_layer} is outside the model: choose a block from 0 to "
+        raise InputError(f"{option('max_layer', max_layer)} is outside the model: choose a block from 0 to "
                          f"{len(loaded.blocks) - 1}")
     if loaded.meta is not None and EXTRA_KEY in loaded.meta.extra:
         raise InputError(f"{loaded.name} already carries a test-time register; fix the original model instead")
@@ -238,8 +239,8 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = 4, max_layer: int
     saved = None
     if out is not None:
         if loaded.meta is None:
-            raise InputError("--out needs a model loaded from a self-describing checkpoint or built-in name; "
-                             "the neuron list is printed in the JSON report instead")
+            raise InputError(f"{option('out')} needs a model loaded from a self-describing checkpoint or built-in "
+                             "name; the neuron list is printed in the JSON report instead")
         extra = dict(loaded.meta.extra)
         extra[EXTRA_KEY] = register.to_dict()
         meta = CheckpointMeta(**{**asdict(loaded.meta), "extra": extra,

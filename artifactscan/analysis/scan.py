@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from artifactscan.core.numbers import percent as _pct
 from artifactscan.analysis.capture import NormCapture, row_names
 from artifactscan.analysis.memory import check_fits
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 from artifactscan.core.files import display_name, name_hex
 from artifactscan.core.progress import ProgressBar
 from artifactscan.core.distributed import distributed_world, gather
@@ -265,7 +265,7 @@ def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, b
             norms = cap.run(images.to(device, non_blocking=True)).cpu()  # [L, B, T]
             if norms.shape[-1] != P + gh * gw:
                 raise InputError(f"model produced {norms.shape[-1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
-                                 "pass --img-size to match the model")
+                                 f"pass {option('img_size')} to match the model")
             if stats is not None:
                 stats.update(norms)
             patches = norms[:, :, P:].double()
@@ -348,10 +348,11 @@ def scan(
     """
     fixed = threshold_option(threshold)
     if batch_size <= 0:
-        raise InputError(f"--batch-size must be positive, got {batch_size}")
+        raise InputError(f"{option('batch_size')} must be positive, got {batch_size}")
     parse_workers(num_workers)
     if num_maps < 0:
-        raise InputError(f"--maps must be 0 or more (the number of images that keep a norm map), got {num_maps}")
+        raise InputError(f"{option('num_maps')} must be 0 or more (the number of images that keep a norm map), "
+                         f"got {num_maps}")
     rule = rule or AutoRule()
     dev = resolve_device(device)
     world, rank = distributed_world()

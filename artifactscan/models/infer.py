@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from artifactscan.core.errors import ModelLoadError
+from artifactscan.core.errors import ModelLoadError, option
 
 # (timm name, family, width, patch). Order matters: among equivalent matches the family of the file's layout wins,
 # then the earlier entry.
@@ -219,9 +219,10 @@ def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: 
     facts = read_facts(sd)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     if facts.grid is None:
+        size = option("arch_kwargs", '{"img_size": (H, W)}', shell_value="""'{"img_size": [H, W]}'""")
         raise ModelLoadError(f"{name}: its position embedding ({_shape(sd, 'pos_embed')}) is not a square grid plus "
-                             "prefix tokens, so the input size cannot be read from it; pass --arch TIMM_NAME and "
-                             "--arch-kwargs '{\"img_size\": [H, W]}'")
+                             "prefix tokens, so the input size cannot be read from it; pass "
+                             f"{option('arch', 'TIMM_NAME')} and {size}")
     matches: list[tuple[str, str, dict[str, Any]]] = []
     for arch, family, width, patch in known_configs():
         if width != facts.embed_dim or patch != facts.patch_size:
@@ -236,8 +237,9 @@ def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: 
             matches.append((arch, family, kwargs))
     if not matches:
         raise ModelLoadError(f"{name}: its shapes ({facts.brief()}) match no known ViT configuration; closest: "
-                             f"{', '.join(closest(facts))}. Pass --arch TIMM_NAME (and --arch-kwargs for "
-                             "non-default sizes), or save it with artifactscan's checkpoint format.")
+                             f"{', '.join(closest(facts))}. Pass {option('arch', 'TIMM_NAME')} (and "
+                             f"{option('arch_kwargs')} for non-default sizes), or save it with artifactscan's "
+                             "checkpoint format.")
     groups: dict[tuple[int, str], list[tuple[str, str, dict[str, Any]]]] = {}
     for m in matches:
         groups.setdefault(_heads_and_act(m[0]), []).append(m)
@@ -246,7 +248,8 @@ def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: 
     if len(groups) > 1:
         options = "; ".join(f"{', '.join(a for a, _, _ in ms)} ({h} heads, {act})" for (h, act), ms in groups.items())
         raise ModelLoadError(f"{name} ({facts.brief()}) fits several known architectures that its shapes cannot tell "
-                             f"apart (heads / activation): {options}. Pass --arch with the one it was trained as.")
+                             f"apart (heads / activation): {options}. Pass {option('arch')} with the one it was "
+                             "trained as.")
     (heads, act), members = next(iter(groups.items()))
     want = LAYOUT_FAMILY.get(layout)
     members.sort(key=lambda m: m[1] != want)  # stable: table order within the preferred family

@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 
 ARCH = "artifactscan_phantom_vit"
 MAX_FRACTION = 0.02  # the shipped phantoms: the paper's ~2% of patch tokens
@@ -37,16 +37,17 @@ def planted_count(num_patches: int, fraction: float) -> int:
 
 
 def validate_settings(depth: int, onset: int, fraction: float, units: int, gain_over_median: float = 25.0, *,
-                      fraction_flag: str = "--fraction", gain_flag: str = "--gain") -> None:
-    """Refuse settings no phantom can be built with; the messages name the options (``phantom --build`` has
-    ``--fraction`` / ``--gain``, ``calibrate`` the lists ``--fractions`` / ``--gains``)."""
+                      fraction_option: str = "fraction", gain_option: str = "gain_over_median") -> None:
+    """Refuse settings no phantom can be built with; the messages name the caller's options (:func:`option`:
+    ``build_phantom`` has ``fraction`` / ``gain_over_median``, ``calibrate`` the lists ``fractions`` / ``gains``)."""
     if not 0 <= onset < depth:
-        raise InputError(f"--onset {onset} is outside the model: choose a block from 0 to {depth - 1}")
+        raise InputError(f"{option('onset', onset)} is outside the model: choose a block from 0 to {depth - 1}")
     if not 0 < fraction <= CALIBRATION_MAX_FRACTION:
-        raise InputError(f"{fraction_flag} {fraction:g} is outside (0, {CALIBRATION_MAX_FRACTION:g}]: the paper's artifacts "
-                         f"are about 2% of patch tokens; a phantom plants at most {CALIBRATION_MAX_FRACTION:.0%}")
+        raise InputError(f"{option(fraction_option, f'{fraction:g}')} is outside (0, {CALIBRATION_MAX_FRACTION:g}]: "
+                         "the paper's artifacts are about 2% of patch tokens; a phantom plants at most "
+                         f"{CALIBRATION_MAX_FRACTION:.0%}")
     if units < 1:
-        raise InputError(f"--units {units} must be at least 1")
+        raise InputError(f"{option('units', units)} must be at least 1")
     if not (math.isfinite(gain_over_median) and gain_over_median > 1):
-        raise InputError(f"{gain_flag} {gain_over_median:g} must be above 1: planted tokens are written at gain x the "
-                         "baseline's median patch norm, so a gain <= 1 plants nothing above the bulk")
+        raise InputError(f"{option(gain_option, f'{gain_over_median:g}')} must be above 1: planted tokens are "
+                         "written at gain x the baseline's median patch norm, so a gain <= 1 plants nothing above the bulk")

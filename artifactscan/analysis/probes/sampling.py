@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.core.errors import InputError, NonFiniteError
+from artifactscan.core.errors import InputError, NonFiniteError, option
 from artifactscan.models.hooks import CaptureContext, block_point
 from artifactscan.models.loading import LoadedModel
 from artifactscan.inputs.sources import image_batches
@@ -36,8 +36,8 @@ def resolve_layer(layer: int, num_blocks: int, hint: str = "") -> int:
     """0-based block index for ``layer`` (negative counts from the end); InputError with the valid range (and
     ``hint``, e.g. :meth:`LoadedModel.layer_range_hint`: the onset a phantom's metadata records)."""
     if not -num_blocks <= layer < num_blocks:
-        raise InputError(f"--layer {layer} is out of range: this model has {num_blocks} blocks; use 0..{num_blocks - 1} "
-                         f"or -{num_blocks}..-1 (-1 = last block){hint}")
+        raise InputError(f"{option('layer', layer)} is out of range: this model has {num_blocks} blocks; use "
+                         f"0..{num_blocks - 1} or -{num_blocks}..-1 (-1 = last block){hint}")
     return layer % num_blocks
 
 
@@ -194,7 +194,7 @@ def collect_tokens(loaded: LoadedModel, source: Any, layer: int, dev: torch.devi
             tokens, pe = tap.run(x)
             if tokens.shape[1] != P + N:
                 raise InputError(f"model produced {tokens.shape[1]} tokens at block {layer}, expected {P} prefix + "
-                                 f"{gh}x{gw} patches; pass --img-size to match the model")
+                                 f"{gh}x{gw} patches; pass {option('img_size')} to match the model")
             tokens = tokens.float().cpu()
             if not bool(torch.isfinite(tokens.sum())) and not bool(torch.isfinite(tokens).all()):
                 raise NonFiniteError(f"block {layer} produced non-finite token values (NaN/Inf); probes of them would "
