@@ -1,13 +1,10 @@
-"""The calibration phantom's rules, without timm: its settings, their limits and the redundancy score that picks the
-planted patches. Shared by the phantom's architecture (:mod:`.phantom_vit`, which needs timm) and its builder
+"""The calibration phantom's rules, without timm: its settings and their limits (the redundancy score that picks the
+planted patches is :func:`artifactscan.core.patch_grid.neighbour_similarity`, which the probes read too). Shared by the phantom's architecture (:mod:`.phantom_vit`, which needs timm) and its builder
 (:mod:`.phantom`, which must import without timm so that ``import artifactscan`` stays cheap: core/lazy.py)."""
 
 from __future__ import annotations
 
 import math
-
-import torch
-import torch.nn.functional as F
 
 from artifactscan.core.errors import InputError, option
 
@@ -15,21 +12,6 @@ ARCH = "artifactscan_phantom_vit"
 MAX_FRACTION = 0.02  # the shipped phantoms: the paper's ~2% of patch tokens
 CALIBRATION_MAX_FRACTION = 0.08  # calibration builds (artifactscan calibrate) may plant up to 8% of patches
 PHANTOM_KWARGS = ("phantom_onset", "phantom_fraction", "phantom_units", "phantom_gain", "phantom_beta")
-
-
-def neighbour_similarity(patch_tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Mean cosine similarity of each patch embedding with its (up to 4) grid neighbours: ``[B, N] -> [B, N]``."""
-    B, N, C = patch_tokens.shape
-    gh, gw = grid
-    x = F.normalize(patch_tokens.float(), dim=-1).reshape(B, gh, gw, C)
-    total = torch.zeros(B, gh, gw, device=x.device)
-    count = torch.zeros(1, gh, gw, device=x.device)
-    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-        ys, yd = (slice(0, gh - dy), slice(dy, gh)) if dy >= 0 else (slice(-dy, gh), slice(0, gh + dy))
-        xs, xd = (slice(0, gw - dx), slice(dx, gw)) if dx >= 0 else (slice(-dx, gw), slice(0, gw + dx))
-        total[:, ys, xs] += (x[:, ys, xs] * x[:, yd, xd]).sum(-1)
-        count[:, ys, xs] += 1
-    return (total / count).reshape(B, N)
 
 
 def planted_count(num_patches: int, fraction: float) -> int:
