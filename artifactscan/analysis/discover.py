@@ -44,6 +44,7 @@ from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_thresho
 from artifactscan.inputs.boxes import DEFAULT_OBJECT_IMAGES, BoxedData, load_box_data
 from artifactscan.inputs.sources import image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.models.phantom_notice import PHANTOM_HEADLINE_TAG, is_phantom
 from artifactscan.models.interventions import EXTRA_KEY, apply_test_time_register, check_supported
 
 # /3: the common header first (core/summaries.py): ``model`` (one summary per model, the fixed runs not counted
@@ -475,8 +476,8 @@ def fix_effect(before: DiscoveryRun, after: DiscoveryRun) -> str | None:
 
 def discover_headline(report: DiscoverReport) -> str:
     parts = []
-    if any(r.model.kind == "phantom" for r in report.runs):
-        parts.append("[CALIBRATION PHANTOM - artifacts built in by construction, not a finding about real models]")
+    if any(is_phantom(r) for r in report.runs):
+        parts.append(PHANTOM_HEADLINE_TAG)
     by_label = {r.label: r for r in report.runs}
     for r in report.runs:
         parts.append(run_sentence(r))

@@ -30,6 +30,7 @@ from artifactscan.core.devices import resolve_device
 from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES
 from artifactscan.inputs.sources import ImageSource, effective_batch_size, image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel
+from artifactscan.models.phantom_notice import PHANTOM_HEADLINE_TAG, is_phantom
 from artifactscan.analysis.opening import load_with_images
 from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
 from artifactscan.core.thresholds import (
@@ -505,8 +506,8 @@ def headline(report: ScanReport) -> str:
     problem = report.nonfinite_problem()
     if problem:  # never "clean": NaN norms fall outside every histogram bin and every threshold test
         parts.append(f"NON-FINITE VALUES - THESE STATISTICS ARE NOT VALID: {problem}.")
-    if report.model.kind == "phantom":
-        parts.append("[CALIBRATION PHANTOM - artifacts built in by construction, not a finding about real models]")
+    if is_phantom(report):
+        parts.append(PHANTOM_HEADLINE_TAG)
     undecided = report.inconclusive_problem()
     if problem:
         pass  # no verdict on outliers: the numbers below are about a broken pass

@@ -27,6 +27,7 @@ from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, read_meta
 from artifactscan.core.memory import GIB, available_bytes
 from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.models.hooks import blocks_sequence
+from artifactscan.models.phantom_notice import PHANTOM_NOTE
 from artifactscan.core.callbacks import Callbacks
 from artifactscan.core.summaries import ModelSummary
 from artifactscan.core.errors import (
@@ -49,11 +50,6 @@ from artifactscan.models.registry import (
 
 CHECKPOINT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
 HUB_HOST = "huggingface.co"
-
-PHANTOM_NOTE = (
-    "CALIBRATION PHANTOM: its artifact tokens were built in by construction (README: 'The calibration phantom'); "
-    "its findings say nothing about real models."
-)
 
 #: Called with the :class:`LoadedModel` at the end of every :func:`load_model`. The command line registers the end of
 #: its start-up phase here (core/startup.py: imports and building the model are start-up); the library calls only
