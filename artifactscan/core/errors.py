@@ -96,6 +96,7 @@ FLAG_OF_PARAMETER: dict[str, str] = {
     "num_maps": "--maps",  # scan
     "keep": "--figure-images",  # discover
     "num_images": "--images",  # calibrate
+    "gain_over_median": "--gain",  # phantom --build
     "num_workers": "--workers",
     "embed_dim": "--dim", "num_heads": "--heads", "patch_size": "--patch",  # train-reg's config fields
     "class_token": "--no-cls", "global_pool": "--no-cls",
