@@ -434,7 +434,7 @@ def test_workers_are_capped_at_the_cores(tmp_path, monkeypatch, capsys):
     assert sources.resolve_workers(source, 4, 500) == 2  # said once, not once per pass
     assert sources.resolve_workers(source, 4, 1) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == ["warning: --workers 500: using 2 (2 CPU cores available; more processes would only wait)"]
+    assert err == ["warning: num_workers=500: using 2 (2 CPU cores available; more processes would only wait)"]
 
 
 # ----------------------------------------------------------------------------------------------- --img-size
