@@ -240,7 +240,7 @@ def test_bad_inputs_raise_one_clear_error():
         parse_query_patch("1", (4, 4))
     with pytest.raises(InputError, match="ROW,COL"):
         parse_query_patch("a,b", (4, 4))
-    with pytest.raises(InputError, match="--heads"):
+    with pytest.raises(InputError, match="heads="):
         attention_report(loaded, _images(1), heads="some", device="cpu")
     broken = tiny_vit()
     broken.blocks[1].attn = nn.Identity()

@@ -133,7 +133,7 @@ def test_auto_workers_policy():
 def test_parse_workers_refuses(bad):
     from artifactscan.core.errors import InputError
 
-    with pytest.raises(InputError, match="--workers"):
+    with pytest.raises(InputError, match="num_workers="):
         parse_workers(bad)
 
 

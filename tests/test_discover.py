@@ -290,11 +290,11 @@ def test_eva_keys_are_the_rotated_keys_its_kernel_uses():
 
 
 def test_bad_options():
-    with pytest.raises(InputError, match="--features"):
+    with pytest.raises(InputError, match="features="):
         discover("demo", "synthetic-objects:2", features="pixels")
-    with pytest.raises(InputError, match="--blocks 9"):
+    with pytest.raises(InputError, match="blocks=9"):
         discover("demo", "synthetic-objects:2", blocks=9, device="cpu")
-    with pytest.raises(InputError, match="--compare"):
+    with pytest.raises(InputError, match="compare="):
         discover("demo", "synthetic-objects:2", compare=["registers"])
     with pytest.raises(InputError, match="synthetic-objects:N"):
         load_box_data("synthetic-objects:0", img_size=32)

@@ -295,7 +295,7 @@ def test_memory_estimate_refuses_with_a_batch_size_that_fits():
     need, per_image = activation_bytes(loaded, 32)
     assert need == 32 * per_image and per_image > 0
     check_fits(loaded, 32, torch.device("cpu"), available=need)  # exactly enough: runs
-    with pytest.raises(ResourceError, match="use --batch-size 3 or smaller"):
+    with pytest.raises(ResourceError, match="use batch_size=3 or smaller"):
         check_fits(loaded, 32, torch.device("cpu"), available=3 * per_image + 1)
     attn, _ = activation_bytes(loaded, 32, explicit_attention=True)
     assert attn > need  # captured attention holds heads x T x T more

@@ -179,7 +179,7 @@ def test_training_memory_estimate_is_a_bound_checked_against_the_memory_availabl
     monkeypatch.setattr(memory, "available_bytes", lambda device: need)
     check_training_fits(cfg, torch.device("cpu"))  # exactly enough
     monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
-    with pytest.raises(ResourceError, match="lower --img-size or --batch-size"):
+    with pytest.raises(ResourceError, match="lower img_size or batch_size"):
         check_training_fits(cfg, torch.device("cpu"))
 
 
@@ -434,7 +434,7 @@ def test_workers_are_capped_at_the_cores(tmp_path, monkeypatch, capsys):
     assert sources.resolve_workers(source, 4, 500) == 2  # said once, not once per pass
     assert sources.resolve_workers(source, 4, 1) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == ["warning: --workers 500: using 2 (2 CPU cores available; more processes would only wait)"]
+    assert err == ["warning: num_workers=500: using 2 (2 CPU cores available; more processes would only wait)"]
 
 
 # ----------------------------------------------------------------------------------------------- --img-size
@@ -448,7 +448,7 @@ def test_img_size_refused_from_the_memory_available(monkeypatch):
     import artifactscan.models.loading as loading
 
     monkeypatch.setattr(loading, "available_bytes", lambda device: 1000)
-    with pytest.raises(ResourceError, match=r"--img-size 64 makes a 16x16 grid .* \(the model's own is 32\)"):
+    with pytest.raises(ResourceError, match=r"img_size=64 makes a 16x16 grid .* \(the model's own is 32\)"):
         loading.load_model("phantom", img_size=64)
 
 

@@ -147,7 +147,7 @@ def test_unsupported_crop_mode_refused(folder):
     loaded = load_model("phantom")
     source = make_image_source(folder, loaded)
     cfg = {**source.data_config, "crop_mode": "border"}
-    with pytest.raises(InputError, match="--gpu-decode supports"):
+    with pytest.raises(InputError, match="gpu_decode supports"):
         GpuJpegDecoder(cfg, torch.device("cpu"), source.folder_dataset, decode=pillow_batch_decoder)
 
 

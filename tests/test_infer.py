@@ -71,7 +71,7 @@ def test_openai_and_openclip_share_keys_so_activation_is_refused():
         model = open_clip.model.CLIP(**open_clip.get_model_config("ViT-B-16"))
     sd = dict(model.state_dict())  # visual.* and the text tower, OpenAI's key layout
     with pytest.raises(ModelLoadError, match=r"vit_base_patch16_clip_224 \(12 heads, GELU\); "
-                                             r"vit_base_patch16_clip_quickgelu_224 \(12 heads, QuickGELU\).*--arch"):
+                                             r"vit_base_patch16_clip_quickgelu_224 \(12 heads, QuickGELU\).*Pass arch with"):
         match(sd)
     ckpt = native.unwrap(sd)
     assert ckpt.layout == "openai_clip" and ckpt.dropped["CLIP text tower"] > 0
@@ -83,7 +83,7 @@ def test_openai_and_openclip_share_keys_so_activation_is_refused():
 
 def test_unknown_configuration_is_refused_not_guessed():
     with pytest.raises(ModelLoadError, match=r"depth 10, width 384.*match no known ViT configuration; closest: "
-                                             r"vit_small_patch16_224.*--arch"):
+                                             r"vit_small_patch16_224.*Pass arch=TIMM_NAME \(and arch_kwargs"):
         match(meta_sd("vit_small_patch16_224", depth=10))
     with pytest.raises(ModelLoadError, match="not a square grid"):
         match(meta_sd("vit_small_patch16_224", img_size=(224, 160)))

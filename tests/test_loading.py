@@ -21,7 +21,7 @@ ARCH_KWARGS = {k: v for k, v in TINY.items()}
 
 def test_bare_state_dict_of_unknown_config_needs_arch(tiny_ckpt):
     with pytest.raises(ModelLoadError, match=r"a bare state dict\): its shapes \(depth 3, width 32, patch 8, grid 4x4, "
-                                             r"CLS, 0 registers\) match no known ViT configuration; closest: .*--arch"):
+                                             r"CLS, 0 registers\) match no known ViT configuration; closest: .*Pass arch="):
         load_model(tiny_ckpt)
     loaded = load_model(tiny_ckpt, arch=ARCH, arch_kwargs=ARCH_KWARGS)
     assert loaded.num_prefix_tokens == 1 and loaded.input_size == (32, 32) and loaded.grid_size == (4, 4)
@@ -59,7 +59,7 @@ def test_checkpoint_mismatch_names_the_keys(tiny_ckpt):
 def test_pickled_module_needs_trust(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(tiny_vit(), path)
-    with pytest.raises(UntrustedCheckpointError, match="--trust-checkpoint"):
+    with pytest.raises(UntrustedCheckpointError, match="trust_checkpoint=True"):
         load_model(path)
     assert load_model(path, trust_checkpoint=True).source == "pickled-module"
 

@@ -206,9 +206,9 @@ def test_mismatch_messages(tmp_path, tiny_ckpt):
                           "adapter.weight": torch.randn(2)}}, weird)
     with pytest.raises(CheckpointMismatchError) as info:
         load_model(weird, arch=VIT, arch_kwargs=SMALL_KW)
-    assert "adapter.weight" in str(info.value) and "--arch-kwargs" not in str(info.value)
+    assert "adapter.weight" in str(info.value) and "Check arch and arch_kwargs" not in str(info.value)
     assert "top-level keys: model" in str(info.value)
-    with pytest.raises(CheckpointMismatchError, match="--arch-kwargs"):  # a kwarg (reg_tokens) could fix this one
+    with pytest.raises(CheckpointMismatchError, match="Check arch and arch_kwargs"):  # a kwarg (reg_tokens) could fix this one
         load_model(tiny_ckpt, arch=VIT, arch_kwargs={**SMALL_KW, "reg_tokens": 2})
     line = cli_error(weird, "--weights", "ema")
     assert "holds no ema weights" in line

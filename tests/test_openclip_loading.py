@@ -66,7 +66,7 @@ def test_openai_torchscript_needs_trust(tmp_path):
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(model), str(path))
     arch = "vit_base_patch16_clip_quickgelu_224"
-    with pytest.raises(UntrustedCheckpointError, match="TorchScript archive.*executes its code.*--trust-checkpoint"):
+    with pytest.raises(UntrustedCheckpointError, match="TorchScript archive.*executes its code.*trust_checkpoint=True"):
         load_model(path, arch=arch, arch_kwargs=KW)
     assert "TorchScript" in cli_error(path, "--arch", arch, "--arch-kwargs", json.dumps(KW))
     loaded = load_model(path, arch=arch, arch_kwargs=KW, trust_checkpoint=True)

@@ -319,12 +319,12 @@ def test_error_cuda_oom_suggests_smaller_batch(tmp_path, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(torch.optim.AdamW, "step", boom)
-    with pytest.raises(TrainingError, match="out of memory at batch size 16.*--batch-size 8"):
+    with pytest.raises(TrainingError, match="out of memory at batch size 16.*batch_size=8"):
         train_model(tiny(), tmp_path / "run", progress=False)
 
 
 def test_error_bad_shapes(tmp_path):
-    with pytest.raises(TrainingError, match="not a multiple of --patch"):
+    with pytest.raises(TrainingError, match="not a multiple of patch_size"):
         train_model(tiny(img_size=18), tmp_path / "run", progress=False)
     with pytest.raises(TrainingError, match="unknown training option"):
         tiny(no_such_option=1)

@@ -33,7 +33,7 @@ from artifactscan.core.blocks import ALL_BLOCKS, parse_blocks, renamed_keyword
 from artifactscan.core.defaults import BATCH_SIZE, DEVICE, MAPS, THRESHOLD, WORKERS
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.analysis.attention import AttentionCapture
-from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
+from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError, option
 from artifactscan.analysis.memory import check_fits
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.summaries import AnalysisResult
@@ -147,12 +147,13 @@ def parse_query_patch(spec: str | Sequence[int] | None, grid: tuple[int, int]) -
     try:
         parts = [int(p) for p in spec.split(",")] if isinstance(spec, str) else [int(p) for p in spec]
     except (TypeError, ValueError):
-        raise InputError(f"--query-patch {spec!r}: write ROW,COL with two integers, e.g. 3,7 ({shape})") from None
+        raise InputError(f"{option('query_patch', repr(spec))}: write ROW,COL with two integers, e.g. 3,7 "
+                         f"({shape})") from None
     if len(parts) != 2:
-        raise InputError(f"--query-patch {spec!r}: write ROW,COL with two integers, e.g. 3,7 ({shape})")
+        raise InputError(f"{option('query_patch', repr(spec))}: write ROW,COL with two integers, e.g. 3,7 ({shape})")
     r, c = parts
     if not (0 <= r < gh and 0 <= c < gw):
-        raise InputError(f"--query-patch {r},{c} is off the grid; {shape}")
+        raise InputError(f"{option('query_patch', f'{r},{c}')} is off the grid; {shape}")
     return r, c
 
 
@@ -177,7 +178,8 @@ def select_query(loaded: LoadedModel, query: str = "auto") -> QueryInfo:
         kind = "cls" if q == "cls" else "register"
         return QueryInfo(q, kind, names.index(q), f"the {'CLS token' if kind == 'cls' else 'register ' + q}, as asked")
     choices = ", ".join(["auto", *names, "mean"])
-    raise InputError(f"--query {query!r} is not a token of this model ({layout}); choose one of: {choices}")
+    raise InputError(f"{option('query', repr(query))} is not a token of this model ({layout}); choose one of: "
+                     f"{choices}")
 
 
 # ----------------------------------------------------------------------------------------------- the pass
@@ -300,12 +302,12 @@ def attention_report(
         InputError on bad arguments; NotAViTError when a block has no attention module timm can expose.
     """
     if batch_size <= 0:
-        raise InputError(f"--batch-size must be positive, got {batch_size}")
+        raise InputError(f"{option('batch_size')} must be positive, got {batch_size}")
     if maps < 0:
-        raise InputError(f"--maps must be >= 0, got {maps}")
+        raise InputError(f"{option('maps')} must be >= 0, got {maps}")
     heads = (heads or "mean").strip().lower()
     if heads not in HEADS_MODES:
-        raise InputError(f"--heads {heads!r}: use 'mean' (average over heads) or 'all' (one map per head)")
+        raise InputError(f"{option('heads', repr(heads))}: use 'mean' (average over heads) or 'all' (one map per head)")
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
                         img_size=img_size, weights=weights)
     num_blocks = len(loaded.blocks)
@@ -353,7 +355,7 @@ def attention_report(
         probs = probs.float()
         if probs.shape[-1] != P + N:
             raise InputError(f"block {block}'s attention covers {probs.shape[-1]} tokens, expected {P} prefix + "
-                             f"{gh}x{gw} patches; pass --img-size to match the model")
+                             f"{gh}x{gw} patches; pass {option('img_size')} to match the model")
         seen.add(block)
         row = block - 1
         mask = batch["masks"][:, row] if row >= 0 else None  # [B, N] bool on device

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from artifactscan.core.errors import InputError, NonFiniteError
+from artifactscan.core.errors import InputError, NonFiniteError, option
 from artifactscan.core.summaries import ImageSummary, ModelSummary, MultiModelResult
 from artifactscan.core.stats import bin_index
 from artifactscan.core.thresholds import AutoRule, threshold_norms
@@ -95,9 +95,9 @@ def parse_grid(text: str | Sequence[float], name: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise InputError(f"--{name} must be a comma-separated list of numbers, got {text!r}") from None
+        raise InputError(f"{option(name)} must be a comma-separated list of numbers, got {text!r}") from None
     if not values:
-        raise InputError(f"--{name} is empty")
+        raise InputError(f"{option(name)} is empty")
     return values
 
 
@@ -154,12 +154,12 @@ def calibrate(
     """
     gains, fractions = list(gains), list(fractions)
     if num_images < 1:
-        raise InputError(f"--images must be at least 1, got {num_images}")
+        raise InputError(f"{option('num_images')} must be at least 1, got {num_images}")
     loaded = load_baseline(base)
     depth = len(loaded.blocks)
     for g in gains:  # the whole grid is checked before anything is built
         for f in fractions:
-            validate_settings(depth, onset, f, units, g, fraction_flag="--fractions", gain_flag="--gains")
+            validate_settings(depth, onset, f, units, g, fraction_option="fractions", gain_option="gains")
     rule = rule or AutoRule()
     medians = baseline_medians(loaded)
     h, _ = loaded.input_size
@@ -180,8 +180,8 @@ def calibrate(
             with NormCapture(model) as cap:
                 norms = cap.run(normalised)[:depth, :, model.num_prefix_tokens:].double()
             if not bool(torch.isfinite(norms).all()):  # a user's setting, not a bug: say which and why
-                raise NonFiniteError(f"--gains {g:g}: the planted tokens' norms overflow (float32: inf/NaN), so no "
-                                     "threshold can be measured; use gains of at most a few hundred (the rule's "
+                raise NonFiniteError(f"{option('gains', f'{g:g}')}: the planted tokens' norms overflow (float32: "
+                                     "inf/NaN), so no threshold can be measured; use gains of at most a few hundred (the rule's "
                                      "limits lie below 10)")
             flagged = torch.zeros(depth, num_images, gh * gw, dtype=torch.bool)
             for b in range(depth):

@@ -36,7 +36,7 @@ from artifactscan.core.numerics import measurement_mode
 from artifactscan.analysis.fix import find_register_neurons
 from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, feature_points, lost_batched
 from artifactscan.analysis.scan import ModelSummary, model_summary, scan
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 from artifactscan.core.progress import ProgressBar
 from artifactscan.core.devices import resolve_device
 from artifactscan.core.results import from_jsonable
@@ -46,6 +46,7 @@ from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_thresho
 from artifactscan.inputs.boxes import DEFAULT_OBJECT_IMAGES, BoxedData, load_box_data
 from artifactscan.inputs.sources import image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.models.phantom_notice import PHANTOM_HEADLINE_TAG, is_phantom
 from artifactscan.models.interventions import EXTRA_KEY, apply_test_time_register, check_supported
 
 # /3: the common header first (core/summaries.py): ``model`` (one summary per model, the fixed runs not counted
@@ -195,7 +196,7 @@ def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: in
     N = gh * gw
     kk = default_k(N) if k is None else int(k)
     if kk < 1:
-        raise InputError(f"--k must be at least 1, got {kk}")
+        raise InputError(f"{option('k')} must be at least 1, got {kk}")
     kk = min(kk, N)
     P = loaded.num_prefix_tokens
     H_in, W_in = loaded.input_size
@@ -218,7 +219,7 @@ def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: in
             feats, resid = cap.run(x.to(dev, non_blocking=True))
             if feats.shape[1] != P + N:
                 raise InputError(f"block {b} has {feats.shape[1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
-                                 "pass --img-size to match the model")
+                                 f"pass {option('img_size')} to match the model")
             boxes = lost_batched(feats[:, P:], (gh, gw), kk)
             norms = resid[:, P:].float().norm(dim=-1)  # [B, N]
             stats.update(norms[None].cpu())
@@ -349,19 +350,19 @@ def discover(
     """
     features = (features or "keys").strip().lower()
     if features not in FEATURES:
-        raise InputError(f"--features {features!r}: choose one of {', '.join(FEATURES)}")
+        raise InputError(f"{option('features', repr(features))}: choose one of {', '.join(FEATURES)}")
     compare = [c.strip().lower() for c in compare if c and c.strip()]
     bad = [c for c in compare if c not in COMPARE_CHOICES]
     if bad:
-        raise InputError(f"--compare {bad[0]!r}: the only comparison is 'fix' (a test-time register); to compare "
-                         "models pass several: artifactscan discover MODEL_A MODEL_B DATA")
+        raise InputError(f"{option('compare', repr(bad[0]))}: the only comparison is 'fix' (a test-time "
+                         "register); to compare models pass several: artifactscan discover MODEL_A MODEL_B DATA")
     if batch_size <= 0:
-        raise InputError(f"--batch-size must be positive, got {batch_size}")
+        raise InputError(f"{option('batch_size')} must be positive, got {batch_size}")
     parse_workers(num_workers)  # a bad --workers fails before any model loads
     block = renamed_keyword(blocks, block, "blocks", "block", BLOCK)
     keep = renamed_keyword(maps, keep, "maps", "keep", MAPS)
     if keep < 0:
-        raise InputError(f"--maps must be >= 0, got {keep}")
+        raise InputError(f"{option('maps')} must be >= 0, got {keep}")
     fixed = threshold_option(threshold)
     specs = list(models) if isinstance(models, (list, tuple)) else [models]
     dev = resolve_device(device)
@@ -473,8 +474,8 @@ def fix_effect(before: DiscoveryRun, after: DiscoveryRun) -> str | None:
 
 def discover_headline(report: DiscoverReport) -> str:
     parts = []
-    if any(r.model.kind == "phantom" for r in report.runs):
-        parts.append("[CALIBRATION PHANTOM - artifacts built in by construction, not a finding about real models]")
+    if any(is_phantom(r) for r in report.runs):
+        parts.append(PHANTOM_HEADLINE_TAG)
     by_label = {r.label: r for r in report.runs}
     for r in report.runs:
         parts.append(run_sentence(r))

@@ -26,7 +26,7 @@ import torch
 from artifactscan.core.blocks import parse_blocks_up_to, renamed_keyword
 from artifactscan.core.defaults import BATCH_SIZE, DEVICE, THRESHOLD, TOP_K, WORKERS
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError
+from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError, option
 from artifactscan.models.hooks import block_of, capture, unit_points
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
@@ -57,7 +57,7 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
     if not 0 <= max_layer < num_blocks:
         raise InputError(f"block {max_layer} is outside the model: choose a block from 0 to {num_blocks - 1}")
     if top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {top_k}")
+        raise InputError(f"{option('top_k')} must be at least 1, got {top_k}")
     sites = unit_points(loaded, range(max_layer + 1))
     if not sites:
         raise NotAViTError("this model declares no MLP unit hook points in its blocks; cannot locate register "
@@ -101,8 +101,8 @@ def find_register_neurons(loaded: LoadedModel, images: Any, report: Any, *, top_
         raise InputError("nothing to fix: no outlier positions among the images")
     units = sum(out_sum.numel() for out_sum, _ in sums.values())
     if top_k > units:  # every unit would be moved: not a repair but a different model
-        raise InputError(f"--top-k {top_k} is more than the {units:,} MLP hidden units of blocks 0 to {max_layer}, "
-                         f"where register neurons are searched; choose a few (default 4; at most {units:,})")
+        raise InputError(f"{option('top_k', top_k)} is more than the {units:,} MLP hidden units of blocks 0 to "
+                         f"{max_layer}, where register neurons are searched; choose a few (default 4; at most {units:,})")
     candidates = []
     for name, (out_sum, norm_sum) in sums.items():
         block = block_of(name)
@@ -212,7 +212,7 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = TOP_K, blocks: st
     blocks = renamed_keyword(blocks, None if max_layer is None else f"0:{max_layer}", "blocks", "max_layer")
     save_model = renamed_keyword(save_model, out, "save_model", "out")
     if top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {top_k}")
+        raise InputError(f"{option('top_k')} must be at least 1, got {top_k}")
     dev = resolve_device(device)
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
                         img_size=img_size, weights=weights)
@@ -247,8 +247,8 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = TOP_K, blocks: st
     saved = None
     if save_model is not None:
         if loaded.meta is None:
-            raise InputError("--save-model needs a model loaded from a self-describing checkpoint or built-in name; "
-                             "the neuron list is printed in the JSON report instead")
+            raise InputError(f"{option('save_model')} needs a model loaded from a self-describing checkpoint or built-in "
+                             "name; the neuron list is printed in the JSON report instead")
         extra = dict(loaded.meta.extra)
         extra[EXTRA_KEY] = register.to_dict()
         meta = CheckpointMeta(**{**asdict(loaded.meta), "extra": extra,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from artifactscan.core.errors import ResourceError
+from artifactscan.core.errors import ResourceError, option
 from artifactscan.core.memory import GIB, available_bytes  # noqa: F401  (the checks' own names)
 
 
@@ -46,9 +46,9 @@ def check_fits(loaded, batch_size: int, device: torch.device, explicit_attention
     where = "GPU memory" if device.type == "cuda" else "memory"
     if per_image <= free:
         fit = max(1, int(free // per_image))
-        hint = f"use --batch-size {fit} or smaller"
+        hint = f"use {option('batch_size', fit)} or smaller"
     else:
-        hint = "lower --img-size (or scan on a machine with more memory)"
+        hint = f"lower {option('img_size')} (or scan on a machine with more memory)"
     raise ResourceError(
         f"{h}x{w} inputs need about {need / GIB:.1f} GiB of activations for a batch of {batch_size} "
         f"({per_image / GIB:.2f} GiB per image, {loaded.num_prefix_tokens + loaded.grid_size[0] * loaded.grid_size[1]:,} "

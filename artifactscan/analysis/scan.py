@@ -23,7 +23,7 @@ from artifactscan.core.numbers import percent as _pct
 from artifactscan.core.defaults import BATCH_SIZE, DEVICE, MAPS, THRESHOLD, WORKERS
 from artifactscan.analysis.capture import NormCapture, row_names
 from artifactscan.analysis.memory import check_fits
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 from artifactscan.core.files import display_name, name_hex
 from artifactscan.core.progress import ProgressBar
 from artifactscan.core.distributed import distributed_world, gather
@@ -31,6 +31,7 @@ from artifactscan.core.devices import resolve_device
 from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES
 from artifactscan.inputs.sources import ImageSource, effective_batch_size, image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel
+from artifactscan.models.phantom_notice import PHANTOM_HEADLINE_TAG, is_phantom
 from artifactscan.analysis.opening import load_with_images
 from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
 from artifactscan.core.thresholds import (
@@ -266,7 +267,7 @@ def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, b
             norms = cap.run(images.to(device, non_blocking=True)).cpu()  # [L, B, T]
             if norms.shape[-1] != P + gh * gw:
                 raise InputError(f"model produced {norms.shape[-1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
-                                 "pass --img-size to match the model")
+                                 f"pass {option('img_size')} to match the model")
             if stats is not None:
                 stats.update(norms)
             patches = norms[:, :, P:].double()
@@ -349,10 +350,11 @@ def scan(
     """
     fixed = threshold_option(threshold)
     if batch_size <= 0:
-        raise InputError(f"--batch-size must be positive, got {batch_size}")
+        raise InputError(f"{option('batch_size')} must be positive, got {batch_size}")
     parse_workers(num_workers)
     if num_maps < 0:
-        raise InputError(f"--maps must be 0 or more (the number of images that keep a norm map), got {num_maps}")
+        raise InputError(f"{option('num_maps')} must be 0 or more (the number of images that keep a norm map), "
+                         f"got {num_maps}")
     rule = rule or AutoRule()
     dev = resolve_device(device)
     world, rank = distributed_world()
@@ -505,8 +507,8 @@ def headline(report: ScanReport) -> str:
     problem = report.nonfinite_problem()
     if problem:  # never "clean": NaN norms fall outside every histogram bin and every threshold test
         parts.append(f"NON-FINITE VALUES - THESE STATISTICS ARE NOT VALID: {problem}.")
-    if report.model.kind == "phantom":
-        parts.append("[CALIBRATION PHANTOM - artifacts built in by construction, not a finding about real models]")
+    if is_phantom(report):
+        parts.append(PHANTOM_HEADLINE_TAG)
     undecided = report.inconclusive_problem()
     if problem:
         pass  # no verdict on outliers: the numbers below are about a broken pass

@@ -30,7 +30,7 @@ try:  # Typer >= 0.25 vendors click; its exceptions are that copy's, not the cli
 except ImportError:  # pragma: no cover - older Typer on top of click
     import click  # type: ignore[no-redef]
 
-from artifactscan.core.errors import ArtifactScanError, is_environment_problem, os_problem
+from artifactscan.core.errors import ArtifactScanError, cli_spelling, is_environment_problem, os_problem
 from artifactscan.core.files import display_name, output_folder
 from artifactscan.core.startup import begin_startup, end_startup, freeze_heap
 from artifactscan.cli.streams import (EXIT_READER_GONE, ReaderGone, final_exit_code, forget_caught_interrupts,
@@ -154,7 +154,9 @@ def _sigterm_interrupts() -> Iterator[None]:
 def run_command(debug: bool, fn: Callable[[], Any]) -> Any:
     """Run ``fn``; turn failures into one clear line and the documented exit code (traceback only with --debug)."""
     debug = debug or bool(os.environ.get("ARTIFACTSCAN_DEBUG"))
-    with guarded_streams() as out:  # a failing stdout never interrupts the work; it is judged once it is done
+    # a failing stdout never interrupts the work; it is judged once it is done. The library's messages (and the
+    # handlers' own) name options by their flags.
+    with guarded_streams() as out, cli_spelling():
         return _run_guarded(debug, fn, out)
 
 

@@ -16,6 +16,7 @@ import typer
 from artifactscan.cli.app import DebugOpt, app, print_line, run_command, stdout, warn
 from artifactscan.cli.options import deprecation_note
 from artifactscan.core.files import display_name
+from artifactscan.models.phantom_notice import PHANTOM_REPORT_NOTE
 
 PAGE_NAME = "report.html"
 #: What ``--out`` took when it named the page itself: such a value keeps that meaning for this version.
@@ -81,8 +82,7 @@ def report(
             sys.stdout.write(summary.to_json() + "\n")
             return
         if summary.phantom:
-            print_line(stdout, "note:", "yellow", "includes calibration-phantom results (artifacts built in by "
-                       "construction); the page says so at the top.")
+            print_line(stdout, "note:", "yellow", PHANTOM_REPORT_NOTE)
         print_line(stdout, "wrote", "", f"{display_name(summary.out_path)} ({summary.describe()}, "
                    f"{summary.bytes / 1024:.0f} KiB)")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -14,10 +14,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise InputError(f"{option('device', repr(device))} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {device} asked for CUDA, but no CUDA GPU is available here; use --device cpu")
+            raise InputError(f"{option('device', device)} asked for CUDA, but no CUDA GPU is available here; use "
+                             f"{option('device', 'cpu')}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise InputError(f"{option('device', device)}: only {torch.cuda.device_count()} CUDA device(s) present")
     return dev

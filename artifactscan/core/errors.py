@@ -11,6 +11,10 @@ error (any other exception: a bug); 3 a gate failed (:class:`GateFailedError`); 
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 
 class ArtifactScanError(Exception):
@@ -79,8 +83,59 @@ class RunInterrupted(ArtifactScanError):
     exit_code = 130
 
 
+# ------------------------------------------------------------------------------------ options, as the caller spells them
+# A message names the option the caller set: a Python caller of ``fix(top_k=0)`` reads "top_k must be at least 1",
+# the CLI user who typed ``--top-k 0`` reads "--top-k must be at least 1". The CLI switches the spelling for the
+# duration of a command (cli/app.py); a context variable, so a library call next to it (a notebook, a test) keeps
+# the Python names, and forked decoding workers inherit the command's.
+_cli_spelling: ContextVar[bool] = ContextVar("artifactscan_cli_spelling", default=False)
+
+# The parameters whose CLI flag is not the mechanical ``--`` + the name with dashes (``top_k`` -> ``--top-k``):
+# the one place a renamed flag is retargeted.
+FLAG_OF_PARAMETER: dict[str, str] = {
+    "num_maps": "--maps",  # scan
+    "keep": "--maps",  # discover (0.2: --figure-images)
+    "num_images": "--images",  # calibrate
+    "gain_over_median": "--gain",  # phantom --build
+    "num_workers": "--workers",
+    "embed_dim": "--dim", "num_heads": "--heads", "patch_size": "--patch",  # train-reg's config fields
+    "class_token": "--no-cls", "global_pool": "--no-cls",
+    "baseline_checkpoint": "--baseline", "out_dir": "--out",  # train-reg
+}
+
+_NO_VALUE = object()
+
+
+def option(parameter: str, value: Any = _NO_VALUE, shell_value: Any = _NO_VALUE) -> str:
+    """An option named as the caller spells it: ``top_k`` (Python) or ``--top-k`` (the CLI); with a value,
+    ``top_k=0`` or ``--top-k 0``, and a switch turned on (``value=True``) ``trust_checkpoint=True`` or
+    ``--trust-checkpoint``. ``value`` is written with ``str``: pass ``repr(x)`` where quotes should show;
+    ``shell_value`` is the value as typed in a shell where it differs (quoted JSON)."""
+    if _cli_spelling.get():
+        value = value if shell_value is _NO_VALUE else shell_value
+        name = FLAG_OF_PARAMETER.get(parameter, "--" + parameter.replace("_", "-"))
+        return name if value is _NO_VALUE or value is True else f"{name} {value}"
+    return parameter if value is _NO_VALUE else f"{parameter}={value}"
+
+
+def uses_cli_spelling() -> bool:
+    """Whether messages now name options by their CLI flags (a worker process is told to do the same)."""
+    return _cli_spelling.get()
+
+
+@contextmanager
+def cli_spelling() -> Iterator[None]:
+    """Messages raised inside name options by their CLI flags (:func:`option`); the CLI wraps each command in it."""
+    token = _cli_spelling.set(True)
+    try:
+        yield
+    finally:
+        _cli_spelling.reset(token)
+
+
 # ----------------------------------------------------------------------------------------------- the OS refusing
-# The kinds of OSError that describe the machine rather than a bug: (what happened, what to do). An OSError of one
+# The kinds of OSError that describe the machine rather than a bug: (what happened, what to do; {parameter} is an
+# option, named as the caller spells it). An OSError of one
 # of these kinds is a user/environment error wherever it is raised (exit 1, one line naming the path); any other
 # OSError (EBADF, EINVAL, ... on a descriptor artifactscan opened itself) still reads as a bug.
 _OS_PROBLEMS: dict[int, tuple[str, str]] = {
@@ -96,9 +151,9 @@ _OS_PROBLEMS: dict[int, tuple[str, str]] = {
     errno.EISDIR: ("is a folder, not a file", "pass a file"),
     errno.ELOOP: ("a symlink loop", "fix the symlink"),
     errno.ENAMETOOLONG: ("name too long for this file system", "choose a shorter path"),
-    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or use fewer --workers"),
-    errno.ENFILE: ("too many open files on this system", "close some programs or use fewer --workers"),
-    errno.ENOMEM: ("out of memory", "use a smaller --batch-size or free memory"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or use fewer {num_workers}"),
+    errno.ENFILE: ("too many open files on this system", "close some programs or use fewer {num_workers}"),
+    errno.ENOMEM: ("out of memory", "use a smaller {batch_size} or free memory"),
     errno.ENXIO: ("no such device", "check the path"),
     errno.ENODEV: ("no such device", "check the path"),
     errno.ETXTBSY: ("the file is busy", "try again when the program using it has finished"),
@@ -119,6 +174,7 @@ def os_problem(exc: OSError) -> str:
     """``exc`` in words with what to do: ``no space left on the device (ENOSPC); free some space or write ...``."""
     what, advice = _OS_PROBLEMS.get(exc.errno, (exc.strerror or type(exc).__name__, ""))  # type: ignore[arg-type]
     code = f" ({errno.errorcode[exc.errno]})" if exc.errno in errno.errorcode else ""
+    advice = advice.format(num_workers=option("num_workers"), batch_size=option("batch_size"))
     return f"{what}{code}" + (f"; {advice}" if advice else "")
 
 

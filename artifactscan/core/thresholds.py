@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, option
 from .stats import BIN_WIDTH_LOG10, LOG10_MIN, NUM_BINS, bin_index
 
 PAPER_THRESHOLD = 150.0
@@ -312,9 +312,9 @@ def parse_threshold(text: str | float | None) -> float | None:
         try:
             value = float(text)
         except ValueError:
-            raise ValueError(f"--threshold must be 'auto' or a positive number, got {text!r}") from None
+            raise ValueError(f"{option('threshold')} must be 'auto' or a positive number, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"--threshold must be 'auto' or a positive number, got {text!r}")
+        raise ValueError(f"{option('threshold')} must be 'auto' or a positive number, got {text!r}")
     return value
 
 

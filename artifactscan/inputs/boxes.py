@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 from artifactscan.core.paths import display_name, open_regular, read_regular_text, what_it_is
 from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images, upright_size
 from artifactscan.inputs.sources import ImageSource, NormalizedTensors, parse_synthetic
@@ -258,8 +258,8 @@ def load_coco(json_path: Path, image_root: Path | None = None) -> BoxedData:
         items.append(BoxedItem(fname, str(path), w, h, boxes))
     if not items:
         others = f" (nor is any of the {len(missing) - 1} other images listed)" if len(missing) > 1 else ""
-        raise InputError(f"{name}: image {missing[0]} is not in {root}{others}; pass --image-root with the folder "
-                         "that holds the images")
+        raise InputError(f"{name}: image {missing[0]} is not in {root}{others}; pass {option('image_root')} with the "
+                         "folder that holds the images")
     warnings = []
     if missing:
         warnings.append(f"{name}: {len(missing)} of {len(data['images'])} listed images are not in {root} (first: "

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 from artifactscan.inputs.images import BadSample, ImageFolderDataset, collate_skip_bad
 
 __all__ = ["EncodedJpeg", "EncodedJpegs", "GpuJpegDecoder", "apply_exif_orientation", "collate_encoded",
@@ -132,8 +132,8 @@ class GpuJpegDecoder:
             try:
                 import torchcodec.decoders  # noqa: F401
             except Exception as exc:  # ImportError, or a TorchCodec build that does not match this torch
-                raise InputError(f"--gpu-decode needs TorchCodec ({type(exc).__name__}: {exc}); "
-                                 "pip install torchcodec, or drop --gpu-decode") from None
+                raise InputError(f"{option('gpu_decode')} needs TorchCodec ({type(exc).__name__}: {exc}); "
+                                 f"pip install torchcodec, or drop {option('gpu_decode')}") from None
         self.decode = decode or torchcodec_decode
         self.applies_exif = (decode is None) if applies_exif is None else applies_exif
         self.device, self.folder = torch.device(device), folder
@@ -143,8 +143,8 @@ class GpuJpegDecoder:
         self.scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
         self.mode = data_config.get("crop_mode") or "center"
         if self.mode not in ("center", "squash") or (self.mode == "center" and self.scale[0] != self.scale[1]):
-            raise InputError(f"--gpu-decode supports square inputs with crop_mode center or squash, not this model's "
-                             f"{self.mode} {h}x{w}; drop --gpu-decode")
+            raise InputError(f"{option('gpu_decode')} supports square inputs with crop_mode center or squash, not "
+                             f"this model's {self.mode} {h}x{w}; drop {option('gpu_decode')}")
         interp = data_config.get("interpolation") or "bilinear"
         self.interpolation = interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear"
         self.mean = torch.tensor(data_config["mean"], device=self.device).view(3, 1, 1)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.core.summaries import ImageSummary, SkippedImage
 from artifactscan.inputs.gpu_decode import GpuJpegDecoder, collate_encoded, encoded_view
@@ -145,7 +145,7 @@ def parse_workers(value: int | str | None) -> int | None:
     except (TypeError, ValueError):
         n = -1
     if isinstance(value, float) or n < 0:
-        raise InputError(f"--workers {value}: use auto or a whole number of worker processes >= 0 "
+        raise InputError(f"{option('num_workers', value)}: use auto or a whole number of worker processes >= 0 "
                          "(0 decodes on the main process)")
     return n
 
@@ -358,7 +358,7 @@ def resolve_workers(source: ImageSource, batch_size: int, num_workers: int | str
             _workers_said.add((workers, most))
             why = (f"{batches} batch{'es' if batches != 1 else ''} to decode" if batches <= cores
                    else f"{cores} CPU core{'s' if cores != 1 else ''} available")
-            print(f"warning: --workers {workers}: using {most} ({why}; more processes would only wait)",
+            print(f"warning: {option('num_workers', workers)}: using {most} ({why}; more processes would only wait)",
                   file=sys.stderr)
         workers = most
     return workers
@@ -382,8 +382,8 @@ def image_batches(source: ImageSource, batch_size: int, num_workers: int | str |
     cuda = dev is not None and dev.type == "cuda"
     workers = resolve_workers(source, batch_size, num_workers, cuda)
     if source.gpu_decode and source.folder_dataset is not None and not cuda:
-        raise InputError(f"--gpu-decode decodes on a CUDA device, and this pass runs on {dev or 'the CPU'}; "
-                         "pass --device cuda or drop --gpu-decode")
+        raise InputError(f"{option('gpu_decode')} decodes on a CUDA device, and this pass runs on "
+                         f"{dev or 'the CPU'}; pass {option('device', 'cuda')} or drop {option('gpu_decode')}")
     if cuda and source.gpu_decode and source.folder_dataset is not None:
         decoder = GpuJpegDecoder(source.data_config or {}, dev, source.folder_dataset)
         loader = _loader(source, ("encoded", batch_size, workers, True),

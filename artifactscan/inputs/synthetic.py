@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 
 NUM_CLASSES = 8
 GRID = 4  # objects are placed in the cells of a GRID×GRID layout, at most one per cell
@@ -120,7 +120,7 @@ class SyntheticShapes(SyntheticImages):
     classes = CLASS_NAMES
 
     def __init__(self, num_images: int, seed: int = 0, img_size: int = 32, split: str = "train"):
-        super().__init__(num_images, seed, img_size, split, "synthetic data", "; use --img-size 32")
+        super().__init__(num_images, seed, img_size, split, "synthetic data", f"; use {option('img_size', 32)}")
         self._tag = _split_tag(split)
         scale = img_size / 32.0
         self._sq_min = max(1, round(3 * scale))

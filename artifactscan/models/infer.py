@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from artifactscan.core.errors import ModelLoadError
+from artifactscan.core.errors import ModelLoadError, option
 
 # (timm name, family, width, patch). Order matters: among equivalent matches the family of the file's layout wins,
 # then the earlier entry.
@@ -309,14 +309,16 @@ def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: 
     """
     facts = read_facts(sd, name)
     if facts.grid is None and "pos_embed" in sd:
+        size = option("arch_kwargs", '{"img_size": (H, W)}', shell_value="""'{"img_size": [H, W]}'""")
         raise ModelLoadError(f"{name}: its position embedding ({_shape(sd, 'pos_embed')}) is not a square grid plus "
-                             "prefix tokens, so the input size cannot be read from it; pass --arch TIMM_NAME and "
-                             "--arch-kwargs '{\"img_size\": [H, W]}'")
+                             "prefix tokens, so the input size cannot be read from it; pass "
+                             f"{option('arch', 'TIMM_NAME')} and {size}")
     matches = _matches(facts, {k: tuple(v.shape) for k, v in sd.items()})
     if not matches:
         raise ModelLoadError(f"{name}: its shapes ({facts.brief()}) match no known ViT configuration; closest: "
-                             f"{', '.join(closest(facts))}. Pass --arch TIMM_NAME (and --arch-kwargs for "
-                             "non-default sizes), or save it with artifactscan's checkpoint format.")
+                             f"{', '.join(closest(facts))}. Pass {option('arch', 'TIMM_NAME')} (and "
+                             f"{option('arch_kwargs')} for non-default sizes), or save it with artifactscan's "
+                             "checkpoint format.")
     groups: dict[tuple[int, str, str], list[tuple[str, str, dict[str, Any]]]] = {}
     for m in matches:
         groups.setdefault(_behaviour(m[0], tuple(sorted(m[2].items()))), []).append(m)
@@ -326,7 +328,8 @@ def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: 
         options = "; ".join(f"{', '.join(a for a, _, _ in ms)} ({h} heads, {act}" + (f"; {more})" if more else ")")
                             for (h, act, more), ms in groups.items())
         raise ModelLoadError(f"{name} ({facts.brief()}) fits several known architectures that its shapes cannot tell "
-                             f"apart (heads / activation): {options}. Pass --arch with the one it was trained as.")
+                             f"apart (heads / activation): {options}. Pass {option('arch')} with the one it was "
+                             "trained as.")
     (heads, act, _), members = next(iter(groups.items()))
     want = LAYOUT_FAMILY.get(layout)
     members.sort(key=lambda m: m[1] != want)  # stable: table order within the preferred family
@@ -375,7 +378,7 @@ def infer_from_file(native_sd: dict[str, torch.Tensor], converted: dict[str, tor
         if read_converted:
             raise ModelLoadError(f"{name} fits known architectures both as timm's own keys ({', '.join(as_is)}) "
                                  f"and read as a {layout} file ({', '.join(read_converted)}); its shapes cannot tell "
-                                 "which it is. Pass --arch with the one it was trained as.")
+                                 f"which it is. Pass {option('arch')} with the one it was trained as.")
         return infer_architecture(native_sd, "timm", name, activation), "timm"
     return infer_architecture(converted, layout, name, activation), layout
 

@@ -27,6 +27,7 @@ from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, read_meta
 from artifactscan.core.memory import GIB, available_bytes
 from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.models.hooks import blocks_sequence
+from artifactscan.models.phantom_notice import PHANTOM_NOTE
 from artifactscan.core.callbacks import Callbacks
 from artifactscan.core.summaries import ModelSummary
 from artifactscan.core.errors import (
@@ -38,6 +39,7 @@ from artifactscan.core.errors import (
     NotAViTError,
     OfflineError,
     ResourceError,
+    option,
 )
 from artifactscan.models.registry import (
     architecture_builder,
@@ -48,11 +50,6 @@ from artifactscan.models.registry import (
 
 CHECKPOINT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
 HUB_HOST = "huggingface.co"
-
-PHANTOM_NOTE = (
-    "CALIBRATION PHANTOM: its artifact tokens were built in by construction (README: 'The calibration phantom'); "
-    "its findings say nothing about real models."
-)
 
 #: Called with the :class:`LoadedModel` at the end of every :func:`load_model`. The command line registers the end of
 #: its start-up phase here (core/startup.py: imports and building the model are start-up); the library calls only
@@ -238,7 +235,7 @@ def _build_arch(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
         return timm.create_model(arch, pretrained=False, **arch_kwargs)
     except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as exc:
         raise ModelLoadError(f"architecture '{arch}' does not accept {arch_kwargs}: {exc or type(exc).__name__}; "
-                             "check --arch-kwargs (or the checkpoint's arch_kwargs)") from exc
+                             f"check {option('arch_kwargs')} (or the checkpoint's arch_kwargs)") from exc
 
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:
@@ -302,8 +299,10 @@ def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str,
             advice = (f" The file's top-level keys: {', '.join(where[:8])}; its layout is not one artifactscan "
                       "converts (docs/loading.md lists them).")
         else:  # every differing key is one timm's ViT has for some setting: a kwarg can fix it
-            advice = " Check --arch and --arch-kwargs (e.g. img_size, reg_tokens, num_classes, depth)."
-        raise CheckpointMismatchError(f"{display_name(path.name)} does not match --arch {arch}: " + "; ".join(parts)
+            advice = (f" Check {option('arch')} and {option('arch_kwargs')} (e.g. img_size, reg_tokens, num_classes, "
+                      "depth).")
+        raise CheckpointMismatchError(f"{display_name(path.name)} does not match {option('arch', arch)}: "
+                                      + "; ".join(parts)
                                       + "." + advice)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()})
 
@@ -392,9 +391,9 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
         state_dict = ckpt.state_dict if ckpt.layout == "timm" else native.to_timm(ckpt.state_dict, ckpt.layout, model)
     except (RuntimeError, ValueError, KeyError) as exc:  # timm's resampling of a pos-embed that cannot fit
         raise CheckpointMismatchError(
-            f"{display_name(path.name)} ({ckpt.layout} layout) does not fit --arch {arch_name}: timm's converter "
-            "failed on it "
-            f"({str(exc).splitlines()[0]}). Check --arch (CLS / registers / position embedding of this family)."
+            f"{display_name(path.name)} ({ckpt.layout} layout) does not fit {option('arch', arch_name)}: timm's "
+            f"converter failed on it ({str(exc).splitlines()[0]}). Check {option('arch')} (CLS / registers / position "
+            "embedding of this family)."
         ) from exc
     _load_into(model, state_dict, arch_name, path, ckpt)
     data_config = dict(meta.data_config) if meta and meta.data_config else timm.data.resolve_model_data_config(model)
@@ -509,7 +508,7 @@ def load_model(
     """
     arch_kwargs = dict(arch_kwargs or {})
     if weights is not None and weights not in native.WEIGHT_CHOICES:
-        raise InputError(f"--weights must be one of {', '.join(native.WEIGHT_CHOICES)}, got {weights!r}")
+        raise InputError(f"{option('weights')} must be one of {', '.join(native.WEIGHT_CHOICES)}, got {weights!r}")
     if isinstance(spec, LoadedModel):
         loaded = spec
         if loaded.nonfinite_tensors:
@@ -544,8 +543,8 @@ def load_model(
         else:
             loaded = _load_named(spec, arch_kwargs)
     if weights is not None and loaded.source != "checkpoint":
-        raise InputError(f"--weights {weights} chooses between the EMA and raw weights of a checkpoint file; "
-                         f"{loaded.name} is not one (drop --weights)")
+        raise InputError(f"{option('weights', weights)} chooses between the EMA and raw weights of a checkpoint "
+                         f"file; {loaded.name} is not one (drop {option('weights')})")
     if not isinstance(spec, LoadedModel):
         _check_finite(loaded, allow_nonfinite)  # where NaN starts: name the tensors before anything runs
     if img_size is not None:
@@ -649,9 +648,10 @@ def check_resample_fits(loaded: LoadedModel, img_size: int) -> None:
     need = 3 * (img_size // ph) * (img_size // pw) * int(pos_embed.shape[-1]) * 4
     free = available_bytes(torch.device("cpu"))
     if free is not None and need > free:
-        raise ResourceError(f"--img-size {img_size} makes {_grid_text(loaded, img_size)}: resampling the position "
-                            f"embeddings alone needs about {need / GIB:,.1f} GiB and {free / GIB:.1f} GiB of memory is "
-                            f"available; choose a smaller --img-size (the model's own is {loaded.input_size[0]})")
+        raise ResourceError(f"{option('img_size', img_size)} makes {_grid_text(loaded, img_size)}: resampling the "
+                            f"position embeddings alone needs about {need / GIB:,.1f} GiB and {free / GIB:.1f} GiB of "
+                            f"memory is available; choose a smaller {option('img_size')} (the model's own is "
+                            f"{loaded.input_size[0]})")
 
 
 def _resize_input(loaded: LoadedModel, img_size: int) -> None:
@@ -660,19 +660,20 @@ def _resize_input(loaded: LoadedModel, img_size: int) -> None:
         return
     ph, pw = loaded.patch_size
     if img_size <= 0 or img_size % ph or img_size % pw:
-        raise InputError(f"--img-size {img_size} is not a positive multiple of the patch size {ph}")
+        raise InputError(f"{option('img_size', img_size)} is not a positive multiple of the patch size {ph}")
     if hasattr(model, "set_input_size"):
         check_resample_fits(loaded, img_size)
         try:
             model.set_input_size(img_size=img_size)  # resamples the position embeddings
         except (MemoryError, RuntimeError) as exc:
             if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
-                raise InputError(f"--img-size {img_size} does not fit this model: {exc}") from exc
-            raise ResourceError(f"--img-size {img_size}: {_grid_text(loaded, img_size)}; resampling the position "
-                                "embeddings ran out of memory; choose a smaller --img-size (the model's own is "
+                raise InputError(f"{option('img_size', img_size)} does not fit this model: {exc}") from exc
+            raise ResourceError(f"{option('img_size', img_size)}: {_grid_text(loaded, img_size)}; resampling the "
+                                "position embeddings ran out of memory; choose a smaller "
+                                f"{option('img_size')} (the model's own is "
                                 f"{loaded.input_size[0]})") from None
         except Exception as exc:
-            raise InputError(f"--img-size {img_size} does not fit this model: {exc}") from exc
+            raise InputError(f"{option('img_size', img_size)} does not fit this model: {exc}") from exc
     elif not getattr(model, "dynamic_img_size", False):
-        raise InputError(f"this model has a fixed input size {loaded.input_size}; drop --img-size")
+        raise InputError(f"this model has a fixed input size {loaded.input_size}; drop {option('img_size')}")
     loaded.data_config["input_size"] = (3, img_size, img_size)

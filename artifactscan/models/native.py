@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from artifactscan.core.errors import InputError, ModelLoadError, UntrustedCheckpointError
+from artifactscan.core.errors import InputError, ModelLoadError, UntrustedCheckpointError, option
 
 # Top-level entries of training checkpoints that hold a model's weights, EMA first (timm's own preference).
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "teacher")
@@ -99,7 +99,8 @@ def read_torch_file(path: Path, trust: bool) -> Any:
         if not trust:
             raise UntrustedCheckpointError(
                 f"{path.name} is a TorchScript archive (e.g. OpenAI's CLIP .pt), and loading it executes its code. "
-                "If you trust the file, add --trust-checkpoint (its state dict is then loaded like any other).")
+                f"If you trust the file, add {option('trust_checkpoint', True)} (its state dict is then loaded like "
+                "any other).")
         try:
             with warnings.catch_warnings():  # torch.jit's deprecation notice is not the user's concern here
                 warnings.simplefilter("ignore")
@@ -117,7 +118,7 @@ def read_torch_file(path: Path, trust: bool) -> Any:
             raise UntrustedCheckpointError(
                 f"{path.name} holds pickled Python objects{found} that weights_only loading refuses, because "
                 "unpickling runs code from the file. Save `model.state_dict()` instead, or, if you trust the file, "
-                "add --trust-checkpoint.") from exc
+                f"add {option('trust_checkpoint', True)}.") from exc
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint: {read_error_reason(exc, path)}") from exc
@@ -160,7 +161,7 @@ def unwrap(blob: Any, weights: str | None = None, name: str = "checkpoint") -> N
         ModelLoadError naming the top-level keys when no state dict of tensors is found.
     """
     if weights is not None and weights not in WEIGHT_CHOICES:
-        raise InputError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
+        raise InputError(f"{option('weights')} must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
     if not isinstance(blob, dict):
         raise ModelLoadError(f"{name} holds a {type(blob).__name__}, not a state dict")
     top_keys = [str(k) for k in blob]
@@ -202,8 +203,8 @@ def unwrap(blob: Any, weights: str | None = None, name: str = "checkpoint") -> N
             wrapper += "backbone."
     if weights is not None and label != weights:
         found = wrapper or "one bare state dict"
-        raise InputError(f"--weights {weights}: {name} holds no {weights} weights (found: {found}; top-level keys: "
-                         f"{', '.join(top_keys[:6])}); drop --weights")
+        raise InputError(f"{option('weights', weights)}: {name} holds no {weights} weights (found: {found}; top-level "
+                         f"keys: {', '.join(top_keys[:6])}); drop {option('weights')}")
     layout = detect_layout(sd)
     sd, more = drop_non_encoder(sd, layout)
     dropped.update(more)

@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from artifactscan.core.errors import InputError
+from artifactscan.core.patch_grid import neighbour_similarity  # noqa: F401  (re-exported: the redundancy score)
 from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
+from artifactscan.models.phantom_notice import PHANTOM_NOTE
 from artifactscan.models.phantom_rules import (  # noqa: F401  (re-exported: the phantom's documented helpers)
     ARCH,
     CALIBRATION_MAX_FRACTION,
     MAX_FRACTION,
     PHANTOM_KWARGS,
-    neighbour_similarity,
     planted_count,
     validate_settings,
 )
@@ -122,7 +123,6 @@ def build_phantom(base: Any = "demo", out: str | Path | None = None, *, onset: i
     calibration builds.
     """
     from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
-    from artifactscan.models.loading import PHANTOM_NOTE
 
     loaded = load_baseline(base)
     depth = len(loaded.blocks)
@@ -250,7 +250,7 @@ def phantom_description(model: Any, spec: PhantomSpec, name: str, out: str | Pat
                         summary: ModelSummary | None = None) -> PhantomDescription:
     """The description of a phantom ``model`` (a ``PhantomViT``) built with ``spec``; ``out``: where a rebuild
     writes it (default: the shipped file of that name); ``summary``: the loaded model's (default: the module's)."""
-    from artifactscan.models.loading import PHANTOM_NOTE, wrap_module
+    from artifactscan.models.loading import wrap_module
 
     if summary is None:  # a phantom just built: the module is all there is
         summary = replace(wrap_module(model, name=name).summary(), kind="phantom", calibration_note=PHANTOM_NOTE)

@@ -16,7 +16,8 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from artifactscan.models.phantom_rules import MAX_FRACTION, neighbour_similarity, planted_count, validate_settings
+from artifactscan.core.patch_grid import neighbour_similarity
+from artifactscan.models.phantom_rules import MAX_FRACTION, planted_count, validate_settings
 
 
 class _PlantState:

@@ -45,11 +45,6 @@ KIND_TITLES = {
     "train-reg": "Train-reg comparison", "training": "Training run", "calibration": "Detection limit",
     "other": "Result",
 }
-PHANTOM_BANNER = (
-    "Calibration phantom. {which} from the calibration phantom: a small ViT whose high-norm artifact tokens were "
-    "built in by construction, so the right answer is known. Its findings check that artifactscan works; they are "
-    "not findings about real models."
-)
 
 
 @dataclass

@@ -29,7 +29,6 @@ from artifactscan.render.html_parts import (
     IncludedResult,
     KIND_ORDER,
     KIND_TITLES,
-    PHANTOM_BANNER,
     collect_results,
     esc,
     html_table,
@@ -37,6 +36,7 @@ from artifactscan.render.html_parts import (
     rel_path,
     slug,
 )
+from artifactscan.models.phantom_notice import PHANTOM_BANNER, PHANTOM_TITLE
 from artifactscan.render.html_discover import discover_section
 from artifactscan.render.html_kinds import attention_section, calibration_section, fix_section
 from artifactscan.render.html_sections import (
@@ -226,7 +226,7 @@ def _result_section(i: int, item: FoundResult, root: Path, figs: FigureEmbedder,
         warn(f"{rel}: could not read it as a {item.kind} result ({type(exc).__name__}: {exc}); shown as raw values")
         inc.figures.clear()
         body = generic_section(item, root, figs, inc)
-    badge = '<span class="badge">calibration phantom</span>' if inc.phantom else ""
+    badge = f'<span class="badge">{PHANTOM_TITLE}</span>' if inc.phantom else ""
     schema = f" · schema <code>{esc(item.schema)}</code>" if item.schema else ""
     section = (f'<section id="{slug(i)}"><h2><span class="kind">{esc(KIND_TITLES.get(item.kind, item.kind))}</span>'
                f"{esc(inc.title)}{badge}</h2>"
@@ -262,7 +262,7 @@ def _lead_html(lead_item: IncludedResult | None, n_results: int) -> str:
     if lead_item is not None and n_results > 1:
         lead_from = f' <span class="from">from <code>{esc(lead_item.path)}</code></span>'
     if lead_item is not None and lead_item.phantom:
-        lead_from += ' <span class="badge">calibration phantom</span>'
+        lead_from += f' <span class="badge">{PHANTOM_TITLE}</span>'
     shown = esc(lead) or '<span class="dim">no headline in these results</span>'
     return f'<div class="lead"><span class="label">headline{lead_from}</span>{shown}</div>'
 

@@ -17,7 +17,8 @@ import numpy as np
 from artifactscan.core.paths import display_name
 from artifactscan.render.style import (BLACK, BLUE, DOUBLE_WIDTH_IN, HEATMAP_CMAP, MARKERS, OKABE_ITO, ORANGE,
                                        VERMILLION, close_figure, load_display_image, new_figure, outline_cells,
-                                       plain_log_ticks, plot_style, save_figure, tag_phantom, unique_stems, wrap_text)
+                                       is_phantom, plain_log_ticks, plot_style, save_figure, tag_phantom, unique_stems,
+                                       wrap_text)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -212,7 +213,7 @@ def plot_attention_mass(report: AttentionReport, axes: Sequence[Axes] | None = N
         for ax in (ax_o, ax_p):
             ax.set_xticks(blocks if len(blocks) <= 16 else blocks[:: math.ceil(len(blocks) / 16)])
         tagged = tag_phantom(title or f"{report.model.name}: attention by block (query: {q})",
-                         report.model.kind == "phantom")
+                             is_phantom(report))
         if axes is None and tagged:
             fig.suptitle(wrap_text(tagged, 110))
     return fig, [ax_o, ax_p]
@@ -230,7 +231,7 @@ def save_attention_figures(report: AttentionReport, out_dir: str | Path, fmt: st
     fmt = fmt.lower().lstrip(".")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    phantom = report.model.kind == "phantom"
+    phantom = is_phantom(report)
     written: list[Path] = []
 
     def save(fig: Figure, path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from artifactscan.render.style import (BLACK, BLUE, GREEN, VERMILLION, YELLOW, close_figure, new_figure, plot_style,
-                                       save_figure, tag_phantom)
+                                       save_figure, is_phantom, tag_phantom)
 from matplotlib import patheffects  # noqa: E402  (after style, which says how to install matplotlib when missing)
 from matplotlib.patches import Rectangle  # noqa: E402
 
@@ -106,7 +106,7 @@ def plot_discover(report: DiscoverReport, max_images: int = MAX_IMAGES) -> tuple
                 if ci == 0:
                     corloc = "" if run.corloc is None else f"\nCorLoc {100 * run.corloc:.1f}%"
                     ax.set_ylabel(f"{run.label}{corloc}", fontsize=6.5)
-        phantom = any(r.model.kind == "phantom" for r in runs)
+        phantom = any(is_phantom(r) for r in runs)
         title = (f"LOST boxes ({runs[0].features}, block {runs[0].block}): solid = discovered, dashed = ground truth, "
                  "star = seed (yellow: an outlier token), x = outlier tokens")
         fig.suptitle(tag_phantom(title, phantom), fontsize=7)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib
 from matplotlib.figure import Figure
-from artifactscan.render.style import COMPACT_STYLE, PHANTOM_TAG, save_figure
+from artifactscan.render.style import COMPACT_STYLE, is_phantom, save_figure, tag_phantom
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -27,14 +27,6 @@ __all__ = ["plot_probe_bars", "plot_neighbour_similarity", "save_probe_figures"]
 # Okabe-Ito: normal = blue, outlier = vermillion, CLS = green, registers = purple
 _COLOURS = {"normal": "#0072B2", "normal (n-matched)": "#56B4E9", "outlier": "#D55E00", "cls": "#009E73",
             "registers": "#CC79A7"}
-
-
-def _title(title: str, phantom: bool) -> str:
-    return f"{title}\n[{PHANTOM_TAG}]" if phantom else title
-
-
-def _is_phantom(report: "ProbeReport") -> bool:
-    return getattr(report.model, "kind", None) == "phantom"
 
 
 def _ax(ax: "Axes | None", width: float, height: float, ncols: int = 1) -> tuple[Figure, list["Axes"]]:
@@ -91,8 +83,8 @@ def plot_probe_bars(report: "ProbeReport", axes: Sequence["Axes"] | None = None,
             ax.set_ylabel(label if not pct else label + " [%]")
             if pct:
                 ax.set_ylim(0, 100)
-        fig.suptitle(_title(title or f"{report.model.name}, block {report.layer}: probes per token type "
-                            "(dotted: chance)", _is_phantom(report)))
+        fig.suptitle(tag_phantom(title or f"{report.model.name}, block {report.layer}: probes per token type "
+                                 "(dotted: chance)", is_phantom(report)))
     return fig, list(axes)
 
 
@@ -121,8 +113,8 @@ def plot_neighbour_similarity(report: "ProbeReport", ax: "Axes | None" = None, t
         a.set_xlabel("cosine similarity of each input patch embedding\nwith its 4 neighbours")  # 1 line: too wide
         a.set_ylabel("density")
         a.legend(frameon=False)
-        a.set_title(_title(title or f"{report.model.name}, block {report.layer}: redundancy of input patches",
-                           _is_phantom(report)))
+        a.set_title(tag_phantom(title or f"{report.model.name}, block {report.layer}: redundancy of input "
+                                "patches", is_phantom(report)))
     return fig, a
 
 

@@ -29,14 +29,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without matplotl
 import numpy as np
 
 from artifactscan.core.thresholds import PAPER_THRESHOLD  # noqa: F401  (re-exported: figures draw it, plots.py too)
+from artifactscan.models.phantom_notice import PHANTOM_TAG, is_phantom  # noqa: F401  (re-exported: the figures' tag)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
     from artifactscan.analysis.scan import NormMap, ScanReport
-
-#: Appended to the title of every figure of a calibration-phantom report.
-PHANTOM_TAG = "calibration phantom (artifacts built in)"
 
 # Okabe & Ito (2008), safe for the common colour-vision deficiencies and distinct in greyscale by marker/linestyle.
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
@@ -124,10 +122,6 @@ def format_pct(fraction: float) -> str:
 
 def wrap_text(text: str, width: int = 50) -> str:
     return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
-
-
-def is_phantom(report: ScanReport) -> bool:
-    return getattr(report.model, "kind", None) == "phantom"
 
 
 def tag_phantom(title: str | None, phantom: bool) -> str | None:

@@ -13,6 +13,7 @@ from rich.text import Text
 from artifactscan.core.numbers import percent as _pct
 from artifactscan.analysis.probes.types import ProbeReport
 from artifactscan.analysis.scan import ScanReport
+from artifactscan.models.phantom_notice import PHANTOM_TITLE, is_phantom
 from artifactscan.render.table import Column, FitTable, num, pct, ratio, spread_order
 
 NOT_AN_ARTIFACT_HINT = (
@@ -35,6 +36,15 @@ def near_misses(report: ScanReport, min_ratio: float = NEAR_MISS_MIN_RATIO) -> l
             out.append(f"{lay.name}: a {d['ratio']:.1f}x group of {_pct(d['group_share'])} of tokens "
                        f"({d['group_tokens']}) above a {d['gap']:.2f}x gap - rejected: {'; '.join(d['rejected'])}")
     return out
+
+
+def phantom_panel(console: "Console", results: Any) -> None:
+    """The yellow panel with the phantom's note, once, when any of ``results`` is on the calibration phantom."""
+    from rich.panel import Panel
+
+    phantom = next((r for r in results if is_phantom(r)), None)
+    if phantom is not None:
+        console.print(Panel(phantom.model.calibration_note or "", title=PHANTOM_TITLE, style="yellow"))
 
 
 def render_calibration(report: Any, console: "Console") -> None:
@@ -92,8 +102,7 @@ def render_scan(report: ScanReport, console: "Console") -> None:
         console.print("[dim]Near misses (a candidate group the rule rejected, and why):[/dim]", highlight=False)
         for line in near:
             console.print(f"[dim]  {escape(line)}[/dim]", highlight=False, soft_wrap=True)
-    if report.model.kind == "phantom":
-        console.print(Panel(report.model.calibration_note or "", title="calibration phantom", style="yellow"))
+    phantom_panel(console, [report])
     console.print(Panel(report.headline, title="verdict", style="bold"))
     for note in report.notes:  # how the model was loaded: converted layout, inferred architecture, EMA or raw
         if note != report.model.calibration_note:
@@ -182,8 +191,7 @@ def render_probe(report: ProbeReport, console: Any) -> None:
         table.add_row(r.name, *local, nloc, *nbr, *glob, str(r.global_images) if r.global_images else "-",
                       style=style)
     table.print(console)
-    if m.kind == "phantom":
-        console.print(Panel(m.calibration_note or "", title="calibration phantom", style="yellow"))
+    phantom_panel(console, [report])
     colour = {"artifact-like": "red", "content-like": "green", "clean": "green"}.get(report.verdict.label, "yellow")
     body = report.verdict.summary + ("\n" + "\n".join(f"- {r}" for r in report.verdict.reasons)
                                      if report.verdict.reasons else "")
@@ -225,8 +233,7 @@ def render_attention(report: Any, console: "Console") -> None:
     table.print(console)
     console.print(f"query: {q.name} - {q.reason}" + (f"; also mapped: patch {report.query_patch[0]},"
                                                      f"{report.query_patch[1]}" if report.query_patch else ""))
-    if m.kind == "phantom":
-        console.print(Panel(m.calibration_note or "", title="calibration phantom", style="yellow"))
+    phantom_panel(console, [report])
     console.print(Panel(report.headline, title="attention on outliers", style="bold"))
     console.print(f"[dim]Outliers - {report.outlier_rule}. Threshold rule - {report.threshold_rule}[/dim]")
 
@@ -260,9 +267,7 @@ def render_discover(report: Any, console: "Console") -> None:
     for name, cells in rows:
         table.add_row(name, *cells, style="bold" if name == "CorLoc (LOST)" else "")
     table.print(console)
-    if any(r.model.kind == "phantom" for r in report.runs):
-        note = next(r.model.calibration_note for r in report.runs if r.model.kind == "phantom")
-        console.print(Panel(note or "", title="calibration phantom", style="yellow"))
+    phantom_panel(console, report.runs)
     console.print(Panel(report.headline, title="object discovery", style="bold"))
     for n in report.notes:
         console.print(f"[dim]note: {n}[/dim]")

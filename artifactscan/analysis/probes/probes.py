@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from artifactscan.core.blocks import as_written, parse_block, renamed_keyword
 from artifactscan.core.defaults import BATCH_SIZE, BLOCK, DEVICE, THRESHOLD, WORKERS
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 from artifactscan.inputs.images import image_folder_labels
 from artifactscan.analysis.memory import check_fits
 from artifactscan.models.loading import LoadedModel, load_model
@@ -232,13 +232,13 @@ def probe(
         InputError for a layer out of range, too few images for the split, bad thresholds or options.
     """
     fixed = threshold_option(threshold)
-    for name, value in (("--batch-size", batch_size), ("--draws", draws), ("--min-tokens", min_tokens),
-                        ("--min-images", min_images), ("max_train_tokens", max_train_tokens),
+    for name, value in ((option("batch_size"), batch_size), (option("draws"), draws),
+                        (option("min_tokens"), min_tokens), (option("min_images"), min_images), ("max_train_tokens", max_train_tokens),
                         ("max_test_tokens", max_test_tokens), ("max_global_images", max_global_images)):
         if value <= 0:
             raise InputError(f"{name} must be positive, got {value}")
     if not 0 < test_fraction < 1:
-        raise InputError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+        raise InputError(f"{option('test_fraction')} must be between 0 and 1, got {test_fraction}")
     rule = rule or AutoRule()
     loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
                         img_size=img_size, weights=weights)

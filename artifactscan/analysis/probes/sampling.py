@@ -13,7 +13,8 @@ import torch
 
 from artifactscan.core.blocks import parse_block
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.core.errors import InputError, NonFiniteError
+from artifactscan.core.errors import InputError, NonFiniteError, option
+from artifactscan.core.patch_grid import neighbour_similarity
 from artifactscan.models.hooks import CaptureContext, block_point
 from artifactscan.models.loading import LoadedModel
 from artifactscan.inputs.sources import image_batches
@@ -69,26 +70,6 @@ def patchify(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
     t = x.unfold(2, ph, ph).unfold(3, pw, pw)  # B C gh gw ph pw
     gh, gw = t.shape[2], t.shape[3]
     return t.permute(0, 2, 3, 1, 4, 5).reshape(B, gh * gw, C * ph * pw)
-
-
-def neighbour_similarity(pe: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Mean cosine similarity of each patch embedding with its 4-neighbours inside the grid: ``[B, N]``."""
-    B, N, D = pe.shape
-    gh, gw = grid
-    e = torch.nn.functional.normalize(pe.float(), dim=-1).reshape(B, gh, gw, D)
-    total = torch.zeros(B, gh, gw, device=pe.device)
-    count = torch.zeros(1, gh, gw, device=pe.device)
-    h = (e[:, :, 1:] * e[:, :, :-1]).sum(-1)
-    v = (e[:, 1:] * e[:, :-1]).sum(-1)
-    total[:, :, 1:] += h
-    total[:, :, :-1] += h
-    total[:, 1:] += v
-    total[:, :-1] += v
-    count[:, :, 1:] += 1
-    count[:, :, :-1] += 1
-    count[:, 1:] += 1
-    count[:, :-1] += 1
-    return (total / count.clamp_min(1)).reshape(B, N)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +176,7 @@ def collect_tokens(loaded: LoadedModel, source: Any, layer: int, dev: torch.devi
             tokens, pe = tap.run(x)
             if tokens.shape[1] != P + N:
                 raise InputError(f"model produced {tokens.shape[1]} tokens at block {layer}, expected {P} prefix + "
-                                 f"{gh}x{gw} patches; pass --img-size to match the model")
+                                 f"{gh}x{gw} patches; pass {option('img_size')} to match the model")
             tokens = tokens.float().cpu()
             if not bool(torch.isfinite(tokens.sum())) and not bool(torch.isfinite(tokens).all()):
                 raise NonFiniteError(f"block {layer} produced non-finite token values (NaN/Inf); probes of them would "

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from artifactscan.core.errors import TrainingError
+from artifactscan.core.errors import TrainingError, option
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -31,16 +31,16 @@ SYNTHETIC_STD = (0.5, 0.5, 0.5)
 # Fields that may differ between a run and its resumption (where/how it runs, not what it computes).
 RUNTIME_FIELDS = frozenset({"device", "compile", "num_threads", "num_workers", "progress_every"})
 
-# The train-reg option that sets each field, so that a message names what the user typed.
-OPTION_FLAGS = {"data": "--data", "arch": "--arch", "epochs": "--epochs", "steps": "--steps",
-                "batch_size": "--batch-size", "lr": "--lr", "depth": "--depth", "embed_dim": "--dim",
-                "num_heads": "--heads", "img_size": "--img-size", "patch_size": "--patch", "class_token": "--no-cls",
-                "global_pool": "--no-cls", "registers": "--registers", "device": "--device", "compile": "--compile"}
+# The fields a train-reg option sets, so that a message names what the user typed (their flags' spellings:
+# core.errors.option; ``embed_dim`` is ``--dim``).
+OPTION_FIELDS = frozenset({"data", "arch", "epochs", "steps", "batch_size", "lr", "depth", "embed_dim", "num_heads",
+                           "img_size", "patch_size", "class_token", "global_pool", "registers", "device", "compile"})
 
 
 def option_name(field_name: str) -> str:
-    """``embed_dim`` -> ``--dim``: the flag that sets a config field, or the field's own name where none does."""
-    return OPTION_FLAGS.get(field_name, field_name)
+    """``embed_dim`` -> ``--dim`` under the CLI, ``embed_dim`` in Python: the option that sets a config field, or the
+    field's own name where none does."""
+    return option(field_name) if field_name in OPTION_FIELDS else field_name
 
 
 @dataclass
@@ -206,13 +206,14 @@ def parse_registers(spec: str | int | Sequence[int]) -> list[int]:
         try:
             n = int(item)
         except (TypeError, ValueError):
-            raise TrainingError(f"--registers expects integers like 4 or 0,1,2,4,8, got {item!r}") from None
+            raise TrainingError(f"{option('registers')} expects integers like 4 or 0,1,2,4,8, got {item!r}") from None
         if n < 0:
-            raise TrainingError(f"--registers must be 0 or more, got {n}; use e.g. --registers 4 or 0,1,2,4,8")
+            raise TrainingError(f"{option('registers')} must be 0 or more, got {n}; use e.g. "
+                                f"{option('registers', 4)} or 0,1,2,4,8")
         if n not in out:
             out.append(n)
     if not out:
-        raise TrainingError("--registers is empty; use e.g. --registers 4 or 0,1,2,4,8")
+        raise TrainingError(f"{option('registers')} is empty; use e.g. {option('registers', 4)} or 0,1,2,4,8")
     return out
 
 
@@ -250,27 +251,30 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
 
 def validate_config(config: TrainConfig) -> None:
     if config.registers < 0:
-        raise TrainingError(f"registers must be 0 or more, got {config.registers}; use e.g. --registers 4")
+        raise TrainingError(f"registers must be 0 or more, got {config.registers}; use e.g. {option('registers', 4)}")
     if config.batch_size < 1:
         raise TrainingError(f"batch size must be positive, got {config.batch_size}")
     if config.steps is None and config.epochs is None:
-        raise TrainingError("give either --steps or --epochs")
+        raise TrainingError(f"give either {option('steps')} or {option('epochs')}")
     if config.steps is not None and config.steps < 1:
-        raise TrainingError(f"--steps must be positive, got {config.steps}")
+        raise TrainingError(f"{option('steps')} must be positive, got {config.steps}")
     if config.steps is None and not (math.isfinite(config.epochs) and config.epochs > 0):
         # the step count is rounded up from epochs x images / batch: 0 epochs would still train one step
-        raise TrainingError(f"--epochs must be a positive number (fractions allowed, e.g. 0.5), got {config.epochs:g}")
+        raise TrainingError(f"{option('epochs')} must be a positive number (fractions allowed, e.g. 0.5), got "
+                            f"{config.epochs:g}")
     if not (math.isfinite(config.lr) and config.lr > 0):
-        raise TrainingError(f"--lr must be a positive number, got {config.lr:g}")
+        raise TrainingError(f"{option('lr')} must be a positive number, got {config.lr:g}")
     for name in ("depth", "embed_dim", "num_heads", "img_size", "patch_size"):
         if getattr(config, name) < 1:
             raise TrainingError(f"{option_name(name)} must be positive, got {getattr(config, name)}")
     if config.img_size % config.patch_size:
         raise TrainingError(
-            f"--img-size {config.img_size} is not a multiple of --patch {config.patch_size}; pick a divisor"
+            f"{option('img_size', config.img_size)} is not a multiple of {option('patch_size', config.patch_size)}; "
+            "pick a divisor"
         )
     if config.embed_dim % config.num_heads:
-        raise TrainingError(f"--dim {config.embed_dim} is not divisible by --heads {config.num_heads}")
+        raise TrainingError(f"{option('embed_dim', config.embed_dim)} is not divisible by "
+                            f"{option('num_heads', config.num_heads)}")
 
 
 def training_bytes(config: TrainConfig, activation_bytes: int = 4) -> tuple[int, int]:
@@ -300,6 +304,7 @@ def check_training_fits(config: TrainConfig, device: torch.device) -> None:
         return
     where = "GPU memory" if device.type == "cuda" else "memory"
     raise ResourceError(
-        f"--img-size {config.img_size} with --patch {config.patch_size} makes {tokens:,} tokens per image: training "
-        f"needs at least {need / GIB:,.1f} GiB (weights, optimiser state and a batch of {config.batch_size}'s "
-        f"activations) but {free / GIB:.1f} GiB of {where} is available; lower --img-size or --batch-size")
+        f"{option('img_size', config.img_size)} with {option('patch_size', config.patch_size)} makes {tokens:,} tokens "
+        f"per image: training needs at least {need / GIB:,.1f} GiB (weights, optimiser state and a batch of "
+        f"{config.batch_size}'s activations) but {free / GIB:.1f} GiB of {where} is available; lower {option('img_size')} or "
+        f"{option('batch_size')}")

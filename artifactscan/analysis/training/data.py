@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from artifactscan.core.errors import InputError
+from artifactscan.core.errors import InputError, option
 from artifactscan.analysis.training.config import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -198,7 +198,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
         if self.steps_per_epoch < 1:
             raise InputError(
                 f"the training set has {n} images, fewer than one global batch ({self.global_batch}); "
-                f"add images or lower --batch-size"
+                f"add images or lower {option('batch_size')}"
             )
         self._perm_epoch, self._perm = -1, None
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from artifactscan.core.errors import TrainingError
+from artifactscan.core.errors import TrainingError, option
 
 
 @dataclass
@@ -29,7 +29,8 @@ def resolve_train_device(spec: str) -> torch.device:
     except RuntimeError:
         raise TrainingError(f"unknown device {spec!r}; use cpu, cuda or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise TrainingError(f"{option('device', 'cuda')} was asked for but no CUDA GPU is available; use "
+                            f"{option('device', 'cpu')}")
     return dev
 
 

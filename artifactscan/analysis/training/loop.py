@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from artifactscan.models.checkpoint import META_KEY, save_checkpoint
-from artifactscan.core.errors import RunInterrupted, TrainingError
+from artifactscan.core.errors import RunInterrupted, TrainingError, option
 from artifactscan.analysis.training.config import TrainConfig, check_training_fits, resolve_config, validate_config
 from artifactscan.analysis.training.model import build_model, lr_factor, param_groups
 from artifactscan.analysis.training.data import EpochIndexed, StepBatchSampler, build_datasets
@@ -258,7 +258,7 @@ def train_model(
         smaller = max(1, config.batch_size // 2)
         raise TrainingError(
             f"CUDA ran out of memory at batch size {config.batch_size} per GPU ({config.arch}, "
-            f"{config.img_size}px, {config.registers} registers); try --batch-size {smaller}"
+            f"{config.img_size}px, {config.registers} registers); try {option('batch_size', smaller)}"
         ) from None
     finally:
         reporter.close()
@@ -275,7 +275,8 @@ def _saved_resume_state(run_dir: Path, config: TrainConfig) -> dict:
     last_path = run_dir / "last.pt"
     if not last_path.is_file():
         what = "has no checkpoint yet (last.pt)" if (run_dir / "config.json").is_file() else "is not a run folder"
-        raise TrainingError(f"cannot resume: {run_dir} {what}; start a fresh run instead of --resume (a folder "
+        raise TrainingError(f"cannot resume: {run_dir} {what}; start a fresh run instead of {option('resume')} (a "
+                            "folder "
                             "with no checkpoint restarts)")
     blob = torch.load(last_path, map_location="cpu", weights_only=True)
     check_same_config(json.loads(blob["resume"]["config"]), config, run_dir)
@@ -285,7 +286,8 @@ def _saved_resume_state(run_dir: Path, config: TrainConfig) -> dict:
 def _refuse_existing_run(run_dir: Path) -> None:
     """A fresh start never overwrites a run that saved something (every rank checks: no rank is left hanging)."""
     if (run_dir / "last.pt").exists() or (run_dir / "final.safetensors").exists():
-        raise TrainingError(f"{run_dir} already holds a training run; pass --resume {run_dir} or choose a new folder")
+        resume = option("resume", True, shell_value=run_dir)
+        raise TrainingError(f"{run_dir} already holds a training run; pass {resume} or choose a new folder")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from artifactscan.core.errors import TrainingError
+from artifactscan.core.errors import TrainingError, option
 from artifactscan.analysis.training.config import TrainConfig
 
 
@@ -22,7 +22,7 @@ def build_model(config: TrainConfig, registers: int | None = None, *, seed: int 
 
     reg = config.registers if registers is None else int(registers)
     if reg < 0:
-        raise TrainingError(f"registers must be 0 or more, got {reg}; use e.g. --registers 4")
+        raise TrainingError(f"registers must be 0 or more, got {reg}; use e.g. {option('registers', 4)}")
     seed = config.seed if seed is None else seed
     if not timm.is_model(config.arch):
         raise TrainingError(

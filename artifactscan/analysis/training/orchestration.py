@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from artifactscan.models.checkpoint import read_meta
-from artifactscan.core.errors import ArtifactScanError, RunInterrupted, TrainingError
+from artifactscan.core.errors import ArtifactScanError, RunInterrupted, TrainingError, option, uses_cli_spelling
 from artifactscan.core.files import signals_deferred
 from artifactscan.analysis.training.config import (
     RUNTIME_FIELDS,
@@ -224,7 +224,8 @@ def _train_variants(config: TrainConfig, out: Path, registers: str | int | Seque
         check_baseline(baseline_checkpoint, config)
         regs = [r for r in regs if r != 0]
         if not regs:
-            raise TrainingError("with --baseline only register models are trained; pass e.g. --registers 4")
+            raise TrainingError(f"with {option('baseline_checkpoint')} only register models are trained; pass e.g. "
+                                f"{option('registers', 4)}")
     validate_config(config)
     device = resolve_train_device(config.device)  # fail before creating any folder
     check_training_fits(config, device)
@@ -235,7 +236,8 @@ def _train_variants(config: TrainConfig, out: Path, registers: str | int | Seque
     if main:
         remove_stale_temporaries(out)
     if not resume and main and (out / "train_reg.json").exists() and has_checkpoint(out):
-        raise TrainingError(f"{out} already holds a train-reg run; pass --resume {out} or choose a new folder")
+        raise TrainingError(f"{out} already holds a train-reg run; pass {option('resume', True, shell_value=out)} or "
+                            "choose a new folder")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config.to_dict())
@@ -447,6 +449,8 @@ class _SideBySide:
         cmd = [sys.executable, "-m", "artifactscan.analysis.training", "--_worker", str(cfg_path), "--out", str(vdir)]
         if res:
             cmd.append("--_resume")
+        if uses_cli_spelling():  # the child's messages name the options as the parent's caller spelled them
+            cmd.append("--_cli-spelling")
         pkg_parent = str(Path(__file__).resolve().parent.parent)  # so the child imports this same artifactscan
         pypath = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p)
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "WORLD_SIZE": "1", "RANK": "0",
@@ -504,7 +508,7 @@ class _SideBySide:
             return
         if reg not in outcome.results and not outcome.errors:
             outcome.errors.append(f"training the {reg}-register model crashed (exit code {rc}); "
-                                  f"see the messages above, then --resume the run folder")
+                                  f"see the messages above, then {option('resume')} the run folder")
         if outcome.errors:  # stop the others: the comparison is incomplete anyway
             for _, p in self.running.values():
                 p.terminate()
@@ -552,7 +556,7 @@ def resume(
     run_dir = Path(run_dir)
     bad = set(runtime) - RUNTIME_FIELDS
     if bad:
-        raise TrainingError(f"only {sorted(RUNTIME_FIELDS)} can change on --resume, not {sorted(bad)}")
+        raise TrainingError(f"only {sorted(RUNTIME_FIELDS)} can change on {option('resume')}, not {sorted(bad)}")
     options = dict(expected=expected, registers=registers, baseline_checkpoint=baseline_checkpoint, preset=preset)
     if (run_dir / "train_reg.json").is_file():
         config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
@@ -560,7 +564,7 @@ def resume(
         refuse_conflicts(resume_conflicts(config, spec, **options), run_dir)
         if not has_checkpoint(run_dir):
             raise TrainingError(f"cannot resume: {run_dir} has no checkpoint yet; start it again with the same "
-                                f"command without --resume (--out {run_dir}): a folder with no checkpoint restarts")
+                                f"command without {option('resume')} ({option('out_dir', run_dir)}): a folder with no checkpoint restarts")
         regs = spec["registers"]
         return train_reg(config.replace(**runtime), run_dir, regs, baseline_checkpoint=spec["baseline_checkpoint"],
                          parallel=parallel, resume=True, progress=progress)
@@ -592,12 +596,13 @@ def resume_conflicts(config: TrainConfig, spec: dict, *, expected: TrainConfig |
     if preset is not None:
         given = expected.identity() if isinstance(expected, TrainConfig) else dict(expected or {})
         from_preset = {k: v for k, v in get_preset(preset, **given).identity().items() if k not in given}
-        conflicts += [f"--preset {preset}: {c}" for c in config_conflicts(saved, from_preset)]
+        conflicts += [f"{option('preset', preset)}: {c}" for c in config_conflicts(saved, from_preset)]
     saved_base = spec.get("baseline_checkpoint")
     if baseline_checkpoint is not None:
         same = saved_base is not None and Path(saved_base).resolve() == Path(baseline_checkpoint).resolve()
         if not same:
-            conflicts.append(f"--baseline: the run has {saved_base or 'none (it trains its own 0-register model)'}, "
+            conflicts.append(f"{option('baseline_checkpoint')}: the run has "
+                             f"{saved_base or 'none (it trains its own 0-register model)'}, "
                              f"given {baseline_checkpoint}")
     if registers is not None:
         regs = parse_registers(registers)
@@ -606,6 +611,6 @@ def resume_conflicts(config: TrainConfig, spec: dict, *, expected: TrainConfig |
         if sorted(regs) != sorted(spec["registers"]):
             given_text = _registers_text(parse_registers(registers))
             trains = f" (it would train {_registers_text(regs)})" if _registers_text(regs) != given_text else ""
-            conflicts.append(f"--registers: the run has {_registers_text(spec['registers'])}, given "
+            conflicts.append(f"{option('registers')}: the run has {_registers_text(spec['registers'])}, given "
                              f"{given_text}{trains}")
     return conflicts
