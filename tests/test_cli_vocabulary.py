@@ -62,17 +62,22 @@ def test_block_specs():
 
 
 @pytest.mark.parametrize("spec, match", [
-    ("6", r"--blocks 6 is out of range: this model has 6 blocks: valid are 0\.\.5 \(or -6\.\.-1"),
-    ("-7", "--blocks -7 is out of range"),
-    ("0:9", r"--blocks '0:9': block 9 is out of range"),
+    ("6", r"blocks=6 is out of range: this model has 6 blocks: valid are 0\.\.5 \(or -6\.\.-1"),
+    ("-7", "blocks=-7 is out of range"),
+    ("0:9", r"blocks='0:9': block 9 is out of range"),
     ("x", "'x' is not a block index"),
     ("1,,2", "'' is not a block index"),
     ("4:2", "ends before it starts"),
 ])
 def test_bad_block_specs_are_one_line_naming_the_range(spec, match):
+    """A Python caller reads the keyword (``blocks=6``), the command line the flag (``--blocks 6``)."""
+    from artifactscan.core.errors import cli_spelling
+
     with pytest.raises(InputError, match=match) as info:
         parse_blocks(spec, 6, hint="; HINT")
     assert "\n" not in str(info.value)
+    with cli_spelling(), pytest.raises(InputError, match=match.replace("blocks=", "--blocks ")):
+        parse_blocks(spec, 6, hint="; HINT")
 
 
 def test_single_block_measurements_refuse_lists():
@@ -85,7 +90,7 @@ def test_single_block_measurements_refuse_lists():
 def test_fix_searches_from_block_zero():
     assert parse_blocks_up_to("0:3", 6) == 3 and parse_blocks_up_to(":3", 6) == 3 and parse_blocks_up_to("0", 6) == 0
     assert parse_blocks_up_to(None, 6) is None
-    with pytest.raises(InputError, match="write --blocks 0:3"):
+    with pytest.raises(InputError, match="write blocks=0:3"):
         parse_blocks_up_to("2:3", 6)
 
 
@@ -272,7 +277,7 @@ def test_old_block_keywords_warn_and_reach_the_one_parser(function, old):
     fn = getattr(importlib.import_module(module), name)
     (keyword, value), = old.items()
     with pytest.warns(DeprecationWarning, match=f"{keyword}= is deprecated; use blocks="):
-        with pytest.raises(InputError, match="--blocks .*9.* is out of range: this model has 6 blocks"):
+        with pytest.raises(InputError, match="blocks=.*9.* is out of range: this model has 6 blocks"):
             fn("demo", "synthetic:4" if name != "discover" else "synthetic-objects:2", device="cpu", **old)
     with pytest.warns(DeprecationWarning), pytest.raises(InputError, match="name the same thing"):
         fn("demo", "synthetic:4" if name != "discover" else "synthetic-objects:2", device="cpu", blocks="2", **old)

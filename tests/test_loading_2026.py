@@ -121,7 +121,7 @@ def test_ambiguous_file_names_the_candidates(monkeypatch):
     converted = native.to_timm(sd, "deit3")
     assert infer.infer_from_file(sd, converted, "deit3")[0].arch == "deit3_small_patch16_224"
     infer.register_known_config("vit_small_patch16_rope_ape_224", "rope", 384, 16)
-    with pytest.raises(ModelLoadError, match=r"vit_small_patch16_rope_ape_224.*deit3_small_patch16_224.*--arch"):
+    with pytest.raises(ModelLoadError, match=r"vit_small_patch16_rope_ape_224.*deit3_small_patch16_224.*Pass arch"):
         infer.infer_from_file(sd, converted, "deit3")
 
 

@@ -39,18 +39,18 @@ def test_python_call_names_the_parameter():
     with pytest.raises(InputError) as info:
         artifactscan.fix("demo", "synthetic:4", top_k=0)
     assert str(info.value) == "top_k must be at least 1, got 0"
-    with pytest.raises(InputError, match=r"^layer=99 is out of range: this model has \d+ blocks"):
-        artifactscan.probe("demo", "synthetic:4", layer=99)
+    with pytest.raises(InputError, match=r"^blocks=99 is out of range: this model has \d+ blocks"):
+        artifactscan.probe("demo", "synthetic:4", blocks=99)
 
 
 @pytest.mark.parametrize("args, line", [
     (["fix", "demo", "synthetic:4", "--top-k", "0"], "error: --top-k must be at least 1, got 0"),
-    (["probe", "demo", "synthetic:4", "--layer", "99"], "error: --layer 99 is out of range: this model has"),
-    (["phantom", "--build", "--gain", "0.5", "--out", "{tmp}/p.safetensors"], "error: --gain 0.5 must be above 1"),
+    (["probe", "demo", "synthetic:4", "--blocks", "99"], "error: --blocks 99 is out of range: this model has"),
+    (["phantom", "--build", "--gain", "0.5", "--save-model", "{tmp}/p.safetensors"], "error: --gain 0.5 must be above 1"),
 ])
 def test_cli_names_the_flag(args, line, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output
     assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr
-    assert "layer=" not in result.stderr and "top_k" not in result.stderr and "gain_over_median" not in result.stderr
+    assert "blocks=" not in result.stderr and "top_k" not in result.stderr and "gain_over_median" not in result.stderr
