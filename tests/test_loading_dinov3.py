@@ -126,6 +126,20 @@ def test_without_arch_the_bias_variant_follows_the_files_biases(biases, arch):
     assert (match.arch, layout) == (arch, "dinov3")
 
 
+@pytest.mark.parametrize("name", ["vit_7b_patch16_dinov3", "vit_huge_plus_patch16_dinov3"])
+def test_the_7b_and_swiglu_sizes_match_by_shapes(name):
+    """On the meta device (shapes only): Meta's 7B has no qkv bias at all and an extra local_cls_norm."""
+    shapes = infer._meta_model(name).state_dict()
+    sd = to_meta(shapes, 64 if "7b" not in name else 128)
+    if "7b" in name:
+        sd = {k: v for k, v in sd.items() if not k.endswith(("qkv.bias", "qkv.bias_mask"))}
+        sd.update({"local_cls_norm.weight": torch.empty(4096, device="meta"),
+                   "local_cls_norm.bias": torch.empty(4096, device="meta")})
+    assert "blocks.0.mlp.w1.weight" in sd and native.detect_layout(sd) == "dinov3"
+    match, _ = infer.infer_from_file(sd, native.to_timm(sd, "dinov3"), "dinov3", "file.pth")
+    assert match.arch == name
+
+
 def test_real_size_meta_file_loads_without_arch(tmp_path):
     model = randomize(timm.create_model("vit_tiny_patch16_dinov3_qkvb", pretrained=False), scale=0.05)
     path = tmp_path / "dinov3_vitt16_pretrain_lvd1689m.pth"
