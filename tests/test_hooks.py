@@ -43,12 +43,14 @@ def hf_model(kind: str, attn: str = "sdpa"):
         "ViTModel": lambda: T.ViTConfig(**common, intermediate_size=64),
         "CLIPVisionModel": lambda: T.CLIPVisionConfig(**common, intermediate_size=64),
         "SiglipVisionModel": lambda: T.SiglipVisionConfig(**common, intermediate_size=64),
+        "DINOv3ViTModel": lambda: T.DINOv3ViTConfig(**common, intermediate_size=64, num_register_tokens=4),
     }[kind]()
     config._attn_implementation = attn
     return getattr(T, kind)(config).eval()
 
 
 HF_KINDS = ["Dinov2Model", "Dinov2WithRegistersModel", "ViTModel", "CLIPVisionModel", "SiglipVisionModel"]
+HF_ROPE_KINDS = ["DINOv3ViTModel"]  # q/k rotated inside the attention module
 
 
 # ----------------------------------------------------------------------------------------------- the exact names
@@ -73,11 +75,23 @@ def test_phantom_names_include_its_artifact_units():
     assert f"blocks.{onset}.artifact_units.post" in unit_points(loaded, [onset])
 
 
-@pytest.mark.parametrize("kind", HF_KINDS)
+@pytest.mark.parametrize("kind", HF_KINDS + HF_ROPE_KINDS)
 def test_hf_names(kind):
     model = hf_model(kind)
     assert family_of(model).name == "hf-vision"
     assert hook_names(model) == expected_names(2)
+
+
+def test_hf_dinov3_points_use_transformers_5_in_memory_paths():
+    from artifactscan.models.hooks import hook_points
+
+    points = hook_points(hf_model("DINOv3ViTModel"))
+    assert {n: points[n].module for n in ("patch_embed.post", "blocks.1.resid_pre", "blocks.1.attn.k",
+                                          "blocks.1.mlp.post", "blocks.1.resid_post", "final_norm")} == {
+        "patch_embed.post": "embeddings.patch_embeddings", "blocks.1.resid_pre": "model.layer.1",
+        "blocks.1.attn.k": "model.layer.1.attention", "blocks.1.mlp.post": "model.layer.1.mlp.down_proj",
+        "blocks.1.resid_post": "model.layer.1", "final_norm": "norm"}
+    assert family_of(hf_model("DINOv3ViTModel")).prefix_tokens(hf_model("DINOv3ViTModel")) == (1, 4)
 
 
 def test_unknown_and_unavailable_names_say_so():
@@ -132,6 +146,46 @@ def test_hf_residual_stream_and_attention_match_transformers(kind):
             norm = [m for n, m in family_of(model).blocks(model)[1].named_children() if isinstance(m, nn.LayerNorm)][0]
             keys = attention.k_proj(norm(cap["blocks.1.resid_pre"]))
         torch.testing.assert_close(cap["blocks.1.attn.k"], keys)
+
+
+def rotate_patch_tokens(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``[B, heads, T, d]`` as DINOv3 applies it: patch tokens only (the last ``len(cos)``), rotate-half."""
+    prefix, patches = x[:, :, : x.shape[2] - cos.shape[0]], x[:, :, x.shape[2] - cos.shape[0]:]
+    half = patches.shape[-1] // 2
+    rotated = torch.cat([-patches[..., half:], patches[..., :half]], dim=-1)
+    return torch.cat([prefix, patches * cos + rotated * sin], dim=2)
+
+
+@pytest.mark.parametrize("kind", HF_ROPE_KINDS)
+def test_hf_rope_stream_attention_and_rotated_keys_match_transformers(kind):
+    x = torch.randn(2, 3, 32, 48)  # not square: a 4x6 grid of rotations
+    eager, sdpa = hf_model(kind, "eager"), hf_model(kind, "sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        ref = eager(pixel_values=x, output_hidden_states=True, output_attentions=True)
+        cos, sin = eager.rope_embeddings(x)  # the model's own rope
+    def hooks(model):  # transformers keeps hooks of its own (output recording) after an output_hidden_states call
+        return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+    before = hooks(eager)
+    for model in (eager, sdpa):
+        with torch.no_grad(), capture(model, ["blocks.*.resid_post", "blocks.*.attn.pattern", "blocks.1.attn.k",
+                                              "blocks.1.attn.q", "blocks.1.resid_pre", "final_norm"]) as cap:
+            out = cap.forward(x)
+        for i in range(2):
+            torch.testing.assert_close(cap[f"blocks.{i}.resid_post"], ref.hidden_states[i + 1])
+            torch.testing.assert_close(cap[f"blocks.{i}.attn.pattern"], ref.attentions[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, ref.last_hidden_state)
+        torch.testing.assert_close(cap["final_norm"], ref.last_hidden_state)
+        layer = family_of(model).blocks(model)[1]
+        with torch.no_grad():
+            for part in ("k", "q"):
+                projected = getattr(layer.attention, f"{part}_proj")(layer.norm1(cap["blocks.1.resid_pre"]))
+                heads = projected.view(2, projected.shape[1], 2, -1).transpose(1, 2)
+                expected = rotate_patch_tokens(heads, cos, sin).transpose(1, 2).reshape(projected.shape)
+                torch.testing.assert_close(cap[f"blocks.1.attn.{part}"], expected)
+                assert not torch.allclose(cap[f"blocks.1.attn.{part}"], projected)  # the rotation is there
+    assert hooks(eager) == before  # the capture's own hooks, and the rotation keeper, are gone
 
 
 def test_timm_attention_pattern_is_the_softmax_and_the_forward_is_unchanged():

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from artifactscan.core.errors import ModelLoadError, OfflineError
+from artifactscan.core.errors import ModelLoadError, NotAViTError, OfflineError
 from artifactscan.core.paths import display_name, what_it_is
+from artifactscan.models.layouts import dinov3
 from artifactscan.models.native import read_error_reason, read_torch_file
 from artifactscan.models.registry import register_architecture
 
@@ -33,6 +34,7 @@ ARCH = "artifactscan_vit"
 SUPPORTED = {
     "dinov2": "Dinov2", "dinov2_with_registers": "Dinov2WithRegisters", "vit": "ViT", "clip": "CLIPModel",
     "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel",
+    dinov3.HF_MODEL_TYPE: "DINOv3ViTModel",
 }
 _ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
         "silu": "silu", "relu": "relu"}
@@ -108,6 +110,9 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{folder}/config.json is not readable JSON: {exc}") from exc
     model_type = config.get("model_type", "")
+    if model_type == "dinov3_convnext":
+        raise NotAViTError(f"{folder} is a Hugging Face DINOv3 ConvNeXt (dinov3_convnext): a convolutional network, "
+                           "not a Vision Transformer, so it has no tokens to scan; use a DINOv3 ViT (dinov3_vit)")
     if model_type not in SUPPORTED:
         raise ModelLoadError(f"{folder} is a Hugging Face {model_type or 'unknown'} model; artifactscan converts "
                              f"{', '.join(sorted(set(SUPPORTED.values())))} (config model_type: "
@@ -261,27 +266,34 @@ def data_config(folder: Path, size: int) -> dict[str, Any] | None:
             "crop_pct": float(out_side) / float(short) if crop else 1.0}
 
 
-def load_folder(folder: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any] | None, list[str]]:
-    """(timm model with the weights, its ``artifactscan_vit`` kwargs, data config or None, notes)."""
+def load_folder(folder: Path) -> tuple[nn.Module, str, dict[str, Any], dict[str, Any] | None, list[str]]:
+    """(timm model with the weights, its registered architecture (``artifactscan_vit`` or ``artifactscan_dinov3``)
+    and kwargs, data config or None, notes)."""
     vision, _, model_type = _read_config(folder)
-    sd, dropped = convert_state_dict(_read_weights(folder))
-    if "patch_embed.proj.weight" not in sd:
-        raise ModelLoadError(f"{folder}: the weights hold no vision encoder (no patch embedding)")
-    kwargs = model_kwargs(vision, model_type, sd)
-    model = build_vit(**kwargs)
+    if model_type == dinov3.HF_MODEL_TYPE:  # a timm Eva, not a VisionTransformer: the family's own mapping
+        sd, dropped = dinov3.convert_hf(_read_weights(folder), vision, str(folder))
+        arch, kwargs = dinov3.ARCH, dinov3.hf_kwargs(vision)
+        model = dinov3.build_dinov3(**kwargs)
+    else:
+        sd, dropped = convert_state_dict(_read_weights(folder))
+        if "patch_embed.proj.weight" not in sd:
+            raise ModelLoadError(f"{folder}: the weights hold no vision encoder (no patch embedding)")
+        arch, kwargs = ARCH, model_kwargs(vision, model_type, sd)
+        model = build_vit(**kwargs)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]
     if missing or unexpected or wrong:
         raise ModelLoadError(f"{folder}: converted {SUPPORTED[model_type]} weights do not fit the equivalent timm "
-                             f"ViT (missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
+                             f"ViT (missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}); "
+                             "does its config.json belong to these weights?")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
     notes = [f"converted from the Hugging Face {SUPPORTED[model_type]} layout"]
     if dropped:
         notes.append("dropped, as not part of the image encoder: "
                      + ", ".join(f"{what} ({n} keys)" for what, n in sorted(dropped.items())))
-    return model, kwargs, data_config(folder, kwargs["img_size"]), notes
+    return model, arch, kwargs, data_config(folder, kwargs["img_size"]), notes
 
 
 def looks_like_hub_id(spec: str) -> bool:

@@ -125,7 +125,7 @@ KNOWN: list[tuple[str, str, int, int]] = [
     ("beit3_giant_patch14_224", "beit3", 1408, 14),
 ]
 # What each file layout says about the family (used only to choose among equivalent matches).
-LAYOUT_FAMILY = {"dinov2": "dinov2", "deit3": "deit3", "mae": "mae", "openai_clip": "clip", "openclip_timm": "clip"}
+LAYOUT_FAMILY = {"dinov2": "dinov2", "dinov3": "dinov3", "deit3": "deit3", "mae": "mae", "openai_clip": "clip", "openclip_timm": "clip"}
 _extra_known: list[tuple[str, str, int, int]] = []
 
 

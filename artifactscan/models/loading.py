@@ -388,7 +388,8 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
         # break it.
         ckpt.layout = "timm"
     try:
-        state_dict = ckpt.state_dict if ckpt.layout == "timm" else native.to_timm(ckpt.state_dict, ckpt.layout, model)
+        state_dict = ckpt.state_dict if ckpt.layout == "timm" else native.to_timm(ckpt.state_dict, ckpt.layout, model,
+                                                                                 display_name(path.name))
     except (RuntimeError, ValueError, KeyError) as exc:  # timm's resampling of a pos-embed that cannot fit
         raise CheckpointMismatchError(
             f"{display_name(path.name)} ({ckpt.layout} layout) does not fit {option('arch', arch_name)}: timm's "
@@ -396,7 +397,8 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
             "embedding of this family)."
         ) from exc
     _load_into(model, state_dict, arch_name, path, ckpt)
-    data_config = dict(meta.data_config) if meta and meta.data_config else timm.data.resolve_model_data_config(model)
+    data_config = dict(meta.data_config) if meta and meta.data_config else {
+        **timm.data.resolve_model_data_config(model), **ckpt.data_config}
     kind = meta.kind if meta else "checkpoint"
     loaded = _finish(model, path.name, "checkpoint", arch_name, data_config, meta, kind)
     loaded.inferred, loaded.layout = inferred, (ckpt.layout if ckpt.layout != "timm" else None)
@@ -406,6 +408,7 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
         shown = "EMA" if ckpt.weights == "ema" else "raw"
         loaded.notes.append(f"loaded the {shown} weights ({ckpt.wrapper}) of a checkpoint holding EMA and raw "
                             f"ones; --weights {other} loads the others")
+    loaded.notes.extend(ckpt.notes)
     dropped = native.describe_dropped(ckpt)
     if ckpt.layout != "timm":
         loaded.notes.append(f"converted from the {ckpt.layout} key layout by timm's converter"
@@ -590,14 +593,14 @@ def peek_data_config(spec: str | Path | None) -> dict[str, Any] | None:
 def _load_hf_folder(folder: Path, name: str, source: str) -> LoadedModel:
     import timm.data
 
-    model, kwargs, config, notes = hf.load_folder(folder)
+    model, arch, kwargs, config, notes = hf.load_folder(folder)
     if config is None:
         config = timm.data.resolve_model_data_config(model)
         notes.append("no preprocessor_config.json: timm's default preprocessing")
-    loaded = _finish(model, name, source, hf.ARCH, config, None, "pretrained")
+    loaded = _finish(model, name, source, arch, config, None, "pretrained")
     loaded.notes.extend(notes)
     loaded.layout = "hf:" + json.loads((folder / "config.json").read_text()).get("model_type", "")
-    loaded.meta = CheckpointMeta(hf.ARCH, kwargs, dict(loaded.data_config), kind="pretrained",
+    loaded.meta = CheckpointMeta(arch, kwargs, dict(loaded.data_config), kind="pretrained",
                                  description=f"converted from {name}")
     return loaded
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from artifactscan.core.errors import InputError, ModelLoadError, UntrustedCheckpointError, option
+from artifactscan.models.layouts import dinov3
 
 # Top-level entries of training checkpoints that hold a model's weights, EMA first (timm's own preference).
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "teacher")
@@ -48,13 +49,15 @@ class NativeCheckpoint:
 
     Attributes:
         state_dict: the encoder's tensors, wrapper prefixes removed, native key names (not yet timm's).
-        layout: ``timm``, ``dinov2``, ``deit3``, ``mae``, ``openai_clip`` (OpenAI and OpenCLIP share it),
-            ``openclip_timm`` (an OpenCLIP tower around a timm trunk).
+        layout: ``timm``, ``dinov2``, ``dinov3`` (Meta's original DINOv3 files), ``deit3``, ``mae``,
+            ``openai_clip`` (OpenAI and OpenCLIP share it), ``openclip_timm`` (an OpenCLIP tower around a timm trunk).
         weights: ``ema`` or ``raw`` when the checkpoint held a choice (``None``: it held one set of weights).
         wrapper: where the weights were found (``state_dict_ema``, ``teacher.backbone.`` ...), ``""`` for a bare dict.
         dropped: ``{what: number of keys}`` removed as not part of the image encoder.
         train_arch / train_args: a timm ``train.py`` checkpoint's recorded ``arch`` and ``args``.
         top_keys: the file's top-level keys (named in errors).
+        data_config: preprocessing the layout implies (Meta's DINOv3 files: mean/std from the name's tag).
+        notes: what the reader has to say about the file (added to the loaded model's notes).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -66,6 +69,8 @@ class NativeCheckpoint:
     train_args: dict[str, Any] = field(default_factory=dict)
     top_keys: list[str] = field(default_factory=list)
     torchscript: bool = False
+    data_config: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def is_wrapped(self) -> bool:
@@ -205,16 +210,25 @@ def unwrap(blob: Any, weights: str | None = None, name: str = "checkpoint") -> N
         found = wrapper or "one bare state dict"
         raise InputError(f"{option('weights', weights)}: {name} holds no {weights} weights (found: {found}; top-level "
                          f"keys: {', '.join(top_keys[:6])}); drop {option('weights')}")
+    if dinov3.is_convnext(sd):
+        raise dinov3.convnext_refusal(name)
     layout = detect_layout(sd)
     sd, more = drop_non_encoder(sd, layout)
     dropped.update(more)
-    return NativeCheckpoint(sd, layout, label, wrapper, dropped, train_arch, train_args, top_keys)
+    ckpt = NativeCheckpoint(sd, layout, label, wrapper, dropped, train_arch, train_args, top_keys)
+    if layout == "dinov3":
+        dinov3.check_complete(sd, name)
+        ckpt.data_config, note = dinov3.preprocessing(name)
+        ckpt.notes = dinov3.meta_notes(sd) + ([note] if note else [])
+    return ckpt
 
 
 def detect_layout(sd: dict[str, torch.Tensor]) -> str:
     """The key layout family, by its keys."""
     if "visual.class_embedding" in sd:
         return "openai_clip"
+    if dinov3.is_meta_vit(sd):  # before DINOv2: its mask_token is 2-d too
+        return "dinov3"
     if any(k.startswith("visual.trunk.") for k in sd):
         return "openclip_timm"
     if any(k.startswith("decoder_") for k in sd):
@@ -247,8 +261,9 @@ def drop_non_encoder(sd: dict[str, torch.Tensor], layout: str) -> tuple[dict[str
 
 
 # ----------------------------------------------------------------------------------------------- to timm's layout
-def to_timm(sd: dict[str, torch.Tensor], layout: str, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The state dict in timm's ``VisionTransformer`` key layout, through timm's own converters.
+def to_timm(sd: dict[str, torch.Tensor], layout: str, model: nn.Module | None = None,
+            name: str = "the checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict in timm's ``VisionTransformer`` (``Eva`` for DINOv3) key layout, through timm's own converters.
 
     With ``model``, timm also resamples the position and patch embeddings to the model's grid (as when it loads
     pretrained weights). Without it only keys are renamed (used to read a bare file's shapes before any model
@@ -257,6 +272,8 @@ def to_timm(sd: dict[str, torch.Tensor], layout: str, model: nn.Module | None = 
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    if layout == "dinov3":
+        return dinov3.rename_only(sd) if model is None else dinov3.to_timm(sd, model, name)
     if layout in ("openai_clip", "openclip_timm"):
         # timm keeps only `visual.*` (`visual.trunk.*`); other keys were dropped by name above.
         unknown = [k for k in sd if not k.startswith("visual.trunk." if layout == "openclip_timm" else "visual.")]

@@ -1,18 +1,23 @@
 """Live Hugging Face vision encoders (transformers 5's in-memory module names): ``Dinov2Model``,
-``Dinov2WithRegistersModel``, ``ViTModel``, ``CLIPVisionModel`` and ``SiglipVisionModel``, and their
-``*ForImageClassification`` heads around them. Their hook points, so a model in someone's notebook or training loop
+``Dinov2WithRegistersModel``, ``ViTModel``, ``CLIPVisionModel``, ``SiglipVisionModel`` and ``DINOv3ViTModel``, and
+the ``*ForImageClassification`` heads around them. Their hook points, so a model in someone's notebook or training loop
 is measured as it is, without converting it (the loader converts HF *files* into timm ViTs: models/hf.py).
 
 The trunk is found by the class's own attribute names (``encoder.layer`` for DINOv2, ``layers`` for ViT,
 ``encoder.layers`` for CLIP and SigLIP, under ``vision_model`` or a task head's ``dinov2`` / ``vit`` where a
 wrapper has one). Attention: HF's ``sdpa`` implementation passes q/k/v to the kernel the capture layer reads;
-``eager`` returns the probabilities as the attention module's second output, and q/k/v are its projections (none of
-these families has qk-norm or RoPE).
+``eager`` returns the probabilities as the attention module's second output, and q/k/v are its projections. DINOv3
+rotates q and k (RoPE, patch tokens only) inside its attention: the kernel receives them rotated, and on the eager
+path the rotation is applied to the projections with the attention module's own ``apply_rotary_pos_emb`` and the
+``position_embeddings`` (cos, sin) the layer passed it in that forward.
 """
 
 from __future__ import annotations
 
+import sys
+import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -42,6 +47,9 @@ CLASSES = {
     "CLIPVisionModel": Trunk("", "encoder.layers", "self_attn", "mlp.fc2", "embeddings.patch_embedding", None, True),
     "SiglipVisionModel": Trunk("", "encoder.layers", "self_attn", "mlp.fc2", "embeddings.patch_embedding",
                                "post_layernorm", True),
+    # transformers 5 keeps DINOv3's layers in an encoder module named `model` (on disk they are `layer.N`)
+    "DINOv3ViTModel": Trunk("", "model.layer", "attention", "mlp.down_proj", "embeddings.patch_embeddings", "norm",
+                            True),
 }
 #: wrappers: the attribute that holds one of the models above
 WRAPPERS = ("vision_model", "dinov2", "vit")
@@ -79,16 +87,40 @@ def flat_tokens(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch
     return output.reshape(output.shape[0], -1, output.shape[-1])
 
 
+#: (cos, sin) each rotating attention module was given in the current forward (kept while a capture holds it)
+_rotations: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def rotary_function(attention: nn.Module) -> Callable | None:
+    """The ``apply_rotary_pos_emb`` of an attention module that rotates q/k inside its forward, else None."""
+    return getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+
+
+def _rotated(module: nn.Module, projected: torch.Tensor) -> torch.Tensor:
+    """q or k as the attention uses them: heads split, the module's own RoPE applied, heads concatenated."""
+    rotate = rotary_function(module)
+    if rotate is None:
+        return projected
+    if module not in _rotations:
+        raise RuntimeError(f"{type(module).__name__} rotates its queries and keys, and its rotation was not seen")
+    batch, tokens, _ = projected.shape
+    heads = projected.view(batch, tokens, module.num_heads, -1).transpose(1, 2)
+    rotated, _ = rotate(heads, heads, *_rotations[module])
+    return rotated.transpose(1, 2).reshape(batch, tokens, -1)
+
+
 def eager_part(part: str):
     """Read q/k/v/pattern from an eager attention module after its forward: q/k/v by its own projections of the
-    input (no qk-norm or RoPE in these families), the probabilities from its second output."""
+    input (rotated for RoPE families, as their kernel call receives them), the probabilities from its second
+    output."""
     def read(module: nn.Module, inputs: tuple, output: object) -> torch.Tensor:
         if part == "pattern":
             probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if probs is None:
                 raise RuntimeError("this attention returned no probabilities")
             return probs.float()
-        return getattr(module, f"{part}_proj")(inputs[0])
+        projected = getattr(module, f"{part}_proj")(inputs[0])
+        return _rotated(module, projected) if part in ("q", "k") else projected
     return read
 
 
@@ -130,6 +162,24 @@ class HFVisionFamily(HookFamily):
     def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         out = model(pixel_values=images)
         return getattr(out, "last_hidden_state", out[0] if isinstance(out, tuple) else out)
+
+    def attention_setup(self, attention: nn.Module) -> Callable[[], None] | None:
+        """For attention that rotates q/k itself (DINOv3): keep the (cos, sin) its layer passes it, which the eager
+        path's q/k reading needs."""
+        if rotary_function(attention) is None:
+            return None
+
+        def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            rotation = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+            if rotation is not None:
+                _rotations[module] = rotation
+
+        handle = attention.register_forward_pre_hook(keep, with_kwargs=True)
+
+        def undo() -> None:
+            handle.remove()
+            _rotations.pop(attention, None)
+        return undo
 
     def prefix_tokens(self, model: nn.Module) -> tuple[int, int]:
         config = getattr(model, "config", None)
