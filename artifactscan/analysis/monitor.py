@@ -41,6 +41,7 @@ from artifactscan.analysis.monitor_setup import (
     out_of_memory_errors,
     probe_images,
     resolve_data_config,
+    rng_preserved,
     sharding_of,
     training_untouched,
     unwrap_engine,
@@ -122,7 +123,8 @@ class ArtifactMonitor:
         if model is not None:
             module = self._check_model(model)
             if _rank() == 0:
-                self._prepare(model, module)
+                with rng_preserved():
+                    self._prepare(model, module)
 
     # ------------------------------------------------------------------------------------------ the user's calls
     def step(self, model: Any = None, step: int | None = None) -> MonitorUpdate | None:
@@ -139,7 +141,8 @@ class ArtifactMonitor:
         first = self._calls == 0
         self._calls += 1
         if first:
-            self._first_call(model, step)
+            with rng_preserved():  # preparing the probe set draws a DataLoader seed
+                self._first_call(model, step)
         if step % self.every != 0:
             return None
         record, status, message = None, _GO, ""
@@ -254,7 +257,8 @@ class ArtifactMonitor:
         module = unwrap_model(unwrap_engine(model))
         if self._ready_for != id(module):  # another module object than the one checked: check it too
             self._check_model(model)
-            self._prepare(model, module)
+            with rng_preserved():
+                self._prepare(model, module)
         try:
             stats, norms = self._measure(module)
         except out_of_memory_errors() as exc:
@@ -263,7 +267,7 @@ class ArtifactMonitor:
             self.warn(f"artifact monitor: out of memory at step {step}, update skipped "
                       f"({str(exc).splitlines()[0][:120]}); pass a smaller batch_size= or max_images=")
             return None
-        record = self._record(stats, step)
+        record = self._record(stats, step)  # after the guarded forward: nothing here draws random numbers
         if self.out is not None:
             append_record(monitor_path(self.out), record)
         self.records.append(record)

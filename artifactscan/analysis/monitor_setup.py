@@ -219,6 +219,20 @@ def module_device(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 # ----------------------------------------------------------------------------------------------- the guard
 @contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """The CPU and CUDA RNG states put back after the block, even after an error. Not only the forward draws: a
+    DataLoader iterator draws its base seed from the global RNG even without workers (preparing the probe set)."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+@contextlib.contextmanager
 def training_untouched(module: nn.Module) -> Iterator[None]:
     """Run a measurement inside a training loop: every submodule in eval mode and no autograd graph
     (``torch.no_grad``, not ``inference_mode``: no inference tensors can leak into the user's autograd), then every
@@ -227,19 +241,15 @@ def training_untouched(module: nn.Module) -> Iterator[None]:
     The flags are restored by assignment, not through ``train()``: a module overriding ``train()`` could do more.
     The process-wide flush-denormal setting is left alone (``measurement_mode`` would reset it)."""
     modes = [(m, m.training) for m in module.modules()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
-        for m, _ in modes:
-            m.training = False
-        with torch.no_grad():
-            yield
+        with rng_preserved():
+            for m, _ in modes:
+                m.training = False
+            with torch.no_grad():
+                yield
     finally:
         for m, mode in modes:
             m.training = mode
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def out_of_memory_errors() -> tuple[type[BaseException], ...]:
