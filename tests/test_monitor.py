@@ -310,3 +310,14 @@ def test_importing_the_monitor_imports_no_training_framework():
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_live_hugging_face_model_is_measured_with_the_data_config_given():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                       intermediate_size=64, image_size=32, patch_size=8)
+    model = transformers.Dinov2Model(config)
+    with pytest.raises(MonitorSetupError, match="Dinov2Model has no timm data config.*data_config="):
+        ArtifactMonitor("synthetic:4", every=1, model=model)
+    record = ArtifactMonitor("synthetic:4", every=1, data_config=TINY_CONFIG).step(model, 0)
+    assert len(record.layers) == 3 and record.model.num_prefix_tokens == 1 and record.model.grid_size == [4, 4]
