@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from artifactscan.core.errors import NotAFileError
+from artifactscan.core.errors import InputError, NotAFileError
 from artifactscan.core.paths import path_kind, read_regular_bytes, read_regular_text
 from artifactscan.core.results import JsonResult
 from artifactscan.analysis.run_files import OLD_NAMES, VARIANTS_FILE, shadowed_by_new_name
+from artifactscan.analysis.monitor_records import MONITOR_FILE, read_monitor
 
 SCHEMA_PREFIX = "artifactscan."
 FIGURE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
@@ -36,12 +37,14 @@ KNOWN_FIGURES: dict[str, tuple[str, ...]] = {
     "fix": ("fix",),
     "discover": ("discover",),
     "calibration": ("calibration",),
+    "monitor": ("monitor",),
 }
-KIND_ORDER = ("compare", "scan", "probe", "attention", "fix", "discover", "calibration", "emergence", "train-reg",
+KIND_ORDER = ("compare", "scan", "probe", "attention", "fix", "discover", "calibration", "emergence", "monitor", "train-reg",
               "training", "other")
 KIND_TITLES = {
     "compare": "Model comparison", "scan": "Norm scan", "probe": "Probe", "attention": "Attention",
     "fix": "Fix", "discover": "Object discovery", "emergence": "Emergence over training",
+    "monitor": "Artifact monitor (during training)",
     "train-reg": "Train-reg comparison", "training": "Training run", "calibration": "Detection limit",
     "other": "Result",
 }
@@ -192,11 +195,13 @@ def collect_results(results_dir: str | Path, warn: Callable[[str], None] | None 
     run_dirs: set[Path] = set()
     json_files: list[Path] = []
     metrics_dirs: list[Path] = []
+    monitor_files: list[Path] = []
     for d, files in walk_results(root):
         for name in files:
             p = d / name
             suffix = p.suffix.lower()
-            if (suffix in (".json", *FIGURE_SUFFIXES) or name == "metrics.jsonl") and path_kind(p) != "a file":
+            if (suffix in (".json", *FIGURE_SUFFIXES) or name in ("metrics.jsonl", MONITOR_FILE)) \
+                    and path_kind(p) != "a file":
                 warn(f"skipped {rel_path(p, root)}: {path_kind(p)}, not a regular file")  # reading a FIFO would block
                 skipped.append(rel_path(p, root))
                 continue
@@ -206,6 +211,8 @@ def collect_results(results_dir: str | Path, warn: Callable[[str], None] | None 
                 figures.setdefault(d, []).append(p)
             elif name == "metrics.jsonl":
                 metrics_dirs.append(d)
+            elif name == MONITOR_FILE:
+                monitor_files.append(p)
         if "train_reg.json" in files:
             run_dirs.add(d)
 
@@ -227,6 +234,14 @@ def collect_results(results_dir: str | Path, warn: Callable[[str], None] | None 
             found.append(FoundResult(kind_of_schema(schema), p, data, schema))
         elif p.name == "train_reg.json":
             found.append(FoundResult("train-reg", p.parent, data))
+    for p in monitor_files:  # an ArtifactMonitor's folder, possibly still being written (read without a lock)
+        try:
+            history = read_monitor(p, warn=lambda msg: warn(msg))
+        except InputError as exc:
+            warn(f"skipped {rel_path(p, root)}: {exc}")
+            skipped.append(rel_path(p, root))
+            continue
+        found.append(FoundResult("monitor", p, history.to_dict(), history.schema))
     # a single training run (train-model) outside any train-reg folder: config.json + metrics.jsonl
     for d in metrics_dirs:
         if not inside_run(d) and (d / "config.json").is_file():

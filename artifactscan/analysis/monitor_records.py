@@ -1,0 +1,242 @@
+"""What :class:`artifactscan.monitor.ArtifactMonitor` writes, and reading it back: ``monitor.jsonl``.
+
+One line per update, each a whole :class:`MonitorUpdate` (the common header, the step, one :class:`MonitorLayer`
+per block with the fields named as in a scan's ``report.json``). Lines are appended, flushed and ``fsync``'d one at a
+time, so a run killed at any moment leaves a file whose complete lines all read back; :func:`read_monitor` skips a
+torn last line with a warning. Readers never lock the file: they can render it while the run is still writing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from artifactscan.core.errors import InputError
+from artifactscan.core.files import atomic_write_text
+from artifactscan.core.numbers import percent
+from artifactscan.core.paths import display_name, read_regular_text, what_it_is
+from artifactscan.core.stats import NormStatistics, PrefixTokenStats
+from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
+from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, ThresholdDecision, images_to_decide
+
+MONITOR_FILE = "monitor.jsonl"
+SCHEMA = "artifactscan.monitor/1"
+HISTORY_SCHEMA = "artifactscan.monitor_history/1"
+
+
+@dataclass
+class MonitorLayer:
+    """One block's statistics at one update: the per-layer fields of a scan's ``report.json`` (``layers[]``) but
+    its histogram, which would make every line tens of kilobytes (TensorBoard gets the norms instead)."""
+
+    index: int
+    name: str
+    median: float
+    p99: float
+    max: float
+    max_over_median: float
+    threshold: float | None
+    threshold_reason: str
+    num_outliers: int
+    outlier_fraction: float
+    images_with_outliers: int
+    image_fraction_with_outliers: float
+    fraction_above_150: float
+    prefix: list[PrefixTokenStats]
+    separation: dict[str, Any] = field(default_factory=dict)  # the accepted group, or the near miss
+    num_nonfinite: int = 0
+    inconclusive: bool = False
+    images_to_decide: int | None = None
+
+
+@dataclass(kw_only=True)
+class MonitorUpdate(AnalysisResult):
+    """One line of ``monitor.jsonl``: the probe set measured at training step ``step``."""
+
+    SCHEMA: ClassVar[str] = SCHEMA
+
+    step: int
+    seconds: float  # the update's wall time, forward and statistics
+    threshold_mode: str
+    threshold_rule: str
+    layers: list[MonitorLayer]
+    onset_layer: int | None
+    # The last block's decision can be acted on: no non-finite norm, and the threshold rule decided (an inconclusive
+    # auto threshold, a probe set too small to tell, never stops a run through fail_above).
+    conclusive: bool
+    num_nonfinite: int
+    fingerprint: str  # the architecture (class, parameter names and shapes): tells another model's file apart
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def last_block(self) -> MonitorLayer:
+        return self.layers[-1]
+
+
+def layer_rows(stats: NormStatistics, decisions: list[ThresholdDecision], rule: AutoRule) -> list[MonitorLayer]:
+    """Per-block rows from streamed statistics and each block's threshold decision, counted as ``scan`` counts them
+    (fixed thresholds exactly as the tokens streamed by, auto thresholds on their histogram bin edge)."""
+    rows = []
+    n_img, n_tok = stats.num_images, max(stats.num_patch_tokens, 1)
+    for r, d in enumerate(decisions):
+        if d.value is None:
+            n_out, n_img_out = 0, 0
+        elif d.method == "fixed":
+            n_out, n_img_out = stats.fixed_hits(r, d.value)
+        else:
+            n_out, n_img_out = stats.tokens_above_bin(r, d.edge_index), stats.images_above_bin(r, d.edge_index)
+        row_max = float(stats.patch_max[r])
+        median = min(stats.median(r), row_max)  # a quantile interpolates inside a bin: never above the maximum
+        above_paper, _ = stats.fixed_hits(r, PAPER_THRESHOLD)
+        rows.append(MonitorLayer(
+            index=r, name=f"block {r}", median=median, p99=min(stats.quantile(r, 0.99), row_max), max=row_max,
+            max_over_median=row_max / median if median else math.nan, threshold=d.value, threshold_reason=d.reason,
+            num_outliers=n_out, outlier_fraction=n_out / n_tok, images_with_outliers=n_img_out,
+            image_fraction_with_outliers=n_img_out / max(n_img, 1), fraction_above_150=above_paper / n_tok,
+            prefix=stats.prefix_stats(r), separation=d.details, num_nonfinite=int(stats.nonfinite[r]),
+            inconclusive=d.inconclusive,
+            images_to_decide=images_to_decide(d.details["group_tokens"], n_img, rule) if d.inconclusive else None))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def monitor_path(out: str | os.PathLike[str]) -> Path:
+    """``out/monitor.jsonl`` (``out`` may name the file itself)."""
+    out = Path(out).expanduser()
+    return out if out.name == MONITOR_FILE else out / MONITOR_FILE
+
+
+def append_record(path: Path, update: MonitorUpdate) -> None:
+    """Append one line, flushed and fsync'd: a run killed after this returns keeps the line."""
+    line = json.dumps(update.to_dict(), separators=(",", ":")) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def keep_records_up_to(path: Path, step: int | None, warn: Callable[[str], None]) -> int:
+    """Rewrite ``path`` (atomically: a reader keeps the old file it opened) with only the records of steps
+    ``<= step`` (``None``: every complete record); a torn last line goes too. Returns how many records were dropped."""
+    records, _ = read_lines(path, warn)
+    kept = [r for r in records if step is None or int(r.get("step", -1)) <= step]
+    text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept)
+    atomic_write_text(path, text)
+    return len(records) - len(kept)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_lines(path: Path, warn: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
+    """The complete records of a ``monitor.jsonl`` as dicts, and how many lines were skipped (each said once)."""
+    text = read_regular_text(path)
+    lines = text.split("\n")
+    records, skipped = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        torn = i == len(lines) - 1  # no newline after it: the writer was stopped in the middle of the line
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            skipped += 1
+            warn(f"{display_name(path)}: " + ("skipped its torn last line (the run was stopped while writing it)"
+                                              if torn else f"skipped line {i + 1}: not a complete JSON record"))
+            continue
+        records.append(record)
+    return records, skipped
+
+
+@dataclass(kw_only=True)
+class MonitorHistory(AnalysisResult):
+    """A ``monitor.jsonl`` read back: every update, the outlier fraction per block against step, and the onset.
+
+    ``onset_step`` is the first update at which any block holds outliers, ``onset_block`` that update's first such
+    block; ``None`` when no update flagged anything."""
+
+    SCHEMA: ClassVar[str] = HISTORY_SCHEMA
+
+    path: str
+    num_blocks: int
+    steps: list[int]
+    outlier_fraction: list[list[float]]  # [update][block]
+    onset_step: int | None
+    onset_block: int | None
+    updates: list[MonitorUpdate]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def last(self) -> MonitorUpdate | None:
+        return self.updates[-1] if self.updates else None
+
+
+def _history_headline(h: MonitorHistory) -> str:
+    if not h.updates:
+        return "No update recorded yet."
+    last = h.updates[-1]
+    parts = []
+    if last.num_nonfinite:
+        parts.append(f"NON-FINITE VALUES at step {last.step}: {last.num_nonfinite} token norms are NaN or Inf.")
+    if last.model.kind == "phantom":
+        parts.append("[CALIBRATION PHANTOM - artifacts built in by construction, not a finding about real models]")
+    if h.onset_step is None:
+        parts.append(f"No high-norm outlier tokens in {len(h.updates)} update(s) up to step {last.step}.")
+    else:
+        parts.append(f"Outliers appear at step {h.onset_step} (from block {h.onset_block} of {h.num_blocks}).")
+    parts.append(f"Step {last.step}: {percent(last.last_block.outlier_fraction)} of the last block's patch tokens "
+                 f"flagged, max/median {last.last_block.max_over_median:.1f}x ({last.threshold_mode} threshold"
+                 + ("" if last.conclusive else ", inconclusive") + ").")
+    return " ".join(parts)
+
+
+def history_of(updates: list[MonitorUpdate], path: Path, warnings: list[str]) -> MonitorHistory:
+    onset = next((u for u in updates if u.onset_layer is not None), None)
+    last = updates[-1] if updates else None
+    model = last.model if last else ModelSummary.named_only("unknown")
+    images = last.images if last and last.images else ImageSummary.described_only("unknown")
+    history = MonitorHistory(model=model, images=images, headline="", path=str(path),
+                             num_blocks=len(last.layers) if last else 0, steps=[u.step for u in updates],
+                             outlier_fraction=[[lay.outlier_fraction for lay in u.layers] for u in updates],
+                             onset_step=onset.step if onset else None, onset_block=onset.onset_layer if onset else None,
+                             updates=updates, warnings=warnings)
+    history.headline = _history_headline(history)
+    return history
+
+
+def read_monitor(path: str | os.PathLike[str], warn: Callable[[str], None] | None = None) -> MonitorHistory:
+    """Read a monitor folder (or its ``monitor.jsonl``) back, also while a run is still appending to it.
+
+    Takes no lock. A torn last line (the run killed while writing it) or a record of a schema this version does not
+    read is skipped with a warning (``warn``, default: stderr), never an error.
+    """
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    file = monitor_path(path)
+    if not file.is_file():
+        where = Path(path).expanduser()
+        if where.is_dir():
+            raise InputError(f"{display_name(where)} holds no {MONITOR_FILE}; pass the `out` folder an "
+                             "ArtifactMonitor writes")
+        raise InputError(f"monitor folder {display_name(where)} {what_it_is(where, 'a folder')}")
+    warnings: list[str] = []
+
+    def note(msg: str) -> None:
+        warnings.append(msg)
+        warn(msg)
+
+    try:
+        raw, _ = read_lines(file, note)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {display_name(file)}: {getattr(exc, 'strerror', None) or exc}") from None
+    updates = []
+    for i, record in enumerate(raw):
+        try:
+            updates.append(MonitorUpdate.from_dict(record))
+        except (InputError, TypeError, KeyError, ValueError) as exc:
+            note(f"{display_name(file)}: skipped record {i + 1}: {str(exc).splitlines()[0]}")
+    return history_of(updates, file, warnings)
