@@ -167,8 +167,8 @@ def test_probe_takes_allow_nonfinite_for_weights_it_never_runs(tmp_path):
     ckpt = save_tiny(tmp_path / "nan-late.safetensors", nan_in_last_block)
     options = dict(device="cpu", draws=2, batch_size=16)
     with pytest.raises(NonFiniteError, match="non-finite weights"):
-        probe(ckpt, "synthetic:40", layer=0, **options)
-    report = probe(ckpt, "synthetic:40", layer=0, allow_nonfinite=True, **options)
+        probe(ckpt, "synthetic:40", blocks=0, **options)
+    report = probe(ckpt, "synthetic:40", blocks=0, allow_nonfinite=True, **options)
     assert report.layer == 0 and report.num_patch_tokens == 40 * 16
     with pytest.raises(NonFiniteError, match="block 2 produced non-finite token values"):
-        probe(ckpt, "synthetic:40", layer=-1, allow_nonfinite=True, **options)
+        probe(ckpt, "synthetic:40", blocks=-1, allow_nonfinite=True, **options)
