@@ -85,8 +85,7 @@ def planted(model) -> None:
 
 def forbid_models(monkeypatch) -> None:
     """Any model load from now on is a test failure: proves a check ran before the work."""
-    import artifactscan.analysis.opening as opening_mod  # scan() loads its model here, beside its images
-    import artifactscan.analysis.fix as fix_mod
+    import artifactscan.analysis.opening as opening_mod  # every pass runner loads its model here, beside its images
     import artifactscan.analysis.compare as compare_mod
     import artifactscan.analysis.discover as discover_mod
     import artifactscan.analysis.emergence as emergence_mod
@@ -94,5 +93,5 @@ def forbid_models(monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the output path was validated")
 
-    for mod in (opening_mod, fix_mod, compare_mod, discover_mod, emergence_mod):
+    for mod in (opening_mod, compare_mod, discover_mod, emergence_mod):
         monkeypatch.setattr(mod, "load_model", boom)

@@ -401,11 +401,12 @@ def test_batch_size_is_capped_at_the_number_of_images(four_images):
 
 
 def test_memory_check_sees_the_batch_really_formed(monkeypatch):
+    import artifactscan.analysis.passes as passes_mod  # where every command's pass checks its memory
     import artifactscan.analysis.scan as scan_mod
 
     seen = []
-    real = scan_mod.check_fits
-    monkeypatch.setattr(scan_mod, "check_fits", lambda loaded, batch, *a, **k: (seen.append(batch),
+    real = passes_mod.check_fits
+    monkeypatch.setattr(passes_mod, "check_fits", lambda loaded, batch, *a, **k: (seen.append(batch),
                                                                                real(loaded, batch, *a, **k)))
     scan_mod.scan("phantom", "synthetic:3", device="cpu", batch_size=10**6)
     assert seen == [3]

@@ -36,16 +36,18 @@ def photos(tmp_path_factory):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records what ImageSource.start returned and how often close ran."""
-    seen = {"start": [], "close": 0}
+    """Records what ImageSource.start returned, which sources started early and which ones were closed."""
+    seen = {"start": [], "started": [], "closed": []}
     start, close = ImageSource.start, ImageSource.close
 
     def spy_start(self, *a, **k):
         seen["start"].append(start(self, *a, **k))
+        if seen["start"][-1]:
+            seen["started"].append(self)
         return seen["start"][-1]
 
     def spy_close(self):
-        seen["close"] += 1
+        seen["closed"].append(self)
         close(self)
 
     monkeypatch.setattr(ImageSource, "start", spy_start)
@@ -83,7 +85,8 @@ def test_a_wrong_guess_is_thrown_away(photos, spy, monkeypatch):
     real = peek_data_config("phantom")
     monkeypatch.setattr(opening, "peek_data_config", lambda spec: dict(real, interpolation="nearest"))
     guessed = scan("phantom", photos, device="cpu", num_workers=1)
-    assert spy["start"] == [True] and spy["close"] == 1
+    # the early source is closed once the guess is found wrong, the scan's own source when the scan ends
+    assert spy["start"] == [True] and len(spy["closed"]) == 2 and spy["closed"][0] is spy["started"][0]
     _same_scan(guessed, scan(load_model("phantom"), photos, device="cpu", num_workers=1))
 
 
@@ -94,7 +97,7 @@ def test_failed_load_stops_the_early_workers(photos, spy, monkeypatch):
     monkeypatch.setattr(opening, "load_model", broken)
     with pytest.raises(ModelLoadError, match="broken"):
         scan("phantom", photos, device="cpu", num_workers=1)
-    assert spy["start"] == [True] and spy["close"] == 1
+    assert spy["start"] == [True] and spy["closed"] == spy["started"]
     assert not [p for p in multiprocessing.active_children() if p.is_alive()]
 
 

@@ -34,13 +34,11 @@ from artifactscan.core.defaults import BATCH_SIZE, DEVICE, MAPS, THRESHOLD, WORK
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.analysis.attention import AttentionCapture
 from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError, option
-from artifactscan.analysis.memory import check_fits
-from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.analysis.passes import OpenedPass, PassSettings, open_pass
+from artifactscan.models.loading import LoadedModel
 from artifactscan.core.summaries import AnalysisResult
-from artifactscan.analysis.scan import ScanReport, scan
-from artifactscan.inputs.sources import effective_batch_size, image_batches, make_image_source
-from artifactscan.core.progress import ProgressBar
-from artifactscan.core.devices import resolve_device
+from artifactscan.analysis.scan import ScanReport, measure_norms
+from artifactscan.core.thresholds import AutoRule, threshold_option
 
 # /3: the common header first (core/summaries.py); /2 files hold the same keys in another order.
 SCHEMA = "artifactscan.attention/3"
@@ -252,6 +250,148 @@ def _check_scan_report(report: ScanReport, loaded: LoadedModel) -> None:
         raise InputError("the given norms report does not hold every outlier record; scan again")
 
 
+@dataclass
+class _AttentionPlan:
+    """What the attention pass measures: which blocks, which query, which maps (checked before any image)."""
+
+    blocks: list[int]
+    query: QueryInfo
+    query_patch: tuple[int, int] | None
+    heads: str
+    capture: AttentionCapture
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, spec: str | int | Sequence[int] | None, query: str,
+           query_patch: str | Sequence[int] | None, heads: str) -> "_AttentionPlan":
+        blocks = parse_blocks(spec, len(loaded.blocks), loaded.layer_range_hint())
+        gh, gw = loaded.grid_size
+        # AttentionCapture raises NotAViTError before any work when a block cannot be captured
+        return cls(blocks, select_query(loaded, query), parse_query_patch(query_patch, (gh, gw)), heads,
+                   AttentionCapture(loaded, blocks))
+
+    def map_queries(self, loaded: LoadedModel) -> list[tuple[str, int | None]]:
+        """``(name, query row)`` of every map kept (row ``None``: the mean over patch queries)."""
+        out: list[tuple[str, int | None]] = [(self.query.name, self.query.token_index)]
+        out += [(n, i) for i, n in enumerate(loaded.prefix_names) if n != self.query.name]
+        if self.query_patch is not None:
+            r, c = self.query_patch
+            out.append((f"patch({r},{c})", loaded.num_prefix_tokens + r * loaded.grid_size[1] + c))
+        return out
+
+
+class _AttentionSums:
+    """The attention pass's reductions, fed block by block as the probabilities appear: per-block mass sums over
+    every image, and the maps of the first ``num_maps`` images."""
+
+    def __init__(self, loaded: LoadedModel, plan: _AttentionPlan, num_maps: int):
+        self.plan, self.num_maps = plan, num_maps
+        self.P = loaded.num_prefix_tokens
+        self.grid = tuple(loaded.grid_size)
+        self.num_blocks = len(loaded.blocks)
+        self.map_queries = plan.map_queries(loaded)
+        self.state = {b: _BlockState(self.P) for b in plan.blocks}
+        self.kept: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self.kept_flags: dict[int, list[torch.Tensor]] = {}
+        self.seen: set[int] = set()
+        self.n_images = 0
+        self.masks = torch.zeros(0)
+        self.indices: list[int] = []
+        self.map_rows: list[int] = []
+
+    def begin_batch(self, indices: torch.Tensor, flagged: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                    device: torch.device) -> None:
+        """The batch's outlier masks ``[B, rows, N]`` (the norms scan's flags) and which images keep maps."""
+        self.indices = indices.tolist()
+        gh, gw = self.grid
+        masks = torch.zeros(len(self.indices), self.num_blocks + 1, gh * gw, dtype=torch.bool)
+        for j, i in enumerate(self.indices):
+            if i in flagged:
+                rows, pats = flagged[i]
+                masks[j, rows, pats] = True
+        self.masks = masks.to(device)
+        self.map_rows = [j for j, i in enumerate(self.indices) if i < self.num_maps]
+        self.seen.clear()
+
+    def on_probs(self, block: int, probs: torch.Tensor) -> None:
+        P, (gh, gw) = self.P, self.grid
+        probs = probs.float()
+        if probs.shape[-1] != P + gh * gw:
+            raise InputError(f"block {block}'s attention covers {probs.shape[-1]} tokens, expected {P} prefix + "
+                             f"{gh}x{gw} patches; pass {option('img_size')} to match the model")
+        self.seen.add(block)
+        row = block - 1
+        mask = self.masks[:, row] if row >= 0 else None  # [B, N] bool on device
+        pq = probs[:, :, P:, :].mean(dim=2)  # [B, H, T]: the mean over patch queries
+        qi = self.plan.query.token_index
+        qrows = pq if qi is None else probs[:, :, qi, :]
+        st = self.state[block]
+        st.query.add(qrows, P, mask)
+        st.patch_queries.add(pq, P, mask)
+        if mask is not None:
+            st.mask_count += int(mask.sum())
+            st.images_with_outliers += int(mask.any(dim=1).sum())
+        self._keep_maps(probs, pq, mask)
+
+    def _keep_maps(self, probs: torch.Tensor, pq: torch.Tensor, mask: torch.Tensor | None) -> None:
+        gh, gw = self.grid
+        for j in self.map_rows:
+            for name, qi in self.map_queries:
+                r = pq[j] if qi is None else probs[j, :, qi, :]
+                m = r[:, self.P:].reshape(-1, gh, gw)
+                if self.plan.heads == "mean":
+                    m = m.mean(dim=0, keepdim=True)
+                self.kept.setdefault((self.indices[j], name), []).append(m.cpu())
+            flags = mask[j].reshape(gh, gw).cpu() if mask is not None else torch.zeros(gh, gw, dtype=torch.bool)
+            self.kept_flags.setdefault(self.indices[j], []).append(flags)
+
+    def end_batch(self) -> None:
+        missing = [b for b in self.plan.blocks if b not in self.seen]
+        if missing:
+            raise NotAViTError(f"block {missing[0]}'s attention probabilities were not captured during the "
+                               "forward; this model's attention cannot be mapped")
+        self.n_images += len(self.indices)
+
+    def layer_reports(self, names: list[str]) -> list[LayerAttention]:
+        n_images, N = self.n_images, self.grid[0] * self.grid[1]
+        out = []
+        for b in self.plan.blocks:
+            st = self.state[b]
+            has_mask = b >= 1
+            fraction = st.mask_count / (n_images * N) if has_mask else None
+            q = st.query.stats(names, n_images, st.images_with_outliers, fraction, has_mask)
+            pq_stats = st.patch_queries.stats(names, n_images, st.images_with_outliers, fraction, has_mask)
+            per_head = None
+            if has_mask and st.query.per_head is not None:
+                per_head = [float(v) / n_images for v in st.query.per_head]
+            out.append(LayerAttention(b, b - 1 if has_mask else None, n_images,
+                                      st.images_with_outliers if has_mask else 0, fraction, q, pq_stats, per_head))
+        return out
+
+    def maps(self, image_names: list[str]) -> list[AttentionMap]:
+        out = []
+        for i in sorted(self.kept_flags):
+            flags = torch.stack(self.kept_flags[i]).tolist()
+            for name, _ in self.map_queries:
+                grid = torch.stack(self.kept[(i, name)])  # [L, H', gh, gw]
+                out.append(AttentionMap(image_names[i], i, name, list(self.plan.blocks), self.plan.heads,
+                                        grid.tolist(), flags))
+        return out
+
+
+def _attention_pass(opened: OpenedPass, plan: _AttentionPlan, sums: _AttentionSums,
+                    flagged: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Pass 2: every image (on every rank: this pass does not merge across ranks), the captured blocks' attention
+    reduced as it appears."""
+    plan.capture.on_probs = sums.on_probs
+    with measurement_mode(), plan.capture:
+        for x, indices, _ in opened.batches("attention", every_rank_all=True):
+            if x is None:
+                continue
+            sums.begin_batch(indices, flagged, opened.device)
+            plan.capture.forward(x)
+            sums.end_batch()
+
+
 # ----------------------------------------------------------------------------------------------- attention_report()
 def attention_report(
     model: str | Path | LoadedModel | torch.nn.Module | None = None,
@@ -301,141 +441,57 @@ def attention_report(
     Raises:
         InputError on bad arguments; NotAViTError when a block has no attention module timm can expose.
     """
-    if batch_size <= 0:
-        raise InputError(f"{option('batch_size')} must be positive, got {batch_size}")
     if maps < 0:
         raise InputError(f"{option('maps')} must be >= 0, got {maps}")
     heads = (heads or "mean").strip().lower()
     if heads not in HEADS_MODES:
         raise InputError(f"{option('heads', repr(heads))}: use 'mean' (average over heads) or 'all' (one map per head)")
-    loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                        img_size=img_size, weights=weights)
-    num_blocks = len(loaded.blocks)
-    blocks = parse_blocks(renamed_keyword(blocks, layers, "blocks", "layers", ALL_BLOCKS), num_blocks,
-                          loaded.layer_range_hint())
-    qinfo = select_query(loaded, query)
-    gh, gw = loaded.grid_size
-    qpatch = parse_query_patch(query_patch, (gh, gw))
-    capture = AttentionCapture(loaded, blocks)  # raises NotAViTError before any work when a block cannot be captured
-    dev = resolve_device(device)
-    source = make_image_source(images, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)  # for pass 2
-    # captured blocks hold heads x T x T probabilities
-    check_fits(loaded, effective_batch_size(source, batch_size), dev, explicit_attention=True)
+    settings = PassSettings(device=device, batch_size=batch_size, num_workers=num_workers, exact_decode=exact_decode,
+                            gpu_decode=gpu_decode, progress=progress, warn=warn)
+    fixed = threshold_option(threshold) if scan_report is None else None
+    load = dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, img_size=img_size,
+                weights=weights)
 
-    # Pass 1: the norms scan flags outliers (or a given report is reused).
-    if scan_report is None:
-        scan_report = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size,
-                           num_workers=num_workers, num_maps=0, progress=progress, warn=warn,
-                           exact_decode=exact_decode, gpu_decode=gpu_decode)
-    else:
-        _check_scan_report(scan_report, loaded)
-    problem = scan_report.nonfinite_problem()
-    if problem:
-        raise NonFiniteError(f"{loaded.name}: {problem}; attention maps of such a pass mean nothing "
-                             "(artifactscan norms --allow-nonfinite shows where the values start)")
-    loaded.model.to(dev)
-    flagged = _outlier_index(scan_report)
+    spec = renamed_keyword(blocks, layers, "blocks", "layers", ALL_BLOCKS)
 
-    # Pass 2: attention, reduced block by block as the probabilities appear.
-    P = loaded.num_prefix_tokens
-    N = gh * gw
-    names = loaded.prefix_names
-    map_queries: list[tuple[str, int | None]] = []  # (name, query row; None = mean over patch queries)
-    map_queries.append((qinfo.name, qinfo.token_index))
-    map_queries += [(n, i) for i, n in enumerate(names) if n != qinfo.name]
-    if qpatch is not None:
-        map_queries.append((f"patch({qpatch[0]},{qpatch[1]})", P + qpatch[0] * gw + qpatch[1]))
-    state = {b: _BlockState(P) for b in blocks}
-    kept: dict[tuple[int, str], list[torch.Tensor]] = {}
-    kept_flags: dict[int, list[torch.Tensor]] = {}
-    seen: set[int] = set()
-    batch: dict[str, Any] = {}
+    def plan_of(loaded: LoadedModel) -> _AttentionPlan:  # said before anything about the images
+        return _AttentionPlan.of(loaded, spec, query, query_patch, heads)
 
-    def on_probs(block: int, probs: torch.Tensor) -> None:
-        probs = probs.float()
-        if probs.shape[-1] != P + N:
-            raise InputError(f"block {block}'s attention covers {probs.shape[-1]} tokens, expected {P} prefix + "
-                             f"{gh}x{gw} patches; pass {option('img_size')} to match the model")
-        seen.add(block)
-        row = block - 1
-        mask = batch["masks"][:, row] if row >= 0 else None  # [B, N] bool on device
-        pq = probs[:, :, P:, :].mean(dim=2)  # [B, H, T]: the mean over patch queries
-        qrows = pq if qinfo.token_index is None else probs[:, :, qinfo.token_index, :]
-        st = state[block]
-        st.query.add(qrows, P, mask)
-        st.patch_queries.add(pq, P, mask)
-        if mask is not None:
-            st.mask_count += int(mask.sum())
-            st.images_with_outliers += int(mask.any(dim=1).sum())
-        for j in batch["map_rows"]:
-            for name, qi in map_queries:
-                r = pq[j] if qi is None else probs[j, :, qi, :]
-                m = r[:, P:].reshape(-1, gh, gw)
-                if heads == "mean":
-                    m = m.mean(dim=0, keepdim=True)
-                kept.setdefault((batch["indices"][j], name), []).append(m.cpu())
-            if mask is not None:
-                kept_flags.setdefault(batch["indices"][j], []).append(mask[j].reshape(gh, gw).cpu())
-            else:
-                kept_flags.setdefault(batch["indices"][j], []).append(torch.zeros(gh, gw, dtype=torch.bool))
-
-    n_images = 0
-    capture.on_probs = on_probs
-    with measurement_mode(), capture, ProgressBar(progress, source.num_found, "attention") as bar:
-        for x, indices, bad in image_batches(source, batch_size, num_workers, dev):
-            bar.advance(len(indices) + len(bad))
-            if x is None:
-                continue
-            idx = indices.tolist()
-            masks = torch.zeros(len(idx), num_blocks + 1, N, dtype=torch.bool)
-            for j, i in enumerate(idx):
-                if i in flagged:
-                    rows, pats = flagged[i]
-                    masks[j, rows, pats] = True
-            batch.update(masks=masks.to(dev), indices=idx, map_rows=[j for j, i in enumerate(idx) if i < maps])
-            seen.clear()
-            capture.forward(x.to(dev, non_blocking=True))
-            missing = [b for b in blocks if b not in seen]
-            if missing:
-                raise NotAViTError(f"block {missing[0]}'s attention probabilities were not captured during the "
-                                   "forward; this model's attention cannot be mapped")
-            n_images += len(idx)
-    if n_images == 0:
+    # captured blocks hold heads x T x T probabilities: the memory check counts them
+    with open_pass(model, images, settings=settings, load=load, explicit_attention=True,
+                   after_load=plan_of) as opened:
+        plan = plan_of(opened.loaded)
+        if scan_report is None:  # pass 1: the norms scan flags outliers (or a given report is reused)
+            scan_report = measure_norms(opened, fixed, AutoRule(), 0)
+        else:
+            _check_scan_report(scan_report, opened.loaded)
+        problem = scan_report.nonfinite_problem()
+        if problem:
+            raise NonFiniteError(f"{opened.loaded.name}: {problem}; attention maps of such a pass mean nothing "
+                                 "(artifactscan norms --allow-nonfinite shows where the values start)")
+        sums = _AttentionSums(opened.loaded, plan, maps)
+        _attention_pass(opened, plan, sums, _outlier_index(scan_report))
+    if sums.n_images == 0:
         raise InputError("none of the images could be read; nothing to measure")
+    return _attention_result(opened, plan, sums, scan_report)
 
-    layer_reports = []
-    for b in blocks:
-        st = state[b]
-        has_mask = b >= 1
-        fraction = st.mask_count / (n_images * N) if has_mask else None
-        q = st.query.stats(names, n_images, st.images_with_outliers, fraction, has_mask)
-        pq_stats = st.patch_queries.stats(names, n_images, st.images_with_outliers, fraction, has_mask)
-        per_head = None
-        if has_mask and st.query.per_head is not None:
-            per_head = [float(v) / n_images for v in st.query.per_head]
-        layer_reports.append(LayerAttention(b, b - 1 if has_mask else None, n_images,
-                                            st.images_with_outliers if has_mask else 0, fraction, q, pq_stats,
-                                            per_head))
 
-    attention_maps = []
-    for i in sorted(kept_flags):
-        flags = torch.stack(kept_flags[i]).tolist()
-        for name, _ in map_queries:
-            grid = torch.stack(kept[(i, name)])  # [L, H', gh, gw]
-            attention_maps.append(AttentionMap(source.names[i], i, name, list(blocks), heads, grid.tolist(), flags))
-
+def _attention_result(opened: OpenedPass, plan: _AttentionPlan, sums: _AttentionSums,
+                      scan_report: ScanReport) -> AttentionReport:
+    loaded = opened.loaded
     outlier_rule = (f"outliers for block b are the patch tokens the norms scan flagged at the input of block b "
                     "(norms-scan row b-1, the keys this block reads); block 0 reads the patch embedding and has no "
                     "outlier mass")
     report = AttentionReport(
-        model=loaded.summary(), images=scan_report.images, query=qinfo,
-        query_patch=list(qpatch) if qpatch else None, heads=heads, blocks=list(blocks),
-        threshold_mode=scan_report.threshold_mode, threshold_rule=scan_report.threshold_rule,
-        outlier_rule=outlier_rule, layers=layer_reports, maps=attention_maps, headline="",
+        model=loaded.summary(), images=scan_report.images, query=plan.query,
+        query_patch=list(plan.query_patch) if plan.query_patch else None, heads=plan.heads,
+        blocks=list(plan.blocks), threshold_mode=scan_report.threshold_mode,
+        threshold_rule=scan_report.threshold_rule, outlier_rule=outlier_rule,
+        layers=sums.layer_reports(loaded.prefix_names), maps=sums.maps(opened.source.names), headline="",
         notes=list(loaded.notes))
-    if n_images != scan_report.images.num_scanned:
+    if sums.n_images != scan_report.images.num_scanned:
         report.notes.append(f"the norms scan read {scan_report.images.num_scanned} images, the attention pass "
-                            f"{n_images}")
+                            f"{sums.n_images}")
     report.headline = attention_headline(report)
     if scan_report.inconclusive_layers:  # fewer outliers to measure than there may be: said, never read as clean
         report.headline += f" The norms scan is {scan_report.inconclusive_problem()}."

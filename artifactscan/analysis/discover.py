@@ -37,14 +37,13 @@ from artifactscan.analysis.fix import find_register_neurons
 from artifactscan.analysis.lost import FEATURES, FeatureCapture, default_k, feature_points, lost_batched
 from artifactscan.analysis.scan import ModelSummary, model_summary, scan
 from artifactscan.core.errors import InputError, option
-from artifactscan.core.progress import ProgressBar
+from artifactscan.analysis.passes import OpenedPass, PassSettings, open_loaded
 from artifactscan.core.devices import resolve_device
 from artifactscan.core.results import from_jsonable
 from artifactscan.core.summaries import ImageSummary, MultiModelResult, SkippedImage
 from artifactscan.core.stats import NormStatistics, bin_index
 from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_threshold, fixed_threshold, threshold_option
 from artifactscan.inputs.boxes import DEFAULT_OBJECT_IMAGES, BoxedData, load_box_data
-from artifactscan.inputs.sources import image_batches, parse_workers
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.models.phantom_notice import PHANTOM_HEADLINE_TAG, is_phantom
 from artifactscan.models.interventions import EXTRA_KEY, apply_test_time_register, check_supported
@@ -183,6 +182,100 @@ def _rate(hits: int, n: int) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------- one run
+@dataclass
+class _SeedRow:
+    """Where LOST's seed and box fell in one image (patch-grid units), and the seed's norm."""
+
+    index: int
+    seed: int
+    box: list[int]
+    outside: bool
+    norm: float
+
+
+class _OutlierRule:
+    """The norms scan's threshold on the residual stream that feeds the features: which norms are flagged."""
+
+    def __init__(self, stats: NormStatistics, fixed: float | None, rule: AutoRule):
+        self.fixed = fixed
+        if fixed is not None:
+            self.decision = fixed_threshold(fixed)
+            self.edge = None
+            self.num_flagged = stats.fixed_hits(0, fixed)[0]
+        else:
+            self.decision = auto_threshold(stats.patch_counts[0], rule)
+            self.edge = self.decision.edge_index
+            self.num_flagged = stats.tokens_above_bin(0, self.edge) if self.edge is not None else 0
+
+    def flags(self, norms: torch.Tensor) -> torch.Tensor:
+        if self.fixed is not None:
+            return norms > self.fixed
+        return bin_index(norms) >= self.edge if self.edge is not None else torch.zeros(norms.shape, dtype=torch.bool)
+
+
+def _lost_pass(opened: OpenedPass, b: int, features: str, kk: int, keep: int, stats: NormStatistics,
+               label: str) -> tuple[list[_SeedRow], dict[int, torch.Tensor]]:
+    """LOST on every image: the seed rows, the norm histogram of the feeding residual stream (into ``stats``) and
+    the patch norms of the first ``keep`` images."""
+    loaded = opened.loaded
+    P, (gh, gw) = loaded.num_prefix_tokens, loaded.grid_size
+    rows: list[_SeedRow] = []
+    kept_norms: dict[int, torch.Tensor] = {}
+    with measurement_mode(), FeatureCapture(loaded, b, features) as cap:
+        for x, indices, bad in opened.batches(f"discover {label}"):
+            opened.skipped.extend(bad)
+            if x is None:
+                continue
+            feats, resid = cap.run(x)
+            if feats.shape[1] != P + gh * gw:
+                raise InputError(f"block {b} has {feats.shape[1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
+                                 f"pass {option('img_size')} to match the model")
+            boxes = lost_batched(feats[:, P:], (gh, gw), kk)
+            norms = resid[:, P:].float().norm(dim=-1)  # [B, N]
+            stats.update(norms[None].cpu())
+            seed_norm = norms.gather(1, boxes.seed[:, None])[:, 0].double().cpu()
+            seed, box, outside = boxes.seed.cpu(), boxes.box.cpu(), boxes.seed_outside_mask.cpu()
+            for j, i in enumerate(indices.tolist()):
+                rows.append(_SeedRow(i, int(seed[j]), box[j].tolist(), bool(outside[j]), float(seed_norm[j])))
+                if i < keep:
+                    kept_norms[i] = norms[j].cpu()
+    return rows, kept_norms
+
+
+def _image_discovery(r: _SeedRow, data: BoxedData, loaded: LoadedModel, flagged: _OutlierRule,
+                     kept_norms: dict[int, torch.Tensor], random_seed: int) -> ImageDiscovery:
+    """One image's box in its own pixels, scored against its ground truth and the two baselines."""
+    H_in, W_in = loaded.input_size
+    ph, pw = loaded.patch_size
+    gh, gw = loaded.grid_size
+    item = data.items[r.index]
+    w, h = (item.width, item.height) if item.width and item.height else (W_in, H_in)
+    sx, sy = w / W_in, h / H_in
+    bp = r.box
+    box = [bp[0] * pw * sx, bp[1] * ph * sy, bp[2] * pw * sx, bp[3] * ph * sy]
+    seed_flagged = bool(flagged.flags(torch.tensor([r.norm], dtype=torch.float64))[0])
+    gts = item.boxes
+    best = correct = c_ok = r_ok = None
+    if gts:
+        best = best_iou(box, gts)
+        correct = best >= CORLOC_IOU
+        c_ok = best_iou(centre_box(w, h), gts) >= CORLOC_IOU
+        rb = random_box((gh, gw), random_seed, r.index)
+        r_ok = best_iou([rb[0] * pw * sx, rb[1] * ph * sy, rb[2] * pw * sx, rb[3] * ph * sy], gts) >= CORLOC_IOU
+    out = None
+    if r.index in kept_norms:
+        m = flagged.flags(kept_norms[r.index].double())
+        out = [[p // gw, p % gw] for p in torch.nonzero(m).flatten().tolist()]
+    return ImageDiscovery(item.name, r.index, item.path, [int(w), int(h)], box, bp, [r.seed // gw, r.seed % gw],
+                          r.norm, seed_flagged, r.outside, gts, best, correct, c_ok, r_ok, out)
+
+
+def _outlier_source(features: str, b: int) -> str:
+    return (f"the output of block {b} (norms-scan row {b})" if features == "tokens" else
+            f"the input of block {b} (norms-scan row {b - 1}: the tokens its q/k/v are computed from)"
+            if b > 0 else "the input of block 0 (the patch embedding; not a norms-scan row, same rule)")
+
+
 def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: int = -1, features: str = "keys",
                   k: int | None = None, threshold: str | float | None = "auto", rule: AutoRule | None = None,
                   device: str | torch.device = "auto", batch_size: int = 32, num_workers: int | str = "auto",
@@ -190,105 +283,38 @@ def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: in
                   random_seed: int = 0, progress: bool = False, skipped: list[str] | None = None) -> DiscoveryRun:
     """LOST with ``loaded`` on every image of ``data``; CorLoc, baselines and where the seeds fell."""
     fixed = threshold_option(threshold)
-    rule = rule or AutoRule()
     b = parse_block(block, len(loaded.blocks), loaded.layer_range_hint())
-    gh, gw = loaded.grid_size
-    N = gh * gw
+    N = loaded.grid_size[0] * loaded.grid_size[1]
     kk = default_k(N) if k is None else int(k)
     if kk < 1:
         raise InputError(f"{option('k')} must be at least 1, got {kk}")
     kk = min(kk, N)
-    P = loaded.num_prefix_tokens
-    H_in, W_in = loaded.input_size
-    ph, pw = loaded.patch_size
-    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    loaded.model.to(dev)
     fixed_list = (PAPER_THRESHOLD,) + ((fixed,) if fixed is not None and fixed != PAPER_THRESHOLD else ())
     stats = NormStatistics(1, [], fixed_list)
-    source = data.image_source(loaded)
-    rows: list[dict[str, Any]] = []
-    kept_norms: dict[int, torch.Tensor] = {}
-    skipped = [] if skipped is None else skipped
-    with measurement_mode(), FeatureCapture(loaded, b, features) as cap, \
-            ProgressBar(progress, source.num_found, f"discover {label}") as bar:
-        for x, indices, bad in image_batches(source, batch_size, num_workers):
-            bar.advance(len(indices) + len(bad))
-            skipped.extend(f"{source.names[i]}: {reason}" for i, reason in bad)
-            if x is None:
-                continue
-            feats, resid = cap.run(x.to(dev, non_blocking=True))
-            if feats.shape[1] != P + N:
-                raise InputError(f"block {b} has {feats.shape[1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
-                                 f"pass {option('img_size')} to match the model")
-            boxes = lost_batched(feats[:, P:], (gh, gw), kk)
-            norms = resid[:, P:].float().norm(dim=-1)  # [B, N]
-            stats.update(norms[None].cpu())
-            seed_norm = norms.gather(1, boxes.seed[:, None])[:, 0]
-            seed, box, outside = boxes.seed.cpu(), boxes.box.cpu(), boxes.seed_outside_mask.cpu()
-            seed_norm = seed_norm.double().cpu()
-            for j, i in enumerate(indices.tolist()):
-                rows.append({"index": i, "seed": int(seed[j]), "box": box[j].tolist(), "outside": bool(outside[j]),
-                             "norm": float(seed_norm[j])})
-                if i < keep:
-                    kept_norms[i] = norms[j].cpu()
+    settings = PassSettings(device=device, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    with open_loaded(loaded, data.image_source(loaded), settings) as opened:
+        rows, kept_norms = _lost_pass(opened, b, features, kk, keep, stats, label)
+    if skipped is not None:
+        skipped.extend(f"{opened.source.names[i]}: {reason}" for i, reason in opened.skipped)
     if not rows:
-        raise InputError(f"none of the {source.num_found} images could be read; nothing to discover")
-
-    if fixed is not None:
-        decision = fixed_threshold(fixed)
-        n_flagged = stats.fixed_hits(0, fixed)[0]
-
-        def is_flagged(v: torch.Tensor) -> torch.Tensor:
-            return v > fixed
-    else:
-        decision = auto_threshold(stats.patch_counts[0], rule)
-        edge = decision.edge_index
-        n_flagged = stats.tokens_above_bin(0, edge) if edge is not None else 0
-
-        def is_flagged(v: torch.Tensor) -> torch.Tensor:
-            return bin_index(v) >= edge if edge is not None else torch.zeros(v.shape, dtype=torch.bool)
-
-    images: list[ImageDiscovery] = []
-    for r in rows:
-        item = data.items[r["index"]]
-        w, h = (item.width, item.height) if item.width and item.height else (W_in, H_in)
-        sx, sy = w / W_in, h / H_in
-        bp = r["box"]
-        box = [bp[0] * pw * sx, bp[1] * ph * sy, bp[2] * pw * sx, bp[3] * ph * sy]
-        flagged = bool(is_flagged(torch.tensor([r["norm"]], dtype=torch.float64))[0])
-        gts = item.boxes
-        best = correct = c_ok = r_ok = None
-        if gts:
-            best = best_iou(box, gts)
-            correct = best >= CORLOC_IOU
-            c_ok = best_iou(centre_box(w, h), gts) >= CORLOC_IOU
-            rb = random_box((gh, gw), random_seed, r["index"])
-            r_ok = best_iou([rb[0] * pw * sx, rb[1] * ph * sy, rb[2] * pw * sx, rb[3] * ph * sy], gts) >= CORLOC_IOU
-        out = None
-        if r["index"] in kept_norms:
-            m = is_flagged(kept_norms[r["index"]].double())
-            out = [[p // gw, p % gw] for p in torch.nonzero(m).flatten().tolist()]
-        images.append(ImageDiscovery(item.name, r["index"], item.path, [int(w), int(h)], box, bp,
-                                     [r["seed"] // gw, r["seed"] % gw], r["norm"], flagged, r["outside"], gts, best,
-                                     correct, c_ok, r_ok, out))
-    images.sort(key=lambda d: d.index)
-
+        raise InputError(f"none of the {opened.source.num_found} images could be read; nothing to discover")
+    flagged = _OutlierRule(stats, fixed, rule or AutoRule())
+    images = sorted((_image_discovery(r, data, loaded, flagged, kept_norms, random_seed) for r in rows),
+                    key=lambda d: d.index)
     scored = [d for d in images if d.correct is not None]
     n = len(images)
     on = [d for d in scored if d.seed_flagged]
     off = [d for d in scored if not d.seed_flagged]
     seeds_on = sum(d.seed_flagged for d in images)
-    share = n_flagged / stats.num_patch_tokens if stats.num_patch_tokens else 0.0
+    share = flagged.num_flagged / stats.num_patch_tokens if stats.num_patch_tokens else 0.0
     rate = seeds_on / n
-    source_words = (f"the output of block {b} (norms-scan row {b})" if features == "tokens" else
-                    f"the input of block {b} (norms-scan row {b - 1}: the tokens its q/k/v are computed from)"
-                    if b > 0 else "the input of block 0 (the patch embedding; not a norms-scan row, same rule)")
     notes = []
     if n - len(scored) and scored:
         notes.append(f"{n - len(scored)} image(s) without a ground-truth box are left out of CorLoc")
     return DiscoveryRun(
-        label=label, model=model_summary(loaded), block=b, features=features, k=kk, outlier_source=source_words,
-        threshold=decision.value, threshold_reason=decision.reason, num_images=n, num_scored=len(scored),
+        label=label, model=model_summary(loaded), block=b, features=features, k=kk,
+        outlier_source=_outlier_source(features, b), threshold=flagged.decision.value,
+        threshold_reason=flagged.decision.reason, num_images=n, num_scored=len(scored),
         corloc=_rate(sum(bool(d.correct) for d in scored), len(scored)),
         corloc_centre=_rate(sum(bool(d.centre_correct) for d in scored), len(scored)),
         corloc_random=_rate(sum(bool(d.random_correct) for d in scored), len(scored)),
@@ -301,6 +327,21 @@ def discovery_run(loaded: LoadedModel, data: BoxedData, *, label: str, block: in
 
 
 # ----------------------------------------------------------------------------------------------- discover()
+def _check_discover_options(features: str, compare: Sequence[str], batch_size: int, num_workers: int | str
+                            ) -> tuple[str, list[str]]:
+    """The options, checked before any model loads; ``(features, compare)`` in their canonical spelling."""
+    features = (features or "keys").strip().lower()
+    if features not in FEATURES:
+        raise InputError(f"{option('features', repr(features))}: choose one of {', '.join(FEATURES)}")
+    compare = [c.strip().lower() for c in compare if c and c.strip()]
+    bad = [c for c in compare if c not in COMPARE_CHOICES]
+    if bad:
+        raise InputError(f"{option('compare', repr(bad[0]))}: the only comparison is 'fix' (a test-time register); to compare "
+                         "models pass several: artifactscan discover MODEL_A MODEL_B DATA")
+    PassSettings(batch_size=batch_size, num_workers=num_workers).check()  # a bad --workers fails before any load
+    return features, compare
+
+
 def discover(
     models: str | Path | LoadedModel | torch.nn.Module | Sequence[Any] | None = None,
     data: str | Path | BoxedData | None = None,
@@ -348,17 +389,7 @@ def discover(
     Returns:
         A :class:`DiscoverReport` with one :class:`DiscoveryRun` per model (and per fix).
     """
-    features = (features or "keys").strip().lower()
-    if features not in FEATURES:
-        raise InputError(f"{option('features', repr(features))}: choose one of {', '.join(FEATURES)}")
-    compare = [c.strip().lower() for c in compare if c and c.strip()]
-    bad = [c for c in compare if c not in COMPARE_CHOICES]
-    if bad:
-        raise InputError(f"{option('compare', repr(bad[0]))}: the only comparison is 'fix' (a test-time "
-                         "register); to compare models pass several: artifactscan discover MODEL_A MODEL_B DATA")
-    if batch_size <= 0:
-        raise InputError(f"{option('batch_size')} must be positive, got {batch_size}")
-    parse_workers(num_workers)  # a bad --workers fails before any model loads
+    features, compare = _check_discover_options(features, compare, batch_size, num_workers)
     block = renamed_keyword(blocks, block, "blocks", "block", BLOCK)
     keep = renamed_keyword(maps, keep, "maps", "keep", MAPS)
     if keep < 0:

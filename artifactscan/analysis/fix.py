@@ -28,7 +28,7 @@ from artifactscan.core.defaults import BATCH_SIZE, DEVICE, THRESHOLD, TOP_K, WOR
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError, option
 from artifactscan.models.hooks import block_of, capture, unit_points
-from artifactscan.models.loading import LoadedModel, load_model
+from artifactscan.models.loading import LoadedModel
 from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
 from artifactscan.models.interventions import (
     EXTRA_KEY,
@@ -39,8 +39,9 @@ from artifactscan.models.interventions import (
 )
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
-from artifactscan.core.devices import resolve_device
-from artifactscan.analysis.scan import scan
+from artifactscan.analysis.passes import OUTPUT, Batch, PassSettings, open_pass
+from artifactscan.analysis.scan import measure_norms
+from artifactscan.core.thresholds import AutoRule, threshold_option
 
 
 @measurement_mode()
@@ -153,19 +154,29 @@ class FixReport(AnalysisResult):
         return data
 
 
-@measurement_mode()
-def _outputs(loaded: LoadedModel, images: Any, device: torch.device, batch_size: int,
-             **decode: Any) -> tuple[torch.Tensor, ...]:
-    source = make_image_source(images, loaded, exact_decode=decode.get("exact_decode", False),
-                               gpu_decode=decode.get("gpu_decode", False))
-    feats, logits = [], []
-    for x, _, _ in image_batches(source, batch_size, decode.get("num_workers", "auto"), device):
-        if x is None:
-            continue
-        tokens = loaded.model.forward_features(x.to(device))
-        feats.append(loaded.model.forward_head(tokens, pre_logits=True).float().cpu())
-        logits.append(loaded.model.forward_head(tokens).float().cpu())
-    return torch.cat(feats), torch.cat(logits)
+class _PooledOutputs:
+    """A measurement: the pooled features and the logits of every image (the head on the final tokens), to tell
+    how much the register changed what the model computes."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.feats: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+
+    def hook_names(self) -> dict[str, Any]:
+        return {OUTPUT: None}
+
+    def stop_after(self) -> None:
+        return None
+
+    def on_batch(self, batch: Batch) -> None:
+        with measurement_mode():
+            tokens = batch.captured[OUTPUT]
+            self.feats.append(self.loaded.model.forward_head(tokens, pre_logits=True).float().cpu())
+            self.logits.append(self.loaded.model.forward_head(tokens).float().cpu())
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat(self.feats), torch.cat(self.logits)
 
 
 #: Below this mean cosine between the pooled features before and after, the register has changed what the model
@@ -213,31 +224,40 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = TOP_K, blocks: st
     save_model = renamed_keyword(save_model, out, "save_model", "out")
     if top_k < 1:
         raise InputError(f"{option('top_k')} must be at least 1, got {top_k}")
-    dev = resolve_device(device)
-    loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                        img_size=img_size, weights=weights)
-    check_supported(loaded)
-    max_layer = parse_blocks_up_to(blocks, len(loaded.blocks), loaded.layer_range_hint())
-    if loaded.meta is not None and EXTRA_KEY in loaded.meta.extra:
-        raise InputError(f"{loaded.name} already carries a test-time register; fix the original model instead")
-    loaded.model.to(dev)
-    before = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0, **decode)
-    problem = before.nonfinite_problem()
-    if problem:
-        raise NonFiniteError(f"{loaded.name}: {problem}; nothing to fix from a pass whose norms are not finite "
-                             "(artifactscan norms --allow-nonfinite shows where they start)")
-    if before.onset_layer is None:
-        return FixReport([], -1, 0.0, 0.0, before.last_block.max_over_median,
-                         before.last_block.max_over_median, 0.0, None, 1.0, 1.0, model=before.model,
-                         images=before.images, headline="nothing to fix: the scan found no outlier tokens"
-                         + (f" (but it is {before.inconclusive_problem()})" if before.inconclusive_layers else ""),
-                         notes=list(loaded.notes))
-    register = find_register_neurons(loaded, images, before, top_k=top_k, max_layer=max_layer, device=dev,
-                                     batch_size=batch_size, **decode)
-    feats0, logits0 = _outputs(loaded, images, dev, batch_size, **decode)
-    apply_test_time_register(loaded, register)
-    after = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0, **decode)
-    feats1, logits1 = _outputs(loaded, images, dev, batch_size, **decode)
+    fixed = threshold_option(threshold)
+    settings = PassSettings(device=device, batch_size=batch_size, **decode)
+    load = dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, img_size=img_size,
+                weights=weights)
+
+    def fixable(loaded: LoadedModel) -> int:  # said before anything about the images; the last block searched
+        check_supported(loaded)
+        last = parse_blocks_up_to(blocks, len(loaded.blocks), loaded.layer_range_hint())
+        if loaded.meta is not None and EXTRA_KEY in loaded.meta.extra:
+            raise InputError(f"{loaded.name} already carries a test-time register; fix the original model instead")
+        return last
+
+    # Three passes: the norms and outputs before (one forward), the neuron search, the norms and outputs after.
+    with open_pass(model, images, settings=settings, load=load, after_load=fixable) as opened:
+        loaded, dev, max_layer = opened.loaded, opened.device, fixable(opened.loaded)
+        outputs = _PooledOutputs(loaded)
+        before = measure_norms(opened, fixed, AutoRule(), 0, also=[outputs])
+        problem = before.nonfinite_problem()
+        if problem:
+            raise NonFiniteError(f"{loaded.name}: {problem}; nothing to fix from a pass whose norms are not finite "
+                                 "(artifactscan norms --allow-nonfinite shows where they start)")
+        if before.onset_layer is None:
+            return FixReport([], -1, 0.0, 0.0, before.last_block.max_over_median,
+                             before.last_block.max_over_median, 0.0, None, 1.0, 1.0, model=before.model,
+                             images=before.images, headline="nothing to fix: the scan found no outlier tokens"
+                             + (f" (but it is {before.inconclusive_problem()})" if before.inconclusive_layers else ""),
+                             notes=list(loaded.notes))
+        register = find_register_neurons(loaded, images, before, top_k=top_k, max_layer=max_layer, device=dev,
+                                         batch_size=batch_size, **decode)
+        feats0, logits0 = outputs.finish()
+        apply_test_time_register(loaded, register)
+        outputs = _PooledOutputs(loaded)
+        after = measure_norms(opened, fixed, AutoRule(), 0, also=[outputs])
+        feats1, logits1 = outputs.finish()
     cos = torch.nn.functional.cosine_similarity(feats0, feats1, dim=-1)
     agreement = (float((logits0.argmax(-1) == logits1.argmax(-1)).float().mean())
                  if logits0.shape[-1] > 1 and logits0.shape[-1] != feats0.shape[-1] else None)

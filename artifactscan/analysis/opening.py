@@ -12,7 +12,7 @@ docs/data-path.md has the measurements.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -56,16 +56,20 @@ def _early_source(model: Any, images: ImagesSpec, load: dict[str, Any], *, batch
 
 def load_with_images(model: Any, images: ImagesSpec, *, load: dict[str, Any], device: torch.device,
                      batch_size: int, num_workers: int | str, exact_decode: bool = False, gpu_decode: bool = False,
-                     early: bool = True) -> tuple[LoadedModel, ImageSource]:
+                     early: bool = True, after_load: Callable[[LoadedModel], None] | None = None
+                     ) -> tuple[LoadedModel, ImageSource]:
     """``(load_model(model, **load), make_image_source(images, it, ...))``, with the first pass's decoding begun
     before the model is built where that is possible (``early``, CPU decoding by worker processes, preprocessing
-    known ahead); the result is the same either way."""
+    known ahead); the result is the same either way. ``after_load(loaded)`` checks the model (e.g. a block index)
+    before anything is said about the images, so errors come in the same order either way."""
     source = None
     if early and not gpu_decode:
         source = _early_source(model, images, load, batch_size=batch_size, num_workers=num_workers, device=device,
                                exact_decode=exact_decode)
     try:
         loaded = load_model(model, **load)
+        if after_load is not None:
+            after_load(loaded)
     except BaseException:
         if source is not None:
             source.close()

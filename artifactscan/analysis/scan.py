@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -21,18 +20,14 @@ from torch.utils.data import Dataset
 
 from artifactscan.core.numbers import percent as _pct
 from artifactscan.core.defaults import BATCH_SIZE, DEVICE, MAPS, THRESHOLD, WORKERS
-from artifactscan.analysis.capture import NormCapture, row_names
-from artifactscan.analysis.memory import check_fits
+from artifactscan.analysis.capture import row_names
+from artifactscan.analysis.passes import (OUTPUT, Batch, Measurement, OpenedPass, PassSettings, block_output,
+                                          open_pass, token_norms)
 from artifactscan.core.errors import InputError, option
 from artifactscan.core.files import display_name, name_hex
-from artifactscan.core.progress import ProgressBar
-from artifactscan.core.distributed import distributed_world, gather
-from artifactscan.core.devices import resolve_device
-from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES
-from artifactscan.inputs.sources import ImageSource, effective_batch_size, image_batches, parse_workers
+from artifactscan.core.distributed import gather
 from artifactscan.models.loading import LoadedModel
 from artifactscan.models.phantom_notice import PHANTOM_HEADLINE_TAG, is_phantom
-from artifactscan.analysis.opening import load_with_images
 from artifactscan.core.stats import NormStatistics, PrefixTokenStats, bin_index, NUM_BINS, LOG10_MIN, BIN_WIDTH_LOG10
 from artifactscan.core.thresholds import (
     PAPER_THRESHOLD,
@@ -42,7 +37,7 @@ from artifactscan.core.thresholds import (
     images_to_decide,
     threshold_option,
 )
-from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary  # noqa: F401  (also named here)
+from artifactscan.core.summaries import AnalysisResult, ModelSummary  # noqa: F401  (also named here)
 
 # /2: layers[].bimodality describes the separated-group rule's accepted group or its strongest rejected candidate
 # (keys: group_tokens, group_share, ratio, gap, log10_gap_chance, tail_expected_tokens, log10_tail_chance, tail_shape,
@@ -207,7 +202,6 @@ class ScanReport(AnalysisResult):
         return "; ".join(parts) or None
 
 
-# ----------------------------------------------------------------------------------------------- inputs
 # ----------------------------------------------------------------------------------------------- the pass
 @dataclass
 class _Candidates:
@@ -249,38 +243,85 @@ def _refresh_bars(stats: NormStatistics, rule: AutoRule, bars: torch.Tensor, max
         cands[r].prune(bar)
 
 
-def _scan_pass(loaded: LoadedModel, source: ImageSource, device: torch.device, batch_size: int, num_workers: int | str,
-               stats: NormStatistics | None, bars: torch.Tensor, rule: AutoRule | None, adaptive: bool,
-               max_bar: torch.Tensor, map_indices: set[int], maps: dict[int, torch.Tensor],
-               skipped: list[tuple[int, str]], progress: bool, label: str) -> list[_Candidates]:
-    P = loaded.num_prefix_tokens
-    gh, gw = loaded.grid_size
-    L = len(loaded.blocks) + 1
-    cands = [_Candidates() for _ in range(L)]
-    seen_batches = 0
-    with NormCapture(loaded) as cap, ProgressBar(progress, source.num_found, label) as bar:
-        for images, indices, bad in image_batches(source, batch_size, num_workers, device):
-            skipped.extend(bad)
-            bar.advance(len(indices) + len(bad))
-            if images is None:
-                continue
-            norms = cap.run(images.to(device, non_blocking=True)).cpu()  # [L, B, T]
-            if norms.shape[-1] != P + gh * gw:
-                raise InputError(f"model produced {norms.shape[-1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
-                                 f"pass {option('img_size')} to match the model")
-            if stats is not None:
-                stats.update(norms)
-            patches = norms[:, :, P:].double()
-            for r in range(L):
-                cands[r].add(patches[r], indices, float(bars[r]))
-            for j, idx in enumerate(indices.tolist()):
-                if idx in map_indices:
-                    maps[idx] = patches[:, j].reshape(L, gh, gw).float()
-            seen_batches += 1
-            # Provisional bars at batches 1, 2, 4, 8, ...: a handful of cheap fits per scan, however long.
-            if adaptive and stats is not None and seen_batches & (seen_batches - 1) == 0:
-                _refresh_bars(stats, rule, bars, max_bar, cands)  # type: ignore[arg-type]
-    return cands
+class NormsMeasurement:
+    """Token norms of every block and of the final output, batch by batch: into the statistics (when given), as
+    candidate records above each row's bar, and as the norm grids of the images in ``map_indices``. With ``rule``
+    (the adaptive threshold) the bars are refreshed from the running statistics."""
+
+    def __init__(self, loaded: LoadedModel, bars: torch.Tensor, *, stats: NormStatistics | None = None,
+                 rule: AutoRule | None = None, map_indices: range | set[int] = frozenset()):
+        self.loaded, self.bars, self.stats, self.rule = loaded, bars, stats, rule
+        self.max_bar = bars.clone()  # the highest bar each row used: below it, records may be missing
+        self.map_indices = set(map_indices)
+        self.maps: dict[int, torch.Tensor] = {}
+        self.num_rows = len(loaded.blocks) + 1
+        self.cands = [_Candidates() for _ in range(self.num_rows)]
+        self.seen_batches = 0
+
+    def hook_names(self) -> dict[str, Any]:
+        return {**{block_output(i): token_norms for i in range(self.num_rows - 1)}, OUTPUT: token_norms}
+
+    def stop_after(self) -> int | None:
+        return None
+
+    def on_batch(self, batch: Batch) -> None:
+        P = self.loaded.num_prefix_tokens
+        gh, gw = self.loaded.grid_size
+        L = self.num_rows
+        rows = [batch.captured[block_output(i)] for i in range(L - 1)] + [batch.captured[OUTPUT]]
+        norms = torch.stack(rows).cpu()  # [L, B, T]
+        if norms.shape[-1] != P + gh * gw:
+            raise InputError(f"model produced {norms.shape[-1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
+                             f"pass {option('img_size')} to match the model")
+        if self.stats is not None:
+            self.stats.update(norms)
+        patches = norms[:, :, P:].double()
+        for r in range(L):
+            self.cands[r].add(patches[r], batch.indices, float(self.bars[r]))
+        for j, idx in enumerate(batch.indices.tolist()):
+            if idx in self.map_indices:
+                self.maps[idx] = patches[:, j].reshape(L, gh, gw).float()
+        self.seen_batches += 1
+        # Provisional bars at batches 1, 2, 4, 8, ...: a handful of cheap fits per scan, however long.
+        if self.rule is not None and self.stats is not None and self.seen_batches & (self.seen_batches - 1) == 0:
+            _refresh_bars(self.stats, self.rule, self.bars, self.max_bar, self.cands)
+
+    def finish(self) -> list[_Candidates]:
+        return self.cands
+
+
+def _first_pass(opened: OpenedPass, fixed: float | None, rule: AutoRule, num_maps: int,
+                also: Sequence[Measurement] = ()
+                ) -> tuple[NormStatistics, list[_Candidates], dict[int, torch.Tensor], torch.Tensor]:
+    """Pass 1: the statistics, candidate records above a provisional bar and the maps, merged across ranks;
+    ``also``: other measurements of the same images, on the same forward."""
+    L = len(opened.loaded.blocks) + 1
+    fixed_list = (PAPER_THRESHOLD,) + ((fixed,) if fixed is not None and fixed != PAPER_THRESHOLD else ())
+    stats = NormStatistics(L, opened.loaded.prefix_names, fixed_list)
+    adaptive = fixed is None
+    bars = torch.zeros(L, dtype=torch.float64) if adaptive else torch.full((L,), float(fixed), dtype=torch.float64)
+    norms = NormsMeasurement(opened.loaded, bars, stats=stats, rule=rule if adaptive else None,
+                             map_indices=range(min(num_maps, opened.source.num_found)))
+    cands, *_ = opened.run([norms, *also], "scanning")
+    maps = norms.maps
+    if opened.world > 1:  # each rank scanned its shard; the statistics merge exactly
+        _merge_across_ranks(stats, norms.max_bar, opened.device)
+        maps = {k: v for part in gather(maps) for k, v in part.items()}
+    return stats, cands, maps, norms.max_bar
+
+
+def _recollect_exactly(opened: OpenedPass, decisions: list[Any], max_bar: torch.Tensor,
+                       cands: list[_Candidates]) -> None:
+    """Pass 2, only for the rows whose final auto threshold fell below a provisional bar: their records again."""
+    redo = [r for r, d in enumerate(decisions) if d.value is not None and d.value <= float(max_bar[r])]
+    if not redo:
+        return
+    exact_bars = torch.full((len(decisions),), float("inf"), dtype=torch.float64)
+    for r in redo:
+        exact_bars[r] = decisions[r].value * (1 - 1e-9)
+    again, = opened.run([NormsMeasurement(opened.loaded, exact_bars)], "collecting outliers", count_skipped=False)
+    for r in redo:
+        cands[r] = again[r]
 
 
 # ----------------------------------------------------------------------------------------------- torch.distributed
@@ -302,6 +343,73 @@ def _merge_across_ranks(stats: NormStatistics, max_bar: torch.Tensor, device: to
     dist.all_reduce(patches, op=dist.ReduceOp.MAX)
     stats.num_images = int(counts[0])
     stats.num_patches_per_image = int(patches[0]) or None
+
+
+# ----------------------------------------------------------------------------------------------- rows and records
+def _printable_names(names: Sequence[str]) -> Callable[[int], tuple[str, str | None]]:
+    """Image index -> its printable name and, when that had to escape it, its exact bytes as hex (each once)."""
+    cache: dict[int, tuple[str, str | None]] = {}
+
+    def shown(i: int) -> tuple[str, str | None]:
+        if i not in cache:
+            cache[i] = (display_name(names[i]), name_hex(names[i]))
+        return cache[i]
+    return shown
+
+
+def _row_outliers(stats: NormStatistics, r: int, d: Any, cands: _Candidates
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Row ``r``'s flagged tokens ``(image, patch, norm)`` under decision ``d``, with the exact counts of flagged
+    tokens and of images with one."""
+    img, pat, nrm = cands.tensors()
+    if d.value is None:
+        keep = torch.zeros_like(nrm, dtype=torch.bool)
+        n_out, n_img_out = 0, 0
+    elif d.method == "fixed":
+        keep = nrm > d.value
+        n_out, n_img_out = stats.fixed_hits(r, d.value)
+    else:
+        keep = bin_index(nrm) >= d.edge_index  # same rule the histogram counts use: records == counts
+        n_out, n_img_out = stats.tokens_above_bin(r, d.edge_index), stats.images_above_bin(r, d.edge_index)
+    return img[keep], pat[keep], nrm[keep], n_out, n_img_out
+
+
+def _layer_report(stats: NormStatistics, r: int, d: Any, name: str, is_final: bool, n_out: int, n_img_out: int,
+                  rule: AutoRule) -> LayerReport:
+    n_img, n_tok = stats.num_images, stats.num_patch_tokens
+    # Quantiles interpolate inside a 0.58%-wide bin; never report one above the exact maximum.
+    row_max = float(stats.patch_max[r])
+    median = min(stats.median(r), row_max)
+    above_paper, _ = stats.fixed_hits(r, PAPER_THRESHOLD)
+    return LayerReport(
+        index=r, name=name, is_final_norm=is_final, median=median, p99=min(stats.quantile(r, 0.99), row_max),
+        max=row_max, max_over_median=row_max / median if median else math.nan,
+        threshold=d.value, threshold_reason=d.reason, num_outliers=n_out, outlier_fraction=n_out / n_tok,
+        images_with_outliers=n_img_out, image_fraction_with_outliers=n_img_out / n_img,
+        fraction_above_150=above_paper / n_tok, prefix=stats.prefix_stats(r),
+        histogram=Histogram.from_counts(stats.patch_counts[r]), separation=d.details,
+        num_nonfinite=int(stats.nonfinite[r]), inconclusive=d.inconclusive,
+        images_to_decide=images_to_decide(d.details["group_tokens"], n_img, rule) if d.inconclusive else None)
+
+
+def _layers_and_records(loaded: LoadedModel, stats: NormStatistics, decisions: list[Any],
+                        cands: list[_Candidates], rule: AutoRule, shown: Callable[[int], tuple[str, str | None]],
+                        flagged_maps: dict[int, torch.Tensor]) -> tuple[list[LayerReport], list[OutlierRecord]]:
+    """Every row's report and this rank's outlier records (flagging them in ``flagged_maps``)."""
+    num_blocks = len(loaded.blocks)
+    names = row_names(num_blocks)
+    gw = loaded.grid_size[1]
+    layers: list[LayerReport] = []
+    records: list[OutlierRecord] = []
+    for r, d in enumerate(decisions):
+        img, pat, nrm, n_out, n_img_out = _row_outliers(stats, r, d, cands[r])
+        for i, p, v in zip(img.tolist(), pat.tolist(), nrm.tolist()):
+            name, hex_name = shown(i)
+            records.append(OutlierRecord(name, i, r, p // gw, p % gw, float(v), hex_name))
+            if i in flagged_maps:
+                flagged_maps[i][r, p // gw, p % gw] = True
+        layers.append(_layer_report(stats, r, d, names[r], r == num_blocks, n_out, n_img_out, rule))
+    return layers, records
 
 
 # ----------------------------------------------------------------------------------------------- scan()
@@ -349,129 +457,55 @@ def scan(
         A :class:`ScanReport`.
     """
     fixed = threshold_option(threshold)
-    if batch_size <= 0:
-        raise InputError(f"{option('batch_size')} must be positive, got {batch_size}")
-    parse_workers(num_workers)
+    settings = PassSettings(device=device, batch_size=batch_size, num_workers=num_workers, exact_decode=exact_decode,
+                            gpu_decode=gpu_decode, progress=progress, warn=warn, allow_nonfinite=allow_nonfinite)
+    settings.check()
     if num_maps < 0:
         raise InputError(f"{option('num_maps')} must be 0 or more (the number of images that keep a norm map), "
                          f"got {num_maps}")
     rule = rule or AutoRule()
-    dev = resolve_device(device)
-    world, rank = distributed_world()
     load = dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, img_size=img_size,
-                weights=weights, allow_nonfinite=allow_nonfinite)
-    loaded, source = load_with_images(model, images, load=load, device=dev, batch_size=batch_size,
-                                      num_workers=num_workers, exact_decode=exact_decode, gpu_decode=gpu_decode,
-                                      early=world == 1)  # under torchrun each rank takes a shard: no early pass
-    try:
-        check_fits(loaded, effective_batch_size(source, batch_size), dev)
-    except BaseException:
-        source.close()
-        raise
-    loaded.model.to(dev)
-    local = source
-    if world > 1:  # each rank scans every world-th image; the statistics merge exactly afterwards
-        from dataclasses import replace
+                weights=weights)
+    with open_pass(model, images, settings=settings, load=load) as opened:
+        return measure_norms(opened, fixed, rule, num_maps)
 
-        from torch.utils.data import Subset
 
-        shard = Subset(source.dataset, range(rank, source.num_found, world))
-        local = replace(source, dataset=shard, num_found=len(shard))
-    num_blocks = len(loaded.blocks)
-    L = num_blocks + 1
-    fixed_list = (PAPER_THRESHOLD,) + ((fixed,) if fixed is not None and fixed != PAPER_THRESHOLD else ())
-    stats = NormStatistics(L, loaded.prefix_names, fixed_list)
-
-    # Pass 1: statistics + candidate records above a provisional bar.
-    adaptive = fixed is None
-    bars = torch.zeros(L, dtype=torch.float64) if adaptive else torch.full((L,), float(fixed), dtype=torch.float64)
-    max_bar = bars.clone()
-    map_indices = set(range(min(num_maps, source.num_found)))
-    maps: dict[int, torch.Tensor] = {}
-    skipped: list[tuple[int, str]] = []
-    cands = _scan_pass(loaded, local, dev, batch_size, num_workers, stats, bars, rule, adaptive, max_bar,
-                       map_indices, maps, skipped, progress and rank == 0, "scanning")
-    if world > 1:
-        _merge_across_ranks(stats, max_bar, dev)
-        skipped = sorted(s for part in gather(skipped) for s in part)
-        maps = {k: v for part in gather(maps) for k, v in part.items()}
-    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
-    for idx, reason in skipped if rank == 0 else []:
-        warn(f"skipped {display_name(source.names[idx])}: {reason}")
-    if rank == 0 and any(s in UNDECODED_IMAGE_SUFFIXES for s in source.other_files):
-        # Said once when something looks like an image we leave out (.svg, .heic ...); a README beside the photos
-        # is only counted (images.num_other_files).
-        n_other = sum(source.other_files.values())
-        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(source.other_files.items(), key=lambda kv: -kv[1])[:6])
-        warn(f"ignored {n_other} file(s) that are not images ({kinds})")
+def measure_norms(opened: OpenedPass, fixed: float | None, rule: AutoRule, num_maps: int,
+                  also: Sequence[Measurement] = ()) -> ScanReport:
+    """The norms scan of an opened pass (``fixed``: a fixed threshold, else ``rule``): one pass, and a second only
+    for rows whose final threshold fell below a provisional bar (module doc). ``also``: measurements that share
+    the first pass's forward (their results are their own ``finish()``). The unreadable files reported are this
+    scan's."""
+    opened.skipped.clear()
+    stats, cands, maps, max_bar = _first_pass(opened, fixed, rule, num_maps, also)
+    skipped = opened.all_skipped()
+    opened.announce_skipped(skipped)
     if stats.num_images == 0:
-        raise InputError(f"none of the {source.num_found} images could be read ({len(skipped)} skipped); "
+        raise InputError(f"none of the {opened.source.num_found} images could be read ({len(skipped)} skipped); "
                          "nothing to scan")
-
     decisions = [fixed_threshold(fixed) if fixed is not None else auto_threshold(stats.patch_counts[r], rule)
-                 for r in range(L)]
+                 for r in range(stats.num_rows)]
+    if fixed is None:
+        _recollect_exactly(opened, decisions, max_bar, cands)
+    return _scan_report(opened, stats, decisions, cands, maps, skipped, fixed, rule)
 
-    # Pass 2 only when a final auto threshold fell below a provisional bar: re-collect those rows exactly.
-    redo = [r for r, d in enumerate(decisions) if adaptive and d.value is not None and d.value <= float(max_bar[r])]
-    if redo:
-        exact_bars = torch.full((L,), float("inf"), dtype=torch.float64)
-        for r in redo:
-            exact_bars[r] = decisions[r].value * (1 - 1e-9)  # type: ignore[operator]
-        again = _scan_pass(loaded, local, dev, batch_size, num_workers, None, exact_bars, None, False,
-                           exact_bars.clone(), set(), {}, [], progress and rank == 0, "collecting outliers")
-        for r in redo:
-            cands[r] = again[r]
 
-    names = row_names(num_blocks)
+def _scan_report(opened: OpenedPass, stats: NormStatistics, decisions: list[Any], cands: list[_Candidates],
+                 maps: dict[int, torch.Tensor], skipped: list[tuple[int, str]], fixed: float | None,
+                 rule: AutoRule) -> ScanReport:
+    """The report of the passes: rows, records (gathered from every rank), maps and the headline."""
+    loaded, source = opened.loaded, opened.source
+    num_blocks = len(loaded.blocks)
     gh, gw = loaded.grid_size
-    shown_cache: dict[int, tuple[str, str | None]] = {}
-
-    def shown(i: int) -> tuple[str, str | None]:
-        """An image's printable name and, when that had to escape it, its exact bytes as hex."""
-        if i not in shown_cache:
-            shown_cache[i] = (display_name(source.names[i]), name_hex(source.names[i]))
-        return shown_cache[i]
-
-    layers: list[LayerReport] = []
-    records: list[OutlierRecord] = []
-    flagged_maps: dict[int, torch.Tensor] = {i: torch.zeros(L, gh, gw, dtype=torch.bool) for i in maps}
-    n_img, n_tok = stats.num_images, stats.num_patch_tokens
-    for r, d in enumerate(decisions):
-        img, pat, nrm = cands[r].tensors()
-        if d.value is None:
-            keep = torch.zeros_like(nrm, dtype=torch.bool)
-            n_out, n_img_out = 0, 0
-        elif d.method == "fixed":
-            keep = nrm > d.value
-            n_out, n_img_out = stats.fixed_hits(r, d.value)
-        else:
-            keep = bin_index(nrm) >= d.edge_index  # same rule the histogram counts use: records == counts
-            n_out, n_img_out = stats.tokens_above_bin(r, d.edge_index), stats.images_above_bin(r, d.edge_index)
-        for i, p, v in zip(img[keep].tolist(), pat[keep].tolist(), nrm[keep].tolist()):
-            name, hex_name = shown(i)
-            records.append(OutlierRecord(name, i, r, p // gw, p % gw, float(v), hex_name))
-            if i in flagged_maps:
-                flagged_maps[i][r, p // gw, p % gw] = True
-        # Quantiles interpolate inside a 0.58%-wide bin; never report one above the exact maximum.
-        row_max = float(stats.patch_max[r])
-        median = min(stats.median(r), row_max)
-        above_paper, _ = stats.fixed_hits(r, PAPER_THRESHOLD)
-        layers.append(LayerReport(
-            index=r, name=names[r], is_final_norm=r == num_blocks, median=median, p99=min(stats.quantile(r, 0.99), row_max),
-            max=row_max, max_over_median=row_max / median if median else math.nan,
-            threshold=d.value, threshold_reason=d.reason, num_outliers=n_out, outlier_fraction=n_out / n_tok,
-            images_with_outliers=n_img_out, image_fraction_with_outliers=n_img_out / n_img,
-            fraction_above_150=above_paper / n_tok, prefix=stats.prefix_stats(r),
-            histogram=Histogram.from_counts(stats.patch_counts[r]), separation=d.details,
-            num_nonfinite=int(stats.nonfinite[r]), inconclusive=d.inconclusive,
-            images_to_decide=images_to_decide(d.details["group_tokens"], n_img, rule) if d.inconclusive else None))
-    if world > 1:  # per-outlier records gather to every rank (rank 0 reports); maps' flags are rebuilt from them
+    shown = _printable_names(source.names)
+    flagged_maps = {i: torch.zeros(num_blocks + 1, gh, gw, dtype=torch.bool) for i in maps}
+    layers, records = _layers_and_records(loaded, stats, decisions, cands, rule, shown, flagged_maps)
+    if opened.world > 1:  # per-outlier records gather to every rank (rank 0 reports); maps' flags are rebuilt from them
         records = [o for part in gather(records) for o in part]
         for o in records:
             if o.image_index in flagged_maps:
                 flagged_maps[o.image_index][o.layer, o.row, o.col] = True
     records.sort(key=lambda o: (o.image_index, o.layer, o.row, o.col))
-
     onset = next((lay.index for lay in layers if not lay.is_final_norm and lay.num_outliers > 0), None)
     map_layer = num_blocks - 1
     norm_maps = [NormMap(shown(i)[0], i, map_layer, maps[i][map_layer].tolist(),

@@ -18,7 +18,7 @@ penalty chosen on a held-out part of the training images.
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,11 +29,8 @@ from artifactscan.core.blocks import as_written, parse_block, renamed_keyword
 from artifactscan.core.defaults import BATCH_SIZE, BLOCK, DEVICE, THRESHOLD, WORKERS
 from artifactscan.core.errors import InputError, option
 from artifactscan.inputs.images import image_folder_labels
-from artifactscan.analysis.memory import check_fits
-from artifactscan.models.loading import LoadedModel, load_model
-from artifactscan.inputs.sources import effective_batch_size, make_image_source
-from artifactscan.core.distributed import distributed_world
-from artifactscan.core.devices import resolve_device
+from artifactscan.analysis.passes import OpenedPass, PassSettings, open_pass
+from artifactscan.models.loading import LoadedModel
 from artifactscan.core.stats import BIN_WIDTH_LOG10
 from artifactscan.core.thresholds import AutoRule, auto_threshold, fixed_threshold, threshold_option
 from artifactscan.analysis.probes.types import (
@@ -179,7 +176,167 @@ def _resolve_labels(images: Any, source: Any, labels: Sequence[int] | None) -> t
                            "pass labels=); local probes ran")
 
 
-# ----------------------------------------------------------------------------------------------- verdict
+# ----------------------------------------------------------------------------------------------- steps of probe()
+def _check_probe_options(batch_size: int, draws: int, min_tokens: int, min_images: int, max_train_tokens: int,
+                         max_test_tokens: int, max_global_images: int, test_fraction: float) -> None:
+    for name, value in ((option("batch_size"), batch_size), (option("draws"), draws),
+                        (option("min_tokens"), min_tokens), (option("min_images"), min_images),
+                        ("max_train_tokens", max_train_tokens),
+                        ("max_test_tokens", max_test_tokens), ("max_global_images", max_global_images)):
+        if value <= 0:
+            raise InputError(f"{name} must be positive, got {value}")
+    if not 0 < test_fraction < 1:
+        raise InputError(f"{option('test_fraction')} must be between 0 and 1, got {test_fraction}")
+
+
+def _test_split(n: int, test_fraction: float, seed: int) -> torch.Tensor:
+    """Which images are held out for testing (``True``), drawn from ``seed``; refuses too few to split."""
+    too_few = InputError(f"probe needs at least {MIN_IMAGES} images to split them into train and held-out test "
+                         f"images; got {n}")
+    if n < MIN_IMAGES:
+        raise too_few
+    gen = torch.Generator().manual_seed(seed)
+    n_test = max(1, round(test_fraction * n))
+    if n - n_test < 3:
+        raise too_few
+    test_mask = torch.zeros(n, dtype=torch.bool)
+    test_mask[torch.randperm(n, generator=gen)[:n_test]] = True
+    return test_mask
+
+
+def _labels(data: Any, source: Any, labels: Sequence[int] | None) -> tuple[torch.Tensor | None, LabelInfo]:
+    """The images' class labels for the global probe, or ``None`` (with the reason in the label info)."""
+    lab, label_info = _resolve_labels(data, source, labels)
+    if lab is not None and label_info.num_classes < 2:
+        lab = None
+        label_info.global_probe = False
+        label_info.message = ("global probe skipped: all images have the same class label (one class); "
+                              "local probes ran")
+    return lab, label_info
+
+
+@dataclass
+class _Classes:
+    """The threshold's decision on the probed layer and what it makes of the tokens: ``is_out(levels)``."""
+
+    decision: Any
+    edge: int | None
+    big: int
+    num_tokens: int
+    num_outliers: int
+    images_with_outliers: int
+    out_levels: torch.Tensor
+
+    def is_out(self, levels: torch.Tensor) -> torch.Tensor:
+        return levels >= (self.edge if self.edge is not None else self.big)
+
+
+def _classes(col: Any, fixed: float | None, rule: AutoRule) -> _Classes:
+    """The same threshold rule as ``norms``, on the exact histogram of the probed layer."""
+    all_counts = col.counts.sum(0)
+    if fixed is not None:
+        decision = fixed_threshold(fixed)
+        edge: int | None = 1
+    else:
+        decision = auto_threshold(all_counts, rule)
+        edge = decision.edge_index if decision.value is not None else None
+    cls = _Classes(decision, edge, col.capped.shape[1] + 1, int(all_counts.sum()), 0, 0, torch.empty(0))
+    cls.out_levels = cls.is_out(torch.arange(col.counts.shape[1]))
+    cls.num_outliers = int(all_counts[cls.out_levels].sum())
+    cls.images_with_outliers = int(col.image_max_counts[cls.out_levels].sum())
+    return cls
+
+
+def _local_samples(col: Any, cls: _Classes, seed: int, max_train_tokens: int, max_test_tokens: int
+                   ) -> tuple[dict[str, TokenTypeRow], dict[str, Any]]:
+    """The rows of the local probes and their (train, test) samples, with the n-matched control when there are
+    outliers: the normal probe fitted on as many train tokens as the outlier probe gets."""
+    samples = {cname: (class_sample(col, 0, cls.is_out, is_o, max_train_tokens),
+                       class_sample(col, 1, cls.is_out, is_o, max_test_tokens))
+               for cname, is_o in (("normal", False), ("outlier", True))}
+    n_norm_tokens = cls.num_tokens - cls.num_outliers
+    totals = {"normal": n_norm_tokens, "outlier": cls.num_outliers}
+    if cls.num_outliers > 0:
+        tr_n, te_n = samples["normal"]
+        tr_o = samples["outlier"][0]
+        if tr_n is not None and tr_o is not None and len(tr_o["key"]) < len(tr_n["key"]):
+            mkey = hash_keys(seed, STREAM_MATCHED, tr_n["img"], tr_n["pos"])
+            keep = canonical_order({"key": mkey, "img": tr_n["img"], "pos": tr_n["pos"]})[: len(tr_o["key"])]
+            samples["normal (n-matched)"] = ({k2: v[keep] for k2, v in tr_n.items()}, te_n)
+        else:
+            samples["normal (n-matched)"] = samples["normal"]
+        totals = {"normal": n_norm_tokens, "normal (n-matched)": n_norm_tokens, "outlier": cls.num_outliers}
+    rows: dict[str, TokenTypeRow] = {}
+    for cname, total in totals.items():
+        tr, te = samples[cname]
+        row = TokenTypeRow(cname, tokens_total=total)
+        row.local_train_tokens = 0 if tr is None else len(tr["key"])
+        row.local_test_tokens = 0 if te is None else len(te["key"])
+        rows[cname] = row
+    return rows, samples
+
+
+def _run_local_probes(rows: dict[str, TokenTypeRow], samples: dict[str, Any], grid: tuple[int, int],
+                      dev: torch.device, seed: int, min_tokens: int) -> None:
+    for name, row in rows.items():
+        tr, te = samples[name]
+        if row.tokens_total == 0:
+            row.local_status = "none"
+            continue
+        n_tr, n_te = row.local_train_tokens, row.local_test_tokens
+        if n_te < min_tokens or n_tr < min_tokens:
+            row.local_status = f"too few (n={min(n_tr, n_te)})"
+            continue
+        if len(torch.unique(tr["img"])) < 2:
+            row.local_status = f"too few (n={n_tr} tokens from 1 image)"
+            continue
+        for key_name, value in _local_metrics(tr, te, grid, dev, seed).items():
+            setattr(row, key_name, value)
+        row.local_status = "ok"
+
+
+def _neighbour_rows(col: Any, cls: _Classes, rows: dict[str, TokenTypeRow], min_tokens: int) -> NeighbourHistogram:
+    """Neighbour similarity of normal and outlier tokens (exact histograms), into their rows."""
+    edges = torch.linspace(-1, 1, SIM_BINS + 1, dtype=torch.float64)
+    h_norm = col.sim_hist[~cls.out_levels].sum(0)
+    h_out = col.sim_hist[cls.out_levels].sum(0)
+    neighbours = NeighbourHistogram([float(e) for e in edges], h_norm.tolist(), h_out.tolist(),
+                                    _median_from_hist(h_norm, edges), _median_from_hist(h_out, edges), col.has_pe)
+    rows["normal"].neighbour_tokens = int(h_norm.sum())
+    rows["normal"].neighbour_similarity_median = neighbours.normal_median
+    if "outlier" in rows:
+        rows["outlier"].neighbour_tokens = int(h_out.sum())
+        rows["outlier"].neighbour_similarity_median = neighbours.outlier_median if col.has_pe else None
+    if cls.num_outliers and int(h_out.sum()) < min_tokens:
+        rows["outlier"].neighbour_similarity_median = None
+    return neighbours
+
+
+def _run_global_probes(rows: dict[str, TokenTypeRow], col: Any, cls: _Classes, label_info: LabelInfo, draws: int,
+                       test_fraction: float, dev: torch.device, seed: int, min_images: int) -> None:
+    for name, row in rows.items():
+        if name == "normal (n-matched)":
+            row.global_status = "n/a"
+            continue
+        if col.images is None or col.images.parts is None:
+            row.global_status = "skipped (no labels)" if not label_info.global_probe else "skipped"
+            continue
+        if name == "outlier" and cls.num_outliers == 0:
+            row.global_status = "none"
+            continue
+        n_avail, accs, chance = _global_probe(col.images, name, cls.is_out, draws, test_fraction, dev, seed,
+                                              min_images)
+        row.global_images = n_avail
+        if n_avail < min_images or not accs:
+            row.global_status = f"too few (n={n_avail})" if n_avail < min_images else "skipped (one class)"
+            continue
+        acc = torch.tensor(accs, dtype=torch.float64)
+        row.global_top1 = float(acc.mean())
+        row.global_top1_std = float(acc.std()) if len(accs) > 1 else 0.0
+        row.global_chance = chance
+        row.global_status = "ok"
+
+
 # ----------------------------------------------------------------------------------------------- probe()
 def probe(
     model: str | Path | LoadedModel | torch.nn.Module | None = None,
@@ -209,6 +366,7 @@ def probe(
     rule: AutoRule | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
+    allow_nonfinite: bool = False,
     layer: int | None = None,
 ) -> ProbeReport:
     """Run the paper's probes (position, reconstruction, global, neighbour similarity) at one layer.
@@ -224,6 +382,8 @@ def probe(
         threshold: ``"auto"`` or a number, exactly as ``artifactscan norms``.
         min_tokens / min_images: below these, a row says "too few (n=...)" instead of a number.
         draws: random draws of the global probe. seed: makes every random choice repeatable.
+        allow_nonfinite: load a model with NaN/Inf weights instead of refusing it (e.g. NaN only in blocks after
+            ``layer``, which never run); the probed block's tokens must still be finite (:class:`NonFiniteError`).
 
     Returns:
         A :class:`ProbeReport` (``.verdict.label``: artifact-like / content-like / inconclusive / clean).
@@ -232,188 +392,69 @@ def probe(
         InputError for a layer out of range, too few images for the split, bad thresholds or options.
     """
     fixed = threshold_option(threshold)
-    for name, value in ((option("batch_size"), batch_size), (option("draws"), draws),
-                        (option("min_tokens"), min_tokens), (option("min_images"), min_images), ("max_train_tokens", max_train_tokens),
-                        ("max_test_tokens", max_test_tokens), ("max_global_images", max_global_images)):
-        if value <= 0:
-            raise InputError(f"{name} must be positive, got {value}")
-    if not 0 < test_fraction < 1:
-        raise InputError(f"{option('test_fraction')} must be between 0 and 1, got {test_fraction}")
+    _check_probe_options(batch_size, draws, min_tokens, min_images, max_train_tokens, max_test_tokens,
+                         max_global_images, test_fraction)
+    settings = PassSettings(device=device, batch_size=batch_size, num_workers=num_workers, exact_decode=exact_decode,
+                            gpu_decode=gpu_decode, progress=progress, warn=warn, allow_nonfinite=allow_nonfinite)
     rule = rule or AutoRule()
-    loaded = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                        img_size=img_size, weights=weights)
-    num_blocks = len(loaded.blocks)
+    load = dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, img_size=img_size,
+                weights=weights)
+
     requested = renamed_keyword(blocks, layer, "blocks", "layer", BLOCK)
-    k = parse_block(requested, num_blocks, loaded.layer_range_hint())
-    dev = resolve_device(device)
-    if data is None:
-        data = f"synthetic:{DEFAULT_PROBE_IMAGES}"
-    source = make_image_source(data, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)
-    check_fits(loaded, effective_batch_size(source, batch_size), dev)
-    loaded.model.to(dev)
-    n = source.num_found
-    if n < MIN_IMAGES:
-        raise InputError(f"probe needs at least {MIN_IMAGES} images to split them into train and held-out test "
-                         f"images; got {n}")
-    lab, label_info = _resolve_labels(data, source, labels)
-    if lab is not None and label_info.num_classes < 2:
-        lab = None
-        label_info.global_probe = False
-        label_info.message = ("global probe skipped: all images have the same class label (one class); "
-                              "local probes ran")
-    gen = torch.Generator().manual_seed(seed)
-    n_test = max(1, round(test_fraction * n))
-    if n - n_test < 3:
-        raise InputError(f"probe needs at least {MIN_IMAGES} images to split them into train and held-out test "
-                         f"images; got {n}")
-    test_mask = torch.zeros(n, dtype=torch.bool)
-    test_mask[torch.randperm(n, generator=gen)[:n_test]] = True
 
-    world, rank = distributed_world()
-    local = source
-    if world > 1:  # each rank probes every world-th image; statistics and samples merge exactly (merge_collected)
-        from dataclasses import replace
+    def block_of(loaded: LoadedModel) -> int:  # a block out of range is said before anything about the images
+        return parse_block(requested, len(loaded.blocks), loaded.layer_range_hint())
 
-        from torch.utils.data import Subset
-
-        shard = Subset(source.dataset, range(rank, n, world))
-        local = replace(source, dataset=shard, num_found=len(shard))
-    col = collect_tokens(loaded, local, k, dev, fixed, test_mask, lab, batch_size, num_workers, seed, progress and rank == 0,
-                   max_global_images, world)
-    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
-    for idx, reason in col.skipped if rank == 0 else []:
-        warn(f"skipped {source.names[idx]}: {reason}")
+    data = f"synthetic:{DEFAULT_PROBE_IMAGES}" if data is None else data
+    with open_pass(model, data, settings=settings, load=load, after_load=block_of) as opened:
+        k, n = block_of(opened.loaded), opened.source.num_found
+        test_mask = _test_split(n, test_fraction, seed)
+        lab, label_info = _labels(data, opened.source, labels)
+        col = collect_tokens(opened, k, fixed, test_mask, lab, seed, max_global_images)
+    opened.announce_skipped(col.skipped)
     if col.num_images < MIN_IMAGES:
         raise InputError(f"only {col.num_images} of {n} images could be read; probe needs at least {MIN_IMAGES}")
-
-    # --- threshold: the same rule as `norms`, on the exact histogram of this layer
-    all_counts = col.counts.sum(0)
-    if fixed is not None:
-        decision = fixed_threshold(fixed)
-        edge: int | None = 1
-    else:
-        decision = auto_threshold(all_counts, rule)
-        edge = decision.edge_index if decision.value is not None else None
-    big = col.capped.shape[1] + 1
-
-    def is_out(levels: torch.Tensor) -> torch.Tensor:
-        return levels >= (edge if edge is not None else big)
-
-    level_ids = torch.arange(col.counts.shape[1])
-    out_levels = is_out(level_ids)
-    n_tokens = int(all_counts.sum())
-    n_out = int(all_counts[out_levels].sum())
-    n_img_out = int(col.image_max_counts[out_levels].sum())
-
-    # --- local probes
-    gh, gw = loaded.grid_size
-    rows: dict[str, TokenTypeRow] = {}
-    samples = {}
-    for cname, is_o in (("normal", False), ("outlier", True)):
-        tr = class_sample(col, 0, is_out, is_o, max_train_tokens)
-        te = class_sample(col, 1, is_out, is_o, max_test_tokens)
-        samples[cname] = (tr, te)
-    n_norm_tokens = n_tokens - n_out
-    for cname, total in (("normal", n_norm_tokens), ("outlier", n_out)):
-        tr, te = samples[cname]
-        row = TokenTypeRow(cname, tokens_total=total)
-        row.local_train_tokens = 0 if tr is None else len(tr["key"])
-        row.local_test_tokens = 0 if te is None else len(te["key"])
-        rows[cname] = row
-    if n_out > 0:
-        # the n-matched control: the normal probe fitted on as many train tokens as the outlier probe gets
-        tr_n, te_n = samples["normal"]
-        tr_o = samples["outlier"][0]
-        if tr_n is not None and tr_o is not None and len(tr_o["key"]) < len(tr_n["key"]):
-            mkey = hash_keys(seed, STREAM_MATCHED, tr_n["img"], tr_n["pos"])
-            keep = canonical_order({"key": mkey, "img": tr_n["img"], "pos": tr_n["pos"]})[: len(tr_o["key"])]
-            samples["normal (n-matched)"] = ({k2: v[keep] for k2, v in tr_n.items()}, te_n)
-        else:
-            samples["normal (n-matched)"] = samples["normal"]
-        matched = TokenTypeRow("normal (n-matched)", tokens_total=n_norm_tokens)
-        m_tr, m_te = samples["normal (n-matched)"]
-        matched.local_train_tokens = 0 if m_tr is None else len(m_tr["key"])
-        matched.local_test_tokens = 0 if m_te is None else len(m_te["key"])
-        rows = {"normal": rows["normal"], "normal (n-matched)": matched, "outlier": rows["outlier"]}
-    for name, row in rows.items():
-        tr, te = samples[name]
-        if row.tokens_total == 0:
-            row.local_status = "none"
-            continue
-        n_tr, n_te = row.local_train_tokens, row.local_test_tokens
-        if n_te < min_tokens or n_tr < min_tokens:
-            row.local_status = f"too few (n={min(n_tr, n_te)})"
-            continue
-        if len(torch.unique(tr["img"])) < 2:
-            row.local_status = f"too few (n={n_tr} tokens from 1 image)"
-            continue
-        for key_name, value in _local_metrics(tr, te, (gh, gw), dev, seed).items():
-            setattr(row, key_name, value)
-        row.local_status = "ok"
-
-    # --- neighbour similarity (exact histograms)
-    edges = torch.linspace(-1, 1, SIM_BINS + 1, dtype=torch.float64)
-    h_norm = col.sim_hist[~out_levels].sum(0)
-    h_out = col.sim_hist[out_levels].sum(0)
-    neighbours = NeighbourHistogram([float(e) for e in edges], h_norm.tolist(), h_out.tolist(),
-                                    _median_from_hist(h_norm, edges), _median_from_hist(h_out, edges), col.has_pe)
-    rows["normal"].neighbour_tokens = int(h_norm.sum())
-    rows["normal"].neighbour_similarity_median = neighbours.normal_median
-    if "outlier" in rows:
-        rows["outlier"].neighbour_tokens = int(h_out.sum())
-        rows["outlier"].neighbour_similarity_median = neighbours.outlier_median if col.has_pe else None
-    if n_out and int(h_out.sum()) < min_tokens:
-        rows["outlier"].neighbour_similarity_median = None
-
-    # --- prefix rows and the global probe
+    cls = _classes(col, fixed, rule)
+    rows, samples = _local_samples(col, cls, seed, max_train_tokens, max_test_tokens)
+    _run_local_probes(rows, samples, opened.loaded.grid_size, opened.device, seed, min_tokens)
+    neighbours = _neighbour_rows(col, cls, rows, min_tokens)
+    loaded = opened.loaded
     if loaded.num_cls_tokens:
         rows["cls"] = TokenTypeRow("cls")
     if loaded.num_register_tokens:
         rows["registers"] = TokenTypeRow("registers")
-    for name, row in rows.items():
-        if name == "normal (n-matched)":
-            row.global_status = "n/a"
-            continue
-        if col.images is None or col.images.parts is None:
-            row.global_status = "skipped (no labels)" if not label_info.global_probe else "skipped"
-            continue
-        if name == "outlier" and n_out == 0:
-            row.global_status = "none"
-            continue
-        kind = name
-        n_avail, accs, chance = _global_probe(col.images, kind, is_out, draws, test_fraction, dev, seed,
-                                              min_images)
-        row.global_images = n_avail
-        if n_avail < min_images or not accs:
-            row.global_status = f"too few (n={n_avail})" if n_avail < min_images else "skipped (one class)"
-            continue
-        acc = torch.tensor(accs, dtype=torch.float64)
-        row.global_top1 = float(acc.mean())
-        row.global_top1_std = float(acc.std()) if len(accs) > 1 else 0.0
-        row.global_chance = chance
-        row.global_status = "ok"
-    verdict = decide_verdict(rows, n_out, min_tokens, k, neighbours,
-                             undecided=decision.reason if decision.inconclusive else None)
+    _run_global_probes(rows, col, cls, label_info, draws, test_fraction, opened.device, seed, min_images)
+    verdict = decide_verdict(rows, cls.num_outliers, min_tokens, k, neighbours,
+                             undecided=cls.decision.reason if cls.decision.inconclusive else None)
+    settings_used = {"seed": seed, "test_fraction": test_fraction, "draws": draws, "min_tokens": min_tokens,
+                     "min_images": min_images, "max_train_tokens": max_train_tokens,
+                     "max_test_tokens": max_test_tokens, "max_global_images": max_global_images}
+    return _probe_report(opened, col, cls, k, requested, rows, neighbours, label_info, verdict, fixed, settings_used)
+
+
+def _probe_report(opened: OpenedPass, col: Any, cls: _Classes, k: int, requested: Any, rows: dict[str, TokenTypeRow],
+                  neighbours: NeighbourHistogram, label_info: LabelInfo, verdict: Any, fixed: float | None,
+                  settings: dict[str, Any]) -> ProbeReport:
+    loaded, source = opened.loaded, opened.source
+    num_blocks = len(loaded.blocks)
     notes = list(loaded.notes)
     if label_info.message:
         notes.append(label_info.message)
     if not col.has_pe:
         notes.append("neighbour similarity unavailable: the patch embedding output is not one token per patch")
-    threshold_reason = decision.reason
+    n_tokens, n_out = cls.num_tokens, cls.num_outliers
     return ProbeReport(
         model=loaded.summary(), images=source.summary(col.num_images, col.skipped), headline=verdict.summary,
         layer=k, layer_requested=as_written(requested, k), num_blocks=num_blocks,
         layer_description=(f"residual-stream output of block {k} (0-based; {k + 1} of {num_blocks} blocks run), "
                            "before the final norm"),
-        threshold_mode="fixed" if fixed is not None else "auto", threshold=decision.value,
-        threshold_reason=threshold_reason, num_patch_tokens=n_tokens, num_outliers=n_out,
-        outlier_fraction=n_out / n_tokens if n_tokens else 0.0, images_with_outliers=n_img_out,
+        threshold_mode="fixed" if fixed is not None else "auto", threshold=cls.decision.value,
+        threshold_reason=cls.decision.reason, num_patch_tokens=n_tokens, num_outliers=n_out,
+        outlier_fraction=n_out / n_tokens if n_tokens else 0.0, images_with_outliers=cls.images_with_outliers,
         rows=list(rows.values()), neighbours=neighbours, labels=label_info, verdict=verdict,
-        settings={"seed": seed, "test_fraction": test_fraction, "draws": draws, "min_tokens": min_tokens,
-                  "min_images": min_images, "max_train_tokens": max_train_tokens, "max_test_tokens": max_test_tokens,
-                  "max_global_images": max_global_images, "tokens_per_image_per_band": TOKENS_PER_IMAGE,
+        settings={**settings, "tokens_per_image_per_band": TOKENS_PER_IMAGE,
                   "band_width_log10": BAND_BINS * BIN_WIDTH_LOG10, "ridge_grid": list(RIDGE_GRID),
-                  "device": str(dev)},
+                  "device": str(opened.device)},
         protocol=PROTOCOL, notes=notes)
 
 

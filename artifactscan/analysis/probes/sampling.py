@@ -13,12 +13,11 @@ import torch
 
 from artifactscan.core.blocks import parse_block
 from artifactscan.core.numerics import measurement_mode
-from artifactscan.core.errors import InputError, NonFiniteError, option
+from artifactscan.core.errors import InputError, option
 from artifactscan.core.patch_grid import neighbour_similarity
 from artifactscan.models.hooks import CaptureContext, block_point
 from artifactscan.models.loading import LoadedModel
-from artifactscan.inputs.sources import image_batches
-from artifactscan.core.progress import ProgressBar
+from artifactscan.analysis.passes import PATCH_EMBED, Batch, OpenedPass, block_output, require_finite
 from artifactscan.core.stats import NUM_BINS, bin_index
 from artifactscan.analysis.probes.types import (
     BAND_BINS,
@@ -150,99 +149,142 @@ def level_fn(fixed: float | None) -> tuple[Callable[[torch.Tensor], torch.Tensor
     return bin_index, NUM_BINS, BAND_BINS
 
 
-def collect_tokens(loaded: LoadedModel, source: Any, layer: int, dev: torch.device, fixed: float | None,
-             test_mask: torch.Tensor, labels: torch.Tensor | None, batch_size: int, num_workers: int | str,
-             seed: int, progress: bool, max_global_images: int, world: int = 1) -> Collected:
-    P = loaded.num_prefix_tokens
-    gh, gw = loaded.grid_size
-    N = gh * gw
-    level_of, n_levels, band_bins = level_fn(fixed)
-    counts = torch.zeros(2, n_levels, dtype=torch.int64)
-    capped = torch.zeros(2, n_levels, dtype=torch.int64)
-    sim_hist = torch.zeros(n_levels, SIM_BINS, dtype=torch.int64)
-    reservoirs: dict[tuple[int, int], Reservoir] = {}
-    images = ImageStore(max_global_images) if labels is not None else None
-    image_max_counts = torch.zeros(n_levels, dtype=torch.int64)
-    skipped: list[tuple[int, str]] = []
-    seen = 0
-    has_pe = True
-    with LayerTap(loaded, layer) as tap, ProgressBar(progress, source.num_found, f"probing block {layer}") as bar:
-        for x, indices, bad in image_batches(source, batch_size, num_workers, dev):
-            skipped.extend(bad)
-            bar.advance(len(indices) + len(bad))
-            if x is None:
-                continue
-            x = x.to(dev, non_blocking=True)
-            tokens, pe = tap.run(x)
-            if tokens.shape[1] != P + N:
-                raise InputError(f"model produced {tokens.shape[1]} tokens at block {layer}, expected {P} prefix + "
-                                 f"{gh}x{gw} patches; pass {option('img_size')} to match the model")
-            tokens = tokens.float().cpu()
-            if not bool(torch.isfinite(tokens.sum())) and not bool(torch.isfinite(tokens).all()):
-                raise NonFiniteError(f"block {layer} produced non-finite token values (NaN/Inf); probes of them would "
-                                     "mean nothing (artifactscan norms --allow-nonfinite shows where they start)")
-            B, _, D = tokens.shape
-            patches = tokens[:, P:]
-            norms = torch.linalg.vector_norm(patches, dim=-1)
-            levels = level_of(norms)  # [B, N]
-            split = test_mask[indices].long()  # 1 = test
-            flat_split = split[:, None].expand(B, N).reshape(-1)
-            counts.index_put_((flat_split, levels.reshape(-1)), torch.ones(B * N, dtype=torch.int64), accumulate=True)
-            if pe is not None and pe.shape[1] == N:
-                sims = neighbour_similarity(pe, (gh, gw)).cpu()
-                sbin = ((sims.clamp(-1, 1) + 1) / 2 * SIM_BINS).long().clamp_(0, SIM_BINS - 1)
-                sim_hist.index_put_((levels.reshape(-1), sbin.reshape(-1)), torch.ones(B * N, dtype=torch.int64),
-                                    accumulate=True)
-            else:
-                has_pe = False
-                sims = torch.full((B, N), float("nan"))
-            image_max_counts += torch.bincount(levels.amax(1), minlength=n_levels)
-            pix = patchify(x.float(), loaded.patch_size).cpu()
-            # --- local reservoirs: per-image cap per band, then bottom-k per (split, band); the keys depend only
-            # on (seed, image index, token index), so neither batching nor torchrun sharding changes the sample
-            band = levels // band_bins
-            key = hash_keys(seed, STREAM_TOKEN, indices[:, None], torch.arange(N)[None, :])
-            n_bands = (n_levels + band_bins - 1) // band_bins
-            group = (torch.arange(B)[:, None] * n_bands + band).reshape(-1)
-            order = torch.argsort(key.reshape(-1), stable=True)  # ties (never in practice): token order
-            order = order[torch.argsort(group[order], stable=True)]
-            g_sorted = group[order]
-            first = torch.searchsorted(g_sorted, g_sorted, right=False)
-            rank = torch.arange(B * N) - first
-            chosen = order[rank < TOKENS_PER_IMAGE]
-            b_idx, p_idx = chosen // N, chosen % N
-            lv = levels[b_idx, p_idx]
-            capped.index_put_((split[b_idx], lv), torch.ones(len(chosen), dtype=torch.int64), accumulate=True)
-            sel_split, sel_band = split[b_idx], band[b_idx, p_idx]
-            for s, bd in torch.unique(torch.stack([sel_split, sel_band], 1), dim=0).tolist():
-                m = (sel_split == s) & (sel_band == bd)
-                bi, pi = b_idx[m], p_idx[m]
-                cap = BAND_CAPACITY["test" if s else "train"]
-                res = reservoirs.setdefault((s, bd), Reservoir(cap))
-                res.add({"key": key[bi, pi], "feat": patches[bi, pi].clone(), "pix": pix[bi, pi].clone(),
-                         "pos": pi.clone(), "img": indices[bi].clone(), "level": levels[bi, pi].clone(),
-                         "sim": sims[bi, pi].clone()})
-            # --- per-image candidates for the global probe
-            if images is not None:
-                R = min(RANDOM_TOKENS_PER_IMAGE, N)
-                K = min(TOP_TOKENS_PER_IMAGE, N)
-                rand_pos = torch.argsort(hash_keys(seed, STREAM_RAND_POS, indices[:, None], torch.arange(N)[None, :]),
-                                         dim=1, stable=True)[:, :R]
-                top_pos = torch.topk(norms, K, dim=1).indices
-                rows = torch.arange(B)[:, None]
-                rec = {"key": hash_keys(seed, STREAM_IMAGE, indices), "img": indices.clone(), "label": labels[indices],
-                       "rand": patches[rows, rand_pos].clone(), "rand_level": levels[rows, rand_pos].clone(),
-                       "top": patches[rows, top_pos].clone(), "top_level": levels[rows, top_pos].clone()}
-                if loaded.num_cls_tokens:
-                    rec["cls"] = tokens[:, 0].clone()
-                if loaded.num_register_tokens:
-                    c = loaded.num_cls_tokens
-                    rec["reg"] = tokens[:, c:c + loaded.num_register_tokens].mean(1)
-                images.add(rec)
-            seen += B
-    col = Collected(counts, capped, sim_hist, image_max_counts, reservoirs, images, seen, skipped, has_pe)
-    if world > 1:
-        merge_collected(col, dev)
+class TokenSampler:
+    """The measurement of a probe: block ``layer``'s patch tokens, batch by batch, into exact level counts per
+    split (train/test), the neighbour-similarity histogram, the stratified reservoirs of the local probes and, with
+    ``labels``, the per-image candidates of the global probe (module doc). Only blocks ``0..layer`` run."""
+
+    def __init__(self, loaded: LoadedModel, layer: int, fixed: float | None, test_mask: torch.Tensor,
+                 labels: torch.Tensor | None, seed: int, max_global_images: int):
+        self.loaded, self.layer, self.test_mask, self.labels, self.seed = loaded, layer, test_mask, labels, seed
+        self.level_of, self.n_levels, self.band_bins = level_fn(fixed)
+        self.counts = torch.zeros(2, self.n_levels, dtype=torch.int64)
+        self.capped = torch.zeros(2, self.n_levels, dtype=torch.int64)
+        self.sim_hist = torch.zeros(self.n_levels, SIM_BINS, dtype=torch.int64)
+        self.image_max_counts = torch.zeros(self.n_levels, dtype=torch.int64)
+        self.reservoirs: dict[tuple[int, int], Reservoir] = {}
+        self.images = ImageStore(max_global_images) if labels is not None else None
+        self.seen = 0
+        self.has_pe = True
+
+    def hook_names(self) -> dict[str, Any]:
+        return {block_output(self.layer): None, PATCH_EMBED: None}
+
+    def stop_after(self) -> int:
+        return self.layer
+
+    def _tokens(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The probed block's tokens ``[B, T, D]`` (float32, on the CPU, finite) and the patch embedding
+        ``[B, N, D]``."""
+        tokens, pe = batch.captured[block_output(self.layer)], batch.captured.get(PATCH_EMBED)
+        if tokens.dim() != 3:
+            raise InputError(f"block {self.layer} did not produce tokens shaped [batch, tokens, channels] during "
+                             "forward_features; this model's blocks cannot be probed")
+        P, (gh, gw) = self.loaded.num_prefix_tokens, self.loaded.grid_size
+        if tokens.shape[1] != P + gh * gw:
+            raise InputError(f"model produced {tokens.shape[1]} tokens at block {self.layer}, expected {P} prefix + "
+                             f"{gh}x{gw} patches; pass {option('img_size')} to match the model")
+        tokens = tokens.float().cpu()
+        require_finite(tokens, f"block {self.layer} produced non-finite token values (NaN/Inf); probes of them "
+                               "would mean nothing (artifactscan norms --allow-nonfinite shows where they start)")
+        return tokens, None if pe is None else pe.reshape(pe.shape[0], -1, pe.shape[-1])
+
+    def on_batch(self, batch: Batch) -> None:
+        tokens, pe = self._tokens(batch)
+        indices = batch.indices
+        gh, gw = self.loaded.grid_size
+        B, N = tokens.shape[0], gh * gw
+        patches = tokens[:, self.loaded.num_prefix_tokens:]
+        norms = torch.linalg.vector_norm(patches, dim=-1)
+        levels = self.level_of(norms)  # [B, N]
+        split = self.test_mask[indices].long()  # 1 = test
+        flat_split = split[:, None].expand(B, N).reshape(-1)
+        self.counts.index_put_((flat_split, levels.reshape(-1)), torch.ones(B * N, dtype=torch.int64),
+                               accumulate=True)
+        sims = self._neighbours(pe, levels)
+        self.image_max_counts += torch.bincount(levels.amax(1), minlength=self.n_levels)
+        pix = patchify(batch.images.float(), self.loaded.patch_size).cpu()
+        self._offer_local(indices, split, levels, patches, pix, sims)
+        if self.images is not None:
+            self._offer_global(indices, tokens, patches, norms, levels)
+        self.seen += B
+
+    def _neighbours(self, pe: torch.Tensor | None, levels: torch.Tensor) -> torch.Tensor:
+        """Each patch's mean similarity to its neighbours ``[B, N]`` (NaN without a patch embedding per patch),
+        counted in the histogram of its level."""
+        B, N = levels.shape
+        if pe is None or pe.shape[1] != N:
+            self.has_pe = False
+            return torch.full((B, N), float("nan"))
+        sims = neighbour_similarity(pe, self.loaded.grid_size).cpu()
+        sbin = ((sims.clamp(-1, 1) + 1) / 2 * SIM_BINS).long().clamp_(0, SIM_BINS - 1)
+        self.sim_hist.index_put_((levels.reshape(-1), sbin.reshape(-1)), torch.ones(B * N, dtype=torch.int64),
+                                 accumulate=True)
+        return sims
+
+    def _offer_local(self, indices: torch.Tensor, split: torch.Tensor, levels: torch.Tensor, patches: torch.Tensor,
+                     pix: torch.Tensor, sims: torch.Tensor) -> None:
+        """Local reservoirs: a per-image cap per band, then bottom-k per (split, band); the keys depend only on
+        (seed, image index, token index), so neither batching nor torchrun sharding changes the sample."""
+        B, N = levels.shape
+        band = levels // self.band_bins
+        key = hash_keys(self.seed, STREAM_TOKEN, indices[:, None], torch.arange(N)[None, :])
+        n_bands = (self.n_levels + self.band_bins - 1) // self.band_bins
+        group = (torch.arange(B)[:, None] * n_bands + band).reshape(-1)
+        order = torch.argsort(key.reshape(-1), stable=True)  # ties (never in practice): token order
+        order = order[torch.argsort(group[order], stable=True)]
+        g_sorted = group[order]
+        first = torch.searchsorted(g_sorted, g_sorted, right=False)
+        rank = torch.arange(B * N) - first
+        chosen = order[rank < TOKENS_PER_IMAGE]
+        b_idx, p_idx = chosen // N, chosen % N
+        lv = levels[b_idx, p_idx]
+        self.capped.index_put_((split[b_idx], lv), torch.ones(len(chosen), dtype=torch.int64), accumulate=True)
+        sel_split, sel_band = split[b_idx], band[b_idx, p_idx]
+        for s, bd in torch.unique(torch.stack([sel_split, sel_band], 1), dim=0).tolist():
+            m = (sel_split == s) & (sel_band == bd)
+            bi, pi = b_idx[m], p_idx[m]
+            cap = BAND_CAPACITY["test" if s else "train"]
+            res = self.reservoirs.setdefault((s, bd), Reservoir(cap))
+            res.add({"key": key[bi, pi], "feat": patches[bi, pi].clone(), "pix": pix[bi, pi].clone(),
+                     "pos": pi.clone(), "img": indices[bi].clone(), "level": levels[bi, pi].clone(),
+                     "sim": sims[bi, pi].clone()})
+
+    def _offer_global(self, indices: torch.Tensor, tokens: torch.Tensor, patches: torch.Tensor, norms: torch.Tensor,
+                      levels: torch.Tensor) -> None:
+        """Per-image candidates for the global probe: random and top-norm patch tokens, the CLS and registers."""
+        B, N = levels.shape
+        R = min(RANDOM_TOKENS_PER_IMAGE, N)
+        K = min(TOP_TOKENS_PER_IMAGE, N)
+        rand_pos = torch.argsort(hash_keys(self.seed, STREAM_RAND_POS, indices[:, None], torch.arange(N)[None, :]),
+                                 dim=1, stable=True)[:, :R]
+        top_pos = torch.topk(norms, K, dim=1).indices
+        rows = torch.arange(B)[:, None]
+        rec = {"key": hash_keys(self.seed, STREAM_IMAGE, indices), "img": indices.clone(),
+               "label": self.labels[indices],  # type: ignore[index]
+               "rand": patches[rows, rand_pos].clone(), "rand_level": levels[rows, rand_pos].clone(),
+               "top": patches[rows, top_pos].clone(), "top_level": levels[rows, top_pos].clone()}
+        if self.loaded.num_cls_tokens:
+            rec["cls"] = tokens[:, 0].clone()
+        if self.loaded.num_register_tokens:
+            c = self.loaded.num_cls_tokens
+            rec["reg"] = tokens[:, c:c + self.loaded.num_register_tokens].mean(1)
+        self.images.add(rec)  # type: ignore[union-attr]
+
+    def finish(self) -> "Collected":
+        return Collected(self.counts, self.capped, self.sim_hist, self.image_max_counts, self.reservoirs,
+                         self.images, self.seen, [], self.has_pe)
+
+
+def collect_tokens(opened: OpenedPass, layer: int, fixed: float | None, test_mask: torch.Tensor,
+                   labels: torch.Tensor | None, seed: int, max_global_images: int) -> Collected:
+    """One pass of a :class:`TokenSampler` over ``opened``'s images (this rank's shard), merged across ranks,
+    with the reservoirs in canonical order."""
+    sampler = TokenSampler(opened.loaded, layer, fixed, test_mask, labels, seed, max_global_images)
+    col, = opened.run([sampler], f"probing block {layer}")
+    col.skipped = list(opened.skipped)
+    if opened.world > 1:
+        merge_collected(col, opened.device)
     for res in col.reservoirs.values():
         res.finish()
     if col.images is not None:
