@@ -9,49 +9,43 @@ torn last line with a warning. Readers never lock the file: they can render it w
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from artifactscan.analysis.scan import LayerReport, decision_counts, layer_report
 from artifactscan.core.errors import InputError
 from artifactscan.core.files import atomic_write_text
 from artifactscan.core.numbers import percent
 from artifactscan.core.paths import display_name, read_regular_text, what_it_is
-from artifactscan.core.stats import NormStatistics, PrefixTokenStats
+from artifactscan.core.stats import NormStatistics, PrefixTokenStats  # noqa: F401  (MonitorLayer's annotations)
 from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary
-from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, ThresholdDecision, images_to_decide
+from artifactscan.core.thresholds import AutoRule, ThresholdDecision
 
 MONITOR_FILE = "monitor.jsonl"
 SCHEMA = "artifactscan.monitor/1"
 HISTORY_SCHEMA = "artifactscan.monitor_history/1"
 
 
-@dataclass
-class MonitorLayer:
-    """One block's statistics at one update: the per-layer fields of a scan's ``report.json`` (``layers[]``) but
-    its histogram, which would make every line tens of kilobytes (TensorBoard gets the norms instead)."""
+#: The fields of a scan's per-layer row (``report.json``'s ``layers[]``) a monitor line leaves out: the histogram would
+#: make every line tens of kilobytes (TensorBoard gets the norms instead), and a monitor line holds blocks only.
+LEFT_OUT = ("is_final_norm", "histogram")
 
-    index: int
-    name: str
-    median: float
-    p99: float
-    max: float
-    max_over_median: float
-    threshold: float | None
-    threshold_reason: str
-    num_outliers: int
-    outlier_fraction: float
-    images_with_outliers: int
-    image_fraction_with_outliers: float
-    fraction_above_150: float
-    prefix: list[PrefixTokenStats]
-    separation: dict[str, Any] = field(default_factory=dict)  # the accepted group, or the near miss
-    num_nonfinite: int = 0
-    inconclusive: bool = False
-    images_to_decide: int | None = None
+
+def _same_field(f: Field) -> Any:
+    return field(default=f.default) if f.default is not MISSING else (
+        field(default_factory=f.default_factory) if f.default_factory is not MISSING else MISSING)
+
+
+#: One block's statistics at one update: the fields of :class:`artifactscan.analysis.scan.LayerReport` (same names,
+#: same meaning, built by the same function) but ``LEFT_OUT``; derived from it, so the two cannot drift apart.
+MonitorLayer = make_dataclass("MonitorLayer", [(f.name, f.type) if _same_field(f) is MISSING else
+                                              (f.name, f.type, _same_field(f))
+                                              for f in fields(LayerReport) if f.name not in LEFT_OUT])
+MonitorLayer.__module__ = __name__  # its annotations are resolved in this module's namespace (from_dict)
+MonitorLayer.__doc__ = "One block's statistics at one update: a scan's per-layer row without its histogram."
 
 
 @dataclass(kw_only=True)
@@ -79,28 +73,13 @@ class MonitorUpdate(AnalysisResult):
 
 
 def layer_rows(stats: NormStatistics, decisions: list[ThresholdDecision], rule: AutoRule) -> list[MonitorLayer]:
-    """Per-block rows from streamed statistics and each block's threshold decision, counted as ``scan`` counts them
-    (fixed thresholds exactly as the tokens streamed by, auto thresholds on their histogram bin edge)."""
+    """Per-block rows from streamed statistics and each block's threshold decision, counted and built exactly as
+    ``scan`` builds its rows (:func:`artifactscan.analysis.scan.layer_report`)."""
     rows = []
-    n_img, n_tok = stats.num_images, max(stats.num_patch_tokens, 1)
     for r, d in enumerate(decisions):
-        if d.value is None:
-            n_out, n_img_out = 0, 0
-        elif d.method == "fixed":
-            n_out, n_img_out = stats.fixed_hits(r, d.value)
-        else:
-            n_out, n_img_out = stats.tokens_above_bin(r, d.edge_index), stats.images_above_bin(r, d.edge_index)
-        row_max = float(stats.patch_max[r])
-        median = min(stats.median(r), row_max)  # a quantile interpolates inside a bin: never above the maximum
-        above_paper, _ = stats.fixed_hits(r, PAPER_THRESHOLD)
-        rows.append(MonitorLayer(
-            index=r, name=f"block {r}", median=median, p99=min(stats.quantile(r, 0.99), row_max), max=row_max,
-            max_over_median=row_max / median if median else math.nan, threshold=d.value, threshold_reason=d.reason,
-            num_outliers=n_out, outlier_fraction=n_out / n_tok, images_with_outliers=n_img_out,
-            image_fraction_with_outliers=n_img_out / max(n_img, 1), fraction_above_150=above_paper / n_tok,
-            prefix=stats.prefix_stats(r), separation=d.details, num_nonfinite=int(stats.nonfinite[r]),
-            inconclusive=d.inconclusive,
-            images_to_decide=images_to_decide(d.details["group_tokens"], n_img, rule) if d.inconclusive else None))
+        n_out, n_img_out = decision_counts(stats, r, d)
+        row = layer_report(stats, r, d, f"block {r}", False, n_out, n_img_out, rule)
+        rows.append(MonitorLayer(**{f.name: getattr(row, f.name) for f in fields(MonitorLayer)}))
     return rows
 
 

@@ -37,7 +37,7 @@ from artifactscan.core.thresholds import (
     images_to_decide,
     threshold_option,
 )
-from artifactscan.core.summaries import AnalysisResult, ModelSummary  # noqa: F401  (also named here)
+from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSummary  # noqa: F401  (ModelSummary, ImageSummary: re-exported from their 0.2 home)
 
 # /2: layers[].bimodality describes the separated-group rule's accepted group or its strongest rejected candidate
 # (keys: group_tokens, group_share, ratio, gap, log10_gap_chance, tail_expected_tokens, log10_tail_chance, tail_shape,
@@ -364,18 +364,27 @@ def _row_outliers(stats: NormStatistics, r: int, d: Any, cands: _Candidates
     img, pat, nrm = cands.tensors()
     if d.value is None:
         keep = torch.zeros_like(nrm, dtype=torch.bool)
-        n_out, n_img_out = 0, 0
     elif d.method == "fixed":
         keep = nrm > d.value
-        n_out, n_img_out = stats.fixed_hits(r, d.value)
     else:
         keep = bin_index(nrm) >= d.edge_index  # same rule the histogram counts use: records == counts
-        n_out, n_img_out = stats.tokens_above_bin(r, d.edge_index), stats.images_above_bin(r, d.edge_index)
-    return img[keep], pat[keep], nrm[keep], n_out, n_img_out
+    return (img[keep], pat[keep], nrm[keep], *decision_counts(stats, r, d))
 
 
-def _layer_report(stats: NormStatistics, r: int, d: Any, name: str, is_final: bool, n_out: int, n_img_out: int,
-                  rule: AutoRule) -> LayerReport:
+def decision_counts(stats: NormStatistics, r: int, d: Any) -> tuple[int, int]:
+    """The exact counts of tokens flagged at row ``r`` under decision ``d``, and of images with one: fixed
+    thresholds as the tokens streamed by, auto ones on their histogram bin edge."""
+    if d.value is None:
+        return 0, 0
+    if d.method == "fixed":
+        return stats.fixed_hits(r, d.value)
+    return stats.tokens_above_bin(r, d.edge_index), stats.images_above_bin(r, d.edge_index)
+
+
+def layer_report(stats: NormStatistics, r: int, d: Any, name: str, is_final: bool, n_out: int, n_img_out: int,
+                 rule: AutoRule) -> LayerReport:
+    """Row ``r``'s report from the streamed statistics and its threshold decision ``d`` (the monitor builds its
+    per-block rows with it too)."""
     n_img, n_tok = stats.num_images, stats.num_patch_tokens
     # Quantiles interpolate inside a 0.58%-wide bin; never report one above the exact maximum.
     row_max = float(stats.patch_max[r])
@@ -408,7 +417,7 @@ def _layers_and_records(loaded: LoadedModel, stats: NormStatistics, decisions: l
             records.append(OutlierRecord(name, i, r, p // gw, p % gw, float(v), hex_name))
             if i in flagged_maps:
                 flagged_maps[i][r, p // gw, p % gw] = True
-        layers.append(_layer_report(stats, r, d, names[r], r == num_blocks, n_out, n_img_out, rule))
+        layers.append(layer_report(stats, r, d, names[r], r == num_blocks, n_out, n_img_out, rule))
     return layers, records
 
 

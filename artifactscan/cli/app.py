@@ -39,7 +39,6 @@ from artifactscan.cli.options import (  # noqa: F401  (re-exported: the commands
     AllowNonFiniteOpt,
     ArchKwargsOpt,
     ArchOpt,
-    BatchOpt,
     DebugOpt,
     DecodeOptions,
     DeviceOpt,
@@ -47,6 +46,7 @@ from artifactscan.cli.options import (  # noqa: F401  (re-exported: the commands
     GpuDecodeOpt,
     ImgSizeOpt,
     ModelLoadOptions,
+    PassOptions,
     TrustOpt,
     WeightsOpt,
     WorkersOpt,
@@ -253,6 +253,20 @@ def emit_result(result: Any, out: Optional[Path], filename: str, json_out: bool,
         render(result)
 
 
+def show_written_result(report: Any, out: Optional[Path], json_out: bool, written: list[Path],
+                        render: Callable[[Any, Any], None], listing: str) -> None:
+    """Print a result whose files are already written: its JSON alone on stdout, or its rendering followed by the
+    ``wrote N files to OUT/ (listing)`` line."""
+    from artifactscan.render.text import render_written
+
+    if json_out:
+        sys.stdout.write(report.to_json() + "\n")
+        return
+    render(report, stdout)
+    if out is not None:
+        render_written(stdout, written, out, listing)
+
+
 # ----------------------------------------------------------------------------------------------- shared options
 MODEL_HELP = (
     "The ViT to scan: a built-in name (phantom, demo, demo-reg4), a checkpoint file in timm, DINOv2, DeiT-III, MAE, "
@@ -315,8 +329,7 @@ def norms(
              "The report and --out files are still written. For a run folder: the latest checkpoint of each model."),
     allow_nonfinite: bool = AllowNonFiniteOpt,
     load: ModelLoadOptions = ModelLoadOptions(),
-    device: str = DeviceOpt,
-    batch_size: int = BatchOpt,
+    run: PassOptions = PassOptions(),
     decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
@@ -344,7 +357,7 @@ def norms(
     reader went away (| head).
     """
     from artifactscan.models.hf import is_training_run
-    from artifactscan.render.text import render_scan, render_written
+    from artifactscan.render.text import render_scan
     from artifactscan.render.outputs import write_scan_outputs
     from artifactscan.core.distributed import distributed_world
     from artifactscan.analysis.scan import scan
@@ -369,20 +382,16 @@ def norms(
         with output_folder(mine, "norms"):  # validated and locked before any model runs
             if is_run:
                 return norms_of_run(model, images, threshold=threshold, out=out, json_out=json_out,  # type: ignore
-                                    figures=figures, fail_above=fail_above, device=device, batch_size=batch_size,
+                                    figures=figures, fail_above=fail_above, **run.kwargs(),
                                     img_size=load.img_size, allow_nonfinite=allow_nonfinite, **decode.kwargs())
-            report = scan(model, images, threshold=threshold, **load.kwargs(), device=device, batch_size=batch_size,
+            report = scan(model, images, threshold=threshold, **load.kwargs(), **run.kwargs(),
                           **decode.kwargs(), num_maps=maps, progress=not json_out and sys.stderr.isatty(), warn=warn,
                           allow_nonfinite=allow_nonfinite)
             if rank != 0:
                 return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
             written = write_scan_outputs(report, out, figures=figures) if out is not None else []
-            if json_out:
-                sys.stdout.write(report.to_json() + "\n")
-            else:
-                render_scan(report, stdout)
-                if out is not None:
-                    render_written(stdout, written, out, "report.json, outliers.csv" + (", figures" if figures else ""))
+            show_written_result(report, out, json_out, written, render_scan,
+                                "report.json, outliers.csv" + (", figures" if figures else ""))
         check_scan_gates(report, fail_above, allow_nonfinite)
 
     run_command(debug, work)
@@ -461,8 +470,7 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write compare.json and compare.png here."),
     json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON on stdout and nothing else."),
     load: ModelLoadOptions = ModelLoadOptions(),
-    device: str = DeviceOpt,
-    batch_size: int = BatchOpt,
+    run: PassOptions = PassOptions(),
     decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
@@ -488,7 +496,7 @@ def compare(
                              "artifactscan compare MODEL_A MODEL_B IMAGES")
         *models, images = models_and_images
         with output_folder(out, "compare"):
-            result = compare_models(models, images, threshold=threshold, device=device, batch_size=batch_size,
+            result = compare_models(models, images, threshold=threshold, **run.kwargs(),
                                     progress=not json_out and sys.stderr.isatty(), **decode.kwargs(),
                                     **load.kwargs())
             emit_result(result, out, "compare.json", json_out, lambda r: render_compare(r, stdout),

@@ -12,14 +12,14 @@ from typing import Optional
 
 import typer
 
-from artifactscan.cli.app import IMAGES_HELP, MODEL_HELP, THRESHOLD_HELP, app, run_command, stdout, warn
+from artifactscan.cli.app import (IMAGES_HELP, MODEL_HELP, THRESHOLD_HELP, app, run_command, show_written_result,
+                              warn)
 from artifactscan.cli.options import (
     BLOCKS_SYNTAX,
-    BatchOpt,
     DebugOpt,
     DecodeOptions,
-    DeviceOpt,
     ModelLoadOptions,
+    PassOptions,
     maps_option,
     old_spelling,
     renamed_flag,
@@ -54,8 +54,7 @@ def attention(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures into --out."),
     load: ModelLoadOptions = ModelLoadOptions(),
-    device: str = DeviceOpt,
-    batch_size: int = BatchOpt,
+    run: PassOptions = PassOptions(),
     decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
@@ -86,7 +85,7 @@ def attention(
     """
     from artifactscan.analysis.attention_maps import attention_report
     from artifactscan.render.outputs import write_attention_outputs
-    from artifactscan.render.text import render_attention, render_written
+    from artifactscan.render.text import render_attention
 
     def work() -> None:
         if maps < 0:
@@ -96,15 +95,9 @@ def attention(
         with output_folder(out, "attention"):  # validated and locked before any model runs
             report = attention_report(
                 model, images, blocks=renamed_flag(blocks, layers, "--layers", "--blocks", ALL_BLOCKS),
-                threshold=threshold, query=query, query_patch=query_patch, heads=heads, maps=maps, device=device,
-                batch_size=batch_size, **decode.kwargs(), **load.kwargs(),
+                threshold=threshold, query=query, query_patch=query_patch, heads=heads, maps=maps, **run.kwargs(), **decode.kwargs(), **load.kwargs(),
                 progress=not json_out and sys.stderr.isatty(), warn=warn)
             written = write_attention_outputs(report, out, figures=figures) if out is not None else []
-            if json_out:
-                sys.stdout.write(report.to_json() + "\n")
-                return
-            render_attention(report, stdout)
-            if out is not None:
-                render_written(stdout, written, out, "attention.json" + (", figures" if figures else ""))
+            show_written_result(report, out, json_out, written, render_attention, "attention.json" + (", figures" if figures else ""))
 
     run_command(debug, work)

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from artifactscan.cli.app import THRESHOLD_HELP, app, emit_result, run_command, stdout, warn
-from artifactscan.cli.options import (BLOCKS_SYNTAX, BatchOpt, DebugOpt, DecodeOptions, DeviceOpt, ModelLoadOptions,
+from artifactscan.cli.options import (BLOCKS_SYNTAX, DebugOpt, DecodeOptions, ModelLoadOptions, PassOptions,
                                       maps_option, old_spelling, renamed_flag, threshold_option, with_option_groups)
 from artifactscan.core.defaults import BLOCK, MAPS, TOP_K
 from artifactscan.core.files import output_folder
@@ -70,8 +70,7 @@ def discover(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout and nothing else."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write discover.png into --out."),
     load: ModelLoadOptions = ModelLoadOptions(),
-    device: str = DeviceOpt,
-    batch_size: int = BatchOpt,
+    run: PassOptions = PassOptions(),
     decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
@@ -118,7 +117,7 @@ def discover(
             report = run_discover(
                 models, data, compare=[compare] if compare else [],
                 blocks=renamed_flag(blocks, block, "--block", "--blocks", str(BLOCK)), features=features, k=k,
-                threshold=threshold, image_root=image_root, device=device, batch_size=batch_size,
+                threshold=threshold, image_root=image_root, **run.kwargs(),
                 num_workers=decode.workers, maps=renamed_flag(maps, figure_images, "--figure-images", "--maps", MAPS),
                 random_seed=seed, fix_top_k=top_k, **load.kwargs(), progress=not json_out and sys.stderr.isatty(),
                 warn=warn)

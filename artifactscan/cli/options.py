@@ -1,6 +1,7 @@
 """Options shared by several commands, and the groups of them a command takes as one parameter.
 
-A command declares ``load: ModelLoadOptions = ModelLoadOptions()`` (or ``decode: DecodeOptions = ...``) and is
+A command declares ``load: ModelLoadOptions = ModelLoadOptions()`` (or ``run: PassOptions = ...``,
+``decode: DecodeOptions = ...``) and is
 decorated with :func:`with_option_groups`: Typer then sees the group's own options in that place of the signature
 (same flags, defaults and help as if each were written out), and the command receives them as one object whose
 ``kwargs()`` are the library's keyword arguments.
@@ -78,7 +79,19 @@ class DecodeOptions:
         return dict(num_workers=self.workers, exact_decode=self.exact_decode, gpu_decode=self.gpu_decode)
 
 
-OPTION_GROUPS = (ModelLoadOptions, DecodeOptions)
+@dataclass(frozen=True)
+class PassOptions:
+    """--device, --batch-size: where a command's forward passes run, and how many images each takes."""
+
+    device: str = _opt(DEVICE, DeviceOpt)
+    batch_size: int = _opt(BATCH_SIZE, BatchOpt)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The library's keyword arguments: ``device``, ``batch_size``."""
+        return dict(device=self.device, batch_size=self.batch_size)
+
+
+OPTION_GROUPS = (ModelLoadOptions, PassOptions, DecodeOptions)
 
 
 def with_option_groups(fn: Callable[..., Any]) -> Callable[..., Any]:

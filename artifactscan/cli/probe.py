@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from artifactscan.cli.app import MODEL_HELP, THRESHOLD_HELP, app, run_command, stdout, warn
-from artifactscan.cli.options import (BLOCKS_SYNTAX, BatchOpt, DebugOpt, DecodeOptions, DeviceOpt, ModelLoadOptions,
+from artifactscan.cli.app import MODEL_HELP, THRESHOLD_HELP, app, run_command, show_written_result, warn
+from artifactscan.cli.options import (BLOCKS_SYNTAX, DebugOpt, DecodeOptions, ModelLoadOptions, PassOptions,
                                       old_spelling, renamed_flag, threshold_option, with_option_groups)
 from artifactscan.core.defaults import BLOCK
 from artifactscan.core.files import output_folder
@@ -69,32 +69,26 @@ def probe_command(
     test_fraction: float = typer.Option(TEST_FRACTION, "--test-fraction", help="Images held out for testing."),
     seed: int = typer.Option(0, "--seed", help="Seed of every random choice (split, samples, draws)."),
     load: ModelLoadOptions = ModelLoadOptions(),
-    device: str = DeviceOpt,
-    batch_size: int = BatchOpt,
+    run: PassOptions = PassOptions(),
     decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     from artifactscan.core.distributed import distributed_world
     from artifactscan.analysis.probes import probe
-    from artifactscan.render.text import render_probe, render_written
+    from artifactscan.render.text import render_probe
     from artifactscan.render.outputs import write_probe_outputs
 
     def work() -> None:
         rank = distributed_world()[1]
         with output_folder(out if rank == 0 else None, "probe"):  # validated and locked before any model runs
             report = probe(model, data, blocks=renamed_flag(blocks, layer, "--layer", "--blocks", str(BLOCK)),
-                           threshold=threshold, **load.kwargs(), device=device, batch_size=batch_size,
+                           threshold=threshold, **load.kwargs(), **run.kwargs(),
                            **decode.kwargs(), min_tokens=min_tokens, min_images=min_images, draws=draws,
                            test_fraction=test_fraction, seed=seed, progress=not json_out and sys.stderr.isatty(),
                            warn=warn)
             if rank != 0:
                 return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
             written = write_probe_outputs(report, out, figures=figures) if out is not None else []
-            if json_out:
-                sys.stdout.write(report.to_json() + "\n")
-                return
-            render_probe(report, stdout)
-            if out is not None:
-                render_written(stdout, written, out, "report.json" + (", figures" if figures else ""))
+            show_written_result(report, out, json_out, written, render_probe, "report.json" + (", figures" if figures else ""))
 
     run_command(debug, work)

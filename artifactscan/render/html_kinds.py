@@ -9,22 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from artifactscan.render.html_parts import (
-    FigureEmbedder,
-    FoundResult,
-    IncludedResult,
-    KNOWN_FIGURES,
-    esc,
-    fmt_g,
-    fmt_pct,
-    fmt_ratio,
-    html_table,
-    key_table,
-    notes_html,
-    records_table,
-    text_headline,
-    verdict_box,
-)
+from artifactscan.render.html_parts import (KNOWN_FIGURES, FigureEmbedder, FoundResult, IncludedResult, esc, fmt_g,
+                                            fmt_pct, fmt_ratio, html_table, key_table, notes_html, records_table,
+                                            text_headline, verdict_box)
 from artifactscan.render.html_sections import images_source
 
 

@@ -52,15 +52,10 @@ def render_monitor(history: MonitorHistory, console: "Console") -> None:
 def plot_monitor(history: MonitorHistory, axes: Sequence["Axes"] | None = None) -> tuple["Figure", list["Axes"]]:
     """The emergence figure: outlier fraction (%) as a heat map of block against step, and the last block's
     fraction against step. Returns ``(figure, [heat map axes, curve axes])``."""
-    from artifactscan.render.style import DOUBLE_WIDTH_IN, HEATMAP_CMAP, new_figure, no_data, plot_style, \
-        tag_phantom
+    from artifactscan.render.style import HEATMAP_CMAP, no_data, plot_style, tag_phantom, two_axes
 
     with plot_style():
-        if axes is None:
-            fig, (ax_h, ax_c) = new_figure(DOUBLE_WIDTH_IN, 2.6, ncols=2)
-        else:
-            ax_h, ax_c = axes
-            fig = ax_h.figure
+        fig, ax_h, ax_c = two_axes(axes, 2.6)
         steps = np.array(history.steps, dtype=float)
         frac = np.array([row for row in history.outlier_fraction if len(row) == history.num_blocks],
                         dtype=float).reshape(-1, history.num_blocks) * 100

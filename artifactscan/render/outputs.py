@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from artifactscan.analysis.probes.types import ProbeReport
 from artifactscan.analysis.scan import ScanReport
@@ -36,38 +36,41 @@ def write_outliers_csv(report: ScanReport, path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def _write_result(report: Any, out_dir: str | Path, filename: str,
+                  save_figures: Callable[[Any, Path], list[Path]] | None,
+                  also: Callable[[Path], list[Path]] | None = None) -> list[Path]:
+    """``report`` as ``out_dir/filename`` (the folder created if needed), then what ``also`` writes there, then its
+    figures; the paths written, in that order."""
+    out = _output_folder(out_dir)
+    written = [out / filename]
+    atomic_write_text(written[0], report.to_json())
+    if also is not None:
+        written += also(out)
+    if save_figures is not None:
+        written += save_figures(report, out)
+    return written
+
+
 def write_scan_outputs(report: ScanReport, out_dir: str | Path, figures: bool = True) -> list[Path]:
     """Write ``report.json``, ``outliers.csv`` and the figures into ``out_dir``; return the paths written."""
-    out = _output_folder(out_dir)
-    written = [out / "report.json", out / "outliers.csv"]
-    atomic_write_text(written[0], report.to_json())
-    write_outliers_csv(report, written[1])
-    if figures:
-        from artifactscan.render.plots import save_scan_figures
+    from artifactscan.render.plots import save_scan_figures
 
-        written += save_scan_figures(report, out)
-    return written
+    def outliers_csv(out: Path) -> list[Path]:
+        write_outliers_csv(report, out / "outliers.csv")
+        return [out / "outliers.csv"]
+
+    return _write_result(report, out_dir, "report.json", save_scan_figures if figures else None, outliers_csv)
 
 
 def write_probe_outputs(report: ProbeReport, out_dir: str | Path, figures: bool = True) -> list[Path]:
     """Write ``report.json`` and the probe figures into ``out_dir``; return the paths written."""
-    out = _output_folder(out_dir)
-    written = [out / "report.json"]
-    atomic_write_text(written[0], report.to_json())
-    if figures:
-        from artifactscan.render.plots_probe import save_probe_figures
+    from artifactscan.render.plots_probe import save_probe_figures
 
-        written += save_probe_figures(report, out)
-    return written
+    return _write_result(report, out_dir, "report.json", save_probe_figures if figures else None)
 
 
 def write_attention_outputs(report: Any, out_dir: str | Path, figures: bool = True) -> list[Path]:
     """Write ``attention.json`` and the attention figures into ``out_dir``; return the paths written."""
-    out = _output_folder(out_dir)
-    written = [out / "attention.json"]
-    atomic_write_text(written[0], report.to_json())
-    if figures:
-        from artifactscan.render.plots_attention import save_attention_figures
+    from artifactscan.render.plots_attention import save_attention_figures
 
-        written += save_attention_figures(report, out)
-    return written
+    return _write_result(report, out_dir, "attention.json", save_attention_figures if figures else None)

@@ -17,8 +17,8 @@ import numpy as np
 from artifactscan.core.paths import display_name
 from artifactscan.render.style import (BLACK, BLUE, DOUBLE_WIDTH_IN, HEATMAP_CMAP, MARKERS, OKABE_ITO, ORANGE,
                                        VERMILLION, close_figure, load_display_image, new_figure, outline_cells,
-                                       is_phantom, plain_log_ticks, plot_style, save_figure, tag_phantom, unique_stems,
-                                       wrap_text)
+                                       is_phantom, plain_log_ticks, plot_style, save_figure, tag_phantom, two_axes,
+                                       unique_stems, wrap_text)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -167,12 +167,7 @@ def plot_attention_mass(report: AttentionReport, axes: Sequence[Axes] | None = N
         return np.array([math.nan if v is None else float(v) for v in values])
 
     with plot_style():
-        if axes is None:
-            fig, ax_list = new_figure(DOUBLE_WIDTH_IN, 2.6, 2)
-        else:
-            ax_list = list(axes)
-            fig = ax_list[0].figure
-        ax_o, ax_p = ax_list[0], ax_list[1]
+        fig, ax_o, ax_p = two_axes(axes, 2.6)
         q_out = col(lay.query.outliers for lay in report.layers)
         p_out = col(lay.patch_queries.outliers for lay in report.layers)
         frac = col(lay.outlier_fraction for lay in report.layers)

@@ -10,16 +10,15 @@ import numpy as np
 
 from artifactscan.render.style import (
     BLUE,
-    DOUBLE_WIDTH_IN,
     HEATMAP_CMAP,
     PHANTOM_TAG,
     VERMILLION,
     close_figure,
     format_pct,
-    new_figure,
     plain_log_ticks,
     plot_style,
     save_figure,
+    two_axes,
     wrap_text,
 )
 
@@ -40,11 +39,7 @@ def plot_calibration(report: CalibrationReport, axes: Sequence[Axes] | None = No
     gains = sorted({c.gain for c in report.cells})
     fractions = sorted({c.planted_share for c in report.cells})
     with plot_style():
-        if axes is None:
-            fig, (ax_h, ax_s) = new_figure(DOUBLE_WIDTH_IN, 2.9, ncols=2)
-        else:
-            ax_h, ax_s = axes
-            fig = ax_h.figure
+        fig, ax_h, ax_s = two_axes(axes, 2.9)
         recall = np.full((len(gains), len(fractions)), np.nan)
         for c in report.cells:
             recall[gains.index(c.gain), fractions.index(c.planted_share)] = c.recall

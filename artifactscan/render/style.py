@@ -91,6 +91,15 @@ def new_figure(width: float, height: float, ncols: int = 1, **subplot_kw: Any) -
     return fig, list(axes)
 
 
+def two_axes(axes: Sequence[Axes] | None, height: float) -> tuple[Figure, Axes, Axes]:
+    """A double-width figure of two panels side by side, or the caller's two axes (drawn into their figure)."""
+    if axes is None:
+        fig, (left, right) = new_figure(DOUBLE_WIDTH_IN, height, ncols=2)
+        return fig, left, right
+    left, right = axes
+    return left.figure, left, right
+
+
 def one_ax(ax: Axes | None, width: float, height: float) -> tuple[Figure, Axes]:
     if ax is not None:
         return ax.figure, ax
