@@ -40,7 +40,6 @@ from artifactscan.cli.options import (  # noqa: F401  (re-exported: the commands
     ArchKwargsOpt,
     ArchOpt,
     DebugOpt,
-    DecodeOptions,
     DeviceOpt,
     ExactDecodeOpt,
     GpuDecodeOpt,
@@ -330,7 +329,6 @@ def norms(
     allow_nonfinite: bool = AllowNonFiniteOpt,
     load: ModelLoadOptions = ModelLoadOptions(),
     run: PassOptions = PassOptions(),
-    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     """Per-layer patch-token norms of a ViT; flag the high-norm outliers (the paper's Fig 3 and 4a).
@@ -383,10 +381,9 @@ def norms(
             if is_run:
                 return norms_of_run(model, images, threshold=threshold, out=out, json_out=json_out,  # type: ignore
                                     figures=figures, fail_above=fail_above, **run.kwargs(),
-                                    img_size=load.img_size, allow_nonfinite=allow_nonfinite, **decode.kwargs())
-            report = scan(model, images, threshold=threshold, **load.kwargs(), **run.kwargs(),
-                          **decode.kwargs(), num_maps=maps, progress=not json_out and sys.stderr.isatty(), warn=warn,
-                          allow_nonfinite=allow_nonfinite)
+                                    img_size=load.img_size, allow_nonfinite=allow_nonfinite)
+            report = scan(model, images, threshold=threshold, **load.kwargs(), **run.kwargs(), num_maps=maps,
+                          progress=not json_out and sys.stderr.isatty(), warn=warn, allow_nonfinite=allow_nonfinite)
             if rank != 0:
                 return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
             written = write_scan_outputs(report, out, figures=figures) if out is not None else []
@@ -471,7 +468,6 @@ def compare(
     json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON on stdout and nothing else."),
     load: ModelLoadOptions = ModelLoadOptions(),
     run: PassOptions = PassOptions(),
-    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     """Scan several models on the same images: one table, one figure (the paper's Fig 4c and 7).
@@ -497,7 +493,7 @@ def compare(
         *models, images = models_and_images
         with output_folder(out, "compare"):
             result = compare_models(models, images, threshold=threshold, **run.kwargs(),
-                                    progress=not json_out and sys.stderr.isatty(), **decode.kwargs(),
+                                    progress=not json_out and sys.stderr.isatty(),
                                     **load.kwargs())
             emit_result(result, out, "compare.json", json_out, lambda r: render_compare(r, stdout),
                         save_compare_figure)

@@ -17,7 +17,6 @@ from artifactscan.cli.app import (IMAGES_HELP, MODEL_HELP, THRESHOLD_HELP, app, 
 from artifactscan.cli.options import (
     BLOCKS_SYNTAX,
     DebugOpt,
-    DecodeOptions,
     ModelLoadOptions,
     PassOptions,
     maps_option,
@@ -55,7 +54,6 @@ def attention(
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write figures into --out."),
     load: ModelLoadOptions = ModelLoadOptions(),
     run: PassOptions = PassOptions(),
-    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     """Where the CLS token looks, and how much attention the high-norm outlier tokens attract (the paper's Fig 2
@@ -95,9 +93,10 @@ def attention(
         with output_folder(out, "attention"):  # validated and locked before any model runs
             report = attention_report(
                 model, images, blocks=renamed_flag(blocks, layers, "--layers", "--blocks", ALL_BLOCKS),
-                threshold=threshold, query=query, query_patch=query_patch, heads=heads, maps=maps, **run.kwargs(), **decode.kwargs(), **load.kwargs(),
-                progress=not json_out and sys.stderr.isatty(), warn=warn)
+                threshold=threshold, query=query, query_patch=query_patch, heads=heads, maps=maps, **run.kwargs(),
+                **load.kwargs(), progress=not json_out and sys.stderr.isatty(), warn=warn)
             written = write_attention_outputs(report, out, figures=figures) if out is not None else []
-            show_written_result(report, out, json_out, written, render_attention, "attention.json" + (", figures" if figures else ""))
+            show_written_result(report, out, json_out, written, render_attention,
+                                "attention.json" + (", figures" if figures else ""))
 
     run_command(debug, work)

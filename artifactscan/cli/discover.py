@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from artifactscan.cli.app import THRESHOLD_HELP, app, emit_result, run_command, stdout, warn
-from artifactscan.cli.options import (BLOCKS_SYNTAX, DebugOpt, DecodeOptions, ModelLoadOptions, PassOptions,
+from artifactscan.cli.options import (BLOCKS_SYNTAX, DebugOpt, ModelLoadOptions, PassOptions,
                                       maps_option, old_spelling, renamed_flag, threshold_option, with_option_groups)
 from artifactscan.core.defaults import BLOCK, MAPS, TOP_K
 from artifactscan.core.files import output_folder
@@ -71,7 +71,6 @@ def discover(
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write discover.png into --out."),
     load: ModelLoadOptions = ModelLoadOptions(),
     run: PassOptions = PassOptions(),
-    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     """Unsupervised object discovery with LOST, scored with CorLoc: do artifact tokens break it (the registers
@@ -106,7 +105,7 @@ def discover(
     from artifactscan.render.text import render_discover, render_discover_written
 
     def work() -> None:
-        if decode.gpu_decode:
+        if run.gpu_decode:
             from artifactscan.core.errors import InputError
 
             raise InputError("--gpu-decode does not apply to discover: it decodes every image file in full with "
@@ -117,8 +116,8 @@ def discover(
             report = run_discover(
                 models, data, compare=[compare] if compare else [],
                 blocks=renamed_flag(blocks, block, "--block", "--blocks", str(BLOCK)), features=features, k=k,
-                threshold=threshold, image_root=image_root, **run.kwargs(),
-                num_workers=decode.workers, maps=renamed_flag(maps, figure_images, "--figure-images", "--maps", MAPS),
+                threshold=threshold, image_root=image_root, device=run.device, batch_size=run.batch_size,
+                num_workers=run.workers, maps=renamed_flag(maps, figure_images, "--figure-images", "--maps", MAPS),
                 random_seed=seed, fix_top_k=top_k, **load.kwargs(), progress=not json_out and sys.stderr.isatty(),
                 warn=warn)
             from artifactscan.render.plots_discover import save_discover_figure

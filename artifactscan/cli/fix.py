@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from artifactscan.cli.app import IMAGES_HELP, MODEL_HELP, THRESHOLD_HELP, app, emit_result, run_command, stdout, warn
-from artifactscan.cli.options import (BLOCKS_SYNTAX, DebugOpt, DecodeOptions, ModelLoadOptions, PassOptions,
+from artifactscan.cli.options import (BLOCKS_SYNTAX, DebugOpt, ModelLoadOptions, PassOptions,
                                       deprecation_note, old_spelling, renamed_flag, threshold_option,
                                       with_option_groups)
 from artifactscan.core.defaults import TOP_K
@@ -45,7 +45,6 @@ def fix(
                                                        hidden=True, help="Deprecated: the only repair, always on."),
     load: ModelLoadOptions = ModelLoadOptions(),
     run: PassOptions = PassOptions(),
-    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     """Training-free repair: a test-time register (Jiang et al. 2025, "Vision Transformers Don't Need Trained Registers").
@@ -71,7 +70,7 @@ def fix(
         spec = renamed_flag(blocks, max_layer, "--max-layer", "--blocks", convert=lambda n: f"0:{n}")
         with output_folder(folder, "fix"):  # validated and locked before any model runs
             result = run_fix(model, images, top_k=top_k, blocks=spec, threshold=threshold, save_model=checkpoint,
-                             **run.kwargs(), **decode.kwargs(), **load.kwargs())
+                             **run.kwargs(), **load.kwargs())
             if checkpoint is not None and not result.saved_to:
                 warn(f"no file written to {display_name(checkpoint)}: {result.verdict}")
             emit_result(result, folder, "fix.json", json_out, lambda r: render_fix(r, stdout))

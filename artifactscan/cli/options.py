@@ -1,7 +1,6 @@
 """Options shared by several commands, and the groups of them a command takes as one parameter.
 
-A command declares ``load: ModelLoadOptions = ModelLoadOptions()`` (or ``run: PassOptions = ...``,
-``decode: DecodeOptions = ...``) and is
+A command declares ``load: ModelLoadOptions = ModelLoadOptions()`` (or ``run: PassOptions = PassOptions()``) and is
 decorated with :func:`with_option_groups`: Typer then sees the group's own options in that place of the signature
 (same flags, defaults and help as if each were written out), and the command receives them as one object whose
 ``kwargs()`` are the library's keyword arguments.
@@ -67,31 +66,24 @@ class ModelLoadOptions:
 
 
 @dataclass(frozen=True)
-class DecodeOptions:
-    """--workers, --exact-decode, --gpu-decode: how a command decodes its image files."""
+class PassOptions:
+    """--device, --batch-size, --workers, --exact-decode, --gpu-decode: where a command's forward passes run, how
+    many images each takes, and how its image files are decoded."""
 
+    device: str = _opt(DEVICE, DeviceOpt)
+    batch_size: int = _opt(BATCH_SIZE, BatchOpt)
     workers: str = _opt(WORKERS, WorkersOpt)
     exact_decode: bool = _opt(False, ExactDecodeOpt)
     gpu_decode: bool = _opt(False, GpuDecodeOpt)
 
     def kwargs(self) -> dict[str, Any]:
-        """The library's keyword arguments: ``num_workers``, ``exact_decode``, ``gpu_decode``."""
-        return dict(num_workers=self.workers, exact_decode=self.exact_decode, gpu_decode=self.gpu_decode)
+        """The library's keyword arguments: ``device``, ``batch_size``, ``num_workers``, ``exact_decode``,
+        ``gpu_decode``."""
+        return dict(device=self.device, batch_size=self.batch_size, num_workers=self.workers,
+                    exact_decode=self.exact_decode, gpu_decode=self.gpu_decode)
 
 
-@dataclass(frozen=True)
-class PassOptions:
-    """--device, --batch-size: where a command's forward passes run, and how many images each takes."""
-
-    device: str = _opt(DEVICE, DeviceOpt)
-    batch_size: int = _opt(BATCH_SIZE, BatchOpt)
-
-    def kwargs(self) -> dict[str, Any]:
-        """The library's keyword arguments: ``device``, ``batch_size``."""
-        return dict(device=self.device, batch_size=self.batch_size)
-
-
-OPTION_GROUPS = (ModelLoadOptions, PassOptions, DecodeOptions)
+OPTION_GROUPS = (ModelLoadOptions, PassOptions)
 
 
 def with_option_groups(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from artifactscan.cli.app import MODEL_HELP, THRESHOLD_HELP, app, run_command, show_written_result, warn
-from artifactscan.cli.options import (BLOCKS_SYNTAX, DebugOpt, DecodeOptions, ModelLoadOptions, PassOptions,
+from artifactscan.cli.options import (BLOCKS_SYNTAX, DebugOpt, ModelLoadOptions, PassOptions,
                                       old_spelling, renamed_flag, threshold_option, with_option_groups)
 from artifactscan.core.defaults import BLOCK
 from artifactscan.core.files import output_folder
@@ -70,7 +70,6 @@ def probe_command(
     seed: int = typer.Option(0, "--seed", help="Seed of every random choice (split, samples, draws)."),
     load: ModelLoadOptions = ModelLoadOptions(),
     run: PassOptions = PassOptions(),
-    decode: DecodeOptions = DecodeOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     from artifactscan.core.distributed import distributed_world
@@ -82,10 +81,9 @@ def probe_command(
         rank = distributed_world()[1]
         with output_folder(out if rank == 0 else None, "probe"):  # validated and locked before any model runs
             report = probe(model, data, blocks=renamed_flag(blocks, layer, "--layer", "--blocks", str(BLOCK)),
-                           threshold=threshold, **load.kwargs(), **run.kwargs(),
-                           **decode.kwargs(), min_tokens=min_tokens, min_images=min_images, draws=draws,
-                           test_fraction=test_fraction, seed=seed, progress=not json_out and sys.stderr.isatty(),
-                           warn=warn)
+                           threshold=threshold, **load.kwargs(), **run.kwargs(), min_tokens=min_tokens,
+                           min_images=min_images, draws=draws, test_fraction=test_fraction, seed=seed,
+                           progress=not json_out and sys.stderr.isatty(), warn=warn)
             if rank != 0:
                 return  # under torchrun every rank holds the merged report; rank 0 alone writes and prints it
             written = write_probe_outputs(report, out, figures=figures) if out is not None else []
