@@ -5,6 +5,6 @@ more commands on the same app and are imported below so that every command is re
 """
 
 from artifactscan.cli.app import app, main
-from artifactscan.cli import attention, calibrate, discover, fix, monitor, phantom, probe, report  # noqa: F401,E402  (their commands register on `app`)
+from artifactscan.cli import attention, calibrate, discover, fix, monitor, phantom, probe, report, signatures  # noqa: F401,E402  (their commands register on `app`)
 
 __all__ = ["app", "main"]

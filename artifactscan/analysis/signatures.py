@@ -1,0 +1,403 @@
+"""``signatures()``: the known artifact signatures of a ViT, block by block, each read against its own null.
+
+High norm is one signature among several. This measurement puts them side by side, and never calls one present
+without a null to beat (docs/signatures.md):
+
+1. **High norm** (the reference column): the norms scan's outlier fraction and max/median, per block.
+2. **Position-only component** (Denoising ViTs, ECCV 2024): the share of patch-token variance explained by grid
+   position alone, against the same tokens with their positions shuffled within each image.
+3. **Weights-only defect direction** (SINDER, ECCV 2024): the leading left singular vector of the linearised blocks
+   up to each block, its singular value against a random matrix's, and its ``|cos|`` with the mean of the tokens
+   flagged there, against the ``|cos|`` of a random direction.
+4. **Register neurons** (Jiang et al. 2025): MLP units ranked per block by mean ``|activation|`` at flagged
+   positions, against the rest.
+5. **Lazy aggregation** (LaSt-ViT, CVPR 2026): the patch most similar to CLS, its box hit ratio against the share
+   of patches in boxes *and* a random-init model of the same architecture on the same images.
+
+Passes: the norms scan (one, or two when its auto threshold needs the records again), then one pass over the
+images that feeds every data signature at once, then one pass per random-init seed (only with boxes).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from artifactscan.analysis.scan import ScanReport, scan
+from artifactscan.analysis.signatures_stats import (POSITION_FACTOR, PositionShare, abs_cos, defect_directions,
+                                                    hit_null_interval, linearisation_problem,
+                                                    patch_centres_in_boxes, random_cos_quantile)
+from artifactscan.core.defaults import BATCH_SIZE, DEVICE, THRESHOLD, WORKERS
+from artifactscan.core.devices import resolve_device
+from artifactscan.core.errors import InputError, option
+from artifactscan.core.numerics import measurement_mode
+from artifactscan.core.summaries import AnalysisResult
+from artifactscan.inputs.boxes import load_box_data
+from artifactscan.inputs.sources import image_batches, make_image_source, parse_synthetic
+from artifactscan.models.hooks import block_of, block_point, capture, unit_points
+from artifactscan.models.loading import LoadedModel, load_model
+
+#: The data the command reads when none is named: the object set, so the hit ratio has boxes to hit.
+DEFAULT_DATA = "synthetic-objects:256"
+#: Random-init models the hit ratio's null is drawn from.
+NULL_SEEDS = 3
+#: Register-neuron candidates listed per block.
+UNITS_LISTED = 3
+NO_BOXES = "n/a (no boxes: synthetic-objects, VOC and COCO carry them)"
+
+
+# ----------------------------------------------------------------------------------------------- result types
+@dataclass
+class UnitScore:
+    """One MLP unit: mean ``|activation|`` at flagged positions and elsewhere, and their ratio."""
+
+    point: str
+    unit: int
+    flagged_mean: float
+    other_mean: float
+    ratio: float | None
+
+
+@dataclass
+class BlockSignatures:
+    """Every signature at one block (``block`` 0-based; the position share of the embedding is its own field)."""
+
+    block: int
+    outlier_fraction: float
+    max_over_median: float
+    num_flagged: int
+    position_share: float
+    position_null: float
+    position_map: list[list[float]]
+    defect_singular_value: float | None = None
+    defect_random_singular_value: float | None = None
+    defect_cos_flagged: float | None = None
+    defect_cos_all: float | None = None
+    units: list[UnitScore] = field(default_factory=list)
+    hit_ratio: float | None = None
+    null_hit_ratios: list[float] = field(default_factory=list)
+    null_interval: list[float] | None = None
+    top_patch_flagged_share: float | None = None
+
+
+@dataclass
+class SignatureCall:
+    """The verdict on one signature: ``present`` (None: not measurable here), the rule, and the evidence."""
+
+    signature: str
+    present: bool | None
+    rule: str
+    evidence: str
+
+
+@dataclass(kw_only=True)
+class SignaturesReport(AnalysisResult):
+    """What ``artifactscan signatures`` found (schema ``artifactscan.signatures/1``, docs/signatures.md)."""
+
+    SCHEMA = "artifactscan.signatures/1"
+
+    blocks: list[BlockSignatures]
+    embedding_position_share: float
+    embedding_position_null: float
+    embedding_position_map: list[list[float]]
+    random_cos_99: float
+    defect_note: str | None
+    boxes_note: str | None
+    chance_hit_ratio: float | None
+    null_seeds: list[int]
+    verdict: list[SignatureCall]
+    threshold_rule: str
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- the data pass
+class _PassState:
+    """What the shared pass accumulates; its reducers run inside the hooks, one block's tokens at a time."""
+
+    def __init__(self, loaded: LoadedModel, boxes: list[list[list[float]]] | None):
+        self.P, self.grid = loaded.num_prefix_tokens, tuple(loaded.grid_size)
+        self.has_cls = loaded.num_cls_tokens > 0
+        self.boxes = boxes
+        self.inside: list[torch.Tensor] = []  # per image: which patches' centres lie in a box
+        self.positions: dict[str, PositionShare] = {}
+        self.flagged_sum: dict[int, torch.Tensor] = {}
+        self.flagged_count: dict[int, int] = {}
+        self.all_sum: dict[int, torch.Tensor] = {}
+        self.units: dict[str, list[torch.Tensor]] = {}
+        self.unit_counts = [0, 0]
+        self.hits: dict[int, list[int]] = {}  # block -> [hits, images, top patch flagged]
+        self.masks: dict[int, torch.Tensor] = {}  # the batch's flagged masks, by block
+        self.any_mask = torch.zeros(0)
+        self.batch_indices: list[int] = []
+
+    def positions_of(self, name: str, x: torch.Tensor) -> None:
+        patches = x[:, self.P:]
+        acc = self.positions.setdefault(name, PositionShare(patches.shape[1], patches.shape[2]))
+        acc.update(patches)
+
+    def resid(self, block: int, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        patches = x[:, self.P:]
+        self.positions_of(block_point(block, "resid_post"), x)
+        mask = self.masks[block]
+        self.flagged_sum[block] = self.flagged_sum.get(block, 0) + (patches * mask[..., None]).sum(dim=(0, 1)).cpu()
+        self.flagged_count[block] = self.flagged_count.get(block, 0) + int(mask.sum())
+        self.all_sum[block] = self.all_sum.get(block, 0) + patches.sum(dim=(0, 1)).cpu()
+        self.top_patch(block, x, mask)
+
+    def top_patch(self, block: int, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """LaSt-ViT's probe: the patch with the highest cosine to CLS (to the mean patch without a CLS token)."""
+        patches = x[:, self.P:]
+        query = x[:, 0] if self.has_cls else patches.mean(dim=1)
+        top = torch.nn.functional.cosine_similarity(patches, query[:, None], dim=-1).argmax(dim=1).cpu()
+        acc = self.hits.setdefault(block, [0, 0, 0])
+        acc[1] += len(top)
+        if mask is not None:
+            acc[2] += int(mask.cpu().gather(1, top[:, None]).sum())
+        if self.boxes is not None:
+            for j, i in enumerate(self.batch_indices):
+                acc[0] += bool(self.inside[i][top[j]])
+
+    def unit_acts(self, name: str, act: torch.Tensor) -> None:
+        patches = act[:, self.P:].detach().abs().float()
+        mask = self.any_mask
+        flagged = (patches * mask[..., None]).sum(dim=(0, 1)).cpu()
+        other = (patches * (~mask)[..., None]).sum(dim=(0, 1)).cpu()
+        acc = self.units.setdefault(name, [torch.zeros_like(flagged), torch.zeros_like(other)])
+        acc[0] += flagged
+        acc[1] += other
+
+    def set_batch(self, indices: list[int], flagged: dict[int, dict[int, set[int]]], num_blocks: int,
+                  device: torch.device) -> None:
+        N = self.grid[0] * self.grid[1]
+        self.batch_indices = indices
+        for b in range(num_blocks):
+            m = torch.zeros(len(indices), N, dtype=torch.bool)
+            for j, i in enumerate(indices):
+                for p in flagged.get(b, {}).get(i, ()):
+                    m[j, p] = True
+            self.masks[b] = m.to(device)
+        self.any_mask = torch.stack(list(self.masks.values())).any(dim=0)
+        self.unit_counts[0] += int(self.any_mask.sum())
+        self.unit_counts[1] += int((~self.any_mask).sum())
+
+
+def _flagged_positions(report: ScanReport, num_blocks: int) -> dict[int, dict[int, set[int]]]:
+    """block -> image index -> flagged patch positions (row-major), from the scan's outlier records."""
+    gw = report.model.grid_size[1]
+    out: dict[int, dict[int, set[int]]] = {}
+    for o in report.outliers:
+        if o.layer < num_blocks:
+            out.setdefault(o.layer, {}).setdefault(o.image_index, set()).add(o.row * gw + o.col)
+    return out
+
+
+@measurement_mode()
+def _data_pass(loaded: LoadedModel, images: Any, report: ScanReport, state: _PassState, dev: torch.device,
+               batch_size: int, decode: dict[str, Any]) -> None:
+    num_blocks = len(loaded.blocks)
+    flagged = _flagged_positions(report, num_blocks)
+    requests: dict[str, Any] = {"blocks.0.resid_pre": lambda x: state.positions_of("embedding", x)}
+    for b in range(num_blocks):
+        requests[block_point(b, "resid_post")] = lambda x, b=b: state.resid(b, x)
+    for name in unit_points(loaded):
+        requests[name] = lambda act, name=name: state.unit_acts(name, act)
+    source = make_image_source(images, loaded, exact_decode=decode["exact_decode"], gpu_decode=decode["gpu_decode"])
+    with capture(loaded, requests) as cap:
+        for x, indices, _ in image_batches(source, batch_size, decode["num_workers"], dev):
+            if x is None:
+                continue
+            state.set_batch(indices.tolist(), flagged, num_blocks, dev)
+            cap.forward(x.to(dev))
+
+
+def random_init_copy(loaded: LoadedModel, seed: int) -> LoadedModel:
+    """The same architecture with random weights (timm's own initialisation where the model has one), seeded; the
+    caller's model is left as it was."""
+    twin = copy.copy(loaded)
+    twin.model = copy.deepcopy(loaded.model)
+    torch.manual_seed(seed)
+    if hasattr(twin.model, "init_weights"):
+        twin.model.init_weights()
+    else:
+        for m in twin.model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return twin
+
+
+@measurement_mode()
+def _null_hits(loaded: LoadedModel, images: Any, state: _PassState, seed: int, dev: torch.device,
+               batch_size: int, decode: dict[str, Any]) -> dict[int, float]:
+    """Per block, the hit ratio of a random-init copy of ``loaded`` on the same images."""
+    twin = random_init_copy(loaded, seed)
+    null = _PassState(twin, state.boxes)
+    null.inside = state.inside
+    requests = {block_point(b, "resid_post"): (lambda x, b=b: null.top_patch(b, x.float(), None))
+                for b in range(len(twin.blocks))}
+    source = make_image_source(images, twin, exact_decode=decode["exact_decode"], gpu_decode=decode["gpu_decode"])
+    with capture(twin, requests) as cap:
+        for x, indices, _ in image_batches(source, batch_size, decode["num_workers"], dev):
+            if x is not None:
+                null.batch_indices = indices.tolist()
+                cap.forward(x.to(dev))
+    return {b: h / n for b, (h, n, _) in null.hits.items()}
+
+
+# ----------------------------------------------------------------------------------------------- assembling
+def _units_of_block(state: _PassState, block: int) -> list[UnitScore]:
+    n_flag, n_other = state.unit_counts
+    scores = []
+    if n_flag == 0:
+        return scores
+    for name, (flagged, other) in state.units.items():
+        if block_of(name) != block:
+            continue
+        f, o = flagged / n_flag, other / max(n_other, 1)
+        for u in torch.argsort(f, descending=True)[:UNITS_LISTED].tolist():
+            # ratio None: the unit is silent everywhere else (only at flagged positions), as a planted unit is
+            scores.append(UnitScore(name, u, float(f[u]), float(o[u]), float(f[u] / o[u]) if o[u] > 0 else None))
+    return sorted(scores, key=lambda s: -s.flagged_mean)[:UNITS_LISTED]
+
+
+def _block_rows(loaded: LoadedModel, report: ScanReport, state: _PassState) -> list[BlockSignatures]:
+    rows = []
+    for b in range(len(loaded.blocks)):
+        layer = report.layers[b]
+        pos = state.positions[block_point(b, "resid_post")]
+        hits, n, top_flagged = state.hits[b]
+        rows.append(BlockSignatures(
+            b, layer.outlier_fraction, layer.max_over_median, layer.num_outliers, pos.share, pos.shuffled_share,
+            pos.position_map(state.grid), units=_units_of_block(state, b),
+            hit_ratio=hits / n if state.boxes is not None else None, top_patch_flagged_share=top_flagged / n))
+    return rows
+
+
+def _add_defects(rows: list[BlockSignatures], loaded: LoadedModel, state: _PassState) -> str | None:
+    blocks = list(loaded.blocks)
+    problem = linearisation_problem(blocks)
+    if problem is not None:
+        return f"not available for this family: {problem}"
+    for row, d in zip(rows, defect_directions(blocks)):
+        row.defect_singular_value, row.defect_random_singular_value = d.singular_value, d.random_singular_value
+        if state.flagged_count.get(row.block, 0):
+            row.defect_cos_flagged = abs_cos(d.direction, state.flagged_sum[row.block])
+        row.defect_cos_all = abs_cos(d.direction, state.all_sum[row.block])
+    return None
+
+
+def _verdict(report: SignaturesReport) -> list[SignatureCall]:
+    rows = report.blocks
+    calls = []
+    flagged = [r.block for r in rows if r.num_flagged]
+    calls.append(SignatureCall(
+        "high norm", bool(flagged), "the norms scan's threshold rule flags tokens at some block (its own null: "
+        "the separated-group rule, docs/thresholds)", f"flagged at blocks {flagged}" if flagged else
+        "no block has flagged tokens"))
+    pos = [r.block for r in rows if r.position_share >= POSITION_FACTOR * r.position_null and r.position_share > 0]
+    emb = report.embedding_position_share >= POSITION_FACTOR * report.embedding_position_null
+    calls.append(SignatureCall(
+        "position-only component", bool(pos) or emb,
+        f"position share >= {POSITION_FACTOR:g}x the same tokens' share with grid positions shuffled per image",
+        f"embedding {report.embedding_position_share:.3f} vs null {report.embedding_position_null:.3f}; "
+        f"blocks at >= {POSITION_FACTOR:g}x: {pos or 'none'}"))
+    if report.defect_note is not None or not flagged:
+        calls.append(SignatureCall("weights-only defect direction", None, "",
+                                   report.defect_note or "no flagged tokens to align the direction with"))
+    else:
+        aligned = [r.block for r in rows if r.defect_cos_flagged is not None and
+                   r.defect_cos_flagged > report.random_cos_99]
+        calls.append(SignatureCall(
+            "weights-only defect direction", bool(aligned),
+            f"|cos| between the defect direction and the flagged tokens' mean above a random direction's 99% "
+            f"quantile ({report.random_cos_99:.3f})", f"aligned at blocks {aligned or 'none'}"))
+    units = [r.block for r in rows if r.units and (r.units[0].ratio is None or r.units[0].ratio >= POSITION_FACTOR)]
+    calls.append(SignatureCall(
+        "register neurons", bool(units) if flagged else None,
+        f"a unit whose mean |activation| at flagged positions is >= {POSITION_FACTOR:g}x its mean elsewhere",
+        f"blocks {units or 'none'}" if flagged else "no flagged tokens to rank units on"))
+    calls.append(_lazy_call(report))
+    return calls
+
+
+def _lazy_call(report: SignaturesReport) -> SignatureCall:
+    rule = ("hit ratio below the 99% range of random-init models of the same architecture on the same images "
+            "(not merely below the share of patches in boxes)")
+    if report.chance_hit_ratio is None:
+        return SignatureCall("lazy aggregation", None, rule, NO_BOXES)
+    rows = [r for r in report.blocks if r.null_interval is not None and r.hit_ratio is not None]
+    below = [r.block for r in rows if r.hit_ratio < r.null_interval[0]]
+    above = [r.block for r in rows if r.hit_ratio > r.null_interval[1]]
+    last = report.blocks[-1]
+    lo, hi = last.null_interval or (float("nan"), float("nan"))
+    return SignatureCall("lazy aggregation", bool(below), rule,
+                         f"last block {last.hit_ratio:.3f} (random-init 99% range {lo:.3f}-{hi:.3f}, patches in "
+                         f"boxes {report.chance_hit_ratio:.3f}); below the null at blocks {below or 'none'}"
+                         + (f"; above it (the top patch finds objects more often than an untrained model: the "
+                            f"opposite of lazy aggregation) at blocks {above}" if above else ""))
+
+
+def _headline(report: SignaturesReport) -> str:
+    present = [c.signature for c in report.verdict if c.present]
+    absent = [c.signature for c in report.verdict if c.present is False]
+    return (f"{report.model.name}: present against their nulls: {', '.join(present) or 'none'}; not shown: "
+            f"{', '.join(absent) or 'none'}")
+
+
+# ----------------------------------------------------------------------------------------------- the entry point
+def _images_and_boxes(data: Any, loaded: LoadedModel) -> tuple[Any, list[list[list[float]]] | None, str | None]:
+    """The images to pass to the scan and the data pass, their boxes (None without), and why there are none."""
+    spec = DEFAULT_DATA if data is None else data
+    if isinstance(spec, (str, Path)) and (parse_synthetic(str(spec), "synthetic-objects") is not None or
+                                          parse_synthetic(str(spec)) is not None):
+        boxed = load_box_data(spec, img_size=loaded.input_size[0])
+        if tuple(loaded.input_size) == (loaded.input_size[0],) * 2:
+            return boxed.scan_images(), [it.boxes or [] for it in boxed.items], None
+    return spec, None, NO_BOXES + (" (VOC and COCO folders: not read by this version yet)"
+                                   if isinstance(spec, (str, Path)) and Path(spec).exists() else "")
+
+
+def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, *, threshold: str | float = THRESHOLD,
+               null_seeds: int = NULL_SEEDS, device: str = DEVICE, batch_size: int = BATCH_SIZE,
+               num_workers: int | str = WORKERS, exact_decode: bool = False, gpu_decode: bool = False,
+               **load: Any) -> SignaturesReport:
+    """Measure every artifact signature of ``model`` on ``data`` (default ``synthetic-objects:256``), each with its
+    null (module docstring; docs/signatures.md). ``null_seeds``: random-init models for the hit ratio's null.
+    ``num_workers`` / ``exact_decode`` / ``gpu_decode``: how image files are decoded, and ``load``: ``arch`` / ``arch_kwargs`` / ``trust_checkpoint`` / ``img_size`` / ``weights``, as for
+    :func:`artifactscan.scan`."""
+    if null_seeds < 1:
+        raise InputError(f"{option('null_seeds')} must be at least 1 (the hit ratio needs a random-init null), "
+                         f"got {null_seeds}")
+    dev = resolve_device(device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, **load)
+    images, boxes, boxes_note = _images_and_boxes(data, loaded)
+    decode = dict(num_workers=num_workers, exact_decode=exact_decode, gpu_decode=gpu_decode)
+    report = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0, **decode)
+    state = _PassState(loaded, boxes)
+    if boxes is not None:
+        state.inside = [patch_centres_in_boxes(b, state.grid, tuple(loaded.input_size)) for b in boxes]
+    _data_pass(loaded, images, report, state, dev, batch_size, decode)
+    rows = _block_rows(loaded, report, state)
+    defect_note = _add_defects(rows, loaded, state)
+    chance = None
+    seeds = list(range(null_seeds)) if boxes is not None else []
+    if boxes is not None:
+        chance = float(torch.stack(state.inside).float().mean())
+        nulls = [_null_hits(loaded, images, state, s, dev, batch_size, decode) for s in seeds]
+        for row in rows:
+            row.null_hit_ratios = [n[row.block] for n in nulls]
+            row.null_interval = list(hit_null_interval(row.null_hit_ratios, report.images.num_scanned))
+    emb = state.positions["embedding"]
+    out = SignaturesReport(
+        model=report.model, images=report.images, headline="", blocks=rows, embedding_position_share=emb.share,
+        embedding_position_null=emb.shuffled_share, embedding_position_map=emb.position_map(state.grid),
+        random_cos_99=random_cos_quantile(int(state.all_sum[0].numel())), defect_note=defect_note,
+        boxes_note=boxes_note, chance_hit_ratio=chance, null_seeds=seeds, verdict=[],
+        threshold_rule=report.threshold_rule, notes=list(report.notes))
+    out.verdict = _verdict(out)
+    out.headline = _headline(out)
+    return out

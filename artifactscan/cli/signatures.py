@@ -1,0 +1,69 @@
+"""``artifactscan signatures``: every known artifact signature, per block, each against its null (a thin Typer
+layer over :func:`artifactscan.analysis.signatures.signatures`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from artifactscan.cli.app import MODEL_HELP, THRESHOLD_HELP, app, emit_result, run_command, stdout
+from artifactscan.cli.options import (BatchOpt, DebugOpt, DecodeOptions, DeviceOpt, ModelLoadOptions,
+                                      threshold_option, with_option_groups)
+from artifactscan.core.files import output_folder
+
+
+@app.command("signatures")
+@with_option_groups
+def signatures_command(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    data: Optional[str] = typer.Argument(None, show_default=False,
+                                         help="Images: synthetic-objects[:N] (default synthetic-objects:256, with "
+                                              "boxes), synthetic[:N], or an image folder or file (no boxes: no "
+                                              "hit ratio)."),
+    null_seeds: int = typer.Option(3, "--null-seeds", help="Random-init models of the same architecture the hit "
+                                   "ratio's null is drawn from (each one more pass over the images)."),
+    threshold: str = threshold_option(THRESHOLD_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write signatures.json and signatures.png here."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
+    load: ModelLoadOptions = ModelLoadOptions(),
+    device: str = DeviceOpt,
+    batch_size: int = BatchOpt,
+    decode: DecodeOptions = DecodeOptions(),
+    debug: bool = DebugOpt,
+) -> None:
+    """Every known artifact signature per block, side by side, each read against its own null (docs/signatures.md).
+
+    Decision rules (a signature is never called present without beating its null):
+
+      high norm: the norms scan's threshold rule flags tokens at some block.
+
+      position-only component (Denoising ViTs): the share of patch-token variance explained by grid position is
+      at least 3x the same tokens' share with their positions shuffled within each image.
+
+      weights-only defect direction (SINDER): |cos| between the leading singular direction of the linearised
+      blocks and the flagged tokens' mean is above a random direction's 99% quantile.
+
+      register neurons (Jiang et al. 2025): a unit's mean |activation| at flagged positions is at least 3x its mean
+      elsewhere.
+
+      lazy aggregation (LaSt-ViT): the share of images whose patch most similar to CLS lies in a box is below the
+      99% range of random-init models of the same architecture on the same images (not merely below the share of
+      patches in boxes: an untrained ViT's CLS is closest to the many alike background patches too).
+
+    Example:
+
+      artifactscan signatures demo synthetic-objects:128 --out results/signatures
+    """
+    from artifactscan.analysis.signatures import signatures
+    from artifactscan.render.signatures import FIGURE_NAME, plot_signatures, render_signatures
+
+    def work() -> None:
+        with output_folder(out, "signatures"):  # validated and locked before any model runs
+            result = signatures(model, data, threshold=threshold, null_seeds=null_seeds, device=device,
+                                batch_size=batch_size, **decode.kwargs(), **load.kwargs())
+            emit_result(result, out, "signatures.json", json_out, lambda r: render_signatures(r, stdout),
+                        lambda r, folder: plot_signatures(r, folder / FIGURE_NAME))
+
+    run_command(debug, work)
