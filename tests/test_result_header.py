@@ -112,3 +112,12 @@ def test_every_command_json_has_the_header(tmp_path):
         assert outputs[kind]["verdict"] == outputs[kind]["headline"]
     assert outputs["probe"]["headline"] == outputs["probe"]["verdict"]["summary"]
     assert len(outputs["compare"]["model"]) == 2 and outputs["compare"]["model"][1]["kind"] == "phantom"
+
+
+def test_signatures_json_has_the_header():
+    """The command added after the others (issue 24) carries the same header and reads back unchanged."""
+    from artifactscan.analysis.signatures import SignaturesReport
+
+    data = run_json("signatures", "demo", "synthetic-objects:4", "--null-seeds", "1", "--json")
+    check_header(data, SignaturesReport, False)
+    assert SignaturesReport.from_dict(data).to_dict() == data

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from artifactscan.cli.app import MODEL_HELP, THRESHOLD_HELP, app, emit_result, run_command, stdout
-from artifactscan.cli.options import (BatchOpt, DebugOpt, DecodeOptions, DeviceOpt, ModelLoadOptions,
+from artifactscan.cli.options import (DebugOpt, ModelLoadOptions, PassOptions,
                                       threshold_option, with_option_groups)
 from artifactscan.core.files import output_folder
 
@@ -28,9 +28,7 @@ def signatures_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write signatures.json and signatures.png here."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
     load: ModelLoadOptions = ModelLoadOptions(),
-    device: str = DeviceOpt,
-    batch_size: int = BatchOpt,
-    decode: DecodeOptions = DecodeOptions(),
+    run: PassOptions = PassOptions(),
     debug: bool = DebugOpt,
 ) -> None:
     """Every known artifact signature per block, side by side, each read against its own null (docs/signatures.md).
@@ -61,8 +59,8 @@ def signatures_command(
 
     def work() -> None:
         with output_folder(out, "signatures"):  # validated and locked before any model runs
-            result = signatures(model, data, threshold=threshold, null_seeds=null_seeds, device=device,
-                                batch_size=batch_size, **decode.kwargs(), **load.kwargs())
+            result = signatures(model, data, threshold=threshold, null_seeds=null_seeds, **run.kwargs(),
+                                **load.kwargs())
             emit_result(result, out, "signatures.json", json_out, lambda r: render_signatures(r, stdout),
                         lambda r, folder: plot_signatures(r, folder / FIGURE_NAME))
 
