@@ -172,3 +172,29 @@ def test_probe_takes_allow_nonfinite_for_weights_it_never_runs(tmp_path):
     assert report.layer == 0 and report.num_patch_tokens == 40 * 16
     with pytest.raises(NonFiniteError, match="block 2 produced non-finite token values"):
         probe(ckpt, "synthetic:40", blocks=-1, allow_nonfinite=True, **options)
+
+
+def test_compare_makes_one_pass_per_model_and_its_attention_rides_on_the_scan(monkeypatch):
+    """compare reads the last block's attention on the prefix tokens on the scan's own forward (the capture layer
+    reads attention without changing it): one pass over the images per model, same numbers as a pass of its own."""
+    import artifactscan.analysis.passes as passes
+    from artifactscan.analysis.attention import attention_mass
+    from artifactscan.analysis.compare import compare
+    from artifactscan.inputs.sources import image_batches, make_image_source
+    from artifactscan.models.loading import load_model
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return image_batches(*args, **kwargs)
+
+    monkeypatch.setattr(passes, "image_batches", counted)
+    report = compare(["demo", "demo-reg4"], "synthetic:8", threshold=100, device="cpu")
+    assert len(calls) == 2
+    reg4 = load_model("demo-reg4")
+    batches = (x for x, _, _ in image_batches(make_image_source("synthetic:8", reg4), 32, 0, "cpu"))
+    alone = attention_mass(reg4, batches, blocks=[-1])[0].prefix_mass
+    row = report.rows[1].prefix_attention
+    assert row["cls"] == pytest.approx(alone["cls"], rel=1e-5)
+    assert row["registers"] == pytest.approx(sum(v for k, v in alone.items() if k.startswith("reg")), rel=1e-5)

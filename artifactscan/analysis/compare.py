@@ -18,13 +18,12 @@ from typing import Any, Sequence
 import torch
 
 from artifactscan.core.numbers import percent as _pct
-from artifactscan.analysis.attention import attention_mass
 from artifactscan.core.errors import InputError, NonFiniteError
 from artifactscan.core.files import display_name
+from artifactscan.models.hooks import block_point
 from artifactscan.models.loading import LoadedModel, load_model
 from artifactscan.core.defaults import BATCH_SIZE, DEVICE, THRESHOLD
 from artifactscan.analysis.scan import ScanReport, scan
-from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.core.devices import resolve_device
 from artifactscan.core.summaries import ImageSummary, ModelSummary, MultiModelResult
 from artifactscan.inputs.sources import parse_synthetic
@@ -182,37 +181,59 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
     rows, reports = [], {}
     for label, spec in models.items():
         loaded = load_model(spec, **load_options)
+        attention = PrefixAttention(loaded)  # rides on the scan's forward: one pass over the images per model
         report = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size,
-                      progress=progress, **scan_kwargs)
+                      progress=progress, also=[attention] if attention.needed else [], **scan_kwargs)
         problem = report.nonfinite_problem()
         if problem:  # a comparison of invalid statistics would read as a finding
             raise NonFiniteError(f"{label}: {problem}; its statistics are not valid, so the comparison is refused "
                                  f"(artifactscan norms {label} --allow-nonfinite shows where they start)")
-        mass = prefix_attention(loaded, images, dev, batch_size, **{k: v for k, v in scan_kwargs.items()
-                                                                    if k in _DECODE_KEYS})
-        rows.append(_row(label, loaded, report, mass, n_syn))
+        rows.append(_row(label, loaded, report, attention.finish(), n_syn))
         reports[label] = report
     return CompareReport(model=[r.model for r in reports.values()], images=next(iter(reports.values())).images,
                          headline=register_verdict(rows), rows=rows, reports=reports)
 
 
-_DECODE_KEYS = ("num_workers", "exact_decode", "gpu_decode")
 _LOAD_KEYS = ("arch", "arch_kwargs", "trust_checkpoint", "img_size", "weights")
 
 
-def prefix_attention(loaded: LoadedModel, images: Any, device: torch.device, batch_size: int,
-                     num_workers: int | str = "auto", exact_decode: bool = False,
-                     gpu_decode: bool = False) -> dict[str, float]:
-    """Last block: mean attention mass of patch queries on CLS and (summed) on the registers."""
-    if not loaded.num_prefix_tokens:
-        return {}
-    source = make_image_source(images, loaded, exact_decode=exact_decode, gpu_decode=gpu_decode)
-    batches = (x for x, _, _ in image_batches(source, batch_size, num_workers, device) if x is not None)
-    last = attention_mass(loaded, batches, blocks=[-1], device=device)[0]
-    out = {"cls": last.prefix_mass.get("cls", 0.0)} if loaded.num_cls_tokens else {}
-    if loaded.num_register_tokens:
-        out["registers"] = sum(v for k, v in last.prefix_mass.items() if k.startswith("reg"))
-    return out
+class PrefixAttention:
+    """A measurement (``analysis.passes``): the last block's mean attention mass of patch queries on CLS and (summed)
+    on the registers. The probabilities are reduced to ``[B, prefix]`` inside the hook."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.point = block_point(len(loaded.blocks) - 1, "attn.pattern")
+        self.sums = torch.zeros(loaded.num_prefix_tokens, dtype=torch.float64)
+        self.images = 0
+
+    @property
+    def needed(self) -> bool:
+        return self.loaded.num_prefix_tokens > 0
+
+    def _on_prefix(self, probs: torch.Tensor) -> torch.Tensor:
+        P = self.loaded.num_prefix_tokens
+        return probs.float().mean(dim=1)[:, P:, :P].mean(dim=1)  # heads averaged, then patch queries: [B, P]
+
+    def hook_names(self) -> dict[str, Any]:
+        return {self.point: self._on_prefix}
+
+    def stop_after(self) -> None:
+        return None
+
+    def on_batch(self, batch: Any) -> None:
+        mass = batch.captured[self.point]
+        self.sums += mass.sum(dim=0).double().cpu()
+        self.images += mass.shape[0]
+
+    def finish(self) -> dict[str, float]:
+        if not self.images:
+            return {}
+        mass = dict(zip(self.loaded.prefix_names, (self.sums / self.images).tolist()))
+        out = {"cls": mass.get("cls", 0.0)} if self.loaded.num_cls_tokens else {}
+        if self.loaded.num_register_tokens:
+            out["registers"] = sum(v for k, v in mass.items() if k.startswith("reg"))
+        return out
 
 
 def register_verdict(rows: list[ModelRow]) -> str:

@@ -81,11 +81,13 @@ class Measurement(Protocol):
 def _capture_points(measurements: Sequence[Measurement]) -> dict[str, Reduce | None]:
     """What the shared forward captures: each point reduced inside its hook when every measurement reduces it the
     same way; the tensor itself when they differ (each measurement's reduction then runs on it after the forward)."""
-    wanted: dict[str, dict[int, Reduce | None]] = {}
+    wanted: dict[str, list[Reduce | None]] = {}
     for m in measurements:
         for name, reduce in m.hook_names().items():
-            wanted.setdefault(name, {})[id(reduce)] = reduce
-    return {name: next(iter(ways.values())) if len(ways) == 1 else None for name, ways in wanted.items()}
+            ways = wanted.setdefault(name, [])
+            if reduce not in ways:  # equality, not identity: a bound method is a new object at every access
+                ways.append(reduce)
+    return {name: ways[0] if len(ways) == 1 else None for name, ways in wanted.items()}
 
 
 def _view(measurement: Measurement, points: Mapping[str, Reduce | None],
@@ -94,7 +96,7 @@ def _view(measurement: Measurement, points: Mapping[str, Reduce | None],
     view = {}
     for name, reduce in measurement.hook_names().items():
         value = captured[name]
-        view[name] = value if points[name] is reduce or reduce is None else reduce(value)
+        view[name] = value if reduce is None or points[name] == reduce else reduce(value)
     return view
 
 

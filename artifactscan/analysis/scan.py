@@ -442,6 +442,7 @@ def scan(
     exact_decode: bool = False,
     gpu_decode: bool = False,
     allow_nonfinite: bool = False,
+    also: Sequence[Measurement] = (),
 ) -> ScanReport:
     """Scan a ViT's patch-token norms, layer by layer, and flag the high-norm outliers.
 
@@ -461,6 +462,8 @@ def scan(
         allow_nonfinite: scan a model with NaN/Inf weights instead of refusing it (:class:`NonFiniteError`).
             Non-finite token norms are always counted per layer (``num_nonfinite``) and put first in the headline;
             :meth:`ScanReport.nonfinite_problem` says what was found.
+        also: other measurements of the same images (``analysis.passes.Measurement``) that share the scan's first
+            forward; their results are their own ``finish()`` (``compare`` reads the attention on prefix tokens so).
 
     Returns:
         A :class:`ScanReport`.
@@ -475,8 +478,9 @@ def scan(
     rule = rule or AutoRule()
     load = dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, img_size=img_size,
                 weights=weights)
-    with open_pass(model, images, settings=settings, load=load) as opened:
-        return measure_norms(opened, fixed, rule, num_maps)
+    attention = any(name.endswith(".attn.pattern") for m in also for name in m.hook_names())
+    with open_pass(model, images, settings=settings, load=load, explicit_attention=attention) as opened:
+        return measure_norms(opened, fixed, rule, num_maps, also)
 
 
 def measure_norms(opened: OpenedPass, fixed: float | None, rule: AutoRule, num_maps: int,
