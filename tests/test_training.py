@@ -25,6 +25,8 @@ from artifactscan.analysis.training import (
     train_reg,
 )
 
+from artifactscan.monitor import read_monitor
+
 from .conftest import join_two_rank_group
 
 
@@ -97,6 +99,10 @@ def test_train_model_writes_loadable_self_describing_checkpoints(tmp_path):
         assert (run / name).is_file(), name
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [4, 8]
+    # the artifact monitor measured the same weights at each evaluation, the validation images its probe set
+    history = read_monitor(run)
+    assert history.steps == [4, 8] and history.num_blocks == 2
+    assert history.last.model.num_register_tokens == 2 and history.last.images.num_scanned == 64
     assert {"loss", "val_acc", "img_per_s", "val_loss"} <= set(metrics[0])
     assert res.steps == 8 and 0.0 <= res.val_acc <= 1.0 and res.img_per_s > 0
     assert [p.name for p in res.checkpoints] == ["step_0000004.safetensors"]
@@ -141,6 +147,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     m_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     m_res = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["val_loss"] for x in m_full] == [json.loads(x)["val_loss"] for x in m_res]
+    # the resumed run continued monitor.jsonl: the same updates as the uninterrupted run's
+    assert read_monitor(tmp_path / "part").outlier_fraction == read_monitor(tmp_path / "full").outlier_fraction
+    assert read_monitor(tmp_path / "part").steps == [4, 8]
 
 
 def test_train_reg_pair_and_baseline_reuse(tmp_path):
@@ -207,6 +216,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert (run / "final.safetensors").is_file() and (run / "last.pt").is_file()
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 wrote once per eval
+    assert len((run / "monitor.jsonl").read_text().splitlines()) == 2  # and the monitor's rank 0 alone too
     accs = [json.loads((tmp_path / f"acc{r}.json").read_text())["val_acc"] for r in (0, 1)]
     assert accs[0] == accs[1]  # sharded eval, all-reduced
     final, _ = _load(run / "final.safetensors")

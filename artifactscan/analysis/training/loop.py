@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from artifactscan.models.checkpoint import META_KEY, save_checkpoint
+from artifactscan.analysis.monitor import ArtifactMonitor
+from artifactscan.analysis.monitor_records import MONITOR_FILE
 from artifactscan.core.errors import RunInterrupted, TrainingError, option
 from artifactscan.analysis.training.config import TrainConfig, check_training_fits, resolve_config, validate_config
 from artifactscan.analysis.training.model import build_model, lr_factor, param_groups
@@ -339,6 +341,7 @@ class _Session:
     val_loss: float = float("nan")
     val_acc: float = float("nan")
     ckpt_stride: int = 1  # snapshots kept are those at multiples of ckpt_every * ckpt_stride
+    monitor: ArtifactMonitor | None = None  # the artifacts at each evaluation: run_dir/monitor.jsonl
     running_loss: torch.Tensor = field(init=False)  # summed on the device: no host sync per step (matters on GPU)
     params: list[nn.Parameter] = field(init=False)  # what gradient clipping sees
 
@@ -384,9 +387,12 @@ class _Session:
                                                self.data.std, self.d)
 
     def evaluate_and_record(self) -> dict:
-        """Evaluate, append the line to ``metrics.jsonl`` (rank 0) and start the next training-loss average."""
+        """Evaluate, append the line to ``metrics.jsonl`` (rank 0) and start the next training-loss average; the
+        artifact monitor measures the same weights (``monitor.jsonl``, every rank taking part as it asks)."""
         c, world = self.counters, self.d.world
         self.evaluate()
+        if self.monitor is not None:
+            self.monitor.step(self.raw, c.step)
         c.loss_sum += self.running_loss.item()
         record = {
             "step": c.step,
@@ -476,8 +482,12 @@ def _start_session(config: TrainConfig, run_dir: Path, d: DistState, device: tor
     mean = torch.tensor(data_config["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(data_config["std"], device=device).view(1, 3, 1, 1)
     data = _TrainingData(train_ds, val_ds, data_config, data_desc, mean, std)
+    # The first validation images are the probe set; measured at each evaluation (every=1: called on its schedule).
+    # A resumed session continues the file from its saved step (the records a killed session wrote after it go).
+    monitor = ArtifactMonitor(val_ds, every=1, out=run_dir, data_config=data_config,
+                              resume=counters.step if saved is not None else False)
     return _Session(config=config, run_dir=run_dir, d=d, device=device, data=data, total=total, raw=raw,
-                    model=model, opt=opt, sched=sched, counters=counters, start_step=counters.step)
+                    model=model, opt=opt, sched=sched, counters=counters, start_step=counters.step, monitor=monitor)
 
 
 def _with_class_count(config: TrainConfig, n_data_classes: int) -> TrainConfig:
@@ -512,6 +522,7 @@ def _write_run_header(run_dir: Path, config: TrainConfig, total: int, data_desc:
     run_dir.mkdir(parents=True, exist_ok=True)
     if resumed_at is None:  # a fresh start: evaluation lines of an earlier attempt that never saved are stale
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / MONITOR_FILE).unlink(missing_ok=True)
     else:
         _keep_metrics_up_to(run_dir / "metrics.jsonl", resumed_at)
     write_json(run_dir / "config.json", {**config.to_dict(), "total_steps": total, "data": config.data,
