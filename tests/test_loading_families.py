@@ -129,3 +129,120 @@ def test_real_size_pe_native_file_loads_without_arch(tmp_path, name):
     assert loaded.arch == name and loaded.layout == "pe" and loaded.num_prefix_tokens == 1
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in own.items())
+
+
+# ----------------------------------------------------------------------------------------------- EVA02-CLIP
+def test_eva02_clip_through_open_clip_loads_and_norms_match(tmp_path):
+    """OpenCLIP's EVA02 (a timm trunk, ``visual.trunk.*``, next to its text tower) at its real size: open_clip has
+    no smaller EVA02 configuration, and its trunk takes no size arguments."""
+    open_clip = pytest.importorskip("open_clip")
+    from .conftest import hooked_block_norms
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("EVA02-B-16", pretrained=None).eval()
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(path)
+    assert loaded.arch == "eva02_base_patch16_clip_224" and loaded.layout == "openclip_timm"
+    assert (loaded.num_cls_tokens, loaded.num_register_tokens) == (1, 0)
+    assert any("CLIP text tower" in n for n in loaded.notes)
+    x = torch.randn(1, 3, 224, 224)
+    trunk = model.visual.trunk
+    theirs = hooked_block_norms(list(trunk.blocks), lambda images: model.encode_image(images), x)
+    ours = loaded_block_norms(loaded, x)
+    assert ours.shape == theirs.shape == (12, 1, 1 + 14 * 14)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------- AIMv2
+def test_timm_aimv2_state_dict_loads_with_arch_and_norms_match(tmp_path):
+    kwargs = {**TINY, "img_size": 56}
+    model = randomize(timm.create_model("aimv2_large_patch14_224", pretrained=False, **kwargs), scale=0.1)
+    path = tmp_path / "aimv2.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = load_model(path, arch="aimv2_large_patch14_224", arch_kwargs=kwargs)
+    assert loaded.layout is None and (loaded.num_cls_tokens, loaded.num_register_tokens) == (0, 0)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():  # no prefix tokens: timm returns the patch tokens alone
+        blocks = model.forward_intermediates(x, norm=False, intermediates_only=True, output_fmt="NLC")
+    theirs = torch.stack([torch.linalg.vector_norm(b, dim=-1) for b in blocks])
+    ours = loaded_block_norms(loaded, x)
+    assert ours.shape == theirs.shape == (2, 2, 16)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_hidden_norms(model, x, **inputs) -> torch.Tensor:
+    """``[num_blocks, B, T]`` from transformers' own ``output_hidden_states`` (each block's output)."""
+    with torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True, **inputs)
+    return torch.stack([torch.linalg.vector_norm(h, dim=-1) for h in out.hidden_states[1:]])
+
+
+def hf_aimv2(**overrides):
+    config = transformers.Aimv2VisionConfig(**{**dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+        patch_size=14), **overrides})
+    return randomize(transformers.Aimv2VisionModel(config), scale=0.1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True}, {"mlp_bias": True}], ids=["plain", "qkv", "mlp"])
+def test_hf_aimv2_folder_norms_match_transformers(tmp_path, overrides):
+    model = hf_aimv2(**overrides)
+    model.save_pretrained(tmp_path / "aimv2")
+    loaded = load_model(tmp_path / "aimv2")
+    assert loaded.arch == "artifactscan_aimv2" and loaded.layout == "hf:aimv2_vision_model"
+    assert (loaded.num_cls_tokens, loaded.num_register_tokens) == (0, 0)
+    assert any("head" in n for n in loaded.notes)  # the attention-pooling head, dropped by name
+    x = torch.randn(2, 3, 56, 56)
+    ours, theirs = loaded_block_norms(loaded, x), hf_hidden_norms(model, x)
+    assert ours.shape == theirs.shape == (2, 2, 16)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+
+
+def test_hf_aimv2_converted_model_reloads_from_its_own_checkpoint(tmp_path):
+    from artifactscan.models.checkpoint import save_checkpoint
+
+    model = hf_aimv2()
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    save_checkpoint(tmp_path / "ckpt.safetensors", loaded.model.state_dict(), loaded.meta)
+    again = load_model(tmp_path / "ckpt.safetensors")
+    assert again.arch == "artifactscan_aimv2"
+    x = torch.randn(1, 3, 56, 56)
+    torch.testing.assert_close(loaded_block_norms(again, x), hf_hidden_norms(model, x), rtol=1e-4, atol=0)
+
+
+def test_hf_aimv2_native_resolution_is_refused_in_one_line(tmp_path):
+    from artifactscan.core.errors import ModelLoadError
+
+    hf_aimv2(is_native=True).save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="native-resolution variant") as err:
+        load_model(tmp_path / "m")
+    assert "\n" not in str(err.value)
+
+
+def live_capture_matches(model, x, cls: int) -> None:
+    """A live HF model hooked as it is: names, prefix tokens, and every block's residual stream as transformers'
+    own hidden states."""
+    from artifactscan.models.hooks import capture, family_of, hook_names
+
+    depth = model.config.num_hidden_layers
+    assert family_of(model).name == "hf-vision" and family_of(model).prefix_tokens(model) == (cls, 0)
+    assert {f"blocks.{i}.{p}" for i in range(depth) for p in ("resid_post", "attn.q", "mlp.post")} <= set(
+        hook_names(model))
+    with torch.no_grad():
+        hidden = model(pixel_values=x, output_hidden_states=True).hidden_states[1:]
+        with capture(model, ["blocks.*.resid_post"]) as cap:
+            cap.forward(x)
+    for i, h in enumerate(hidden):
+        torch.testing.assert_close(cap[f"blocks.{i}.resid_post"], h)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_live_hf_aimv2_is_hooked_by_its_in_memory_names(attn):
+    model = hf_aimv2()
+    model.config._attn_implementation = attn
+    live_capture_matches(model, torch.randn(2, 3, 56, 56), cls=0)

@@ -26,7 +26,7 @@ from torch import nn
 
 from artifactscan.core.errors import ModelLoadError, NotAViTError, OfflineError
 from artifactscan.core.paths import display_name, what_it_is
-from artifactscan.models.layouts import dinov3
+from artifactscan.models.layouts import aimv2, dinov3
 from artifactscan.models.native import read_error_reason, read_torch_file
 from artifactscan.models.registry import register_architecture
 
@@ -34,7 +34,13 @@ ARCH = "artifactscan_vit"
 SUPPORTED = {
     "dinov2": "Dinov2", "dinov2_with_registers": "Dinov2WithRegisters", "vit": "ViT", "clip": "CLIPModel",
     "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel",
-    dinov3.HF_MODEL_TYPE: "DINOv3ViTModel",
+    dinov3.HF_MODEL_TYPE: "DINOv3ViTModel", "aimv2_vision_model": "Aimv2VisionModel", "aimv2": "Aimv2Model",
+}
+# Families converted into a timm model other than the plain VisionTransformer, each by its own module:
+# model_type -> (convert_hf, hf_kwargs, build, registered architecture).
+FAMILY_CONVERTERS = {
+    dinov3.HF_MODEL_TYPE: (dinov3.convert_hf, dinov3.hf_kwargs, dinov3.build_dinov3, dinov3.ARCH),
+    **{t: (aimv2.convert_hf, aimv2.hf_kwargs, aimv2.build_aimv2, aimv2.ARCH) for t in aimv2.HF_MODEL_TYPES},
 }
 _ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
         "silu": "silu", "relu": "relu"}
@@ -270,10 +276,11 @@ def load_folder(folder: Path) -> tuple[nn.Module, str, dict[str, Any], dict[str,
     """(timm model with the weights, its registered architecture (``artifactscan_vit`` or ``artifactscan_dinov3``)
     and kwargs, data config or None, notes)."""
     vision, _, model_type = _read_config(folder)
-    if model_type == dinov3.HF_MODEL_TYPE:  # a timm Eva, not a VisionTransformer: the family's own mapping
-        sd, dropped = dinov3.convert_hf(_read_weights(folder), vision, str(folder))
-        arch, kwargs = dinov3.ARCH, dinov3.hf_kwargs(vision)
-        model = dinov3.build_dinov3(**kwargs)
+    if model_type in FAMILY_CONVERTERS:  # the family's own mapping (DINOv3 into timm's Eva, AIMv2 ...)
+        convert, family_kwargs, build, arch = FAMILY_CONVERTERS[model_type]
+        kwargs = family_kwargs(vision)
+        sd, dropped = convert(_read_weights(folder), vision, str(folder))
+        model = build(**kwargs)
     else:
         sd, dropped = convert_state_dict(_read_weights(folder))
         if "patch_embed.proj.weight" not in sd:
