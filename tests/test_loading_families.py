@@ -246,3 +246,19 @@ def test_live_hf_aimv2_is_hooked_by_its_in_memory_names(attn):
     model = hf_aimv2()
     model.config._attn_implementation = attn
     live_capture_matches(model, torch.randn(2, 3, 56, 56), cls=0)
+
+
+# ----------------------------------------------------------------------------------------------- no --arch
+@pytest.mark.parametrize("name", [f"aimv2_{s}_patch14_{r}" for s in ("large", "huge", "1b", "3b") for r in (224, 336)]
+                         + ["vit_pe_lang_gigantic_patch14_448", "vit_pe_spatial_base_patch16_512",
+                            "vit_pe_spatial_large_patch14_448"])
+def test_new_families_match_by_shapes(name):
+    """Every real configuration, on the meta device (no memory): a bare state dict finds its architecture."""
+    from artifactscan.models import infer
+
+    sd = infer._meta_model(name).state_dict()
+    match = infer.infer_architecture(sd, "timm", name)
+    # the 336 towers are the 224 ones read at 336 (equivalent configurations load as the table's first)
+    assert match.arch == name.replace("_336", "_224")
+    built = infer._meta_model(match.arch, **match.kwargs).state_dict()
+    assert {k: v.shape for k, v in built.items()} == {k: v.shape for k, v in sd.items()}

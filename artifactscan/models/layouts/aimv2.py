@@ -21,9 +21,15 @@ import torch
 from torch import nn
 
 from artifactscan.core.errors import ModelLoadError
+from artifactscan.models import infer
 from artifactscan.models.registry import register_architecture
 
 HF_MODEL_TYPES = ("aimv2_vision_model", "aimv2")
+#: timm's AIMv2 towers, so their ``state_dict()`` files load without ``--arch`` (no CLS, RMSNorm, SwiGLU)
+TIMM_SIZES = {"large": 1024, "huge": 1536, "1b": 2048, "3b": 3072}
+for _size, _width in TIMM_SIZES.items():
+    for _res in (224, 336):
+        infer.register_known_config(f"aimv2_{_size}_patch14_{_res}", "aimv2", _width, 14)
 ARCH = "artifactscan_aimv2"
 #: Aimv2VisionConfig's defaults, which config.json may leave out
 HF_DEFAULTS: dict[str, Any] = dict(
