@@ -262,3 +262,60 @@ def test_new_families_match_by_shapes(name):
     assert match.arch == name.replace("_336", "_224")
     built = infer._meta_model(match.arch, **match.kwargs).state_dict()
     assert {k: v.shape for k, v in built.items()} == {k: v.shape for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------------- BEiT
+BEIT = {  # BEiT v1 fine-tuned (relative bias per layer, mean pooling), v1 pretraining (shared bias, absolute
+    # position embedding, final LayerNorm), BEiT v2 (as v1, layer scale)
+    "v1": dict(use_relative_position_bias=True, use_mean_pooling=True),
+    "shared": dict(use_shared_relative_position_bias=True, use_absolute_position_embeddings=True,
+                   use_mean_pooling=False, layer_scale_init_value=0.0),
+    "v2": dict(use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1),
+}
+
+
+def hf_beit(task: bool = False, **overrides):
+    config = transformers.BeitConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=32, patch_size=8, num_labels=3, **overrides)
+    cls = transformers.BeitForImageClassification if task else transformers.BeitModel
+    model = randomize(cls(config), scale=0.1)
+    inner = model.beit if task else model
+    for layer in inner.layers:  # BEiT has no key bias: transformers keeps none either
+        assert layer.attention.k_proj.bias is None
+    return model
+
+
+@pytest.mark.parametrize("variant", list(BEIT))
+def test_hf_beit_folder_norms_match_transformers(tmp_path, variant):
+    model = hf_beit(**BEIT[variant])
+    model.save_pretrained(tmp_path / "beit")
+    from safetensors import safe_open
+
+    assert any(k.startswith("encoder.layer.0.attention.attention.") for k in safe_open(
+        str(tmp_path / "beit" / "model.safetensors"), "pt").keys())  # on-disk names, not the in-memory ones
+    loaded = load_model(tmp_path / "beit")
+    assert loaded.arch == "artifactscan_beit" and loaded.layout == "hf:beit"
+    assert (loaded.num_cls_tokens, loaded.num_register_tokens) == (1, 0)
+    x = torch.randn(2, 3, 32, 32)
+    ours, theirs = loaded_block_norms(loaded, x), hf_hidden_norms(model, x)
+    assert ours.shape == theirs.shape == (2, 2, 17)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+
+
+def test_hf_beit_in_memory_names_and_task_model(tmp_path):
+    """transformers 5's in-memory names (``layers.N.attention.q_proj``) saved by hand, and a classifier's ``beit.``
+    wrapper with its head dropped."""
+    model = hf_beit(task=True, **BEIT["v1"])
+    model.save_pretrained(tmp_path / "m")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m" / "model.safetensors"))
+    loaded = load_model(tmp_path / "m")
+    assert any("classifier" in n for n in loaded.notes)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded_block_norms(loaded, x), hf_hidden_norms(model.beit, x), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_live_hf_beit_is_hooked_by_its_in_memory_names(attn):
+    model = hf_beit(**BEIT["v2"])
+    model.config._attn_implementation = attn
+    live_capture_matches(model, torch.randn(2, 3, 32, 32), cls=1)

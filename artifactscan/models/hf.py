@@ -26,7 +26,7 @@ from torch import nn
 
 from artifactscan.core.errors import ModelLoadError, NotAViTError, OfflineError
 from artifactscan.core.paths import display_name, what_it_is
-from artifactscan.models.layouts import aimv2, dinov3
+from artifactscan.models.layouts import aimv2, beit, dinov3
 from artifactscan.models.native import read_error_reason, read_torch_file
 from artifactscan.models.registry import register_architecture
 
@@ -35,11 +35,13 @@ SUPPORTED = {
     "dinov2": "Dinov2", "dinov2_with_registers": "Dinov2WithRegisters", "vit": "ViT", "clip": "CLIPModel",
     "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel",
     dinov3.HF_MODEL_TYPE: "DINOv3ViTModel", "aimv2_vision_model": "Aimv2VisionModel", "aimv2": "Aimv2Model",
+    beit.HF_MODEL_TYPE: "BeitModel",
 }
 # Families converted into a timm model other than the plain VisionTransformer, each by its own module:
 # model_type -> (convert_hf, hf_kwargs, build, registered architecture).
 FAMILY_CONVERTERS = {
     dinov3.HF_MODEL_TYPE: (dinov3.convert_hf, dinov3.hf_kwargs, dinov3.build_dinov3, dinov3.ARCH),
+    beit.HF_MODEL_TYPE: (beit.convert_hf, beit.hf_kwargs, beit.build_beit, beit.ARCH),
     **{t: (aimv2.convert_hf, aimv2.hf_kwargs, aimv2.build_aimv2, aimv2.ARCH) for t in aimv2.HF_MODEL_TYPES},
 }
 _ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",

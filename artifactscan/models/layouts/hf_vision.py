@@ -1,6 +1,6 @@
 """Live Hugging Face vision encoders (transformers 5's in-memory module names): ``Dinov2Model``,
-``Dinov2WithRegistersModel``, ``ViTModel``, ``CLIPVisionModel``, ``SiglipVisionModel``, ``DINOv3ViTModel`` and
-``Aimv2VisionModel``, and
+``Dinov2WithRegistersModel``, ``ViTModel``, ``CLIPVisionModel``, ``SiglipVisionModel``, ``DINOv3ViTModel``,
+``Aimv2VisionModel`` and ``BeitModel``, and
 the ``*ForImageClassification`` heads around them. Their hook points, so a model in someone's notebook or training loop
 is measured as it is, without converting it (the loader converts HF *files* into timm ViTs: models/hf.py).
 
@@ -49,6 +49,9 @@ CLASSES = {
     "CLIPVisionModel": Trunk("", "encoder.layers", "self_attn", "mlp.fc2", "embeddings.patch_embedding", None, True),
     "SiglipVisionModel": Trunk("", "encoder.layers", "self_attn", "mlp.fc2", "embeddings.patch_embedding",
                                "post_layernorm", True, cls=False),
+    # BEiT: transformers 5 keeps its layers as `layers` (on disk `encoder.layer`); the relative position bias goes to
+    # the kernel as its mask. With mean pooling `layernorm` is an identity (as timm's Beit's `norm` is then).
+    "BeitModel": Trunk("", "layers", "attention", "mlp.fc2", "embeddings.patch_embeddings", "layernorm", False),
     # AIMv2: no CLS; the patch projection is followed by an RMSNorm inside the embeddings (read before it)
     "Aimv2VisionModel": Trunk("", "encoder.layers", "attention", "ffn.down_proj", "embeddings.patch_embed",
                               "rms_norm", True, cls=False),
@@ -57,7 +60,7 @@ CLASSES = {
                             True),
 }
 #: wrappers: the attribute that holds one of the models above
-WRAPPERS = ("vision_model", "dinov2", "vit")
+WRAPPERS = ("vision_model", "dinov2", "vit", "beit")
 
 
 def _trunk(model: nn.Module) -> tuple[str, Trunk] | None:
