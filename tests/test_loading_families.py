@@ -319,3 +319,48 @@ def test_live_hf_beit_is_hooked_by_its_in_memory_names(attn):
     model = hf_beit(**BEIT["v2"])
     model.config._attn_implementation = attn
     live_capture_matches(model, torch.randn(2, 3, 32, 32), cls=1)
+
+
+# ----------------------------------------------------------------------------------------------- SigLIP2
+def test_siglip2_fixres_folder_loads_and_norms_match(tmp_path):
+    """SigLIP2's fixed-resolution checkpoints are ``SiglipModel`` folders (model_type ``siglip``): text tower and
+    attention-pool head dropped, no CLS."""
+    config = transformers.SiglipConfig(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    model = randomize(transformers.SiglipModel(config), scale=0.1)
+    model.save_pretrained(tmp_path / "siglip2")
+    loaded = load_model(tmp_path / "siglip2")
+    assert loaded.layout == "hf:siglip" and (loaded.num_cls_tokens, loaded.num_register_tokens) == (0, 0)
+    x = torch.randn(2, 3, 32, 32)
+    ours, theirs = loaded_block_norms(loaded, x), hf_hidden_norms(model.vision_model, x)
+    assert ours.shape == theirs.shape == (2, 2, 16)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("vision_only", [True, False])
+def test_siglip2_naflex_folder_is_refused_in_one_line(tmp_path, vision_only):
+    from artifactscan.core.errors import ModelLoadError
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8)
+    if vision_only:
+        model = transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**vision))
+    else:
+        model = transformers.Siglip2Model(transformers.Siglip2Config(vision_config=vision, text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))
+    model.save_pretrained(tmp_path / "naflex")
+    refusal = r"SigLIP2 NaFlex model .*padded tokens would enter every statistic"
+    with pytest.raises(ModelLoadError, match=refusal) as err:
+        load_model(tmp_path / "naflex")
+    assert "\n" not in str(err.value)
+
+
+def test_live_siglip2_naflex_is_not_hooked_as_siglip():
+    from artifactscan.models.hooks import family_of
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8)
+    model = transformers.Siglip2Model(transformers.Siglip2Config(vision_config=vision, text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))
+    with pytest.raises(Exception, match="not a model family|not supported|NaFlex"):
+        family_of(model)

@@ -37,6 +37,8 @@ SUPPORTED = {
     dinov3.HF_MODEL_TYPE: "DINOv3ViTModel", "aimv2_vision_model": "Aimv2VisionModel", "aimv2": "Aimv2Model",
     beit.HF_MODEL_TYPE: "BeitModel",
 }
+#: NaFlex (variable resolution, padded patch sequences): refused by name until padding is kept out of statistics
+NAFLEX_MODEL_TYPES = ("siglip2", "siglip2_vision_model")
 # Families converted into a timm model other than the plain VisionTransformer, each by its own module:
 # model_type -> (convert_hf, hf_kwargs, build, registered architecture).
 FAMILY_CONVERTERS = {
@@ -121,6 +123,11 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
     if model_type == "dinov3_convnext":
         raise NotAViTError(f"{folder} is a Hugging Face DINOv3 ConvNeXt (dinov3_convnext): a convolutional network, "
                            "not a Vision Transformer, so it has no tokens to scan; use a DINOv3 ViT (dinov3_vit)")
+    if model_type in NAFLEX_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{folder} is a SigLIP2 NaFlex model ({model_type}): its images are variable-resolution patch sequences "
+            "with padding, which artifactscan does not measure yet (the padded tokens would enter every statistic); "
+            "the fixed-resolution SigLIP2 checkpoints (model_type siglip, e.g. google/siglip2-base-patch16-224) load")
     if model_type not in SUPPORTED:
         raise ModelLoadError(f"{folder} is a Hugging Face {model_type or 'unknown'} model; artifactscan converts "
                              f"{', '.join(sorted(set(SUPPORTED.values())))} (config model_type: "
