@@ -251,7 +251,8 @@ def test_live_hf_aimv2_is_hooked_by_its_in_memory_names(attn):
 # ----------------------------------------------------------------------------------------------- no --arch
 @pytest.mark.parametrize("name", [f"aimv2_{s}_patch14_{r}" for s in ("large", "huge", "1b", "3b") for r in (224, 336)]
                          + ["vit_pe_lang_gigantic_patch14_448", "vit_pe_spatial_base_patch16_512",
-                            "vit_pe_spatial_large_patch14_448"])
+                            "vit_pe_spatial_large_patch14_448", "vit_base_patch16_radio_v3", "vit_giant_patch16_radio_v3",
+                            "vit_so400m_patch16_radio_v4", "vit_huge_patch16_radio_v4"])
 def test_new_families_match_by_shapes(name):
     """Every real configuration, on the meta device (no memory): a bare state dict finds its architecture."""
     from artifactscan.models import infer
@@ -364,3 +365,41 @@ def test_live_siglip2_naflex_is_not_hooked_as_siglip():
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))
     with pytest.raises(Exception, match="not a model family|not supported|NaFlex"):
         family_of(model)
+
+
+# ----------------------------------------------------------------------------------------------- RADIO
+@pytest.mark.parametrize("name,prefix", [("vit_base_patch16_radio_v3", (1, 7)), ("vit_huge_patch16_radio_v4", (1, 9))])
+def test_timm_radio_state_dict_loads_and_prefix_tokens_stay_out(tmp_path, name, prefix):
+    kwargs = {**TINY, "img_size": 64}
+    model = randomize(timm.create_model(name, pretrained=False, **kwargs), scale=0.1)
+    path = tmp_path / "radio.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = load_model(path, arch=name, arch_kwargs=kwargs)
+    assert (loaded.num_cls_tokens, loaded.num_register_tokens) == prefix and loaded.num_prefix_tokens == sum(prefix)
+    x = torch.randn(2, 3, 64, 64)
+    ours, theirs = loaded_block_norms(loaded, x), timm_block_norms(model, x)
+    assert ours.shape == theirs.shape == (2, 2, sum(prefix) + 16)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+
+
+def test_radio_scan_keeps_its_ten_prefix_tokens_out_of_patch_statistics(tmp_path):
+    """The scan's patch statistics are the patch tokens' alone (timm's patch tokens), its 10 prefix tokens apart."""
+    import artifactscan
+
+    name, kwargs = "vit_huge_patch16_radio_v4", {**TINY, "img_size": 64}
+    model = randomize(timm.create_model(name, pretrained=False, **kwargs), scale=0.1)
+    with torch.no_grad():
+        model.reg_token.mul_(100)  # prefix tokens far above every patch: any leak into patch statistics shows
+    path = tmp_path / "radio.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    images = torch.rand(2, 3, 64, 64)
+    report = artifactscan.scan(path, images, arch=name, arch_kwargs=kwargs, img_size=64, device="cpu",
+                               num_workers=0)
+    assert [p.name for p in report.layers[0].prefix] == ["cls"] + [f"reg{i}" for i in range(9)]
+    loaded = load_model(path, arch=name, arch_kwargs=kwargs)
+    x = torch.stack([torch.as_tensor(i) for i in images])
+    mean, std = (torch.tensor(loaded.data_config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        blocks = model.forward_intermediates((x - mean) / std, norm=False, intermediates_only=True, output_fmt="NLC")
+    for layer, patches in zip(report.layers, blocks):
+        assert layer.max == pytest.approx(float(torch.linalg.vector_norm(patches, dim=-1).max()), rel=1e-3)
