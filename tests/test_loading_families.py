@@ -403,3 +403,37 @@ def test_radio_scan_keeps_its_ten_prefix_tokens_out_of_patch_statistics(tmp_path
         blocks = model.forward_intermediates((x - mean) / std, norm=False, intermediates_only=True, output_fmt="NLC")
     for layer, patches in zip(report.layers, blocks):
         assert layer.max == pytest.approx(float(torch.linalg.vector_norm(patches, dim=-1).max()), rel=1e-3)
+
+
+def hf_radio(**overrides):
+    config = transformers.RadioConfig(**{**dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, max_img_size=128, patch_size=16,
+        patch_dim=768, norm_mean=[0.4, 0.5, 0.6], norm_std=[0.2, 0.25, 0.3]), **overrides})
+    return randomize(transformers.RadioModel(config), scale=0.1)
+
+
+def test_hf_radio_folder_norms_match_transformers(tmp_path):
+    """RADIO's 3 summary tokens and 7 registers are all prefix tokens; its in-model normalisation is the
+    preprocessing (transformers gets the raw pixels, artifactscan's model the normalised ones)."""
+    model = hf_radio()
+    model.save_pretrained(tmp_path / "radio")
+    loaded = load_model(tmp_path / "radio")
+    assert loaded.layout == "hf:radio" and loaded.num_prefix_tokens == 10
+    assert loaded.data_config["mean"] == pytest.approx((0.4, 0.5, 0.6))
+    assert loaded.data_config["std"] == pytest.approx((0.2, 0.25, 0.3))
+    pixels = torch.rand(2, 3, 64, 64)
+    mean, std = (torch.tensor(loaded.data_config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    ours, theirs = loaded_block_norms(loaded, (pixels - mean) / std), hf_hidden_norms(model, pixels)
+    assert ours.shape == theirs.shape == (2, 2, 10 + 16)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+
+
+def test_hf_radio_in_memory_names_load_too(tmp_path):
+    model = hf_radio()
+    model.save_pretrained(tmp_path / "m")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m" / "model.safetensors"))
+    loaded = load_model(tmp_path / "m")
+    pixels = torch.rand(1, 3, 64, 64)
+    mean, std = (torch.tensor(loaded.data_config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    torch.testing.assert_close(loaded_block_norms(loaded, (pixels - mean) / std), hf_hidden_norms(model, pixels),
+                               rtol=1e-4, atol=0)
