@@ -8,6 +8,10 @@ is not needed to load (the ``artifactscan[hf]`` extra installs it to check the c
 Both the transformers 4 key names (``attention.attention.query``, ``intermediate.dense``, hub files) and the 5 ones
 (``attention.q_proj``, ``mlp.fc1``) are read. Preprocessing comes from the folder's ``preprocessor_config.json``.
 
+Families that are not a plain timm ``VisionTransformer``, or whose weights need their own mapping, are converted by
+their own module (``FAMILY_CONVERTERS``: DINOv3, AIMv2, BEiT, RADIO in ``models/layouts/``); SigLIP2's NaFlex
+folders are refused by name.
+
 The converted model is built by the registered architecture ``artifactscan_vit`` (plain JSON kwargs, including the
 LayerNorm epsilon and activation of the HF config), so a checkpoint saved from it (``fix --out``) reloads.
 """
