@@ -8,6 +8,10 @@ is not needed to load (the ``artifactscan[hf]`` extra installs it to check the c
 Both the transformers 4 key names (``attention.attention.query``, ``intermediate.dense``, hub files) and the 5 ones
 (``attention.q_proj``, ``mlp.fc1``) are read. Preprocessing comes from the folder's ``preprocessor_config.json``.
 
+Families that are not a plain timm ``VisionTransformer``, or whose weights need their own mapping, are converted by
+their own module (``FAMILY_CONVERTERS``: DINOv3, AIMv2, BEiT, RADIO in ``models/layouts/``); SigLIP2's NaFlex
+folders are refused by name.
+
 The converted model is built by the registered architecture ``artifactscan_vit`` (plain JSON kwargs, including the
 LayerNorm epsilon and activation of the HF config), so a checkpoint saved from it (``fix --out``) reloads.
 """
@@ -26,7 +30,7 @@ from torch import nn
 
 from artifactscan.core.errors import ModelLoadError, NotAViTError, OfflineError
 from artifactscan.core.paths import display_name, what_it_is
-from artifactscan.models.layouts import dinov3
+from artifactscan.models.layouts import aimv2, beit, dinov3, radio
 from artifactscan.models.native import read_error_reason, read_torch_file
 from artifactscan.models.registry import register_architecture
 
@@ -34,7 +38,19 @@ ARCH = "artifactscan_vit"
 SUPPORTED = {
     "dinov2": "Dinov2", "dinov2_with_registers": "Dinov2WithRegisters", "vit": "ViT", "clip": "CLIPModel",
     "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel",
-    dinov3.HF_MODEL_TYPE: "DINOv3ViTModel",
+    dinov3.HF_MODEL_TYPE: "DINOv3ViTModel", "aimv2_vision_model": "Aimv2VisionModel", "aimv2": "Aimv2Model",
+    beit.HF_MODEL_TYPE: "BeitModel", radio.HF_MODEL_TYPE: "RadioModel",
+}
+#: NaFlex (variable resolution, padded patch sequences): refused by name until padding is kept out of statistics
+NAFLEX_MODEL_TYPES = ("siglip2", "siglip2_vision_model")
+# Families converted into a timm model other than the plain VisionTransformer, each by its own module:
+# model_type -> (convert_hf, hf_kwargs, build, registered architecture).
+FAMILY_CONVERTERS = {
+    dinov3.HF_MODEL_TYPE: (dinov3.convert_hf, dinov3.hf_kwargs, dinov3.build_dinov3, dinov3.ARCH),
+    beit.HF_MODEL_TYPE: (beit.convert_hf, beit.hf_kwargs, beit.build_beit, beit.ARCH),
+    # RADIO is timm's plain VisionTransformer (as its vit_*_radio_* towers): built by build_vit, defined below
+    radio.HF_MODEL_TYPE: (radio.convert_hf, radio.hf_kwargs, lambda **kwargs: build_vit(**kwargs), "artifactscan_vit"),
+    **{t: (aimv2.convert_hf, aimv2.hf_kwargs, aimv2.build_aimv2, aimv2.ARCH) for t in aimv2.HF_MODEL_TYPES},
 }
 _ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
         "silu": "silu", "relu": "relu"}
@@ -113,6 +129,11 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
     if model_type == "dinov3_convnext":
         raise NotAViTError(f"{folder} is a Hugging Face DINOv3 ConvNeXt (dinov3_convnext): a convolutional network, "
                            "not a Vision Transformer, so it has no tokens to scan; use a DINOv3 ViT (dinov3_vit)")
+    if model_type in NAFLEX_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{folder} is a SigLIP2 NaFlex model ({model_type}): its images are variable-resolution patch sequences "
+            "with padding, which artifactscan does not measure yet (the padded tokens would enter every statistic); "
+            "the fixed-resolution SigLIP2 checkpoints (model_type siglip, e.g. google/siglip2-base-patch16-224) load")
     if model_type not in SUPPORTED:
         raise ModelLoadError(f"{folder} is a Hugging Face {model_type or 'unknown'} model; artifactscan converts "
                              f"{', '.join(sorted(set(SUPPORTED.values())))} (config model_type: "
@@ -267,13 +288,15 @@ def data_config(folder: Path, size: int) -> dict[str, Any] | None:
 
 
 def load_folder(folder: Path) -> tuple[nn.Module, str, dict[str, Any], dict[str, Any] | None, list[str]]:
-    """(timm model with the weights, its registered architecture (``artifactscan_vit`` or ``artifactscan_dinov3``)
-    and kwargs, data config or None, notes)."""
+    """(timm model with the weights, its registered architecture (``artifactscan_vit``, or a family's own:
+    ``artifactscan_dinov3`` ...) and kwargs, data config or None, notes)."""
     vision, _, model_type = _read_config(folder)
-    if model_type == dinov3.HF_MODEL_TYPE:  # a timm Eva, not a VisionTransformer: the family's own mapping
-        sd, dropped = dinov3.convert_hf(_read_weights(folder), vision, str(folder))
-        arch, kwargs = dinov3.ARCH, dinov3.hf_kwargs(vision)
-        model = dinov3.build_dinov3(**kwargs)
+    if model_type in FAMILY_CONVERTERS:  # the family's own mapping (DINOv3 into timm's Eva, AIMv2 ...)
+        convert, family_kwargs, build, arch = FAMILY_CONVERTERS[model_type]
+        kwargs = family_kwargs(vision)
+        raw = _read_weights(folder)
+        sd, dropped = convert(raw, vision, str(folder))
+        model = build(**kwargs)
     else:
         sd, dropped = convert_state_dict(_read_weights(folder))
         if "patch_embed.proj.weight" not in sd:
@@ -293,7 +316,26 @@ def load_folder(folder: Path) -> tuple[nn.Module, str, dict[str, Any], dict[str,
     if dropped:
         notes.append("dropped, as not part of the image encoder: "
                      + ", ".join(f"{what} ({n} keys)" for what, n in sorted(dropped.items())))
-    return model, arch, kwargs, data_config(folder, kwargs["img_size"]), notes
+    config = data_config(folder, kwargs["img_size"])
+    if model_type == radio.HF_MODEL_TYPE:  # RADIO normalises inside its forward: that is the preprocessing
+        config = radio_data_config(folder, config, radio.preprocessing(vision, raw), kwargs["img_size"])
+        notes.append("RADIO's in-model input normalisation became the preprocessing; its "
+                     f"{kwargs['reg_tokens'] + 1} summary and register tokens are prefix tokens (1 CLS + "
+                     f"{kwargs['reg_tokens']} registers in timm's count)")
+    return model, arch, kwargs, config, notes
+
+
+def radio_data_config(folder: Path, config: dict[str, Any] | None, inner: dict[str, Any], size: int
+                      ) -> dict[str, Any]:
+    """The processor's preprocessing followed by RADIO's own normalisation, as one mean/std:
+    ``((x - m1) / s1 - m2) / s2 == (x - (m1 + m2 * s1)) / (s1 * s2)``."""
+    config = dict(config or {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 1.0})
+    pp_path = folder / "preprocessor_config.json"
+    pp = json.loads(pp_path.read_text()) if pp_path.is_file() else {}
+    outer_mean, outer_std = (config["mean"], config["std"]) if pp.get("do_normalize") else ((0.0,) * 3, (1.0,) * 3)
+    config["mean"] = tuple(m1 + m2 * s1 for m1, m2, s1 in zip(outer_mean, inner["mean"], outer_std))
+    config["std"] = tuple(s1 * s2 for s1, s2 in zip(outer_std, inner["std"]))
+    return config
 
 
 def looks_like_hub_id(spec: str) -> bool:

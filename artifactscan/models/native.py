@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from artifactscan.core.errors import InputError, ModelLoadError, UntrustedCheckpointError, option
-from artifactscan.models.layouts import dinov3
+from artifactscan.models.layouts import dinov3, pe
 
 # Top-level entries of training checkpoints that hold a model's weights, EMA first (timm's own preference).
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "teacher")
@@ -49,8 +49,8 @@ class NativeCheckpoint:
 
     Attributes:
         state_dict: the encoder's tensors, wrapper prefixes removed, native key names (not yet timm's).
-        layout: ``timm``, ``dinov2``, ``dinov3`` (Meta's original DINOv3 files), ``deit3``, ``mae``,
-            ``openai_clip`` (OpenAI and OpenCLIP share it), ``openclip_timm`` (an OpenCLIP tower around a timm trunk).
+        layout: ``timm``, ``dinov2``, ``dinov3`` (Meta's original DINOv3 files), ``pe`` (Meta's Perception Encoder
+            files), ``deit3``, ``mae``, ``openai_clip`` (OpenAI and OpenCLIP share it), ``openclip_timm`` (an OpenCLIP tower around a timm trunk).
         weights: ``ema`` or ``raw`` when the checkpoint held a choice (``None``: it held one set of weights).
         wrapper: where the weights were found (``state_dict_ema``, ``teacher.backbone.`` ...), ``""`` for a bare dict.
         dropped: ``{what: number of keys}`` removed as not part of the image encoder.
@@ -225,6 +225,8 @@ def unwrap(blob: Any, weights: str | None = None, name: str = "checkpoint") -> N
 
 def detect_layout(sd: dict[str, torch.Tensor]) -> str:
     """The key layout family, by its keys."""
+    if pe.is_native(sd):  # before OpenAI's CLIP: Meta's PE files use its key names
+        return pe.LAYOUT
     if "visual.class_embedding" in sd:
         return "openai_clip"
     if dinov3.is_meta_vit(sd):  # before DINOv2: its mask_token is 2-d too
@@ -250,6 +252,10 @@ def drop_non_encoder(sd: dict[str, torch.Tensor], layout: str) -> tuple[dict[str
             rules.append(("OpenCLIP projection head", _OPENCLIP_HEAD))
     elif layout == "mae":
         rules = [("MAE decoder", _MAE_DECODER)]
+    elif layout == pe.LAYOUT:
+        # A vision-only PE file's own `transformer.` keys are its blocks: text rules only beside a `visual.` tower.
+        rules = [("CLIP text tower", _TEXT_TOWER), ("OpenAI metadata", _OPENAI_META)] if pe.has_text_tower(sd) else []
+        rules.append(("PE CLIP projection", pe.PROJECTION))
     kept, dropped = {}, {}
     for k, v in sd.items():
         what = next((label for label, rx in rules if rx.match(k)), None)
@@ -274,6 +280,8 @@ def to_timm(sd: dict[str, torch.Tensor], layout: str, model: nn.Module | None = 
 
     if layout == "dinov3":
         return dinov3.rename_only(sd) if model is None else dinov3.to_timm(sd, model, name)
+    if layout == pe.LAYOUT:
+        return pe.to_timm(sd, model)
     if layout in ("openai_clip", "openclip_timm"):
         # timm keeps only `visual.*` (`visual.trunk.*`); other keys were dropped by name above.
         unknown = [k for k in sd if not k.startswith("visual.trunk." if layout == "openclip_timm" else "visual.")]

@@ -1,5 +1,6 @@
 """Live Hugging Face vision encoders (transformers 5's in-memory module names): ``Dinov2Model``,
-``Dinov2WithRegistersModel``, ``ViTModel``, ``CLIPVisionModel``, ``SiglipVisionModel`` and ``DINOv3ViTModel``, and
+``Dinov2WithRegistersModel``, ``ViTModel``, ``CLIPVisionModel``, ``SiglipVisionModel``, ``DINOv3ViTModel``,
+``Aimv2VisionModel`` and ``BeitModel``, and
 the ``*ForImageClassification`` heads around them. Their hook points, so a model in someone's notebook or training loop
 is measured as it is, without converting it (the loader converts HF *files* into timm ViTs: models/hf.py).
 
@@ -36,6 +37,7 @@ class Trunk:
     patch_embed: str     # the patch projection
     final_norm: str | None  # the norm applied to every token at the end; None when it is applied to CLS only
     conv_patch: bool     # the patch module is a bare Conv2d ([B, D, h, w] output)
+    cls: bool = True     # a CLS token before the patches (SigLIP and AIMv2 have none)
 
 
 CLASSES = {
@@ -46,13 +48,19 @@ CLASSES = {
     "ViTModel": Trunk("", "layers", "attention", "mlp.fc2", "embeddings.patch_embeddings", "layernorm", False),
     "CLIPVisionModel": Trunk("", "encoder.layers", "self_attn", "mlp.fc2", "embeddings.patch_embedding", None, True),
     "SiglipVisionModel": Trunk("", "encoder.layers", "self_attn", "mlp.fc2", "embeddings.patch_embedding",
-                               "post_layernorm", True),
+                               "post_layernorm", True, cls=False),
+    # BEiT: transformers 5 keeps its layers as `layers` (on disk `encoder.layer`); the relative position bias goes to
+    # the kernel as its mask. With mean pooling `layernorm` is an identity (as timm's Beit's `norm` is then).
+    "BeitModel": Trunk("", "layers", "attention", "mlp.fc2", "embeddings.patch_embeddings", "layernorm", False),
+    # AIMv2: no CLS; the patch projection is followed by an RMSNorm inside the embeddings (read before it)
+    "Aimv2VisionModel": Trunk("", "encoder.layers", "attention", "ffn.down_proj", "embeddings.patch_embed",
+                              "rms_norm", True, cls=False),
     # transformers 5 keeps DINOv3's layers in an encoder module named `model` (on disk they are `layer.N`)
     "DINOv3ViTModel": Trunk("", "model.layer", "attention", "mlp.down_proj", "embeddings.patch_embeddings", "norm",
                             True),
 }
 #: wrappers: the attribute that holds one of the models above
-WRAPPERS = ("vision_model", "dinov2", "vit")
+WRAPPERS = ("vision_model", "dinov2", "vit", "beit")
 
 
 def _trunk(model: nn.Module) -> tuple[str, Trunk] | None:
@@ -64,7 +72,8 @@ def _trunk(model: nn.Module) -> tuple[str, Trunk] | None:
         return "", CLASSES[name]
     for attr in WRAPPERS:
         inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module):
+        # SigLIP2's NaFlex tower shares SigLIP's names but takes padded patch sequences: not measured (yet)
+        if isinstance(inner, nn.Module) and not type(inner).__name__.startswith("Siglip2"):
             for trunk in CLASSES.values():  # transformers 5 inner vision transformers share the names above
                 if _has(inner, trunk.layers) and _has(inner, trunk.patch_embed):
                     return f"{attr}.", trunk
@@ -185,8 +194,7 @@ class HFVisionFamily(HookFamily):
         config = getattr(model, "config", None)
         config = getattr(config, "vision_config", config)
         registers = int(getattr(config, "num_register_tokens", 0) or 0)
-        has_cls = _trunk(model)[1] is not CLASSES["SiglipVisionModel"]  # type: ignore[index]
-        return int(has_cls), registers
+        return int(_trunk(model)[1].cls), registers  # type: ignore[index]
 
 
 register_hook_family(HFVisionFamily())

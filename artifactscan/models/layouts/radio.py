@@ -1,0 +1,138 @@
+"""C-RADIO v3 / v4 (NVIDIA, 2025) as timm's fixed-grid ``VisionTransformer``.
+
+* **timm's own** ``vit_*_patch16_radio_v3/v4`` ``state_dict()`` files load as they are; their configurations are
+  added here to the table a bare state dict is matched against, so they load without ``--arch``. RADIO has 1 CLS and
+  7 (v3) or 9 (v4) registers before the patches: 8 or 10 prefix tokens, which the capture layer counts from the model
+  (``num_prefix_tokens``, ``num_reg_tokens``) and keeps out of every patch statistic.
+* **transformers 5 ``RadioModel`` folders** (``model_type: radio``). No converter exists, so the mapping is here:
+  the patch projection (a ``Linear`` over channel-major patches, no bias) is timm's patch convolution reshaped; the
+  ``cls_register_token`` rows are timm's CLS then its registers, in order (RADIO's ``num_cls_tokens`` summary tokens
+  and ``num_registers`` registers: timm has one CLS slot, so the summary tokens after the first are counted as
+  registers; every one of them stays a prefix token, out of the patch statistics); the position embedding, kept
+  for RADIO's largest grid, is resampled to the model's grid exactly as RADIO does it at that input size (bilinear,
+  ``align_corners=False``); q/k/v are fused, ``layer_scaleN.lambda1`` are ``lsN.gamma``, no final norm. RADIO
+  normalises its input inside the model (``input_conditioner``): that mean/std become the preprocessing.
+  timm's ``naflexvit_*_radio_*`` (RADIO's own behaviour at any resolution, patches padded) are refused by name until
+  padded tokens are kept out of the statistics.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from artifactscan.core.errors import ModelLoadError
+from artifactscan.models import infer
+
+#: (size, width) of timm's fixed-grid RADIO towers, per version
+TIMM_SIZES = {"v3": {"base": 768, "large": 1024, "huge": 1280, "giant": 1536}, "v4": {"so400m": 1152, "huge": 1280}}
+for _version, _sizes in TIMM_SIZES.items():
+    for _size, _width in _sizes.items():
+        infer.register_known_config(f"vit_{_size}_patch16_radio_{_version}", "radio", _width, 16)
+
+HF_MODEL_TYPE = "radio"
+#: RadioConfig's defaults, which config.json may leave out
+HF_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, mlp_ratio=4.0, hidden_act="gelu",
+    layer_norm_eps=1e-6, image_size=224, patch_size=16, num_channels=3, qkv_bias=True, num_cls_tokens=3,
+    num_registers=7, max_img_size=2048, use_swiglu_ffn=False, norm_mean=(0.48145466, 0.4578275, 0.40821073),
+    norm_std=(0.26862954, 0.26130258, 0.27577711))
+# On disk (save_pretrained, the hub) transformers writes NVIDIA's own names (`radio_model.model.blocks.N.attn.qkv`,
+# `patch_generator.*`); in memory they are `encoder.layer.N.attention.q_proj` ...: both are read.
+_ON_DISK = {"model.patch_generator.embedder.weight": "embeddings.patch_projection.weight",
+            "model.patch_generator.pos_embed": "embeddings.position_embedding",
+            "model.patch_generator.cls_token.token": "embeddings.cls_register_token",
+            "model.patch_generator.video_embedder.weight": "embeddings.video_patch_projection.weight"}
+_LAYER = re.compile(r"^(?:model\.blocks|encoder\.layers?)\.(\d+)\.(.+)$")
+_BLOCK = {"norm1.": "norm1.", "norm2.": "norm2.", "attention.o_proj.": "attn.proj.", "attn.proj.": "attn.proj.",
+          "attn.qkv.": "attn.qkv.", "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2.",
+          "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"}
+# What only RADIO's own forward reads (its input normalisation and which summary tokens it returns), or video.
+_NOT_ENCODER = re.compile(r"^(summary_idxs$|input_conditioner\.|embeddings\.video_patch_projection\.)")
+
+
+def _config(config: dict[str, Any]) -> dict[str, Any]:
+    return {**HF_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+
+
+def hf_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """``artifactscan_vit`` kwargs of an HF ``RadioConfig`` (timm's VisionTransformer as its RADIO towers are)."""
+    c = _config(config)
+    if c["use_swiglu_ffn"] or c["hidden_act"] != "gelu":
+        raise ModelLoadError("this RADIO config has a SwiGLU or non-GELU MLP, which timm's RADIO towers do not")
+    size = c["image_size"]
+    return dict(img_size=int(size if isinstance(size, int) else size[0]), patch_size=int(c["patch_size"]),
+                in_chans=int(c["num_channels"]), num_classes=0, global_pool="token", fc_norm=False,
+                embed_dim=int(c["hidden_size"]), depth=int(c["num_hidden_layers"]),
+                num_heads=int(c["num_attention_heads"]), mlp_ratio=float(c["mlp_ratio"]), qkv_bias=bool(c["qkv_bias"]),
+                init_values=1.0, class_token=True, reg_tokens=int(c["num_cls_tokens"]) + int(c["num_registers"]) - 1,
+                no_embed_class=True, pre_norm=False, final_norm=False, norm_eps=float(c["layer_norm_eps"]),
+                act="gelu", mlp="mlp")
+
+
+def _position_embedding(pos: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+    """RADIO's position embedding for the model's grid, as its forward computes it for a square input."""
+    side = int(c["max_img_size"]) // int(c["patch_size"])
+    size = c["image_size"]
+    grid = int(size if isinstance(size, int) else size[0]) // int(c["patch_size"])
+    if pos.shape[1] != side * side:
+        raise ModelLoadError(f"the RADIO position embedding has {pos.shape[1]} rows; max_img_size "
+                             f"{c['max_img_size']} / patch {c['patch_size']} needs {side * side}")
+    grid_pos = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid_pos = F.interpolate(grid_pos.float(), size=(grid, grid), mode="bilinear", align_corners=False)
+    return grid_pos.flatten(2).permute(0, 2, 1).to(pos.dtype)
+
+
+def convert_hf(hf: dict[str, torch.Tensor], config: dict[str, Any], name: str
+               ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """HF ``RadioModel`` weights -> timm ``VisionTransformer`` keys; (state dict, dropped key counts)."""
+    c = _config(config)
+    width, patch, chans = int(c["hidden_size"]), int(c["patch_size"]), int(c["num_channels"])
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str, str], torch.Tensor] = {}
+    dropped: dict[str, int] = {}
+    unknown = []
+    for key, value in hf.items():
+        bare = key[len("radio_model."):] if key.startswith("radio_model.") else key
+        bare = _ON_DISK.get(bare, bare)
+        if bare == "embeddings.patch_projection.weight":
+            out["patch_embed.proj.weight"] = value.reshape(width, chans, patch, patch)
+        elif bare == "embeddings.position_embedding":
+            out["pos_embed"] = _position_embedding(value, c)
+        elif bare == "embeddings.cls_register_token":
+            out["cls_token"], out["reg_token"] = value[None, :1], value[None, 1:]
+        elif m := _LAYER.match(bare):
+            i, rest = int(m.group(1)), m.group(2)
+            if mm := re.fullmatch(r"attention\.([qkv])_proj\.(weight|bias)", rest):
+                qkv[(i, mm.group(1), mm.group(2))] = value
+            elif target := next((t + rest[len(s):] for s, t in _BLOCK.items() if rest.startswith(s)), None):
+                out[f"blocks.{i}.{target}"] = value
+            else:
+                unknown.append(key)
+        elif _NOT_ENCODER.match(bare):
+            what = bare.split(".")[0]
+            dropped[what] = dropped.get(what, 0) + 1
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ModelLoadError(f"{name}: unexpected keys in the RADIO weights: {', '.join(unknown[:4])}"
+                             + (f" (+{len(unknown) - 4} more)" if len(unknown) > 4 else ""))
+    for (i, part) in sorted({(i, part) for i, _, part in qkv}):
+        parts = [qkv.get((i, p, part)) for p in "qkv"]
+        if any(t is None for t in parts):
+            raise ModelLoadError(f"{name}: block {i} lacks one of its attention q/k/v_proj {part}s")
+        out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat(parts, 0)  # type: ignore[arg-type]
+    out["patch_embed.proj.bias"] = torch.zeros(width)  # RADIO's projection has none: zeros are exact
+    return out, dropped
+
+
+def preprocessing(config: dict[str, Any], hf: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The mean/std RADIO applies inside its forward (the weights' buffers first, else the config's)."""
+    c = _config(config)
+    weights = {k[len("radio_model."):] if k.startswith("radio_model.") else k: v for k, v in (hf or {}).items()}
+    mean, std = weights.get("input_conditioner.norm_mean"), weights.get("input_conditioner.norm_std")
+    return {"mean": tuple(float(v) for v in (mean.flatten() if mean is not None else c["norm_mean"])),
+            "std": tuple(float(v) for v in (std.flatten() if std is not None else c["norm_std"]))}
