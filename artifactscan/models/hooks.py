@@ -554,3 +554,25 @@ class CaptureContext:
             raise RuntimeError(f"{type(self).__name__} must be used inside `with`")
         self._capture.forward(images)
         return self._capture
+
+
+def vit_inside(model: Any, module: str | nn.Module | None = None) -> nn.Module:
+    """The ViT to measure inside what a framework hands a callback (a LightningModule holding a timm ViT, an HF
+    ``ViTForImageClassification``): ``module`` (a submodule or its dotted name) if given, else ``model`` itself when
+    the capture layer hooks it, else its first submodule the capture layer hooks."""
+    if isinstance(module, nn.Module):
+        return module
+    root = unwrap_model(model)
+    if isinstance(module, str):
+        try:
+            return root.get_submodule(module)
+        except AttributeError:
+            raise InputError(f"{type(root).__name__} has no submodule {module!r} (module=)") from None
+    for candidate in root.modules():  # the root first, then depth first: the outermost hookable ViT
+        try:
+            family_of(candidate)
+        except NotAViTError:
+            continue
+        return candidate
+    raise NotAViTError(f"{type(root).__name__} holds no model family artifactscan can hook (known: "
+                       f"{', '.join(hook_families())}); pass module= naming the ViT inside it")

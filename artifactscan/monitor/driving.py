@@ -20,8 +20,7 @@ from torch import nn
 from artifactscan.analysis.monitor import ArtifactMonitor, ArtifactsAboveThreshold
 from artifactscan.analysis.monitor_records import MonitorUpdate
 from artifactscan.analysis.monitor_setup import MonitorSetupError
-from artifactscan.core.errors import NotAViTError
-from artifactscan.models.hooks import family_of, hook_families, unwrap_model
+from artifactscan.models.hooks import vit_inside
 
 __all__ = ["FrameworkMissingError", "MonitorDriver", "require_framework", "update_metrics", "vit_inside"]
 
@@ -37,28 +36,6 @@ def require_framework(module: str, adapter: str) -> Any:
     except ImportError:
         raise FrameworkMissingError(f"{adapter} needs the {module.split('.')[0]} package: pip install "
                                     f"'artifactscan[monitor]'") from None
-
-
-def vit_inside(model: Any, module: str | nn.Module | None = None) -> nn.Module:
-    """The ViT to measure inside what a framework hands a callback (a LightningModule holding a timm ViT, an HF
-    ``ViTForImageClassification``): ``module`` (a submodule or its dotted name) if given, else ``model`` itself when
-    the capture layer hooks it, else its first submodule the capture layer hooks."""
-    if isinstance(module, nn.Module):
-        return module
-    root = unwrap_model(model)
-    if isinstance(module, str):
-        try:
-            return root.get_submodule(module)
-        except AttributeError:
-            raise MonitorSetupError(f"{type(root).__name__} has no submodule {module!r} (module=)") from None
-    for candidate in root.modules():  # the root first, then depth first: the outermost hookable ViT
-        try:
-            family_of(candidate)
-        except NotAViTError:
-            continue
-        return candidate
-    raise NotAViTError(f"{type(root).__name__} holds no model family artifactscan can hook (known: "
-                       f"{', '.join(hook_families())}); pass module= naming the ViT inside it")
 
 
 def update_metrics(record: MonitorUpdate) -> dict[str, float]:
