@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from artifactscan.models.checkpoint import META_KEY, save_checkpoint
-from artifactscan.analysis.monitor import ArtifactMonitor
+from artifactscan.analysis.monitor import MAX_PROBE_IMAGES, ArtifactMonitor
 from artifactscan.analysis.monitor_records import MONITOR_FILE
 from artifactscan.core.errors import RunInterrupted, TrainingError, option
 from artifactscan.analysis.training.config import TrainConfig, check_training_fits, resolve_config, validate_config
@@ -484,7 +484,10 @@ def _start_session(config: TrainConfig, run_dir: Path, d: DistState, device: tor
     data = _TrainingData(train_ds, val_ds, data_config, data_desc, mean, std)
     # The first validation images are the probe set; measured at each evaluation (every=1: called on its schedule).
     # A resumed session continues the file from its saved step (the records a killed session wrote after it go).
-    monitor = ArtifactMonitor(val_ds, every=1, out=run_dir, data_config=data_config,
+    # train-reg chooses its probe set itself: the first MAX_PROBE_IMAGES validation images (no "keeps the first"
+    # warning, which is for a user's larger set).
+    probe_set = torch.utils.data.Subset(val_ds, range(min(len(val_ds), MAX_PROBE_IMAGES)))
+    monitor = ArtifactMonitor(probe_set, every=1, out=run_dir, data_config=data_config,
                               resume=counters.step if saved is not None else False)
     return _Session(config=config, run_dir=run_dir, d=d, device=device, data=data, total=total, raw=raw,
                     model=model, opt=opt, sched=sched, counters=counters, start_step=counters.step, monitor=monitor)
