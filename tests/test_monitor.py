@@ -318,3 +318,33 @@ def test_a_live_hugging_face_model_is_measured_with_the_data_config_given():
         ArtifactMonitor("synthetic:4", every=1, model=model)
     record = ArtifactMonitor("synthetic:4", every=1, data_config=TINY_CONFIG).step(model, 0)
     assert len(record.layers) == 3 and record.model.num_prefix_tokens == 1 and record.model.grid_size == [4, 4]
+
+
+def test_ctrl_c_ends_following_as_asked_not_as_an_interrupted_command(tmp_path):
+    """`monitor --follow` stops on Ctrl-C by design (exit 0), although the CLI turns a swallowed interrupt into 130
+    for every other command."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    phantom = load_model("phantom")
+    monitor = ArtifactMonitor("synthetic:4", every=10, out=tmp_path / "run", model=phantom)
+    monitor.step(phantom.model, 0)
+    proc = subprocess.Popen([sys.executable, "-m", "artifactscan", "monitor", str(tmp_path / "run"), "--follow",
+                             "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "120"})
+    try:
+        deadline = time.monotonic() + 60
+        seen = ""
+        while "step 0" not in seen and "Outliers" not in seen and time.monotonic() < deadline:
+            seen += proc.stdout.readline()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "interrupted" not in err and "Traceback" not in err

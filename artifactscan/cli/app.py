@@ -129,25 +129,45 @@ class _Terminated(KeyboardInterrupt):
     the command exits 130 (3 runs in 20 measured), whatever catches it later."""
 
 
+_received_signals: list[int] = []  # SIGINT/SIGTERM received while the current command runs
+
+
+def interrupt_handled() -> None:
+    """A command that stops on Ctrl-C by design (``monitor --follow``) says so: it ends as it chooses, not as
+    interrupted."""
+    _received_signals.clear()
+
+
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM stops a command the way Ctrl-C does (cleanup runs, exit 130); train-reg installs its own handler."""
+    """SIGTERM stops a command the way Ctrl-C does (cleanup runs, exit 130); train-reg installs its own handler.
+
+    Both signals are also remembered: an interrupt raised while Python runs a weakref callback or a ``__del__``
+    (matplotlib's transforms have such callbacks) is printed as "Exception ignored" and swallowed, and the command
+    would then finish with exit 0 although it was told to stop. A command that returns after a signal it never saw
+    raised ends as interrupted (exit 130) all the same."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received = _received_signals
+    received.clear()
 
     def handler(signum: int, frame: Any) -> None:
-        raise _Terminated
+        received.append(signum)
+        raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     except (ValueError, OSError):
         yield
         return
     try:
         yield
+        if received:  # the body returned: the interrupt was swallowed on the way (see above)
+            raise _Terminated if received[0] == signal.SIGTERM else KeyboardInterrupt
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_command(debug: bool, fn: Callable[[], Any]) -> Any:

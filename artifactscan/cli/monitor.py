@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import typer
 
-from artifactscan.cli.app import app, print_line, run_command, stdout, warn
+from artifactscan.cli.app import app, interrupt_handled, print_line, run_command, stdout, warn
 from artifactscan.cli.options import DebugOpt
 
 
@@ -90,4 +90,5 @@ def _follow(folder: Path, seen: int, interval: float, timeout: float | None, war
                 last_new = time.monotonic()
             seen = max(seen, len(history.updates))
     except KeyboardInterrupt:  # the way to stop following: not an interrupted command
+        interrupt_handled()
         return
