@@ -157,7 +157,7 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
         models: ``{label: model spec}`` or a list of specs (labels = names); specs as for :func:`load_model`.
         images: as for :func:`artifactscan.scan`; ``synthetic:N`` adds the background/object split of flagged tokens.
         scan_kwargs: as for :func:`artifactscan.scan`; the load options among them (``arch``, ``arch_kwargs``,
-            ``trust_checkpoint``, ``img_size``, ``weights``) apply to every model.
+            ``trust_checkpoint``, ``img_size``, ``weights``, ``precision``) apply to every model.
     """
     load_options = {k: scan_kwargs.pop(k) for k in _LOAD_KEYS if k in scan_kwargs}
     if not isinstance(models, dict):
@@ -197,7 +197,7 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
 
 
 _DECODE_KEYS = ("num_workers", "exact_decode", "gpu_decode")
-_LOAD_KEYS = ("arch", "arch_kwargs", "trust_checkpoint", "img_size", "weights")
+_LOAD_KEYS = ("arch", "arch_kwargs", "trust_checkpoint", "img_size", "weights", "precision")
 
 
 def prefix_attention(loaded: LoadedModel, images: Any, device: torch.device, batch_size: int,

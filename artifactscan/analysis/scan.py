@@ -432,6 +432,7 @@ def scan(
     trust_checkpoint: bool = False,
     img_size: int | None = None,
     weights: str | None = None,
+    precision: str = "auto",
     device: str | None = DEVICE,
     batch_size: int = BATCH_SIZE,
     num_workers: int | str = WORKERS,
@@ -459,6 +460,8 @@ def scan(
         progress: draw a progress bar on stderr.
         warn: called with a one-line message for each skipped image (default: print to stderr).
         allow_nonfinite: scan a model with NaN/Inf weights instead of refusing it (:class:`NonFiniteError`).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``: what the weights are held and the forward run in, as for
+            :func:`artifactscan.load_model` (the statistics are float32 whatever it is).
             Non-finite token norms are always counted per layer (``num_nonfinite``) and put first in the headline;
             :meth:`ScanReport.nonfinite_problem` says what was found.
 
@@ -474,7 +477,7 @@ def scan(
                          f"got {num_maps}")
     rule = rule or AutoRule()
     load = dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, img_size=img_size,
-                weights=weights)
+                weights=weights, precision=precision)
     with open_pass(model, images, settings=settings, load=load) as opened:
         return measure_norms(opened, fixed, rule, num_maps)
 

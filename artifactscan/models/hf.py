@@ -27,7 +27,10 @@ from torch import nn
 from artifactscan.core.errors import ModelLoadError, NotAViTError, OfflineError
 from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.models.layouts import dinov3
-from artifactscan.models.native import read_error_reason, read_torch_file
+from artifactscan.models.materialize import (
+    assign_weights, build_on_meta, finish_meta_build, read_safetensors, read_safetensors_header,
+)
+from artifactscan.models.native import read_torch_file
 from artifactscan.models.registry import register_architecture
 
 ARCH = "artifactscan_vit"
@@ -136,13 +139,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if shard.suffix == ".bin":
             out.update(read_torch_file(shard, trust=False))
             continue
-        from safetensors.torch import load_file
-
-        try:
-            out.update(load_file(str(shard)))
-        except Exception as exc:  # safetensors raises its own error types for damaged headers
-            raise ModelLoadError(f"{display_name(shard)} is not a readable safetensors file: "
-                                 f"{read_error_reason(exc, shard)}") from exc
+        out.update(read_safetensors(read_safetensors_header(shard)))  # checked for truncation and rewrites
     return out
 
 
@@ -273,13 +270,14 @@ def load_folder(folder: Path) -> tuple[nn.Module, str, dict[str, Any], dict[str,
     if model_type == dinov3.HF_MODEL_TYPE:  # a timm Eva, not a VisionTransformer: the family's own mapping
         sd, dropped = dinov3.convert_hf(_read_weights(folder), vision, str(folder))
         arch, kwargs = dinov3.ARCH, dinov3.hf_kwargs(vision)
-        model = dinov3.build_dinov3(**kwargs)
+        build = partial(dinov3.build_dinov3, **kwargs)
     else:
         sd, dropped = convert_state_dict(_read_weights(folder))
         if "patch_embed.proj.weight" not in sd:
             raise ModelLoadError(f"{folder}: the weights hold no vision encoder (no patch embedding)")
         arch, kwargs = ARCH, model_kwargs(vision, model_type, sd)
-        model = build_vit(**kwargs)
+        build = partial(build_vit, **kwargs)
+    model = build_on_meta(build)  # shapes only: the weights are assigned below, no random initialisation
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -288,7 +286,8 @@ def load_folder(folder: Path) -> tuple[nn.Module, str, dict[str, Any], dict[str,
         raise ModelLoadError(f"{folder}: converted {SUPPORTED[model_type]} weights do not fit the equivalent timm "
                              f"ViT (missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}); "
                              "does its config.json belong to these weights?")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    assign_weights(model, sd, torch.float32)
+    model = finish_meta_build(model, build, sd, torch.float32)  # load_model applies --precision afterwards
     notes = [f"converted from the Hugging Face {SUPPORTED[model_type]} layout"]
     if dropped:
         notes.append("dropped, as not part of the image encoder: "
