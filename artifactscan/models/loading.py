@@ -26,7 +26,7 @@ from artifactscan.models import hf, infer, native
 from artifactscan.models.checkpoint import CheckpointMeta, read_meta
 from artifactscan.models.materialize import (
     assign_weights, build_on_meta, check_precision, finish_meta_build, hold_in, model_dtype, nonfinite_tensors,
-    precision_name, read_checkpoint, resolve_precision,
+    PRECISION_DTYPES, precision_name, read_checkpoint,
 )
 from artifactscan.core.memory import GIB, available_bytes
 from artifactscan.core.paths import display_name, what_it_is
@@ -531,8 +531,8 @@ def load_model(
     if weights is not None and loaded.source != "checkpoint":
         raise InputError(f"{option('weights', weights)} chooses between the EMA and raw weights of a checkpoint "
                          f"file; {loaded.name} is not one (drop {option('weights')})")
-    if loaded.source not in ("checkpoint", "builtin"):  # built before its size was known: held in it now
-        _hold_loaded(loaded, precision)
+    if isinstance(spec, (LoadedModel, nn.Module)) or loaded.source not in ("checkpoint", "builtin"):
+        _hold_loaded(loaded, precision)  # built before the precision could apply: held in it now
     if not isinstance(spec, LoadedModel):
         _check_finite(loaded, allow_nonfinite)  # where NaN starts: name the tensors before anything runs
     if img_size is not None:
@@ -542,20 +542,17 @@ def load_model(
 
 
 def _hold_loaded(loaded: LoadedModel, precision: str) -> None:
-    """``precision`` applied to a model that was built before it could apply (a timm or hub name, an HF folder, a
-    module passed in); ``auto`` leaves a module the caller passed as it is."""
+    """An explicit ``precision`` applied to a model built before it could apply (a timm or hub name, an HF folder, a
+    module or LoadedModel passed in). ``auto`` leaves it as it is: it is in memory already, so it fits."""
     current = model_dtype(loaded.model)
     if loaded.checkpoint_dtype is None:
         loaded.checkpoint_dtype = current
-    if precision == "auto" and loaded.source in ("module", "pickled-module"):
+    if precision == "auto":
         return
-    n_float = sum(p.numel() for p in loaded.model.parameters() if p.is_floating_point())
-    dtype, note = resolve_precision(precision, n_float, current, loaded.name)
+    dtype = PRECISION_DTYPES[precision]
     if dtype != current:
         loaded.model.to(dtype)
-        hold_in(loaded.model, dtype)
-    if note and note not in loaded.notes:
-        loaded.notes.append(note)
+    hold_in(loaded.model, dtype)
 
 
 def _not_a_model_folder(spec: str, path: Path) -> str:
