@@ -64,6 +64,7 @@ def test_bf16_holds_the_weights_and_the_statistics_stay_float32():
     loaded = load_model("phantom-deep", precision="bf16")
     assert loaded.precision == "bf16" and loaded.checkpoint_dtype == torch.float16
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert any(n.startswith("weights held and run in bf16") for n in loaded.notes)  # the report says so
     x = torch.randn(2, 3, *loaded.input_size)  # float32 pixels: cast where they enter
     norms = loaded_block_norms(loaded, x)
     assert norms.dtype == torch.float32 and torch.isfinite(norms).all()

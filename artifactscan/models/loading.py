@@ -533,6 +533,9 @@ def load_model(
                          f"file; {loaded.name} is not one (drop {option('weights')})")
     if isinstance(spec, (LoadedModel, nn.Module)) or loaded.source not in ("checkpoint", "builtin"):
         _hold_loaded(loaded, precision)  # built before the precision could apply: held in it now
+    held = f"weights held and run in {loaded.precision} ({option('precision', precision)}); statistics in float32"
+    if precision not in ("auto", "fp32") and held not in loaded.notes:
+        loaded.notes.append(held)  # a report says what it was computed in
     if not isinstance(spec, LoadedModel):
         _check_finite(loaded, allow_nonfinite)  # where NaN starts: name the tensors before anything runs
     if img_size is not None:
