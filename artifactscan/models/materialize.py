@@ -26,6 +26,7 @@ from artifactscan.core.memory import GIB, available_bytes
 from artifactscan.core.paths import display_name
 from artifactscan.models import native
 from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, parse_meta_json
+from artifactscan.models.hooks import cast_inputs_to_weights
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -235,16 +236,8 @@ def hold_in(model: nn.Module, dtype: torch.dtype) -> None:
         return
     model.to(dtype)
     embed = getattr(model, "patch_embed", None)
-    if isinstance(embed, nn.Module) and not getattr(embed, "_artifactscan_casts_input", False):
-        embed.register_forward_pre_hook(_cast_input)
-        embed._artifactscan_casts_input = True  # type: ignore[assignment]
-
-
-def _cast_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    weight = next(module.parameters(), None)
-    if weight is None:
-        return args
-    return tuple(a.to(weight.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    if isinstance(embed, nn.Module):
+        cast_inputs_to_weights(embed)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
