@@ -413,6 +413,7 @@ def attention_report(
     trust_checkpoint: bool = False,
     img_size: int | None = None,
     weights: str | None = None,
+    precision: str = "auto",
     scan_report: ScanReport | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
@@ -450,7 +451,7 @@ def attention_report(
                             gpu_decode=gpu_decode, progress=progress, warn=warn)
     fixed = threshold_option(threshold) if scan_report is None else None
     load = dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, img_size=img_size,
-                weights=weights)
+                weights=weights, precision=precision)
 
     spec = renamed_keyword(blocks, layers, "blocks", "layers", ALL_BLOCKS)
 

@@ -156,7 +156,7 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
         models: ``{label: model spec}`` or a list of specs (labels = names); specs as for :func:`load_model`.
         images: as for :func:`artifactscan.scan`; ``synthetic:N`` adds the background/object split of flagged tokens.
         scan_kwargs: as for :func:`artifactscan.scan`; the load options among them (``arch``, ``arch_kwargs``,
-            ``trust_checkpoint``, ``img_size``, ``weights``) apply to every model.
+            ``trust_checkpoint``, ``img_size``, ``weights``, ``precision``) apply to every model.
     """
     load_options = {k: scan_kwargs.pop(k) for k in _LOAD_KEYS if k in scan_kwargs}
     if not isinstance(models, dict):
@@ -194,7 +194,7 @@ def compare(models: dict[str, Any] | Sequence[Any], images: Any = None, *, thres
                          headline=register_verdict(rows), rows=rows, reports=reports)
 
 
-_LOAD_KEYS = ("arch", "arch_kwargs", "trust_checkpoint", "img_size", "weights")
+_LOAD_KEYS = ("arch", "arch_kwargs", "trust_checkpoint", "img_size", "weights", "precision")
 
 
 class PrefixAttention:

@@ -363,6 +363,7 @@ def discover(
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
     weights: str | None = None,
+    precision: str = "auto",
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
     block: int | None = None, keep: int | None = None,  # the old names of blocks= and maps= (deprecated)
@@ -383,8 +384,8 @@ def discover(
         maps: images whose outlier maps are kept for figures.
         random_seed: the random-box baseline's seed.
         fix_top_k: with ``compare=["fix"]``, the register neurons moved onto the register.
-        img_size, arch, arch_kwargs, trust_checkpoint, weights: as for :func:`artifactscan.load_model`, for every
-            model.
+        img_size, arch, arch_kwargs, trust_checkpoint, weights, precision: as for :func:`artifactscan.load_model`, for
+            every model.
 
     Returns:
         A :class:`DiscoverReport` with one :class:`DiscoveryRun` per model (and per fix).
@@ -398,7 +399,7 @@ def discover(
     specs = list(models) if isinstance(models, (list, tuple)) else [models]
     dev = resolve_device(device)
     load_options = dict(img_size=img_size, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                        weights=weights)
+                        weights=weights, precision=precision)
     loaded_first = load_model(specs[0], **load_options)
     if isinstance(data, BoxedData):
         boxed = data

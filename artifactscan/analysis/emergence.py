@@ -169,7 +169,7 @@ def emergence_headline(groups: list[EmergenceGroup], num_skipped: int = 0) -> st
 
 def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float = THRESHOLD, device: str = DEVICE,
              batch_size: int = BATCH_SIZE, progress: bool = False, warn: Callable[[str], None] | None = None,
-             allow_nonfinite: bool = False, **scan_kwargs: Any) -> EmergenceReport:
+             allow_nonfinite: bool = False, precision: str = "auto", **scan_kwargs: Any) -> EmergenceReport:
     """Scan every checkpoint of a training run (e.g. a train-reg run folder) on the same images.
 
     Checkpoints of different architectures (e.g. the 0- and 4-register models of one train-reg run) are grouped
@@ -187,7 +187,7 @@ def scan_run(run_dir: str | Path, images: Any = None, *, threshold: str | float 
         registers = 0
         for step, path in items:
             try:
-                loaded = load_model(path, allow_nonfinite=allow_nonfinite)
+                loaded = load_model(path, allow_nonfinite=allow_nonfinite, precision=precision)
             except NonFiniteError as exc:  # e.g. a training run that diverged: named, and the command fails
                 skipped.append(SkippedCheckpoint(display_name(path), f"{NONFINITE_REASON}{exc}", name_hex(path)))
                 continue

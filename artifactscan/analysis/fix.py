@@ -40,6 +40,7 @@ from artifactscan.models.interventions import (
 from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.models.checkpoint import CheckpointMeta, save_checkpoint
 from artifactscan.analysis.passes import OUTPUT, Batch, PassSettings, open_pass
+from artifactscan.models.materialize import state_dict_in
 from artifactscan.analysis.scan import measure_norms
 from artifactscan.core.thresholds import AutoRule, threshold_option
 
@@ -210,7 +211,7 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = TOP_K, blocks: st
         batch_size: int = BATCH_SIZE, num_workers: int | str = WORKERS, exact_decode: bool = False,
         gpu_decode: bool = False, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
         trust_checkpoint: bool = False, img_size: int | None = None, weights: str | None = None,
-        max_layer: int | None = None, out: str | Path | None = None) -> FixReport:
+        precision: str = "auto", max_layer: int | None = None, out: str | Path | None = None) -> FixReport:
     """Find the register neurons on ``images``, install a test-time register, and report before vs after.
 
     ``blocks``: the blocks searched for register neurons, always from block 0: ``"0:N"`` (``":N"``) searches
@@ -227,7 +228,7 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = TOP_K, blocks: st
     fixed = threshold_option(threshold)
     settings = PassSettings(device=device, batch_size=batch_size, **decode)
     load = dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, img_size=img_size,
-                weights=weights)
+                weights=weights, precision=precision)
 
     def fixable(loaded: LoadedModel) -> int:  # said before anything about the images; the last block searched
         check_supported(loaded)
@@ -273,7 +274,8 @@ def fix(model: Any = None, images: Any = None, *, top_k: int = TOP_K, blocks: st
         extra[EXTRA_KEY] = register.to_dict()
         meta = CheckpointMeta(**{**asdict(loaded.meta), "extra": extra,
                                  "description": (loaded.meta.description + " + test-time register").strip()})
-        saved = str(save_checkpoint(save_model, loaded.model.state_dict(), meta))
+        # in the checkpoint's own dtype, whatever --precision held it in: the file is the original plus a register
+        saved = str(save_checkpoint(save_model, state_dict_in(loaded.model, loaded.checkpoint_dtype), meta))
     verdict = fix_verdict(removed, before.last_block.outlier_fraction, after.last_block.outlier_fraction,
                           float(cos.mean()), float(cos.min()), agreement, len(register.neurons))
     return FixReport(register.neurons, register.max_layer,

@@ -432,6 +432,7 @@ def scan(
     trust_checkpoint: bool = False,
     img_size: int | None = None,
     weights: str | None = None,
+    precision: str = "auto",
     device: str | None = DEVICE,
     batch_size: int = BATCH_SIZE,
     num_workers: int | str = WORKERS,
@@ -460,6 +461,8 @@ def scan(
         progress: draw a progress bar on stderr.
         warn: called with a one-line message for each skipped image (default: print to stderr).
         allow_nonfinite: scan a model with NaN/Inf weights instead of refusing it (:class:`NonFiniteError`).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``: what the weights are held and the forward run in, as for
+            :func:`artifactscan.load_model` (the statistics are float32 whatever it is).
             Non-finite token norms are always counted per layer (``num_nonfinite``) and put first in the headline;
             :meth:`ScanReport.nonfinite_problem` says what was found.
         also: other measurements of the same images (``analysis.passes.Measurement``) that share the scan's first
@@ -477,7 +480,7 @@ def scan(
                          f"got {num_maps}")
     rule = rule or AutoRule()
     load = dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, img_size=img_size,
-                weights=weights)
+                weights=weights, precision=precision)
     attention = any(name.endswith(".attn.pattern") for m in also for name in m.hook_names())
     with open_pass(model, images, settings=settings, load=load, explicit_attention=attention) as opened:
         return measure_norms(opened, fixed, rule, num_maps, also)

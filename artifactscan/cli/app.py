@@ -401,7 +401,7 @@ def norms(
             if is_run:
                 return norms_of_run(model, images, threshold=threshold, out=out, json_out=json_out,  # type: ignore
                                     figures=figures, fail_above=fail_above, **run.kwargs(),
-                                    img_size=load.img_size, allow_nonfinite=allow_nonfinite)
+                                    img_size=load.img_size, precision=load.precision, allow_nonfinite=allow_nonfinite)
             report = scan(model, images, threshold=threshold, **load.kwargs(), **run.kwargs(), num_maps=maps,
                           progress=not json_out and sys.stderr.isatty(), warn=warn, allow_nonfinite=allow_nonfinite)
             if rank != 0:
@@ -425,7 +425,8 @@ def check_scan_gates(report: Any, fail_above: Optional[float], allow_nonfinite: 
     problem = report.nonfinite_problem()
     if problem and not allow_nonfinite:
         raise NonFiniteError(f"{problem}: the statistics above are not valid; find where the values start (e.g. "
-                             "fp16 overflow: try --device cpu), or pass --allow-nonfinite to accept the report")
+                             "fp16 overflow: try --precision bf16, which has float32's range), or pass "
+                             "--allow-nonfinite to accept the report")
     last = report.last_block
     if fail_above is not None and last.outlier_fraction > fail_above:
         raise GateFailedError(f"{last.name}: {last.outlier_fraction:.2%} of patch tokens are outliers, above "

@@ -37,6 +37,9 @@ GpuDecodeOpt = typer.Option(False, "--gpu-decode", help="With a CUDA device: dec
 ImgSizeOpt = typer.Option(None, "--img-size", help="Resize inputs to this square size instead of the model's own "
                                                    "(position embeddings are resampled).")
 DebugOpt = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+PrecisionOpt = typer.Option("auto", "--precision", help="fp32, bf16 or fp16: hold the weights and run the forward in "
+                            "it (statistics stay float32); auto: fp32 when the fp32 weights fit in memory, else the "
+                            "checkpoint's half precision (said in one line).")
 AllowNonFiniteOpt = typer.Option(False, "--allow-nonfinite",
                                  help="Scan a model whose weights or token norms hold NaN/Inf instead of stopping with "
                                       "exit code 1 (the report still says so first, loudly).")
@@ -48,13 +51,14 @@ def _opt(default: Any, option: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelLoadOptions:
-    """--arch, --arch-kwargs, --trust-checkpoint, --weights, --img-size: how a command loads its model."""
+    """--arch, --arch-kwargs, --trust-checkpoint, --weights, --img-size, --precision: how a command loads its model."""
 
     arch: Optional[str] = _opt(None, ArchOpt)
     arch_kwargs: Optional[str] = _opt(None, ArchKwargsOpt)
     trust_checkpoint: bool = _opt(False, TrustOpt)
     weights: Optional[str] = _opt(None, WeightsOpt)
     img_size: Optional[int] = _opt(None, ImgSizeOpt)
+    precision: str = _opt("auto", PrecisionOpt)
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``load_model`` and of every library entry point that loads one (--arch-kwargs
@@ -62,7 +66,8 @@ class ModelLoadOptions:
         from artifactscan.models.loading import parse_arch_kwargs
 
         return dict(arch=self.arch, arch_kwargs=parse_arch_kwargs(self.arch_kwargs),
-                    trust_checkpoint=self.trust_checkpoint, weights=self.weights, img_size=self.img_size)
+                    trust_checkpoint=self.trust_checkpoint, weights=self.weights, img_size=self.img_size,
+                    precision=self.precision)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ from torch import nn
 from artifactscan.core.errors import ModelLoadError, NotAViTError, OfflineError
 from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.models.layouts import aimv2, beit, dinov3, radio
+from artifactscan.models.materialize import (
+    assign_weights, build_on_meta, finish_meta_build, read_safetensors, read_safetensors_header,
+)
 from artifactscan.models.native import read_error_reason, read_torch_file
 from artifactscan.models.registry import register_architecture
 
@@ -157,13 +160,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if shard.suffix == ".bin":
             out.update(read_torch_file(shard, trust=False))
             continue
-        from safetensors.torch import load_file
-
-        try:
-            out.update(load_file(str(shard)))
-        except Exception as exc:  # safetensors raises its own error types for damaged headers
-            raise ModelLoadError(f"{display_name(shard)} is not a readable safetensors file: "
-                                 f"{read_error_reason(exc, shard)}") from exc
+        out.update(read_safetensors(read_safetensors_header(shard)))  # checked for truncation and rewrites
     return out
 
 
@@ -292,17 +289,18 @@ def load_folder(folder: Path) -> tuple[nn.Module, str, dict[str, Any], dict[str,
     ``artifactscan_dinov3`` ...) and kwargs, data config or None, notes)."""
     vision, _, model_type = _read_config(folder)
     if model_type in FAMILY_CONVERTERS:  # the family's own mapping (DINOv3 into timm's Eva, AIMv2 ...)
-        convert, family_kwargs, build, arch = FAMILY_CONVERTERS[model_type]
+        convert, family_kwargs, family_build, arch = FAMILY_CONVERTERS[model_type]
         kwargs = family_kwargs(vision)
         raw = _read_weights(folder)
         sd, dropped = convert(raw, vision, str(folder))
-        model = build(**kwargs)
+        build = partial(family_build, **kwargs)
     else:
         sd, dropped = convert_state_dict(_read_weights(folder))
         if "patch_embed.proj.weight" not in sd:
             raise ModelLoadError(f"{folder}: the weights hold no vision encoder (no patch embedding)")
         arch, kwargs = ARCH, model_kwargs(vision, model_type, sd)
-        model = build_vit(**kwargs)
+        build = partial(build_vit, **kwargs)
+    model = build_on_meta(build)  # shapes only: the weights are assigned below, no random initialisation
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -311,7 +309,8 @@ def load_folder(folder: Path) -> tuple[nn.Module, str, dict[str, Any], dict[str,
         raise ModelLoadError(f"{folder}: converted {SUPPORTED[model_type]} weights do not fit the equivalent timm "
                              f"ViT (missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}); "
                              "does its config.json belong to these weights?")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+    assign_weights(model, sd, torch.float32)
+    model = finish_meta_build(model, build, sd, torch.float32)  # load_model applies --precision afterwards
     notes = [f"converted from the Hugging Face {SUPPORTED[model_type]} layout"]
     if dropped:
         notes.append("dropped, as not part of the image encoder: "

@@ -23,7 +23,11 @@ import torch
 from torch import nn
 
 from artifactscan.models import hf, infer, native
-from artifactscan.models.checkpoint import META_KEY, CheckpointMeta, read_meta
+from artifactscan.models.checkpoint import CheckpointMeta, read_meta
+from artifactscan.models.materialize import (
+    assign_weights, build_on_meta, check_precision, finish_meta_build, hold_in, model_dtype, nonfinite_tensors,
+    PRECISION_DTYPES, precision_name, read_checkpoint,
+)
 from artifactscan.core.memory import GIB, available_bytes
 from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.models.hooks import blocks_sequence
@@ -95,6 +99,12 @@ class LoadedModel:
     inferred: dict[str, Any] | None = None
     layout: str | None = None
     nonfinite_tensors: list[str] = field(default_factory=list)  # "name (n NaN, m Inf)", checked at load time
+    checkpoint_dtype: torch.dtype | None = None  # the file's own floating dtype (what `fix --out` saves in)
+
+    @property
+    def precision(self) -> str:
+        """What the weights are held in and the forward runs in: ``fp32``, ``bf16`` or ``fp16``."""
+        return precision_name(model_dtype(self.model))
 
     @property
     def prefix_names(self) -> list[str]:
@@ -238,22 +248,6 @@ def _build_arch(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
                              f"check {option('arch_kwargs')} (or the checkpoint's arch_kwargs)") from exc
 
 
-def nonfinite_tensors(model: nn.Module) -> list[str]:
-    """Names of the parameters and buffers holding NaN or Inf, as ``"pos_embed (2 NaN, 0 Inf)"``."""
-    found = []
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not (t.is_floating_point() or t.is_complex()):
-                continue
-            if bool(torch.isfinite(t.sum())):  # one cheap pass: NaN and Inf reach the sum (10x faster than isfinite)
-                continue
-            n_bad = int((~torch.isfinite(t)).sum())  # exact, and rules out a sum that merely overflowed
-            if n_bad:
-                n_nan = int(torch.isnan(t).sum())
-                found.append(f"{name} ({n_nan} NaN, {n_bad - n_nan} Inf)")
-    return found
-
-
 def _check_finite(loaded: LoadedModel, allow: bool) -> None:
     loaded.nonfinite_tensors = nonfinite_tensors(loaded.model)
     bad = loaded.nonfinite_tensors
@@ -280,7 +274,7 @@ def _fits_as_is(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> bool:
 
 
 def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, path: Path,
-               native_ckpt: native.NativeCheckpoint | None = None) -> None:
+               native_ckpt: native.NativeCheckpoint | None = None, dtype: torch.dtype = torch.float32) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -304,29 +298,7 @@ def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str,
         raise CheckpointMismatchError(f"{display_name(path.name)} does not match {option('arch', arch)}: "
                                       + "; ".join(parts)
                                       + "." + advice)
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()})
-
-
-def _read(path: Path, trust: bool) -> tuple[Any, CheckpointMeta | None]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path)), read_meta(path)
-        except CheckpointMetadataError as exc:
-            raise CheckpointMetadataError(exc.field, exc.why, path.name) from None
-        except Exception as exc:  # safetensors raises its own error types for damaged headers
-            raise ModelLoadError(f"{display_name(path)} is not a readable safetensors file: "
-                                 f"{native.read_error_reason(exc, path)}") from exc
-    blob = native.read_torch_file(path, trust)
-    raw_meta = blob.get(META_KEY) if isinstance(blob, dict) else None
-    if isinstance(raw_meta, dict):
-        blob = {k: v for k, v in blob.items() if k != META_KEY}
-        try:
-            return blob, CheckpointMeta.from_dict(raw_meta)
-        except CheckpointMetadataError as exc:
-            raise CheckpointMetadataError(exc.field, exc.why, path.name) from None
-    return blob, None
+    assign_weights(model, state_dict, dtype)
 
 
 def _train_kwargs(args: dict[str, Any]) -> dict[str, Any]:
@@ -358,13 +330,15 @@ def _fit_file(timm_sd: dict[str, torch.Tensor], user_kwargs: dict[str, Any]) -> 
 
 
 def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], trust: bool,
-                     weights: str | None = None) -> LoadedModel:
+                     weights: str | None = None, precision: str = "auto") -> LoadedModel:
     import timm.data
 
-    blob, meta = _read(path, trust)
+    read = read_checkpoint(path, trust, precision)
+    blob, meta = read.blob, read.meta
     if isinstance(blob, nn.Module):
         return wrap_module(blob, name=path.name, source="pickled-module")
     ckpt = native.unwrap(blob, weights, name=path.name)
+    read.resolve_precision(ckpt.state_dict, precision, display_name(path.name))
     ckpt.torchscript = path.suffix != ".safetensors" and native.is_torchscript(path)
     timm_sd = native.to_timm(ckpt.state_dict, ckpt.layout) if ckpt.layout != "timm" else ckpt.state_dict
     inferred = None
@@ -381,7 +355,7 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
         arch_name, kwargs = meta.arch, {**meta.arch_kwargs, **arch_kwargs}
     else:
         arch_name, kwargs = arch, {**_fit_file(timm_sd, arch_kwargs), **arch_kwargs}  # type: ignore[assignment]
-    model = _build_arch(arch_name, kwargs)
+    model = build_on_meta(lambda: _build_arch(arch_name, kwargs))  # shapes only: the weights are assigned below
     if ckpt.layout != "timm" and _fits_as_is(model, ckpt.state_dict) and set(timm_sd) != set(ckpt.state_dict):
         # The keys that suggested a native layout are the target's own (Eva and BEiT name their layer scales
         # gamma_1/gamma_2, as DeiT-III's original files do): the file is timm's own state dict, converting would
@@ -396,12 +370,16 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
             f"converter failed on it ({str(exc).splitlines()[0]}). Check {option('arch')} (CLS / registers / position "
             "embedding of this family)."
         ) from exc
-    _load_into(model, state_dict, arch_name, path, ckpt)
+    _load_into(model, state_dict, arch_name, path, ckpt, read.dtype)  # type: ignore[arg-type]
+    model = finish_meta_build(model, lambda: _build_arch(arch_name, kwargs), state_dict, read.dtype)  # type: ignore
     data_config = dict(meta.data_config) if meta and meta.data_config else {
         **timm.data.resolve_model_data_config(model), **ckpt.data_config}
     kind = meta.kind if meta else "checkpoint"
     loaded = _finish(model, path.name, "checkpoint", arch_name, data_config, meta, kind)
     loaded.inferred, loaded.layout = inferred, (ckpt.layout if ckpt.layout != "timm" else None)
+    loaded.checkpoint_dtype = read.file_dtype
+    if read.note:
+        loaded.notes.append(read.note)
     if ckpt.weights:
         loaded.weights = f"{ckpt.weights} ({ckpt.wrapper})"
         other = "raw" if ckpt.weights == "ema" else "ema"
@@ -487,6 +465,7 @@ def load_model(
     img_size: int | None = None,
     weights: str | None = None,
     allow_nonfinite: bool = False,
+    precision: str = "auto",
 ) -> LoadedModel:
     """Load a ViT from a built-in name, a checkpoint file or folder, a timm name or a hub id.
 
@@ -505,11 +484,15 @@ def load_model(
         weights: ``"ema"`` or ``"raw"``, for a checkpoint holding both (default: EMA, as timm does).
         allow_nonfinite: load weights that hold NaN/Inf (named in ``nonfinite_tensors`` and the notes) instead of
             raising :class:`NonFiniteError`.
+        precision: ``fp32``, ``bf16`` or ``fp16``: the weights are held in it and the forward runs in it (statistics
+            are accumulated in float32 whatever it is); ``auto`` (default): float32 when the float32 weights fit in
+            the memory available, else the checkpoint's own half precision (a note says so). docs/loading.md.
 
     Raises:
         InputError, ModelLoadError and subclasses, with a message that says what to do.
     """
     arch_kwargs = dict(arch_kwargs or {})
+    check_precision(precision)
     if weights is not None and weights not in native.WEIGHT_CHOICES:
         raise InputError(f"{option('weights')} must be one of {', '.join(native.WEIGHT_CHOICES)}, got {weights!r}")
     if isinstance(spec, LoadedModel):
@@ -523,7 +506,7 @@ def load_model(
         builtins = builtin_models()
         path = Path(spec).expanduser()
         if spec in builtins:
-            loaded = _load_checkpoint(builtins[spec], arch, arch_kwargs, trust=False)
+            loaded = _load_checkpoint(builtins[spec], arch, arch_kwargs, trust=False, precision=precision)
             loaded.name, loaded.source = spec, "builtin"
         elif path.is_dir():
             if not hf.is_model_folder(path):
@@ -533,7 +516,7 @@ def load_model(
             else:
                 loaded = _load_hf_folder(path, spec, "hf-folder")
         elif path.is_file():
-            loaded = _load_checkpoint(path, arch, arch_kwargs, trust_checkpoint, weights)
+            loaded = _load_checkpoint(path, arch, arch_kwargs, trust_checkpoint, weights, precision)
         elif os.path.lexists(path):  # a named pipe, a socket, a symlink loop: it exists, so say what it is
             raise InputError(f"model {display_name(spec)} {what_it_is(path, 'a checkpoint file or a folder')}; pass a "
                              "checkpoint file (.safetensors / .pt), a Hugging Face save_pretrained folder or a name")
@@ -548,12 +531,31 @@ def load_model(
     if weights is not None and loaded.source != "checkpoint":
         raise InputError(f"{option('weights', weights)} chooses between the EMA and raw weights of a checkpoint "
                          f"file; {loaded.name} is not one (drop {option('weights')})")
+    if isinstance(spec, (LoadedModel, nn.Module)) or loaded.source not in ("checkpoint", "builtin"):
+        _hold_loaded(loaded, precision)  # built before the precision could apply: held in it now
+    held = f"weights held and run in {loaded.precision} ({option('precision', precision)}); statistics in float32"
+    if precision not in ("auto", "fp32") and held not in loaded.notes:
+        loaded.notes.append(held)  # a report says what it was computed in
     if not isinstance(spec, LoadedModel):
         _check_finite(loaded, allow_nonfinite)  # where NaN starts: name the tensors before anything runs
     if img_size is not None:
         _resize_input(loaded, img_size)
     after_load(loaded)  # the command line ends its start-up phase here (core/startup.py); a library caller: nothing
     return loaded
+
+
+def _hold_loaded(loaded: LoadedModel, precision: str) -> None:
+    """An explicit ``precision`` applied to a model built before it could apply (a timm or hub name, an HF folder, a
+    module or LoadedModel passed in). ``auto`` leaves it as it is: it is in memory already, so it fits."""
+    current = model_dtype(loaded.model)
+    if loaded.checkpoint_dtype is None:
+        loaded.checkpoint_dtype = current
+    if precision == "auto":
+        return
+    dtype = PRECISION_DTYPES[precision]
+    if dtype != current:
+        loaded.model.to(dtype)
+    hold_in(loaded.model, dtype)
 
 
 def _not_a_model_folder(spec: str, path: Path) -> str:

@@ -350,6 +350,7 @@ def probe(
     trust_checkpoint: bool = False,
     img_size: int | None = None,
     weights: str | None = None,
+    precision: str = "auto",
     device: str | None = DEVICE,
     batch_size: int = BATCH_SIZE,
     num_workers: int | str = WORKERS,
@@ -398,7 +399,7 @@ def probe(
                             gpu_decode=gpu_decode, progress=progress, warn=warn, allow_nonfinite=allow_nonfinite)
     rule = rule or AutoRule()
     load = dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, img_size=img_size,
-                weights=weights)
+                weights=weights, precision=precision)
 
     requested = renamed_keyword(blocks, layer, "blocks", "layer", BLOCK)
 
