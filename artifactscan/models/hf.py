@@ -31,10 +31,11 @@ from torch import nn
 from artifactscan.core.errors import ModelLoadError, NotAViTError, OfflineError
 from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.models.layouts import aimv2, beit, dinov3, radio
+from artifactscan.models.layouts.hf_keys import KeySorter
 from artifactscan.models.materialize import (
     assign_weights, build_on_meta, finish_meta_build, read_safetensors, read_safetensors_header,
 )
-from artifactscan.models.native import read_error_reason, read_torch_file
+from artifactscan.models.native import read_torch_file
 from artifactscan.models.registry import register_architecture
 
 ARCH = "artifactscan_vit"
@@ -200,9 +201,8 @@ def convert_state_dict(hf: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     for prefix in _PREFIXES:  # task models wrap the encoder (Dinov2ForImageClassification: `dinov2.`)
         if any(k.startswith(prefix) for k in hf) and not any(k.startswith("embeddings.") for k in hf):
             hf = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in hf.items()}
-    out: dict[str, torch.Tensor] = {}
-    dropped: dict[str, int] = {}
-    unknown = []
+    keys = KeySorter()
+    out, dropped, unknown = keys.out, keys.dropped, keys.unknown
     for k, v in hf.items():
         if k in _TOP_KEYS:
             out[_TOP_KEYS[k]] = v
@@ -215,13 +215,10 @@ def convert_state_dict(hf: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
             else:
                 unknown.append(k)
         elif _NOT_ENCODER.match(k):
-            what = k.split(".")[0]
-            dropped[what] = dropped.get(what, 0) + 1
+            keys.drop(k)
         else:
             unknown.append(k)
-    if unknown:
-        raise ModelLoadError(f"unexpected keys in the Hugging Face weights: {', '.join(unknown[:4])}"
-                             + (f" (+{len(unknown) - 4} more)" if len(unknown) > 4 else ""))
+    keys.finish("Hugging Face")
     if "cls_token" in out and out["cls_token"].dim() == 1:  # CLIP's class_embedding
         out["cls_token"] = out["cls_token"][None, None]
     if out.get("pos_embed") is not None and out["pos_embed"].dim() == 2:  # CLIP / SigLIP nn.Embedding

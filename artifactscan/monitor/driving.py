@@ -22,7 +22,7 @@ from artifactscan.analysis.monitor_records import MonitorUpdate
 from artifactscan.analysis.monitor_setup import MonitorSetupError
 from artifactscan.models.hooks import vit_inside
 
-__all__ = ["FrameworkMissingError", "MonitorDriver", "require_framework", "update_metrics", "vit_inside"]
+__all__ = ["DrivenCallback", "FrameworkMissingError", "MonitorDriver", "require_framework", "update_metrics", "vit_inside"]
 
 
 class FrameworkMissingError(MonitorSetupError, ImportError):
@@ -45,6 +45,22 @@ def update_metrics(record: MonitorUpdate) -> dict[str, float]:
     # -1: no block holds outliers (a scalar series cannot hold "none"), as in the monitor's own TensorBoard tags
     metrics["artifacts/onset"] = float(-1 if record.onset_layer is None else record.onset_layer)
     return metrics
+
+
+class DrivenCallback:
+    """What both framework callbacks expose of their :class:`MonitorDriver` (``self.driver``)."""
+
+    driver: "MonitorDriver"
+
+    @property
+    def monitor(self):
+        """The :class:`ArtifactMonitor` (its ``records`` hold this process's updates)."""
+        return self.driver.monitor
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the callback stopped training (``fail_above``), else None."""
+        return self.driver.stop_reason
 
 
 class MonitorDriver:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from artifactscan.analysis.monitor_setup import MonitorSetupError
-from artifactscan.monitor.driving import MonitorDriver, require_framework, update_metrics
+from artifactscan.monitor.driving import DrivenCallback, MonitorDriver, require_framework, update_metrics
 
 _callbacks = require_framework("transformers.trainer_callback", "artifactscan.monitor.hf")
 
@@ -30,7 +30,7 @@ __all__ = ["ArtifactMonitorCallback"]
 _live: "weakref.WeakValueDictionary[str, ArtifactMonitorCallback]" = weakref.WeakValueDictionary()
 
 
-class ArtifactMonitorCallback(_callbacks.TrainerCallback, _callbacks.ExportableState):
+class ArtifactMonitorCallback(DrivenCallback, _callbacks.TrainerCallback, _callbacks.ExportableState):
     """Measure the model being trained every ``every`` optimiser steps (``state.global_step``).
 
     Args:
@@ -70,15 +70,6 @@ class ArtifactMonitorCallback(_callbacks.TrainerCallback, _callbacks.ExportableS
         """Log each update through ``trainer.log`` (a callback is not given the Trainer)."""
         self.trainer = trainer
         return self
-
-    @property
-    def monitor(self):
-        """The :class:`ArtifactMonitor` (its ``records`` hold this process's updates)."""
-        return self.driver.monitor
-
-    @property
-    def stop_reason(self) -> str | None:
-        return self.driver.stop_reason
 
     # ------------------------------------------------------------------------------------------ ExportableState
     def state(self) -> dict[str, Any]:

@@ -14,14 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from artifactscan.monitor.driving import MonitorDriver, require_framework, update_metrics
+from artifactscan.monitor.driving import DrivenCallback, MonitorDriver, require_framework, update_metrics
 
 _pl = require_framework("lightning.pytorch", "artifactscan.monitor.lightning")
 
 __all__ = ["ArtifactMonitorCallback"]
 
 
-class ArtifactMonitorCallback(_pl.Callback):
+class ArtifactMonitorCallback(DrivenCallback, _pl.Callback):
     """Measure the ViT being trained every ``every`` optimiser steps (``trainer.global_step``).
 
     Args:
@@ -41,16 +41,6 @@ class ArtifactMonitorCallback(_pl.Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.driver.state_name)
-
-    @property
-    def monitor(self):
-        """The :class:`ArtifactMonitor` (its ``records`` hold this process's updates)."""
-        return self.driver.monitor
-
-    @property
-    def stop_reason(self) -> str | None:
-        """Why the callback stopped training (``fail_above``), else None."""
-        return self.driver.stop_reason
 
     # ------------------------------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:

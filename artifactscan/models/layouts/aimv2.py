@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from artifactscan.models.layouts.hf_keys import KeySorter, timm_mlp_ratio
 from artifactscan.core.errors import ModelLoadError
 from artifactscan.models import infer
 from artifactscan.models.registry import register_architecture
@@ -73,9 +74,7 @@ def hf_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     if c["hidden_act"] != "silu":
         raise ModelLoadError(f"this AIMv2 config's MLP uses {c['hidden_act']!r}; timm's AIMv2 has SiLU there")
     width, hidden = int(c["hidden_size"]), int(c["intermediate_size"])
-    ratio = hidden / width
-    if int(width * ratio) != hidden:  # timm takes int(width * ratio): a ratio a hair too small loses a unit
-        ratio = (hidden + 0.5) / width
+    ratio = timm_mlp_ratio(width, hidden)
     size = c["image_size"]
     return dict(img_size=int(size if isinstance(size, int) else size[0]), patch_size=int(c["patch_size"]),
                 in_chans=int(c["num_channels"]), num_classes=0, embed_dim=width, depth=int(c["num_hidden_layers"]),
@@ -88,38 +87,20 @@ def convert_hf(hf: dict[str, torch.Tensor], config: dict[str, Any], name: str
     """HF ``Aimv2VisionModel`` (or ``Aimv2Model``'s vision tower) weights -> timm keys; (state dict, dropped)."""
     c = vision_config(config)
     hf = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v for k, v in hf.items()}
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[int, str, str], torch.Tensor] = {}
-    dropped: dict[str, int] = {}
-    unknown = []
+    keys = KeySorter()
     for key, value in hf.items():
         if key in _TOP:
-            out[_TOP[key]] = value[None] if key.endswith("position_embedding.weight") else value
+            keys.out[_TOP[key]] = value[None] if key.endswith("position_embedding.weight") else value
         elif m := _LAYER.match(key):
-            i, rest = int(m.group(1)), m.group(2)
-            if mm := re.fullmatch(r"attention\.([qkv])_proj\.(weight|bias)", rest):
-                qkv[(i, mm.group(1), mm.group(2))] = value
-            elif target := next((t + rest[len(s):] for s, t in _BLOCK.items() if rest.startswith(s)), None):
-                out[f"blocks.{i}.{target}"] = value
-            else:
-                unknown.append(key)
+            if not keys.layer_key(int(m.group(1)), m.group(2), value, _BLOCK):
+                keys.unknown.append(key)
         elif _NOT_ENCODER.match(key):
-            what = key.split(".")[0]
-            dropped[what] = dropped.get(what, 0) + 1
+            keys.drop(key)
         else:
-            unknown.append(key)
-    if unknown:
-        raise ModelLoadError(f"{name}: unexpected keys in the AIMv2 weights: {', '.join(unknown[:4])}"
-                             + (f" (+{len(unknown) - 4} more)" if len(unknown) > 4 else ""))
+            keys.unknown.append(key)
     depth, width = int(c["num_hidden_layers"]), int(c["hidden_size"])
+    out, dropped = keys.finish("AIMv2", name, blocks=range(depth)), keys.dropped
     for i in range(depth):
-        for part in ("weight", "bias"):
-            parts = [qkv.get((i, p, part)) for p in "qkv"]
-            if all(t is not None for t in parts):
-                out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat(parts, 0)  # type: ignore[arg-type]
-            elif part == "weight":
-                absent = [p for p, t in zip("qkv", parts) if t is None]
-                raise ModelLoadError(f"{name}: block {i} has no attention {'/'.join(absent)}_proj weight")
         if c["qkv_bias"] != c["mlp_bias"]:  # timm has one switch for both: the biases a config left out are zeros
             hidden = int(c["intermediate_size"])
             wanted = [("mlp.fc1_g.bias", hidden), ("mlp.fc1_x.bias", hidden), ("mlp.fc2.bias", width)] \

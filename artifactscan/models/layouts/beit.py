@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from artifactscan.models.layouts.hf_keys import KeySorter, timm_mlp_ratio
 from artifactscan.core.errors import ModelLoadError
 from artifactscan.models.registry import register_architecture
 
@@ -74,9 +75,7 @@ def hf_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     if c["hidden_act"] != "gelu":
         raise ModelLoadError(f"this BEiT config's MLP uses {c['hidden_act']!r}; timm's BEiT has GELU there")
     width, hidden = int(c["hidden_size"]), int(c["intermediate_size"])
-    ratio = hidden / width
-    if int(width * ratio) != hidden:  # timm takes int(width * ratio): a ratio a hair too small loses a unit
-        ratio = (hidden + 0.5) / width
+    ratio = timm_mlp_ratio(width, hidden)
     size = c["image_size"]
     scale = c["layer_scale_init_value"]
     return dict(img_size=int(size if isinstance(size, int) else size[0]), patch_size=int(c["patch_size"]),
@@ -94,17 +93,15 @@ def convert_hf(hf: dict[str, torch.Tensor], config: dict[str, Any], name: str
                ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """HF ``BeitModel`` (or a task model's ``beit.``) weights -> timm ``Beit`` keys; (state dict, dropped)."""
     hf = {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v for k, v in hf.items()}
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[int, str], torch.Tensor] = {}
-    dropped: dict[str, int] = {}
-    unknown = []
+    keys = KeySorter()
+    out, dropped, unknown = keys.out, keys.dropped, keys.unknown
     for key, value in hf.items():
         if key in _TOP:
             out[_TOP[key]] = value
         elif m := _LAYER.match(key):
             i, rest = int(m.group(1)), m.group(2)
             if mm := _QKV.match(rest):
-                qkv[(i, (mm.group(1) or mm.group(2))[0])] = value
+                keys.qkv[(i, (mm.group(1) or mm.group(2))[0], "weight")] = value
             elif rest in ("attention.attention.key.bias", "attention.k_proj.bias"):
                 if value.any():
                     raise ModelLoadError(f"{name}: block {i}'s key bias is non-zero, and BEiT (as timm's Beit) has "
@@ -117,17 +114,8 @@ def convert_hf(hf: dict[str, torch.Tensor], config: dict[str, Any], name: str
                 else:
                     unknown.append(key)
         elif _NOT_ENCODER.match(key):
-            what = key.split(".")[0]
-            dropped[what] = dropped.get(what, 0) + 1
+            keys.drop(key)
         else:
             unknown.append(key)
-    if unknown:
-        raise ModelLoadError(f"{name}: unexpected keys in the BEiT weights: {', '.join(unknown[:4])}"
-                             + (f" (+{len(unknown) - 4} more)" if len(unknown) > 4 else ""))
-    for i in sorted({i for i, _ in qkv}):
-        parts = [qkv.get((i, p)) for p in "qkv"]
-        absent = [p for p, t in zip("qkv", parts) if t is None]
-        if absent:
-            raise ModelLoadError(f"{name}: block {i} has no attention {'/'.join(absent)} weight")
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(parts, 0)  # type: ignore[arg-type]
+    keys.finish("BEiT", name)
     return out, dropped

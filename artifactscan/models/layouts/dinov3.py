@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from artifactscan.models.layouts.hf_keys import KeySorter, timm_mlp_ratio
 from artifactscan.core.errors import CheckpointMismatchError, ModelLoadError, NotAViTError
 from artifactscan.models.registry import register_architecture
 
@@ -207,9 +208,7 @@ def hf_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     """``artifactscan_dinov3`` kwargs of an HF ``DINOv3ViTConfig`` (as config.json holds it)."""
     c = _config(config)
     width, hidden = int(c["hidden_size"]), int(c["intermediate_size"])
-    ratio = hidden / width
-    if int(width * ratio) != hidden:  # timm takes int(width * ratio): a ratio a hair too small loses a unit
-        ratio = (hidden + 0.5) / width
+    ratio = timm_mlp_ratio(width, hidden)
     want_act = "silu" if c["use_gated_mlp"] else "gelu"
     if c["hidden_act"] != want_act:
         raise ModelLoadError(f"this DINOv3 config's {'gated' if c['use_gated_mlp'] else 'plain'} MLP uses "
@@ -227,10 +226,8 @@ def convert_hf(hf: dict[str, torch.Tensor], config: dict[str, Any], name: str
     """HF ``DINOv3ViTModel`` weights -> timm ``Eva`` keys; returns (state dict, dropped key counts)."""
     c = _config(config)
     gated = bool(c["use_gated_mlp"])
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[int, str], torch.Tensor] = {}
-    dropped: dict[str, int] = {}
-    unknown = []
+    keys = KeySorter()
+    out, dropped, unknown = keys.out, keys.dropped, keys.unknown
     for key, value in hf.items():
         if key in _HF_TOP:
             out[_HF_TOP[key]] = value
@@ -239,7 +236,7 @@ def convert_hf(hf: dict[str, torch.Tensor], config: dict[str, Any], name: str
         elif m := _HF_LAYER.match(key):
             i, rest = int(m.group(1)), m.group(2)
             if mm := re.fullmatch(r"attention\.([qkv])_proj\.weight", rest):
-                qkv[(i, mm.group(1))] = value
+                keys.qkv[(i, mm.group(1), "weight")] = value
             elif rest == "attention.k_proj.bias":
                 if value.any():
                     raise CheckpointMismatchError(f"{name}: block {i}'s key bias is non-zero, and timm's Eva (as "
@@ -254,15 +251,7 @@ def convert_hf(hf: dict[str, torch.Tensor], config: dict[str, Any], name: str
                     out[f"blocks.{i}.{target}"] = value
         else:
             unknown.append(key)
-    if unknown:
-        raise ModelLoadError(f"{name}: unexpected keys in the DINOv3 weights: {', '.join(unknown[:4])}"
-                             + (f" (+{len(unknown) - 4} more)" if len(unknown) > 4 else ""))
-    for i in sorted({i for i, _ in qkv}):
-        parts = [qkv.get((i, p)) for p in "qkv"]
-        absent = [p for p, t in zip("qkv", parts) if t is None]
-        if absent:
-            raise ModelLoadError(f"{name}: block {i} has no attention {'/'.join(absent)}_proj weight")
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(parts, 0)  # type: ignore[arg-type]
+    keys.finish("DINOv3", name)
     _zero_fill(out, c, int(c["num_hidden_layers"]))
     return out, dropped
 

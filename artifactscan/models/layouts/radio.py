@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from artifactscan.models.layouts.hf_keys import KeySorter
 from artifactscan.core.errors import ModelLoadError
 from artifactscan.models import infer
 
@@ -91,10 +92,8 @@ def convert_hf(hf: dict[str, torch.Tensor], config: dict[str, Any], name: str
     """HF ``RadioModel`` weights -> timm ``VisionTransformer`` keys; (state dict, dropped key counts)."""
     c = _config(config)
     width, patch, chans = int(c["hidden_size"]), int(c["patch_size"]), int(c["num_channels"])
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[int, str, str], torch.Tensor] = {}
-    dropped: dict[str, int] = {}
-    unknown = []
+    keys = KeySorter()
+    out = keys.out
     for key, value in hf.items():
         bare = key[len("radio_model."):] if key.startswith("radio_model.") else key
         bare = _ON_DISK.get(bare, bare)
@@ -105,26 +104,13 @@ def convert_hf(hf: dict[str, torch.Tensor], config: dict[str, Any], name: str
         elif bare == "embeddings.cls_register_token":
             out["cls_token"], out["reg_token"] = value[None, :1], value[None, 1:]
         elif m := _LAYER.match(bare):
-            i, rest = int(m.group(1)), m.group(2)
-            if mm := re.fullmatch(r"attention\.([qkv])_proj\.(weight|bias)", rest):
-                qkv[(i, mm.group(1), mm.group(2))] = value
-            elif target := next((t + rest[len(s):] for s, t in _BLOCK.items() if rest.startswith(s)), None):
-                out[f"blocks.{i}.{target}"] = value
-            else:
-                unknown.append(key)
+            if not keys.layer_key(int(m.group(1)), m.group(2), value, _BLOCK):
+                keys.unknown.append(key)
         elif _NOT_ENCODER.match(bare):
-            what = bare.split(".")[0]
-            dropped[what] = dropped.get(what, 0) + 1
+            keys.drop(bare)
         else:
-            unknown.append(key)
-    if unknown:
-        raise ModelLoadError(f"{name}: unexpected keys in the RADIO weights: {', '.join(unknown[:4])}"
-                             + (f" (+{len(unknown) - 4} more)" if len(unknown) > 4 else ""))
-    for (i, part) in sorted({(i, part) for i, _, part in qkv}):
-        parts = [qkv.get((i, p, part)) for p in "qkv"]
-        if any(t is None for t in parts):
-            raise ModelLoadError(f"{name}: block {i} lacks one of its attention q/k/v_proj {part}s")
-        out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat(parts, 0)  # type: ignore[arg-type]
+            keys.unknown.append(key)
+    out, dropped = keys.finish("RADIO", name), keys.dropped
     out["patch_embed.proj.bias"] = torch.zeros(width)  # RADIO's projection has none: zeros are exact
     return out, dropped
 
