@@ -396,3 +396,22 @@ def test_attention_fix_and_calibration_have_their_own_sections(tmp_path):
                                                     "attention/attention_mass.png"]
     assert "Register neurons moved by the test-time register" in text and "outliers removed" in text
     assert "1.56% → 0.00%" in text  # before -> after, from the fix's own numbers
+
+
+def test_signatures_have_their_own_section(tmp_path):
+    """A real `artifactscan signatures` folder: the verdict on each signature and the per-block table beside the
+    nulls, with its figure."""
+    from typer.testing import CliRunner
+
+    from artifactscan.cli import app
+
+    out = tmp_path / "sig"
+    result = CliRunner().invoke(app, ["signatures", "demo", "synthetic-objects:4", "--null-seeds", "1",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = write_html_report(tmp_path, tmp_path / "page.html")
+    text = (tmp_path / "page.html").read_text()
+    (only,) = summary.results
+    assert only.kind == "signatures" and only.headline == json.loads((out / "signatures.json").read_text())["headline"]
+    assert "Artifact signatures" in text and "position share (shuffled null)" in text and "hit ratio" in text
+    assert only.figures == ["sig/signatures.png"]

@@ -120,3 +120,30 @@ def calibration_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc
     inc.headline = head
     inc.title = f"phantoms from {data.get('base', '?')}"
     return "\n".join(part for part in out if part)
+
+
+def signatures_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: IncludedResult) -> str:
+    """Every artifact signature per block beside its null, and the verdict on each (``artifactscan signatures``)."""
+    data = item.data
+    head = text_headline(data)
+    calls = [[esc(c.get("signature")), esc({True: "present", False: "absent"}.get(c.get("present"), "n/a")),
+              esc(c.get("evidence"))] for c in data.get("verdict") or []]
+    rows = []
+    for b in data.get("blocks") or []:
+        units = b.get("units") or []
+        top = units[0] if units else {}
+        rows.append([esc(b.get("block")), fmt_pct(b.get("outlier_fraction")), fmt_ratio(b.get("max_over_median")),
+                     f"{fmt_g(b.get('position_share'), 3)} ({fmt_g(b.get('position_null'), 3)})",
+                     fmt_g(b.get("defect_cos_flagged"), 3),
+                     esc(f"{top.get('point')}[{top.get('unit')}] {fmt_ratio(top.get('ratio'))}") if top else "–",
+                     f"{fmt_g(b.get('hit_ratio'), 3)} "
+                     f"({', '.join(fmt_g(v, 3) for v in b.get('null_hit_ratios') or [])})"])
+    out = [_meta_line(data), verdict_box(head, "headline")]
+    if calls:
+        out.append(html_table(["signature", "call", "evidence"], calls, num_from=3,
+                              caption="Each signature is called present only when it beats its own null."))
+    if rows:
+        out.append(html_table(["block", "% flagged", "max/median", "position share (shuffled null)",
+                               "defect |cos|", "top unit (ratio)", "hit ratio (random-init nulls)"], rows,
+                              caption="Per block, each measure beside its null (docs/signatures.md)."))
+    return _finish(out, head, item, figs, inc)

@@ -38,13 +38,14 @@ KNOWN_FIGURES: dict[str, tuple[str, ...]] = {
     "discover": ("discover",),
     "calibration": ("calibration",),
     "monitor": ("monitor",),
+    "signatures": ("signatures",),
 }
-KIND_ORDER = ("compare", "scan", "probe", "attention", "fix", "discover", "calibration", "emergence", "monitor", "train-reg",
-              "training", "other")
+KIND_ORDER = ("compare", "scan", "probe", "attention", "fix", "discover", "signatures", "calibration", "emergence",
+              "monitor", "train-reg", "training", "other")
 KIND_TITLES = {
     "compare": "Model comparison", "scan": "Norm scan", "probe": "Probe", "attention": "Attention",
     "fix": "Fix", "discover": "Object discovery", "emergence": "Emergence over training",
-    "monitor": "Artifact monitor (during training)",
+    "monitor": "Artifact monitor (during training)", "signatures": "Artifact signatures",
     "train-reg": "Train-reg comparison", "training": "Training run", "calibration": "Detection limit",
     "other": "Result",
 }

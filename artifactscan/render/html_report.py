@@ -38,7 +38,7 @@ from artifactscan.render.html_parts import (
 )
 from artifactscan.models.phantom_notice import PHANTOM_BANNER, PHANTOM_TITLE
 from artifactscan.render.html_discover import discover_section
-from artifactscan.render.html_kinds import attention_section, calibration_section, fix_section
+from artifactscan.render.html_kinds import attention_section, calibration_section, fix_section, signatures_section
 from artifactscan.render.html_monitor import monitor_section
 from artifactscan.render.html_sections import (
     compare_section,
@@ -63,6 +63,7 @@ _RENDERERS: dict[str, Callable[[FoundResult, Path, FigureEmbedder, IncludedResul
     "scan": scan_section, "compare": compare_section, "emergence": emergence_section, "probe": probe_section,
     "train-reg": training_section, "training": training_section, "discover": discover_section,
     "attention": attention_section, "fix": fix_section, "calibration": calibration_section,
+    "signatures": signatures_section,
     "monitor": monitor_section,
 }
 
