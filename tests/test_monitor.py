@@ -3,6 +3,7 @@ that reads back (torn, resumed, distributed), and `artifactscan monitor DIR` ren
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -261,6 +262,12 @@ def _ddp_worker(rank: int, out: str) -> None:
         stopped_at = (step, str(exc))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"returned": returned, "stopped_at": stopped_at}, f)
+    # DDP's reducers hold the group's communication state: gone, and both ranks done, before the group goes (a
+    # reducer destroyed after it, at interpreter exit, aborted rank 1 once: "terminate called without an active
+    # exception", SIGABRT).
+    del model, opt
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
