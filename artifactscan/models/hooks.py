@@ -48,7 +48,7 @@ from __future__ import annotations
 import fnmatch
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -538,11 +538,6 @@ def blocks_sequence(model: Any) -> Sequence[nn.Module]:
     """The model's blocks, in order (as the family names them ``blocks.{i}``)."""
     module = unwrap_model(model)
     return list(family_of(module).blocks(module))
-
-
-def iter_points(model: Any, suffix: str) -> Iterator[str]:
-    """Names of ``model`` ending in ``suffix`` (``".attn.pattern"`` ...) that it can expose."""
-    return (n for n, p in hook_points(model).items() if n.endswith(suffix) and p.unavailable is None)
 
 
 class CaptureContext:
