@@ -13,9 +13,12 @@ without a null to beat (docs/signatures.md):
    positions, against the rest.
 5. **Lazy aggregation** (LaSt-ViT, CVPR 2026): the patch most similar to CLS, its box hit ratio against the share
    of patches in boxes *and* a random-init model of the same architecture on the same images.
+6. **Shift consistency** (PH-Reg, NeurIPS 2025): per patch, ``1 -`` cosine with its average over shifted and
+   flipped views, flagged against unflagged patches (:mod:`artifactscan.analysis.signatures_shift`).
 
 Passes: the norms scan (one, or two when its auto threshold needs the records again), then one pass over the
-images that feeds every data signature at once, then one pass per random-init seed (only with boxes).
+images that feeds every data signature at once, then the shift views on the first images of that pass, then one
+pass per random-init seed (only with boxes).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Any
 import torch
 
 from artifactscan.analysis.scan import ScanReport, scan
+from artifactscan.analysis.signatures_shift import (SHIFT_IMAGES, SHIFT_LEVEL, SHIFT_VIEWS, ShiftSummary, shift_call,
+                                                    shift_consistency, view_plan)
 from artifactscan.analysis.signatures_stats import (POSITION_FACTOR, PositionShare, abs_cos, defect_directions,
                                                     hit_null_interval, linearisation_problem,
                                                     patch_centres_in_boxes, random_cos_quantile)
@@ -82,6 +87,7 @@ class BlockSignatures:
     null_hit_ratios: list[float] = field(default_factory=list)
     null_interval: list[float] | None = None
     top_patch_flagged_share: float | None = None
+    shift: ShiftSummary | None = None
 
 
 @dataclass
@@ -112,6 +118,9 @@ class SignaturesReport(AnalysisResult):
     verdict: list[SignatureCall]
     threshold_rule: str
     notes: list[str] = field(default_factory=list)
+    shift_views: list[str] = field(default_factory=list)  # the views the shift residual averages, in order
+    shift_images: int = 0  # images the views ran on
+    shift_level: float = SHIFT_LEVEL  # the level the shares of shift residuals are counted above
 
 
 # ----------------------------------------------------------------------------------------------- the data pass
@@ -133,6 +142,14 @@ class _PassState:
         self.masks: dict[int, torch.Tensor] = {}  # the batch's flagged masks, by block
         self.any_mask = torch.zeros(0)
         self.batch_indices: list[int] = []
+        self.shift_images = 0  # how many of the first images to keep for the shift views
+        self.shift_inputs: list[tuple[torch.Tensor, list[int]]] = []
+
+    def keep_for_shift(self, x: torch.Tensor, indices: list[int]) -> None:
+        """Keep the first ``shift_images`` images of the pass (a copy, on the device) for the shift views."""
+        room = self.shift_images - sum(len(i) for _, i in self.shift_inputs)
+        if room > 0:
+            self.shift_inputs.append((x[:room].clone(), indices[:room]))
 
     def positions_of(self, name: str, x: torch.Tensor) -> None:
         patches = x[:, self.P:]
@@ -212,7 +229,9 @@ def _data_pass(loaded: LoadedModel, images: Any, report: ScanReport, state: _Pas
             if x is None:
                 continue
             state.set_batch(indices.tolist(), flagged, num_blocks, dev)
-            cap.forward(x.to(dev))
+            x = x.to(dev)
+            state.keep_for_shift(x, indices.tolist())
+            cap.forward(x)
 
 
 def random_init_copy(loaded: LoadedModel, seed: int) -> LoadedModel:
@@ -321,6 +340,7 @@ def _verdict(report: SignaturesReport) -> list[SignatureCall]:
         f"a unit whose mean |activation| at flagged positions is >= {POSITION_FACTOR:g}x its mean elsewhere",
         f"blocks {units or 'none'}" if flagged else "no flagged tokens to rank units on"))
     calls.append(_lazy_call(report))
+    calls.append(SignatureCall("shift consistency", *shift_call([r.shift for r in rows], report.shift_images)))
     return calls
 
 
@@ -362,27 +382,38 @@ def _images_and_boxes(data: Any, loaded: LoadedModel) -> tuple[Any, list[list[li
 
 
 def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, *, threshold: str | float = THRESHOLD,
-               null_seeds: int = NULL_SEEDS, device: str = DEVICE, batch_size: int = BATCH_SIZE,
+               null_seeds: int = NULL_SEEDS, views: int = SHIFT_VIEWS, shift_images: int = SHIFT_IMAGES,
+               device: str = DEVICE, batch_size: int = BATCH_SIZE,
                num_workers: int | str = WORKERS, exact_decode: bool = False, gpu_decode: bool = False,
                **load: Any) -> SignaturesReport:
     """Measure every artifact signature of ``model`` on ``data`` (default ``synthetic-objects:256``), each with its
     null (module docstring; docs/signatures.md). ``null_seeds``: random-init models for the hit ratio's null.
+    ``views``: shifted and flipped views per image for the shift residual, run on the first ``shift_images``.
     ``num_workers`` / ``exact_decode`` / ``gpu_decode``: how image files are decoded, and ``load``: ``arch`` / ``arch_kwargs`` / ``trust_checkpoint`` / ``img_size`` / ``weights``, as for
     :func:`artifactscan.scan`."""
     if null_seeds < 1:
         raise InputError(f"{option('null_seeds')} must be at least 1 (the hit ratio needs a random-init null), "
                          f"got {null_seeds}")
+    if shift_images < 1:
+        raise InputError(f"{option('shift_images', shift_images)}: the shift views need at least 1 image")
     dev = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **load)
+    plan = view_plan(tuple(loaded.grid_size), views)  # refused before any pass runs
     images, boxes, boxes_note = _images_and_boxes(data, loaded)
     decode = dict(num_workers=num_workers, exact_decode=exact_decode, gpu_decode=gpu_decode)
     report = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0, **decode)
     state = _PassState(loaded, boxes)
+    state.shift_images = shift_images
     if boxes is not None:
         state.inside = [patch_centres_in_boxes(b, state.grid, tuple(loaded.input_size)) for b in boxes]
     _data_pass(loaded, images, report, state, dev, batch_size, decode)
     rows = _block_rows(loaded, report, state)
     defect_note = _add_defects(rows, loaded, state)
+    shifts = shift_consistency(loaded, state.shift_inputs, _flagged_positions(report, len(rows)), plan, batch_size)
+    shifted = sum(len(i) for _, i in state.shift_inputs)
+    state.shift_inputs.clear()
+    for row, summary in zip(rows, shifts or []):
+        row.shift = summary
     chance = None
     seeds = list(range(null_seeds)) if boxes is not None else []
     if boxes is not None:
@@ -397,7 +428,8 @@ def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, 
         embedding_position_null=emb.shuffled_share, embedding_position_map=emb.position_map(state.grid),
         random_cos_99=random_cos_quantile(int(state.all_sum[0].numel())), defect_note=defect_note,
         boxes_note=boxes_note, chance_hit_ratio=chance, null_seeds=seeds, verdict=[],
-        threshold_rule=report.threshold_rule, notes=list(report.notes))
+        threshold_rule=report.threshold_rule, notes=list(report.notes), shift_views=[v.describe() for v in plan],
+        shift_images=shifted)
     out.verdict = _verdict(out)
     out.headline = _headline(out)
     return out
