@@ -258,6 +258,7 @@ def shift_call(summaries: list[ShiftSummary | None], num_images: int) -> tuple[b
         return None, rule, f"no flagged patches among the {num_images} images the views ran on"
     hits = [b for b, s in rows if s.inconsistent]
     b, s = max(rows, key=lambda r: r[1].median_flagged - r[1].median_normal)
-    return bool(hits), rule, (f"block {b}: flagged median {s.median_flagged:.3f} vs unflagged "
-                              f"{s.median_normal:.3f} (null 99% {s.flagged_null_99:.3f}); above the null at blocks "
+    # significant digits, not decimals: residuals of a residual stream with a large shared component are ~1e-3
+    return bool(hits), rule, (f"largest gap at block {b}: flagged median {s.median_flagged:.3g} vs unflagged "
+                              f"{s.median_normal:.3g} (null 99% {s.flagged_null_99:.3g}); above the null at blocks "
                               f"{hits or 'none'}")
