@@ -165,6 +165,7 @@ def test_resume_drops_later_records_and_an_occupied_out_is_refused(tmp_path):
     other = tiny_vit(depth=2)
     with pytest.raises(MonitorSetupError, match="another model"):
         ArtifactMonitor("synthetic:4", every=2, out=tmp_path, model=other, data_config=TINY_CONFIG).step(other, 0)
+    first.close()  # the first run is over: its lock on the folder goes
     warnings = []
     resumed = ArtifactMonitor("synthetic:4", every=2, out=tmp_path, data_config=TINY_CONFIG, resume=True,
                               warn=warnings.append)
@@ -172,6 +173,50 @@ def test_resume_drops_later_records_and_an_occupied_out_is_refused(tmp_path):
         resumed.step(model, step)
     assert read_monitor(tmp_path).steps == [0, 2, 4, 6, 8]
     assert any("dropped 3 record" in w for w in warnings)
+
+
+def test_another_models_file_is_continued_only_with_resume(tmp_path):
+    model, other = tiny_vit(), tiny_vit(depth=2)
+    with ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG) as first:
+        first.step(model, 0)
+    with pytest.raises(MonitorSetupError, match=r"another model \(VisionTransformer\).*resume=True"):
+        ArtifactMonitor("synthetic:4", every=1, out=tmp_path, model=other, data_config=TINY_CONFIG)
+    warnings = []
+    with ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG, resume=True,
+                         warn=warnings.append) as resumed:
+        resumed.step(other, 1)
+    assert any("written for another model" in w for w in warnings)
+    assert [len(u.layers) for u in read_monitor(tmp_path).updates] == [TINY["depth"], 2]
+
+
+def test_two_writers_cannot_share_a_folder_and_a_killed_writers_lock_goes_with_it(tmp_path):
+    import subprocess
+
+    model = tiny_vit()
+    first = ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG)
+    first.step(model, 0)
+    second = ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG, resume=True)
+    with pytest.raises(MonitorSetupError, match=f"another artifact monitor \\(pid {os.getpid()}\\)"):
+        second.step(model, 1)
+    assert read_monitor(tmp_path).steps == [0]  # a reader takes no lock: it reads while the writer holds it
+    first.close()
+    # a writer in another process, killed (SIGKILL: no cleanup runs) while it holds the lock
+    code = ("import sys, time; from pathlib import Path; "
+            "from artifactscan.analysis.monitor_records import lock_monitor_folder; "
+            "held = lock_monitor_folder(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(MonitorSetupError, match=f"pid {proc.pid}"):
+            ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG, resume=True).step(model, 1)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    resumed = ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG, resume=True)
+    resumed.step(model, 1)  # the stale lock file is still there; its lock died with the process
+    resumed.close()
+    assert read_monitor(tmp_path).steps == [0, 1]
 
 
 def test_fail_above_acts_on_conclusive_updates_and_on_non_finite_norms(tmp_path):

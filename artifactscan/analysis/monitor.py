@@ -27,6 +27,7 @@ from artifactscan.analysis.monitor_records import (
     append_record,
     keep_records_up_to,
     layer_rows,
+    lock_monitor_folder,
     monitor_path,
     read_lines,
 )
@@ -119,6 +120,7 @@ class ArtifactMonitor:
         self._probe: torch.Tensor | None = None
         self._ready_for: int | None = None  # id() of the module the probe set and the checks were made for
         self._log_opened = False
+        self._lock: Any = None  # the open lock file while this monitor writes out/ (rank 0)
         self._calls = 0
         if model is not None:
             module = self._check_model(model)
@@ -162,9 +164,13 @@ class ArtifactMonitor:
         return record
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer this monitor opened (the JSONL file is never left open)."""
+        """Flush and close the TensorBoard writer this monitor opened (the JSONL file is never left open) and
+        release the lock on ``out`` (another run may then continue the folder)."""
         if isinstance(self.writer, _LazyWriter):  # a writer the caller gave stays theirs to close
             self.writer.close()
+        if self._lock is not None:
+            self._lock.close()  # closing the lock file releases the flock
+            self._lock = None
 
     def __enter__(self) -> "ArtifactMonitor":
         return self
@@ -243,6 +249,7 @@ class ArtifactMonitor:
         if self.out is None or self._log_opened:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        self._hold_lock()  # before the file is cut back: another live writer's records are not ours to drop
         path = monitor_path(self.out)
         if self.resume is not False and path.is_file():
             up_to = first_step - 1 if self.resume is True else int(self.resume)
@@ -251,6 +258,11 @@ class ArtifactMonitor:
                 self.warn(f"resumed at step {first_step}: dropped {dropped} record(s) of later steps from "
                           f"{display_name(path)}")
         self._log_opened = True
+
+    def _hold_lock(self) -> None:
+        """Rank 0: the folder's lock, held from the first call to :meth:`close` (taken again by an update after it)."""
+        if self._lock is None:
+            self._lock = lock_monitor_folder(self.out)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------------ one update
     def _update(self, model: Any, step: int) -> MonitorUpdate | None:
@@ -269,6 +281,7 @@ class ArtifactMonitor:
             return None
         record = self._record(stats, step)  # after the guarded forward: nothing here draws random numbers
         if self.out is not None:
+            self._hold_lock()
             append_record(monitor_path(self.out), record)
         self.records.append(record)
         if self.writer is not None:
