@@ -306,7 +306,7 @@ def _ddp_worker(rank: int, out: str) -> None:
     except ArtifactsAboveThreshold as exc:
         stopped_at = (step, str(exc))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"returned": returned, "stopped_at": stopped_at}, f)
+        json.dump({"returned": returned, "stopped_at": stopped_at, "sharded": _sharded_refusals()}, f)
     # DDP's reducers hold the group's communication state: gone, and both ranks done, before the group goes (a
     # reducer destroyed after it, at interpreter exit, aborted rank 1 once: "terminate called without an active
     # exception", SIGABRT).
@@ -314,6 +314,27 @@ def _ddp_worker(rank: int, out: str) -> None:
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _sharded_refusals() -> list[str]:
+    """What the first call to step() says, on this rank, to a model sharded by torch's FSDP and FSDP2 (real ones,
+    on gloo): each rank refuses by itself, no collective, so no rank is left waiting."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    fsdp2 = tiny_vit()
+    mesh = init_device_mesh("cpu", (2,))
+    for block in fsdp2.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(fsdp2, mesh=mesh)
+    refusals = []
+    for model in (FullyShardedDataParallel(tiny_vit(), device_id=torch.device("cpu")), fsdp2):
+        try:
+            ArtifactMonitor("synthetic:4", every=10, data_config=TINY_CONFIG).step(model, 3)
+            refusals.append("measured")
+        except MonitorSetupError as exc:
+            refusals.append(str(exc))
+    return refusals
 
 
 def test_ddp_two_ranks_rank_zero_writes_and_fail_above_stops_both(tmp_path):
@@ -325,6 +346,10 @@ def test_ddp_two_ranks_rank_zero_writes_and_fail_above_stops_both(tmp_path):
     assert read_monitor(tmp_path / "mon").steps == [0, 2, 4]  # one line per update: rank 0 alone wrote
     assert r0["stopped_at"][0] == r1["stopped_at"][0] == 3
     assert "fail_above" in r1["stopped_at"][1]
+    for r in (r0, r1):  # FSDP and FSDP2 refused on every rank at the first call, in one line naming the sharding
+        assert [m.split(":")[0] for m in r["sharded"]] == [
+            "the model's parameters are sharded (FSDP (FullyShardedDataParallel))",
+            "the model's parameters are sharded (FSDP2 (fully_shard))"]
 
 
 # ------------------------------------------------------------------------------------------------ the command
