@@ -100,6 +100,28 @@ def test_modes_rng_gradients_hooks_and_flush_denormal_are_left_as_found():
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
 
 
+def test_every_kind_of_probe_set_is_prepared_once_and_capped(image_dir):
+    model = tiny_vit()
+    for images, measured in ((image_dir, 8), ("synthetic-objects:3", 3), (torch.rand(5, 3, 40, 40), 5)):
+        record = ArtifactMonitor(images, every=1, data_config=TINY_CONFIG).step(model, 0)
+        assert record.images.num_scanned == measured and record.model.grid_size == [4, 4], images
+    warnings = []
+    capped = ArtifactMonitor("synthetic:5", every=1, data_config=TINY_CONFIG, max_images=3, warn=warnings.append)
+    assert capped.step(model, 0).images.num_scanned == 3
+    assert warnings == ["the probe set holds 5 images; the monitor keeps the first 3 (max_images)"]
+    assert ArtifactMonitor("synthetic:80", every=1, data_config=TINY_CONFIG, warn=warnings.append
+                           ).step(model, 0).images.num_scanned == 64  # the default: at most 64 images
+
+
+def test_a_compiled_model_is_unwrapped_not_run():
+    model = tiny_vit()
+    plain = ArtifactMonitor("synthetic:4", every=1, data_config=TINY_CONFIG).step(model, 0)
+    compiled = torch.compile(model)  # lazy: compiling only happens if the wrapper itself is called
+    through = ArtifactMonitor("synthetic:4", every=1, data_config=TINY_CONFIG).step(compiled, 0)
+    assert [lay.max for lay in through.layers] == [lay.max for lay in plain.layers]
+    assert through.model.name == "VisionTransformer" and through.fingerprint == plain.fingerprint
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(images="synthetic:4", every=0), "every must be a positive"),
     (dict(images="synthetic:4", every=-3), "every must be a positive"),
@@ -189,7 +211,7 @@ def test_another_models_file_is_continued_only_with_resume(tmp_path):
     assert [len(u.layers) for u in read_monitor(tmp_path).updates] == [TINY["depth"], 2]
 
 
-def test_two_writers_cannot_share_a_folder_and_a_killed_writers_lock_goes_with_it(tmp_path):
+def test_two_writers_cannot_share_a_folder_and_a_killed_run_reads_back_and_resumes(tmp_path):
     import subprocess
 
     model = tiny_vit()
@@ -200,23 +222,29 @@ def test_two_writers_cannot_share_a_folder_and_a_killed_writers_lock_goes_with_i
         second.step(model, 1)
     assert read_monitor(tmp_path).steps == [0]  # a reader takes no lock: it reads while the writer holds it
     first.close()
-    # a writer in another process, killed (SIGKILL: no cleanup runs) while it holds the lock
-    code = ("import sys, time; from pathlib import Path; "
-            "from artifactscan.analysis.monitor_records import lock_monitor_folder; "
-            "held = lock_monitor_folder(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)")
+    # a run in another process writing the folder, killed (SIGKILL: no cleanup runs) while it goes on measuring
+    code = ("import sys; from tests.conftest import tiny_vit; from tests.test_monitor import TINY_CONFIG; "
+            "from artifactscan.monitor import ArtifactMonitor\n"
+            "monitor, model = ArtifactMonitor('synthetic:4', every=1, out=sys.argv[1], data_config=TINY_CONFIG, "
+            "resume=True), tiny_vit()\n"
+            "for step in range(1, 10**6):\n    monitor.step(model, step); print(step, flush=True)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1],
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
-        assert proc.stdout.readline().strip() == "locked"
+        assert proc.stdout.readline().strip() == "1"  # its first update is on file: it holds the lock
         with pytest.raises(MonitorSetupError, match=f"pid {proc.pid}"):
             ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG, resume=True).step(model, 1)
+        assert proc.stdout.readline().strip() == "2"
     finally:
         proc.kill()
         proc.wait(timeout=60)
+    killed = read_monitor(tmp_path, warn=lambda msg: None)  # a torn last line, if the kill tore one, is skipped
+    assert killed.steps[:3] == [0, 1, 2] and killed.steps == list(range(len(killed.steps)))
     resumed = ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG, resume=True)
-    resumed.step(model, 1)  # the stale lock file is still there; its lock died with the process
+    resumed.step(model, 2)  # the killed run's lock died with it: its resume is not blocked (records >= 2 go)
     resumed.close()
-    assert read_monitor(tmp_path).steps == [0, 1]
+    assert read_monitor(tmp_path).steps == [0, 1, 2]
 
 
 def test_fail_above_acts_on_conclusive_updates_and_on_non_finite_norms(tmp_path):
