@@ -247,6 +247,14 @@ def test_two_writers_cannot_share_a_folder_and_a_killed_run_reads_back_and_resum
     assert read_monitor(tmp_path).steps == [0, 1, 2]
 
 
+def test_out_may_name_the_file_itself(tmp_path):
+    with ArtifactMonitor("synthetic:4", every=1, out=tmp_path / "run" / "monitor.jsonl",
+                         data_config=TINY_CONFIG) as monitor:
+        monitor.step(tiny_vit(), 0)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["monitor.jsonl", "monitor.lock"]
+    assert read_monitor(tmp_path / "run").steps == [0]
+
+
 def test_fail_above_acts_on_conclusive_updates_and_on_non_finite_norms(tmp_path):
     phantom = load_model("phantom")
     seen = []

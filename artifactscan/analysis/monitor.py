@@ -248,7 +248,7 @@ class ArtifactMonitor:
         """Rank 0 at the first call: the folder made, a resumed file cut back to the resumed step."""
         if self.out is None or self._log_opened:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
+        monitor_path(self.out).parent.mkdir(parents=True, exist_ok=True)  # out may name the file itself
         self._hold_lock()  # before the file is cut back: another live writer's records are not ours to drop
         path = monitor_path(self.out)
         if self.resume is not False and path.is_file():
@@ -262,7 +262,7 @@ class ArtifactMonitor:
     def _hold_lock(self) -> None:
         """Rank 0: the folder's lock, held from the first call to :meth:`close` (taken again by an update after it)."""
         if self._lock is None:
-            self._lock = lock_monitor_folder(self.out)  # type: ignore[arg-type]
+            self._lock = lock_monitor_folder(monitor_path(self.out).parent)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------------ one update
     def _update(self, model: Any, step: int) -> MonitorUpdate | None:
