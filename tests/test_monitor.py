@@ -255,6 +255,19 @@ def test_out_may_name_the_file_itself(tmp_path):
     assert read_monitor(tmp_path / "run").steps == [0]
 
 
+def test_the_updates_kept_in_memory_do_not_grow_with_the_steps(tmp_path, monkeypatch):
+    import artifactscan.analysis.monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "KEPT_RECORDS", 3)
+    monitor = ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG)
+    model = tiny_vit()
+    for step in range(6):
+        monitor.step(model, step)
+    monitor.close()
+    assert [r.step for r in monitor.records] == [3, 4, 5]  # the latest ones; the file holds them all
+    assert read_monitor(tmp_path).steps == list(range(6))
+
+
 def test_fail_above_acts_on_conclusive_updates_and_on_non_finite_norms(tmp_path):
     phantom = load_model("phantom")
     seen = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,6 +56,10 @@ from artifactscan.core.thresholds import PAPER_THRESHOLD, AutoRule, auto_thresho
 from artifactscan.models.hooks import block_point, capture, family_of, unwrap_model
 
 __all__ = ["ArtifactMonitor", "ArtifactsAboveThreshold", "MonitorSetupError"]
+
+#: Updates kept in memory (``ArtifactMonitor.records``): the most recent ones only, so that nothing grows with the
+#: steps of a long run (each is a few kilobytes); ``monitor.jsonl`` holds them all.
+KEPT_RECORDS = 100
 
 # Status codes rank 0 broadcasts at the first call and at update steps.
 _GO, _STOP, _FAILED = 0, 1, 2
@@ -115,7 +120,7 @@ class ArtifactMonitor:
         self.rule, self.name = rule or AutoRule(), name
         self.warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
         self.writer = _writer_option(tensorboard, self.out)
-        self.records: list[MonitorUpdate] = []
+        self.records: deque[MonitorUpdate] = deque(maxlen=KEPT_RECORDS)  # this process's latest updates
         self._model = model
         self._probe: torch.Tensor | None = None
         self._ready_for: int | None = None  # id() of the module the probe set and the checks were made for
