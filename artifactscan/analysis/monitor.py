@@ -82,6 +82,7 @@ class ArtifactMonitor:
             ``max_images``) on the model's device.
         every: measure when ``step % every == 0``.
         out: a folder for ``monitor.jsonl`` (and ``tensorboard/`` with ``tensorboard=True``); None: nothing written.
+            Locked from the first call to :meth:`close` (another live monitor writing it is refused then).
         model: the model (an ``nn.Module``, one wrapped by DDP / ``torch.compile``, or a ``LoadedModel``); given
             here, the checks that need it run now, else at the first call to :meth:`step`.
         data_config: timm-style preprocessing (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``):
