@@ -251,7 +251,7 @@ def test_out_may_name_the_file_itself(tmp_path):
     with ArtifactMonitor("synthetic:4", every=1, out=tmp_path / "run" / "monitor.jsonl",
                          data_config=TINY_CONFIG) as monitor:
         monitor.step(tiny_vit(), 0)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["monitor.jsonl", "monitor.lock"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".monitor.lock", "monitor.jsonl"]
     assert read_monitor(tmp_path / "run").steps == [0]
 
 

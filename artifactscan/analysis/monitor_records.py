@@ -4,7 +4,7 @@ One line per update, each a whole :class:`MonitorUpdate` (the common header, the
 per block with the fields named as in a scan's ``report.json``). Lines are appended, flushed and ``fsync``'d one at a
 time, so a run killed at any moment leaves a file whose complete lines all read back; :func:`read_monitor` skips a
 torn last line with a warning. Readers never lock the file: they can render it while the run is still writing.
-The writer holds an exclusive ``fcntl.flock`` on ``monitor.lock`` beside it (:func:`lock_monitor_folder`), so two
+The writer holds an exclusive ``fcntl.flock`` on ``.monitor.lock`` beside it (:func:`lock_monitor_folder`), so two
 runs never append to one file at once; the OS releases it when the process dies, so a killed run's folder never
 blocks its resume.
 """
@@ -31,7 +31,7 @@ from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSumma
 from artifactscan.core.thresholds import AutoRule, ThresholdDecision
 
 MONITOR_FILE = "monitor.jsonl"
-LOCK_FILE = "monitor.lock"
+LOCK_FILE = ".monitor.lock"  # hidden, as core.files' lock: listings of a run folder leave it out
 SCHEMA = "artifactscan.monitor/1"
 HISTORY_SCHEMA = "artifactscan.monitor_history/1"
 
