@@ -162,6 +162,17 @@ def test_sharded_parameters_are_refused_at_the_first_call():
     with pytest.raises(MonitorSetupError, match="sharded .*FSDP"):
         monitor.step(FullyShardedDataParallel(tiny_vit()), 3)
 
+    class DeepSpeedEngine(torch.nn.Module):  # stands for deepspeed's (not installed here): ZeRO-3 marks each
+        def __init__(self, module):          # partitioned parameter with ds_id and ds_status
+            super().__init__()
+            self.module = module
+            for p in module.parameters():
+                p.ds_id, p.ds_status = 0, "NOT_AVAILABLE"
+
+    with pytest.raises(MonitorSetupError, match=r"sharded \(DeepSpeed ZeRO-3\)"):
+        ArtifactMonitor("synthetic:4", every=10, data_config=TINY_CONFIG).step(DeepSpeedEngine(tiny_vit()), 3)
+    # a real FSDP / FSDP2 model on two gloo ranks: test_ddp_two_ranks_rank_zero_writes_and_fail_above_stops_both
+
 
 def test_a_torn_last_line_reads_back_with_a_warning(tmp_path):
     monitor = ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG)
