@@ -100,6 +100,28 @@ def test_modes_rng_gradients_hooks_and_flush_denormal_are_left_as_found():
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
 
 
+def test_every_kind_of_probe_set_is_prepared_once_and_capped(image_dir):
+    model = tiny_vit()
+    for images, measured in ((image_dir, 8), ("synthetic-objects:3", 3), (torch.rand(5, 3, 40, 40), 5)):
+        record = ArtifactMonitor(images, every=1, data_config=TINY_CONFIG).step(model, 0)
+        assert record.images.num_scanned == measured and record.model.grid_size == [4, 4], images
+    warnings = []
+    capped = ArtifactMonitor("synthetic:5", every=1, data_config=TINY_CONFIG, max_images=3, warn=warnings.append)
+    assert capped.step(model, 0).images.num_scanned == 3
+    assert warnings == ["the probe set holds 5 images; the monitor keeps the first 3 (max_images)"]
+    assert ArtifactMonitor("synthetic:80", every=1, data_config=TINY_CONFIG, warn=warnings.append
+                           ).step(model, 0).images.num_scanned == 64  # the default: at most 64 images
+
+
+def test_a_compiled_model_is_unwrapped_not_run():
+    model = tiny_vit()
+    plain = ArtifactMonitor("synthetic:4", every=1, data_config=TINY_CONFIG).step(model, 0)
+    compiled = torch.compile(model)  # lazy: compiling only happens if the wrapper itself is called
+    through = ArtifactMonitor("synthetic:4", every=1, data_config=TINY_CONFIG).step(compiled, 0)
+    assert [lay.max for lay in through.layers] == [lay.max for lay in plain.layers]
+    assert through.model.name == "VisionTransformer" and through.fingerprint == plain.fingerprint
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(images="synthetic:4", every=0), "every must be a positive"),
     (dict(images="synthetic:4", every=-3), "every must be a positive"),
@@ -140,6 +162,17 @@ def test_sharded_parameters_are_refused_at_the_first_call():
     with pytest.raises(MonitorSetupError, match="sharded .*FSDP"):
         monitor.step(FullyShardedDataParallel(tiny_vit()), 3)
 
+    class DeepSpeedEngine(torch.nn.Module):  # stands for deepspeed's (not installed here): ZeRO-3 marks each
+        def __init__(self, module):          # partitioned parameter with ds_id and ds_status
+            super().__init__()
+            self.module = module
+            for p in module.parameters():
+                p.ds_id, p.ds_status = 0, "NOT_AVAILABLE"
+
+    with pytest.raises(MonitorSetupError, match=r"sharded \(DeepSpeed ZeRO-3\)"):
+        ArtifactMonitor("synthetic:4", every=10, data_config=TINY_CONFIG).step(DeepSpeedEngine(tiny_vit()), 3)
+    # a real FSDP / FSDP2 model on two gloo ranks: test_ddp_two_ranks_rank_zero_writes_and_fail_above_stops_both
+
 
 def test_a_torn_last_line_reads_back_with_a_warning(tmp_path):
     monitor = ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG)
@@ -165,6 +198,7 @@ def test_resume_drops_later_records_and_an_occupied_out_is_refused(tmp_path):
     other = tiny_vit(depth=2)
     with pytest.raises(MonitorSetupError, match="another model"):
         ArtifactMonitor("synthetic:4", every=2, out=tmp_path, model=other, data_config=TINY_CONFIG).step(other, 0)
+    first.close()  # the first run is over: its lock on the folder goes
     warnings = []
     resumed = ArtifactMonitor("synthetic:4", every=2, out=tmp_path, data_config=TINY_CONFIG, resume=True,
                               warn=warnings.append)
@@ -172,6 +206,77 @@ def test_resume_drops_later_records_and_an_occupied_out_is_refused(tmp_path):
         resumed.step(model, step)
     assert read_monitor(tmp_path).steps == [0, 2, 4, 6, 8]
     assert any("dropped 3 record" in w for w in warnings)
+
+
+def test_another_models_file_is_continued_only_with_resume(tmp_path):
+    model, other = tiny_vit(), tiny_vit(depth=2)
+    with ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG) as first:
+        first.step(model, 0)
+    with pytest.raises(MonitorSetupError, match=r"another model \(VisionTransformer\).*resume=True"):
+        ArtifactMonitor("synthetic:4", every=1, out=tmp_path, model=other, data_config=TINY_CONFIG)
+    warnings = []
+    with ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG, resume=True,
+                         warn=warnings.append) as resumed:
+        resumed.step(other, 1)
+    assert any("written for another model" in w for w in warnings)
+    assert [len(u.layers) for u in read_monitor(tmp_path).updates] == [TINY["depth"], 2]
+
+
+def test_two_writers_cannot_share_a_folder_and_a_killed_run_reads_back_and_resumes(tmp_path):
+    import subprocess
+
+    model = tiny_vit()
+    first = ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG)
+    first.step(model, 0)
+    second = ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG, resume=True)
+    with pytest.raises(MonitorSetupError, match=f"another artifact monitor \\(pid {os.getpid()}\\)"):
+        second.step(model, 1)
+    assert read_monitor(tmp_path).steps == [0]  # a reader takes no lock: it reads while the writer holds it
+    first.close()
+    # a run in another process writing the folder, killed (SIGKILL: no cleanup runs) while it goes on measuring
+    code = ("import sys; from tests.conftest import tiny_vit; from tests.test_monitor import TINY_CONFIG; "
+            "from artifactscan.monitor import ArtifactMonitor\n"
+            "monitor, model = ArtifactMonitor('synthetic:4', every=1, out=sys.argv[1], data_config=TINY_CONFIG, "
+            "resume=True), tiny_vit()\n"
+            "for step in range(1, 10**6):\n    monitor.step(model, step); print(step, flush=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert proc.stdout.readline().strip() == "1"  # its first update is on file: it holds the lock
+        with pytest.raises(MonitorSetupError, match=f"pid {proc.pid}"):
+            ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG, resume=True).step(model, 1)
+        assert proc.stdout.readline().strip() == "2"
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    killed = read_monitor(tmp_path, warn=lambda msg: None)  # a torn last line, if the kill tore one, is skipped
+    assert killed.steps[:3] == [0, 1, 2] and killed.steps == list(range(len(killed.steps)))
+    resumed = ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG, resume=True)
+    resumed.step(model, 2)  # the killed run's lock died with it: its resume is not blocked (records >= 2 go)
+    resumed.close()
+    assert read_monitor(tmp_path).steps == [0, 1, 2]
+
+
+def test_out_may_name_the_file_itself(tmp_path):
+    with ArtifactMonitor("synthetic:4", every=1, out=tmp_path / "run" / "monitor.jsonl",
+                         data_config=TINY_CONFIG) as monitor:
+        monitor.step(tiny_vit(), 0)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".monitor.lock", "monitor.jsonl"]
+    assert read_monitor(tmp_path / "run").steps == [0]
+
+
+def test_the_updates_kept_in_memory_do_not_grow_with_the_steps(tmp_path, monkeypatch):
+    import artifactscan.analysis.monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "KEPT_RECORDS", 3)
+    monitor = ArtifactMonitor("synthetic:4", every=1, out=tmp_path, data_config=TINY_CONFIG)
+    model = tiny_vit()
+    for step in range(6):
+        monitor.step(model, step)
+    monitor.close()
+    assert [r.step for r in monitor.records] == [3, 4, 5]  # the latest ones; the file holds them all
+    assert read_monitor(tmp_path).steps == list(range(6))
 
 
 def test_fail_above_acts_on_conclusive_updates_and_on_non_finite_norms(tmp_path):
@@ -261,7 +366,7 @@ def _ddp_worker(rank: int, out: str) -> None:
     except ArtifactsAboveThreshold as exc:
         stopped_at = (step, str(exc))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"returned": returned, "stopped_at": stopped_at}, f)
+        json.dump({"returned": returned, "stopped_at": stopped_at, "sharded": _sharded_refusals()}, f)
     # DDP's reducers hold the group's communication state: gone, and both ranks done, before the group goes (a
     # reducer destroyed after it, at interpreter exit, aborted rank 1 once: "terminate called without an active
     # exception", SIGABRT).
@@ -269,6 +374,27 @@ def _ddp_worker(rank: int, out: str) -> None:
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _sharded_refusals() -> list[str]:
+    """What the first call to step() says, on this rank, to a model sharded by torch's FSDP and FSDP2 (real ones,
+    on gloo): each rank refuses by itself, no collective, so no rank is left waiting."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    fsdp2 = tiny_vit()
+    mesh = init_device_mesh("cpu", (2,))
+    for block in fsdp2.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(fsdp2, mesh=mesh)
+    refusals = []
+    for model in (FullyShardedDataParallel(tiny_vit(), device_id=torch.device("cpu")), fsdp2):
+        try:
+            ArtifactMonitor("synthetic:4", every=10, data_config=TINY_CONFIG).step(model, 3)
+            refusals.append("measured")
+        except MonitorSetupError as exc:
+            refusals.append(str(exc))
+    return refusals
 
 
 def test_ddp_two_ranks_rank_zero_writes_and_fail_above_stops_both(tmp_path):
@@ -280,6 +406,10 @@ def test_ddp_two_ranks_rank_zero_writes_and_fail_above_stops_both(tmp_path):
     assert read_monitor(tmp_path / "mon").steps == [0, 2, 4]  # one line per update: rank 0 alone wrote
     assert r0["stopped_at"][0] == r1["stopped_at"][0] == 3
     assert "fail_above" in r1["stopped_at"][1]
+    for r in (r0, r1):  # FSDP and FSDP2 refused on every rank at the first call, in one line naming the sharding
+        assert [m.split(":")[0] for m in r["sharded"]] == [
+            "the model's parameters are sharded (FSDP (FullyShardedDataParallel))",
+            "the model's parameters are sharded (FSDP2 (fully_shard))"]
 
 
 # ------------------------------------------------------------------------------------------------ the command

@@ -79,6 +79,15 @@ def test_lightning_resume_continues_the_monitor_file_from_the_checkpoint(tmp_pat
     assert [r.step for r in resumed.monitor.records] == [6, 8]
 
 
+def test_lightning_callbacks_keep_their_state_under_keys_of_their_own(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    from artifactscan.monitor.lightning import ArtifactMonitorCallback
+
+    keys = {ArtifactMonitorCallback("synthetic:4", every=every, out=out, data_config=TINY_CONFIG).state_key
+            for every, out in ((2, tmp_path / "a"), (2, tmp_path / "b"), (5, tmp_path / "a"), (5, None))}
+    assert len(keys) == 4 and all(key.startswith("ArtifactMonitorCallback") for key in keys)
+
+
 def test_lightning_fail_above_stops_training_gracefully(tmp_path):
     from artifactscan.monitor.lightning import ArtifactMonitorCallback
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ from artifactscan.analysis.monitor_records import (
     append_record,
     keep_records_up_to,
     layer_rows,
+    lock_monitor_folder,
     monitor_path,
     read_lines,
 )
@@ -55,6 +57,10 @@ from artifactscan.models.hooks import block_point, capture, family_of, unwrap_mo
 
 __all__ = ["ArtifactMonitor", "ArtifactsAboveThreshold", "MonitorSetupError"]
 
+#: Updates kept in memory (``ArtifactMonitor.records``): the most recent ones only, so that nothing grows with the
+#: steps of a long run (each is a few kilobytes); ``monitor.jsonl`` holds them all.
+KEPT_RECORDS = 100
+
 # Status codes rank 0 broadcasts at the first call and at update steps.
 _GO, _STOP, _FAILED = 0, 1, 2
 
@@ -76,6 +82,7 @@ class ArtifactMonitor:
             ``max_images``) on the model's device.
         every: measure when ``step % every == 0``.
         out: a folder for ``monitor.jsonl`` (and ``tensorboard/`` with ``tensorboard=True``); None: nothing written.
+            Locked from the first call to :meth:`close` (another live monitor writing it is refused then).
         model: the model (an ``nn.Module``, one wrapped by DDP / ``torch.compile``, or a ``LoadedModel``); given
             here, the checks that need it run now, else at the first call to :meth:`step`.
         data_config: timm-style preprocessing (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``):
@@ -114,11 +121,12 @@ class ArtifactMonitor:
         self.rule, self.name = rule or AutoRule(), name
         self.warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
         self.writer = _writer_option(tensorboard, self.out)
-        self.records: list[MonitorUpdate] = []
+        self.records: deque[MonitorUpdate] = deque(maxlen=KEPT_RECORDS)  # this process's latest updates
         self._model = model
         self._probe: torch.Tensor | None = None
         self._ready_for: int | None = None  # id() of the module the probe set and the checks were made for
         self._log_opened = False
+        self._lock: Any = None  # the open lock file while this monitor writes out/ (rank 0)
         self._calls = 0
         if model is not None:
             module = self._check_model(model)
@@ -162,9 +170,13 @@ class ArtifactMonitor:
         return record
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer this monitor opened (the JSONL file is never left open)."""
+        """Flush and close the TensorBoard writer this monitor opened (the JSONL file is never left open) and
+        release the lock on ``out`` (another run may then continue the folder)."""
         if isinstance(self.writer, _LazyWriter):  # a writer the caller gave stays theirs to close
             self.writer.close()
+        if self._lock is not None:
+            self._lock.close()  # closing the lock file releases the flock
+            self._lock = None
 
     def __enter__(self) -> "ArtifactMonitor":
         return self
@@ -242,7 +254,8 @@ class ArtifactMonitor:
         """Rank 0 at the first call: the folder made, a resumed file cut back to the resumed step."""
         if self.out is None or self._log_opened:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
+        monitor_path(self.out).parent.mkdir(parents=True, exist_ok=True)  # out may name the file itself
+        self._hold_lock()  # before the file is cut back: another live writer's records are not ours to drop
         path = monitor_path(self.out)
         if self.resume is not False and path.is_file():
             up_to = first_step - 1 if self.resume is True else int(self.resume)
@@ -251,6 +264,11 @@ class ArtifactMonitor:
                 self.warn(f"resumed at step {first_step}: dropped {dropped} record(s) of later steps from "
                           f"{display_name(path)}")
         self._log_opened = True
+
+    def _hold_lock(self) -> None:
+        """Rank 0: the folder's lock, held from the first call to :meth:`close` (taken again by an update after it)."""
+        if self._lock is None:
+            self._lock = lock_monitor_folder(monitor_path(self.out).parent)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------------ one update
     def _update(self, model: Any, step: int) -> MonitorUpdate | None:
@@ -269,6 +287,7 @@ class ArtifactMonitor:
             return None
         record = self._record(stats, step)  # after the guarded forward: nothing here draws random numbers
         if self.out is not None:
+            self._hold_lock()
             append_record(monitor_path(self.out), record)
         self.records.append(record)
         if self.writer is not None:

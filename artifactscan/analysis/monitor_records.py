@@ -4,17 +4,23 @@ One line per update, each a whole :class:`MonitorUpdate` (the common header, the
 per block with the fields named as in a scan's ``report.json``). Lines are appended, flushed and ``fsync``'d one at a
 time, so a run killed at any moment leaves a file whose complete lines all read back; :func:`read_monitor` skips a
 torn last line with a warning. Readers never lock the file: they can render it while the run is still writing.
+The writer holds an exclusive ``fcntl.flock`` on ``.monitor.lock`` beside it (:func:`lock_monitor_folder`), so two
+runs never append to one file at once; the OS releases it when the process dies, so a killed run's folder never
+blocks its resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
 from dataclasses import MISSING, Field, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import IO, Any, Callable, ClassVar
 
+from artifactscan.analysis.monitor_setup import MonitorSetupError
 from artifactscan.analysis.scan import LayerReport, decision_counts, layer_report
 from artifactscan.core.errors import InputError
 from artifactscan.core.files import atomic_write_text
@@ -25,6 +31,7 @@ from artifactscan.core.summaries import AnalysisResult, ImageSummary, ModelSumma
 from artifactscan.core.thresholds import AutoRule, ThresholdDecision
 
 MONITOR_FILE = "monitor.jsonl"
+LOCK_FILE = ".monitor.lock"  # hidden, as core.files' lock: listings of a run folder leave it out
 SCHEMA = "artifactscan.monitor/1"
 HISTORY_SCHEMA = "artifactscan.monitor_history/1"
 
@@ -88,6 +95,46 @@ def monitor_path(out: str | os.PathLike[str]) -> Path:
     """``out/monitor.jsonl`` (``out`` may name the file itself)."""
     out = Path(out).expanduser()
     return out if out.name == MONITOR_FILE else out / MONITOR_FILE
+
+
+def lock_monitor_folder(out: Path) -> IO[str] | None:
+    """The writer's exclusive lock on ``out`` (an existing folder): the open lock file, holding an ``fcntl.flock``
+    until it is closed, garbage-collected or its process dies (a killed run's lock never outlives it). Raises
+    :class:`MonitorLockedError` naming the holder's pid when another writer holds it. None where there is no
+    ``fcntl`` (Windows): the folder goes unlocked there."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = out / LOCK_FILE
+    try:
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot lock monitor folder {display_name(out)}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            handle.seek(0)
+            holder = handle.read(32).strip()
+        handle.close()
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise MonitorLockedError(f"{display_name(out)} is being written by another artifact monitor"
+                                     + (f" (pid {holder})" if holder else "") + "; two runs cannot append to one "
+                                     "monitor.jsonl: close() the other monitor, wait for its run, or choose "
+                                     "another out") from None
+        raise InputError(f"cannot lock monitor folder {display_name(out)}: {exc.strerror or exc}") from None
+    with contextlib.suppress(OSError):  # the pid only names the holder in the refusal above: best effort
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    return handle
+
+
+class MonitorLockedError(MonitorSetupError):
+    """Another :class:`~artifactscan.analysis.monitor.ArtifactMonitor` (a live process) is writing the folder."""
 
 
 def append_record(path: Path, update: MonitorUpdate) -> None:

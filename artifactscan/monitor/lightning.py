@@ -54,6 +54,9 @@ class ArtifactMonitorCallback(DrivenCallback, _pl.Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.driver.close()
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.driver.close()  # the folder's lock released now: a resume in this process need not wait for the GC
+
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.driver.last_step}
 

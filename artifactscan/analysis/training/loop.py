@@ -264,6 +264,8 @@ def train_model(
         ) from None
     finally:
         reporter.close()
+        if session.monitor is not None:
+            session.monitor.close()  # releases monitor.jsonl's lock: a resume in this process may continue it
     result = _finish(session, t_start=t_start, resumed=resume, return_model=return_model)
     barrier(d)
     if stopped_at is not None:
