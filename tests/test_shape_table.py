@@ -80,3 +80,16 @@ def test_timms_own_state_dict_finds_a_configuration_computing_the_same(name):
     built = infer._behaviour(match.arch, tuple(sorted(match.kwargs.items())))
     own = infer._behaviour(name, tuple(sorted({"num_classes": match.kwargs["num_classes"]}.items())))
     assert built == own, f"{name} read as {match.arch} {match.kwargs}: {built} != {own}"
+
+
+def test_a_grid_that_no_configuration_owns_is_refused_naming_both_activations():
+    """timm's SigLIP-L/16 is GELU at 256 and 384 and GELUTanh at 512, with the same shapes at any grid: a 28x28 file
+    (448 px) is none of their own sizes, so its shapes cannot tell the activation."""
+    sd = {k: torch.empty(s, device="meta")
+          for k, s in infer._meta_shapes("vit_large_patch16_siglip_256", (("img_size", 448),)).items()}
+    with pytest.raises(ModelLoadError, match=r"siglip-l-448 .*fits several known architectures.*: "
+                                             r"vit_large_patch16_siglip_256, vit_large_patch16_siglip_384 \(16 heads, "
+                                             r"GELU\); vit_large_patch16_siglip_512 \(16 heads, GELUTanh\)\. Pass "):
+        infer.infer_architecture(sd, "timm", "siglip-l-448")
+    at_512 = {k: torch.empty(s, device="meta") for k, s in infer._meta_shapes("vit_large_patch16_siglip_512").items()}
+    assert infer.infer_architecture(at_512, "timm", "siglip-l-512").act == "GELUTanh"

@@ -330,9 +330,9 @@ def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: 
         groups.setdefault(_behaviour(m[0], tuple(sorted(m[2].items()))), []).append(m)
     if activation is not None and len(groups) > 1:
         groups = {key: ms for key, ms in groups.items() if key[1] == activation} or groups
-    native = {key: ms for key, ms in groups.items() if any("img_size" not in kwargs for _, _, kwargs in ms)}
-    if len(groups) > 1 and len(native) == 1:  # one configuration's own input size is the file's grid: that one
-        groups = native  # (timm's SigLIP-L: GELU at 256 and 384, GELUTanh at 512, same shapes at any grid)
+    at_own_size = {key: ms for key, ms in groups.items() if any("img_size" not in kw for _, _, kw in ms)}
+    if len(groups) > 1 and len(at_own_size) == 1:  # one configuration's own input size is the file's grid: that one
+        groups = at_own_size  # (timm's SigLIP-L: GELU at 256 and 384, GELUTanh at 512, same shapes at any grid)
     if len(groups) > 1:
         options = "; ".join(f"{', '.join(a for a, _, _ in ms)} ({h} heads, {act}" + (f"; {more})" if more else ")")
                             for (h, act, more), ms in groups.items())
