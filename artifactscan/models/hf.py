@@ -33,9 +33,9 @@ from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.models.layouts import aimv2, beit, dinov3, radio
 from artifactscan.models.layouts.hf_keys import KeySorter
 from artifactscan.models.materialize import (
-    assign_weights, build_on_meta, finish_meta_build, read_safetensors, read_safetensors_header,
+    assign_weights, build_on_meta, finish_meta_build, read_safetensors, read_safetensors_header, read_torch_weights,
+    refuse_unless_stored_weights_fit,
 )
-from artifactscan.models.native import read_torch_file
 from artifactscan.models.registry import register_architecture
 
 ARCH = "artifactscan_vit"
@@ -158,10 +158,12 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         why = what_it_is(shard)
         if why is not None:  # a named pipe would block the load forever
             raise ModelLoadError(f"{display_name(shard)} {why}; a Hugging Face folder's weights must be files")
-        if shard.suffix == ".bin":
-            out.update(read_torch_file(shard, trust=False))
-            continue
-        out.update(read_safetensors(read_safetensors_header(shard)))  # checked for truncation and rewrites
+    for shard in bins:
+        out.update(read_torch_weights(shard))  # copied out of torch.load's memory map
+    headers = [read_safetensors_header(shard) for shard in shards]  # every shard checked for truncation first
+    refuse_unless_stored_weights_fit(headers, display_name(folder))  # before any is read
+    for header in headers:
+        out.update(read_safetensors(header))  # checked for rewrites while read
     return out
 
 

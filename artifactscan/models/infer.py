@@ -63,7 +63,13 @@ KNOWN: list[tuple[str, str, int, int]] = [
     ("vit_huge_patch14_clip_quickgelu_224", "clip", 1280, 14),
     ("vit_base_patch16_siglip_224", "siglip", 768, 16),
     ("vit_large_patch16_siglip_256", "siglip", 1024, 16),
+    ("vit_large_patch16_siglip_384", "siglip", 1024, 16),
+    ("vit_large_patch16_siglip_512", "siglip", 1024, 16),  # GELUTanh, where timm's 256 and 384 are GELU
     ("vit_so400m_patch14_siglip_224", "siglip", 1152, 14),
+    # SigLIP2's fixed-resolution towers are these architectures (timm tags .v2_webli) plus three sizes of their own
+    ("vit_base_patch32_siglip_256", "siglip", 768, 32),
+    ("vit_so400m_patch16_siglip_256", "siglip", 1152, 16),
+    ("vit_giantopt_patch16_siglip_256", "siglip", 1536, 16),
     ("flexivit_small", "flexivit", 384, 16),
     ("flexivit_base", "flexivit", 768, 16),
     ("flexivit_large", "flexivit", 1024, 16),
@@ -324,6 +330,9 @@ def infer_architecture(sd: dict[str, torch.Tensor], layout: str = "timm", name: 
         groups.setdefault(_behaviour(m[0], tuple(sorted(m[2].items()))), []).append(m)
     if activation is not None and len(groups) > 1:
         groups = {key: ms for key, ms in groups.items() if key[1] == activation} or groups
+    at_own_size = {key: ms for key, ms in groups.items() if any("img_size" not in kw for _, _, kw in ms)}
+    if len(groups) > 1 and len(at_own_size) == 1:  # one configuration's own input size is the file's grid: that one
+        groups = at_own_size  # (timm's SigLIP-L: GELU at 256 and 384, GELUTanh at 512, same shapes at any grid)
     if len(groups) > 1:
         options = "; ".join(f"{', '.join(a for a, _, _ in ms)} ({h} heads, {act}" + (f"; {more})" if more else ")")
                             for (h, act, more), ms in groups.items())

@@ -5,7 +5,9 @@ the non-persistent buffers a meta build leaves empty computed afterwards. And th
 Why read() and not a memory map: pages of a mapped file that the forward touches count in the process's resident
 memory on top of any converted copy, and a mapped file that a trainer truncates while we use it kills the process with
 SIGBUS. Reading each tensor into its own buffer costs the weights once, and a file cut short while it is read is a
-short read: one clear error, never a crash.
+short read: one clear error, never a crash. A PyTorch zip file is memory-mapped by ``torch.load`` (a training
+checkpoint's optimizer state is then never read), and the weights it holds are copied out of the mapping at once
+(:func:`own_copies`): the model never runs on pages of a file that a trainer may truncate while a scan runs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import math
 import os
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -143,15 +146,46 @@ def read_safetensors(header: SafetensorsHeader, dtype: torch.dtype | None = None
             _read_exactly(f, buf, path, name)
             t = buf.view(e.dtype).reshape(e.shape) if e.end > e.start else torch.empty(e.shape, dtype=e.dtype)
             out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
-        after = [os.fstat(f.fileno())]
+        check_unchanged(path, header.size, header.mtime_ns, os.fstat(f.fileno()))
+    return out
+
+
+def check_unchanged(path: Path, size: int, mtime_ns: int, opened: os.stat_result | None = None) -> None:
+    """Refuse a file whose size or modification time differs from what they were before it was read (``opened``: the
+    stat of the descriptor it was read through; a file replaced by rename has another inode under the same name)."""
     try:
-        after.append(os.stat(path))  # a file replaced by rename has another inode under the same name
+        now = [os.stat(path)]
     except OSError:
-        after.append(None)  # type: ignore[arg-type]
-    if any(s is None or s.st_size != header.size or s.st_mtime_ns != header.mtime_ns for s in after):
+        now = [None]
+    if opened is not None:
+        now.append(opened)
+    if any(s is None or s.st_size != size or s.st_mtime_ns != mtime_ns for s in now):
         raise ModelLoadError(f"{display_name(path)} changed while it was being read (its size or modification time); "
                              "a trainer may still be writing it: load it again once it is complete")
-    return out
+
+
+def own_copies(state_dict: dict[str, Any], dtype: torch.dtype | None, path: Path, before: os.stat_result) -> None:
+    """Replace, in place, every tensor of ``state_dict`` (memory-mapped from ``path`` by ``torch.load``) by a copy in
+    the process's own memory, floating ones in ``dtype`` (None: as stored); then check the file did not change
+    since ``before``.
+
+    Why: a model whose parameters are pages of a mapped file dies of SIGBUS when a trainer truncates that file to save
+    it again (``torch.save`` opens it with "wb") while a scan runs. Copied, only this copy touches the mapping."""
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor):
+            convert = dtype is not None and value.is_floating_point() and value.dtype != dtype
+            state_dict[key] = value.to(dtype) if convert else value.clone()
+    check_unchanged(path, before.st_size, before.st_mtime_ns)
+
+
+def read_torch_weights(path: Path) -> dict[str, Any]:
+    """A PyTorch file of weights (e.g. a Hugging Face ``pytorch_model.bin`` shard) read with ``weights_only``, its
+    tensors in the process's own memory (:func:`own_copies`)."""
+    before = os.stat(path)
+    blob = native.read_torch_file(path, trust=False)
+    if isinstance(blob, dict):
+        own_copies(blob, None, path, before)
+    return blob
 
 
 def resolve_precision(precision: str, float_elements: int, file_dtype: torch.dtype | None, what: str
@@ -179,6 +213,18 @@ def resolve_precision(precision: str, float_elements: int, file_dtype: torch.dty
         raise ResourceError(f"{what} needs {need / GIB:.1f} GiB of memory for its weights in "
                             f"{precision_name(dtype)} and {free / GIB:.1f} GiB is available{smaller}")
     return dtype, note
+
+
+def refuse_unless_stored_weights_fit(headers: list[SafetensorsHeader], what: str) -> None:
+    """Refuse, before any is read, safetensors files whose floating weights as stored exceed the memory available
+    (a Hugging Face folder's shards are read as stored, then held in the precision asked for)."""
+    free = available_bytes(torch.device("cpu"))
+    entries = [e for h in headers for e in h.entries.values() if e.dtype.is_floating_point]
+    need = sum(e.end - e.start for e in entries)
+    if free is not None and need > free:
+        stored = sorted({precision_name(e.dtype) for e in entries})
+        raise ResourceError(f"{what} needs {need / GIB:.1f} GiB of memory for its weights as stored "
+                            f"({', '.join(stored)}) and {free / GIB:.1f} GiB is available")
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
@@ -271,13 +317,19 @@ class CheckpointRead:
     dtype: torch.dtype | None = None
     file_dtype: torch.dtype | None = None
     note: str | None = None
+    path: Path | None = None
+    mapped_stat: os.stat_result | None = None  # a torch file memory-mapped: its stat before it was opened
 
     def resolve_precision(self, state_dict: dict[str, torch.Tensor], precision: str, what: str) -> None:
-        """``dtype`` and ``note`` for a torch file, which is read whole before its size is known."""
+        """``dtype`` and ``note`` for a torch file, whose size is known once it is mapped (nothing read yet): one
+        that cannot fit is refused here. Then its weights are copied out of the mapping, in ``dtype``, in place."""
         self.file_dtype = self.file_dtype or state_dict_dtype(state_dict)
         if self.dtype is None:
             n_float = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
             self.dtype, self.note = resolve_precision(precision, n_float, self.file_dtype, what)
+        if self.mapped_stat is not None and self.path is not None:
+            own_copies(state_dict, self.dtype, self.path, self.mapped_stat)
+            self.mapped_stat = None
 
 
 def read_checkpoint(path: Path, trust: bool, precision: str) -> CheckpointRead:
@@ -293,15 +345,17 @@ def read_checkpoint(path: Path, trust: bool, precision: str) -> CheckpointRead:
         file_dtype = header.dominant_float_dtype()
         dtype, note = resolve_precision(precision, header.float_elements(), file_dtype, display_name(path.name))
         return CheckpointRead(read_safetensors(header, dtype), meta, dtype, file_dtype, note)
+    before = os.stat(path)
     blob = native.read_torch_file(path, trust)
+    mapped = before if zipfile.is_zipfile(path) and not native.is_torchscript(path) else None  # as torch.load maps
     raw_meta = blob.get(META_KEY) if isinstance(blob, dict) else None
     if isinstance(raw_meta, dict):
         blob = {k: v for k, v in blob.items() if k != META_KEY}
         try:
-            return CheckpointRead(blob, CheckpointMeta.from_dict(raw_meta))
+            return CheckpointRead(blob, CheckpointMeta.from_dict(raw_meta), path=path, mapped_stat=mapped)
         except CheckpointMetadataError as exc:
             raise CheckpointMetadataError(exc.field, exc.why, path.name) from None
-    return CheckpointRead(blob, None)
+    return CheckpointRead(blob, None, path=path, mapped_stat=mapped)
 
 
 def state_dict_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype | None:
