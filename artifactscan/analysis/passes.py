@@ -32,6 +32,7 @@ from artifactscan.core.devices import resolve_device
 from artifactscan.core.distributed import distributed_world, gather
 from artifactscan.core.progress import ProgressBar
 from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES
+from artifactscan.inputs.naflex import is_packed, unpack
 from artifactscan.inputs.sources import ImageSource, effective_batch_size, image_batches, parse_workers
 from artifactscan.models.capture import token_norms  # noqa: F401  (the norms reduction, for measurements)
 from artifactscan.models.hooks import block_point, capture
@@ -57,9 +58,13 @@ def block_output(index: int) -> str:
 class Batch:
     """One batch as every measurement of a pass sees it."""
 
-    images: torch.Tensor  # [B, 3, H, W], normalised, on the pass's device
+    images: torch.Tensor  # [B, 3, H, W], normalised, on the pass's device (NaFlex: packed patches, inputs/naflex.py)
     indices: torch.Tensor  # into ``source.names``
     captured: Mapping[str, torch.Tensor]  # hook point -> its tensor, reduced as the measurement asked
+    # NaFlex models only (None otherwise): which patch tokens are the image's own ([B, N] bool; padding False,
+    # left out of every statistic) and each image's patch grid ([B, 2]: rows, cols)
+    valid: torch.Tensor | None = None
+    grids: torch.Tensor | None = None
 
 
 class Measurement(Protocol):
@@ -187,13 +192,28 @@ class OpenedPass:
                     self.skipped.extend(bad)
                 if images is None:
                     continue
+                valid, grids = self._naflex_layout(images, indices)
                 with measurement_mode():  # reductions after the forward run in the same mode as the hooks' own
                     cap.forward(images)
                     captured = {name: cap[name] for name in points}
                     views = [_view(m, points, captured) for m in measurements]
                 for m, view in zip(measurements, views):
-                    m.on_batch(Batch(images, indices, view))
+                    m.on_batch(Batch(images, indices, view, valid, grids))
         return [m.finish() for m in measurements]
+
+    def _naflex_layout(self, images: torch.Tensor, indices: torch.Tensor
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(validity mask, grids) on the CPU of a packed NaFlex batch, else (None, None); an image without a single
+        patch of its own is refused by name before anything runs on its batch."""
+        if not is_packed(images):
+            return None, None
+        batch = unpack(images)
+        empty = (~batch.valid.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            name = display_name(self.source.names[int(indices[empty[0]])])
+            raise InputError(f"{name} is all padding in its NaFlex batch (a patch grid of "
+                             f"{tuple(batch.grids[empty[0]].tolist())}): it has no patch to measure")
+        return batch.valid.cpu(), batch.grids.cpu()
 
     # ------------------------------------------------------------------------------ after the passes
     def all_skipped(self) -> list[tuple[int, str]]:

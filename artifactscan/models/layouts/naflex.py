@@ -1,0 +1,207 @@
+"""NaFlex models: variable-resolution patch sequences with padding. timm's ``NaFlexVit`` (``naflexvit_*``, incl.
+C-RADIO v3/v4's ``naflexvit_*_radio_v3/v4``: 1 CLS + 7 or 9 registers) and transformers' ``Siglip2VisionModel``
+(``siglip2`` / ``siglip2_vision_model`` folders, no prefix token).
+
+Each image keeps its aspect ratio, resized to at most ``max_num_patches`` patches (:mod:`artifactscan.inputs.naflex`
+packs it with its grid); the models take the patches, the validity mask and the grids, and mask padding out of their
+attention. Padded tokens still leave every block (their norms mean nothing): the pass runner hands measurements the
+mask (``Batch.valid``) and every statistic leaves them out.
+
+SigLIP2 folders are run by transformers' own ``Siglip2VisionModel`` (no timm model reproduces its position-embedding
+resize exactly), hooked by its in-memory names; timm's NaFlexVit by timm's names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from artifactscan.core.errors import ModelLoadError
+from artifactscan.inputs.naflex import NAFLEX_KEY, is_packed, nominal_input_size, unpack
+from artifactscan.models.hooks import HookFamily, HookPoint, register_hook_family, tokens_from_grid
+from artifactscan.models.layouts.hf_vision import eager_part, flat_tokens
+from artifactscan.models.layouts.timm_vit import TimmViTFamily, block_points, is_timm_class
+
+HF_MODEL_TYPES = ("siglip2", "siglip2_vision_model")
+#: Siglip2ImageProcessor's defaults, which preprocessor_config.json may leave out
+HF_PROCESSOR_DEFAULTS = {"max_num_patches": 256, "patch_size": 16, "image_mean": (0.5, 0.5, 0.5),
+                         "image_std": (0.5, 0.5, 0.5)}
+
+
+def is_naflex_model(model: nn.Module) -> bool:
+    return is_timm_class(model, "NaFlexVit") or _siglip2_prefix(model) is not None
+
+
+def naflex_config(config: dict[str, Any], patch_size: int, max_num_patches: int, resizer: str) -> dict[str, Any]:
+    """A data config with its NaFlex settings (and the nominal square input the budget corresponds to)."""
+    return {**config, NAFLEX_KEY: {"patch_size": int(patch_size), "max_num_patches": int(max_num_patches),
+                                   "resizer": resizer},
+            "input_size": nominal_input_size(patch_size, max_num_patches)}
+
+
+def with_max_patches(config: dict[str, Any], max_num_patches: int) -> dict[str, Any]:
+    """The data config with another patch budget (``--img-size S`` on a NaFlex model: ``(S / patch)^2``)."""
+    settings = config[NAFLEX_KEY]
+    return naflex_config(config, settings["patch_size"], max_num_patches, settings.get("resizer", "tensor"))
+
+
+# ----------------------------------------------------------------------------------------------- timm NaFlexVit
+def timm_data_config(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    """timm's data config of a NaFlexVit plus its NaFlex settings: the budget is the pretrained square grid's patch
+    count (as timm's NaFlex loader uses for evaluation at that size); timm resizes the PIL image."""
+    patch = model.embeds.patch_size
+    patch = int(patch if isinstance(patch, int) else patch[0])
+    _, h, w = config["input_size"]
+    return naflex_config(config, patch, (int(h) // patch) * (int(w) // patch), "pil")
+
+
+class TimmNaFlexFamily(TimmViTFamily):
+    """timm's ``NaFlexVit``: the blocks are timm's ViT blocks; the patch projection is ``embeds.proj``."""
+
+    name = "timm-naflex"
+    classes = ("NaFlexVit",)
+
+    def points(self, model: nn.Module) -> list[HookPoint]:
+        points = [HookPoint("patch_embed.post", "embeds.proj", "output",
+                            "the patch embedding before position embedding and prefix tokens", read=tokens_from_grid)]
+        for i, block in enumerate(model.blocks):
+            points += block_points(i, block, self.extra_points)
+        points.append(HookPoint("final_norm", "norm", "output", "the final normalised tokens (forward_features)"))
+        return points
+
+    def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        if not is_packed(images):
+            return model.forward_features(images)
+        batch = unpack(images)
+        out = model.forward_features(batch.patches, patch_coord=batch.coords(), patch_valid=batch.valid)
+        return out["patches"] if isinstance(out, dict) else out
+
+    def prefix_tokens(self, model: nn.Module) -> tuple[int, int]:
+        registers = int(model.num_reg_tokens)
+        return int(model.num_prefix_tokens) - registers, registers
+
+
+def describe(model: nn.Module) -> tuple[int, int, int]:
+    """``(num_prefix_tokens, num_cls_tokens, num_register_tokens)`` of a NaFlex model."""
+    family = _HF_FAMILY if _siglip2_prefix(model) is not None else _TIMM_FAMILY
+    cls, registers = family.prefix_tokens(model)
+    return cls + registers, cls, registers
+
+
+# ----------------------------------------------------------------------------------------------- HF SigLIP2
+def _siglip2_prefix(model: nn.Module) -> str | None:
+    """"" for a transformers SigLIP2 vision tower (``encoder.layers`` ...), "vision_model." for a model holding one."""
+    for prefix, module in (("", model), ("vision_model.", getattr(model, "vision_model", None))):
+        if isinstance(module, nn.Module) and type(module).__name__.startswith("Siglip2") \
+                and type(module).__module__.startswith("transformers.") and hasattr(module, "encoder") \
+                and hasattr(getattr(module, "embeddings", None), "patch_embedding"):
+            return prefix
+    return None
+
+
+class HFSiglip2Family(HookFamily):
+    """transformers' ``Siglip2VisionModel`` (its in-memory names): no CLS, patches projected by a ``Linear``."""
+
+    name = "hf-siglip2"
+
+    def matches(self, model: nn.Module) -> bool:
+        return _siglip2_prefix(model) is not None
+
+    def _prefix(self, model: nn.Module) -> str:
+        prefix = _siglip2_prefix(model)
+        return "" if prefix is None else prefix
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.get_submodule(self._prefix(model) + "encoder.layers"))
+
+    def points(self, model: nn.Module) -> list[HookPoint]:
+        root = self._prefix(model)
+        points = [HookPoint("patch_embed.post", root + "embeddings.patch_embedding", "output",
+                            "the patch embedding before position embedding", read=flat_tokens)]
+        for i, _ in enumerate(self.blocks(model)):
+            path = f"{root}encoder.layers.{i}"
+            points.append(HookPoint(f"blocks.{i}.resid_pre", path, "input", "the residual stream entering the block"))
+            for part in ("q", "k", "v", "pattern"):
+                points.append(HookPoint(f"blocks.{i}.attn.{part}", f"{path}.self_attn", "attention",
+                                        f"attention {part} as the kernel receives it", part=part,
+                                        fallback=eager_part(part)))
+            points.append(HookPoint(f"blocks.{i}.mlp.post", f"{path}.mlp.fc2", "input",
+                                    "the MLP's hidden units after the activation", unit=True))
+            points.append(HookPoint(f"blocks.{i}.resid_post", path, "output", "the residual stream leaving the block"))
+        points.append(HookPoint("final_norm", root + "post_layernorm", "output", "the final normalised tokens"))
+        return points
+
+    def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        if not is_packed(images):
+            raise ModelLoadError("a SigLIP2 NaFlex model takes packed patch sequences (artifactscan.inputs.naflex), "
+                                 f"not images shaped {tuple(images.shape)}")
+        batch = unpack(images)
+        inner = model.get_submodule(self._prefix(model).rstrip(".")) if self._prefix(model) else model
+        out = inner(pixel_values=batch.patches, pixel_attention_mask=batch.valid.long(), spatial_shapes=batch.grids)
+        return out.last_hidden_state
+
+    def prefix_tokens(self, model: nn.Module) -> tuple[int, int]:
+        return 0, 0
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from None
+
+
+def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from artifactscan.models.materialize import read_safetensors, read_safetensors_header
+
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"{folder} has config.json but no model*.safetensors weights")
+    weights: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        weights.update(read_safetensors(read_safetensors_header(shard)))
+    return weights
+
+
+def load_hf_folder(folder: Path) -> tuple[nn.Module, dict[str, Any], list[str]]:
+    """A SigLIP2 NaFlex folder as transformers' ``Siglip2VisionModel`` with its weights; (model, data config,
+    notes). The text tower of a full ``siglip2`` folder is left out."""
+    try:
+        from transformers import Siglip2VisionConfig, Siglip2VisionModel
+    except ImportError:
+        raise ModelLoadError(f"{folder} is a SigLIP2 NaFlex model: it runs on transformers' own Siglip2VisionModel; "
+                             "install transformers (pip install 'artifactscan[hf]')") from None
+    config = _read_json(folder / "config.json")
+    vision = config.get("vision_config", config) if config.get("model_type") == "siglip2" else config
+    vision = {k: v for k, v in vision.items() if k not in ("model_type", "architectures", "transformers_version")}
+    model = Siglip2VisionModel(Siglip2VisionConfig(**vision)).eval()
+    prefix = "vision_model."
+    weights = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in _folder_weights(folder).items()}
+    own = model.state_dict()
+    vision_weights = {k: v for k, v in weights.items() if k in own}
+    missing = sorted(set(own) - set(vision_weights))
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in vision_weights.items()
+             if v.shape != own[k].shape]
+    if missing or wrong:
+        raise ModelLoadError(f"{folder}: its weights do not fit its config.json's SigLIP2 vision tower (missing "
+                             f"{missing[:3]}, wrong shape {wrong[:3]}); does config.json belong to these weights?")
+    model.load_state_dict(vision_weights)
+    model.float()
+    processor = {**HF_PROCESSOR_DEFAULTS, **_read_json(folder / "preprocessor_config.json")}
+    data = {"mean": tuple(processor["image_mean"]), "std": tuple(processor["image_std"]),
+            "interpolation": "bilinear", "crop_pct": 1.0}
+    dropped = len(weights) - len(vision_weights)
+    notes = ["run by transformers' Siglip2VisionModel (NaFlex: padded tokens left out of every statistic)"]
+    if dropped:
+        notes.append(f"dropped, as not part of the image encoder: {dropped} keys (text tower, heads)")
+    return model, naflex_config(data, processor["patch_size"], processor["max_num_patches"], "tensor"), notes
+
+
+_TIMM_FAMILY = TimmNaFlexFamily()
+_HF_FAMILY = HFSiglip2Family()
+register_hook_family(_TIMM_FAMILY)
+register_hook_family(_HF_FAMILY, before="hf-vision")
