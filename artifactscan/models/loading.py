@@ -15,7 +15,7 @@ import json
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -602,10 +602,7 @@ def _load_hf_folder(folder: Path, name: str, source: str) -> LoadedModel:
 
     if json.loads((folder / "config.json").read_text()).get("model_type") in naflex.HF_MODEL_TYPES:
         model, config, notes = naflex.load_hf_folder(folder)  # run by transformers itself (SigLIP2 NaFlex)
-        loaded = _finish(model, name, source, None, config, None, "pretrained")
-        loaded.notes.extend(notes)
-        loaded.layout = "hf:siglip2"
-        return loaded
+        return replace(_finish(model, name, source, None, config, None, "pretrained"), notes=notes, layout="hf:siglip2")
     model, arch, kwargs, config, notes = hf.load_folder(folder)
     if config is None:
         config = timm.data.resolve_model_data_config(model)
@@ -679,8 +676,6 @@ def _resize_input(loaded: LoadedModel, img_size: int) -> None:
         raise InputError(f"{option('img_size', img_size)} is not a positive multiple of the patch size {ph}")
     if NAFLEX_KEY in loaded.data_config:  # NaFlex: the size sets the patch budget; each image keeps its aspect
         loaded.data_config = naflex.with_max_patches(loaded.data_config, (img_size // ph) * (img_size // pw))
-        loaded.notes.append(f"NaFlex: at most {(img_size // ph) * (img_size // pw)} patches per image "
-                            f"({option('img_size', img_size)})")
         return
     if hasattr(model, "set_input_size"):
         check_resample_fits(loaded, img_size)

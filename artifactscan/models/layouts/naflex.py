@@ -191,11 +191,17 @@ def load_hf_folder(folder: Path) -> tuple[nn.Module, dict[str, Any], list[str]]:
                              f"{missing[:3]}, wrong shape {wrong[:3]}); does config.json belong to these weights?")
     model.load_state_dict(vision_weights)
     model.float()
-    processor = {**HF_PROCESSOR_DEFAULTS, **_read_json(folder / "preprocessor_config.json")}
+    processor = {**HF_PROCESSOR_DEFAULTS, "patch_size": model.config.patch_size,
+                 **_read_json(folder / "preprocessor_config.json")}
+    if int(processor["patch_size"]) != int(model.config.patch_size):
+        raise ModelLoadError(f"{folder}: preprocessor_config.json cuts {processor['patch_size']}-pixel patches and "
+                             f"config.json's model embeds {model.config.patch_size}-pixel ones; they must agree")
     data = {"mean": tuple(processor["image_mean"]), "std": tuple(processor["image_std"]),
             "interpolation": "bilinear", "crop_pct": 1.0}
     dropped = len(weights) - len(vision_weights)
     notes = ["run by transformers' Siglip2VisionModel (NaFlex: padded tokens left out of every statistic)"]
+    if not (folder / "preprocessor_config.json").is_file():
+        notes.append("no preprocessor_config.json: Siglip2ImageProcessor's defaults (256 patches, mean/std 0.5)")
     if dropped:
         notes.append(f"dropped, as not part of the image encoder: {dropped} keys (text tower, heads)")
     return model, naflex_config(data, processor["patch_size"], processor["max_num_patches"], "tensor"), notes

@@ -12,8 +12,8 @@
   for RADIO's largest grid, is resampled to the model's grid exactly as RADIO does it at that input size (bilinear,
   ``align_corners=False``); q/k/v are fused, ``layer_scaleN.lambda1`` are ``lsN.gamma``, no final norm. RADIO
   normalises its input inside the model (``input_conditioner``): that mean/std become the preprocessing.
-  timm's ``naflexvit_*_radio_*`` (RADIO's own behaviour at any resolution, patches padded) are refused by name until
-  padded tokens are kept out of the statistics.
+  timm's ``naflexvit_*_radio_*`` (RADIO's own behaviour at any resolution, patches padded) load through
+  ``models/layouts/naflex.py``, padded tokens out of every statistic.
 """
 
 from __future__ import annotations
