@@ -74,7 +74,7 @@ def test_siglip2_norms_match_transformers_on_valid_tokens(siglip2_folder, tmp_pa
     with torch.no_grad():
         hidden = reference(**inputs, output_hidden_states=True).hidden_states[1:]
     packed = torch.stack([NaFlexTransform(8, 24, processor.image_mean, processor.image_std)(im) for im in images])
-    with torch.no_grad(), capture(loaded, ["blocks.*.resid_post"], reduce=token_norms) as cap:
+    with torch.no_grad(), capture(loaded, ["blocks.*.resid_post"], reduce=token_norms, masks_padding=True) as cap:
         cap.forward(packed)
     valid = inputs["pixel_attention_mask"].bool()
     for i, states in enumerate(hidden):
@@ -102,7 +102,7 @@ def test_timm_naflex_radio_norms_match_timm(tmp_path):
         theirs = model.forward_intermediates(
             {"patches": batch.patches, "patch_coord": batch.coords(), "patch_valid": batch.valid},
             norm=False, output_fmt="NLC", intermediates_only=True)
-    with torch.no_grad(), capture(loaded, ["blocks.*.resid_post"], reduce=token_norms) as cap:
+    with torch.no_grad(), capture(loaded, ["blocks.*.resid_post"], reduce=token_norms, masks_padding=True) as cap:
         cap.forward(packed)
     for i, tokens in enumerate(theirs):
         ours = cap[f"blocks.{i}.resid_post"][:, 8:]
@@ -149,7 +149,7 @@ def _stats_of(loaded, packed: torch.Tensor):
 
     stats = NormStatistics(len(loaded.blocks) + 1, loaded.prefix_names, (1.0,))
     with torch.no_grad(), capture(loaded, {**{f"blocks.{i}.resid_post": token_norms
-                                              for i in range(len(loaded.blocks))}, "final_norm": token_norms}) as cap:
+                                              for i in range(len(loaded.blocks))}, "final_norm": token_norms}, masks_padding=True) as cap:
         cap.forward(packed)
         norms = torch.stack([cap[f"blocks.{i}.resid_post"] for i in range(len(loaded.blocks))] + [cap["final_norm"]])
     stats.update(norms, unpack(packed).valid)

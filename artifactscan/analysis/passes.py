@@ -25,17 +25,17 @@ import torch
 
 from artifactscan.analysis.memory import check_fits
 from artifactscan.analysis.opening import ImagesSpec, load_with_images
-from artifactscan.core.errors import InputError, NonFiniteError, option
+from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError, option
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.paths import display_name
 from artifactscan.core.devices import resolve_device
 from artifactscan.core.distributed import distributed_world, gather
 from artifactscan.core.progress import ProgressBar
 from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES
-from artifactscan.inputs.naflex import is_packed, unpack
+from artifactscan.inputs.naflex import NAFLEX_KEY, is_packed, unpack
 from artifactscan.inputs.sources import ImageSource, effective_batch_size, image_batches, parse_workers
 from artifactscan.models.capture import token_norms  # noqa: F401  (the norms reduction, for measurements)
-from artifactscan.models.hooks import block_point, capture
+from artifactscan.models.hooks import block_point, capture, padded_refusal
 from artifactscan.models.loading import LoadedModel
 
 #: What a hook point's tensor becomes inside its hook (e.g. token norms), so a pass never keeps ``[B, T, D]`` tokens
@@ -185,8 +185,9 @@ class OpenedPass:
         """One pass: one forward per batch shared by every measurement; returns each one's ``finish()``.
         ``count_skipped``: add the unreadable files to :attr:`skipped` (a second pass over the same images
         leaves it off)."""
+        self._check_naflex(measurements)
         points = _capture_points(measurements)
-        with capture(self.loaded, points, stop_early=_stops_early(measurements)) as cap:
+        with capture(self.loaded, points, stop_early=_stops_early(measurements), masks_padding=True) as cap:
             for images, indices, bad in self.batches(label):
                 if count_skipped:
                     self.skipped.extend(bad)
@@ -200,6 +201,16 @@ class OpenedPass:
                 for m, view in zip(measurements, views):
                     m.on_batch(Batch(images, indices, view, valid, grids))
         return [m.finish() for m in measurements]
+
+    def _check_naflex(self, measurements: Sequence[Measurement]) -> None:
+        """A NaFlex model's images each have their own grid, padded: only measurements that read the padding mask
+        (``measures_naflex = True``: they leave padded tokens out) run on it; the others are refused in one line,
+        before any forward."""
+        if NAFLEX_KEY not in self.loaded.data_config:
+            return
+        for m in measurements:
+            if not getattr(m, "measures_naflex", False):
+                raise NotAViTError(padded_refusal(self.loaded.name, f"this measurement ({type(m).__name__})"))
 
     def _naflex_layout(self, images: torch.Tensor, indices: torch.Tensor
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

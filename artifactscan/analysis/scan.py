@@ -251,6 +251,8 @@ class NormsMeasurement:
     candidate records above each row's bar, and as the norm grids of the images in ``map_indices``. With ``rule``
     (the adaptive threshold) the bars are refreshed from the running statistics."""
 
+    measures_naflex = True  # padded tokens of NaFlex batches (``Batch.valid``) are left out of everything
+
     def __init__(self, loaded: LoadedModel, bars: torch.Tensor, *, stats: NormStatistics | None = None,
                  rule: AutoRule | None = None, map_indices: range | set[int] = frozenset()):
         self.loaded, self.bars, self.stats, self.rule = loaded, bars, stats, rule

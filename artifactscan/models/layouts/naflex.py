@@ -64,6 +64,7 @@ class TimmNaFlexFamily(TimmViTFamily):
 
     name = "timm-naflex"
     classes = ("NaFlexVit",)
+    padded_inputs = True
 
     def points(self, model: nn.Module) -> list[HookPoint]:
         points = [HookPoint("patch_embed.post", "embeds.proj", "output",
@@ -107,6 +108,7 @@ class HFSiglip2Family(HookFamily):
     """transformers' ``Siglip2VisionModel`` (its in-memory names): no CLS, patches projected by a ``Linear``."""
 
     name = "hf-siglip2"
+    padded_inputs = True
 
     def matches(self, model: nn.Module) -> bool:
         return _siglip2_prefix(model) is not None
