@@ -86,7 +86,7 @@ def _timm_naflex(name: str, **kwargs):
     import timm
 
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, embed_dim=32, depth=3, num_heads=2, **kwargs).eval()
+    return timm.create_model(name, pretrained=False, **{**dict(embed_dim=32, depth=3, num_heads=2), **kwargs}).eval()
 
 
 def test_timm_naflex_radio_norms_match_timm(tmp_path):
@@ -185,3 +185,90 @@ def test_all_padding_image_is_refused_by_name(siglip2_folder, tmp_path):
         opened.source.dataset.transform = lambda image: packed
         with pytest.raises(InputError, match=r"img0\.png is all padding"):
             measure_norms(opened, 1.0, AutoRule(), 0)
+
+
+# ----------------------------------------------------------------------------------------------- hook names
+def test_naflex_and_live_radio_families_have_every_name():
+    from transformers import RadioConfig, RadioModel, Siglip2VisionConfig, Siglip2VisionModel
+    from artifactscan.models.hooks import family_of, hook_names, hook_points
+    from tests.test_hooks import expected_names
+
+    siglip2 = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=2, patch_size=8)).eval()
+    radio = RadioModel(RadioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                                   patch_size=16, max_img_size=128)).eval()
+    timm_naflex = _timm_naflex("naflexvit_base_patch16_radio_v3", depth=2)
+    for model, family in ((siglip2, "hf-siglip2"), (radio, "hf-radio"), (timm_naflex, "timm-naflex")):
+        assert family_of(model).name == family
+        assert hook_names(model) == expected_names(2)
+    assert hook_points(radio)["final_norm"].module == "encoder"  # RADIO has no final norm
+    assert hook_points(timm_naflex)["patch_embed.post"].module == "embeds.proj"
+
+
+def test_live_radio_model_norms_match_transformers_and_prefix_tokens():
+    """transformers 5's RadioModel, hooked live by its in-memory names: 3 summary tokens + 7 registers are the 10
+    prefix tokens (1 CLS + 9 registers in timm's count)."""
+    from transformers import RadioConfig, RadioModel
+    from artifactscan.models.hooks import family_of
+
+    torch.manual_seed(0)
+    model = RadioModel(RadioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                                   patch_size=16, max_img_size=128)).eval()
+    assert family_of(model).prefix_tokens(model) == (1, 9)
+    x = torch.rand(2, 3, 64, 80)
+    with torch.no_grad():
+        hidden = model(pixel_values=x, output_hidden_states=True).hidden_states[1:]
+        with capture(model, ["blocks.*.resid_post", "final_norm"], reduce=token_norms) as cap:
+            cap.forward(x)
+    assert cap["blocks.0.resid_post"].shape == (2, 10 + 4 * 5)
+    for i, states in enumerate(hidden):
+        torch.testing.assert_close(cap[f"blocks.{i}.resid_post"], states.norm(dim=-1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cap["final_norm"], hidden[-1].norm(dim=-1), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- loading, commands
+def test_timm_naflex_file_scans_with_arch_and_img_size_sets_the_budget(tmp_path):
+    from safetensors.torch import save_file
+    from artifactscan import load_model, scan
+
+    model = _timm_naflex("naflexvit_so400m_patch16_radio_v4", depth=2)
+    path = tmp_path / "radio_v4.safetensors"
+    save_file(model.state_dict(), path)
+    kwargs = dict(embed_dim=32, depth=2, num_heads=2)
+    loaded = load_model(path, arch="naflexvit_so400m_patch16_radio_v4", arch_kwargs=kwargs, img_size=64)
+    assert loaded.num_prefix_tokens == 10 and loaded.data_config["naflex"]["max_num_patches"] == 16
+    report = scan(loaded, _images(tmp_path / "imgs"), num_workers=0, threshold=1.0, num_maps=4)
+    assert report.images.num_scanned == len(SIZES)
+    assert [p.name for p in report.layers[0].prefix] == ["cls"] + [f"reg{i}" for i in range(9)]
+    assert all(len(m.norms) * len(m.norms[0]) <= 16 for m in report.maps)
+    synthetic = scan(loaded, "synthetic:3", num_workers=0, threshold=1.0)  # tensors take the same path
+    assert synthetic.images.num_scanned == 3
+
+
+@pytest.mark.parametrize("command", ["attention", "probe", "discover"])
+def test_commands_that_need_one_grid_refuse_naflex_in_one_line(siglip2_folder, tmp_path, command):
+    from typer.testing import CliRunner
+    from artifactscan.cli import app
+
+    result = CliRunner().invoke(app, [command, str(siglip2_folder), str(_images(tmp_path / "imgs")), "--workers",
+                                      "0", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "is a NaFlex model" in result.output and "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_folder_whose_pieces_disagree_is_refused_naming_it(siglip2_folder):
+    from artifactscan import load_model
+    from artifactscan.core.errors import ModelLoadError
+
+    processor = siglip2_folder / "preprocessor_config.json"
+    settings = json.loads(processor.read_text())
+    processor.write_text(json.dumps({**settings, "patch_size": 16}))
+    with pytest.raises(ModelLoadError, match=r"preprocessor_config.json cuts 16-pixel patches .* 8-pixel"):
+        load_model(siglip2_folder)
+    processor.write_text(json.dumps(settings))
+    config = json.loads((siglip2_folder / "config.json").read_text())
+    (siglip2_folder / "config.json").write_text(json.dumps({**config, "hidden_size": 48}))
+    with pytest.raises(ModelLoadError, match=r"siglip2: its weights do not fit its config.json") as err:
+        load_model(siglip2_folder)
+    assert "\n" not in str(err.value)

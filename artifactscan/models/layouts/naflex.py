@@ -22,8 +22,8 @@ from torch import nn
 
 from artifactscan.core.errors import ModelLoadError
 from artifactscan.inputs.naflex import NAFLEX_KEY, is_packed, nominal_input_size, unpack
-from artifactscan.models.hooks import HookFamily, HookPoint, register_hook_family, tokens_from_grid
-from artifactscan.models.layouts.hf_vision import eager_part, flat_tokens
+from artifactscan.models.hooks import HookPoint, register_hook_family, tokens_from_grid
+from artifactscan.models.layouts.hf_vision import HFVisionFamily, Trunk
 from artifactscan.models.layouts.timm_vit import TimmViTFamily, block_points, is_timm_class
 
 HF_MODEL_TYPES = ("siglip2", "siglip2_vision_model")
@@ -94,6 +94,11 @@ def describe(model: nn.Module) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------- HF SigLIP2
+#: where a SigLIP2 vision tower keeps its parts (transformers 5's in-memory names; no CLS)
+SIGLIP2_TRUNK = Trunk("", "encoder.layers", "self_attn", "mlp.fc2", "embeddings.patch_embedding", "post_layernorm",
+                      False, cls=False)
+
+
 def _siglip2_prefix(model: nn.Module) -> str | None:
     """"" for a transformers SigLIP2 vision tower (``encoder.layers`` ...), "vision_model." for a model holding one."""
     for prefix, module in (("", model), ("vision_model.", getattr(model, "vision_model", None))):
@@ -104,46 +109,25 @@ def _siglip2_prefix(model: nn.Module) -> str | None:
     return None
 
 
-class HFSiglip2Family(HookFamily):
-    """transformers' ``Siglip2VisionModel`` (its in-memory names): no CLS, patches projected by a ``Linear``."""
+class HFSiglip2Family(HFVisionFamily):
+    """transformers' ``Siglip2VisionModel`` (alone or as a ``Siglip2Model``'s ``vision_model``), by its in-memory
+    names; it takes patches, their mask and the grids."""
 
     name = "hf-siglip2"
     padded_inputs = True
 
-    def matches(self, model: nn.Module) -> bool:
-        return _siglip2_prefix(model) is not None
-
-    def _prefix(self, model: nn.Module) -> str:
+    def trunk(self, model: nn.Module) -> tuple[str, Trunk] | None:
         prefix = _siglip2_prefix(model)
-        return "" if prefix is None else prefix
-
-    def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return list(model.get_submodule(self._prefix(model) + "encoder.layers"))
-
-    def points(self, model: nn.Module) -> list[HookPoint]:
-        root = self._prefix(model)
-        points = [HookPoint("patch_embed.post", root + "embeddings.patch_embedding", "output",
-                            "the patch embedding before position embedding", read=flat_tokens)]
-        for i, _ in enumerate(self.blocks(model)):
-            path = f"{root}encoder.layers.{i}"
-            points.append(HookPoint(f"blocks.{i}.resid_pre", path, "input", "the residual stream entering the block"))
-            for part in ("q", "k", "v", "pattern"):
-                points.append(HookPoint(f"blocks.{i}.attn.{part}", f"{path}.self_attn", "attention",
-                                        f"attention {part} as the kernel receives it", part=part,
-                                        fallback=eager_part(part)))
-            points.append(HookPoint(f"blocks.{i}.mlp.post", f"{path}.mlp.fc2", "input",
-                                    "the MLP's hidden units after the activation", unit=True))
-            points.append(HookPoint(f"blocks.{i}.resid_post", path, "output", "the residual stream leaving the block"))
-        points.append(HookPoint("final_norm", root + "post_layernorm", "output", "the final normalised tokens"))
-        return points
+        return None if prefix is None else (prefix, SIGLIP2_TRUNK)
 
     def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         if not is_packed(images):
             raise ModelLoadError("a SigLIP2 NaFlex model takes packed patch sequences (artifactscan.inputs.naflex), "
                                  f"not images shaped {tuple(images.shape)}")
         batch = unpack(images)
-        inner = model.get_submodule(self._prefix(model).rstrip(".")) if self._prefix(model) else model
-        out = inner(pixel_values=batch.patches, pixel_attention_mask=batch.valid.long(), spatial_shapes=batch.grids)
+        prefix = _siglip2_prefix(model) or ""
+        tower = model.get_submodule(prefix.rstrip(".")) if prefix else model
+        out = tower(pixel_values=batch.patches, pixel_attention_mask=batch.valid.long(), spatial_shapes=batch.grids)
         return out.last_hidden_state
 
     def prefix_tokens(self, model: nn.Module) -> tuple[int, int]:
