@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import artifactscan
-from artifactscan.core.errors import ModelLoadError, NotAViTError
+from artifactscan.core.errors import ModelLoadError
 from artifactscan.models import infer, native
 from artifactscan.models.loading import load_model
 

@@ -68,7 +68,10 @@ class Batch:
 
 
 class Measurement(Protocol):
-    """What a pass runs: the hook points it needs, one call per batch, and its result at the end."""
+    """What a pass runs: the hook points it needs, one call per batch, and its result at the end.
+
+    A measurement that leaves NaFlex padding out of everything it computes (``Batch.valid``) says so with a class
+    attribute ``measures_naflex = True``; the others are refused on NaFlex models before any forward."""
 
     def hook_names(self) -> Mapping[str, Reduce | None]:
         """Hook point -> reduction applied inside the hook (``None``: the tensor itself)."""
