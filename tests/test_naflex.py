@@ -237,6 +237,8 @@ def test_timm_naflex_file_scans_with_arch_and_img_size_sets_the_budget(tmp_path)
     kwargs = dict(embed_dim=32, depth=2, num_heads=2)
     loaded = load_model(path, arch="naflexvit_so400m_patch16_radio_v4", arch_kwargs=kwargs, img_size=64)
     assert loaded.num_prefix_tokens == 10 and loaded.data_config["naflex"]["max_num_patches"] == 16
+    assert [n for n in loaded.notes if n.startswith("NaFlex:")] == [  # the budget said once, as it is now
+        n for n in loaded.notes if "within 16 patches" in n]
     report = scan(loaded, _images(tmp_path / "imgs"), num_workers=0, threshold=1.0, num_maps=4)
     assert report.images.num_scanned == len(SIZES)
     assert [p.name for p in report.layers[0].prefix] == ["cls"] + [f"reg{i}" for i in range(9)]

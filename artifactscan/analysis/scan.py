@@ -368,8 +368,8 @@ def _printable_names(names: Sequence[str]) -> Callable[[int], tuple[str, str | N
 
 def _row_outliers(stats: NormStatistics, r: int, d: Any, cands: _Candidates
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """Row ``r``'s flagged tokens ``(image, patch, norm, its image's grid width)`` under decision ``d``, with the exact counts of flagged
-    tokens and of images with one."""
+    """Row ``r``'s flagged tokens ``(image, patch, norm, its image's grid width)`` under decision ``d``, with the
+    exact counts of flagged tokens and of images with one."""
     img, pat, nrm, wid = cands.tensors()
     if d.value is None:
         keep = torch.zeros_like(nrm, dtype=torch.bool)

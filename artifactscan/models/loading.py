@@ -425,6 +425,7 @@ def _finish(model: nn.Module, name: str, source: str, arch: str | None, data_con
     # timm's data config reports the *pretrained* size; a model built with img_size=... only accepts its own.
     if naflex.is_naflex_model(model) and NAFLEX_KEY not in data_config:
         data_config = naflex.timm_data_config(model, data_config)
+        notes = naflex.with_budget_note(notes, data_config)
     built = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if built is not None and not getattr(model, "dynamic_img_size", False):
         h, w = (built, built) if isinstance(built, int) else built
@@ -600,9 +601,10 @@ def peek_data_config(spec: str | Path | None) -> dict[str, Any] | None:
 def _load_hf_folder(folder: Path, name: str, source: str) -> LoadedModel:
     import timm.data
 
-    if json.loads((folder / "config.json").read_text()).get("model_type") in naflex.HF_MODEL_TYPES:
+    if naflex.is_hf_folder(folder):
         model, config, notes = naflex.load_hf_folder(folder)  # run by transformers itself (SigLIP2 NaFlex)
-        return replace(_finish(model, name, source, None, config, None, "pretrained"), notes=notes, layout="hf:siglip2")
+        return replace(_finish(model, name, source, None, config, None, "pretrained"), layout="hf:siglip2",
+                       notes=naflex.with_budget_note(notes, config))
     model, arch, kwargs, config, notes = hf.load_folder(folder)
     if config is None:
         config = timm.data.resolve_model_data_config(model)
@@ -668,15 +670,14 @@ def check_resample_fits(loaded: LoadedModel, img_size: int) -> None:
 
 
 def _resize_input(loaded: LoadedModel, img_size: int) -> None:
+    if NAFLEX_KEY in loaded.data_config:  # NaFlex: the size sets the patch budget; each image keeps its aspect
+        return naflex.set_budget(loaded, img_size)
     model = loaded.model
     if loaded.data_config["input_size"][1:] == (img_size, img_size):
         return
     ph, pw = loaded.patch_size
     if img_size <= 0 or img_size % ph or img_size % pw:
         raise InputError(f"{option('img_size', img_size)} is not a positive multiple of the patch size {ph}")
-    if NAFLEX_KEY in loaded.data_config:  # NaFlex: the size sets the patch budget; each image keeps its aspect
-        loaded.data_config = naflex.with_max_patches(loaded.data_config, (img_size // ph) * (img_size // pw))
-        return
     if hasattr(model, "set_input_size"):
         check_resample_fits(loaded, img_size)
         try:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from artifactscan.core.errors import ModelLoadError
+from artifactscan.core.errors import InputError, ModelLoadError, option
 from artifactscan.inputs.naflex import NAFLEX_KEY, is_packed, nominal_input_size, unpack
 from artifactscan.models.hooks import HookPoint, register_hook_family, tokens_from_grid
 from artifactscan.models.layouts.hf_vision import HFVisionFamily, Trunk
@@ -43,10 +43,30 @@ def naflex_config(config: dict[str, Any], patch_size: int, max_num_patches: int,
             "input_size": nominal_input_size(patch_size, max_num_patches)}
 
 
-def with_max_patches(config: dict[str, Any], max_num_patches: int) -> dict[str, Any]:
-    """The data config with another patch budget (``--img-size S`` on a NaFlex model: ``(S / patch)^2``)."""
-    settings = config[NAFLEX_KEY]
-    return naflex_config(config, settings["patch_size"], max_num_patches, settings.get("resizer", "tensor"))
+def set_budget(loaded: Any, img_size: int) -> None:
+    """``--img-size S`` on a NaFlex model (a ``LoadedModel``): at most ``(S / patch)^2`` patches per image."""
+    settings = loaded.data_config[NAFLEX_KEY]
+    patch = int(settings["patch_size"])
+    if img_size <= 0 or img_size % patch:
+        raise InputError(f"{option('img_size', img_size)} is not a positive multiple of the patch size {patch}")
+    loaded.data_config = naflex_config(loaded.data_config, patch, (img_size // patch) ** 2,
+                                       settings.get("resizer", "tensor"))
+    loaded.notes = with_budget_note(loaded.notes, loaded.data_config)
+
+
+#: how the note on a NaFlex model's budget begins (replaced when ``--img-size`` changes the budget)
+BUDGET_NOTE = "NaFlex:"
+
+
+def budget_note(config: dict[str, Any]) -> str:
+    """What a report says about a NaFlex model's inputs (its header's grid_size is only the budget's square)."""
+    return (f"{BUDGET_NOTE} each image keeps its aspect ratio within {config[NAFLEX_KEY]['max_num_patches']} patches "
+            "and is measured on its own grid (outliers and maps); padded tokens are left out of every statistic; "
+            "grid_size and input_size are the budget's nominal square")
+
+
+def with_budget_note(notes: list[str], config: dict[str, Any]) -> list[str]:
+    return [n for n in notes if not n.startswith(BUDGET_NOTE)] + [budget_note(config)]
 
 
 # ----------------------------------------------------------------------------------------------- timm NaFlexVit
@@ -78,12 +98,26 @@ class TimmNaFlexFamily(TimmViTFamily):
         if not is_packed(images):
             return model.forward_features(images)
         batch = unpack(images)
-        out = model.forward_features(batch.patches, patch_coord=batch.coords(), patch_valid=batch.valid)
+        patches = batch.patches.to(_weights_dtype(model))  # held in bf16/fp16 (--precision): run in it
+        out = model.forward_features(patches, patch_coord=batch.coords(), patch_valid=batch.valid)
         return out["patches"] if isinstance(out, dict) else out
 
     def prefix_tokens(self, model: nn.Module) -> tuple[int, int]:
         registers = int(model.num_reg_tokens)
         return int(model.num_prefix_tokens) - registers, registers
+
+
+def _weights_dtype(model: nn.Module) -> torch.dtype:
+    weight = next(model.parameters(), None)
+    return weight.dtype if weight is not None else torch.float32
+
+
+def is_hf_folder(folder: Path) -> bool:
+    """Whether a Hugging Face folder's config.json names a SigLIP2 NaFlex model (unreadable: not for us to say)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") in HF_MODEL_TYPES
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def describe(model: nn.Module) -> tuple[int, int, int]:
@@ -127,7 +161,8 @@ class HFSiglip2Family(HFVisionFamily):
         batch = unpack(images)
         prefix = _siglip2_prefix(model) or ""
         tower = model.get_submodule(prefix.rstrip(".")) if prefix else model
-        out = tower(pixel_values=batch.patches, pixel_attention_mask=batch.valid.long(), spatial_shapes=batch.grids)
+        out = tower(pixel_values=batch.patches.to(_weights_dtype(model)), pixel_attention_mask=batch.valid.long(),
+                    spatial_shapes=batch.grids)
         return out.last_hidden_state
 
     def prefix_tokens(self, model: nn.Module) -> tuple[int, int]:
@@ -185,7 +220,7 @@ def load_hf_folder(folder: Path) -> tuple[nn.Module, dict[str, Any], list[str]]:
     data = {"mean": tuple(processor["image_mean"]), "std": tuple(processor["image_std"]),
             "interpolation": "bilinear", "crop_pct": 1.0}
     dropped = len(weights) - len(vision_weights)
-    notes = ["run by transformers' Siglip2VisionModel (NaFlex: padded tokens left out of every statistic)"]
+    notes = ["run by transformers' own Siglip2VisionModel"]
     if not (folder / "preprocessor_config.json").is_file():
         notes.append("no preprocessor_config.json: Siglip2ImageProcessor's defaults (256 patches, mean/std 0.5)")
     if dropped:
