@@ -61,6 +61,23 @@ def test_inputs_match_siglip2_processor():
         torch.testing.assert_close(batch.patches, theirs["pixel_values"], atol=1e-6, rtol=0)
 
 
+def test_inputs_match_timm_naflex_transform():
+    import timm.data
+
+    mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
+    theirs = timm.data.create_transform(input_size=(3, 128, 128), is_training=False, naflex=True, patch_size=16,
+                                        max_seq_len=24, interpolation="bicubic", mean=mean, std=std, patchify=True)
+    ours = NaFlexTransform(16, 24, mean, std, "bicubic", "pil")
+    rng = np.random.default_rng(2)
+    for h, w in SIZES:
+        image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        expected, batch = theirs(image), unpack(ours(image)[None])
+        own = int(batch.valid.sum())
+        assert own == len(expected["patches"])
+        torch.testing.assert_close(batch.patches[0, :own], expected["patches"], atol=1e-6, rtol=0)
+        assert torch.equal(batch.coords()[0, :own], expected["patch_coord"])
+
+
 def test_siglip2_norms_match_transformers_on_valid_tokens(siglip2_folder, tmp_path):
     from transformers import Siglip2ImageProcessor, Siglip2VisionModel
     from artifactscan import load_model
