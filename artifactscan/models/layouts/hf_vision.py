@@ -72,7 +72,7 @@ def _trunk(model: nn.Module) -> tuple[str, Trunk] | None:
         return "", CLASSES[name]
     for attr in WRAPPERS:
         inner = getattr(model, attr, None)
-        # SigLIP2's NaFlex tower shares SigLIP's names but takes padded patch sequences: not measured (yet)
+        # SigLIP2's NaFlex tower shares SigLIP's names but takes padded patch sequences: layouts/naflex.py hooks it
         if isinstance(inner, nn.Module) and not type(inner).__name__.startswith("Siglip2"):
             for trunk in CLASSES.values():  # transformers 5 inner vision transformers share the names above
                 if _has(inner, trunk.layers) and _has(inner, trunk.patch_embed):
