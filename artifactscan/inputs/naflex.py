@@ -33,9 +33,10 @@ def naflex_settings(cfg: dict[str, Any]) -> dict[str, int] | None:
 
 
 def nominal_input_size(patch_size: int, max_num_patches: int) -> tuple[int, int, int]:
-    """The square input a NaFlex model's budget corresponds to (what reduced decoding and memory checks read)."""
-    side = patch_size * max(1, math.isqrt(max_num_patches))
-    return (3, side, side)
+    """The input a NaFlex model's budget corresponds to: the squarest grid of at least ``max_num_patches`` patches
+    (reduced decoding and the memory check read it; a batch holds ``max_num_patches`` tokens per image)."""
+    rows = max(1, math.isqrt(max_num_patches))
+    return (3, patch_size * rows, patch_size * math.ceil(max_num_patches / rows))
 
 
 def size_for_budget(height: int, width: int, patch_size: int, max_num_patches: int, eps: float = 1e-5

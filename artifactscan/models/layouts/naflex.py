@@ -62,7 +62,7 @@ def budget_note(config: dict[str, Any]) -> str:
     """What a report says about a NaFlex model's inputs (its header's grid_size is only the budget's square)."""
     return (f"{BUDGET_NOTE} each image keeps its aspect ratio within {config[NAFLEX_KEY]['max_num_patches']} patches "
             "and is measured on its own grid (outliers and maps); padded tokens are left out of every statistic; "
-            "grid_size and input_size are the budget's nominal square")
+            "grid_size and input_size are the budget's nominal grid")
 
 
 def with_budget_note(notes: list[str], config: dict[str, Any]) -> list[str]:
