@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import artifactscan
-from artifactscan.core.errors import ModelLoadError, NotAViTError
+from artifactscan.core.errors import ModelLoadError
 from artifactscan.models import infer, native
 from artifactscan.models.loading import load_model
 
@@ -153,8 +153,8 @@ def test_scan_counts_dinov3_prefix_tokens_apart(tmp_path):
 def test_naflex_is_named_not_contradicted(tmp_path):
     kwargs = dict(depth=2, embed_dim=64, num_heads=2)
     _, path = save_timm(tmp_path, "naflexvit_base_patch16_gap", **kwargs)
-    with pytest.raises(ModelLoadError, match="NaFlexViT.*not supported yet") as err:
+    with pytest.raises(ModelLoadError, match="NaFlexViT.*arch.*naflexvit_<size>") as err:
         load_model(path)
     assert "no patch_embed.proj.weight / blocks.N" not in str(err.value)
-    with pytest.raises(NotAViTError, match="NaFlexVit.*not supported yet"):
-        load_model(path, arch="naflexvit_base_patch16_gap", arch_kwargs=kwargs)
+    loaded = load_model(path, arch="naflexvit_base_patch16_gap", arch_kwargs=kwargs)
+    assert loaded.data_config["naflex"]["patch_size"] == 16

@@ -341,9 +341,9 @@ def test_siglip2_fixres_folder_loads_and_norms_match(tmp_path):
 
 
 @pytest.mark.parametrize("vision_only", [True, False])
-def test_siglip2_naflex_folder_is_refused_in_one_line(tmp_path, vision_only):
-    from artifactscan.core.errors import ModelLoadError
-
+def test_siglip2_naflex_folder_loads(tmp_path, vision_only):
+    """SigLIP2 NaFlex folders (vision tower alone, or with its text tower) load on transformers' own model; the
+    padding and the norms are tested in tests/test_naflex.py."""
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8)
     if vision_only:
         model = transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**vision))
@@ -351,20 +351,19 @@ def test_siglip2_naflex_folder_is_refused_in_one_line(tmp_path, vision_only):
         model = transformers.Siglip2Model(transformers.Siglip2Config(vision_config=vision, text_config=dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))
     model.save_pretrained(tmp_path / "naflex")
-    refusal = r"SigLIP2 NaFlex model .*padded tokens would enter every statistic"
-    with pytest.raises(ModelLoadError, match=refusal) as err:
-        load_model(tmp_path / "naflex")
-    assert "\n" not in str(err.value)
+    loaded = load_model(tmp_path / "naflex")
+    assert loaded.num_prefix_tokens == 0 and loaded.patch_size == (8, 8) and len(loaded.blocks) == 1
+    assert loaded.data_config["naflex"]["max_num_patches"] == 256  # Siglip2ImageProcessor's default
 
 
-def test_live_siglip2_naflex_is_not_hooked_as_siglip():
-    from artifactscan.models.hooks import family_of
+def test_live_siglip2_naflex_is_hooked_by_its_own_family():
+    from artifactscan.models.hooks import family_of, hook_points
 
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8)
     model = transformers.Siglip2Model(transformers.Siglip2Config(vision_config=vision, text_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))
-    with pytest.raises(Exception, match="not a model family|not supported|NaFlex"):
-        family_of(model)
+    assert family_of(model).name == "hf-siglip2"
+    assert hook_points(model)["blocks.0.resid_post"].module == "vision_model.encoder.layers.0"
 
 
 # ----------------------------------------------------------------------------------------------- RADIO

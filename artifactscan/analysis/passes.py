@@ -25,16 +25,17 @@ import torch
 
 from artifactscan.analysis.memory import check_fits
 from artifactscan.analysis.opening import ImagesSpec, load_with_images
-from artifactscan.core.errors import InputError, NonFiniteError, option
+from artifactscan.core.errors import InputError, NonFiniteError, NotAViTError, option
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.paths import display_name
 from artifactscan.core.devices import resolve_device
 from artifactscan.core.distributed import distributed_world, gather
 from artifactscan.core.progress import ProgressBar
 from artifactscan.inputs.images import UNDECODED_IMAGE_SUFFIXES
+from artifactscan.inputs.naflex import NAFLEX_KEY, is_packed, unpack
 from artifactscan.inputs.sources import ImageSource, effective_batch_size, image_batches, parse_workers
 from artifactscan.models.capture import token_norms  # noqa: F401  (the norms reduction, for measurements)
-from artifactscan.models.hooks import block_point, capture
+from artifactscan.models.hooks import block_point, capture, padded_refusal
 from artifactscan.models.loading import LoadedModel
 
 #: What a hook point's tensor becomes inside its hook (e.g. token norms), so a pass never keeps ``[B, T, D]`` tokens
@@ -57,13 +58,20 @@ def block_output(index: int) -> str:
 class Batch:
     """One batch as every measurement of a pass sees it."""
 
-    images: torch.Tensor  # [B, 3, H, W], normalised, on the pass's device
+    images: torch.Tensor  # [B, 3, H, W], normalised, on the pass's device (NaFlex: packed patches, inputs/naflex.py)
     indices: torch.Tensor  # into ``source.names``
     captured: Mapping[str, torch.Tensor]  # hook point -> its tensor, reduced as the measurement asked
+    # NaFlex models only (None otherwise): which patch tokens are the image's own ([B, N] bool; padding False,
+    # left out of every statistic) and each image's patch grid ([B, 2]: rows, cols)
+    valid: torch.Tensor | None = None
+    grids: torch.Tensor | None = None
 
 
 class Measurement(Protocol):
-    """What a pass runs: the hook points it needs, one call per batch, and its result at the end."""
+    """What a pass runs: the hook points it needs, one call per batch, and its result at the end.
+
+    A measurement that leaves NaFlex padding out of everything it computes (``Batch.valid``) says so with a class
+    attribute ``measures_naflex = True``; the others are refused on NaFlex models before any forward."""
 
     def hook_names(self) -> Mapping[str, Reduce | None]:
         """Hook point -> reduction applied inside the hook (``None``: the tensor itself)."""
@@ -180,20 +188,46 @@ class OpenedPass:
         """One pass: one forward per batch shared by every measurement; returns each one's ``finish()``.
         ``count_skipped``: add the unreadable files to :attr:`skipped` (a second pass over the same images
         leaves it off)."""
+        self._check_naflex(measurements)
         points = _capture_points(measurements)
-        with capture(self.loaded, points, stop_early=_stops_early(measurements)) as cap:
+        with capture(self.loaded, points, stop_early=_stops_early(measurements), masks_padding=True) as cap:
             for images, indices, bad in self.batches(label):
                 if count_skipped:
                     self.skipped.extend(bad)
                 if images is None:
                     continue
+                valid, grids = self._naflex_layout(images, indices)
                 with measurement_mode():  # reductions after the forward run in the same mode as the hooks' own
                     cap.forward(images)
                     captured = {name: cap[name] for name in points}
                     views = [_view(m, points, captured) for m in measurements]
                 for m, view in zip(measurements, views):
-                    m.on_batch(Batch(images, indices, view))
+                    m.on_batch(Batch(images, indices, view, valid, grids))
         return [m.finish() for m in measurements]
+
+    def _check_naflex(self, measurements: Sequence[Measurement]) -> None:
+        """A NaFlex model's images each have their own grid, padded: only measurements that read the padding mask
+        (``measures_naflex = True``: they leave padded tokens out) run on it; the others are refused in one line,
+        before any forward."""
+        if NAFLEX_KEY not in self.loaded.data_config:
+            return
+        for m in measurements:
+            if not getattr(m, "measures_naflex", False):
+                raise NotAViTError(padded_refusal(self.loaded.name, f"this measurement ({type(m).__name__})"))
+
+    def _naflex_layout(self, images: torch.Tensor, indices: torch.Tensor
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(validity mask, grids) on the CPU of a packed NaFlex batch, else (None, None); an image without a single
+        patch of its own is refused by name before anything runs on its batch."""
+        if not is_packed(images):
+            return None, None
+        batch = unpack(images)
+        empty = (~batch.valid.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            name = display_name(self.source.names[int(indices[empty[0]])])
+            raise InputError(f"{name} is all padding in its NaFlex batch (a patch grid of "
+                             f"{tuple(batch.grids[empty[0]].tolist())}): it has no patch to measure")
+        return batch.valid.cpu(), batch.grids.cpu()
 
     # ------------------------------------------------------------------------------ after the passes
     def all_skipped(self) -> list[tuple[int, str]]:

@@ -205,31 +205,34 @@ class ScanReport(AnalysisResult):
 # ----------------------------------------------------------------------------------------------- the pass
 @dataclass
 class _Candidates:
-    """Per-row candidate outlier tokens: (image index, patch index, norm)."""
+    """Per-row candidate outlier tokens: (image index, patch index, norm, the width of that image's patch grid)."""
 
     image: list[torch.Tensor] = field(default_factory=list)
     patch: list[torch.Tensor] = field(default_factory=list)
     norm: list[torch.Tensor] = field(default_factory=list)
+    width: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, norms: torch.Tensor, image_ids: torch.Tensor, bar: float) -> None:
+    def add(self, norms: torch.Tensor, image_ids: torch.Tensor, bar: float, widths: torch.Tensor) -> None:
+        """``norms`` ``[B, N]`` (padding of NaFlex images at -inf: never a candidate); ``widths`` ``[B]``."""
         hit = torch.nonzero(norms > bar)
         if len(hit):
             self.image.append(image_ids[hit[:, 0]])
             self.patch.append(hit[:, 1])
             self.norm.append(norms[hit[:, 0], hit[:, 1]])
+            self.width.append(widths[hit[:, 0]])
 
     def prune(self, bar: float) -> None:
         if not self.norm:
             return
-        img, pat, nrm = (torch.cat(x) for x in (self.image, self.patch, self.norm))
+        img, pat, nrm, wid = (torch.cat(x) for x in (self.image, self.patch, self.norm, self.width))
         keep = nrm > bar
-        self.image, self.patch, self.norm = [img[keep]], [pat[keep]], [nrm[keep]]
+        self.image, self.patch, self.norm, self.width = [img[keep]], [pat[keep]], [nrm[keep]], [wid[keep]]
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.norm:
             e = torch.empty(0)
-            return e.long(), e.long(), e.double()
-        return torch.cat(self.image), torch.cat(self.patch), torch.cat(self.norm)
+            return e.long(), e.long(), e.double(), e.long()
+        return torch.cat(self.image), torch.cat(self.patch), torch.cat(self.norm), torch.cat(self.width)
 
 
 def _refresh_bars(stats: NormStatistics, rule: AutoRule, bars: torch.Tensor, max_bar: torch.Tensor,
@@ -247,6 +250,8 @@ class NormsMeasurement:
     """Token norms of every block and of the final output, batch by batch: into the statistics (when given), as
     candidate records above each row's bar, and as the norm grids of the images in ``map_indices``. With ``rule``
     (the adaptive threshold) the bars are refreshed from the running statistics."""
+
+    measures_naflex = True  # padded tokens of NaFlex batches (``Batch.valid``) are left out of everything
 
     def __init__(self, loaded: LoadedModel, bars: torch.Tensor, *, stats: NormStatistics | None = None,
                  rule: AutoRule | None = None, map_indices: range | set[int] = frozenset()):
@@ -270,17 +275,21 @@ class NormsMeasurement:
         L = self.num_rows
         rows = [batch.captured[block_output(i)] for i in range(L - 1)] + [batch.captured[OUTPUT]]
         norms = torch.stack(rows).cpu()  # [L, B, T]
-        if norms.shape[-1] != P + gh * gw:
+        grids = batch.grids if batch.grids is not None else torch.tensor([[gh, gw]]).expand(len(batch.indices), 2)
+        if batch.valid is None and norms.shape[-1] != P + gh * gw:
             raise InputError(f"model produced {norms.shape[-1]} tokens, expected {P} prefix + {gh}x{gw} patches; "
                              f"pass {option('img_size')} to match the model")
         if self.stats is not None:
-            self.stats.update(norms)
+            self.stats.update(norms, batch.valid)
         patches = norms[:, :, P:].double()
+        if batch.valid is not None:  # NaFlex padding: below every bar, out of every record and map
+            patches = patches.masked_fill(~batch.valid[None], float("-inf"))
         for r in range(L):
-            self.cands[r].add(patches[r], batch.indices, float(self.bars[r]))
+            self.cands[r].add(patches[r], batch.indices, float(self.bars[r]), grids[:, 1])
         for j, idx in enumerate(batch.indices.tolist()):
             if idx in self.map_indices:
-                self.maps[idx] = patches[:, j].reshape(L, gh, gw).float()
+                rows, cols = (int(v) for v in grids[j])
+                self.maps[idx] = patches[:, j, :rows * cols].reshape(L, rows, cols).float()
         self.seen_batches += 1
         # Provisional bars at batches 1, 2, 4, 8, ...: a handful of cheap fits per scan, however long.
         if self.rule is not None and self.stats is not None and self.seen_batches & (self.seen_batches - 1) == 0:
@@ -358,17 +367,17 @@ def _printable_names(names: Sequence[str]) -> Callable[[int], tuple[str, str | N
 
 
 def _row_outliers(stats: NormStatistics, r: int, d: Any, cands: _Candidates
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """Row ``r``'s flagged tokens ``(image, patch, norm)`` under decision ``d``, with the exact counts of flagged
-    tokens and of images with one."""
-    img, pat, nrm = cands.tensors()
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Row ``r``'s flagged tokens ``(image, patch, norm, its image's grid width)`` under decision ``d``, with the
+    exact counts of flagged tokens and of images with one."""
+    img, pat, nrm, wid = cands.tensors()
     if d.value is None:
         keep = torch.zeros_like(nrm, dtype=torch.bool)
     elif d.method == "fixed":
         keep = nrm > d.value
     else:
         keep = bin_index(nrm) >= d.edge_index  # same rule the histogram counts use: records == counts
-    return (img[keep], pat[keep], nrm[keep], *decision_counts(stats, r, d))
+    return (img[keep], pat[keep], nrm[keep], wid[keep], *decision_counts(stats, r, d))
 
 
 def decision_counts(stats: NormStatistics, r: int, d: Any) -> tuple[int, int]:
@@ -407,12 +416,11 @@ def _layers_and_records(loaded: LoadedModel, stats: NormStatistics, decisions: l
     """Every row's report and this rank's outlier records (flagging them in ``flagged_maps``)."""
     num_blocks = len(loaded.blocks)
     names = row_names(num_blocks)
-    gw = loaded.grid_size[1]
     layers: list[LayerReport] = []
     records: list[OutlierRecord] = []
     for r, d in enumerate(decisions):
-        img, pat, nrm, n_out, n_img_out = _row_outliers(stats, r, d, cands[r])
-        for i, p, v in zip(img.tolist(), pat.tolist(), nrm.tolist()):
+        img, pat, nrm, wid, n_out, n_img_out = _row_outliers(stats, r, d, cands[r])
+        for i, p, v, gw in zip(img.tolist(), pat.tolist(), nrm.tolist(), wid.tolist()):
             name, hex_name = shown(i)
             records.append(OutlierRecord(name, i, r, p // gw, p % gw, float(v), hex_name))
             if i in flagged_maps:
@@ -512,9 +520,8 @@ def _scan_report(opened: OpenedPass, stats: NormStatistics, decisions: list[Any]
     """The report of the passes: rows, records (gathered from every rank), maps and the headline."""
     loaded, source = opened.loaded, opened.source
     num_blocks = len(loaded.blocks)
-    gh, gw = loaded.grid_size
     shown = _printable_names(source.names)
-    flagged_maps = {i: torch.zeros(num_blocks + 1, gh, gw, dtype=torch.bool) for i in maps}
+    flagged_maps = {i: torch.zeros(maps[i].shape, dtype=torch.bool) for i in maps}  # each image's own grid
     layers, records = _layers_and_records(loaded, stats, decisions, cands, rule, shown, flagged_maps)
     if opened.world > 1:  # per-outlier records gather to every rank (rank 0 reports); maps' flags are rebuilt from them
         records = [o for part in gather(records) for o in part]

@@ -81,17 +81,27 @@ class NormStatistics:
         self.fixed_image_hits = torch.zeros(L, F, dtype=torch.int64)
         # Token norms that are NaN or Inf (any token, prefix included): they make every other number meaningless.
         self.nonfinite = torch.zeros(L, dtype=torch.int64)
+        # Patch tokens counted (per row alike): images x patches, or an image's own patches only under a mask (NaFlex)
+        self.patch_tokens = torch.zeros((), dtype=torch.int64)
         self.num_images = 0
         self.num_patches_per_image: int | None = None
 
     # ------------------------------------------------------------------ update / merge
-    def update(self, norms: torch.Tensor) -> None:
-        """Add one batch of norms, shaped ``[L, B, P + N]`` (prefix tokens first, then the N patch tokens)."""
+    def update(self, norms: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add one batch of norms, shaped ``[L, B, P + N]`` (prefix tokens first, then the N patch tokens).
+
+        ``valid`` ``[B, N]`` (NaFlex batches): which patch tokens are an image's own; the others are padding and
+        never counted, in any statistic."""
         L, B, T = norms.shape
         P = len(self.prefix_names)
         if L != self.num_rows:
             raise ValueError(f"expected {self.num_rows} rows of norms, got {L}")
         norms = norms.detach().to("cpu", torch.float64)
+        if valid is not None:
+            keep = torch.cat([torch.ones(B, P, dtype=torch.bool), valid.cpu().bool()], dim=1)
+            self.nonfinite += (~torch.isfinite(norms) & keep).sum(dim=(1, 2))
+            self._update_masked(norms, keep[:, P:])
+            return
         self.nonfinite += (~torch.isfinite(norms)).sum(dim=(1, 2))
         patches = norms[:, :, P:]
         N = patches.shape[-1]
@@ -116,10 +126,37 @@ class NormStatistics:
             above = patches > t
             self.fixed_token_hits[:, j] += above.sum(dim=(1, 2))
             self.fixed_image_hits[:, j] += above.any(dim=2).sum(dim=1)
+        self.patch_tokens += B * N
+        self.num_images += B
+
+    def _update_masked(self, norms: torch.Tensor, valid: torch.Tensor) -> None:
+        """:meth:`update` of a batch whose images have patch grids of their own (padding: ``valid`` False)."""
+        L, B, _ = norms.shape
+        P = len(self.prefix_names)
+        patches = norms[:, :, P:]
+        self.num_patches_per_image = self.num_patches_per_image or patches.shape[-1]  # the padded length
+        own = patches[:, valid]  # [L, valid tokens of the batch]
+        idx = bin_index(own)
+        self.patch_counts.scatter_add_(1, idx, torch.ones_like(idx))
+        image_max = patches.masked_fill(~valid[None], float("-inf")).amax(dim=2)  # [L, B]
+        midx = bin_index(image_max)
+        self.image_max_counts.scatter_add_(1, midx, torch.ones_like(midx))
+        self.patch_max = torch.maximum(self.patch_max, image_max.amax(dim=1))
+        self.patch_sum += own.sum(dim=1)
+        if P:
+            pre = norms[:, :, :P]
+            self.prefix_sum += pre.sum(dim=1)
+            self.prefix_sumsq += (pre**2).sum(dim=1)
+            self.prefix_max = torch.maximum(self.prefix_max, pre.amax(dim=1))
+        for j, t in enumerate(self.fixed_thresholds):
+            above = (patches > t) & valid[None]
+            self.fixed_token_hits[:, j] += above.sum(dim=(1, 2))
+            self.fixed_image_hits[:, j] += above.any(dim=2).sum(dim=1)
+        self.patch_tokens += int(valid.sum())
         self.num_images += B
 
     _SUMMED = ("patch_counts", "image_max_counts", "patch_sum", "prefix_sum", "prefix_sumsq",
-               "fixed_token_hits", "fixed_image_hits", "nonfinite")
+               "fixed_token_hits", "fixed_image_hits", "nonfinite", "patch_tokens")
     _MAXED = ("patch_max", "prefix_max")
 
     def merge(self, other: "NormStatistics") -> None:
@@ -146,7 +183,7 @@ class NormStatistics:
     # ------------------------------------------------------------------ queries
     @property
     def num_patch_tokens(self) -> int:
-        return self.num_images * (self.num_patches_per_image or 0)
+        return int(self.patch_tokens)
 
     def median(self, row: int) -> float:
         return quantile_from_counts(self.patch_counts[row], 0.5)

@@ -28,6 +28,7 @@ from artifactscan.core.summaries import ImageSummary, SkippedImage
 from artifactscan.inputs.gpu_decode import GpuJpegDecoder, collate_encoded, encoded_view
 from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, discover_images
 from artifactscan.inputs.synthetic import SyntheticShapes
+from artifactscan.inputs.naflex import NaFlexTransform, transform_of as naflex_transform
 from artifactscan.inputs.transforms import model_transform
 from artifactscan.core.callbacks import Callbacks
 
@@ -37,17 +38,21 @@ DEFAULT_SYNTHETIC_IMAGES = 256
 class NormalizedTensors(Dataset):
     """Images already given as tensors in [0, 1] (the synthetic set, or a notebook batch)."""
 
-    def __init__(self, source: Dataset | torch.Tensor, mean: Sequence[float], std: Sequence[float], size: tuple[int, int]):
+    def __init__(self, source: Dataset | torch.Tensor, mean: Sequence[float], std: Sequence[float], size: tuple[int, int],
+                 naflex: NaFlexTransform | None = None):
         self.source = source
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self.size = size
+        self.naflex = naflex  # a NaFlex model's images: each resized to its own patch budget, packed
 
     def __len__(self) -> int:
         return len(self.source)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> resized to the model's input and normalised."""
+        if self.naflex is not None:
+            return torch.stack([self.naflex(image) for image in x])
         if tuple(x.shape[-2:]) != self.size:
             x = torch.nn.functional.interpolate(x.float(), size=self.size, mode="bicubic",
                                                 align_corners=False).clamp(0, 1)
@@ -244,15 +249,15 @@ def _make_image_source(images: str | Path | Sequence[str | Path] | Dataset | tor
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
             raise InputError(f"image tensor must be shaped [N, 3, H, W] in [0, 1], got {tuple(images.shape)}")
-        ds = NormalizedTensors(images, cfg["mean"], cfg["std"], size)
+        ds = NormalizedTensors(images, cfg["mean"], cfg["std"], size, naflex_transform(cfg))
         return ImageSource(ds, [f"tensor[{i}]" for i in range(len(images))], "tensor", None, len(images))
     if isinstance(images, Dataset):
-        ds = NormalizedTensors(images, cfg["mean"], cfg["std"], size)
+        ds = NormalizedTensors(images, cfg["mean"], cfg["std"], size, naflex_transform(cfg))
         n = len(images)  # type: ignore[arg-type]
         return ImageSource(ds, [f"{type(images).__name__}[{i}]" for i in range(n)], type(images).__name__, None, n)
     if isinstance(images, (str, Path)) and (n_syn := parse_synthetic(str(images))) is not None:
         syn = SyntheticShapes(n_syn, seed=0, img_size=size[0], split="val")
-        ds = NormalizedTensors(syn, cfg["mean"], cfg["std"], size)
+        ds = NormalizedTensors(syn, cfg["mean"], cfg["std"], size, naflex_transform(cfg))
         return ImageSource(ds, [f"synthetic[{i}]" for i in range(n_syn)], f"synthetic:{n_syn} (built-in data set)",
                            None, n_syn)
     other: dict[str, int] = {}

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from artifactscan.inputs.naflex import transform_of as naflex_transform
+
 PIL_FILTERS = {
     "nearest": Image.NEAREST,
     "bilinear": Image.BILINEAR,
@@ -110,7 +112,11 @@ def eval_transform(cfg: dict[str, Any]) -> EvalTransform | None:
 
 def model_transform(cfg: dict[str, Any]) -> Any:
     """The transform a scan applies to every image for a model with data config ``cfg``: :func:`eval_transform`
-    where it reproduces timm's exactly, timm's ``create_transform`` otherwise."""
+    where it reproduces timm's exactly, timm's ``create_transform`` otherwise; a NaFlex model's own
+    (:mod:`artifactscan.inputs.naflex`)."""
+    naflex = naflex_transform(cfg)
+    if naflex is not None:
+        return naflex
     ours = eval_transform(cfg)
     if ours is not None:
         return ours

@@ -124,6 +124,8 @@ class HookFamily:
     and its feature forward. Subclass and :func:`register_hook_family` it, in the family's own module."""
 
     name = "family"
+    #: its inputs are padded sequences (NaFlex): a capture must say that its reader leaves the padding out
+    padded_inputs = False
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError
@@ -448,16 +450,20 @@ class Capture:
 
 
 def capture(model: Any, names: Iterable[str] | Mapping[str, Reducer | None], *, reduce: Reducer | None = None,
-            stop_early: bool = False) -> Capture:
+            stop_early: bool = False, masks_padding: bool = False) -> Capture:
     """Hook ``names`` on ``model`` (a LoadedModel, an ``nn.Module``, or one wrapped by DDP / ``torch.compile``).
 
     ``names``: hook names (``*`` patterns allowed, e.g. ``blocks.*.resid_post``), or a mapping of names to their
     own reducers. ``reduce`` is applied (inside the hook) to every name without its own reducer; without one the
     detached tensor is kept until the next forward. ``stop_early``: each forward stops as soon as every requested
-    point has been captured (blocks after the deepest one never run). Use as a context manager: the hooks are removed
-    and every setting restored on exit, even after an error."""
+    point has been captured (blocks after the deepest one never run). ``masks_padding``: the caller leaves the
+    padded tokens of NaFlex inputs out of what it computes (``inputs.naflex.unpack`` says which); without it a
+    NaFlex model is refused. Use as a context manager: the hooks are removed and every setting restored on exit,
+    even after an error."""
     module = unwrap_model(model)
     family = family_of(module)
+    if family.padded_inputs and not masks_padding:
+        raise NotAViTError(padded_refusal(getattr(model, "name", type(module).__name__)))
     own = dict(names) if isinstance(names, Mapping) else {n: None for n in names}
     points = resolve_names(module, own)
     reducers: dict[str, Reducer | None] = {}
@@ -471,6 +477,12 @@ def capture(model: Any, names: Iterable[str] | Mapping[str, Reducer | None], *, 
         cap.remove()
         raise
     return cap
+
+
+def padded_refusal(name: str, what: str = "this measurement") -> str:
+    """The one line that refuses a NaFlex model where the measurement needs one patch grid for all images."""
+    return (f"{name} is a NaFlex model (each image has its own patch grid, padded to one length): {what} needs one "
+            "grid for all images and does not measure NaFlex models yet; the norms scan (artifactscan norms) does")
 
 
 # ----------------------------------------------------------------------------------------------- interventions

@@ -188,7 +188,9 @@ def read_facts(sd: dict[str, torch.Tensor], name: str = "the state dict") -> Sha
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     if any(k.startswith("embeds.") for k in sd) and blocks and patch is None:
         raise ModelLoadError(f"{name} is a timm NaFlexViT's (naflexvit_*: embeds.proj / embeds.pos_embed, patches "
-                             "of variable resolution and padding); NaFlex models are not supported yet")
+                             "of variable resolution and padding): its size is not in the table a bare state dict is matched against; "
+                             f"pass {option('arch', 'naflexvit_<size>_patch16_<variant>')} (e.g. "
+                             "naflexvit_base_patch16_radio_v3)")
     if patch is None or len(patch) != 4 or not blocks:
         found = f"its blocks.0 ... blocks.{max(blocks)} keys" if blocks else "no blocks.N keys"
         conv = "no patch_embed.proj.weight" if patch is None else f"patch_embed.proj.weight of shape {patch}"

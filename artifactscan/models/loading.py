@@ -15,7 +15,7 @@ import json
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from artifactscan.models.materialize import (
 from artifactscan.core.memory import GIB, available_bytes
 from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.models.hooks import blocks_sequence
+from artifactscan.models.layouts import naflex
+from artifactscan.inputs.naflex import NAFLEX_KEY
 from artifactscan.models.phantom_notice import PHANTOM_NOTE
 from artifactscan.core.callbacks import Callbacks
 from artifactscan.core.summaries import ModelSummary
@@ -117,6 +119,8 @@ class LoadedModel:
 
     @property
     def patch_size(self) -> tuple[int, int]:
+        if NAFLEX_KEY in self.data_config:  # NaFlex: the grid varies per image, the patch does not
+            return (int(self.data_config[NAFLEX_KEY]["patch_size"]),) * 2
         ps = self.model.patch_embed.patch_size
         return (ps, ps) if isinstance(ps, int) else tuple(ps)  # type: ignore[return-value]
 
@@ -165,9 +169,8 @@ class LoadedModel:
 def describe_vit(model: nn.Module) -> tuple[int, int, int]:
     """``(num_prefix_tokens, num_cls_tokens, num_register_tokens)`` of a timm-style ViT, or raise NotAViTError."""
     blocks = getattr(model, "blocks", None)
-    if type(model).__name__ == "NaFlexVit":
-        raise NotAViTError("timm's NaFlexVit (naflexvit_*: patches of variable resolution with padding) is not "
-                           "supported yet; its fixed-resolution twins (vit_*) are")
+    if naflex.is_naflex_model(model):  # timm's NaFlexVit, transformers' SigLIP2: models/layouts/naflex.py
+        return naflex.describe(model)
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0 or not hasattr(model, "patch_embed"):
         raise NotAViTError(
             f"{type(model).__name__} is not a Vision Transformer: it has no patch embedding and transformer `blocks` "
@@ -420,7 +423,10 @@ def _finish(model: nn.Module, name: str, source: str, arch: str | None, data_con
     notes = [PHANTOM_NOTE] if kind == "phantom" else []
     data_config = normalized_data_config(data_config)
     # timm's data config reports the *pretrained* size; a model built with img_size=... only accepts its own.
-    built = getattr(model.patch_embed, "img_size", None)
+    if naflex.is_naflex_model(model) and NAFLEX_KEY not in data_config:
+        data_config = naflex.timm_data_config(model, data_config)
+        notes = naflex.with_budget_note(notes, data_config)
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if built is not None and not getattr(model, "dynamic_img_size", False):
         h, w = (built, built) if isinstance(built, int) else built
         data_config["input_size"] = (3, int(h), int(w))
@@ -595,6 +601,10 @@ def peek_data_config(spec: str | Path | None) -> dict[str, Any] | None:
 def _load_hf_folder(folder: Path, name: str, source: str) -> LoadedModel:
     import timm.data
 
+    if naflex.is_hf_folder(folder):
+        model, config, notes = naflex.load_hf_folder(folder)  # run by transformers itself (SigLIP2 NaFlex)
+        return replace(_finish(model, name, source, None, config, None, "pretrained"), layout="hf:siglip2",
+                       notes=naflex.with_budget_note(notes, config))
     model, arch, kwargs, config, notes = hf.load_folder(folder)
     if config is None:
         config = timm.data.resolve_model_data_config(model)
@@ -660,6 +670,8 @@ def check_resample_fits(loaded: LoadedModel, img_size: int) -> None:
 
 
 def _resize_input(loaded: LoadedModel, img_size: int) -> None:
+    if NAFLEX_KEY in loaded.data_config:  # NaFlex: the size sets the patch budget; each image keeps its aspect
+        return naflex.set_budget(loaded, img_size)
     model = loaded.model
     if loaded.data_config["input_size"][1:] == (img_size, img_size):
         return

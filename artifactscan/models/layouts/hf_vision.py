@@ -72,7 +72,7 @@ def _trunk(model: nn.Module) -> tuple[str, Trunk] | None:
         return "", CLASSES[name]
     for attr in WRAPPERS:
         inner = getattr(model, attr, None)
-        # SigLIP2's NaFlex tower shares SigLIP's names but takes padded patch sequences: not measured (yet)
+        # SigLIP2's NaFlex tower shares SigLIP's names but takes padded patch sequences: layouts/naflex.py hooks it
         if isinstance(inner, nn.Module) and not type(inner).__name__.startswith("Siglip2"):
             for trunk in CLASSES.values():  # transformers 5 inner vision transformers share the names above
                 if _has(inner, trunk.layers) and _has(inner, trunk.patch_embed):
@@ -136,15 +136,20 @@ def eager_part(part: str):
 class HFVisionFamily(HookFamily):
     name = "hf-vision"
 
+    def trunk(self, model: nn.Module) -> tuple[str, Trunk] | None:
+        """(path prefix, trunk) of ``model``, or None when this family does not hook it (a subclass family: its own
+        architectures)."""
+        return _trunk(model)
+
     def matches(self, model: nn.Module) -> bool:
-        return _trunk(model) is not None
+        return self.trunk(model) is not None
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        prefix, trunk = _trunk(model)  # type: ignore[misc]
+        prefix, trunk = self.trunk(model)  # type: ignore[misc]
         return list(model.get_submodule(prefix + trunk.layers))
 
     def points(self, model: nn.Module) -> list[HookPoint]:
-        prefix, trunk = _trunk(model)  # type: ignore[misc]
+        prefix, trunk = self.trunk(model)  # type: ignore[misc]
         points = [HookPoint("patch_embed.post", prefix + trunk.patch_embed, "output",
                             "the patch embedding before position embedding and prefix tokens",
                             read=conv_tokens if trunk.conv_patch else flat_tokens)]
@@ -194,7 +199,7 @@ class HFVisionFamily(HookFamily):
         config = getattr(model, "config", None)
         config = getattr(config, "vision_config", config)
         registers = int(getattr(config, "num_register_tokens", 0) or 0)
-        return int(_trunk(model)[1].cls), registers  # type: ignore[index]
+        return int(self.trunk(model)[1].cls), registers  # type: ignore[index]
 
 
 register_hook_family(HFVisionFamily())

@@ -12,8 +12,11 @@
   for RADIO's largest grid, is resampled to the model's grid exactly as RADIO does it at that input size (bilinear,
   ``align_corners=False``); q/k/v are fused, ``layer_scaleN.lambda1`` are ``lsN.gamma``, no final norm. RADIO
   normalises its input inside the model (``input_conditioner``): that mean/std become the preprocessing.
-  timm's ``naflexvit_*_radio_*`` (RADIO's own behaviour at any resolution, patches padded) are refused by name until
-  padded tokens are kept out of the statistics.
+  timm's ``naflexvit_*_radio_*`` (RADIO's own behaviour at any resolution, patches padded) load through
+  ``models/layouts/naflex.py``, padded tokens out of every statistic.
+* **live transformers 5 ``RadioModel``s** are hooked by their in-memory names (``encoder.layer.N.attention`` ...;
+  RADIO has no final norm: ``final_norm`` is the encoder's output). Their prefix tokens are counted as above. RADIO
+  normalises inside its forward: a live model takes pixels in [0, 1].
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
+from artifactscan.models.hooks import register_hook_family
 from artifactscan.models.layouts.hf_keys import KeySorter
+from artifactscan.models.layouts.hf_vision import HFVisionFamily, Trunk
 from artifactscan.core.errors import ModelLoadError
 from artifactscan.models import infer
 
@@ -122,3 +129,26 @@ def preprocessing(config: dict[str, Any], hf: dict[str, torch.Tensor] | None = N
     mean, std = weights.get("input_conditioner.norm_mean"), weights.get("input_conditioner.norm_std")
     return {"mean": tuple(float(v) for v in (mean.flatten() if mean is not None else c["norm_mean"])),
             "std": tuple(float(v) for v in (std.flatten() if std is not None else c["norm_std"]))}
+
+
+#: where a live ``RadioModel`` keeps its parts (no final norm: the encoder's output is the final tokens)
+LIVE_TRUNK = Trunk("", "encoder.layer", "attention", "mlp.fc2", "embeddings.patch_projection", "encoder", False)
+
+
+class HFRadioFamily(HFVisionFamily):
+    """transformers 5's ``RadioModel``, by its in-memory names."""
+
+    name = "hf-radio"
+
+    def trunk(self, model: nn.Module) -> tuple[str, Trunk] | None:
+        if type(model).__name__ == "RadioModel" and type(model).__module__.startswith("transformers."):
+            return "", LIVE_TRUNK
+        return None
+
+    def prefix_tokens(self, model: nn.Module) -> tuple[int, int]:
+        # timm's count: the first summary token is the CLS, the others and the registers are registers
+        c = _config(model.config.to_dict())
+        return 1, int(c["num_cls_tokens"]) + int(c["num_registers"]) - 1
+
+
+register_hook_family(HFRadioFamily(), before="hf-vision")
