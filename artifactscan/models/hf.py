@@ -129,6 +129,10 @@ class FolderWeights:
     file_dtype: torch.dtype | None
     note: str | None
 
+    def take_state_dict(self) -> dict[str, torch.Tensor]:
+        state_dict, self.state_dict = self.state_dict, {}
+        return state_dict
+
 
 def _shards(folder: Path) -> list[Path]:
     """The folder's weight files; one that is not a regular file is a :class:`ModelLoadError` naming it."""
@@ -213,8 +217,10 @@ def load_folder(folder: Path, precision: str = "fp32") -> ConvertedFolder:
     vision, model_type, layout = _read_config(folder)
     kwargs = layout.config_kwargs(vision) if layout.config_kwargs else None  # a bad config before any weight is read
     read = _read_weights(folder, precision)
-    raw = read.state_dict
-    sd, dropped = layout.convert(raw, vision, str(folder))
+    raw = read.state_dict if layout.preprocessing else {}  # RADIO reads its normalisation from the weights later
+    # Handed over, not kept here: the converter then holds the only reference to the tensors read and can free each
+    # block's q/k/v as it fuses them (a bf16 ViT-L folder's load peaks at about its file size).
+    sd, dropped = layout.convert(read.take_state_dict(), vision, str(folder))
     if kwargs is None:
         kwargs = layout.weight_kwargs(vision, model_type, sd)  # type: ignore[misc]
     build = partial(layout.build, **kwargs)

@@ -82,9 +82,13 @@ _NOT_ENCODER = re.compile(r"^(text_model\.|visual_projection|text_projection|log
                           r"pooler\.|head\.|embeddings\.mask_token$)")
 
 
-def convert_state_dict(hf: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """HF vision-encoder keys -> timm ``VisionTransformer`` keys; returns (state dict, dropped key counts)."""
-    hf = dict(hf)
+def convert_state_dict(hf: dict[str, torch.Tensor], consume: bool = False
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """HF vision-encoder keys -> timm ``VisionTransformer`` keys; returns (state dict, dropped key counts).
+
+    ``consume``: ``hf`` is emptied, so that the converted dict holds the only reference to each tensor and each
+    block's q/k/v are freed as soon as they are fused (no second copy of the attention weights at the peak)."""
+    given, hf = hf, dict(hf)
     for prefix in _PREFIXES:  # task models wrap the encoder (Dinov2ForImageClassification: `dinov2.`)
         if any(k.startswith(prefix) for k in hf) and not any(k.startswith("embeddings.") for k in hf):
             hf = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in hf.items()}
@@ -105,6 +109,9 @@ def convert_state_dict(hf: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
             keys.drop(k)
         else:
             unknown.append(k)
+    hf.clear()
+    if consume:
+        given.clear()
     keys.finish("Hugging Face")
     if "cls_token" in out and out["cls_token"].dim() == 1:  # CLIP's class_embedding
         out["cls_token"] = out["cls_token"][None, None]
@@ -153,7 +160,7 @@ def vision_config(config: dict[str, Any], model_type: str) -> dict[str, Any]:
 
 def convert(hf: dict[str, torch.Tensor], vision: dict[str, Any], name: str
             ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    sd, dropped = convert_state_dict(hf)
+    sd, dropped = convert_state_dict(hf, consume=True)  # a folder's weights, handed over by hf.load_folder
     if "patch_embed.proj.weight" not in sd:
         raise ModelLoadError(f"{name}: the weights hold no vision encoder (no patch embedding)")
     return sd, dropped
