@@ -69,3 +69,24 @@ def test_a_folder_that_cannot_fit_is_refused_before_reading(tmp_path, monkeypatc
     monkeypatch.setattr(hf, "read_safetensors", lambda *a, **k: pytest.fail("read before the check"))
     with pytest.raises(ResourceError, match=r"dinov2-bfloat16 needs .* GiB of memory for its weights in bf16"):
         load_model(folder, precision="bf16")
+
+
+def test_a_timm_hub_folder_is_built_in_an_explicit_half_precision(tmp_path, monkeypatch):
+    """timm names and hub folders: the model is created in the half dtype (timm's ``dtype=``) and the pretrained
+    weights copied into it, never a float32 model first; ``auto`` leaves timm's float32 as it was."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    from artifactscan.models import loading
+
+    kwargs = dict(depth=2, img_size=32, patch_size=8, embed_dim=32, num_heads=2)
+    save_for_hf(timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs), tmp_path,
+                model_config={"model_args": kwargs})
+    created = []
+    real = loading._create_pretrained
+    monkeypatch.setattr(loading, "_create_pretrained", lambda name, **kw: created.append(kw.get("dtype")) or real(
+        name, **kw))
+    for precision, dtype in (("bf16", torch.bfloat16), ("auto", None)):
+        loaded = load_model(tmp_path, precision=precision)
+        assert created[-1] == dtype and loaded.source == "local-dir"
+        assert {t.dtype for t in loaded.model.state_dict().values()} == {dtype or torch.float32}

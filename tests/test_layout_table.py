@@ -89,7 +89,8 @@ def _pe(tmp_path):
     kwargs = {**TINY, "img_size": 64}
     sd = {**to_perception_models(pe_model("vit_pe_core_tiny_patch16_384", {**kwargs, "num_classes": 16}).state_dict()),
           **clip_text_tower()}
-    return _save(tmp_path, "PE-Core-T16-384.pt", sd), dict(arch="vit_pe_core_tiny_patch16_384", arch_kwargs=kwargs), (1, 0)
+    return (_save(tmp_path, "PE-Core-T16-384.pt", sd), dict(arch="vit_pe_core_tiny_patch16_384", arch_kwargs=kwargs),
+            (1, 0))
 
 
 def _openai_clip(tmp_path):

@@ -312,7 +312,8 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     inferred = None
     if arch is None and meta is None and ckpt.train_arch:
         arch_name = ckpt.train_arch  # timm train.py records what it trained
-        kwargs = {**timm_train.fit_file(timm_sd, arch_kwargs), **timm_train.train_kwargs(ckpt.train_args), **arch_kwargs}
+        kwargs = {**timm_train.fit_file(timm_sd, arch_kwargs), **timm_train.train_kwargs(ckpt.train_args),
+                  **arch_kwargs}
     elif arch is None and meta is None:
         what = "a training checkpoint" if ckpt.is_wrapped else "a bare state dict"
         act = "QuickGELU" if ckpt.torchscript and ckpt.layout == "openai_clip" else None  # OpenAI's archives
@@ -322,7 +323,8 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     elif meta is not None and (arch is None or arch == meta.arch):
         arch_name, kwargs = meta.arch, {**meta.arch_kwargs, **arch_kwargs}
     else:
-        arch_name, kwargs = arch, {**timm_train.fit_file(timm_sd, arch_kwargs), **arch_kwargs}  # type: ignore[assignment]
+        arch_name = arch  # type: ignore[assignment]
+        kwargs = {**timm_train.fit_file(timm_sd, arch_kwargs), **arch_kwargs}
     model = build_on_meta(lambda: _build_arch(arch_name, kwargs))  # shapes only: the weights are assigned below
     if ckpt.layout != "timm" and _fits_as_is(model, ckpt.state_dict) and set(timm_sd) != set(ckpt.state_dict):
         # The keys that suggested a native layout are the target's own (Eva and BEiT name their layer scales
