@@ -135,4 +135,4 @@ def test_a_hugging_face_folder_too_large_is_refused_before_reading(tmp_path, mon
     monkeypatch.setattr(materialize, "available_bytes", lambda device: 10**4)
     monkeypatch.setattr(materialize, "read_safetensors", lambda *a, **k: pytest.fail("read before the memory check"))
     check(invoke("norms", folder, "synthetic:2"), 1,
-          "m needs 0.0 GiB of memory for its weights as stored (fp32) and 0.0 GiB is available")
+          "m needs 0.0 GiB of memory for its weights in bf16 and 0.0 GiB is available")

@@ -6,5 +6,5 @@ any module of this package is used, whatever the caller imported first.
 
 from artifactscan.models.layouts import hf_vision, timm_vit  # noqa: F401  (they register their hook families)
 from artifactscan.models.layouts import naflex  # noqa: F401  (NaFlex hook families: SigLIP2, timm NaFlexVit)
-from artifactscan.models.layouts import aimv2, beit, pe, radio  # noqa: F401  (their architectures, known sizes)
+from artifactscan.models.layouts import table  # noqa: F401  (every family's layouts, architectures, known sizes)
 from artifactscan.models import demo, hf, phantom, interventions  # noqa: F401  (they register themselves)

@@ -22,127 +22,30 @@ from torch.overrides import TorchFunctionMode
 
 from artifactscan.core.errors import ModelLoadError, option
 
-# (timm name, family, width, patch). Order matters: among equivalent matches the family of the file's layout wins,
-# then the earlier entry.
-KNOWN: list[tuple[str, str, int, int]] = [
-    ("vit_tiny_patch16_224", "vit", 192, 16),
-    ("vit_small_patch16_224", "vit", 384, 16),
-    ("vit_small_patch32_224", "vit", 384, 32),
-    ("vit_base_patch16_224", "vit", 768, 16),
-    ("vit_base_patch32_224", "vit", 768, 32),
-    ("vit_base_patch8_224", "vit", 768, 8),
-    ("vit_large_patch16_224", "vit", 1024, 16),
-    ("vit_large_patch14_224", "vit", 1024, 14),
-    ("vit_huge_patch14_224", "vit", 1280, 14),
-    ("deit_tiny_patch16_224", "deit", 192, 16),
-    ("deit_small_patch16_224", "deit", 384, 16),
-    ("deit_base_patch16_224", "deit", 768, 16),
-    ("deit3_small_patch16_224", "deit3", 384, 16),
-    ("deit3_medium_patch16_224", "deit3", 512, 16),
-    ("deit3_base_patch16_224", "deit3", 768, 16),
-    ("deit3_large_patch16_224", "deit3", 1024, 16),
-    ("deit3_huge_patch14_224", "deit3", 1280, 14),
-    ("vit_base_patch16_224.mae", "mae", 768, 16),
-    ("vit_large_patch16_224.mae", "mae", 1024, 16),
-    ("vit_huge_patch14_224.mae", "mae", 1280, 14),
-    ("vit_small_patch14_dinov2", "dinov2", 384, 14),
-    ("vit_base_patch14_dinov2", "dinov2", 768, 14),
-    ("vit_large_patch14_dinov2", "dinov2", 1024, 14),
-    ("vit_giant_patch14_dinov2", "dinov2", 1536, 14),
-    ("vit_small_patch14_reg4_dinov2", "dinov2", 384, 14),
-    ("vit_base_patch14_reg4_dinov2", "dinov2", 768, 14),
-    ("vit_large_patch14_reg4_dinov2", "dinov2", 1024, 14),
-    ("vit_giant_patch14_reg4_dinov2", "dinov2", 1536, 14),
-    ("vit_base_patch32_clip_224", "clip", 768, 32),
-    ("vit_base_patch16_clip_224", "clip", 768, 16),
-    ("vit_large_patch14_clip_224", "clip", 1024, 14),
-    ("vit_huge_patch14_clip_224", "clip", 1280, 14),
-    ("vit_base_patch32_clip_quickgelu_224", "clip", 768, 32),
-    ("vit_base_patch16_clip_quickgelu_224", "clip", 768, 16),
-    ("vit_large_patch14_clip_quickgelu_224", "clip", 1024, 14),
-    ("vit_huge_patch14_clip_quickgelu_224", "clip", 1280, 14),
-    ("vit_base_patch16_siglip_224", "siglip", 768, 16),
-    ("vit_large_patch16_siglip_256", "siglip", 1024, 16),
-    ("vit_large_patch16_siglip_384", "siglip", 1024, 16),
-    ("vit_large_patch16_siglip_512", "siglip", 1024, 16),  # GELUTanh, where timm's 256 and 384 are GELU
-    ("vit_so400m_patch14_siglip_224", "siglip", 1152, 14),
-    # SigLIP2's fixed-resolution towers are these architectures (timm tags .v2_webli) plus three sizes of their own
-    ("vit_base_patch32_siglip_256", "siglip", 768, 32),
-    ("vit_so400m_patch16_siglip_256", "siglip", 1152, 16),
-    ("vit_giantopt_patch16_siglip_256", "siglip", 1536, 16),
-    ("flexivit_small", "flexivit", 384, 16),
-    ("flexivit_base", "flexivit", 768, 16),
-    ("flexivit_large", "flexivit", 1024, 16),
-    # 2024-26 families. Most are timm's Eva class (RoPE, no or optional absolute position embedding); their files keep
-    # Eva's own key names (gamma_1/gamma_2), which the loader reads as they are.
-    ("vit_small_patch16_dinov3", "dinov3", 384, 16),
-    ("vit_small_plus_patch16_dinov3", "dinov3", 384, 16),
-    ("vit_base_patch16_dinov3", "dinov3", 768, 16),
-    ("vit_large_patch16_dinov3", "dinov3", 1024, 16),
-    ("vit_huge_plus_patch16_dinov3", "dinov3", 1280, 16),
-    ("vit_7b_patch16_dinov3", "dinov3", 4096, 16),
-    ("vit_tiny_patch16_dinov3_qkvb", "dinov3", 192, 16),
-    ("vit_small_patch16_dinov3_qkvb", "dinov3", 384, 16),
-    ("vit_small_plus_patch16_dinov3_qkvb", "dinov3", 384, 16),
-    ("vit_base_patch16_dinov3_qkvb", "dinov3", 768, 16),
-    ("vit_large_patch16_dinov3_qkvb", "dinov3", 1024, 16),
-    ("vit_huge_plus_patch16_dinov3_qkvb", "dinov3", 1280, 16),
-    ("eva02_tiny_patch14_224", "eva02", 192, 14),
-    ("eva02_tiny_patch14_336", "eva02", 192, 14),
-    ("eva02_small_patch14_224", "eva02", 384, 14),
-    ("eva02_small_patch14_336", "eva02", 384, 14),
-    ("eva02_base_patch14_224", "eva02", 768, 14),
-    ("eva02_base_patch14_448", "eva02", 768, 14),
-    ("eva02_large_patch14_224", "eva02", 1024, 14),
-    ("eva02_large_patch14_448", "eva02", 1024, 14),
-    ("eva02_base_patch16_clip_224", "eva02", 768, 16),
-    ("eva02_large_patch14_clip_224", "eva02", 1024, 14),
-    ("eva02_large_patch14_clip_336", "eva02", 1024, 14),
-    ("eva02_enormous_patch14_clip_224", "eva02", 1792, 14),
-    # The RoPE ViTs. Not `vit_*_patch16_rope_ape_224`: its keys and shapes are exactly those of DeiT-III's original
-    # files (gamma_N, a position embedding without the CLS row), so shapes cannot tell the two apart; it needs --arch.
-    ("vit_small_patch16_rope_224", "rope", 384, 16),
-    ("vit_base_patch16_rope_224", "rope", 768, 16),
-    ("vit_large_patch16_rope_224", "rope", 1024, 16),
-    ("vit_small_patch16_rope_mixed_224", "rope", 384, 16),
-    ("vit_base_patch16_rope_mixed_224", "rope", 768, 16),
-    ("vit_large_patch16_rope_mixed_224", "rope", 1024, 16),
-    ("vit_small_patch16_rope_mixed_ape_224", "rope", 384, 16),
-    ("vit_base_patch16_rope_mixed_ape_224", "rope", 768, 16),
-    ("vit_large_patch16_rope_mixed_ape_224", "rope", 1024, 16),
-    ("vit_medium_patch16_rope_reg1_gap_256", "rope", 512, 16),
-    ("vit_mediumd_patch16_rope_reg1_gap_256", "rope", 512, 16),
-    ("vit_betwixt_patch16_rope_reg4_gap_256", "rope", 640, 16),
-    ("vit_base_patch16_rope_reg1_gap_256", "rope", 768, 16),
-    ("vit_pe_core_tiny_patch16_384", "pe", 192, 16),
-    ("vit_pe_core_small_patch16_384", "pe", 384, 16),
-    ("vit_pe_core_base_patch16_224", "pe", 768, 16),
-    ("vit_pe_core_large_patch14_336", "pe", 1024, 14),
-    ("vit_pe_core_gigantic_patch14_448", "pe", 1536, 14),
-    ("beit_base_patch16_224", "beit", 768, 16),
-    ("beit_base_patch16_384", "beit", 768, 16),
-    ("beit_large_patch16_224", "beit", 1024, 16),
-    ("beit_large_patch16_384", "beit", 1024, 16),
-    ("beit_large_patch16_512", "beit", 1024, 16),
-    ("beitv2_base_patch16_224", "beit", 768, 16),
-    ("beitv2_large_patch16_224", "beit", 1024, 16),
-    ("beit3_base_patch16_224", "beit3", 768, 16),
-    ("beit3_large_patch16_224", "beit3", 1024, 16),
-    ("beit3_giant_patch14_224", "beit3", 1408, 14),
-]
-# What each file layout says about the family (used only to choose among equivalent matches).
-LAYOUT_FAMILY = {"dinov2": "dinov2", "dinov3": "dinov3", "deit3": "deit3", "mae": "mae", "openai_clip": "clip", "openclip_timm": "clip"}
-_extra_known: list[tuple[str, str, int, int]] = []
+#: ``(timm name, family, width, patch)`` of the known configurations, in matching order: among equivalent matches the
+#: family of the file's layout wins, then the earlier entry. Each family's module lists its own
+#: (``models/layouts/``), and ``layouts/table.py`` sets them all here in one order (:func:`set_table`).
+_table: list[tuple[str, str, int, int]] = []
+_extra_known: list[tuple[str, str, int, int]] = []  # what callers register, after the table
+#: What each file layout says about the family (used only to choose among equivalent matches); set by the table.
+LAYOUT_FAMILY: dict[str, str] = {}
+
+
+def set_table(rows: list[tuple[str, str, int, int]], layout_family: dict[str, str]) -> None:
+    """The families' known configurations and layouts' families (called once, by ``layouts/table.py``)."""
+    _table[:] = rows
+    LAYOUT_FAMILY.clear()
+    LAYOUT_FAMILY.update(layout_family)
 
 
 def register_known_config(name: str, family: str, width: int, patch: int) -> None:
     """Add a timm architecture to the table bare state dicts are matched against (e.g. a project's own size)."""
-    if (name, family, width, patch) not in _extra_known:
+    if (name, family, width, patch) not in _table + _extra_known:
         _extra_known.append((name, family, width, patch))
 
 
 def known_configs() -> list[tuple[str, str, int, int]]:
-    return KNOWN + _extra_known
+    return _table + _extra_known
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from artifactscan.models import hf, infer, native
+from artifactscan.models.layouts import timm_train
 from artifactscan.models.checkpoint import CheckpointMeta, read_meta
 from artifactscan.models.materialize import (
     assign_weights, build_on_meta, check_precision, finish_meta_build, hold_in, model_dtype, nonfinite_tensors,
@@ -266,10 +266,6 @@ def _check_finite(loaded: LoadedModel, allow: bool) -> None:
         loaded.notes.append(note)
 
 
-_TIMM_VIT_KEY = re.compile(r"^(cls_token|reg_token|pos_embed|patch_embed\.|blocks\.\d+\.|norm\.|fc_norm\.|norm_pre\.|"
-                           r"head\.|attn_pool\.)")
-
-
 def _fits_as_is(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> bool:
     """Whether ``state_dict`` has exactly the model's keys and shapes, so it loads without any converter."""
     own = model.state_dict()
@@ -289,7 +285,7 @@ def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str,
             if keys:
                 shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
                 parts.append(f"{len(keys)} {label}: {shown}")
-        foreign = [k for k in missing + unexpected if not _TIMM_VIT_KEY.match(k)]
+        foreign = [k for k in missing + unexpected if not timm_train.TIMM_VIT_KEY.match(k)]
         if foreign or not hasattr(model, "patch_embed"):
             where = native_ckpt.top_keys if native_ckpt and native_ckpt.is_wrapped else sorted(
                 {k.split(".")[0] for k in state_dict})
@@ -302,34 +298,6 @@ def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str,
                                       + "; ".join(parts)
                                       + "." + advice)
     assign_weights(model, state_dict, dtype)
-
-
-def _train_kwargs(args: dict[str, Any]) -> dict[str, Any]:
-    """timm train.py's recorded arguments that shape the model."""
-    kwargs = dict(args.get("model_kwargs") or {})
-    if args.get("img_size"):
-        kwargs.setdefault("img_size", args["img_size"])
-    elif args.get("input_size"):
-        kwargs.setdefault("img_size", tuple(args["input_size"][-2:]))
-    if args.get("in_chans"):
-        kwargs.setdefault("in_chans", args["in_chans"])
-    return kwargs
-
-
-def _fit_file(timm_sd: dict[str, torch.Tensor], user_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """img_size and num_classes read from a file's shapes (they are not the architecture), unless given."""
-    try:
-        facts = infer.read_facts(timm_sd)
-    except ModelLoadError:
-        return {}
-    out: dict[str, Any] = {}
-    if "num_classes" not in user_kwargs and "head.weight" in timm_sd:
-        out["num_classes"] = facts.num_classes
-    elif "num_classes" not in user_kwargs and not any(k.startswith("head.") for k in timm_sd):
-        out["num_classes"] = 0  # the tool needs the encoder; a missing classifier head is fine
-    if "img_size" not in user_kwargs and facts.img_size:
-        out["img_size"] = facts.img_size
-    return out
 
 
 def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], trust: bool,
@@ -347,7 +315,8 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     inferred = None
     if arch is None and meta is None and ckpt.train_arch:
         arch_name = ckpt.train_arch  # timm train.py records what it trained
-        kwargs = {**_fit_file(timm_sd, arch_kwargs), **_train_kwargs(ckpt.train_args), **arch_kwargs}
+        kwargs = {**timm_train.fit_file(timm_sd, arch_kwargs), **timm_train.train_kwargs(ckpt.train_args),
+                  **arch_kwargs}
     elif arch is None and meta is None:
         what = "a training checkpoint" if ckpt.is_wrapped else "a bare state dict"
         act = "QuickGELU" if ckpt.torchscript and ckpt.layout == "openai_clip" else None  # OpenAI's archives
@@ -357,7 +326,8 @@ def _load_checkpoint(path: Path, arch: str | None, arch_kwargs: dict[str, Any], 
     elif meta is not None and (arch is None or arch == meta.arch):
         arch_name, kwargs = meta.arch, {**meta.arch_kwargs, **arch_kwargs}
     else:
-        arch_name, kwargs = arch, {**_fit_file(timm_sd, arch_kwargs), **arch_kwargs}  # type: ignore[assignment]
+        arch_name = arch  # type: ignore[assignment]
+        kwargs = {**timm_train.fit_file(timm_sd, arch_kwargs), **arch_kwargs}
     model = build_on_meta(lambda: _build_arch(arch_name, kwargs))  # shapes only: the weights are assigned below
     if ckpt.layout != "timm" and _fits_as_is(model, ckpt.state_dict) and set(timm_sd) != set(ckpt.state_dict):
         # The keys that suggested a native layout are the target's own (Eva and BEiT name their layer scales
@@ -516,28 +486,29 @@ def load_model(
             loaded.name, loaded.source = spec, "builtin"
         elif path.is_dir():
             if not hf.is_model_folder(path):
-                raise InputError(_not_a_model_folder(spec, path))
+                raise InputError(hf.not_a_model_folder(spec, path))
             if hf.is_timm_folder(path):  # a timm hub snapshot: timm's own loader
-                loaded = _load_named(f"local-dir:{path}", arch_kwargs)
+                loaded = _load_named(f"local-dir:{path}", arch_kwargs, precision)
             else:
-                loaded = _load_hf_folder(path, spec, "hf-folder")
+                loaded = _load_hf_folder(path, spec, "hf-folder", precision)
         elif path.is_file():
             loaded = _load_checkpoint(path, arch, arch_kwargs, trust_checkpoint, weights, precision)
         elif os.path.lexists(path):  # a named pipe, a socket, a symlink loop: it exists, so say what it is
             raise InputError(f"model {display_name(spec)} {what_it_is(path, 'a checkpoint file or a folder')}; pass a "
                              "checkpoint file (.safetensors / .pt), a Hugging Face save_pretrained folder or a name")
         elif spec.startswith("hf-hub:") or spec.startswith("timm/"):  # timm's hub repos need timm's loader
-            loaded = _load_named(spec if spec.startswith("hf-hub:") else f"hf-hub:{spec}", arch_kwargs)
+            loaded = _load_named(spec if spec.startswith("hf-hub:") else f"hf-hub:{spec}", arch_kwargs, precision)
         elif hf.looks_like_hub_id(spec):
-            loaded = _load_hf_folder(hf.hub_folder(spec, online=_hub_reachable()), spec, "hf-transformers")
+            loaded = _load_hf_folder(hf.hub_folder(spec, online=_hub_reachable()), spec, "hf-transformers", precision)
         elif _looks_like_path(spec):
             raise InputError(f"model file {display_name(spec)} does not exist")
         else:
-            loaded = _load_named(spec, arch_kwargs)
+            loaded = _load_named(spec, arch_kwargs, precision)
     if weights is not None and loaded.source != "checkpoint":
         raise InputError(f"{option('weights', weights)} chooses between the EMA and raw weights of a checkpoint "
                          f"file; {loaded.name} is not one (drop {option('weights')})")
-    if isinstance(spec, (LoadedModel, nn.Module)) or loaded.source not in ("checkpoint", "builtin"):
+    if isinstance(spec, (LoadedModel, nn.Module)) or loaded.source not in ("checkpoint", "builtin", "hf-folder",
+                                                                           "hf-transformers"):
         _hold_loaded(loaded, precision)  # built before the precision could apply: held in it now
     held = f"weights held and run in {loaded.precision} ({option('precision', precision)}); statistics in float32"
     if precision not in ("auto", "fp32") and held not in loaded.notes:
@@ -564,20 +535,6 @@ def _hold_loaded(loaded: LoadedModel, precision: str) -> None:
     hold_in(loaded.model, dtype)
 
 
-def _not_a_model_folder(spec: str, path: Path) -> str:
-    """Why a folder given as MODEL is not one, and what to pass instead."""
-    if hf.is_training_run(path):
-        finals = sorted(path.glob("final.safetensors")) + sorted(path.glob("*/final.safetensors"))
-        example = f" such as {finals[0]}" if finals else ""
-        return (f"{spec} is a training run's folder, not a model; pass one of its checkpoints{example}, or scan "
-                f"them all with `artifactscan norms {spec} IMAGES`")
-    if (path / "config.json").is_file():
-        return (f"{spec} has a config.json but none of the weights of a Hugging Face folder "
-                f"({', '.join(hf.WEIGHT_FILES)}); pass a folder save_pretrained wrote, or a checkpoint file")
-    return (f"{spec} is a folder without a config.json; pass a checkpoint file (.safetensors / .pt), a Hugging Face "
-            "save_pretrained folder or a model name")
-
-
 def peek_data_config(spec: str | Path | None) -> dict[str, Any] | None:
     """The data config ``load_model(spec)`` will give, read from the checkpoint's own metadata without building the
     model or importing timm, so that images can start decoding meanwhile; ``None`` when only loading can tell (a timm
@@ -598,21 +555,25 @@ def peek_data_config(spec: str | Path | None) -> dict[str, Any] | None:
     return normalized_data_config(meta.data_config)  # as the loaded model's config has it
 
 
-def _load_hf_folder(folder: Path, name: str, source: str) -> LoadedModel:
+def _load_hf_folder(folder: Path, name: str, source: str, precision: str) -> LoadedModel:
     import timm.data
 
-    if naflex.is_hf_folder(folder):
-        model, config, notes = naflex.load_hf_folder(folder)  # run by transformers itself (SigLIP2 NaFlex)
-        return replace(_finish(model, name, source, None, config, None, "pretrained"), layout="hf:siglip2",
-                       notes=naflex.with_budget_note(notes, config))
-    model, arch, kwargs, config, notes = hf.load_folder(folder)
+    if naflex.is_hf_folder(folder):  # run by transformers itself (SigLIP2 NaFlex), built in float32
+        model, config, notes = naflex.load_hf_folder(folder)
+        loaded = replace(_finish(model, name, source, None, config, None, "pretrained"), layout="hf:siglip2",
+                         notes=naflex.with_budget_note(notes, config))
+        _hold_loaded(loaded, precision)
+        return loaded
+    converted = hf.load_folder(folder, precision)  # built on the meta device, in the precision's dtype
+    config = converted.data_config
     if config is None:
-        config = timm.data.resolve_model_data_config(model)
-        notes.append("no preprocessor_config.json: timm's default preprocessing")
-    loaded = _finish(model, name, source, arch, config, None, "pretrained")
-    loaded.notes.extend(notes)
+        config = timm.data.resolve_model_data_config(converted.model)
+        converted.notes.append("no preprocessor_config.json: timm's default preprocessing")
+    loaded = _finish(converted.model, name, source, converted.arch, config, None, "pretrained")
+    loaded.notes.extend(converted.notes)
+    loaded.checkpoint_dtype = converted.file_dtype
     loaded.layout = "hf:" + json.loads((folder / "config.json").read_text()).get("model_type", "")
-    loaded.meta = CheckpointMeta(arch, kwargs, dict(loaded.data_config), kind="pretrained",
+    loaded.meta = CheckpointMeta(converted.arch, converted.kwargs, dict(loaded.data_config), kind="pretrained",
                                  description=f"converted from {name}")
     return loaded
 
@@ -630,17 +591,28 @@ def default_model_name() -> str:
     raise ModelLoadError("no built-in model is shipped with this install; pass a MODEL (timm name or checkpoint)")
 
 
-def _load_named(spec: str, arch_kwargs: dict[str, Any]) -> LoadedModel:
+def _create_in(spec: str, arch_kwargs: dict[str, Any], precision: str) -> nn.Module:
+    """A pretrained timm model built in an explicit half precision and the weights copied into it: never a float32
+    model first (timm's model classes take ``dtype``; one that does not is held in it afterwards)."""
+    if precision in ("auto", "fp32") or "dtype" in arch_kwargs:
+        return _create_pretrained(spec, **arch_kwargs)
+    try:
+        return _create_pretrained(spec, **arch_kwargs, dtype=PRECISION_DTYPES[precision])
+    except TypeError:
+        return _create_pretrained(spec, **arch_kwargs)
+
+
+def _load_named(spec: str, arch_kwargs: dict[str, Any], precision: str = "auto") -> LoadedModel:
     import timm.data
 
     if spec.startswith(("hf-hub:", "local-dir:")):  # timm's own hub / hub-folder loading
-        model = _create_pretrained(spec, **arch_kwargs)
+        model = _create_in(spec, arch_kwargs, precision)
         source = spec.split(":", 1)[0]
     else:
         if not timm.is_model(spec):
             raise ModelLoadError(f"unknown model '{display_name(spec)}': not a built-in "
                                  f"({', '.join(builtin_models()) or 'none'}), a file, or a timm name.{_suggest(spec)}")
-        model = _create_pretrained(spec, **arch_kwargs)
+        model = _create_in(spec, arch_kwargs, precision)
         source = "timm"
     describe_vit(model)
     return _finish(model, spec, source, spec, timm.data.resolve_model_data_config(model), None, "pretrained")

@@ -178,14 +178,6 @@ def own_copies(state_dict: dict[str, Any], dtype: torch.dtype | None, path: Path
     check_unchanged(path, before.st_size, before.st_mtime_ns)
 
 
-def read_torch_weights(path: Path) -> dict[str, Any]:
-    """A PyTorch file of weights (e.g. a Hugging Face ``pytorch_model.bin`` shard) read with ``weights_only``, its
-    tensors in the process's own memory (:func:`own_copies`)."""
-    before = os.stat(path)
-    blob = native.read_torch_file(path, trust=False)
-    if isinstance(blob, dict):
-        own_copies(blob, None, path, before)
-    return blob
 
 
 def resolve_precision(precision: str, float_elements: int, file_dtype: torch.dtype | None, what: str
@@ -215,16 +207,6 @@ def resolve_precision(precision: str, float_elements: int, file_dtype: torch.dty
     return dtype, note
 
 
-def refuse_unless_stored_weights_fit(headers: list[SafetensorsHeader], what: str) -> None:
-    """Refuse, before any is read, safetensors files whose floating weights as stored exceed the memory available
-    (a Hugging Face folder's shards are read as stored, then held in the precision asked for)."""
-    free = available_bytes(torch.device("cpu"))
-    entries = [e for h in headers for e in h.entries.values() if e.dtype.is_floating_point]
-    need = sum(e.end - e.start for e in entries)
-    if free is not None and need > free:
-        stored = sorted({precision_name(e.dtype) for e in entries})
-        raise ResourceError(f"{what} needs {need / GIB:.1f} GiB of memory for its weights as stored "
-                            f"({', '.join(stored)}) and {free / GIB:.1f} GiB is available")
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:

@@ -1,10 +1,9 @@
-"""Checkpoint files in the layouts people hold, turned into a timm ``VisionTransformer`` state dict.
+"""Checkpoint files in the layouts people hold, turned into a timm ``VisionTransformer`` (or ``Eva``) state dict.
 
-The conversions themselves are timm's (the ones it runs when it loads pretrained weights):
-``timm.models.vision_transformer.checkpoint_filter_fn`` maps OpenAI / OpenCLIP ``visual.*`` keys, the DINOv2 repo's
-``mask_token`` / ``register_tokens`` / ``w12`` (folding the CLS position row into the CLS token) and, with
-``adapt_layer_scale=True`` (timm's DeiT-III filter), ``gamma_N`` -> ``lsN.gamma``; ``timm.models.clean_state_dict``
-strips ``module.`` / ``_orig_mod.`` in any order. This module adds what timm leaves to the caller: reading the file
+Which layout a file is in, what it drops and how it converts belong to its family's module in ``models/layouts/``
+(dispatched through ``layouts/table.py``); the conversions themselves are timm's (the ones it runs when it loads
+pretrained weights), and ``timm.models.clean_state_dict`` strips ``module.`` / ``_orig_mod.`` in any order. This module
+adds what timm leaves to the caller: reading the file
 (``weights_only``, with ``argparse.Namespace`` allowed for timm ``train.py`` checkpoints), unwrapping training
 checkpoints (``state_dict`` / ``model`` / ``model_ema`` / ``teacher`` / ``student`` / ``backbone.``), choosing EMA or
 raw weights, and dropping only the keys it can *name* as not part of the image encoder (text tower, MAE decoder,
@@ -20,27 +19,21 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from artifactscan.core.errors import InputError, ModelLoadError, UntrustedCheckpointError, option
-from artifactscan.models.layouts import dinov3, pe
+from artifactscan.models.layouts.table import file_layout, file_layout_of
 
 # Top-level entries of training checkpoints that hold a model's weights, EMA first (timm's own preference).
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "teacher")
 RAW_KEYS = ("state_dict", "model", "model_state_dict", "student", "module", "net", "network")
 WEIGHT_CHOICES = ("ema", "raw")
 
-# Keys that are not part of the image encoder, by what they are (dropped, and counted in `dropped`).
-_TEXT_TOWER = re.compile(r"^(transformer\.|token_embedding\.|positional_embedding$|ln_final\.|text_projection|"
-                         r"logit_scale$|logit_bias$|text\.|attn_mask$)")
-_OPENAI_META = re.compile(r"^(input_resolution|context_length|vocab_size)$")
-_MAE_DECODER = re.compile(r"^(decoder_|mask_token$)")
+# The projection heads of self-supervised training around a `backbone.` (dropped, and counted in `dropped`).
 _SSL_HEADS = re.compile(r"^(dino_head\.|ibot_head\.|head\.)")
-_OPENCLIP_HEAD = re.compile(r"^visual\.head\.")
 
 
 @dataclass
@@ -210,52 +203,26 @@ def unwrap(blob: Any, weights: str | None = None, name: str = "checkpoint") -> N
         found = wrapper or "one bare state dict"
         raise InputError(f"{option('weights', weights)}: {name} holds no {weights} weights (found: {found}; top-level "
                          f"keys: {', '.join(top_keys[:6])}); drop {option('weights')}")
-    if dinov3.is_convnext(sd):
-        raise dinov3.convnext_refusal(name)
-    layout = detect_layout(sd)
-    sd, more = drop_non_encoder(sd, layout)
+    layout = file_layout_of(sd)
+    if layout.refusal is not None:  # recognised only to be refused (a ConvNeXt)
+        raise layout.refusal(name)
+    sd, more = drop_non_encoder(sd, layout.name)
     dropped.update(more)
-    ckpt = NativeCheckpoint(sd, layout, label, wrapper, dropped, train_arch, train_args, top_keys)
-    if layout == "dinov3":
-        dinov3.check_complete(sd, name)
-        ckpt.data_config, note = dinov3.preprocessing(name)
-        ckpt.notes = dinov3.meta_notes(sd) + ([note] if note else [])
+    ckpt = NativeCheckpoint(sd, layout.name, label, wrapper, dropped, train_arch, train_args, top_keys)
+    if layout.inspect is not None:  # what the layout itself says (Meta's DINOv3: completeness, preprocessing)
+        ckpt.data_config, ckpt.notes = layout.inspect(sd, name)
     return ckpt
 
 
 def detect_layout(sd: dict[str, torch.Tensor]) -> str:
-    """The key layout family, by its keys."""
-    if pe.is_native(sd):  # before OpenAI's CLIP: Meta's PE files use its key names
-        return pe.LAYOUT
-    if "visual.class_embedding" in sd:
-        return "openai_clip"
-    if dinov3.is_meta_vit(sd):  # before DINOv2: its mask_token is 2-d too
-        return "dinov3"
-    if any(k.startswith("visual.trunk.") for k in sd):
-        return "openclip_timm"
-    if any(k.startswith("decoder_") for k in sd):
-        return "mae"
-    if "register_tokens" in sd or any(re.match(r"blocks\.\d+\.mlp\.w12\.", k) for k in sd) or (
-            "mask_token" in sd and sd["mask_token"].dim() == 2):
-        return "dinov2"
-    if any(re.match(r"blocks\.\d+\.gamma_[12]$", k) for k in sd):
-        return "deit3"
-    return "timm"
+    """The key layout family, by its keys: the first of the table's layouts (``layouts/table.py``) that recognises
+    them."""
+    return file_layout_of(sd).name
 
 
 def drop_non_encoder(sd: dict[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Remove the keys that are nameably not the image encoder; everything else stays (and must load strictly)."""
-    rules: list[tuple[str, re.Pattern[str]]] = []
-    if layout in ("openai_clip", "openclip_timm"):
-        rules = [("CLIP text tower", _TEXT_TOWER), ("OpenAI metadata", _OPENAI_META)]
-        if layout == "openclip_timm":
-            rules.append(("OpenCLIP projection head", _OPENCLIP_HEAD))
-    elif layout == "mae":
-        rules = [("MAE decoder", _MAE_DECODER)]
-    elif layout == pe.LAYOUT:
-        # A vision-only PE file's own `transformer.` keys are its blocks: text rules only beside a `visual.` tower.
-        rules = [("CLIP text tower", _TEXT_TOWER), ("OpenAI metadata", _OPENAI_META)] if pe.has_text_tower(sd) else []
-        rules.append(("PE CLIP projection", pe.PROJECTION))
+    rules = file_layout(layout).drop(sd)
     kept, dropped = {}, {}
     for k, v in sd.items():
         what = next((label for label, rx in rules if rx.match(k)), None)
@@ -269,31 +236,14 @@ def drop_non_encoder(sd: dict[str, torch.Tensor], layout: str) -> tuple[dict[str
 # ----------------------------------------------------------------------------------------------- to timm's layout
 def to_timm(sd: dict[str, torch.Tensor], layout: str, model: nn.Module | None = None,
             name: str = "the checkpoint") -> dict[str, torch.Tensor]:
-    """The state dict in timm's ``VisionTransformer`` (``Eva`` for DINOv3) key layout, through timm's own converters.
+    """The state dict in timm's keys (``VisionTransformer``, ``Eva`` for DINOv3 and PE), through the layout's own
+    converter (timm's ``checkpoint_filter_fn`` of the family).
 
     With ``model``, timm also resamples the position and patch embeddings to the model's grid (as when it loads
     pretrained weights). Without it only keys are renamed (used to read a bare file's shapes before any model
-    exists): the filter is given a stand-in whose ``pos_embed`` is ``None`` and whose patch embedding is the file's
-    own, so it resamples nothing.
+    exists).
     """
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    if layout == "dinov3":
-        return dinov3.rename_only(sd) if model is None else dinov3.to_timm(sd, model, name)
-    if layout == pe.LAYOUT:
-        return pe.to_timm(sd, model)
-    if layout in ("openai_clip", "openclip_timm"):
-        # timm keeps only `visual.*` (`visual.trunk.*`); other keys were dropped by name above.
-        unknown = [k for k in sd if not k.startswith("visual.trunk." if layout == "openclip_timm" else "visual.")]
-        if unknown:
-            raise ModelLoadError(f"unexpected keys outside the image tower: {', '.join(unknown[:4])}")
-    if model is None:
-        patch = next((v for k, v in sd.items() if k.endswith("patch_embed.proj.weight") or k.endswith("conv1.weight")),
-                     None)
-        model = SimpleNamespace(pos_embed=None, patch_embed=SimpleNamespace(  # type: ignore[assignment]
-            proj=SimpleNamespace(weight=patch)), head=None)
-    out = checkpoint_filter_fn(dict(sd), model, adapt_layer_scale=(layout == "deit3"))  # type: ignore[arg-type]
-    return dict(out)
+    return file_layout(layout).to_timm(sd, model, name)  # type: ignore[misc]
 
 
 def describe_dropped(native: NativeCheckpoint) -> str:

@@ -20,17 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from artifactscan.models.layouts.base import Family, FolderLayout, known
 from artifactscan.models.layouts.hf_keys import KeySorter, timm_mlp_ratio
 from artifactscan.core.errors import ModelLoadError
-from artifactscan.models import infer
 from artifactscan.models.registry import register_architecture
 
 HF_MODEL_TYPES = ("aimv2_vision_model", "aimv2")
 #: timm's AIMv2 towers, so their ``state_dict()`` files load without ``--arch`` (no CLS, RMSNorm, SwiGLU)
 TIMM_SIZES = {"large": 1024, "huge": 1536, "1b": 2048, "3b": 3072}
-for _size, _width in TIMM_SIZES.items():
-    for _res in (224, 336):
-        infer.register_known_config(f"aimv2_{_size}_patch14_{_res}", "aimv2", _width, 14)
 ARCH = "artifactscan_aimv2"
 #: Aimv2VisionConfig's defaults, which config.json may leave out
 HF_DEFAULTS: dict[str, Any] = dict(
@@ -108,3 +105,9 @@ def convert_hf(hf: dict[str, torch.Tensor], config: dict[str, Any], name: str
             for key, size in wanted:
                 out.setdefault(f"blocks.{i}.{key}", torch.zeros(size))
     return out, dropped
+
+
+HF_FOLDERS = FolderLayout({"aimv2_vision_model": "Aimv2VisionModel", "aimv2": "Aimv2Model"}, ARCH, build_aimv2,
+                          convert_hf, config_kwargs=hf_kwargs, prefix_tokens="none (every token is a patch)")
+FAMILY = Family("aimv2", folders=(HF_FOLDERS,), known=known(
+    "aimv2", *((f"aimv2_{size}_patch14_{res}", width, 14) for size, width in TIMM_SIZES.items() for res in (224, 336))))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from artifactscan.models.layouts.base import Family, FolderLayout, known
 from artifactscan.models.layouts.hf_keys import KeySorter, timm_mlp_ratio
 from artifactscan.core.errors import ModelLoadError
 from artifactscan.models.registry import register_architecture
@@ -119,3 +120,15 @@ def convert_hf(hf: dict[str, torch.Tensor], config: dict[str, Any], name: str
             unknown.append(key)
     keys.finish("BEiT", name)
     return out, dropped
+
+
+HF_FOLDERS = FolderLayout({HF_MODEL_TYPE: "BeitModel"}, ARCH, build_beit, convert_hf, config_kwargs=hf_kwargs,
+                          prefix_tokens="1 CLS")
+#: timm's BEiT v1/v2 and BEiT3 (their own files load as they are)
+FAMILY = Family("beit", folders=(HF_FOLDERS,), known=known(
+    "beit",
+    ("beit_base_patch16_224", 768, 16), ("beit_base_patch16_384", 768, 16), ("beit_large_patch16_224", 1024, 16),
+    ("beit_large_patch16_384", 1024, 16), ("beit_large_patch16_512", 1024, 16), ("beitv2_base_patch16_224", 768, 16),
+    ("beitv2_large_patch16_224", 1024, 16)) + known(
+    "beit3", ("beit3_base_patch16_224", 768, 16), ("beit3_large_patch16_224", 1024, 16),
+    ("beit3_giant_patch14_224", 1408, 14)))

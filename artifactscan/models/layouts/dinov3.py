@@ -16,7 +16,7 @@
   (JSON kwargs), so a checkpoint saved from it reloads.
 
 DINOv3 ConvNeXt files (either layout) are refused as what they are. timm's own DINOv3 ``state_dict()`` files need
-none of this (models/infer.py matches them as they are); live HF models are hooked by layouts/hf_vision.py.
+none of this (matched by the shapes of ``FAMILY.known`` as they are); live HF models are hooked by layouts/hf_vision.py.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from artifactscan.models.layouts.base import Family, FileLayout, FolderLayout, known
 from artifactscan.models.layouts.hf_keys import KeySorter, timm_mlp_ratio
 from artifactscan.core.errors import CheckpointMismatchError, ModelLoadError, NotAViTError
 from artifactscan.models.registry import register_architecture
@@ -273,3 +274,29 @@ def _zero_fill(out: dict[str, torch.Tensor], c: dict[str, Any], depth: int) -> N
             wanted += [(f"mlp.{n}.bias", hidden) for n in ins] + [("mlp.fc2.bias", width)]
         for key, size in wanted:
             out.setdefault(f"blocks.{i}.{key}", torch.zeros(size))
+
+
+# ----------------------------------------------------------------------------------------------- the table's entries
+def inspect_meta_file(sd: dict[str, Any], name: str) -> tuple[dict[str, Any], list[str]]:
+    """A Meta file's preprocessing (from its name's tag) and notes, once it is known to hold every piece."""
+    check_complete(sd, name)
+    data_config, note = preprocessing(name)
+    return data_config, meta_notes(sd) + ([note] if note else [])
+
+
+#: ConvNeXt files (DINOv3's, or any): recognised only to be refused before any ViT layout is tried
+CONVNEXT = FileLayout("convnext", None, is_convnext, refusal=convnext_refusal)
+META_FILES = FileLayout(
+    "dinov3", "dinov3", is_meta_vit,
+    lambda sd, model, name: rename_only(sd) if model is None else to_timm(sd, model, name),
+    inspect=inspect_meta_file, prefix_tokens="1 CLS + 4 registers (storage_tokens)")
+HF_FOLDERS = FolderLayout({HF_MODEL_TYPE: "DINOv3ViTModel"}, ARCH, build_dinov3, convert_hf, config_kwargs=hf_kwargs,
+                          prefix_tokens="1 CLS + num_register_tokens registers")
+FAMILY = Family("dinov3", files=(CONVNEXT, META_FILES), folders=(HF_FOLDERS,), known=known(
+    "dinov3",
+    ("vit_small_patch16_dinov3", 384, 16), ("vit_small_plus_patch16_dinov3", 384, 16),
+    ("vit_base_patch16_dinov3", 768, 16), ("vit_large_patch16_dinov3", 1024, 16),
+    ("vit_huge_plus_patch16_dinov3", 1280, 16), ("vit_7b_patch16_dinov3", 4096, 16),
+    ("vit_tiny_patch16_dinov3_qkvb", 192, 16), ("vit_small_patch16_dinov3_qkvb", 384, 16),
+    ("vit_small_plus_patch16_dinov3_qkvb", 384, 16), ("vit_base_patch16_dinov3_qkvb", 768, 16),
+    ("vit_large_patch16_dinov3_qkvb", 1024, 16), ("vit_huge_plus_patch16_dinov3_qkvb", 1280, 16)))

@@ -21,25 +21,24 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from artifactscan.models.hooks import register_hook_family
+from artifactscan.models.layouts.base import Family, FolderLayout, known
 from artifactscan.models.layouts.hf_keys import KeySorter
 from artifactscan.models.layouts.hf_vision import HFVisionFamily, Trunk
+from artifactscan.models.layouts.hf_vit import ARCH as VIT_ARCH, build_vit
 from artifactscan.core.errors import ModelLoadError
-from artifactscan.models import infer
 
 #: (size, width) of timm's fixed-grid RADIO towers, per version
 TIMM_SIZES = {"v3": {"base": 768, "large": 1024, "huge": 1280, "giant": 1536}, "v4": {"so400m": 1152, "huge": 1280}}
-for _version, _sizes in TIMM_SIZES.items():
-    for _size, _width in _sizes.items():
-        infer.register_known_config(f"vit_{_size}_patch16_radio_{_version}", "radio", _width, 16)
 
 HF_MODEL_TYPE = "radio"
 #: RadioConfig's defaults, which config.json may leave out
@@ -152,3 +151,26 @@ class HFRadioFamily(HFVisionFamily):
 
 
 register_hook_family(HFRadioFamily(), before="hf-vision")
+def data_config(folder: Path, config: dict[str, Any] | None, vision: dict[str, Any], hf: dict[str, torch.Tensor],
+                kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """RADIO normalises inside its forward: the processor's preprocessing followed by that normalisation, as one
+    mean/std: ``((x - m1) / s1 - m2) / s2 == (x - (m1 + m2 * s1)) / (s1 * s2)``."""
+    inner, size = preprocessing(vision, hf), kwargs["img_size"]
+    config = dict(config or {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 1.0})
+    pp_path = folder / "preprocessor_config.json"
+    pp = json.loads(pp_path.read_text()) if pp_path.is_file() else {}
+    outer_mean, outer_std = (config["mean"], config["std"]) if pp.get("do_normalize") else ((0.0,) * 3, (1.0,) * 3)
+    config["mean"] = tuple(m1 + m2 * s1 for m1, m2, s1 in zip(outer_mean, inner["mean"], outer_std))
+    config["std"] = tuple(s1 * s2 for s1, s2 in zip(outer_std, inner["std"]))
+    note = ("RADIO's in-model input normalisation became the preprocessing; its "
+            f"{kwargs['reg_tokens'] + 1} summary and register tokens are prefix tokens (1 CLS + "
+            f"{kwargs['reg_tokens']} registers in timm's count)")
+    return config, [note]
+
+
+# RADIO is timm's plain VisionTransformer (as its vit_*_radio_* towers are): built by hf_vit's build_vit
+HF_FOLDERS = FolderLayout({HF_MODEL_TYPE: "RadioModel"}, VIT_ARCH, build_vit, convert_hf, config_kwargs=hf_kwargs,
+                          preprocessing=data_config, prefix_tokens="1 CLS + the other summary tokens and registers")
+FAMILY = Family("radio", folders=(HF_FOLDERS,), known=known(
+    "radio", *((f"vit_{size}_patch16_radio_{version}", width, 16)
+               for version, sizes in TIMM_SIZES.items() for size, width in sizes.items())))
