@@ -97,48 +97,25 @@ class NormStatistics:
         if L != self.num_rows:
             raise ValueError(f"expected {self.num_rows} rows of norms, got {L}")
         norms = norms.detach().to("cpu", torch.float64)
-        if valid is not None:
+        patches = norms[:, :, P:]
+        if valid is None:
+            N = patches.shape[-1]
+            if self.num_patches_per_image is None:
+                self.num_patches_per_image = N
+            elif N != self.num_patches_per_image:
+                # Dynamic image size would change the grid mid-run; per-image fractions would then be ill-defined.
+                raise ValueError(f"patch count changed from {self.num_patches_per_image} to {N} within one scan")
+            self.nonfinite += (~torch.isfinite(norms)).sum(dim=(1, 2))
+            own, image_max = patches.reshape(L, -1), patches.amax(dim=2)  # [L, B*N], [L, B]
+        else:  # images with patch grids of their own: the padding never counts
             keep = torch.cat([torch.ones(B, P, dtype=torch.bool), valid.cpu().bool()], dim=1)
             self.nonfinite += (~torch.isfinite(norms) & keep).sum(dim=(1, 2))
-            self._update_masked(norms, keep[:, P:])
-            return
-        self.nonfinite += (~torch.isfinite(norms)).sum(dim=(1, 2))
-        patches = norms[:, :, P:]
-        N = patches.shape[-1]
-        if self.num_patches_per_image is None:
-            self.num_patches_per_image = N
-        elif N != self.num_patches_per_image:
-            # Dynamic image size would change the grid mid-run; per-image fractions would then be ill-defined.
-            raise ValueError(f"patch count changed from {self.num_patches_per_image} to {N} within one scan")
-        idx = bin_index(patches.reshape(L, -1))
-        self.patch_counts.scatter_add_(1, idx, torch.ones_like(idx))
-        image_max = patches.amax(dim=2)  # [L, B]
-        midx = bin_index(image_max)
-        self.image_max_counts.scatter_add_(1, midx, torch.ones_like(midx))
-        self.patch_max = torch.maximum(self.patch_max, image_max.amax(dim=1))
-        self.patch_sum += patches.sum(dim=(1, 2))
-        if P:
-            pre = norms[:, :, :P]
-            self.prefix_sum += pre.sum(dim=1)
-            self.prefix_sumsq += (pre**2).sum(dim=1)
-            self.prefix_max = torch.maximum(self.prefix_max, pre.amax(dim=1))
-        for j, t in enumerate(self.fixed_thresholds):
-            above = patches > t
-            self.fixed_token_hits[:, j] += above.sum(dim=(1, 2))
-            self.fixed_image_hits[:, j] += above.any(dim=2).sum(dim=1)
-        self.patch_tokens += B * N
-        self.num_images += B
-
-    def _update_masked(self, norms: torch.Tensor, valid: torch.Tensor) -> None:
-        """:meth:`update` of a batch whose images have patch grids of their own (padding: ``valid`` False)."""
-        L, B, _ = norms.shape
-        P = len(self.prefix_names)
-        patches = norms[:, :, P:]
-        self.num_patches_per_image = self.num_patches_per_image or patches.shape[-1]  # the padded length
-        own = patches[:, valid]  # [L, valid tokens of the batch]
+            valid = keep[:, P:]
+            self.num_patches_per_image = self.num_patches_per_image or patches.shape[-1]  # the padded length
+            own = patches[:, valid]  # [L, valid tokens of the batch]
+            image_max = patches.masked_fill(~valid[None], float("-inf")).amax(dim=2)
         idx = bin_index(own)
         self.patch_counts.scatter_add_(1, idx, torch.ones_like(idx))
-        image_max = patches.masked_fill(~valid[None], float("-inf")).amax(dim=2)  # [L, B]
         midx = bin_index(image_max)
         self.image_max_counts.scatter_add_(1, midx, torch.ones_like(midx))
         self.patch_max = torch.maximum(self.patch_max, image_max.amax(dim=1))
@@ -149,10 +126,10 @@ class NormStatistics:
             self.prefix_sumsq += (pre**2).sum(dim=1)
             self.prefix_max = torch.maximum(self.prefix_max, pre.amax(dim=1))
         for j, t in enumerate(self.fixed_thresholds):
-            above = (patches > t) & valid[None]
+            above = patches > t if valid is None else (patches > t) & valid[None]
             self.fixed_token_hits[:, j] += above.sum(dim=(1, 2))
             self.fixed_image_hits[:, j] += above.any(dim=2).sum(dim=1)
-        self.patch_tokens += int(valid.sum())
+        self.patch_tokens += own.shape[1]
         self.num_images += B
 
     _SUMMED = ("patch_counts", "image_max_counts", "patch_sum", "prefix_sum", "prefix_sumsq",

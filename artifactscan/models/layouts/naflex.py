@@ -22,9 +22,9 @@ from torch import nn
 
 from artifactscan.core.errors import InputError, ModelLoadError, option
 from artifactscan.inputs.naflex import NAFLEX_KEY, is_packed, nominal_input_size, unpack
-from artifactscan.models.hooks import HookPoint, register_hook_family, tokens_from_grid
+from artifactscan.models.hooks import register_hook_family
 from artifactscan.models.layouts.hf_vision import HFVisionFamily, Trunk
-from artifactscan.models.layouts.timm_vit import TimmViTFamily, block_points, is_timm_class
+from artifactscan.models.layouts.timm_vit import TimmViTFamily, is_timm_class
 
 HF_MODEL_TYPES = ("siglip2", "siglip2_vision_model")
 #: Siglip2ImageProcessor's defaults, which preprocessor_config.json may leave out
@@ -85,14 +85,7 @@ class TimmNaFlexFamily(TimmViTFamily):
     name = "timm-naflex"
     classes = ("NaFlexVit",)
     padded_inputs = True
-
-    def points(self, model: nn.Module) -> list[HookPoint]:
-        points = [HookPoint("patch_embed.post", "embeds.proj", "output",
-                            "the patch embedding before position embedding and prefix tokens", read=tokens_from_grid)]
-        for i, block in enumerate(model.blocks):
-            points += block_points(i, block, self.extra_points)
-        points.append(HookPoint("final_norm", "norm", "output", "the final normalised tokens (forward_features)"))
-        return points
+    patch_module = "embeds.proj"
 
     def forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         if not is_packed(images):

@@ -57,6 +57,7 @@ class TimmViTFamily(HookFamily):
 
     name = "timm-vit"
     classes = ("VisionTransformer", "Eva", "Beit")
+    patch_module = "patch_embed"  # the module projecting the patches (a subclass family names its own)
 
     def matches(self, model: nn.Module) -> bool:
         return is_timm_class(model, *self.classes)
@@ -66,7 +67,7 @@ class TimmViTFamily(HookFamily):
         return []
 
     def points(self, model: nn.Module) -> list[HookPoint]:
-        points = [HookPoint("patch_embed.post", "patch_embed", "output",
+        points = [HookPoint("patch_embed.post", self.patch_module, "output",
                             "the patch embedding before position embedding and prefix tokens", read=tokens_from_grid)]
         for i, block in enumerate(model.blocks):
             points += block_points(i, block, self.extra_points)
