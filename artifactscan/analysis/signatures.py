@@ -21,6 +21,7 @@ images that feeds every data signature at once, then one pass per random-init se
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from artifactscan.core.devices import resolve_device
 from artifactscan.core.errors import InputError, option
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.summaries import AnalysisResult
-from artifactscan.inputs.boxes import load_box_data
+from artifactscan.inputs.boxes import load_box_data, names_boxed_data
 from artifactscan.inputs.sources import image_batches, make_image_source, parse_synthetic
 from artifactscan.models.hooks import block_of, block_point, capture, unit_points
 from artifactscan.models.loading import LoadedModel, load_model
@@ -349,24 +350,31 @@ def _headline(report: SignaturesReport) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- the entry point
-def _images_and_boxes(data: Any, loaded: LoadedModel) -> tuple[Any, list[list[list[float]]] | None, str | None]:
-    """The images to pass to the scan and the data pass, their boxes (None without), and why there are none."""
+def _images_and_boxes(data: Any, loaded: LoadedModel, image_root: str | Path | None = None
+                      ) -> tuple[Any, list[list[list[float]]] | None, str | None, list[str]]:
+    """The images to pass to the scan and the data pass, their boxes in the model input's pixels (None without),
+    why there are none, and what reading the annotations warned about. Boxes are read by the reader ``discover``
+    uses (:func:`load_box_data`: synthetic-objects, synthetic, a VOC-style folder, a COCO-style JSON or folder) and
+    mapped through the model's own preprocessing (:meth:`BoxedData.model_input_boxes`)."""
     spec = DEFAULT_DATA if data is None else data
-    if isinstance(spec, (str, Path)) and (parse_synthetic(str(spec), "synthetic-objects") is not None or
-                                          parse_synthetic(str(spec)) is not None):
-        boxed = load_box_data(spec, img_size=loaded.input_size[0])
-        if tuple(loaded.input_size) == (loaded.input_size[0],) * 2:
-            return boxed.scan_images(), [it.boxes or [] for it in boxed.items], None
-    return spec, None, NO_BOXES + (" (VOC and COCO folders: not read by this version yet)"
-                                   if isinstance(spec, (str, Path)) and Path(spec).exists() else "")
+    if not isinstance(spec, (str, Path)) or not names_boxed_data(spec):  # a tensor, an image folder or file
+        return spec, None, NO_BOXES, []
+    boxed = load_box_data(spec, img_size=loaded.input_size[0], image_root=image_root)
+    boxes = boxed.model_input_boxes(loaded)
+    if boxes is None:
+        return boxed.scan_images(), None, NO_BOXES + (
+            f" (this model's preprocessing, crop mode {loaded.data_config.get('crop_mode')!r}, is not one whose "
+            "crop the boxes are mapped through yet)"), boxed.warnings
+    return boxed.scan_images(), boxes, None, boxed.warnings
 
 
 def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, *, threshold: str | float = THRESHOLD,
                null_seeds: int = NULL_SEEDS, device: str = DEVICE, batch_size: int = BATCH_SIZE,
                num_workers: int | str = WORKERS, exact_decode: bool = False, gpu_decode: bool = False,
-               **load: Any) -> SignaturesReport:
+               image_root: str | Path | None = None, **load: Any) -> SignaturesReport:
     """Measure every artifact signature of ``model`` on ``data`` (default ``synthetic-objects:256``), each with its
     null (module docstring; docs/signatures.md). ``null_seeds``: random-init models for the hit ratio's null.
+    ``image_root``: the folder of a COCO-style JSON's images (default: beside it, or the split's folder).
     ``num_workers`` / ``exact_decode`` / ``gpu_decode``: how image files are decoded, and ``load``: ``arch`` / ``arch_kwargs`` / ``trust_checkpoint`` / ``img_size`` / ``weights``, as for
     :func:`artifactscan.scan`."""
     if null_seeds < 1:
@@ -374,7 +382,9 @@ def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, 
                          f"got {null_seeds}")
     dev = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **load)
-    images, boxes, boxes_note = _images_and_boxes(data, loaded)
+    images, boxes, boxes_note, box_warnings = _images_and_boxes(data, loaded, image_root)
+    for line in box_warnings:
+        print(f"warning: {line}", file=sys.stderr)
     decode = dict(num_workers=num_workers, exact_decode=exact_decode, gpu_decode=gpu_decode)
     report = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0, **decode)
     state = _PassState(loaded, boxes)
@@ -397,7 +407,7 @@ def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, 
         embedding_position_null=emb.shuffled_share, embedding_position_map=emb.position_map(state.grid),
         random_cos_99=random_cos_quantile(int(state.all_sum[0].numel())), defect_note=defect_note,
         boxes_note=boxes_note, chance_hit_ratio=chance, null_seeds=seeds, verdict=[],
-        threshold_rule=report.threshold_rule, notes=list(report.notes))
+        threshold_rule=report.threshold_rule, notes=list(report.notes) + box_warnings)
     out.verdict = _verdict(out)
     out.headline = _headline(out)
     return out

@@ -20,10 +20,14 @@ def signatures_command(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
     data: Optional[str] = typer.Argument(None, show_default=False,
                                          help="Images: synthetic-objects[:N] (default synthetic-objects:256, with "
-                                              "boxes), synthetic[:N], or an image folder or file (no boxes: no "
-                                              "hit ratio)."),
+                                              "boxes), synthetic[:N], a Pascal VOC-style folder (JPEGImages/ + "
+                                              "Annotations/*.xml), a COCO-style instances_*.json or a folder "
+                                              "holding one, or an image folder or file (no boxes: no hit ratio). "
+                                              "Boxes go through the model's own resize and centre crop."),
     null_seeds: int = typer.Option(3, "--null-seeds", help="Random-init models of the same architecture the hit "
                                    "ratio's null is drawn from (each one more pass over the images)."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder of a COCO-style JSON's images "
+                                              "(default: beside the JSON, or the split's folder of a COCO folder)."),
     threshold: str = threshold_option(THRESHOLD_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write signatures.json and signatures.png here."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
@@ -59,7 +63,8 @@ def signatures_command(
 
     def work() -> None:
         with output_folder(out, "signatures"):  # validated and locked before any model runs
-            result = signatures(model, data, threshold=threshold, null_seeds=null_seeds, **run.kwargs(),
+            result = signatures(model, data, threshold=threshold, null_seeds=null_seeds, image_root=image_root,
+                                **run.kwargs(),
                                 **load.kwargs())
             emit_result(result, out, "signatures.json", json_out, lambda r: render_signatures(r, stdout),
                         lambda r, folder: plot_signatures(r, folder / FIGURE_NAME))
