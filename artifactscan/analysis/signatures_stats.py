@@ -198,9 +198,10 @@ def patch_centres_in_boxes(boxes: list[list[float]], grid: tuple[int, int], size
 
 
 def hit_null_interval(null_ratios: list[float], num_images: int) -> tuple[float, float]:
-    """The 99% range of a hit ratio over ``num_images`` images under the random-init null: from the lowest to the
-    highest seed's ratio, widened by ``Z99`` binomial standard errors at the seeds' mean rate (the seeds give the
-    spread between random models, the binomial term the spread of ``num_images`` draws)."""
+    """The 99% range of a hit ratio under the random-init null: from the lowest to the highest seed's ratio,
+    widened by ``Z99`` binomial standard errors at the seeds' mean rate (the seeds give the spread between random
+    models, the binomial term the spread of ``num_images`` draws). ``num_images``: the images each seed was measured
+    on; fewer than the model's widen the range (the null is then known less well), never narrow it."""
     p = sum(null_ratios) / len(null_ratios)
     se = math.sqrt(max(p * (1 - p), 1.0 / num_images) / num_images)  # never a zero-width range at p = 0 or 1
     return max(0.0, min(null_ratios) - Z99 * se), min(1.0, max(null_ratios) + Z99 * se)
