@@ -142,3 +142,22 @@ def test_plain_image_folder_has_no_boxes(tmp_path):
     write_noise(tmp_path / "a.png", 40, 32, 0)
     result = signatures("demo", str(tmp_path), null_seeds=1, device="cpu", num_workers=0)
     assert result.chance_hit_ratio is None and result.boxes_note == NO_BOXES
+
+
+def test_null_subset_spreads_over_the_set_and_widens_the_range():
+    from artifactscan.analysis.signatures import null_subset
+    from artifactscan.analysis.signatures_stats import hit_null_interval
+
+    assert null_subset(256, 64) == list(range(0, 256, 4))
+    assert null_subset(10, 0) == list(range(10)) and null_subset(10, 64) == list(range(10))
+    lo_all, hi_all = hit_null_interval([0.05, 0.08], 256)
+    lo_few, hi_few = hit_null_interval([0.05, 0.08], 64)
+    assert lo_few <= lo_all and hi_few > hi_all  # a null measured on fewer images is known less well
+
+
+def test_null_runs_on_the_subset(tmp_path):
+    result = signatures("demo", "synthetic-objects:12", null_seeds=2, null_images=5, device="cpu")
+    assert result.null_images == 5 and len(result.blocks[0].null_hit_ratios) == 2
+    assert all(r * 5 == pytest.approx(round(r * 5)) for row in result.blocks for r in row.null_hit_ratios)
+    with pytest.raises(InputError, match="null_images"):
+        signatures("demo", "synthetic-objects:12", null_images=-1, device="cpu")

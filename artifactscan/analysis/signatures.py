@@ -118,6 +118,7 @@ class SignaturesReport(AnalysisResult):
     verdict: list[SignatureCall]
     threshold_rule: str
     notes: list[str] = field(default_factory=list)
+    null_images: int | None = None  # the images each random-init model ran on (None: no boxes, no null run)
 
 
 # ----------------------------------------------------------------------------------------------- the data passes
@@ -427,7 +428,8 @@ def _lazy_call(report: SignaturesReport) -> SignatureCall:
     last = report.blocks[-1]
     lo, hi = last.null_interval or (float("nan"), float("nan"))
     return SignatureCall("lazy aggregation", bool(below), rule,
-                         f"last block {last.hit_ratio:.3f} (random-init 99% range {lo:.3f}-{hi:.3f}, patches in "
+                         f"last block {last.hit_ratio:.3f} (random-init 99% range {lo:.3f}-{hi:.3f} from "
+                         f"{len(report.null_seeds)} seed(s) on {report.null_images} images, patches in "
                          f"boxes {report.chance_hit_ratio:.3f}); below the null at blocks {below or 'none'}"
                          + (f"; above it (the top patch finds objects more often than an untrained model: the "
                             f"opposite of lazy aggregation) at blocks {above}" if above else ""))
@@ -491,7 +493,7 @@ def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, 
     _flagged_pass(loaded, images, flagged, state, dev, batch_size, decode)
     rows = _block_rows(loaded, report, state)
     defect_note = _add_defects(rows, loaded, state)
-    chance = None
+    chance, null_count = None, None
     seeds = list(range(null_seeds)) if boxes is not None else []
     if boxes is not None:
         chance = float(torch.stack(state.inside).float().mean())
@@ -500,12 +502,13 @@ def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, 
         for row in rows:
             row.null_hit_ratios = [n[row.block] for n, _ in nulls]
             row.null_interval = list(hit_null_interval(row.null_hit_ratios, nulls[0][1]))
+        null_count = nulls[0][1]
     emb = state.positions["embedding"]
     out = SignaturesReport(
         model=report.model, images=report.images, headline="", blocks=rows, embedding_position_share=emb.share,
         embedding_position_null=emb.shuffled_share, embedding_position_map=emb.position_map(state.grid),
         random_cos_99=random_cos_quantile(int(state.all_sum[0].numel())), defect_note=defect_note,
-        boxes_note=boxes_note, chance_hit_ratio=chance, null_seeds=seeds, verdict=[],
+        boxes_note=boxes_note, chance_hit_ratio=chance, null_seeds=seeds, null_images=null_count, verdict=[],
         threshold_rule=report.threshold_rule, notes=list(report.notes) + box_warnings)
     out.verdict = _verdict(out)
     out.headline = _headline(out)

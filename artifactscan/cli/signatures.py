@@ -26,6 +26,8 @@ def signatures_command(
                                               "Boxes go through the model's own resize and centre crop."),
     null_seeds: int = typer.Option(3, "--null-seeds", help="Random-init models of the same architecture the hit "
                                    "ratio's null is drawn from (each one more pass over the images)."),
+    null_images: int = typer.Option(64, "--null-images", help="Images (spread over the set) each random-init model "
+                                    "runs on; 0: all. Fewer widen the null's 99% range by their binomial error."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder of a COCO-style JSON's images "
                                               "(default: beside the JSON, or the split's folder of a COCO folder)."),
     threshold: str = threshold_option(THRESHOLD_HELP),
@@ -63,9 +65,8 @@ def signatures_command(
 
     def work() -> None:
         with output_folder(out, "signatures"):  # validated and locked before any model runs
-            result = signatures(model, data, threshold=threshold, null_seeds=null_seeds, image_root=image_root,
-                                **run.kwargs(),
-                                **load.kwargs())
+            result = signatures(model, data, threshold=threshold, null_seeds=null_seeds, null_images=null_images,
+                                image_root=image_root, **run.kwargs(), **load.kwargs())
             emit_result(result, out, "signatures.json", json_out, lambda r: render_signatures(r, stdout),
                         lambda r, folder: plot_signatures(r, folder / FIGURE_NAME))
 
