@@ -40,7 +40,7 @@ from artifactscan.core.errors import InputError, option
 from artifactscan.core.numerics import measurement_mode
 from artifactscan.core.summaries import AnalysisResult
 from artifactscan.inputs.boxes import load_box_data, names_boxed_data
-from artifactscan.inputs.sources import image_batches, make_image_source, parse_synthetic
+from artifactscan.inputs.sources import image_batches, make_image_source
 from artifactscan.models.hooks import block_of, block_point, capture, unit_points
 from artifactscan.models.loading import LoadedModel, load_model
 
