@@ -11,7 +11,8 @@ from there. Whole processes, interleaved (the order rotated each repeat), median
 ``--profile`` also runs `signatures` once in this process with a timer around each of its stages (the scan, the
 data pass, each null model's pass, the shift views where present), to say where the time goes.
 
-    python benchmarks/bench_signatures.py [--images 256] [--repeats 3] [--device cpu] [--profile] [--json]
+    python benchmarks/bench_signatures.py [--images 256] [--repeats 3] [--device cpu] [--profile [--keep FILE]]
+        [--profile-only] [--json]
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def whole_processes(cmds: dict[str, list[str]], repeats: int
     return times, cpu
 
 
-def profile(ckpt: Path, data: str, device: str) -> dict[str, Any]:
-    """One in-process `signatures` run with each stage's wall time (calls of the same stage summed, and counted)."""
+def profile(ckpt: Path, data: str, device: str, keep: Path | None = None) -> dict[str, Any]:
+    """One in-process `signatures` run with each stage's wall time (calls of the same stage summed, and counted);
+    ``keep``: write its result there (signatures.json's content), so the timed run is a measurement too."""
     import artifactscan.analysis.signatures as sig
 
     spent: dict[str, list[float]] = {}
@@ -103,11 +105,13 @@ def profile(ckpt: Path, data: str, device: str) -> dict[str, Any]:
         setattr(sig, name, timed(name, fn))
     try:
         t = time.perf_counter()
-        sig.signatures(str(ckpt), data, arch=ARCH, device=device, num_workers=0)
+        report = sig.signatures(str(ckpt), data, arch=ARCH, device=device, num_workers=0)
         total = time.perf_counter() - t
     finally:
         for name, fn in saved.items():
             setattr(sig, name, fn)
+    if keep is not None:
+        keep.write_text(json.dumps(report.to_dict(), indent=1))
     stages = {name: {"seconds": sum(v), "calls": len(v)} for name, v in spent.items()}
     rest = total - sum(s["seconds"] for s in stages.values())
     return {"total_s": total, "stages": stages, "other_s": rest}
@@ -119,13 +123,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-only", action="store_true", help="the in-process profile alone, no whole processes")
+    ap.add_argument("--keep", type=Path, default=None, help="with --profile: write the profiled run's result here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     data = f"synthetic-objects:{args.images}"
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_checkpoint(Path(tmp))
+        if args.profile_only:
+            prof = profile(ckpt, data, args.device, args.keep)
+            print(json.dumps(prof, indent=2))
+            return prof
         times, cpu = whole_processes(commands(ckpt, data, args.device), args.repeats)
-        prof = profile(ckpt, data, args.device) if args.profile else None
+        prof = profile(ckpt, data, args.device, args.keep) if args.profile else None
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     result = {"model": f"{ARCH} (random init, seed 0)", "data": data, "device": args.device,
