@@ -161,3 +161,17 @@ def test_null_runs_on_the_subset(tmp_path):
     assert all(r * 5 == pytest.approx(round(r * 5)) for row in result.blocks for r in row.null_hit_ratios)
     with pytest.raises(InputError, match="null_images"):
         signatures("demo", "synthetic-objects:12", null_images=-1, device="cpu")
+
+
+def test_random_init_copy_is_timms_init_whatever_the_loader_did():
+    """The loader builds timm ViTs with weight_init="skip"; the null must still be timm's init (trunc normal, std
+    0.02), not PyTorch's default Linear init (std 1/sqrt(3 * 64) = 0.072 at width 64), and the model is untouched."""
+    from artifactscan.analysis.signatures import random_init_copy
+
+    loaded = load_model("demo")
+    before = loaded.model.blocks[0].attn.qkv.weight.detach().clone()
+    twin = random_init_copy(loaded, 0)
+    assert float(twin.model.blocks[0].attn.qkv.weight.detach().std()) == pytest.approx(0.02, rel=0.1)
+    assert torch.equal(loaded.model.blocks[0].attn.qkv.weight, before)
+    again = random_init_copy(loaded, 0)
+    assert torch.equal(again.model.blocks[0].attn.qkv.weight, twin.model.blocks[0].attn.qkv.weight)

@@ -301,6 +301,11 @@ def random_init_copy(loaded: LoadedModel, seed: int) -> LoadedModel:
     twin.model = copy.deepcopy(loaded.model)
     torch.manual_seed(seed)
     if hasattr(twin.model, "init_weights"):
+        # A timm ViT built to receive a checkpoint (weight_init="skip", as the loader builds it) keeps "reset" as
+        # its init mode, which gives PyTorch's default Linear init (std 0.072 at width 64, not timm's 0.02): the
+        # copy would not be the random model a timm training run starts from
+        if getattr(twin.model, "weight_init_mode", None) == "reset":
+            twin.model.weight_init_mode = ""
         twin.model.init_weights()
     else:
         for m in twin.model.modules():
