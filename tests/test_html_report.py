@@ -414,4 +414,5 @@ def test_signatures_have_their_own_section(tmp_path):
     (only,) = summary.results
     assert only.kind == "signatures" and only.headline == json.loads((out / "signatures.json").read_text())["headline"]
     assert "Artifact signatures" in text and "position share (shuffled null)" in text and "hit ratio" in text
+    assert "shift residual flagged / unflagged (null 99%)" in text
     assert only.figures == ["sig/signatures.png"]

@@ -13,11 +13,14 @@ without a null to beat (docs/signatures.md):
    positions, against the rest.
 5. **Lazy aggregation** (LaSt-ViT, CVPR 2026): the patch most similar to CLS, its box hit ratio against the share
    of patches in boxes *and* a random-init model of the same architecture on the same images.
+6. **Shift consistency** (PH-Reg, NeurIPS 2025): per patch, ``1 -`` cosine with its average over shifted and
+   flipped views, flagged against unflagged patches (:mod:`artifactscan.analysis.signatures_shift`).
 
 Passes: the norms scan's first forward also feeds every signature that does not depend on which tokens are
-flagged (the scan makes a second only when its auto threshold needs the records again); then one pass over the
-images holding flagged tokens (none on a model without them); then, with boxes only, one pass per random-init seed
-over ``null_images`` of the images (64 by default, spread over the set).
+flagged, and keeps the first images for the shift views (the scan makes a second forward only when its auto
+threshold needs the records again); then one pass over the images holding flagged tokens (none on a model without
+them); then the shift views on the kept images; then, with boxes only, one pass per random-init seed over
+``null_images`` of the images (64 by default, spread over the set).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from typing import Any
 import torch
 
 from artifactscan.analysis.scan import ScanReport, scan
+from artifactscan.analysis.signatures_shift import (SHIFT_IMAGES, SHIFT_LEVEL, SHIFT_VIEWS, ShiftSummary, shift_call,
+                                                    shift_consistency, view_plan)
 from artifactscan.analysis.signatures_stats import (POSITION_FACTOR, PositionShare, abs_cos, defect_directions,
                                                     hit_null_interval, linearisation_problem,
                                                     patch_centres_in_boxes, random_cos_quantile)
@@ -88,6 +93,7 @@ class BlockSignatures:
     null_hit_ratios: list[float] = field(default_factory=list)
     null_interval: list[float] | None = None
     top_patch_flagged_share: float | None = None
+    shift: ShiftSummary | None = None
 
 
 @dataclass
@@ -119,6 +125,9 @@ class SignaturesReport(AnalysisResult):
     threshold_rule: str
     notes: list[str] = field(default_factory=list)
     null_images: int | None = None  # the images each random-init model ran on (None: no boxes, no null run)
+    shift_views: list[str] = field(default_factory=list)  # the views the shift residual averages, in order
+    shift_images: int = 0  # images the views ran on
+    shift_level: float = SHIFT_LEVEL  # the level the shares of shift residuals are counted above
 
 
 # ----------------------------------------------------------------------------------------------- the data passes
@@ -149,6 +158,14 @@ class _PassState:
         self.masks: dict[int, torch.Tensor] = {}  # the batch's flagged masks, by block
         self.any_mask = torch.zeros(0)
         self.batch_indices: list[int] = []
+        self.shift_images = 0  # how many of the first images to keep for the shift views
+        self.shift_inputs: list[tuple[torch.Tensor, list[int]]] = []
+
+    def keep_for_shift(self, x: torch.Tensor, indices: list[int]) -> None:
+        """Keep the first ``shift_images`` images of the pass (a copy, on the device) for the shift views."""
+        room = self.shift_images - sum(len(i) for _, i in self.shift_inputs)
+        if room > 0:
+            self.shift_inputs.append((x[:room].clone(), indices[:room]))
 
     def positions_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
         patches = x[:, self.P:]
@@ -244,6 +261,7 @@ class _SharedPass:
 
     def on_batch(self, batch: Any) -> None:
         self.state.batch_indices = batch.indices.tolist()
+        self.state.keep_for_shift(batch.images, self.state.batch_indices)
         self.state.unit_counts[1] += len(batch.indices) * self.state.grid[0] * self.state.grid[1]
         for b in range(len(self.loaded.blocks)):
             self.state.resid(b, batch.captured[block_point(b, "resid_post")])
@@ -419,6 +437,7 @@ def _verdict(report: SignaturesReport) -> list[SignatureCall]:
         f"a unit whose mean |activation| at flagged positions is >= {POSITION_FACTOR:g}x its mean elsewhere",
         f"blocks {units or 'none'}" if flagged else "no flagged tokens to rank units on"))
     calls.append(_lazy_call(report))
+    calls.append(SignatureCall("shift consistency", *shift_call([r.shift for r in rows], report.shift_images)))
     return calls
 
 
@@ -467,13 +486,15 @@ def _images_and_boxes(data: Any, loaded: LoadedModel, image_root: str | Path | N
 
 
 def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, *, threshold: str | float = THRESHOLD,
-               null_seeds: int = NULL_SEEDS, device: str = DEVICE, batch_size: int = BATCH_SIZE,
+               null_seeds: int = NULL_SEEDS, views: int = SHIFT_VIEWS, shift_images: int = SHIFT_IMAGES,
+               device: str = DEVICE, batch_size: int = BATCH_SIZE,
                num_workers: int | str = WORKERS, exact_decode: bool = False, gpu_decode: bool = False,
                image_root: str | Path | None = None, null_images: int = NULL_IMAGES, **load: Any
                ) -> SignaturesReport:
     """Measure every artifact signature of ``model`` on ``data`` (default ``synthetic-objects:256``), each with its
     null (module docstring; docs/signatures.md). ``null_seeds``: random-init models for the hit ratio's null, each
-    run on ``null_images`` of the images spread over the set (0: all of them).
+    run on ``null_images`` of the images spread over the set (0: all of them). ``views``: shifted and flipped views
+    per image for the shift residual, run on the first ``shift_images``.
     ``image_root``: the folder of a COCO-style JSON's images (default: beside it, or the split's folder).
     ``num_workers`` / ``exact_decode`` / ``gpu_decode``: how image files are decoded, and ``load``: ``arch`` / ``arch_kwargs`` / ``trust_checkpoint`` / ``img_size`` / ``weights``, as for
     :func:`artifactscan.scan`."""
@@ -482,13 +503,17 @@ def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, 
     if null_seeds < 1:
         raise InputError(f"{option('null_seeds')} must be at least 1 (the hit ratio needs a random-init null), "
                          f"got {null_seeds}")
+    if shift_images < 1:
+        raise InputError(f"{option('shift_images', shift_images)}: the shift views need at least 1 image")
     dev = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **load)
+    plan = view_plan(tuple(loaded.grid_size), views)  # refused before any pass runs
     images, boxes, boxes_note, box_warnings = _images_and_boxes(data, loaded, image_root)
     for line in box_warnings:
         print(f"warning: {line}", file=sys.stderr)
     decode = dict(num_workers=num_workers, exact_decode=exact_decode, gpu_decode=gpu_decode)
     state = _PassState(loaded, boxes)
+    state.shift_images = shift_images
     if boxes is not None:
         state.inside = [patch_centres_in_boxes(b, state.grid, tuple(loaded.input_size)) for b in boxes]
     report = scan(loaded, images, threshold=threshold, device=str(dev), batch_size=batch_size, num_maps=0,
@@ -498,6 +523,11 @@ def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, 
     _flagged_pass(loaded, images, flagged, state, dev, batch_size, decode)
     rows = _block_rows(loaded, report, state)
     defect_note = _add_defects(rows, loaded, state)
+    shifts = shift_consistency(loaded, state.shift_inputs, flagged, plan, batch_size)
+    shifted = sum(len(i) for _, i in state.shift_inputs)
+    state.shift_inputs.clear()
+    for row, summary in zip(rows, shifts or []):
+        row.shift = summary
     chance, null_count = None, None
     seeds = list(range(null_seeds)) if boxes is not None else []
     if boxes is not None:
@@ -514,7 +544,8 @@ def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, 
         embedding_position_null=emb.shuffled_share, embedding_position_map=emb.position_map(state.grid),
         random_cos_99=random_cos_quantile(int(state.all_sum[0].numel())), defect_note=defect_note,
         boxes_note=boxes_note, chance_hit_ratio=chance, null_seeds=seeds, null_images=null_count, verdict=[],
-        threshold_rule=report.threshold_rule, notes=list(report.notes) + box_warnings)
+        threshold_rule=report.threshold_rule, notes=list(report.notes) + box_warnings,
+        shift_views=[v.describe() for v in plan], shift_images=shifted)
     out.verdict = _verdict(out)
     out.headline = _headline(out)
     return out

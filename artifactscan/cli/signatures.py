@@ -30,6 +30,10 @@ def signatures_command(
                                     "runs on; 0: all. Fewer widen the null's 99% range by their binomial error."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder of a COCO-style JSON's images "
                                               "(default: beside the JSON, or the split's folder of a COCO folder)."),
+    views: int = typer.Option(6, "--views", help="Shifted and flipped views per image for the shift residual "
+                              "(patch-aligned; at most what the grid allows)."),
+    shift_images: int = typer.Option(64, "--shift-images", help="Images the shift views run on (the first ones; "
+                                     "each costs views + 1 forwards)."),
     threshold: str = threshold_option(THRESHOLD_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write signatures.json and signatures.png here."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
@@ -56,6 +60,11 @@ def signatures_command(
       99% range of random-init models of the same architecture on the same images (not merely below the share of
       patches in boxes: an untrained ViT's CLS is closest to the many alike background patches too).
 
+      shift consistency (PH-Reg): per patch, 1 - cosine between its feature and its average over --views shifted
+      (whole patches) and flipped views mapped back to its grid cell, on the first --shift-images images; present
+      when the flagged patches' median is above the 99% quantile of the median of as many unflagged patches of the
+      same block drawn at random. Each block also gives the share of patches above 0.5.
+
     Example:
 
       artifactscan signatures demo synthetic-objects:128 --out results/signatures
@@ -66,7 +75,8 @@ def signatures_command(
     def work() -> None:
         with output_folder(out, "signatures"):  # validated and locked before any model runs
             result = signatures(model, data, threshold=threshold, null_seeds=null_seeds, null_images=null_images,
-                                image_root=image_root, **run.kwargs(), **load.kwargs())
+                                image_root=image_root, views=views, shift_images=shift_images, **run.kwargs(),
+                                **load.kwargs())
             emit_result(result, out, "signatures.json", json_out, lambda r: render_signatures(r, stdout),
                         lambda r, folder: plot_signatures(r, folder / FIGURE_NAME))
 

@@ -122,6 +122,15 @@ def calibration_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc
     return "\n".join(part for part in out if part)
 
 
+def _shift_cell(shift: dict | None) -> str:
+    """Median shift residuals, flagged / unflagged, with the flagged median's null (results older than the shift
+    signature have none: a dash)."""
+    if not shift:
+        return "–"
+    return (f"{fmt_g(shift.get('median_flagged'), 3)} / {fmt_g(shift.get('median_normal'), 3)} "
+            f"({fmt_g(shift.get('flagged_null_99'), 3)})")
+
+
 def signatures_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc: IncludedResult) -> str:
     """Every artifact signature per block beside its null, and the verdict on each (``artifactscan signatures``)."""
     data = item.data
@@ -137,13 +146,15 @@ def signatures_section(item: FoundResult, root: Path, figs: FigureEmbedder, inc:
                      fmt_g(b.get("defect_cos_flagged"), 3),
                      esc(f"{top.get('point')}[{top.get('unit')}] {fmt_ratio(top.get('ratio'))}") if top else "–",
                      f"{fmt_g(b.get('hit_ratio'), 3)} "
-                     f"({', '.join(fmt_g(v, 3) for v in b.get('null_hit_ratios') or [])})"])
+                     f"({', '.join(fmt_g(v, 3) for v in b.get('null_hit_ratios') or [])})",
+                     _shift_cell(b.get("shift"))])
     out = [_meta_line(data), verdict_box(head, "headline")]
     if calls:
         out.append(html_table(["signature", "call", "evidence"], calls, num_from=3,
                               caption="Each signature is called present only when it beats its own null."))
     if rows:
         out.append(html_table(["block", "% flagged", "max/median", "position share (shuffled null)",
-                               "defect |cos|", "top unit (ratio)", "hit ratio (random-init nulls)"], rows,
+                               "defect |cos|", "top unit (ratio)", "hit ratio (random-init nulls)",
+                               "shift residual flagged / unflagged (null 99%)"], rows,
                               caption="Per block, each measure beside its null (docs/signatures.md)."))
     return _finish(out, head, item, figs, inc)

@@ -21,14 +21,26 @@ def _pair(value: float | None, null: float | None, fmt: Any = num) -> str:
     return "-" if value is None else f"{fmt(value)} ({fmt(null)})"
 
 
+def _shift_cell(shift: Any) -> str:
+    """``flagged / unflagged (null)`` median shift residuals; only the unflagged one where nothing is flagged."""
+    if shift is None or shift.median_normal is None:
+        return "-"
+    if shift.median_flagged is None:
+        return f"- / {num(shift.median_normal)}"
+    return f"{num(shift.median_flagged)} / {num(shift.median_normal)} ({num(shift.flagged_null_99)})"
+
+
 def render_signatures(result: Any, console: "Console") -> None:
     """One row per block: high norm, position share (shuffled null), defect |cos| (random 99%), the top register
-    unit (its flagged / elsewhere ratio), the hit ratio (random-init range); then the verdict, one line each."""
+    unit (its flagged / elsewhere ratio), the hit ratio (random-init range), the shift residuals (the flagged
+    median's null); then the verdict, one line each."""
     table = FitTable([Column("block"), Column("outliers"), Column("max/med", drop=3),
                       Column("position (null)", long="position share (shuffled-grid null)"),
                       Column("defect |cos| (sv/random)", drop=2, long="defect direction |cos| with flagged mean"),
                       Column("top unit", "left", drop=1, long="top register unit (flagged/elsewhere)"),
-                      Column("hit (random-init)", long="top patch in a box (random-init 99% range)")],
+                      Column("hit (random-init)", long="top patch in a box (random-init 99% range)"),
+                      Column("shift flagged/other (null)", drop=2,
+                             long="median shift residual, flagged / unflagged (null 99% of the flagged median)")],
                      title="signatures per block: each value (its null)")
     for row in result.blocks:
         defect = "-" if row.defect_singular_value is None else (
@@ -38,12 +50,15 @@ def render_signatures(result: Any, console: "Console") -> None:
         hit = "n/a" if row.hit_ratio is None else (
             f"{pct(row.hit_ratio)} ({pct(row.null_interval[0])}-{pct(row.null_interval[1])})")
         table.add_row(str(row.block), pct(row.outlier_fraction), ratio(row.max_over_median),
-                      _pair(row.position_share, row.position_null), defect, unit, hit)
+                      _pair(row.position_share, row.position_null), defect, unit, hit, _shift_cell(row.shift))
     table.print(console)
     console.print(f"embedding position share {num(result.embedding_position_share)} (shuffled-grid null "
                   f"{num(result.embedding_position_null)}); random direction |cos| 99%: {num(result.random_cos_99)}"
                   + ("" if result.chance_hit_ratio is None else
                      f"; patches in boxes {pct(result.chance_hit_ratio)}"), highlight=False)
+    if result.shift_views:
+        console.print(Text(f"shift residual: {len(result.shift_views)} views ({', '.join(result.shift_views)}) on "
+                           f"{result.shift_images} images", style="dim"))
     for note in (result.boxes_note, result.defect_note):
         if note:
             console.print(Text(note, style="dim"))
@@ -55,12 +70,13 @@ def render_signatures(result: Any, console: "Console") -> None:
 
 def plot_signatures(result: Any, path: Path, dpi: int = 120) -> Path:
     """Per block: the position share and its null, the defect |cos| and the random 99% line, the hit ratio with its
-    random-init range and the share of patches in boxes; and the embedding's position map."""
+    random-init range and the share of patches in boxes, the median shift residuals with the flagged median's null;
+    and the embedding's position map."""
     import numpy as np
 
     from artifactscan.render.style import close_figure, new_figure, save_figure
 
-    fig, (ax_pos, ax_cos, ax_hit, ax_map) = new_figure(13, 3.2, ncols=4)
+    fig, (ax_pos, ax_cos, ax_hit, ax_shift, ax_map) = new_figure(16, 3.2, ncols=5)
     blocks = [r.block for r in result.blocks]
     ax_pos.plot(blocks, [r.position_share for r in result.blocks], "o-", label="position share")
     ax_pos.plot(blocks, [r.position_null for r in result.blocks], "s--", label="shuffled-grid null")
@@ -79,6 +95,7 @@ def plot_signatures(result: Any, path: Path, dpi: int = 120) -> Path:
         ax_hit.axhline(result.chance_hit_ratio, ls=":", color="grey", label="patches in boxes")
         ax_hit.legend(fontsize=7)
     ax_hit.set(title="lazy aggregation (top patch to CLS)", xlabel="block", ylim=(0, 1))
+    _shift_panel(ax_shift, result)
     im = ax_map.imshow(np.array(result.embedding_position_map), cmap="viridis")
     fig.colorbar(im, ax=ax_map, shrink=0.8)
     ax_map.set(title="|per-position mean - mean| (embedding)", xticks=[], yticks=[])
@@ -86,3 +103,20 @@ def plot_signatures(result: Any, path: Path, dpi: int = 120) -> Path:
         return save_figure(fig, path, dpi)
     finally:
         close_figure(fig)
+
+
+def _shift_panel(ax: Any, result: Any) -> None:
+    """Median shift residual per block, flagged and unflagged patches, and the flagged median's null (99%)."""
+    import numpy as np
+
+    blocks = [r.block for r in result.blocks]
+
+    def series(name: str) -> list[float]:
+        return [np.nan if r.shift is None or getattr(r.shift, name) is None else getattr(r.shift, name)
+                for r in result.blocks]
+
+    ax.plot(blocks, series("median_normal"), "o-", label="unflagged median")
+    ax.plot(blocks, series("median_flagged"), "^-", label="flagged median")
+    ax.plot(blocks, series("flagged_null_99"), "--", color="grey", label="null 99% (flagged median)")
+    ax.set(title=f"shift residual, {len(result.shift_views)} views", xlabel="block", ylabel="1 - cos")
+    ax.legend(fontsize=7)
