@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from artifactscan.analysis.scan import ScanReport, scan
-from artifactscan.analysis.signatures_shift import (SHIFT_IMAGES, SHIFT_LEVEL, SHIFT_VIEWS, ShiftSummary, shift_call,
-                                                    shift_consistency, view_plan)
+from artifactscan.analysis.signatures_shift import (SHIFT_IMAGES, SHIFT_LEVEL, SHIFT_VIEWS, ShiftSummary,
+                                                    reuse_decision, shift_call, shift_consistency, view_plan)
 from artifactscan.analysis.signatures_stats import (POSITION_FACTOR, PositionShare, abs_cos, defect_directions,
                                                     hit_null_interval, linearisation_problem,
                                                     patch_centres_in_boxes, random_cos_quantile)
@@ -160,12 +160,29 @@ class _PassState:
         self.batch_indices: list[int] = []
         self.shift_images = 0  # how many of the first images to keep for the shift views
         self.shift_inputs: list[tuple[torch.Tensor, list[int]]] = []
+        # their patch tokens at every block from the same forward (None: over REUSE_BYTES, forwarded again)
+        self.shift_originals: dict[int, list[torch.Tensor]] | None = {}
+        self.shift_note: str | None = None
 
-    def keep_for_shift(self, x: torch.Tensor, indices: list[int]) -> None:
-        """Keep the first ``shift_images`` images of the pass (a copy, on the device) for the shift views."""
+    def keep_for_shift(self, x: torch.Tensor, indices: list[int], blocks: list[torch.Tensor]) -> None:
+        """Keep the first ``shift_images`` images of the pass (a copy, on the device) for the shift views, and
+        their patch tokens at every block (``blocks``: the forward's block outputs) when they fit the bound."""
         room = self.shift_images - sum(len(i) for _, i in self.shift_inputs)
-        if room > 0:
-            self.shift_inputs.append((x[:room].clone(), indices[:room]))
+        if room <= 0:
+            return
+        self.shift_inputs.append((x[:room].clone(), indices[:room]))
+        if self.shift_note is None:
+            fits, self.shift_note = reuse_decision(self.shift_images, len(blocks), blocks[0].shape[1] - self.P,
+                                                   blocks[0].shape[2])
+            self.shift_originals = {} if fits else None
+        if self.shift_originals is not None:
+            for b, tokens in enumerate(blocks):
+                self.shift_originals.setdefault(b, []).append(tokens[:room, self.P:].detach().float().clone())
+
+    def take_shift_originals(self) -> dict[int, torch.Tensor] | None:
+        """The kept patch tokens per block, ``[n, N, D]`` in the order of ``shift_inputs`` (None: not kept)."""
+        kept, self.shift_originals = self.shift_originals, None
+        return None if not kept else {b: torch.cat(parts) for b, parts in kept.items()}
 
     def positions_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
         patches = x[:, self.P:]
@@ -261,10 +278,11 @@ class _SharedPass:
 
     def on_batch(self, batch: Any) -> None:
         self.state.batch_indices = batch.indices.tolist()
-        self.state.keep_for_shift(batch.images, self.state.batch_indices)
+        blocks = [batch.captured[block_point(b, "resid_post")] for b in range(len(self.loaded.blocks))]
+        self.state.keep_for_shift(batch.images, self.state.batch_indices, blocks)
         self.state.unit_counts[1] += len(batch.indices) * self.state.grid[0] * self.state.grid[1]
-        for b in range(len(self.loaded.blocks)):
-            self.state.resid(b, batch.captured[block_point(b, "resid_post")])
+        for b, tokens in enumerate(blocks):
+            self.state.resid(b, tokens)
 
     def finish(self) -> None:
         return None
@@ -523,7 +541,7 @@ def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, 
     _flagged_pass(loaded, images, flagged, state, dev, batch_size, decode)
     rows = _block_rows(loaded, report, state)
     defect_note = _add_defects(rows, loaded, state)
-    shifts = shift_consistency(loaded, state.shift_inputs, flagged, plan, batch_size)
+    shifts = shift_consistency(loaded, state.shift_inputs, flagged, plan, batch_size, state.take_shift_originals())
     shifted = sum(len(i) for _, i in state.shift_inputs)
     state.shift_inputs.clear()
     for row, summary in zip(rows, shifts or []):
@@ -544,7 +562,8 @@ def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, 
         embedding_position_null=emb.shuffled_share, embedding_position_map=emb.position_map(state.grid),
         random_cos_99=random_cos_quantile(int(state.all_sum[0].numel())), defect_note=defect_note,
         boxes_note=boxes_note, chance_hit_ratio=chance, null_seeds=seeds, null_images=null_count, verdict=[],
-        threshold_rule=report.threshold_rule, notes=list(report.notes) + box_warnings,
+        threshold_rule=report.threshold_rule,
+        notes=list(report.notes) + box_warnings + ([state.shift_note] if state.shift_note else []),
         shift_views=[v.describe() for v in plan], shift_images=shifted)
     out.verdict = _verdict(out)
     out.headline = _headline(out)
