@@ -20,7 +20,7 @@ Passes: the norms scan's first forward also feeds every signature that does not 
 flagged, and keeps the first images for the shift views (the scan makes a second forward only when its auto
 threshold needs the records again); then one pass over the images holding flagged tokens (none on a model without
 them); then the shift views on the kept images; then, with boxes only, one pass per random-init seed over
-``null_images`` of the images (64 by default, spread over the set).
+``null_images`` of the images (32 by default, spread over the set).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ DEFAULT_DATA = "synthetic-objects:256"
 NULL_SEEDS = 3
 #: Images (spread over the set) each random-init model is run on: the null's cost is null_seeds x this many
 #: forwards, not null_seeds passes over the whole set; its 99% range is widened by the binomial error of this count.
-NULL_IMAGES = 64
+NULL_IMAGES = 32
 #: Register-neuron candidates listed per block.
 UNITS_LISTED = 3
 NO_BOXES = "n/a (no boxes: synthetic-objects, VOC and COCO carry them)"

@@ -45,7 +45,7 @@ SHIFT_LEVEL = 0.5
 NULL_DRAWS = 1000
 NULL_QUANTILE = 0.99
 #: The most memory the unshifted images' patch tokens at every block may take to be kept from the scan's first
-#: forward (float32); above it the shift pass forwards those images again with their views (same residuals, one
+#: forward (float32, 512 MiB); above it the shift pass forwards those images again with their views (same residuals, one
 #: more image per forward of ``views + 1``).
 REUSE_BYTES = 512 * 2**20
 
@@ -150,9 +150,9 @@ def reuse_decision(num_images: int, num_blocks: int, num_patches: int, dim: int)
     size = num_images * num_blocks * num_patches * dim * 4
     mb, bound = size / 2**20, REUSE_BYTES / 2**20
     if size <= REUSE_BYTES:
-        return True, (f"shift views: the unshifted images' block outputs ({mb:.0f} MB) were kept from the scan's "
-                      f"first forward (bound {bound:.0f} MB); only the views were forwarded")
-    return False, (f"shift views: the unshifted images' block outputs ({mb:.0f} MB) exceed the {bound:.0f} MB "
+        return True, (f"shift views: the unshifted images' block outputs ({mb:.0f} MiB) were kept from the scan's "
+                      f"first forward (bound {bound:.0f} MiB); only the views were forwarded")
+    return False, (f"shift views: the unshifted images' block outputs ({mb:.0f} MiB) exceed the {bound:.0f} MiB "
                    "bound, so they were forwarded again with their views")
 
 
