@@ -44,9 +44,9 @@ SHIFT_LEVEL = 0.5
 #: Random draws of unflagged tokens for the null of the flagged median, and the quantile it is read at.
 NULL_DRAWS = 1000
 NULL_QUANTILE = 0.99
-#: The most memory the unshifted images' patch tokens at every block may take to be kept from the scan's first
-#: forward (float32, 512 MiB); above it the shift pass forwards those images again with their views (same residuals, one
-#: more image per forward of ``views + 1``).
+#: The most memory (512 MiB) the unshifted images' patch tokens at every block may take, in float32, to be kept
+#: from the scan's first forward; above it the shift pass forwards those images again with their views (the same
+#: residuals, one more image per forward of ``views + 1``).
 REUSE_BYTES = 512 * 2**20
 
 
