@@ -514,8 +514,8 @@ def signatures(model: str | Path | LoadedModel | None = None, data: Any = None, 
     run on ``null_images`` of the images spread over the set (0: all of them). ``views``: shifted and flipped views
     per image for the shift residual, run on the first ``shift_images``.
     ``image_root``: the folder of a COCO-style JSON's images (default: beside it, or the split's folder).
-    ``num_workers`` / ``exact_decode`` / ``gpu_decode``: how image files are decoded, and ``load``: ``arch`` / ``arch_kwargs`` / ``trust_checkpoint`` / ``img_size`` / ``weights``, as for
-    :func:`artifactscan.scan`."""
+    ``num_workers`` / ``exact_decode`` / ``gpu_decode``: how image files are decoded, and ``load``: ``arch`` /
+    ``arch_kwargs`` / ``trust_checkpoint`` / ``img_size`` / ``weights``, as for :func:`artifactscan.scan`."""
     if null_images < 0:
         raise InputError(f"{option('null_images')} must be 0 (all images) or more, got {null_images}")
     if null_seeds < 1:
