@@ -129,3 +129,24 @@ def test_signatures_carry_the_shift_columns_and_round_trip():
     assert "shift consistency" in {c.signature for c in result.verdict}
     back = SignaturesReport.from_dict(json.loads(result.to_json()))
     assert back.blocks[-1].shift == result.blocks[-1].shift
+
+
+def test_reusing_the_scans_block_outputs_gives_the_same_residuals_as_forwarding_the_images_again(monkeypatch):
+    """The unshifted images' block outputs kept from the scan's first forward (under REUSE_BYTES) give the same
+    shift summaries, within float tolerance, as forwarding those images again with their views (bound 0)."""
+    import artifactscan.analysis.signatures_shift as shift
+
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(null_seeds=1, views=3, shift_images=5, device="cpu", batch_size=4)
+    kept = signatures("phantom", images, **kwargs)
+    monkeypatch.setattr(shift, "REUSE_BYTES", 0)
+    again = signatures("phantom", images, **kwargs)
+    assert any("were kept from the scan's first forward" in n for n in kept.notes)
+    assert any("forwarded again" in n for n in again.notes)
+    assert any(r.shift.num_flagged for r in kept.blocks)  # the flagged side is compared too
+    for a, b in zip(kept.blocks, again.blocks):
+        assert (a.shift.num_normal, a.shift.num_flagged) == (b.shift.num_normal, b.shift.num_flagged)
+        for name in ("median_normal", "median_flagged", "share_above_normal", "share_above_flagged",
+                     "flagged_null_99"):
+            x, y = getattr(a.shift, name), getattr(b.shift, name)
+            assert (x is None) == (y is None) and (x is None or x == pytest.approx(y, rel=1e-4, abs=1e-7)), name

@@ -44,6 +44,10 @@ SHIFT_LEVEL = 0.5
 #: Random draws of unflagged tokens for the null of the flagged median, and the quantile it is read at.
 NULL_DRAWS = 1000
 NULL_QUANTILE = 0.99
+#: The most memory (512 MiB) the unshifted images' patch tokens at every block may take, in float32, to be kept
+#: from the scan's first forward; above it the shift pass forwards those images again with their views (the same
+#: residuals, one more image per forward of ``views + 1``).
+REUSE_BYTES = 512 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------- views
@@ -140,6 +144,18 @@ def shift_residuals(original: torch.Tensor, viewed: list[torch.Tensor], maps: li
     return residual
 
 
+def reuse_decision(num_images: int, num_blocks: int, num_patches: int, dim: int) -> tuple[bool, str]:
+    """Whether the unshifted images' patch tokens at every block (``num_images x num_blocks x num_patches x dim``
+    float32) fit :data:`REUSE_BYTES`, and the note that says which way the shift pass went."""
+    size = num_images * num_blocks * num_patches * dim * 4
+    mb, bound = size / 2**20, REUSE_BYTES / 2**20
+    if size <= REUSE_BYTES:
+        return True, (f"shift views: the unshifted images' block outputs ({mb:.0f} MiB) were kept from the scan's "
+                      f"first forward (bound {bound:.0f} MiB); only the views were forwarded")
+    return False, (f"shift views: the unshifted images' block outputs ({mb:.0f} MiB) exceed the {bound:.0f} MiB "
+                   "bound, so they were forwarded again with their views")
+
+
 # ----------------------------------------------------------------------------------------------- summaries
 @dataclass
 class ShiftSummary:
@@ -195,7 +211,8 @@ def summarise(residuals: torch.Tensor, flagged: torch.Tensor, seed: int = 0) -> 
 # ----------------------------------------------------------------------------------------------- the pass
 class ShiftAccumulator:
     """Collects per-block residuals and flagged masks, reduced inside the ``resid_post`` hooks of a forward of one
-    chunk of images followed by each of its views."""
+    chunk of images followed by each of its views, or of its views alone when the chunk's unshifted patch tokens
+    are given (kept from an earlier forward of the same images)."""
 
     def __init__(self, plan: list[ShiftView], grid: tuple[int, int], num_prefix: int):
         self.maps = [cell_map(v, grid) for v in plan]
@@ -203,9 +220,11 @@ class ShiftAccumulator:
         self.residuals: dict[int, list[torch.Tensor]] = {}
         self.flagged: dict[int, list[torch.Tensor]] = {}
         self.chunk_flags: dict[int, torch.Tensor] = {}
+        self.chunk_originals: dict[int, torch.Tensor] | None = None
 
     def set_chunk(self, indices: list[int], flagged: dict[int, dict[int, set[int]]], num_blocks: int,
-                  num_cells: int) -> None:
+                  num_cells: int, originals: dict[int, torch.Tensor] | None = None) -> None:
+        self.chunk_originals = originals
         for b in range(num_blocks):
             mask = torch.zeros(len(indices), num_cells, dtype=torch.bool)
             for j, i in enumerate(indices):
@@ -214,8 +233,13 @@ class ShiftAccumulator:
 
     def add(self, block: int, tokens: torch.Tensor) -> None:
         patches = tokens.detach().float()[:, self.P:]
-        views = patches.reshape(self.num_views + 1, -1, *patches.shape[1:])
-        residual = shift_residuals(views[0], list(views[1:]), self.maps)
+        if self.chunk_originals is not None:
+            views = patches.reshape(self.num_views, -1, *patches.shape[1:])
+            original, viewed = self.chunk_originals[block].to(patches.device), list(views)
+        else:
+            views = patches.reshape(self.num_views + 1, -1, *patches.shape[1:])
+            original, viewed = views[0], list(views[1:])
+        residual = shift_residuals(original, viewed, self.maps)
         self.residuals.setdefault(block, []).append(residual.cpu())
         self.flagged.setdefault(block, []).append(self.chunk_flags[block])
 
@@ -226,25 +250,30 @@ class ShiftAccumulator:
 @measurement_mode()
 def shift_consistency(loaded: Any, batches: list[tuple[torch.Tensor, list[int]]],
                       flagged: dict[int, dict[int, set[int]]], plan: list[ShiftView],
-                      batch_size: int) -> list[ShiftSummary] | None:
+                      batch_size: int, originals: dict[int, torch.Tensor] | None = None
+                      ) -> list[ShiftSummary] | None:
     """Per block, the :class:`ShiftSummary` of ``loaded`` on the images of ``batches`` (``(images, indices)`` as the
     data pass kept them, on the device), with the views of ``plan``; ``flagged``: block -> image index -> flagged
-    patch positions (row-major). None when there are no images. Each forward holds ``views + 1`` copies of as many
-    images as fit in ``batch_size``."""
+    patch positions (row-major). None when there are no images. ``originals``: block -> ``[n, N, D]`` patch tokens
+    of the same images, in the same order, from an earlier forward; given, only the views are forwarded (each
+    forward holds ``views`` copies of as many images as fit in ``batch_size``), else the images too
+    (``views + 1``)."""
     grid = tuple(loaded.grid_size)
     images = [(x[j:j + 1], i) for x, indices in batches for j, i in enumerate(indices)]
     if not images:
         return None
     num_blocks = len(loaded.blocks)
     acc = ShiftAccumulator(plan, grid, loaded.num_prefix_tokens)
-    per_forward = max(1, batch_size // (len(plan) + 1))
+    per_forward = max(1, batch_size // (len(plan) + (originals is None)))
     requests = {block_point(b, "resid_post"): (lambda y, b=b: acc.add(b, y)) for b in range(num_blocks)}
     with capture(loaded, requests) as cap:
         for start in range(0, len(images), per_forward):
             chunk = images[start:start + per_forward]
             x = torch.cat([im for im, _ in chunk])
-            acc.set_chunk([i for _, i in chunk], flagged, num_blocks, grid[0] * grid[1])
-            cap.forward(torch.cat([x] + [apply_view(x, v, loaded.patch_size, grid) for v in plan]))
+            kept = None if originals is None else {b: originals[b][start:start + len(chunk)] for b in originals}
+            acc.set_chunk([i for _, i in chunk], flagged, num_blocks, grid[0] * grid[1], kept)
+            views = [apply_view(x, v, loaded.patch_size, grid) for v in plan]
+            cap.forward(torch.cat(views if kept is not None else [x] + views))
     return acc.summaries(num_blocks)
 
 

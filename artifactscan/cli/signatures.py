@@ -20,14 +20,22 @@ def signatures_command(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP, show_default=False),
     data: Optional[str] = typer.Argument(None, show_default=False,
                                          help="Images: synthetic-objects[:N] (default synthetic-objects:256, with "
-                                              "boxes), synthetic[:N], or an image folder or file (no boxes: no "
-                                              "hit ratio)."),
+                                              "boxes), synthetic[:N], a Pascal VOC-style folder (JPEGImages/ + "
+                                              "Annotations/*.xml), a COCO-style instances_*.json or a folder "
+                                              "holding one, or an image folder or file (no boxes: no hit ratio). "
+                                              "Boxes go through the model's own resize and centre crop."),
     null_seeds: int = typer.Option(3, "--null-seeds", help="Random-init models of the same architecture the hit "
                                    "ratio's null is drawn from (each one more pass over the images)."),
+    null_images: int = typer.Option(32, "--null-images", help="Images (spread over the set) each random-init model "
+                                    "runs on; 0: all. Fewer widen the null's 99% range by their binomial error, so "
+                                    "the verdict only gets more cautious."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder of a COCO-style JSON's images "
+                                              "(default: beside the JSON, or the split's folder of a COCO folder)."),
     views: int = typer.Option(6, "--views", help="Shifted and flipped views per image for the shift residual "
                               "(patch-aligned; at most what the grid allows)."),
     shift_images: int = typer.Option(64, "--shift-images", help="Images the shift views run on (the first ones; "
-                                     "each costs views + 1 forwards)."),
+                                     "each costs views forwards: the unshifted image's block outputs are kept "
+                                     "from the scan when they fit 512 MiB, else views + 1)."),
     threshold: str = threshold_option(THRESHOLD_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write signatures.json and signatures.png here."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
@@ -68,8 +76,8 @@ def signatures_command(
 
     def work() -> None:
         with output_folder(out, "signatures"):  # validated and locked before any model runs
-            result = signatures(model, data, threshold=threshold, null_seeds=null_seeds, views=views,
-                                shift_images=shift_images, **run.kwargs(),
+            result = signatures(model, data, threshold=threshold, null_seeds=null_seeds, null_images=null_images,
+                                image_root=image_root, views=views, shift_images=shift_images, **run.kwargs(),
                                 **load.kwargs())
             emit_result(result, out, "signatures.json", json_out, lambda r: render_signatures(r, stdout),
                         lambda r, folder: plot_signatures(r, folder / FIGURE_NAME))

@@ -9,6 +9,7 @@
   ``xmin..xmax`` becomes ``[xmin - 1, xmax)`` in pixels (as LOST reads them);
 * a COCO-style ``.json`` (``images`` with ``file_name``/``width``/``height``, ``annotations`` with ``bbox`` =
   ``[x, y, w, h]``), its images under ``image_root`` (default: the JSON's folder);
+* a COCO-style folder: one ``instances_*.json`` in it or in its ``annotations/`` (:func:`coco_in_folder`);
 * any other image folder or file: images without boxes (boxes are discovered and drawn; no CorLoc).
 
 Boxes are ``[x0, y0, x1, y1]`` pixels of the image as annotated (half-open). A box more than 1 px outside its image,
@@ -18,8 +19,10 @@ missing is skipped with a warning (refused when none is left), as are annotation
 file that is a uniformly scaled copy of the annotated size keeps its boxes, read relative to the annotated size, with
 a warning.
 
-For the measurement every image is resized *whole* to the model's input (no crop, so no box leaves the view);
-IoU is unchanged by that per-axis scaling, so CorLoc is the same as in the original pixels.
+For discovery every image is resized *whole* to the model's input (no crop, so no box leaves the view);
+IoU is unchanged by that per-axis scaling, so CorLoc is the same as in the original pixels. A measurement that
+runs the model's own preprocessing instead (``signatures``) maps the boxes through it:
+:meth:`BoxedData.model_input_boxes`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from artifactscan.inputs.images import ImageFolderDataset, collate_skip_bad, dis
 from artifactscan.inputs.sources import ImageSource, NormalizedTensors, parse_synthetic
 from artifactscan.inputs.synthetic import SyntheticShapes
 from artifactscan.inputs.synthetic_objects import SyntheticObjects
+from artifactscan.inputs.transforms import eval_transform
 
 DEFAULT_OBJECT_IMAGES = 128
 BOX_TOLERANCE_PX = 1.0
@@ -83,6 +87,23 @@ class BoxedData:
             return ImageSource(ds, names, self.description, None, len(names))
         folder = ImageFolderDataset([it.path for it in self.items], ResizeNormalise(size, cfg["mean"], cfg["std"]))
         return ImageSource(folder, names, self.description, collate_skip_bad, len(names), folder)
+
+    def model_input_boxes(self, loaded: Any) -> list[list[list[float]]] | None:
+        """Each image's boxes in the pixels of ``loaded``'s input, as its preprocessing makes that input: the
+        built-in sets are resized whole (:class:`NormalizedTensors`), files go through the model's eval transform
+        (resize, then centre crop: a box the crop cuts is clipped, one it cuts off entirely is dropped). ``None``
+        when the transform is one whose geometry is not mapped here (timm's own, for crop modes
+        :func:`eval_transform` does not rebuild). The mapping uses the annotated size; a file decoded at reduced
+        size (docs/data-path.md) is resized from a size that may round differently, by at most a pixel."""
+        H, W = (int(v) for v in loaded.input_size)
+        if self.synthetic is not None:
+            return [[[b[0] * W / it.width, b[1] * H / it.height, b[2] * W / it.width, b[3] * H / it.height]
+                     for b in it.boxes or []] for it in self.items]
+        transform = eval_transform(loaded.data_config)
+        if transform is None:
+            return None
+        return [[m for b in it.boxes or [] if (m := transform.map_box(b, it.width, it.height)) is not None]
+                for it in self.items]
 
     def scan_images(self) -> Dataset | list[str]:
         """The same images in a form :func:`artifactscan.scan` and the fix's neuron search accept."""
@@ -275,7 +296,37 @@ def load_coco(json_path: Path, image_root: Path | None = None) -> BoxedData:
     return BoxedData("coco", f"{json_path} (COCO-style, {len(items)} images)", items, warnings=warnings)
 
 
+def coco_in_folder(folder: Path) -> tuple[Path, Path] | None:
+    """A COCO-style folder's annotation file and image folder, or None when ``folder`` holds no ``instances_*.json``
+    (in it or in its ``annotations/``). The images are in the folder named by the split (``instances_val2017.json``
+    -> ``val2017/``) where it exists, as COCO ships them, else in ``folder`` itself. More than one annotation file is
+    refused: which split to read is the user's choice."""
+    found = sorted(folder.glob("instances_*.json")) + sorted((folder / "annotations").glob("instances_*.json"))
+    if not found:
+        return None
+    if len(found) > 1:
+        names = ", ".join(str(p.relative_to(folder)) for p in found[:4])
+        raise InputError(f"{folder} holds {len(found)} COCO annotation files ({names}); pass the one to read "
+                         f"(e.g. {found[0]}) and {option('image_root')} if its images are elsewhere")
+    split = folder / found[0].stem[len("instances_"):]
+    return found[0], split if split.is_dir() else folder
+
+
 # ----------------------------------------------------------------------------------------------- dispatch
+def names_boxed_data(data: str | Path) -> bool:
+    """Whether :func:`load_box_data` reads ``data`` as a set with boxes (a built-in set, a VOC-style folder, a
+    COCO-style JSON or folder) rather than as plain images, decided without reading any image."""
+    spec = str(data)
+    if parse_synthetic(spec, "synthetic-objects") is not None or parse_synthetic(spec) is not None:
+        return True
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.suffix.lower() == ".json"
+    return path.is_dir() and ((path / "Annotations").is_dir() or (path / "JPEGImages").is_dir()
+                              or coco_in_folder(path) is not None)
+
+
+
 def load_box_data(data: str | Path | None, img_size: int, image_root: str | Path | None = None) -> BoxedData:
     """Read DATA (see the module docstring). ``img_size`` is the side of the built-in synthetic images."""
     if data is None:
@@ -301,6 +352,9 @@ def load_box_data(data: str | Path | None, img_size: int, image_root: str | Path
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".json":
         return load_coco(path, Path(image_root).expanduser() if image_root else None)
+    coco = coco_in_folder(path) if path.is_dir() else None
+    if coco is not None:
+        return load_coco(coco[0], Path(image_root).expanduser() if image_root else coco[1])
     if path.is_dir() and ((path / "Annotations").is_dir() or (path / "JPEGImages").is_dir()):
         if not (path / "Annotations").is_dir():
             raise InputError(f"{path} has JPEGImages/ but no Annotations/; a VOC-style folder needs both (or pass "

@@ -83,6 +83,22 @@ class EvalTransform:
         top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
         return img.crop((left, top, left + tw, top + th))
 
+    def map_box(self, box: Sequence[float], width: int, height: int) -> list[float] | None:
+        """``box`` (``[x0, y0, x1, y1]`` pixels of a ``width`` x ``height`` image) in the pixels of the model input
+        this transform makes of that image: scaled as :meth:`resize` scales, shifted as :meth:`center_crop` crops
+        (or pads), and clipped to the input; ``None`` when nothing of it is left inside (the crop cut it off)."""
+        new_w, new_h = (self.scale[1], self.scale[0]) if self.squash else _short_side_size(width, height,
+                                                                                          self.scale[0])
+        th, tw = self.size
+        # the same offsets as center_crop: a positive one crops, a negative one is the black padding's width
+        left = -((tw - new_w) // 2) if tw > new_w else int(round((new_w - tw) / 2.0))
+        top = -((th - new_h) // 2) if th > new_h else int(round((new_h - th) / 2.0))
+        x0, y0, x1, y1 = (float(v) for v in box)
+        sx, sy = new_w / width, new_h / height
+        x0, x1 = max(x0 * sx - left, 0.0), min(x1 * sx - left, float(tw))
+        y0, y1 = max(y0 * sy - top, 0.0), min(y1 * sy - top, float(th))
+        return [x0, y0, x1, y1] if x1 > x0 and y1 > y0 else None
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = self.center_crop(self.resize(img))
         x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).view(img.size[1], img.size[0], 3)
