@@ -90,3 +90,23 @@ def test_a_timm_hub_folder_is_built_in_an_explicit_half_precision(tmp_path, monk
         loaded = load_model(tmp_path, precision=precision)
         assert created[-1] == dtype and loaded.source == "local-dir"
         assert {t.dtype for t in loaded.model.state_dict().values()} == {dtype or torch.float32}
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip-bin", "legacy-bin"])
+def test_pytorch_bin_shards_load_in_the_precision_and_own_their_memory(tmp_path, zipped):
+    """A folder holding ``pytorch_model.bin`` (zip: memory-mapped by torch.load, then copied out; the legacy format:
+    read whole, only converted) gives the same model as its safetensors twin, in the precision asked for."""
+    from safetensors.torch import load_file
+
+    folder = dinov2_folder(tmp_path, torch.float32)
+    reference = load_model(folder, precision="bf16")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=zipped)
+    loaded = load_model(folder, precision="bf16")
+    assert {t.dtype for t in loaded.model.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    for (name, a), b in zip(reference.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    (folder / "pytorch_model.bin").write_bytes(b"")  # the file gone: the model does not live on its pages
+    x = torch.randn(1, 3, 28, 28)
+    assert torch.equal(loaded_block_norms(loaded, x)[-1], loaded_block_norms(reference, x)[-1])

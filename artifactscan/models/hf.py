@@ -10,7 +10,7 @@ Both the transformers 4 key names (``attention.attention.query``, ``intermediate
 
 Each family's folders are converted by its own module in ``models/layouts/``, found by the config's ``model_type`` in
 ``layouts/table.py`` (the plain ViTs above: ``hf_vit.py``; DINOv3, AIMv2, BEiT, RADIO: their modules); SigLIP2's
-NaFlex folders are refused by name. The converted model is built by the layout's registered architecture
+NaFlex folders are not converted: they run on transformers' own model (``layouts/naflex.py``). The converted model is built by the layout's registered architecture
 (``artifactscan_vit`` ...: plain JSON kwargs), so a checkpoint saved from it (``fix --out``) reloads.
 """
 
@@ -32,10 +32,9 @@ from artifactscan.core.paths import display_name, what_it_is
 from artifactscan.models.layouts.base import FolderLayout
 from artifactscan.models.layouts.table import folder_layout, folder_model_types
 from artifactscan.models.materialize import (
-    assign_weights, build_on_meta, finish_meta_build, read_safetensors, read_safetensors_header, own_copies,
-    resolve_precision, state_dict_dtype,
+    assign_weights, build_on_meta, dominant_float_dtype, finish_meta_build, own_copies, read_safetensors,
+    read_safetensors_header, read_torch_mapped, resolve_precision, state_dict_dtype,
 )
-from artifactscan.models.native import read_torch_file
 
 #: ``{config model_type: transformers class}`` of every family's folder layout (``layouts/table.py``)
 SUPPORTED = folder_model_types()
@@ -148,26 +147,20 @@ def _read_weights(folder: Path, precision: str = "fp32") -> FolderWeights:
     shards, what = _shards(folder), display_name(folder)
     if shards[0].suffix == ".safetensors":
         headers = [read_safetensors_header(shard) for shard in shards]  # checked for truncation
-        totals: dict[torch.dtype, int] = {}
-        for header in headers:
-            if (own := header.dominant_float_dtype()) is not None:
-                totals[own] = totals.get(own, 0) + header.float_elements()
-        file_dtype = max(totals, key=totals.__getitem__) if totals else None
+        file_dtype = dominant_float_dtype(headers)
         dtype, note = resolve_precision(precision, sum(h.float_elements() for h in headers), file_dtype, what)
         out: dict[str, torch.Tensor] = {}
         for header in headers:
             out.update(read_safetensors(header, dtype))  # checked for rewrites while read
         return FolderWeights(out, dtype, file_dtype, note)
-    mapped = []  # torch.load memory-maps each shard: nothing is read before the memory check
-    for shard in shards:
-        before = os.stat(shard)
-        mapped.append((shard, before, read_torch_file(shard, trust=False)))
-    out = {k: v for _, _, blob in mapped for k, v in blob.items()}
+    # torch.load memory-maps each zip shard: nothing is read before the memory check
+    read = [(shard, *read_torch_mapped(shard, trust=False)) for shard in shards]
+    out = {k: v for _, blob, _ in read for k, v in blob.items()}
     file_dtype = state_dict_dtype(out)
     dtype, note = resolve_precision(precision, sum(t.numel() for t in out.values() if t.is_floating_point()),
                                     file_dtype, what)
-    for shard, before, blob in mapped:  # copied out of the mapping (in dtype): a shard rewritten later is no SIGBUS
-        own_copies(blob, dtype, shard, before)
+    for shard, blob, mapped in read:  # copied out of a mapping (in dtype): a shard rewritten later is no SIGBUS
+        own_copies(blob, dtype, shard, mapped)
         out.update(blob)
     return FolderWeights(out, dtype, file_dtype, note)
 

@@ -75,11 +75,16 @@ class SafetensorsHeader:
 
     def dominant_float_dtype(self) -> torch.dtype | None:
         """The floating dtype holding most of the file's bytes (the checkpoint's own precision)."""
-        totals: dict[torch.dtype, int] = {}
-        for e in self.entries.values():
-            if e.dtype.is_floating_point:
-                totals[e.dtype] = totals.get(e.dtype, 0) + e.end - e.start
-        return max(totals, key=totals.__getitem__) if totals else None
+        return dominant_float_dtype([self])
+
+
+def dominant_float_dtype(headers: list[SafetensorsHeader]) -> torch.dtype | None:
+    """The floating dtype holding most of the bytes of these files (a sharded checkpoint's own precision)."""
+    totals: dict[torch.dtype, int] = {}
+    for e in (e for header in headers for e in header.entries.values()):
+        if e.dtype.is_floating_point:
+            totals[e.dtype] = totals.get(e.dtype, 0) + e.end - e.start
+    return max(totals, key=totals.__getitem__) if totals else None
 
 
 def _damaged(path: Path, why: str) -> ModelLoadError:
@@ -164,20 +169,31 @@ def check_unchanged(path: Path, size: int, mtime_ns: int, opened: os.stat_result
                              "a trainer may still be writing it: load it again once it is complete")
 
 
-def own_copies(state_dict: dict[str, Any], dtype: torch.dtype | None, path: Path, before: os.stat_result) -> None:
-    """Replace, in place, every tensor of ``state_dict`` (memory-mapped from ``path`` by ``torch.load``) by a copy in
-    the process's own memory, floating ones in ``dtype`` (None: as stored); then check the file did not change
-    since ``before``.
+def read_torch_mapped(path: Path, trust: bool) -> tuple[Any, os.stat_result | None]:
+    """``native.read_torch_file(path, trust)`` and, when ``torch.load`` memory-mapped the file (a zip file that is not
+    TorchScript), its stat from before it was opened: its tensors are then pages of the file until
+    :func:`own_copies` copies them out."""
+    before = os.stat(path)
+    blob = native.read_torch_file(path, trust)
+    return blob, (before if zipfile.is_zipfile(path) and not native.is_torchscript(path) else None)
+
+
+def own_copies(state_dict: dict[str, Any], dtype: torch.dtype | None, path: Path,
+               before: os.stat_result | None) -> None:
+    """Replace, in place, every tensor of ``state_dict`` (memory-mapped from ``path`` by ``torch.load`` when
+    ``before``, its stat before it was opened, is given) by a copy in the process's own memory, floating ones in
+    ``dtype`` (None: as stored); then check the file did not change since ``before``. A file that was not mapped
+    (``before`` None) is already in memory: only its floating tensors are converted.
 
     Why: a model whose parameters are pages of a mapped file dies of SIGBUS when a trainer truncates that file to save
     it again (``torch.save`` opens it with "wb") while a scan runs. Copied, only this copy touches the mapping."""
     for key, value in state_dict.items():
         if isinstance(value, torch.Tensor):
             convert = dtype is not None and value.is_floating_point() and value.dtype != dtype
-            state_dict[key] = value.to(dtype) if convert else value.clone()
-    check_unchanged(path, before.st_size, before.st_mtime_ns)
-
-
+            if convert or before is not None:
+                state_dict[key] = value.to(dtype) if convert else value.clone()
+    if before is not None:
+        check_unchanged(path, before.st_size, before.st_mtime_ns)
 
 
 def resolve_precision(precision: str, float_elements: int, file_dtype: torch.dtype | None, what: str
@@ -205,8 +221,6 @@ def resolve_precision(precision: str, float_elements: int, file_dtype: torch.dty
         raise ResourceError(f"{what} needs {need / GIB:.1f} GiB of memory for its weights in "
                             f"{precision_name(dtype)} and {free / GIB:.1f} GiB is available{smaller}")
     return dtype, note
-
-
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
@@ -327,9 +341,7 @@ def read_checkpoint(path: Path, trust: bool, precision: str) -> CheckpointRead:
         file_dtype = header.dominant_float_dtype()
         dtype, note = resolve_precision(precision, header.float_elements(), file_dtype, display_name(path.name))
         return CheckpointRead(read_safetensors(header, dtype), meta, dtype, file_dtype, note)
-    before = os.stat(path)
-    blob = native.read_torch_file(path, trust)
-    mapped = before if zipfile.is_zipfile(path) and not native.is_torchscript(path) else None  # as torch.load maps
+    blob, mapped = read_torch_mapped(path, trust)
     raw_meta = blob.get(META_KEY) if isinstance(blob, dict) else None
     if isinstance(raw_meta, dict):
         blob = {k: v for k, v in blob.items() if k != META_KEY}
